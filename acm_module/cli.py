@@ -1,0 +1,83 @@
+"""The `acm` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from acm_module import settings as settings_mod
+from acm_module.errors import ConfigError
+
+
+def _add_setting_flags(p: argparse.ArgumentParser, section: str | None = None) -> None:
+    for s in settings_mod.SETTINGS:
+        if s.cli is None or (section is not None and s.section not in (section, "detection")):
+            continue
+        p.add_argument(s.cli, dest=s.name, default=None, help=f"{s.description} [{s.name}]")
+
+
+def _load(args: argparse.Namespace) -> settings_mod.Settings:
+    cli = {s.name: getattr(args, s.name, None) for s in settings_mod.SETTINGS}
+    return settings_mod.load(args.config, cli=cli)
+
+
+def setup_logging(level: str, json_logs: bool = False) -> None:
+    """Configure the root logger."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the supervisor and its worker pool."""
+    from acm_module.server.supervisor import Supervisor
+
+    s = _load(args)
+    setup_logging(s.log_level, s.log_json)
+    return Supervisor(s).run()
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    """Print the settings reference, or the resolved values."""
+    if args.markdown:
+        sys.stdout.write(settings_mod.markdown_table())
+        return 0
+    s = _load(args)
+    for name in sorted(s.values):
+        value = s.values[name]
+        if name in ("database_url", "store") and value and "@" in str(value):
+            value = "***"
+        print(f"{name} = {value!r}  ({s.source[name]})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of `acm`."""
+    p = argparse.ArgumentParser(prog="acm", description="Anti-call-masking detection service")
+    p.add_argument("--config", "-c", default=None, help="TOML config file (or ACM_CONFIG)")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the decision worker pool")
+    _add_setting_flags(serve, "service")
+    serve.set_defaults(func=cmd_serve)
+    st = sub.add_parser("settings", help="show settings")
+    st.add_argument("--markdown", action="store_true", help="print the reference table")
+    st.set_defaults(func=cmd_settings)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `acm`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"acm: configuration error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Worker counters and latency histograms, published to the store for the control plane.
+
+Each worker writes one JSON snapshot a second into HASH {acm.stats}:w (field host/boot/index);
+readers merge the fresh ones. Publishing through the store keeps the supervisor free of
+connections and works for pools on several hosts sharing one store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+STATS_KEY = "{acm.stats}:w"
+FRESH_S = 5.0
+
+# Log-linear buckets: 8 per power of two from 1 us to ~67 s. Bucket i covers
+# [2**(i/8), 2**((i+1)/8)) microseconds; bucket 0 also takes everything below 1 us.
+_PER_OCTAVE = 8
+_BUCKETS = 26 * _PER_OCTAVE
+
+
+def bucket_of(us: float) -> int:
+    """Return the histogram bucket of a duration in microseconds."""
+    if us <= 1.0:
+        return 0
+    return min(int(math.log2(us) * _PER_OCTAVE), _BUCKETS - 1)
+
+
+def bucket_upper(i: int) -> float:
+    """Return a bucket's upper bound in microseconds."""
+    return 2 ** ((i + 1) / _PER_OCTAVE)
+
+
+@dataclass
+class Histogram:
+    """A mergeable latency histogram (microseconds)."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
+    total: int = 0
+
+    def add(self, us: float, n: int = 1) -> None:
+        self.counts[bucket_of(us)] += n
+        self.total += n
+
+    def merge(self, other: Histogram) -> None:
+        for i, c in enumerate(other.counts):
+            self.counts[i] += c
+        self.total += other.total
+
+    def percentile(self, p: float) -> float:
+        """Return the upper bound of the bucket holding the p-th percentile (0 if empty)."""
+        if not self.total:
+            return 0.0
+        rank = math.ceil(self.total * p / 100.0)
+        seen = 0
+        for i, c in enumerate(self.counts):
+            seen += c
+            if seen >= rank:
+                return round(bucket_upper(i), 1)
+        return round(bucket_upper(_BUCKETS - 1), 1)
+
+    def to_sparse(self) -> dict[str, int]:
+        return {str(i): c for i, c in enumerate(self.counts) if c}
+
+    @classmethod
+    def from_sparse(cls, d: dict[str, int]) -> Histogram:
+        h = cls()
+        for i, c in d.items():
+            h.counts[int(i)] += c
+            h.total += c
+        return h
+
+
+@dataclass
+class WorkerStats:
+    """Counters of one worker process."""
+
+    index: int = 0
+    pid: int = 0
+    started: float = field(default_factory=time.time)
+    requests: int = 0
+    batches: int = 0
+    bad_frames: int = 0
+    store_failures: int = 0
+    config_generation: int = 0
+    store_up: bool = False
+    decisions: dict[str, int] = field(default_factory=dict)  # "verdict:reason"/"dup"/errors
+    service_us: Histogram = field(default_factory=Histogram)  # receive -> send, store excluded
+    total_us: Histogram = field(default_factory=Histogram)  # receive -> send
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "index": self.index, "pid": self.pid, "host": socket.gethostname(),
+            "started": self.started, "updated": time.time(), "requests": self.requests,
+            "batches": self.batches, "bad_frames": self.bad_frames,
+            "store_failures": self.store_failures, "store_up": self.store_up,
+            "config_generation": self.config_generation, "decisions": dict(self.decisions),
+            "service_us": self.service_us.to_sparse(), "total_us": self.total_us.to_sparse(),
+        }
+
+
+def publish(conn: Any, field_name: str, stats: WorkerStats) -> None:
+    """Write one worker's snapshot into the stats hash."""
+    conn.call("HSET", STATS_KEY, field_name, json.dumps(stats.snapshot(), separators=(",", ":")))
+
+
+def read_all(conn: Any, fresh_s: float = FRESH_S) -> list[dict[str, Any]]:
+    """Return the fresh snapshots of every worker; stale ones are removed."""
+    raw = conn.call("HGETALL", STATS_KEY)
+    out, stale = [], []
+    now = time.time()
+    for i in range(0, len(raw), 2):
+        snap = json.loads(raw[i + 1])
+        if now - snap["updated"] > fresh_s:
+            stale.append(raw[i])
+        else:
+            out.append(snap)
+    if stale:
+        conn.call("HDEL", STATS_KEY, *stale)
+    return sorted(out, key=lambda s: (s["host"], s["index"], s["pid"]))
+
+
+def summarize(snaps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge worker snapshots into totals with latency percentiles."""
+    decisions: dict[str, int] = {}
+    service, total = Histogram(), Histogram()
+    for s in snaps:
+        for k, v in s["decisions"].items():
+            decisions[k] = decisions.get(k, 0) + v
+        service.merge(Histogram.from_sparse(s["service_us"]))
+        total.merge(Histogram.from_sparse(s["total_us"]))
+    return {
+        "workers": len(snaps),
+        "requests": sum(s["requests"] for s in snaps),
+        "batches": sum(s["batches"] for s in snaps),
+        "store_failures": sum(s["store_failures"] for s in snaps),
+        "bad_frames": sum(s["bad_frames"] for s in snaps),
+        "decisions": decisions,
+        "service_us": {f"p{p}": service.percentile(p) for p in (50, 90, 99, 99.9)},
+        "total_us": {f"p{p}": total.percentile(p) for p in (50, 90, 99, 99.9)},
+    }

@@ -1,0 +1,309 @@
+"""A worker process: drain requests from its ROUTER socket, decide them in one store round trip,
+reply. Everything process-wide (ZeroMQ context, sockets, store connection) is created here, after
+fork().
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import zmq
+
+from acm_module.engine import IMPLEMENTATION, hotpath
+from acm_module.errors import StoreError
+from acm_module.server import stats as stats_mod
+from acm_module.store import config as store_config
+from acm_module.store.conn import StoreConnection, load_script
+
+log = logging.getLogger("acm.worker")
+
+WORKER_BOOT_ERROR = 3  # exit code: the supervisor stops instead of respawning in a loop
+
+
+def alert_prefix() -> str:
+    """Return a random UUIDv4 prefix; alert ids are this plus a 12-hex-digit counter."""
+    h = os.urandom(10).hex()
+    return f"{h[0:8]}-{h[8:12]}-4{h[12:15]}-{'89ab'[int(h[15], 16) & 3]}{h[16:19]}"
+
+
+class Worker:
+    """One decision worker bound to a shared listening socket."""
+
+    def __init__(self, settings: Any, listen_fd: int, index: int, boot_id: str,
+                 heartbeat: Any = None) -> None:
+        self.settings = settings
+        self.listen_fd = listen_fd
+        self.index = index
+        self.boot_id = boot_id
+        self.heartbeat = heartbeat
+        self.stopping = False
+        self.stats = stats_mod.WorkerStats(index=index, pid=os.getpid())
+        self._stats_field = f"{stats_mod.socket.gethostname()}/{boot_id[:8]}/{index}"
+        self._stats_next = 0.0
+        self._store_time_ns = 0
+        self._store_down_until = 0.0
+        self._backoff = 0.05
+        self._cfg_next = 0.0
+        self._cfg_gen = -1
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def boot(self) -> None:
+        """Create the socket, the store connection and the decider. Raises on a boot error."""
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor owns Ctrl-C
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        s = self.settings
+        self.ctx = zmq.Context(io_threads=1)
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.USE_FD, self.listen_fd)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, s.max_request_bytes * 4 + 1024)
+        self.sock.bind(s.endpoint)
+        self.store = StoreConnection(s.store, timeout=s.store_timeout_ms / 1000.0)
+        self.script_source = load_script("decide")
+        self.sha = _sha1(self.script_source)
+        self.decider = hotpath.Decider(
+            decide_sha=self.sha, threshold=s.threshold, window=s.window, mode=s.mode,
+            dedup_ttl=s.dedup_ttl, block_ttl=s.block_ttl,
+            country_code=s.default_country_code, partitions=s.partitions,
+            max_request_bytes=s.max_request_bytes, alert_prefix=alert_prefix())
+        self._try_store()
+        log.info("worker %d up (pid %d, %s hot path)", self.index, os.getpid(), IMPLEMENTATION)
+
+    def close(self) -> None:
+        """Close the socket, context and store connection."""
+        self.store.close()
+        self.sock.close(linger=1000)
+        self.ctx.term()
+
+    def run(self) -> None:
+        """Serve until SIGTERM; then drain what is queued and stop."""
+        sock = self.sock
+        poll_ms = max(1, int(self.settings.config_poll_ms))
+        while not self.stopping:
+            self._beat()
+            if not sock.poll(poll_ms):
+                self._housekeeping()
+                continue
+            self._serve_batch()
+            self._housekeeping()
+        self._drain()
+        self._publish_stats(force=True)
+
+    def _housekeeping(self) -> None:
+        """Between batches: pick up config changes and publish stats, each on its own clock."""
+        self._maybe_reload_config()
+        self._publish_stats()
+
+    def _publish_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._stats_next:
+            return
+        self._stats_next = now + 1.0
+        st = self.stats
+        st.decisions = self.decider.counts
+        st.store_up = self.store.connected
+        if not self.store.connected:
+            return
+        try:
+            stats_mod.publish(self.store, self._stats_field, st)
+        except StoreError as e:
+            self._store_failed(e)
+
+    def _drain(self) -> None:
+        """Stop accepting connections, answer everything already queued, then return."""
+        try:
+            self.sock.unbind(self.settings.endpoint)
+        except zmq.ZMQError:
+            pass
+        deadline = time.monotonic() + self.settings.graceful_timeout
+        while time.monotonic() < deadline and self.sock.poll(20):
+            self._serve_batch()
+
+    def _beat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat[self.index] = time.monotonic()
+
+    # -- the hot loop ------------------------------------------------------------------------
+    def _serve_batch(self) -> None:
+        t_rx = time.perf_counter_ns()
+        sock = self.sock
+        envelopes: list[list[bytes]] = []
+        frames: list[bytes] = []
+        bad: list[tuple[list[bytes], bytes]] = []
+        max_batch = self.settings.max_batch
+        while len(frames) < max_batch:
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            env, body = _split_envelope(parts)
+            if body is None:
+                bad.append((env, hotpath.encode_error(
+                    "bad_frame", "a request is exactly one message frame")))
+                continue
+            envelopes.append(env)
+            frames.append(body)
+        for env, reply in bad:
+            self.stats.bad_frames += 1
+            _send(sock, env, reply)
+        if not frames:
+            return
+        self.stats.requests += len(frames)
+        self.stats.batches += 1
+        rx_us = time.time_ns() // 1000
+        self._store_time_ns = 0
+        replies = self.decide(frames, rx_us // 1000, rx_us)
+        for env, reply in zip(envelopes, replies, strict=True):
+            _send(sock, env, reply)
+        total_us = (time.perf_counter_ns() - t_rx) / 1000.0
+        n = len(frames)
+        self.stats.total_us.add(total_us, n)
+        self.stats.service_us.add(total_us - self._store_time_ns / 1000.0, n)
+
+    def decide(self, frames: list[bytes], now_ms: int, rx_us: int) -> list[bytes]:
+        """Decide a batch of frames; never raises (store trouble becomes error replies)."""
+        d = self.decider
+        d.begin(frames, now_ms, rx_us)
+        try:
+            if time.monotonic() < self._store_down_until:
+                raise StoreError("store unavailable (backing off)")
+            if not self.store.connected:
+                self._connect_store()
+            t0 = time.perf_counter_ns()
+            q = d.block_query()
+            if q:
+                (vals,) = self.store.round_trip(q, 1)
+                d.apply_blocks(vals if isinstance(vals, list) else [])
+            payload, n = d.pipeline()
+            t1 = time.perf_counter_ns()
+            replies = self.store.round_trip(payload, n) if n else []
+            # Only the waits count as store time; building the pipeline is service time.
+            self._store_time_ns = time.perf_counter_ns() - t1 + (t1 - t0 if q else 0)
+        except StoreError as e:
+            self._store_failed(e)
+            return d.fail("store_unavailable", "detection store unavailable")
+        self._backoff = 0.05
+        out = d.finish(replies)
+        if d.noscript:
+            self._reload_script()
+        todo = d.blocks_to_write()
+        if todo:
+            self._write_blocks(todo)
+        return out
+
+    # -- store health ------------------------------------------------------------------------
+    def _connect_store(self) -> None:
+        self.store.connect()
+        self.store.script_load(self.script_source)
+        store_config.init_boot(self.store, self.boot_id, self.settings.detection())
+
+    def _try_store(self) -> None:
+        try:
+            self._connect_store()
+            self._maybe_reload_config(force=True)
+        except StoreError as e:
+            self._store_failed(e)
+
+    def _store_failed(self, e: Exception) -> None:
+        self.stats.store_failures += 1
+        self.store.close()
+        now = time.monotonic()
+        if now >= self._store_down_until:
+            log.warning("worker %d: store failure: %s (retry in %.2fs)", self.index, e,
+                        self._backoff)
+        self._store_down_until = now + self._backoff
+        # Capped low so the pool is back within a second or two of the store's return.
+        self._backoff = min(self._backoff * 2, 1.0)
+
+    def _reload_script(self) -> None:
+        try:
+            self.store.script_load(self.script_source)
+        except StoreError as e:
+            self._store_failed(e)
+
+    def _write_blocks(self, todo: list[tuple[str, int, str, str]]) -> None:
+        try:
+            now_ms = min(exp for _, exp, _, _ in todo) - self.decider.block_ttl_ms
+            store_config.write_blocks(self.store, todo, now_ms)
+        except StoreError as e:
+            self._store_failed(e)
+
+    def _maybe_reload_config(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._cfg_next:
+            return
+        self._cfg_next = now + self.settings.config_poll_ms / 1000.0
+        if not self.store.connected:
+            if now < self._store_down_until:
+                return
+            try:
+                self._connect_store()
+            except StoreError as e:
+                self._store_failed(e)
+                return
+        try:
+            gen, values = store_config.read(self.store)
+        except StoreError as e:
+            self._store_failed(e)
+            return
+        if gen == self._cfg_gen or values is None:
+            return
+        try:
+            self.decider.configure(**{k: values[k] for k in store_config.DECIDER_KEYS})
+            if "store_timeout_ms" in values:
+                self.store.set_timeout(values["store_timeout_ms"] / 1000.0)
+        except (KeyError, ValueError, TypeError) as e:
+            log.error("worker %d: ignoring invalid config generation %s: %s", self.index, gen, e)
+            return
+        self._cfg_gen = gen
+        self.stats.config_generation = gen
+        log.debug("worker %d: config generation %d applied", self.index, gen)
+
+
+def _split_envelope(parts: list[bytes]) -> tuple[list[bytes], bytes | None]:
+    """Split a ROUTER message into (envelope, body); body is None unless exactly one frame."""
+    try:
+        i = parts.index(b"", 1)
+    except ValueError:
+        # A DEALER peer without the empty delimiter: [identity, body].
+        return parts[:1], (parts[1] if len(parts) == 2 else None)
+    body = parts[i + 1:]
+    return parts[:i + 1], (body[0] if len(body) == 1 else None)
+
+
+def _send(sock: zmq.Socket, env: list[bytes], reply: bytes) -> None:
+    try:
+        sock.send_multipart([*env, reply], zmq.NOBLOCK)
+    except zmq.ZMQError:
+        # The peer is gone (HWM or disconnect); its client times out and applies its policy.
+        pass
+
+
+def _sha1(source: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(source.encode()).hexdigest()
+
+
+def worker_main(settings: Any, listen_fd: int, index: int, boot_id: str,
+                heartbeat: Any = None) -> int:
+    """Entry point of a forked worker; return its exit code."""
+    w = Worker(settings, listen_fd, index, boot_id, heartbeat)
+    try:
+        w.boot()
+    except Exception:
+        log.exception("worker %d failed to boot", index)
+        return WORKER_BOOT_ERROR
+    try:
+        w.run()
+    finally:
+        w.close()
+    return 0

@@ -1,0 +1,287 @@
+"""Every setting declared once: name, type, default, env var, CLI flag, validator, description.
+
+Precedence, lowest to highest: declared default < config file (TOML) < environment < CLI flag.
+The docs table (`acm settings --markdown`) is generated from these declarations.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from acm_module.errors import ConfigError
+
+Validator = Callable[[Any], None]
+
+
+def _positive(v: Any) -> None:
+    if v <= 0:
+        raise ValueError("must be > 0")
+
+
+def _non_negative(v: Any) -> None:
+    if v < 0:
+        raise ValueError("must be >= 0")
+
+
+def _one_of(*choices: str) -> Validator:
+    def check(v: Any) -> None:
+        if v not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+
+    return check
+
+
+def _range(lo: float, hi: float) -> Validator:
+    def check(v: Any) -> None:
+        if not lo <= v <= hi:
+            raise ValueError(f"must be between {lo:g} and {hi:g}")
+
+    return check
+
+
+def _endpoint(v: Any) -> None:
+    if not (v.startswith("ipc://") or v.startswith("tcp://")):
+        raise ValueError("must start with ipc:// or tcp://")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One declared setting."""
+
+    name: str
+    type: type
+    default: Any
+    description: str
+    env: tuple[str, ...] = ()
+    cli: str | None = None
+    validator: Validator | None = None
+    runtime: bool = False  # changeable at runtime through MI without a restart
+    section: str = "service"
+
+    def parse(self, raw: Any) -> Any:
+        """Convert raw (str from env/CLI, or TOML value) to the declared type and validate it.
+
+        Raises ConfigError naming the setting.
+        """
+        try:
+            value = _coerce(self.type, raw)
+            if self.validator is not None and value is not None:
+                self.validator(value)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{self.name}: {e} (got {raw!r})") from e
+        return value
+
+
+def _coerce(typ: type, raw: Any) -> Any:
+    if raw is None:
+        return None
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(raw, str) and raw.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("must be a boolean")
+    if typ is int:
+        if isinstance(raw, bool):
+            raise ValueError("must be an integer")
+        if isinstance(raw, float):
+            if not raw.is_integer():
+                raise ValueError("must be an integer")
+            return int(raw)
+        return int(raw)
+    if typ is float:
+        if isinstance(raw, bool):
+            raise ValueError("must be a number")
+        v = float(raw)
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError("must be finite")
+        return v
+    if typ is str:
+        if not isinstance(raw, str):
+            raise ValueError("must be a string")
+        return raw
+    raise TypeError(f"unsupported setting type {typ}")
+
+
+_DEFAULT_WORKERS = os.cpu_count() or 2
+
+SETTINGS: tuple[Setting, ...] = (
+    # --- detection (runtime-changeable) ---
+    Setting("threshold", int, 5,
+            "Distinct A-numbers to one B-number within the window that mean masking.",
+            env=("ACM_DETECTION_THRESHOLD",), cli="--threshold", validator=_range(2, 1000),
+            runtime=True, section="detection"),
+    Setting("window", float, 5.0, "Sliding window in seconds.",
+            env=("ACM_DETECTION_WINDOW_SECONDS",), cli="--window", validator=_range(0.1, 3600),
+            runtime=True, section="detection"),
+    Setting("block_ttl", float, 0.0,
+            "Seconds every A-number of a detection's window stays blocked (0 = blocking off).",
+            env=("ACM_BLOCK_TTL",), cli="--block-ttl", validator=_range(0, 30 * 86400),
+            runtime=True, section="detection"),
+    Setting("mode", str, "block",
+            "block: drop on detection; monitor: detect and alert but always allow.",
+            env=("ACM_MODE",), cli="--mode", validator=_one_of("block", "monitor"),
+            runtime=True, section="detection"),
+    Setting("dedup_ttl", float, 32.0,
+            "Seconds a Call-ID's reply is remembered (at least the window; 32 s = SIP Timer B).",
+            env=("ACM_DEDUP_TTL",), cli="--dedup-ttl", validator=_range(1, 86400),
+            runtime=True, section="detection"),
+    Setting("default_country_code", str, "234", "Country code for national (0...) numbers.",
+            env=("ACM_DEFAULT_COUNTRY_CODE",), cli="--country-code", section="detection"),
+    # --- service ---
+    Setting("endpoint", str, "ipc:///tmp/acm/acm.sock", "Request endpoint (ipc:// or tcp://).",
+            env=("ACM_ENDPOINT",), cli="--endpoint", validator=_endpoint),
+    Setting("workers", int, _DEFAULT_WORKERS, "Worker processes (default: number of cores).",
+            env=("ACM_WORKERS",), cli="--workers", validator=_range(1, 256)),
+    Setting("store", str, "",
+            "Redis-protocol store URL (DragonflyDB); empty starts an embedded server.",
+            env=("DRAGONFLY_URL", "ACM_STORE_URL"), cli="--store"),
+    Setting("partitions", int, 16,
+            "Key partitions (hash tags) and durable streams; fixed for a deployment.",
+            env=("ACM_PARTITIONS",), cli="--partitions", validator=_range(1, 1024)),
+    Setting("store_timeout_ms", float, 20.0, "Worker's timeout for one store round trip.",
+            env=("ACM_STORE_TIMEOUT_MS",), cli="--store-timeout-ms", validator=_range(1, 10000),
+            runtime=True),
+    Setting("max_batch", int, 64, "Most requests a worker decides in one store round trip.",
+            env=("ACM_MAX_BATCH",), cli="--max-batch", validator=_range(1, 4096)),
+    Setting("max_request_bytes", int, 4096, "Largest request frame accepted.",
+            env=("ACM_MAX_REQUEST_BYTES",), cli="--max-request-bytes",
+            validator=_range(64, 1 << 20)),
+    Setting("graceful_timeout", float, 5.0, "Seconds a stopping worker may take to drain.",
+            env=("ACM_GRACEFUL_TIMEOUT",), cli="--graceful-timeout", validator=_positive),
+    Setting("config_poll_ms", float, 50.0, "How often an idle worker checks for a config change.",
+            env=("ACM_CONFIG_POLL_MS",), cli="--config-poll-ms", validator=_range(1, 10000)),
+    Setting("log_level", str, "INFO", "Log level.", env=("ACM_LOG_LEVEL",), cli="--log-level",
+            validator=_one_of("DEBUG", "INFO", "WARNING", "ERROR"), runtime=True),
+    Setting("log_json", bool, False, "Structured JSON logs.", env=("ACM_LOG_JSON",),
+            cli="--log-json"),
+    Setting("ipc_mode", int, 0o660, "Permissions of the ipc socket file.", env=("ACM_IPC_MODE",)),
+    # --- control plane (MI) ---
+    Setting("mi_http", str, "127.0.0.1:8899",
+            "MI JSON-RPC over HTTP (POST /mi) host:port; empty disables.",
+            env=("ACM_MI_HTTP",), cli="--mi-http", section="control"),
+    Setting("mi_datagram", str, "127.0.0.1:8898",
+            "MI JSON-RPC over UDP datagrams host:port; empty disables.",
+            env=("ACM_MI_DATAGRAM",), cli="--mi-datagram", section="control"),
+    Setting("mi_token", str, "",
+            "Admin token for MI; required when MI binds a non-loopback address.",
+            env=("ACM_MI_TOKEN",), cli="--mi-token", section="control"),
+    Setting("state_dir", str, "/tmp/acm/state",
+            "Directory for runtime overrides (MI changes that survive restarts).",
+            env=("ACM_STATE_DIR",), cli="--state-dir", section="control"),
+    # --- persistence (writer) ---
+    Setting("database_url", str, "", "YugabyteDB/PostgreSQL URL (alerts, whitelist, audit).",
+            env=("DATABASE_URL",), cli="--database-url", section="writer"),
+    Setting("questdb_url", str, "", "QuestDB ILP/HTTP address or client conf string.",
+            env=("QUESTDB_URL",), cli="--questdb-url", section="writer"),
+    Setting("clickhouse_url", str, "", "ClickHouse server URL; empty uses embedded chdb.",
+            env=("CLICKHOUSE_URL",), cli="--clickhouse-url", section="writer"),
+)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+RUNTIME: frozenset[str] = frozenset(s.name for s in SETTINGS if s.runtime)
+
+
+@dataclass
+class Settings:
+    """Resolved settings; `source` says where each value came from."""
+
+    values: dict[str, Any]
+    source: dict[str, str] = field(default_factory=dict)
+    config_file: Path | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def detection(self) -> dict[str, Any]:
+        """Return the runtime-changeable detection values."""
+        return {n: self.values[n] for n in sorted(RUNTIME) if n in self.values}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML config file into {setting: raw value}; sections are flattened.
+
+    Raises ConfigError on syntax errors or unknown settings.
+    """
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: {e}") from e
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    unknown = sorted(set(flat) - set(BY_NAME))
+    if unknown:
+        raise ConfigError(f"{path}: unknown settings: {', '.join(unknown)}")
+    return flat
+
+
+def load(
+    config_file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cli: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Resolve every setting: defaults < config file < env < CLI. Raises ConfigError."""
+    env = os.environ if env is None else env
+    values = {s.name: s.default for s in SETTINGS}
+    source = {s.name: "default" for s in SETTINGS}
+    path = Path(config_file) if config_file else None
+    if path is None and env.get("ACM_CONFIG"):
+        path = Path(env["ACM_CONFIG"])
+    if path is not None and path.exists():
+        for name, raw in read_config_file(path).items():
+            values[name] = BY_NAME[name].parse(raw)
+            source[name] = f"file:{path}"
+    elif path is not None and config_file:
+        raise ConfigError(f"config file {path} does not exist")
+    for s in SETTINGS:
+        for var in s.env:
+            if var in env and env[var] != "":
+                values[s.name] = s.parse(env[var])
+                source[s.name] = f"env:{var}"
+                break
+    for name, raw in (cli or {}).items():
+        if raw is None:
+            continue
+        values[name] = BY_NAME[name].parse(raw)
+        source[name] = "cli"
+    validate_combination(values)
+    return Settings(values=values, source=source, config_file=path)
+
+
+def validate_combination(values: Mapping[str, Any]) -> None:
+    """Check rules spanning several settings. Raises ConfigError."""
+    if values["dedup_ttl"] < values["window"]:
+        raise ConfigError(f"dedup_ttl ({values['dedup_ttl']:g}) must be at least "
+                          f"the window ({values['window']:g})")
+
+
+def markdown_table() -> str:
+    """Render the settings reference as a Markdown table."""
+    rows = [
+        "| setting | type | default | env | CLI flag | runtime (MI) | description |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in SETTINGS:
+        default = "number of cores" if s.name == "workers" else repr(s.default)
+        if s.name == "ipc_mode":
+            default = oct(s.default)
+        rows.append(
+            f"| `{s.name}` | {s.type.__name__} | `{default}` | "
+            f"{', '.join(f'`{e}`' for e in s.env) or '-'} | {f'`{s.cli}`' if s.cli else '-'} | "
+            f"{'yes' if s.runtime else 'no'} | {s.description} |"
+        )
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,147 @@
+"""Shared state outside the per-B-number script: live detection config, blocks, whitelist.
+
+Keys (each group has its own hash tag, so every multi-key command stays in one slot):
+  {acm.cfg}:detect      HASH  live detection config + `gen` (workers poll it) + `boot`
+  {acm.blk}:a           HASH  A-number -> "expiry_ms|alert_id|severity"
+  {acm.blk}:x           ZSET  A-number -> expiry_ms (index for expiry and listing)
+  {acm.<p>}:wl:<b>      STRING whitelist marker of B-number b (value: reason), TTL = expiry
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from acm_module.engine import hotpath
+from acm_module.store import keys
+from acm_module.store.conn import StoreConnection
+
+CONFIG_KEY = "{acm.cfg}:detect"
+BLOCK_KEY = "{acm.blk}:a"
+BLOCK_INDEX = "{acm.blk}:x"
+DECIDER_KEYS = ("threshold", "window", "mode", "dedup_ttl", "block_ttl")
+_TYPES = {"threshold": int, "window": float, "mode": str, "dedup_ttl": float,
+          "block_ttl": float, "store_timeout_ms": float, "log_level": str}
+
+# Publish a config once per supervisor boot: the first worker of a new boot writes its settings
+# and bumps the generation; the others of the same boot find their boot id and leave it.
+_INIT_BOOT = """
+if redis.call('HGET', KEYS[1], 'boot') == ARGV[1] then return 0 end
+local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+redis.call('HSET', KEYS[1], 'boot', ARGV[1], 'values', ARGV[2])
+return gen
+"""
+
+# Replace the config only if it is still the generation the writer read (no lost update).
+_SET_IF_GEN = """
+local gen = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
+if gen ~= tonumber(ARGV[1]) then return -1 end
+gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+redis.call('HSET', KEYS[1], 'values', ARGV[2])
+return gen
+"""
+
+_BLOCK = """
+local now = tonumber(ARGV[1])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1])
+for i = 1, #expired do redis.call('HDEL', KEYS[1], expired[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1])
+for i = 2, #ARGV, 3 do
+  local old = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]) or '0')
+  local exp = tonumber(ARGV[i + 1])
+  if exp > old then
+    redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i])
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1] .. '|' .. ARGV[i + 2])
+  end
+end
+-- The block list expires a minute after its last block would (call time ~ wall time live).
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+if last[2] then
+  local ttl = math.max(tonumber(last[2]) - now, 0) + 60000
+  for k = 1, 2 do
+    if redis.call('PTTL', KEYS[k]) < ttl then redis.call('PEXPIRE', KEYS[k], ttl) end
+  end
+end
+return #expired
+"""
+
+
+def _coerce(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: _TYPES[k](v) for k, v in values.items() if k in _TYPES}
+
+
+def init_boot(conn: StoreConnection, boot_id: str, values: dict[str, Any]) -> int:
+    """Publish `values` as the live config unless this boot already did. Return the generation."""
+    r = conn.call("EVAL", _INIT_BOOT, 1, CONFIG_KEY, boot_id, json.dumps(values, sort_keys=True))
+    return int(r)  # type: ignore[arg-type]
+
+
+def read(conn: StoreConnection) -> tuple[int, dict[str, Any] | None]:
+    """Return (generation, config values) of the live config; (0, None) if none is published."""
+    r = conn.call("HMGET", CONFIG_KEY, "gen", "values")
+    assert isinstance(r, list)
+    if r[0] is None or r[1] is None:
+        return 0, None
+    return int(r[0]), _coerce(json.loads(r[1]))
+
+
+def compare_and_set(conn: StoreConnection, expected_gen: int, values: dict[str, Any]) -> int:
+    """Replace the live config if it is still at expected_gen; return the new gen, or -1."""
+    r = conn.call("EVAL", _SET_IF_GEN, 1, CONFIG_KEY, expected_gen,
+                  json.dumps(values, sort_keys=True))
+    return int(r)  # type: ignore[arg-type]
+
+
+def write_blocks(conn: StoreConnection, todo: list[tuple[str, int, str, str]],
+                 now_ms: int) -> None:
+    """Block A-numbers: (a_number, expiry_ms, alert_id, severity).
+
+    Blocks live in call time (the requests' ts), so entries expired before now_ms (the
+    detecting call's ts) are purged here rather than by a wall-clock TTL.
+    """
+    if not todo:
+        return
+    args: list[str | int] = []
+    for a, exp, alert_id, sev in todo:
+        args += [a, exp, f"{alert_id}|{sev}"]
+    conn.call("EVAL", _BLOCK, 2, BLOCK_KEY, BLOCK_INDEX, now_ms, *args)
+
+
+def list_blocks(conn: StoreConnection) -> list[dict[str, Any]]:
+    """Return every block entry as {a_number, expires_ms, alert_id, severity}."""
+    r = conn.call("HGETALL", BLOCK_KEY)
+    assert isinstance(r, list)
+    out = []
+    for i in range(0, len(r), 2):
+        exp, alert_id, sev = r[i + 1].decode().split("|")
+        out.append({"a_number": r[i].decode(), "expires_ms": int(exp), "alert_id": alert_id,
+                    "severity": sev})
+    return sorted(out, key=lambda e: e["a_number"])
+
+
+def unblock(conn: StoreConnection, a_number: str) -> bool:
+    """Release one blocked A-number; return whether it was blocked."""
+    r = conn.round_trip(
+        hotpath.encode_command("HDEL", BLOCK_KEY, a_number)
+        + hotpath.encode_command("ZREM", BLOCK_INDEX, a_number), 2, 1.0)
+    return bool(r[0])
+
+
+def whitelist_key(b_number: str, partitions: int) -> str:
+    """Return the store key of a (normalised) B-number's whitelist marker."""
+    return keys.for_b(b_number, partitions)["whitelist"]
+
+
+def whitelist_set(conn: StoreConnection, b_number: str, partitions: int, reason: str,
+                  ttl_ms: int | None = None) -> None:
+    """Whitelist a normalised B-number in the store (ttl_ms: until it expires)."""
+    key = whitelist_key(b_number, partitions)
+    if ttl_ms:
+        conn.call("SET", key, reason or "-", "PX", ttl_ms)
+    else:
+        conn.call("SET", key, reason or "-")
+
+
+def whitelist_del(conn: StoreConnection, b_number: str, partitions: int) -> bool:
+    """Remove a B-number's whitelist marker; return whether it existed."""
+    return bool(conn.call("DEL", whitelist_key(b_number, partitions)))

@@ -1,0 +1,150 @@
+"""A minimal blocking RESP connection: one pipelined write, one read loop, nothing else.
+
+redis-py spends tens of microseconds per command in Python; the hot path sends a whole batch as
+one buffer and parses the replies with the compiled parser.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from acm_module.engine import hotpath
+from acm_module.errors import StoreError, StoreReplyError
+
+LUA_DIR = Path(__file__).with_name("lua")
+
+
+def load_script(name: str) -> str:
+    """Return the source of a bundled Lua script."""
+    return (LUA_DIR / f"{name}.lua").read_text()
+
+
+class StoreConnection:
+    """One connection to a Redis-protocol server (DragonflyDB, Redis, Valkey)."""
+
+    def __init__(self, url: str, timeout: float = 0.02, connect_timeout: float = 1.0) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._sock: socket.socket | None = None
+        self._buf = bytearray()
+        u = urlparse(url)
+        self._unix = u.scheme == "unix"
+        if u.scheme not in ("redis", "unix", "dragonfly"):
+            raise StoreError(f"unsupported store URL scheme {u.scheme!r} (redis:// or unix://)")
+        self._path = u.path
+        self._host = u.hostname or "127.0.0.1"
+        self._port = u.port or 6379
+        self._password = unquote(u.password) if u.password else None
+        self._username = unquote(u.username) if u.username else None
+        db = u.path.strip("/") if not self._unix else ""
+        self._db = int(db) if db else 0
+
+    # -- connection management -------------------------------------------------------------
+    def connect(self) -> None:
+        """Open the connection (AUTH/SELECT as the URL says). Raises StoreError."""
+        self.close()
+        try:
+            if self._unix:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(self.connect_timeout)
+                s.connect(self._path)
+            else:
+                s = socket.create_connection((self._host, self._port), self.connect_timeout)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as e:
+            raise StoreError(f"cannot connect to store {self.safe_url()}: {e}") from e
+        s.settimeout(self.timeout)
+        self._sock = s
+        self._buf.clear()
+        if self._password:
+            args = ["AUTH", self._username, self._password] if self._username else [
+                "AUTH", self._password]
+            self.call(*args)
+        if self._db:
+            self.call("SELECT", self._db)
+
+    @property
+    def connected(self) -> bool:
+        """Say whether a socket is open."""
+        return self._sock is not None
+
+    def close(self) -> None:
+        """Close the socket, if open."""
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+                self._buf.clear()
+
+    def safe_url(self) -> str:
+        """Return the URL without its password, for logs."""
+        u = urlparse(self.url)
+        if u.password:
+            return self.url.replace(f":{u.password}@", ":***@")
+        return self.url
+
+    def set_timeout(self, timeout: float) -> None:
+        """Change the per-round-trip timeout."""
+        self.timeout = timeout
+        if self._sock is not None:
+            self._sock.settimeout(timeout)
+
+    # -- I/O -------------------------------------------------------------------------------
+    def round_trip(self, payload: bytes, n: int, timeout: float | None = None) -> list:
+        """Send payload (n pipelined commands) and return their n replies.
+
+        Error replies come back in the list as RespError; a broken or slow connection raises
+        StoreError and is closed (the caller reconnects).
+        """
+        if self._sock is None:
+            self.connect()
+        sock = self._sock
+        assert sock is not None
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        try:
+            sock.sendall(payload)
+            out: list = []
+            buf = self._buf
+            pos = 0
+            while len(out) < n:
+                if pos < len(buf):
+                    try:
+                        v, pos = hotpath.parse_reply(buf, pos)
+                        out.append(v)
+                        continue
+                    except hotpath.Incomplete:
+                        pass
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("store round trip timed out")
+                sock.settimeout(left)
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    raise ConnectionError("store closed the connection")
+                del buf[:pos]
+                pos = 0
+                buf += chunk
+            del buf[:pos]
+            return out
+        except (OSError, ValueError) as e:
+            self.close()
+            raise StoreError(f"store {self.safe_url()}: {e}") from e
+
+    def call(self, *args: bytes | str | int, timeout: float | None = None) -> object:
+        """Run one command; raise StoreReplyError for an error reply."""
+        (reply,) = self.round_trip(hotpath.encode_command(*args), 1,
+                                   timeout if timeout is not None else max(self.timeout, 1.0))
+        if isinstance(reply, hotpath.RespError):
+            raise StoreReplyError(reply.message)
+        return reply
+
+    def script_load(self, source: str) -> str:
+        """Load a Lua script and return its SHA1."""
+        sha = self.call("SCRIPT", "LOAD", source)
+        assert isinstance(sha, bytes)
+        return sha.decode()

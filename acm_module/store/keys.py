@@ -1,0 +1,31 @@
+"""Key names. Every key of one B-number shares the hash tag of its partition, `{acm.<p>}`, and so
+does that partition's durable stream: the decision script touches only declared keys of one slot,
+which Dragonfly cluster mode and Redis Cluster require, and still appends to a stream in the same
+atomic step. (A tag per B-number itself would put the stream in another slot.)
+"""
+
+from __future__ import annotations
+
+from acm_module.engine import hotpath
+
+
+def tag(partition: int) -> str:
+    """Return the key prefix of a partition, hash tag included."""
+    return "{acm.%d}:" % partition
+
+
+def stream(partition: int) -> str:
+    """Return the durable stream of a partition."""
+    return tag(partition) + "s"
+
+
+def streams(partitions: int) -> list[str]:
+    """Return every partition's durable stream."""
+    return [stream(p) for p in range(partitions)]
+
+
+def for_b(b_number: str, partitions: int) -> dict[str, str]:
+    """Return the keys of a normalised B-number (window, episode, members, whitelist)."""
+    t = tag(hotpath.partition_of(b_number, partitions))
+    return {"window": t + "w:" + b_number, "episode": t + "e:" + b_number,
+            "members": t + "ea:" + b_number, "whitelist": t + "wl:" + b_number}

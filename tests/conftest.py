@@ -1,0 +1,124 @@
+"""Shared fixtures: a real Redis-protocol server, the service, clients that are always closed."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from servers import (
+    RedisServer,
+    Service,
+    flush,
+    redis_url_from_env,
+)
+
+from acm_module.client import Client
+from acm_module.engine import IMPLEMENTATION
+from acm_module.store.conn import StoreConnection
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"acm hot path: {IMPLEMENTATION} (ACM_PUREPYTHON={os.environ.get('ACM_PUREPYTHON', '')})"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """URL of the suite's Redis-protocol server (given by ACM_TEST_REDIS_URL or started here)."""
+    url = redis_url_from_env()
+    if url:
+        yield url
+        return
+    srv = RedisServer().start()
+    try:
+        yield srv.url
+    finally:
+        srv.cleanup()
+
+
+@pytest.fixture
+def store_url(redis_server: str) -> Iterator[str]:
+    """The store URL with an empty database, emptied again afterwards."""
+    flush(redis_server)
+    yield redis_server
+    flush(redis_server)
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[StoreConnection]:
+    """A raw connection to the (empty) store."""
+    c = StoreConnection(store_url, timeout=2.0)
+    c.connect()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def zctx() -> Iterator[zmq.Context]:
+    """A ZeroMQ context whose sockets are all closed with linger=0 at teardown."""
+    ctx = zmq.Context()
+    try:
+        yield ctx
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.fixture(scope="module")
+def module_redis() -> Iterator[str]:
+    """A redis-server of the module's own (for tests that stop/restart or share a service)."""
+    srv = RedisServer().start()
+    try:
+        yield srv.url
+    finally:
+        srv.cleanup()
+
+
+@pytest.fixture(scope="module")
+def service(module_redis: str) -> Iterator[Service]:
+    """`acm serve` with 2 workers against the module's redis; shared by a test module."""
+    svc = Service(module_redis, workers=2)
+    try:
+        svc.start()
+        yield svc
+    finally:
+        svc.cleanup()
+
+
+@pytest.fixture
+def client(service: Service, zctx: zmq.Context) -> Iterator[Client]:
+    """A client of the shared service; the store is emptied first."""
+    flush(service.store_url)
+    c = Client(service.endpoint, timeout=2.0, context=zctx)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def service_factory(store_url: str, zctx: zmq.Context):
+    """Start a dedicated `acm serve` (with extra env) and a client; both stopped afterwards."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def start(env: dict[str, str] | None = None, workers: int = 2, args: list[str] | None = None):
+        svc = Service(store_url, workers=workers, extra_env=env, args=args)
+        c = None
+        try:
+            svc.start()
+            c = Client(svc.endpoint, timeout=2.0, context=zctx)
+            yield svc, c
+        finally:
+            if c is not None:
+                c.close()
+            svc.cleanup()
+
+    return start

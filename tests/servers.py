@@ -1,0 +1,190 @@
+"""Real servers for the suite: reuse one given by URL, or start a temporary one.
+
+Under CI=true a server that cannot be started is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from acm_module.store.conn import StoreConnection
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def unavailable(what: str) -> None:
+    """Fail under CI, skip elsewhere: a server the suite needs is missing."""
+    if IN_CI:
+        pytest.fail(f"{what} (CI=true: a missing server is a failure)")
+    pytest.skip(what)
+
+
+def free_port() -> int:
+    """Return a free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> bool:
+    """Wait until something accepts on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class RedisServer:
+    """A temporary redis-server (stand-in for DragonflyDB) that tests may stop and restart."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            unavailable("redis-server is not installed (apt-get install redis-server)")
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="acm-redis-")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        assert self.binary
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, "--databases", "16"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_port(self.port):
+            self.stop()
+            unavailable(f"redis-server did not start on port {self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+            self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def redis_url_from_env() -> str | None:
+    """Return a store URL the caller gave (ACM_TEST_REDIS_URL), if any."""
+    return os.environ.get("ACM_TEST_REDIS_URL") or None
+
+
+def flush(url: str) -> None:
+    """Empty the database of a store URL."""
+    c = StoreConnection(url, timeout=2.0)
+    try:
+        c.call("FLUSHDB")
+    finally:
+        c.close()
+
+
+class Service:
+    """`acm serve` run as a real subprocess, the way an operator runs it."""
+
+    def __init__(self, store_url: str, workers: int = 2, extra_env: dict[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
+        self.dir = tempfile.mkdtemp(prefix="acm-svc-")
+        self.endpoint = f"ipc://{self.dir}/acm.sock"
+        self.store_url = store_url
+        self.workers = workers
+        self.env = {**os.environ, **(extra_env or {})}
+        self.args = args or []
+        self.proc: subprocess.Popen | None = None
+        self.log = Path(self.dir) / "serve.log"
+
+    def start(self, wait: bool = True) -> Service:
+        cmd = [sys.executable, "-m", "acm_module.cli", "serve", "--workers", str(self.workers),
+               "--store", self.store_url, "--endpoint", self.endpoint, *self.args]
+        self._logf = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._logf, stderr=self._logf,
+                                     cwd=REPO)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        from acm_module.client import Client, ServiceTimeout
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"acm serve exited {self.proc.returncode}:\n{self.read_log()}")
+            if os.path.exists(self.endpoint[len("ipc://"):]):
+                c = Client(self.endpoint, timeout=0.5)
+                try:
+                    r = c.request({"call_id": "ready-probe", "a": "x", "b": "y"})
+                    if r.get("reason") == "invalid_b":
+                        return
+                except ServiceTimeout:
+                    pass
+                finally:
+                    c.close()
+            time.sleep(0.05)
+        raise RuntimeError(f"acm serve not ready in {timeout}s:\n{self.read_log()}")
+
+    def worker_pids(self) -> list[int]:
+        assert self.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        return sorted(int(x) for x in out.stdout.split())
+
+    def read_log(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        code = self.proc.returncode
+        self.proc = None
+        self._logf.close()
+        return code
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_service(store_url: str, **kw: object) -> Iterator[Service]:
+    """Start `acm serve`, yield it, always stop it."""
+    svc = Service(store_url, **kw)  # type: ignore[arg-type]
+    try:
+        svc.start()
+        yield svc
+    finally:
+        svc.cleanup()
