@@ -21,7 +21,8 @@ from acm_module.store.conn import StoreConnection, load_script
 
 log = logging.getLogger("acm.worker")
 
-WORKER_BOOT_ERROR = 3  # exit code: the supervisor stops instead of respawning in a loop
+WORKER_BOOT_ERROR = 3
+LATENCY_STREAM = "{acm.lat}:s"  # exit code: the supervisor stops instead of respawning in a loop
 
 
 def alert_prefix() -> str:
@@ -45,6 +46,7 @@ class Worker:
         self._stats_field = f"{stats_mod.socket.gethostname()}/{boot_id[:8]}/{index}"
         self._stats_next = 0.0
         self._store_time_ns = 0
+        self._latencies: list[tuple[int, int]] = []  # (rx_us of a batch, its latency in us)
         self._store_down_until = 0.0
         self._backoff = 0.05
         self._cfg_next = 0.0
@@ -113,6 +115,9 @@ class Worker:
         if not self.store.connected:
             return
         try:
+            lat = self._latency_record()
+            if lat:
+                self.store.round_trip(lat, 1)
             stats_mod.publish(self.store, self._stats_field, st)
         except StoreError as e:
             self._store_failed(e)
@@ -164,6 +169,8 @@ class Worker:
         for env, reply in zip(envelopes, replies, strict=True):
             _send(sock, env, reply)
         total_us = (time.perf_counter_ns() - t_rx) / 1000.0
+        if len(self._latencies) < 4096:
+            self._latencies.append((rx_us, int(total_us)))
         n = len(frames)
         self.stats.total_us.add(total_us, n)
         self.stats.service_us.add(total_us - self._store_time_ns / 1000.0, n)
@@ -183,8 +190,12 @@ class Worker:
                 (vals,) = self.store.round_trip(q, 1)
                 d.apply_blocks(vals if isinstance(vals, list) else [])
             payload, n = d.pipeline()
+            lat = self._latency_record()
             t1 = time.perf_counter_ns()
-            replies = self.store.round_trip(payload, n) if n else []
+            if lat:
+                replies = self.store.round_trip(lat + payload, n + 1)[1:]
+            else:
+                replies = self.store.round_trip(payload, n) if n else []
             # Only the waits count as store time; building the pipeline is service time.
             self._store_time_ns = time.perf_counter_ns() - t1 + (t1 - t0 if q else 0)
         except StoreError as e:
@@ -198,6 +209,20 @@ class Worker:
         if todo:
             self._write_blocks(todo)
         return out
+
+    def _latency_record(self) -> bytes:
+        """Return the XADD of the latencies measured since the last round trip (or b'').
+
+        A reply's latency is known only after it is sent, so it rides on the next round trip:
+        {acm.lat}:s gets one entry per batch, keyed by the batch's `rx` that its decisions carry.
+        The stream is capped; latencies are best effort, decisions are not.
+        """
+        if not self._latencies:
+            return b""
+        pairs = ",".join(f"{rx}:{us}" for rx, us in self._latencies)
+        self._latencies.clear()
+        return hotpath.encode_command("XADD", LATENCY_STREAM, "MAXLEN", "~", "1000000", "*",
+                                      "k", "l", "v", pairs)
 
     # -- store health ------------------------------------------------------------------------
     def _connect_store(self) -> None:
