@@ -22,7 +22,8 @@ from acm_module.store.conn import StoreConnection, load_script
 log = logging.getLogger("acm.worker")
 
 WORKER_BOOT_ERROR = 3
-LATENCY_STREAM = "{acm.lat}:s"  # exit code: the supervisor stops instead of respawning in a loop
+LATENCY_STREAM = "{acm.lat}:s"
+DRAIN_WINDOW_S = 0.1  # after SIGTERM, keep answering stragglers this long  # exit code: the supervisor stops instead of respawning in a loop
 
 
 def alert_prefix() -> str:
@@ -123,13 +124,20 @@ class Worker:
             self._store_failed(e)
 
     def _drain(self) -> None:
-        """Stop accepting connections, answer everything already queued, then return."""
-        try:
-            self.sock.unbind(self.settings.endpoint)
-        except zmq.ZMQError:
-            pass
-        deadline = time.monotonic() + self.settings.graceful_timeout
-        while time.monotonic() < deadline and self.sock.poll(20):
+        """Answer every request already queued or arriving within DRAIN_WINDOW_S, then return.
+
+        The socket is not unbound first: unbinding drops connections accepted through it, and
+        with them requests already on their way. Requests sent after the window time out at the
+        client, which applies its policy.
+        """
+        deadline = time.monotonic() + min(DRAIN_WINDOW_S, self.settings.graceful_timeout)
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            if self.sock.poll(left_ms):
+                self._serve_batch()
+        while self.sock.poll(0):  # whatever is still queued at the end of the window
             self._serve_batch()
 
     def _beat(self) -> None:
@@ -179,9 +187,10 @@ class Worker:
         """Decide a batch of frames; never raises (store trouble becomes error replies)."""
         d = self.decider
         d.begin(frames, now_ms, rx_us)
+        if not self.store.connected and time.monotonic() < self._store_down_until:
+            # Backing off: answer at once; the client applies its policy.
+            return d.fail("store_unavailable", "detection store unavailable")
         try:
-            if time.monotonic() < self._store_down_until:
-                raise StoreError("store unavailable (backing off)")
             if not self.store.connected:
                 self._connect_store()
             t0 = time.perf_counter_ns()

@@ -1,0 +1,120 @@
+"""JSON-RPC 2.0 as OpenSIPS MI speaks it: one request object in, one response object out.
+
+No I/O here: the transports (server.py) hand in bytes and send back what this returns.
+Notifications (no "id") get no response, as the spec says; OpenSIPS's event_datagram sends its
+events that way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+# Server errors (-32000 .. -32099), ours:
+STORE_UNAVAILABLE = -32000
+UNAUTHORIZED = -32001
+CONFIG_INVALID = -32002
+CONFLICT = -32003
+NOT_FOUND = -32004
+REPLY_TOO_LARGE = -32005
+
+MAX_REQUEST_BYTES = 65536
+
+_NO_ID = object()
+
+
+class MIError(Exception):
+    """A JSON-RPC error to return to the caller (code, message, optional data)."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON-RPC `error` member."""
+        err: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            err["data"] = self.data
+        return err
+
+
+def bad_params(message: str, data: Any = None) -> MIError:
+    """Return an invalid-params (-32602) error."""
+    return MIError(INVALID_PARAMS, message, data)
+
+
+@dataclass
+class Request:
+    """One decoded JSON-RPC request."""
+
+    method: str
+    params: dict[str, Any] | list[Any]
+    id: Any = _NO_ID
+
+    @property
+    def is_notification(self) -> bool:
+        """Say whether the caller expects no response (no "id" member)."""
+        return self.id is _NO_ID
+
+
+def parse(raw: bytes) -> Request:
+    """Decode one request. Raises MIError (-32700 or -32600) with id unknown."""
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise MIError(INVALID_REQUEST, f"request larger than {MAX_REQUEST_BYTES} bytes")
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MIError(PARSE_ERROR, f"parse error: {e}") from e
+    if isinstance(obj, list):
+        raise MIError(INVALID_REQUEST, "batch requests are not supported")
+    if not isinstance(obj, dict):
+        raise MIError(INVALID_REQUEST, "a request is a JSON object")
+    rid = obj.get("id", _NO_ID)
+    if rid is not _NO_ID and (isinstance(rid, bool) or not (
+            rid is None or isinstance(rid, str | int | float))):
+        raise MIError(INVALID_REQUEST, "id must be a string, a number or null")
+    if obj.get("jsonrpc") != "2.0":
+        raise _with_id(MIError(INVALID_REQUEST, 'jsonrpc must be "2.0"'), rid)
+    method = obj.get("method")
+    if not isinstance(method, str) or not method:
+        raise _with_id(MIError(INVALID_REQUEST, "method must be a non-empty string"), rid)
+    params = obj.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict | list):
+        raise _with_id(MIError(INVALID_REQUEST, "params must be an object or an array"), rid)
+    return Request(method=method, params=params, id=rid)
+
+
+def _with_id(err: MIError, rid: Any) -> MIError:
+    err.request_id = rid  # type: ignore[attr-defined]
+    return err
+
+
+def error_id(err: MIError) -> Any:
+    """Return the request id an early (parse-stage) error belongs to, or None."""
+    rid = getattr(err, "request_id", None)
+    return None if rid is _NO_ID else rid
+
+
+def result(rid: Any, value: Any) -> bytes:
+    """Encode a success response."""
+    return _dump({"jsonrpc": "2.0", "result": value, "id": None if rid is _NO_ID else rid})
+
+
+def error(rid: Any, err: MIError) -> bytes:
+    """Encode an error response."""
+    return _dump({"jsonrpc": "2.0", "error": err.to_json(),
+                  "id": None if rid is _NO_ID else rid})
+
+
+def _dump(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=str).encode()

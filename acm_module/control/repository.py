@@ -1,0 +1,258 @@
+"""Where the control plane keeps its records: whitelist entries, the audit trail, alert listings.
+
+`ControlRepository` is the seam. Two implementations:
+
+- `StoreRepository` (here, always available): whitelist entries in HASH `{acm.ctl}:whitelist`,
+  the audit trail in STREAM `{acm.ctl}:audit`, alerts read back from the newest alert records
+  (`k=a`) of the partitions' durable streams.
+- A PostgreSQL one (tables whitelist / audit_log / fraud_alerts), provided by the persistence
+  writer as `acm_module.persist.control_repo.PostgresControlRepository(settings)`; it is used
+  when `database_url` is set and that module imports.
+
+The repository is the system of record only. The whitelist *markers* the decision script reads
+(`{acm.<p>}:wl:<b>`) are desired state that the control plane always writes to the store itself,
+whichever repository is in use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from acm_module.control.audit import AuditRecord, iso_ms
+from acm_module.engine import hotpath
+from acm_module.store import keys
+from acm_module.store.conn import StoreConnection
+
+log = logging.getLogger("acm.control")
+
+WHITELIST_KEY = "{acm.ctl}:whitelist"
+AUDIT_STREAM = "{acm.ctl}:audit"
+AUDIT_MAXLEN = 100_000
+SEVERITIES = ("LOW", "HIGH", "CRITICAL")
+
+
+@dataclass(frozen=True)
+class WhitelistEntry:
+    """One whitelisted B-number, as in the seed's `whitelist` table."""
+
+    b_number: str  # E.164
+    reason: str
+    created_by: str
+    created_at_ms: int
+    expires_at_ms: int | None = None  # None: never expires
+
+    def expired(self, now_ms: int) -> bool:
+        return self.expires_at_ms is not None and self.expires_at_ms <= now_ms
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the entry with ISO 8601 timestamps."""
+        return {"b_number": self.b_number, "reason": self.reason, "created_by": self.created_by,
+                "created_at": iso_ms(self.created_at_ms), "expires_at": iso_ms(self.expires_at_ms)}
+
+
+@dataclass(frozen=True)
+class AlertQuery:
+    """Filters of acm_alert_list."""
+
+    b_number: str | None = None
+    min_severity: str | None = None  # LOW < HIGH < CRITICAL
+    since_ms: int | None = None  # last detection at or after (call time)
+    until_ms: int | None = None  # first detection at or before
+    limit: int = 50
+    scan: int = 5000  # stream records read per partition (store repository only)
+
+
+@runtime_checkable
+class ControlRepository(Protocol):
+    """Records of the control plane. Implementations raise StoreError/OSError when unavailable."""
+
+    name: str
+
+    def whitelist_get(self, b_number: str) -> WhitelistEntry | None:
+        """Return the entry of a B-number (expired ones included), or None."""
+
+    def whitelist_put(self, entry: WhitelistEntry) -> WhitelistEntry | None:
+        """Insert or replace an entry; return the one it replaced."""
+
+    def whitelist_delete(self, b_number: str) -> WhitelistEntry | None:
+        """Remove an entry; return it, or None if there was none."""
+
+    def whitelist_list(self, *, b_number: str | None = None, limit: int = 100,
+                       now_ms: int | None = None) -> list[WhitelistEntry]:
+        """Return entries sorted by B-number, without those expired at now_ms (if given)."""
+
+    def audit_append(self, rec: AuditRecord) -> str:
+        """Store a change record; return its id."""
+
+    def audit_list(self, *, limit: int = 50, since_ms: int | None = None,
+                   action: str | None = None, target: str | None = None) -> list[AuditRecord]:
+        """Return the newest change records first."""
+
+    def alert_list(self, query: AlertQuery) -> list[dict[str, Any]]:
+        """Return alerts newest first, each shaped like a fraud_alerts row (see _alert_view)."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+class StoreRepository:
+    """The repository on the Redis-protocol store; the caller serialises access to `conn`."""
+
+    name = "store"
+
+    def __init__(self, conn: StoreConnection, partitions: int) -> None:
+        self.conn = conn
+        self.partitions = partitions
+
+    # -- whitelist -------------------------------------------------------------------------
+    def whitelist_get(self, b_number: str) -> WhitelistEntry | None:
+        raw = self.conn.call("HGET", WHITELIST_KEY, b_number)
+        return _entry(b_number, raw) if raw is not None else None
+
+    def whitelist_put(self, entry: WhitelistEntry) -> WhitelistEntry | None:
+        old = self.whitelist_get(entry.b_number)
+        self.conn.call("HSET", WHITELIST_KEY, entry.b_number, json.dumps({
+            "reason": entry.reason, "created_by": entry.created_by,
+            "created_at": entry.created_at_ms, "expires_at": entry.expires_at_ms}))
+        return old
+
+    def whitelist_delete(self, b_number: str) -> WhitelistEntry | None:
+        old = self.whitelist_get(b_number)
+        if old is not None:
+            self.conn.call("HDEL", WHITELIST_KEY, b_number)
+        return old
+
+    def whitelist_list(self, *, b_number: str | None = None, limit: int = 100,
+                       now_ms: int | None = None) -> list[WhitelistEntry]:
+        if b_number is not None:
+            e = self.whitelist_get(b_number)
+            entries = [e] if e is not None else []
+        else:
+            raw = self.conn.call("HGETALL", WHITELIST_KEY)
+            assert isinstance(raw, list)
+            entries = [_entry(raw[i].decode(), raw[i + 1]) for i in range(0, len(raw), 2)]
+        if now_ms is not None:
+            expired = [e.b_number for e in entries if e.expired(now_ms)]
+            if expired:  # the markers expired by TTL already; drop the records too
+                self.conn.call("HDEL", WHITELIST_KEY, *expired)
+            entries = [e for e in entries if not e.expired(now_ms)]
+        return sorted(entries, key=lambda e: e.b_number)[:limit]
+
+    # -- audit -----------------------------------------------------------------------------
+    def audit_append(self, rec: AuditRecord) -> str:
+        rid = self.conn.call(
+            "XADD", AUDIT_STREAM, "MAXLEN", "~", AUDIT_MAXLEN, "*",
+            "ts", rec.ts_ms, "actor", rec.actor, "via", rec.via, "action", rec.action,
+            "target", rec.target, "old", json.dumps(rec.old, default=str),
+            "new", json.dumps(rec.new, default=str))
+        assert isinstance(rid, bytes)
+        return rid.decode()
+
+    def audit_list(self, *, limit: int = 50, since_ms: int | None = None,
+                   action: str | None = None, target: str | None = None) -> list[AuditRecord]:
+        start = f"{since_ms}-0" if since_ms is not None else "-"
+        filtered = action is not None or target is not None
+        raw = self.conn.call("XREVRANGE", AUDIT_STREAM, "+", start, "COUNT",
+                             10_000 if filtered else limit)
+        assert isinstance(raw, list)
+        out: list[AuditRecord] = []
+        for rid, flat in raw:
+            f = _fields(flat)
+            if (action is not None and f["action"] != action) or (
+                    target is not None and f["target"] != target):
+                continue
+            out.append(AuditRecord(action=f["action"], actor=f["actor"], via=f["via"],
+                                   target=f["target"], old=json.loads(f["old"]),
+                                   new=json.loads(f["new"]), ts_ms=int(f["ts"]),
+                                   id=rid.decode()))
+            if len(out) >= limit:
+                break
+        return out
+
+    # -- alerts ----------------------------------------------------------------------------
+    def alert_list(self, query: AlertQuery) -> list[dict[str, Any]]:
+        latest: dict[str, dict[str, str]] = {}
+        parts = (range(self.partitions) if query.b_number is None else
+                 [hotpath.partition_of(query.b_number, self.partitions)])
+        for p in parts:
+            raw = self.conn.call("XREVRANGE", keys.stream(p), "+", "-", "COUNT", query.scan)
+            assert isinstance(raw, list)
+            for rid, flat in raw:
+                f = _fields(flat)
+                if f.get("k") != "a":
+                    continue
+                f["_id"] = rid.decode()
+                prev = latest.get(f["al"])
+                if prev is None or int(f["ver"]) > int(prev["ver"]):
+                    latest[f["al"]] = f
+        rank = {s: i for i, s in enumerate(SEVERITIES)}
+        floor = rank[query.min_severity] if query.min_severity else 0
+        views = []
+        for f in latest.values():
+            if query.b_number is not None and f["b"] != query.b_number:
+                continue
+            if rank.get(f["sv"], 0) < floor:
+                continue
+            if query.since_ms is not None and int(f["t1"]) < query.since_ms:
+                continue
+            if query.until_ms is not None and int(f["t0"]) > query.until_ms:
+                continue
+            views.append(_alert_view(f))
+        views.sort(key=lambda v: (v["last_detection_ms"], v["alert_id"]), reverse=True)
+        return views[:query.limit]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _fields(flat: list[bytes]) -> dict[str, str]:
+    return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+
+
+def _entry(b_number: str, raw: Any) -> WhitelistEntry:
+    d = json.loads(raw)
+    return WhitelistEntry(b_number=b_number, reason=d.get("reason", ""),
+                          created_by=d.get("created_by", ""),
+                          created_at_ms=int(d.get("created_at") or 0),
+                          expires_at_ms=None if d.get("expires_at") is None
+                          else int(d["expires_at"]))
+
+
+def _alert_view(f: dict[str, str]) -> dict[str, Any]:
+    """Shape an alert record like a fraud_alerts row (plus the episode's call-time bounds)."""
+    a_numbers = [a for a in f.get("an", "").split(",") if a]
+    return {
+        "alert_id": f["al"],
+        "alert_type": "CALL_MASKING",
+        "severity": f["sv"],
+        "b_number": f["b"],
+        "a_numbers": a_numbers,
+        "a_number_count": len(a_numbers),
+        "distinct_max": int(f["n"]),
+        "detection_window_ms": int(f.get("wms") or 0),
+        "detected_at": iso_ms(int(f["t0"])),
+        "last_detection_at": iso_ms(int(f["t1"])),
+        "first_detection_ms": int(f["t0"]),
+        "last_detection_ms": int(f["t1"]),
+        "version": int(f["ver"]),
+        "source": "store",
+    }
+
+
+def open_repository(settings: Any, conn: StoreConnection) -> ControlRepository:
+    """Return the PostgreSQL repository when configured and installed, else the store one."""
+    if getattr(settings, "database_url", ""):
+        try:
+            from acm_module.persist.control_repo import (  # type: ignore[import-not-found]
+                PostgresControlRepository,
+            )
+        except ImportError:
+            log.warning("database_url is set but acm_module.persist.control_repo is not "
+                        "available: whitelist/audit/alerts use the store")
+        else:
+            repo: ControlRepository = PostgresControlRepository(settings)
+            return repo
+    return StoreRepository(conn, settings.partitions)

@@ -1,0 +1,145 @@
+"""Typed stream records: parse what decide.lua and the worker append, reject what is malformed.
+
+Parsing is strict on purpose: a record that does not parse is poison for every sink that needs
+it and goes to the dead-letter stream with the reason, instead of reaching a database half-valid.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from acm_module.errors import AcmError
+
+VERDICTS = frozenset({"allow", "drop"})
+REASONS = frozenset({"clean", "masking", "whitelisted", "blocked", "invalid_b", "unverifiable_cli"})
+SEVERITIES = frozenset({"LOW", "HIGH", "CRITICAL"})
+ALERT_OPS = frozenset({"open", "update"})
+MODES = frozenset({"block", "monitor"})
+# Every call timestamp fits a signed 64-bit microsecond count with room to spare.
+_MAX_TS_MS = 9_000_000_000_000
+
+
+class RecordError(AcmError, ValueError):
+    """A stream record is malformed (poison): it can never be written."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One decision (`k=d`)."""
+
+    sid: str  # "<partition stream>/<entry id>": unique, and the same on every replay
+    call_id: str
+    a: str
+    b: str
+    ts_ms: int
+    verdict: str
+    reason: str
+    distinct: int
+    alert_id: str
+    severity: str
+    src_ip: str
+    trunk: str
+    rx_us: int
+    mode: str
+
+
+@dataclass(frozen=True, slots=True)
+class AlertChange:
+    """One alert change (`k=a`); a higher `ver` of the same alert supersedes a lower one."""
+
+    sid: str
+    alert_id: str
+    op: str
+    b: str
+    severity: str
+    distinct: int
+    a_numbers: tuple[str, ...]
+    first_ms: int
+    last_ms: int
+    ver: int
+    window_ms: int
+    block_ttl_ms: int
+
+
+def _int(f: dict[str, str], name: str, lo: int = 0, hi: int = _MAX_TS_MS) -> int:
+    raw = f.get(name)
+    if raw is None:
+        raise RecordError(f"missing field {name!r}")
+    try:
+        v = int(raw)
+    except ValueError:
+        raise RecordError(f"field {name!r} is not an integer: {raw[:40]!r}") from None
+    if not lo <= v <= hi:
+        raise RecordError(f"field {name!r} out of range: {v}")
+    return v
+
+
+def _choice(f: dict[str, str], name: str, allowed: frozenset[str], empty_ok: bool = False) -> str:
+    v = f.get(name)
+    if v is None:
+        raise RecordError(f"missing field {name!r}")
+    if v not in allowed and not (empty_ok and v == ""):
+        raise RecordError(f"field {name!r} has an unknown value: {v[:40]!r}")
+    return v
+
+
+def _str(f: dict[str, str], name: str, max_len: int = 512, required: bool = True) -> str:
+    v = f.get(name)
+    if v is None:
+        if required:
+            raise RecordError(f"missing field {name!r}")
+        return ""
+    if len(v) > max_len:
+        raise RecordError(f"field {name!r} longer than {max_len}")
+    return v
+
+
+def _uuid(f: dict[str, str], name: str, empty_ok: bool = False) -> str:
+    v = f.get(name)
+    if v is None:
+        raise RecordError(f"missing field {name!r}")
+    if v == "" and empty_ok:
+        return ""
+    try:
+        return str(uuid.UUID(v))
+    except ValueError:
+        raise RecordError(f"field {name!r} is not a UUID: {v[:40]!r}") from None
+
+
+def parse_decision(sid: str, f: dict[str, str]) -> Decision:
+    """Return the Decision of a `k=d` record's fields. Raises RecordError."""
+    call_id = _str(f, "id")
+    if not call_id:
+        raise RecordError("empty call id")
+    return Decision(
+        sid=sid, call_id=call_id, a=_str(f, "a"), b=_str(f, "b"), ts_ms=_int(f, "ts"),
+        verdict=_choice(f, "v", VERDICTS), reason=_choice(f, "r", REASONS),
+        distinct=_int(f, "n", 0, 1 << 31), alert_id=_uuid(f, "al", empty_ok=True),
+        severity=_choice(f, "sv", SEVERITIES, empty_ok=True), src_ip=_str(f, "ip", 64, False),
+        trunk=_str(f, "tr", 128, False), rx_us=_int(f, "rx", 0, _MAX_TS_MS * 1000),
+        mode=_choice(f, "md", MODES))
+
+
+def parse_alert(sid: str, f: dict[str, str]) -> AlertChange:
+    """Return the AlertChange of a `k=a` record's fields. Raises RecordError."""
+    an = _str(f, "an", 1 << 20)
+    numbers = tuple(x for x in an.split(",") if x)
+    first, last = _int(f, "t0"), _int(f, "t1")
+    if first > last:
+        raise RecordError(f"first detection {first} after last {last}")
+    return AlertChange(
+        sid=sid, alert_id=_uuid(f, "al"), op=_choice(f, "op", ALERT_OPS), b=_str(f, "b", 64),
+        severity=_choice(f, "sv", SEVERITIES), distinct=_int(f, "n", 1, 1 << 31),
+        a_numbers=numbers, first_ms=first, last_ms=last, ver=_int(f, "ver", 1, 1 << 31),
+        window_ms=_int(f, "wms", 0, 1 << 31), block_ttl_ms=_int(f, "blk", 0, 1 << 40))
+
+
+def latest_versions(alerts: list[AlertChange]) -> list[AlertChange]:
+    """Return one change per alert, the highest version (what a sink needs to write)."""
+    best: dict[str, AlertChange] = {}
+    for a in alerts:
+        cur = best.get(a.alert_id)
+        if cur is None or a.ver > cur.ver:
+            best[a.alert_id] = a
+    return list(best.values())

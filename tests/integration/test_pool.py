@@ -1,0 +1,151 @@
+"""The worker pool as an operator sees it: respawn, drain, boot failures, a store that goes away."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from servers import RedisServer, Service
+
+from acm_module.client import Client, ServiceTimeout
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
+
+B = "+2348039999999"
+
+
+def test_a_killed_worker_is_respawned_and_the_pool_keeps_answering(service_factory) -> None:
+    with service_factory(workers=2) as (svc, client):
+        before = svc.worker_pids()
+        assert len(before) == 2
+        os.kill(before[0], signal.SIGKILL)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3:
+            now = svc.worker_pids()
+            if len(now) == 2 and before[0] not in now:
+                break
+            time.sleep(0.02)
+        respawn_s = time.monotonic() - t0
+        assert len(now) == 2 and before[0] not in now, svc.read_log()
+        assert respawn_s < 1.0
+        # The client's connection may have been on the dead worker: a timeout then a retry on
+        # a fresh socket is what OpenSIPS's side does too.
+        answered = 0
+        for i in range(20):
+            try:
+                client.decide(f"r{i}", f"+2348030000{i:03d}", B, ts=100.0 + i)
+                answered += 1
+            except ServiceTimeout:
+                pass
+        assert answered >= 19
+        assert "respawning" in svc.read_log()
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_cleanly(service_factory, zctx) -> None:
+    import msgpack
+    import zmq
+
+    with service_factory(workers=2) as (svc, _client):
+        stop = threading.Event()
+        term_at: list[float] = []
+        sent_before_term = [0] * 6
+        lost_before_term: list[tuple[int, int]] = []
+
+        def load(k: int) -> None:
+            s = zctx.socket(zmq.REQ)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(svc.endpoint)
+            try:
+                i = 0
+                while not stop.is_set():
+                    s.send(msgpack.packb({"call_id": f"d{k}-{i}", "a": f"+23480310{k:02d}{i:03d}",
+                                          "b": B, "ts": 10.0 + i}))
+                    sent_at = time.monotonic()  # the request is in the socket's pipe now
+                    before = not term_at or sent_at < term_at[0]
+                    if not s.poll(2000):
+                        if before:
+                            lost_before_term.append((k, i))
+                        break
+                    assert "verdict" in msgpack.unpackb(s.recv())
+                    sent_before_term[k] += before
+                    i += 1
+            finally:
+                s.close(linger=0)
+
+        threads = [threading.Thread(target=load, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        assert svc.proc is not None
+        term_at.append(time.monotonic())
+        svc.proc.send_signal(signal.SIGTERM)
+        code = svc.proc.wait(15)
+        stop.set()
+        for t in threads:
+            t.join(5)
+        assert code == 0, svc.read_log()
+        assert sum(sent_before_term) > 50
+        assert lost_before_term == []
+        assert not os.path.exists(svc.endpoint[len("ipc://"):])
+
+
+def test_a_worker_that_cannot_boot_stops_the_service_instead_of_respawning(store_url) -> None:
+    svc = Service("http://not-a-store:1", workers=2)
+    try:
+        svc.start(wait=False)
+        assert svc.proc is not None
+        code = svc.proc.wait(20)
+        assert code == 3
+        log = svc.read_log()
+        assert "failed to boot" in log
+        assert "respawning in" not in log
+    finally:
+        svc.cleanup()
+
+
+def test_the_supervisor_holds_no_connection_only_the_listening_socket(service_factory) -> None:
+    with service_factory(workers=2) as (svc, client):
+        client.decide("fd-check", "+2348030000001", B, ts=1.0)
+        assert svc.proc is not None
+        fd_dir = f"/proc/{svc.proc.pid}/fd"
+        sockets = [os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)
+                   if os.readlink(f"{fd_dir}/{fd}").startswith("socket:")]
+        # The control-plane sidecar owns its own sockets; the supervisor keeps only the
+        # request listener shared with the workers.
+        assert len(sockets) == 1, sockets
+
+
+def test_store_outage_gets_fast_errors_then_recovers(zctx) -> None:
+    srv = RedisServer().start()
+    svc = Service(srv.url, workers=2)
+    try:
+        svc.start()
+        c = Client(svc.endpoint, timeout=1.0, context=zctx)
+        try:
+            assert c.decide("before", "+2348030000001", B, ts=1.0)["reason"] == "clean"
+            srv.stop()
+            # Every request still gets an answer, well within the client's timeout.
+            for i in range(20):
+                t = time.monotonic()
+                r = c.decide(f"down{i}", "+2348030000002", B, ts=2.0)
+                assert r["error"] == "store_unavailable"
+                assert time.monotonic() - t < 0.5
+            srv.start()
+            back = time.monotonic()
+            while True:
+                r = c.decide(f"up{time.monotonic_ns()}", "+2348030000003", B, ts=3.0)
+                if "verdict" in r:
+                    break
+                assert time.monotonic() - back < 2.0, f"pool did not recover within 2 s: {r}"
+                time.sleep(0.01)
+            assert r["reason"] == "clean"
+            assert sorted(svc.worker_pids()) == sorted(svc.worker_pids())  # still there
+            assert len(svc.worker_pids()) == 2
+        finally:
+            c.close()
+    finally:
+        svc.cleanup()
+        srv.cleanup()
