@@ -54,6 +54,20 @@ def cmd_settings(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the end-to-end load tool shipped in benchmarks/ of a source checkout."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "loadtool.py").exists():
+        print("acm bench: needs a source checkout (benchmarks/loadtool.py)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))
+    from benchmarks.loadtool import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of `acm`."""
     p = argparse.ArgumentParser(prog="acm", description="Anti-call-masking detection service")
@@ -65,11 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("settings", help="show settings")
     st.add_argument("--markdown", action="store_true", help="print the reference table")
     st.set_defaults(func=cmd_settings)
+    bench = sub.add_parser("bench", help="end-to-end load test (see benchmarks/)",
+                           add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `acm`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # every flag after `bench` belongs to the load tool
+        return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
