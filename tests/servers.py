@@ -188,3 +188,84 @@ def running_service(store_url: str, **kw: object) -> Iterator[Service]:
         yield svc
     finally:
         svc.cleanup()
+
+
+class DelayProxy:
+    """A TCP proxy in front of a server that can delay or black-hole traffic (fault injection)."""
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+
+        self.target_port = target_port
+        self.delay = 0.0
+        self.blackhole = False
+        self._lsock = socket.socket()
+        self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._lsock.bind(("127.0.0.1", 0))
+        self._lsock.listen(64)
+        self.port = self._lsock.getsockname()[1]
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._conns: list[socket.socket] = []
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        import threading
+
+        self._lsock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                c, _ = self._lsock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                u = socket.create_connection(("127.0.0.1", self.target_port), 2)
+            except OSError:
+                c.close()
+                continue
+            self._conns += [c, u]
+            for src, dst in ((c, u), (u, c)):
+                t = threading.Thread(target=self._pump, args=(src, dst), daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        src.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                data = src.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            if self.blackhole:
+                continue
+            if self.delay:
+                time.sleep(self.delay)
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._lsock.close()
+        for s in self._conns:
+            with contextlib.suppress(OSError):
+                s.close()
+        for t in self._threads:
+            t.join(1)

@@ -149,3 +149,44 @@ def test_store_outage_gets_fast_errors_then_recovers(zctx) -> None:
     finally:
         svc.cleanup()
         srv.cleanup()
+
+
+def test_slow_store_gets_errors_within_the_timeout_and_counts_them(redis_server, zctx) -> None:
+    from servers import DelayProxy, flush
+
+    from acm_module.server import stats
+    from acm_module.store.conn import StoreConnection
+
+    flush(redis_server)
+    proxy = DelayProxy(int(redis_server.rsplit(":", 1)[1].split("/")[0]))
+    svc = Service(proxy.url, workers=1, extra_env={"ACM_STORE_TIMEOUT_MS": "30"})
+    try:
+        svc.start()
+        c = Client(svc.endpoint, timeout=1.0, context=zctx)
+        try:
+            assert c.decide("fast", "+2348030000001", B, ts=1.0)["reason"] == "clean"
+            proxy.delay = 0.2  # the store answers, but far too late
+            for i in range(5):
+                t = time.monotonic()
+                r = c.decide(f"slow{i}", "+2348030000002", B, ts=2.0)
+                assert r["error"] == "store_unavailable"
+                assert time.monotonic() - t < 0.3  # the worker's 30 ms, not the store's 200
+            proxy.delay = 0.0
+            deadline = time.monotonic() + 3
+            while "verdict" not in (r := c.decide(f"ok{time.monotonic_ns()}", "+2348030000003",
+                                                   B, ts=3.0)):
+                assert time.monotonic() < deadline, r
+                time.sleep(0.02)
+            time.sleep(1.2)  # one stats period
+            conn = StoreConnection(redis_server, timeout=2.0)
+            try:
+                snaps = stats.read_all(conn)
+            finally:
+                conn.close()
+            assert sum(s["store_failures"] for s in snaps) >= 1
+            assert sum(s["decisions"].get("store_unavailable", 0) for s in snaps) >= 5
+        finally:
+            c.close()
+    finally:
+        svc.cleanup()
+        proxy.close()
