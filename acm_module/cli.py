@@ -33,10 +33,13 @@ def setup_logging(level: str, json_logs: bool = False) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the supervisor and its worker pool."""
+    from acm_module.control.overrides import apply_overrides
     from acm_module.server.supervisor import Supervisor
 
     s = _load(args)
     setup_logging(s.log_level, s.log_json)
+    # MI changes persisted in state_dir win over the file/env, so a restart keeps them.
+    apply_overrides(s)
     return Supervisor(s).run()
 
 
@@ -83,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                            add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
+    from acm_module.control.cli import add_cli as add_mi_cli; add_mi_cli(sub)  # noqa: E702, I001
     return p
 
 

@@ -136,7 +136,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("default_country_code", str, "234", "Country code for national (0...) numbers.",
             env=("ACM_DEFAULT_COUNTRY_CODE",), cli="--country-code", section="detection"),
     # --- service ---
-    Setting("endpoint", str, "ipc:///tmp/acm/acm.sock", "Request endpoint (ipc:// or tcp://).",
+    Setting("endpoint", str, "ipc:///run/acm/acm.sock", "Request endpoint (ipc:// or tcp://).",
             env=("ACM_ENDPOINT",), cli="--endpoint", validator=_endpoint),
     Setting("workers", int, _DEFAULT_WORKERS, "Worker processes (default: number of cores).",
             env=("ACM_WORKERS",), cli="--workers", validator=_range(1, 256)),
@@ -183,6 +183,10 @@ SETTINGS: tuple[Setting, ...] = (
             env=("QUESTDB_URL",), cli="--questdb-url", section="writer"),
     Setting("clickhouse_url", str, "", "ClickHouse server URL; empty uses embedded chdb.",
             env=("CLICKHOUSE_URL",), cli="--clickhouse-url", section="writer"),
+    # --- operations ---
+    Setting("metrics_http", str, "127.0.0.1:9464",
+            "Prometheus metrics endpoint host:port (GET /metrics); empty disables.",
+            env=("ACM_METRICS_HTTP",), cli="--metrics-http"),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

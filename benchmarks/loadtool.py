@@ -198,7 +198,8 @@ def redis_server(url: str | None) -> Iterator[str]:
 def acm_service(store: str, workers: int, endpoint: str, env: dict[str, str] | None = None
                 ) -> Iterator[subprocess.Popen]:
     """Run `acm serve` until the block ends."""
-    e = {**os.environ, "ACM_MI_HTTP": "", "ACM_MI_DATAGRAM": "", "ACM_LOG_LEVEL": "WARNING",
+    e = {**os.environ, "ACM_MI_HTTP": "", "ACM_MI_DATAGRAM": "", "ACM_METRICS_HTTP": "",
+         "ACM_LOG_LEVEL": "WARNING", "ACM_STATE_DIR": tempfile.mkdtemp(prefix="acm-bench-st-"),
          **(env or {})}
     p = subprocess.Popen([sys.executable, "-m", "acm_module.cli", "serve", "--workers",
                           str(workers), "--store", store, "--endpoint", endpoint], env=e,
@@ -364,6 +365,9 @@ def worker_rss_kib(service_pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(service_pid)], capture_output=True, text=True)
     rss = []
     for pid in out.stdout.split():
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
+            if not f.read().startswith("acm-worker"):
+                continue
         with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):

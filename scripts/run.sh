@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the decision service on embedded defaults: an embedded Valkey store, one worker per core,
-# requests on ipc:///tmp/acm/acm.sock, MI on 127.0.0.1:8899 (HTTP) and :8898 (datagram).
+# requests on ipc:///run/acm/acm.sock, MI on 127.0.0.1:8899 (HTTP) and :8898 (datagram).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh

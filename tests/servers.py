@@ -113,7 +113,14 @@ class Service:
         self.endpoint = f"ipc://{self.dir}/acm.sock"
         self.store_url = store_url
         self.workers = workers
-        self.env = {**os.environ, **(extra_env or {})}
+        # Every service gets its own ports and state dir, so services of different tests never
+        # share a port or a persisted MI override.
+        self.mi_http = f"127.0.0.1:{free_port()}"
+        self.mi_datagram = f"127.0.0.1:{free_port()}"
+        self.metrics_http = f"127.0.0.1:{free_port()}"
+        self.env = {**os.environ, "ACM_MI_HTTP": self.mi_http,
+                    "ACM_MI_DATAGRAM": self.mi_datagram, "ACM_METRICS_HTTP": self.metrics_http,
+                    "ACM_STATE_DIR": f"{self.dir}/state", **(extra_env or {})}
         self.args = args or []
         self.proc: subprocess.Popen | None = None
         self.log = Path(self.dir) / "serve.log"
@@ -151,7 +158,15 @@ class Service:
     def worker_pids(self) -> list[int]:
         assert self.proc is not None
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
-        return sorted(int(x) for x in out.stdout.split())
+        pids = []
+        for x in out.stdout.split():
+            try:
+                with open(f"/proc/{x}/comm") as f:
+                    if f.read().startswith("acm-worker"):
+                        pids.append(int(x))
+            except OSError:
+                continue
+        return sorted(pids)
 
     def read_log(self) -> str:
         try:

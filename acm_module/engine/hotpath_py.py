@@ -421,13 +421,17 @@ class Decider:
 
     def configure(self, *, threshold: int, window: float, mode: str, dedup_ttl: float,
                   block_ttl: float) -> None:
-        """Apply detection settings to the next batch."""
-        self.threshold = int(threshold)
-        self.window_ms = int(round(window * 1000))
+        """Apply detection settings to the next batch, all or nothing."""
+        threshold = int(threshold)
+        window_ms = int(round(window * 1000))
+        dedup_ttl_ms = int(round(dedup_ttl * 1000))
+        block_ttl_ms = int(round(block_ttl * 1000))
+        self.threshold = threshold
+        self.window_ms = window_ms
         self.mode = mode
-        self.dedup_ttl_ms = int(round(dedup_ttl * 1000))
-        self.block_ttl_ms = int(round(block_ttl * 1000))
-        self.state_ttl_ms = 2 * self.window_ms + 1000
+        self.dedup_ttl_ms = dedup_ttl_ms
+        self.block_ttl_ms = block_ttl_ms
+        self.state_ttl_ms = 2 * window_ms + 1000
 
     # -- phase 1 ---------------------------------------------------------------------------
     def begin(self, frames: list[bytes], now_ms: int, rx_us: int) -> None:
@@ -462,12 +466,16 @@ class Decider:
         return encode_command(*args)
 
     def apply_blocks(self, values: list) -> None:
-        """Take the HMGET result of block_query(): mark blocked A-numbers for this batch."""
+        """Take the HMGET result of block_query(): mark blocked A-numbers for this batch.
+
+        Missing values (a short or empty list, as the worker passes for an error reply) are
+        not blocked.
+        """
         i = 0
         for s in self._slots:
             if s[0] != _SCRIPT:
                 continue
-            v = values[i]
+            v = values[i] if i < len(values) else None
             i += 1
             if v is None:
                 continue

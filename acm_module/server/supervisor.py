@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from acm_module.server.proctitle import set_name
 from acm_module.server.worker import WORKER_BOOT_ERROR, worker_main
 
 log = logging.getLogger("acm.supervisor")
@@ -164,6 +165,7 @@ class Supervisor:
                     signal.signal(sig, signal.SIG_DFL)
                 os.close(self._wake_r)
                 os.close(self._wake_w)
+                set_name(f"acm-worker-{index}")
                 code = worker_main(self.settings, self.listener.fileno(), index, self.boot_id,
                                    self.heartbeat)
             except BaseException:
@@ -197,6 +199,7 @@ class Supervisor:
                 os.close(self._wake_r)
                 os.close(self._wake_w)
                 self.listener.close()
+                set_name(f"acm-{name}")
                 code = self.sidecars[name](self.settings)
             except BaseException:
                 log.exception("%s process crashed", name)
@@ -284,10 +287,11 @@ class Supervisor:
         deadline = time.monotonic() + self.settings.graceful_timeout + 1.0
         while self.workers and time.monotonic() < deadline:
             try:
-                pid, _ = os.waitpid(-1, 0)
+                pid, _ = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 break
-            except InterruptedError:
+            if pid == 0:
+                time.sleep(0.01)  # never block: a child that ignores SIGTERM gets SIGKILL
                 continue
             self.workers.pop(pid, None)
         for pid in list(self.workers):

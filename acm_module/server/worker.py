@@ -21,9 +21,9 @@ from acm_module.store.conn import StoreConnection, load_script
 
 log = logging.getLogger("acm.worker")
 
-WORKER_BOOT_ERROR = 3
+WORKER_BOOT_ERROR = 3  # exit code: the supervisor stops instead of respawning in a loop
 LATENCY_STREAM = "{acm.lat}:s"
-DRAIN_WINDOW_S = 0.1  # after SIGTERM, keep answering stragglers this long  # exit code: the supervisor stops instead of respawning in a loop
+DRAIN_WINDOW_S = 0.1  # after SIGTERM, keep answering stragglers this long
 
 
 def alert_prefix() -> str:
@@ -294,6 +294,8 @@ class Worker:
             self.decider.configure(**{k: values[k] for k in store_config.DECIDER_KEYS})
             if "store_timeout_ms" in values:
                 self.store.set_timeout(values["store_timeout_ms"] / 1000.0)
+            if "log_level" in values:
+                logging.getLogger().setLevel(values["log_level"])
         except (KeyError, ValueError, TypeError) as e:
             log.error("worker %d: ignoring invalid config generation %s: %s", self.index, gen, e)
             return

@@ -7,6 +7,7 @@ replies with canned frames (or not at all); the real service is exercised by the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -514,6 +515,7 @@ def test_config_file_then_env(acm: ModuleType, tmp_path: Path) -> None:
     assert cfg.timeout_ms == 25.0
     assert cfg.fail_policy == "closed"
     assert acm.Config.load("", {}) == acm.Config()
+    assert {x.name: x.default for x in acm.SETTINGS} == dataclasses.asdict(acm.Config())
     with pytest.raises(acm.ConfigError):
         acm.Config.load("", {"ACM_FAIL_POLICY": "sometimes"})
     with pytest.raises(acm.ConfigError):

@@ -1,0 +1,153 @@
+"""`acm mi COMMAND [name=value ...]`: run one MI command against a running service.
+
+Talks to the endpoint the settings name (mi_http first, else mi_datagram), or to --url /
+--datagram. Needs nothing beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import socket
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+from acm_module.control.auth import parse_bind
+
+EXIT_MI_ERROR = 1
+EXIT_UNREACHABLE = 2
+
+
+def add_cli(subparsers: Any) -> None:
+    """Add the `mi` subcommand to `acm`'s subparsers."""
+    p = subparsers.add_parser(
+        "mi", help="run an MI command (acm mi acm_set threshold=7)",
+        description="Run one MI command against the running service, e.g. "
+                    "`acm mi acm_set threshold=7`, `acm mi acm_stats`, `acm mi which`.")
+    p.add_argument("method", help="MI command, e.g. acm_get_config")
+    p.add_argument("params", nargs="*", metavar="name=value",
+                   help="named parameters (or positional values)")
+    p.add_argument("--url", default=None,
+                   help="MI HTTP URL (default: http://<mi_http>/mi from the settings)")
+    p.add_argument("--datagram", default=None, metavar="HOST:PORT|unix:/path",
+                   help="use MI over datagrams at this address instead of HTTP")
+    p.add_argument("--token", default=None,
+                   help="admin token (default: ACM_MI_TOKEN / mi_token)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+    p.add_argument("--json", action="store_true", help="print the whole JSON-RPC response")
+    p.set_defaults(func=cmd_mi)
+
+
+def build_request(method: str, params: list[str], actor: str | None = None) -> dict[str, Any]:
+    """Build the JSON-RPC request of a command line: name=value pairs become named params."""
+    named = [p for p in params if "=" in p]
+    body: dict[str, Any] = {"jsonrpc": "2.0", "id": os.getpid(), "method": method}
+    if named and len(named) == len(params):
+        body["params"] = dict(p.split("=", 1) for p in params)
+        if actor and "actor" not in body["params"]:
+            body["params"]["actor"] = actor
+    elif params:
+        body["params"] = list(params)
+    elif actor:
+        body["params"] = {"actor": actor}
+    return body
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("", "0.0.0.0", "*") else ("::1" if host == "::" else host)
+
+
+def call(body: dict[str, Any], *, url: str | None = None, datagram: str | None = None,
+         token: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    """Send one request; return the decoded response. Raises OSError when unreachable."""
+    raw = json.dumps(body).encode()
+    if datagram is not None:
+        b = parse_bind(datagram, "--datagram")
+        if token:
+            params = body.get("params")
+            if isinstance(params, dict):
+                params["token"] = token
+            else:
+                body["params"] = [*(params or []), f"token={token}"]
+            raw = json.dumps(body).encode()
+        if b.unix_path is not None:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="acm-mi-") as d:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                try:
+                    s.bind(os.path.join(d, "reply.sock"))
+                    s.settimeout(timeout)
+                    s.sendto(raw, b.unix_path)
+                    return json.loads(s.recv(65535))
+                finally:
+                    s.close()
+        host = _client_host(b.host)
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        try:
+            s.settimeout(timeout)
+            s.sendto(raw, (host, b.port))
+            return json.loads(s.recv(65535))
+        finally:
+            s.close()
+    assert url is not None
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, raw, headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        body_text = e.read()
+        try:
+            return json.loads(body_text)
+        except ValueError:
+            raise OSError(f"HTTP {e.code} from {url}") from e
+
+
+def cmd_mi(args: argparse.Namespace) -> int:
+    """Run `acm mi`."""
+    from acm_module import settings as settings_mod
+
+    s = settings_mod.load(args.config)
+    token = args.token if args.token is not None else (s.mi_token or None)
+    url, datagram = args.url, args.datagram
+    if url is None and datagram is None:
+        if s.mi_http:
+            b = parse_bind(s.mi_http, "mi_http")
+            if b.unix_path is not None:
+                print("acm mi: mi_http is a unix socket; use --datagram or curl "
+                      "--unix-socket", file=sys.stderr)
+                return EXIT_UNREACHABLE
+            host = _client_host(b.host)
+            url = f"http://{f'[{host}]' if ':' in host else host}:{b.port}/mi"
+        elif s.mi_datagram:
+            datagram = s.mi_datagram
+        else:
+            print("acm mi: MI is disabled (mi_http and mi_datagram are empty)", file=sys.stderr)
+            return EXIT_UNREACHABLE
+    try:
+        actor = getpass.getuser()
+    except (KeyError, OSError):
+        actor = None
+    body = build_request(args.method, args.params, actor)
+    try:
+        resp = call(body, url=url, datagram=datagram, token=token, timeout=args.timeout)
+    except (OSError, ValueError) as e:
+        print(f"acm mi: cannot reach the MI endpoint {url or datagram}: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(resp, indent=2))
+    if "error" in resp:
+        err = resp["error"]
+        print(f"acm mi: error {err.get('code')}: {err.get('message')}", file=sys.stderr)
+        return EXIT_MI_ERROR
+    if not args.json:
+        print(json.dumps(resp.get("result"), indent=2))
+    return 0

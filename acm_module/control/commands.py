@@ -1,0 +1,669 @@
+"""MI command handlers: change the desired state in the store; the workers apply it.
+
+Settings changes are published as a new generation of the live config (compare-and-set, so two
+admins never lose each other's update); every worker picks it up within `config_poll_ms`. Every
+change is persisted to the override file and written to the audit trail.
+
+`Control.dispatch(raw, ...)` is the whole protocol: bytes in, bytes (or None for a
+notification) out. The transports in server.py only move bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from acm_module import settings as settings_mod
+from acm_module.control import audit, jsonrpc, overrides
+from acm_module.control.audit import Caller, iso_ms
+from acm_module.control.auth import Authorizer
+from acm_module.control.jsonrpc import MIError, bad_params
+from acm_module.control.repository import (
+    SEVERITIES,
+    AlertQuery,
+    ControlRepository,
+    WhitelistEntry,
+    open_repository,
+)
+from acm_module.engine import hotpath
+from acm_module.errors import ConfigError, StoreError
+from acm_module.server import stats as stats_mod
+from acm_module.store import config as store_config
+from acm_module.store.conn import StoreConnection
+
+log = logging.getLogger("acm.control")
+
+EVENT_RELOAD = "E_ACM_RELOAD"
+_CAS_ATTEMPTS = 20
+_ACTOR_RE = re.compile(r"[^A-Za-z0-9_.@:+-]")
+_SECRET_SETTINGS = ("mi_token",)
+_URL_SETTINGS = ("store", "database_url", "questdb_url", "clickhouse_url")
+
+
+# -- parameter parsing ---------------------------------------------------------------------
+def _p_str(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, str | int | float):
+        raise ValueError("must be a string")
+    return str(v)
+
+
+def _p_int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError("must be an integer")
+    if isinstance(v, float) and not v.is_integer():
+        raise ValueError("must be an integer")
+    try:
+        return int(v)
+    except (TypeError, ValueError) as e:
+        raise ValueError("must be an integer") from e
+
+
+def _p_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _p_time_ms(v: Any) -> int:
+    """Parse epoch seconds or ISO 8601 (naive = UTC) into epoch milliseconds."""
+    if isinstance(v, bool):
+        raise ValueError("must be epoch seconds or an ISO 8601 time")
+    if isinstance(v, int | float):
+        return int(float(v) * 1000)
+    s = str(v).strip()
+    try:
+        return int(float(s) * 1000)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(s)
+    except ValueError as e:
+        raise ValueError("must be epoch seconds or an ISO 8601 time") from e
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+def _p_severity(v: Any) -> str:
+    s = str(v).strip().upper()
+    if s not in SEVERITIES:
+        raise ValueError(f"must be one of {', '.join(SEVERITIES)}")
+    return s
+
+
+def _p_limit(v: Any) -> int:
+    n = _p_int(v)
+    if not 1 <= n <= 10_000:
+        raise ValueError("must be between 1 and 10000")
+    return n
+
+
+@dataclass(frozen=True)
+class Param:
+    """A declared command parameter."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    required: bool = False
+    default: Any = None
+
+
+@dataclass(frozen=True)
+class Command:
+    """A declared MI command."""
+
+    name: str
+    handler: Callable[..., Any]
+    admin: bool
+    help: str
+    params: tuple[Param, ...] = ()
+    settings_params: bool = False  # takes setting=value pairs (acm_set, E_ACM_RELOAD)
+
+
+_NUMBER = "number"
+
+
+# -- the control plane ---------------------------------------------------------------------
+class Control:
+    """The state behind the MI endpoint: one store connection, one repository, one lock."""
+
+    def __init__(self, settings: Any, repo: ControlRepository | None = None) -> None:
+        self.settings = settings
+        self.conn = StoreConnection(settings.store, timeout=1.0, connect_timeout=1.0)
+        self.repo = repo if repo is not None else open_repository(settings, self.conn)
+        self.auth = Authorizer(settings.mi_token or "")
+        self.overrides_path = overrides.overrides_path(settings)
+        # Commands are rare; one lock serialises store access (StoreConnection is not
+        # thread-safe) and makes each read-modify-write atomic within this process.
+        self._lock = threading.RLock()
+        self.commands: dict[str, Command] = {c.name: c for c in self._declare()}
+
+    def close(self) -> None:
+        """Close the repository and the store connection."""
+        with self._lock:
+            with contextlib.suppress(Exception):
+                self.repo.close()
+            self.conn.close()
+
+    # -- protocol --------------------------------------------------------------------------
+    def dispatch(self, raw: bytes, *, via: str, loopback_bind: bool,
+                 bearer: str | None = None) -> bytes | None:
+        """Run one JSON-RPC request; return the encoded response (None for a notification)."""
+        try:
+            req = jsonrpc.parse(raw)
+        except MIError as e:
+            return jsonrpc.error(jsonrpc.error_id(e), e)
+        try:
+            value = self.execute(req.method, req.params, via=via, loopback_bind=loopback_bind,
+                                 bearer=bearer)
+        except MIError as e:
+            if req.is_notification:
+                log.warning("MI notification %s from %s failed: %s", req.method, via, e.message)
+                return None
+            return jsonrpc.error(req.id, e)
+        if req.is_notification:
+            return None
+        return jsonrpc.result(req.id, value)
+
+    def execute(self, method: str, params: dict[str, Any] | list[Any], *, via: str,
+                loopback_bind: bool, bearer: str | None = None) -> Any:
+        """Authorise and run one command; return its result. Raises MIError."""
+        cmd = self.commands.get(method)
+        if cmd is None:
+            raise MIError(jsonrpc.METHOD_NOT_FOUND,
+                          f"unknown method {method!r}; `which` lists the commands")
+        named = _named(cmd, params)
+        token = named.pop("token", None)
+        actor = named.pop("actor", None)
+        presented = bearer if bearer is not None else (
+            None if token is None else str(token))
+        role = self.auth.check(admin=cmd.admin, loopback_bind=loopback_bind,
+                               presented=presented)
+        caller = Caller(actor=_clean_actor(actor, role, presented is not None), via=via,
+                        role=role)
+        args = _bind(cmd, named)
+        try:
+            with self._lock:
+                return cmd.handler(caller, **args)
+        except MIError:
+            raise
+        except ConfigError as e:
+            raise bad_params(str(e)) from e
+        except StoreError as e:
+            raise MIError(jsonrpc.STORE_UNAVAILABLE, f"detection store unavailable: {e}") from e
+        except Exception as e:
+            log.exception("MI %s failed", method)
+            raise MIError(jsonrpc.INTERNAL_ERROR, f"internal error: {type(e).__name__}") from e
+
+    # -- declarations ----------------------------------------------------------------------
+    def _declare(self) -> list[Command]:
+        num = Param("number", _NUMBER, required=True)  # type: ignore[arg-type]
+        opt_num = Param("number", _NUMBER)  # type: ignore[arg-type]
+        limit = Param("limit", _p_limit, default=100)
+        return [
+            Command("acm_set", self.acm_set, True,
+                    "Change runtime settings: acm_set threshold=7 [window=5 mode=monitor ...].",
+                    settings_params=True),
+            Command("acm_reload", self.acm_reload, True,
+                    "Re-read the config file and environment, re-apply the saved overrides "
+                    "(reset=true drops them) and publish.",
+                    (Param("reset", _p_bool, default=False),)),
+            Command(EVENT_RELOAD, self.event_reload, True,
+                    "OpenSIPS event: settings as params are an acm_set, no params an "
+                    "acm_reload.", settings_params=True),
+            Command("acm_log_level", self.acm_log_level, True,
+                    "Set the log level of every process (DEBUG, INFO, WARNING, ERROR).",
+                    (Param("level", _p_str, required=True),)),
+            Command("acm_get_config", self.acm_get_config, False,
+                    "Show the live detection config, its generation, sources and overrides."),
+            Command("acm_stats", self.acm_stats, False,
+                    "Decisions by verdict:reason, errors and latency, per worker and total."),
+            Command("acm_whitelist_add", self.acm_whitelist_add, True,
+                    "Whitelist a B-number: number, reason, [created_by], [expires_at | ttl].",
+                    (num, Param("reason", _p_str, required=True),
+                     Param("created_by", _p_str), Param("expires_at", _p_time_ms),
+                     Param("ttl", _p_int))),
+            Command("acm_whitelist_remove", self.acm_whitelist_remove, True,
+                    "Remove a B-number from the whitelist.", (num,)),
+            Command("acm_whitelist_list", self.acm_whitelist_list, False,
+                    "List whitelisted B-numbers (expired entries are dropped).",
+                    (opt_num, limit)),
+            Command("acm_block_list", self.acm_block_list, False,
+                    "List blocked A-numbers.", (opt_num, limit)),
+            Command("acm_unblock", self.acm_unblock, True,
+                    "Release a blocked A-number.", (num,)),
+            Command("acm_alert_list", self.acm_alert_list, False,
+                    "Recent alerts, newest first: [number] [severity] [since] [until] [limit].",
+                    (opt_num, Param("severity", _p_severity), Param("since", _p_time_ms),
+                     Param("until", _p_time_ms), Param("limit", _p_limit, default=50),
+                     Param("scan", _p_limit, default=5000))),
+            Command("acm_audit_list", self.acm_audit_list, False,
+                    "The audit trail, newest first: [action] [target] [since] [limit].",
+                    (Param("action", _p_str), Param("target", _p_str),
+                     Param("since", _p_time_ms), Param("limit", _p_limit, default=50))),
+            Command("which", self.which, False, "List the MI commands."),
+        ]
+
+    # -- settings --------------------------------------------------------------------------
+    def acm_set(self, caller: Caller, **raw: Any) -> dict[str, Any]:
+        """Validate and publish runtime settings; persist them as overrides."""
+        if not raw:
+            raise bad_params("acm_set needs at least one name=value; runtime settings: "
+                             + ", ".join(sorted(settings_mod.RUNTIME)))
+        return self.publish(_parse_settings(raw), caller, "acm_set")
+
+    def acm_log_level(self, caller: Caller, level: str) -> dict[str, Any]:
+        """Set log_level (case-insensitive) like acm_set."""
+        return self.publish(_parse_settings({"log_level": level.upper()}), caller,
+                            "acm_log_level")
+
+    def event_reload(self, caller: Caller, **raw: Any) -> dict[str, Any]:
+        """Handle E_ACM_RELOAD: settings → acm_set; nothing (or reset=…) → acm_reload."""
+        # `opensips-cli -x mi raise_event E_ACM_RELOAD '{"threshold": 7}'` passes the JSON
+        # object as one unnamed string parameter: {"": "{\"threshold\": 7}"}.
+        if set(raw) == {""}:
+            try:
+                inner = json.loads(raw.pop("")) if isinstance(raw.get(""), str) else None
+            except ValueError as e:
+                raise MIError(jsonrpc.INVALID_PARAMS, f"event params are not JSON: {e}") from e
+            if not isinstance(inner, dict):
+                raise MIError(jsonrpc.INVALID_PARAMS, "event params must be a JSON object")
+            raw = inner
+        reset = _p_bool(raw.pop("reset", False))
+        if not raw:
+            return self.acm_reload(caller, reset=reset, action=EVENT_RELOAD)
+        return self.publish(_parse_settings(raw), caller, EVENT_RELOAD)
+
+    def acm_reload(self, caller: Caller, reset: bool = False, action: str = "acm_reload"
+                   ) -> dict[str, Any]:
+        """Re-read config file + env (+ the original CLI flags) and the overrides; publish."""
+        s = self.settings
+        cli = {n: v for n, v in s.values.items() if s.source.get(n) == "cli"}
+        path = s.config_file
+        if path is not None and not Path(path).exists():
+            if any(src.startswith("file:") for src in s.source.values()):
+                raise MIError(jsonrpc.CONFIG_INVALID,
+                              f"config file {path} is gone; old config kept")
+            path = None
+        try:
+            previous: Any = overrides.read_overrides(self.overrides_path)
+        except ConfigError as e:
+            if not reset:
+                raise MIError(jsonrpc.CONFIG_INVALID, f"{e}; old config kept") from e
+            previous = f"unreadable: {e}"
+        try:
+            fresh = settings_mod.load(path, env=os.environ, cli=cli)
+            saved = {} if reset else previous
+            values = {n: fresh.values[n] for n in settings_mod.RUNTIME} | saved
+            settings_mod.validate_combination(values)
+        except ConfigError as e:
+            raise MIError(jsonrpc.CONFIG_INVALID, f"{e}; old config kept") from e
+        if reset and overrides.delete_overrides(self.overrides_path):
+            audit.record(self.repo, caller, action, "overrides", previous, None)
+        out = self.publish(values, caller, action, persist=False)
+        skip = {"endpoint", "store", "workers"}
+        out["restart_required"] = sorted(
+            n for n in settings_mod.BY_NAME
+            if n not in settings_mod.RUNTIME and n not in skip
+            and fresh.values.get(n) != s.values.get(n))
+        out["overrides"] = saved
+        out["reset"] = reset
+        return out
+
+    def publish(self, changes: dict[str, Any], caller: Caller, action: str,
+                persist: bool = True) -> dict[str, Any]:
+        """Publish changes as a new config generation (CAS, retried); persist; audit."""
+        for attempt in range(_CAS_ATTEMPTS):
+            gen, live = store_config.read(self.conn)
+            base = {**self.settings.detection(), **(live or {})}
+            merged = {**base, **changes}
+            try:
+                settings_mod.validate_combination(merged)
+            except ConfigError as e:
+                raise bad_params(f"{e}; old config kept") from e
+            changed = {k: {"old": base.get(k), "new": v} for k, v in changes.items()
+                       if base.get(k) != v}
+            if not changed and live is not None:
+                new_gen = gen
+                break
+            new_gen = store_config.compare_and_set(self.conn, gen, merged)
+            if new_gen != -1:
+                break
+            time.sleep(random.uniform(0.001, 0.005 * (attempt + 1)))
+        else:
+            raise MIError(jsonrpc.CONFLICT, "config changed concurrently too often; retry")
+        result: dict[str, Any] = {"generation": new_gen, "changed": changed, "values": merged}
+        if "log_level" in changed:
+            logging.getLogger().setLevel(merged["log_level"])
+        if persist:
+            result["persisted"] = self._persist(changes, caller)
+        if changed:
+            try:
+                rec = audit.record(
+                    self.repo, caller, action, "config",
+                    {k: c["old"] for k, c in changed.items()},
+                    {k: c["new"] for k, c in changed.items()})
+                result["audit_id"] = rec.id
+            except Exception as e:  # the change is live; say the trail missed it
+                log.error("audit of %s by %s failed: %s", action, caller, e)
+                result["audit_id"] = None
+            log.info("%s by %s: %s -> generation %d", action, caller,
+                     ", ".join(f"{k}={c['old']!r}->{c['new']!r}" for k, c in changed.items()),
+                     new_gen)
+        return result
+
+    def _persist(self, changes: dict[str, Any], caller: Caller) -> bool:
+        try:
+            try:
+                saved = overrides.read_overrides(self.overrides_path)
+            except ConfigError as e:
+                log.error("replacing unreadable override file: %s", e)
+                saved = {}
+            overrides.write_overrides(self.overrides_path, saved | changes, str(caller))
+        except OSError as e:
+            log.error("cannot persist overrides to %s: %s", self.overrides_path, e)
+            return False
+        return True
+
+    def acm_get_config(self, caller: Caller) -> dict[str, Any]:
+        """Return the live config, its generation, the overrides and every setting's source."""
+        gen, live = store_config.read(self.conn)
+        try:
+            saved: dict[str, Any] | str = overrides.read_overrides(self.overrides_path)
+        except ConfigError as e:
+            saved = f"unreadable: {e}"
+        s = self.settings
+        return {
+            "generation": gen,
+            "live": live,
+            "overrides": saved,
+            "overrides_file": str(self.overrides_path),
+            "settings": {n: _redact_setting(n, v) for n, v in sorted(s.values.items())},
+            "sources": dict(sorted(s.source.items())),
+            "runtime": sorted(settings_mod.RUNTIME),
+            "repository": self.repo.name,
+        }
+
+    def acm_stats(self, caller: Caller) -> dict[str, Any]:
+        """Return totals and per-worker stats (snapshots are at most ~1 s old)."""
+        gen, _ = store_config.read(self.conn)
+        snaps = stats_mod.read_all(self.conn)
+        workers = []
+        for snap in snaps:
+            one = stats_mod.summarize([snap])
+            workers.append({
+                "index": snap["index"], "pid": snap["pid"], "host": snap["host"],
+                "started": iso_ms(snap["started"] * 1000),
+                "updated": iso_ms(snap["updated"] * 1000),
+                "config_generation": snap["config_generation"],
+                "store_up": snap["store_up"],
+                **{k: one[k] for k in ("requests", "batches", "store_failures", "bad_frames",
+                                       "decisions", "service_us", "total_us")},
+            })
+        return {"generation": gen,
+                "in_sync": bool(snaps) and all(w["config_generation"] == gen for w in workers),
+                "total": stats_mod.summarize(snaps), "workers": workers}
+
+    # -- whitelist -------------------------------------------------------------------------
+    def acm_whitelist_add(self, caller: Caller, number: str, reason: str,
+                          created_by: str | None = None, expires_at: int | None = None,
+                          ttl: int | None = None) -> dict[str, Any]:
+        """Whitelist a B-number (record + the marker the decision script reads)."""
+        now = _now_ms()
+        if not reason.strip() or len(reason) > 255:
+            raise bad_params("reason: must be 1 to 255 characters")
+        if created_by is not None and not 0 < len(created_by) <= 255:
+            raise bad_params("created_by: must be 1 to 255 characters")
+        if expires_at is not None and ttl is not None:
+            raise bad_params("give expires_at or ttl, not both")
+        if ttl is not None:
+            if ttl <= 0:
+                raise bad_params("ttl: must be > 0 seconds")
+            expires_at = now + ttl * 1000
+        if expires_at is not None and expires_at <= now:
+            raise bad_params(f"expires_at: {iso_ms(expires_at)} is in the past")
+        entry = WhitelistEntry(b_number=number, reason=reason.strip(),
+                               created_by=created_by or caller.actor, created_at_ms=now,
+                               expires_at_ms=expires_at)
+        old = self.repo.whitelist_put(entry)
+        store_config.whitelist_set(self.conn, number, self.settings.partitions, entry.reason,
+                                   None if expires_at is None else expires_at - now)
+        audit.record(self.repo, caller, "acm_whitelist_add", number,
+                     old.to_json() if old else None, entry.to_json())
+        return {**entry.to_json(), "replaced": old is not None}
+
+    def acm_whitelist_remove(self, caller: Caller, number: str) -> dict[str, Any]:
+        """Remove a B-number's whitelist record and marker."""
+        old = self.repo.whitelist_delete(number)
+        had_marker = store_config.whitelist_del(self.conn, number, self.settings.partitions)
+        if old is None and not had_marker:
+            raise MIError(jsonrpc.NOT_FOUND, f"{number} is not whitelisted")
+        audit.record(self.repo, caller, "acm_whitelist_remove", number,
+                     old.to_json() if old else {"b_number": number}, None)
+        return {"removed": number}
+
+    def acm_whitelist_list(self, caller: Caller, number: str | None = None,
+                           limit: int = 100) -> dict[str, Any]:
+        """List whitelist entries."""
+        entries = self.repo.whitelist_list(b_number=number, limit=limit, now_ms=_now_ms())
+        return {"count": len(entries), "entries": [e.to_json() for e in entries]}
+
+    def resync_whitelist(self) -> int:
+        """Re-assert the markers of every live whitelist record; return how many."""
+        now = _now_ms()
+        n = 0
+        with self._lock:
+            for e in self.repo.whitelist_list(limit=1 << 30, now_ms=now):
+                ttl = None if e.expires_at_ms is None else e.expires_at_ms - now
+                store_config.whitelist_set(self.conn, e.b_number, self.settings.partitions,
+                                           e.reason, ttl)
+                n += 1
+        return n
+
+    # -- blocks ----------------------------------------------------------------------------
+    def acm_block_list(self, caller: Caller, number: str | None = None,
+                       limit: int = 100) -> dict[str, Any]:
+        """List blocked A-numbers (expiry is in call time, ~ wall time when live)."""
+        now = _now_ms()
+        blocks = [b for b in store_config.list_blocks(self.conn)
+                  if number is None or b["a_number"] == number][:limit]
+        for b in blocks:
+            b["expires_at"] = iso_ms(b["expires_ms"])
+            b["expired"] = b["expires_ms"] <= now
+        return {"count": len(blocks), "blocks": blocks}
+
+    def acm_unblock(self, caller: Caller, number: str) -> dict[str, Any]:
+        """Release one blocked A-number."""
+        old = next((b for b in store_config.list_blocks(self.conn)
+                    if b["a_number"] == number), None)
+        if not store_config.unblock(self.conn, number):
+            raise MIError(jsonrpc.NOT_FOUND, f"{number} is not blocked")
+        audit.record(self.repo, caller, "acm_unblock", number, old, None)
+        return {"unblocked": number}
+
+    # -- alerts, audit, help ---------------------------------------------------------------
+    def acm_alert_list(self, caller: Caller, number: str | None = None,
+                       severity: str | None = None, since: int | None = None,
+                       until: int | None = None, limit: int = 50, scan: int = 5000
+                       ) -> dict[str, Any]:
+        """List recent alerts (store: the newest `scan` records of each partition stream)."""
+        alerts = self.repo.alert_list(AlertQuery(b_number=number, min_severity=severity,
+                                                 since_ms=since, until_ms=until, limit=limit,
+                                                 scan=scan))
+        return {"count": len(alerts), "alerts": alerts, "source": self.repo.name}
+
+    def acm_audit_list(self, caller: Caller, action: str | None = None,
+                       target: str | None = None, since: int | None = None, limit: int = 50
+                       ) -> dict[str, Any]:
+        """List audit records, newest first."""
+        if target is not None:
+            target = hotpath.normalise(target, self.settings.default_country_code) or target
+        recs = self.repo.audit_list(limit=limit, since_ms=since, action=action, target=target)
+        return {"count": len(recs), "records": [r.to_json() for r in recs]}
+
+    def which(self, caller: Caller) -> dict[str, Any]:
+        """Describe every command."""
+        return {name: {"admin": c.admin, "help": c.help,
+                       "params": ["name=value ..."] if c.settings_params else
+                       [p.name + ("" if p.required else "?") for p in c.params]}
+                for name, c in sorted(self.commands.items())}
+
+    # -- boot ------------------------------------------------------------------------------
+    def reconcile_overrides(self, stop: threading.Event, wait_s: float = 15.0) -> None:
+        """Publish saved overrides the live config lacks (a supervisor without the hook).
+
+        Waits until a worker of this supervisor has published its stats (so this boot's
+        config is in the store), then publishes the difference once.
+        """
+        try:
+            saved = overrides.read_overrides(self.overrides_path)
+        except ConfigError as e:
+            log.error("%s", e)
+            return
+        if not saved:
+            return
+        deadline = time.monotonic() + wait_s
+        live: dict[str, Any] | None = None
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                with self._lock:
+                    if _sibling_booted(self.conn):
+                        _, live = store_config.read(self.conn)
+            except StoreError:
+                live = None
+            if live is not None:
+                break
+            stop.wait(0.05)
+        if live is None:
+            return
+        diff = {k: v for k, v in saved.items() if live.get(k) != v}
+        if diff:
+            with self._lock:
+                self.publish(diff, Caller(actor="acm", via="boot", role="admin"),
+                             "boot_overrides", persist=False)
+
+
+def _sibling_booted(conn: StoreConnection) -> bool:
+    """Say whether a worker of our own supervisor (same parent pid) has published stats."""
+    ppid = os.getppid()
+    for snap in stats_mod.read_all(conn):
+        try:
+            with open(f"/proc/{snap['pid']}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == ppid:
+            return True
+    return False
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _clean_actor(actor: Any, role: str, has_token: bool) -> str:
+    if actor is not None and str(actor).strip():
+        return _ACTOR_RE.sub("_", str(actor).strip())[:64]
+    return "token-holder" if has_token else "anonymous"
+
+
+def _redact_setting(name: str, value: Any) -> Any:
+    if name in _SECRET_SETTINGS:
+        return "***" if value else ""
+    if name in _URL_SETTINGS and isinstance(value, str) and "@" in value:
+        scheme, _, rest = value.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return value
+
+
+def _parse_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """Parse setting=value pairs against the declarations. Raises MIError(-32602)."""
+    out: dict[str, Any] = {}
+    for name, value in raw.items():
+        s = settings_mod.BY_NAME.get(name)
+        if s is None:
+            raise bad_params(f"unknown setting {name!r}; runtime settings: "
+                             + ", ".join(sorted(settings_mod.RUNTIME)))
+        if not s.runtime:
+            raise bad_params(f"{name} cannot be changed at runtime (restart acm serve)")
+        try:
+            out[name] = s.parse(value)
+        except ConfigError as e:
+            raise bad_params(f"{e}; old config kept") from e
+    return out
+
+
+def _split_pair(item: Any) -> tuple[str, Any]:
+    if not isinstance(item, str) or "=" not in item:
+        raise bad_params(f"expected name=value, got {item!r}")
+    name, _, value = item.partition("=")
+    return name.strip(), value.strip()
+
+
+def _named(cmd: Command, params: dict[str, Any] | list[Any]) -> dict[str, Any]:
+    """Turn positional params into named ones (name=value items, else declaration order)."""
+    if isinstance(params, dict):
+        return dict(params)
+    pairs = bool(params) and all(isinstance(p, str) and "=" in p for p in params)
+    if cmd.settings_params or pairs:
+        return dict(_split_pair(p) for p in params)
+    if len(params) > len(cmd.params):
+        raise bad_params(f"{cmd.name} takes at most {len(cmd.params)} positional params")
+    return {p.name: v for p, v in zip(cmd.params, params, strict=False)}
+
+
+def _bind(cmd: Command, named: dict[str, Any]) -> dict[str, Any]:
+    """Validate named params against the declaration. Raises MIError(-32602)."""
+    if cmd.settings_params:
+        return named
+    known = {p.name: p for p in cmd.params}
+    unknown = sorted(set(named) - set(known))
+    if unknown:
+        allowed = ", ".join(known) or "none"
+        raise bad_params(f"unknown parameter(s) {', '.join(unknown)} for {cmd.name} "
+                         f"(allowed: {allowed})")
+    args: dict[str, Any] = {}
+    for p in cmd.params:
+        if p.name not in named or named[p.name] is None:
+            if p.required:
+                raise bad_params(f"{cmd.name}: missing required parameter {p.name!r}")
+            if p.default is not None:
+                args[p.name] = p.default
+            continue
+        raw = named[p.name]
+        if p.parse == _NUMBER:
+            args[p.name] = _number(p.name, raw, cmd)
+            continue
+        try:
+            args[p.name] = p.parse(raw)
+        except ValueError as e:
+            raise bad_params(f"{p.name}: {e} (got {raw!r})") from e
+    return args
+
+
+def _number(name: str, raw: Any, cmd: Command) -> str:
+    if not isinstance(raw, str | int) or isinstance(raw, bool):
+        raise bad_params(f"{name}: must be a phone number (got {raw!r})")
+    owner = getattr(cmd.handler, "__self__", None)
+    cc = owner.settings.default_country_code if owner is not None else "234"
+    n = hotpath.normalise(str(raw), cc)
+    if n is None:
+        raise bad_params(f"{name}: {raw!r} is not a phone number")
+    return n

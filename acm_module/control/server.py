@@ -1,0 +1,313 @@
+"""The MI control process: JSON-RPC 2.0 over HTTP (`POST /mi`, like OpenSIPS mi_http) and over
+UDP/unix datagrams (like mi_datagram, and the target of OpenSIPS's event_datagram).
+
+The supervisor forks this process after the workers (`control_main`); everything here (sockets,
+threads, the store connection) is created in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import socketserver
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from acm_module.control import jsonrpc
+from acm_module.control.auth import Bind, check_boot, is_loopback, parse_bind
+from acm_module.control.commands import Control
+from acm_module.errors import ConfigError
+
+log = logging.getLogger("acm.control")
+
+BOOT_ERROR = 3  # the supervisor stops instead of respawning
+MAX_DATAGRAM_REPLY = 32768  # python-opensips reads replies with a 32 KiB buffer by default
+MI_PATHS = ("/mi", "/mi/", "/json", "/json/")
+
+
+# -- HTTP ----------------------------------------------------------------------------------
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "acm-mi"
+    protocol_version = "HTTP/1.1"
+    server: Any
+
+    def do_POST(self) -> None:
+        if self.path.split("?", 1)[0] not in MI_PATHS:
+            self._send(404, b'{"error":"not found: POST /mi"}')
+            return
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self._send(411, b'{"error":"Content-Length required"}')
+            return
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._send(411, b'{"error":"Content-Length required"}')
+            return
+        if length < 0 or length > jsonrpc.MAX_REQUEST_BYTES:
+            self.close_connection = True
+            self._send(413, jsonrpc.error(None, jsonrpc.MIError(
+                jsonrpc.INVALID_REQUEST,
+                f"request larger than {jsonrpc.MAX_REQUEST_BYTES} bytes")))
+            return
+        body = self.rfile.read(length)
+        bearer = None
+        auth = self.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer ":
+            bearer = auth[7:].strip()
+        reply = self.server.control.dispatch(
+            body, via=f"http:{self._peer()}", loopback_bind=self.server.loopback,
+            bearer=bearer)
+        if reply is None:
+            self._send(204, b"")
+        else:
+            self._send(200, reply)
+
+    def do_GET(self) -> None:
+        self._send(405, b'{"error":"use POST /mi with a JSON-RPC 2.0 body"}',
+                   extra={"Allow": "POST"})
+
+    def _peer(self) -> str:
+        addr = self.client_address
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return f"{addr[0]}:{addr[1]}"
+        return "unix"
+
+    def _send(self, code: int, body: bytes, extra: dict[str, str] | None = None) -> None:
+        if code >= 400:
+            self.close_connection = True  # an unread body must not become the next request
+        self.send_response(code)
+        if body:
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if body:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http %s: " + format, self._peer(), *args)
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    control: Control
+    loopback: bool
+
+
+class _HTTP6Server(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    control: Control
+    loopback: bool = True
+
+
+def _http_server(bind: Bind, control: Control) -> Any:
+    if bind.unix_path is not None:
+        _unlink_stale(bind.unix_path)
+        srv: Any = _UnixHTTPServer(bind.unix_path, _Handler)
+        os.chmod(bind.unix_path, 0o660)
+    else:
+        cls = _HTTP6Server if ":" in bind.host else _HTTPServer
+        srv = cls((bind.host, bind.port), _Handler)
+    srv.control = control
+    srv.loopback = is_loopback(bind)
+    return srv
+
+
+# -- datagrams -----------------------------------------------------------------------------
+class DatagramServer:
+    """Answer one JSON-RPC request per datagram, replying to the sender's address."""
+
+    def __init__(self, bind: Bind, control: Control) -> None:
+        self.bind = bind
+        self.control = control
+        self.loopback = is_loopback(bind)
+        if bind.unix_path is not None:
+            _unlink_stale(bind.unix_path)
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.sock.bind(bind.unix_path)
+            os.chmod(bind.unix_path, 0o660)
+        else:
+            fam = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
+            self.sock = socket.socket(fam, socket.SOCK_DGRAM)
+            self.sock.bind((bind.host, bind.port))
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+
+    @property
+    def address(self) -> Any:
+        return self.sock.getsockname()
+
+    def serve_forever(self) -> None:
+        """Serve until shutdown()."""
+        while not self._stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                raise
+            self._handle(data, peer)
+
+    def _handle(self, data: bytes, peer: Any) -> None:
+        via = f"datagram:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "datagram:unix"
+        try:
+            reply = self.control.dispatch(data, via=via, loopback_bind=self.loopback)
+        except Exception:  # never let one datagram stop the endpoint
+            log.exception("datagram from %s failed", via)
+            return
+        if reply is None or not peer:
+            return  # a notification (OpenSIPS events), or an unbound unix sender
+        if len(reply) > MAX_DATAGRAM_REPLY:
+            rid = _request_id(data)
+            reply = jsonrpc.error(rid, jsonrpc.MIError(
+                jsonrpc.REPLY_TOO_LARGE,
+                f"reply of {len(reply)} bytes does not fit a datagram "
+                f"({MAX_DATAGRAM_REPLY}); use a smaller limit or MI over HTTP"))
+        try:
+            self.sock.sendto(reply, peer)
+        except OSError as e:
+            log.warning("cannot reply to %s: %s", via, e)
+
+    def shutdown(self) -> None:
+        """Stop serving and close the socket."""
+        self._stop.set()
+
+    def server_close(self) -> None:
+        self.sock.close()
+        if self.bind.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.bind.unix_path)
+
+
+def _request_id(data: bytes) -> Any:
+    try:
+        return jsonrpc.parse(data).id
+    except jsonrpc.MIError:
+        return None
+
+
+def _unlink_stale(path: str) -> None:
+    """Remove a socket file left by a previous run (never a regular file)."""
+    import stat
+
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+        else:
+            raise ConfigError(f"{path} exists and is not a socket")
+
+
+# -- the process ---------------------------------------------------------------------------
+class ControlServer:
+    """Both transports and the Control behind them; start() binds, stop() closes."""
+
+    def __init__(self, settings: Any, control: Control | None = None) -> None:
+        self.settings = settings
+        self.http_bind = parse_bind(settings.mi_http, "mi_http") if settings.mi_http else None
+        self.dgram_bind = (parse_bind(settings.mi_datagram, "mi_datagram")
+                           if settings.mi_datagram else None)
+        binds = [b for b in (self.http_bind, self.dgram_bind) if b is not None]
+        check_boot(binds, settings.mi_token or "")
+        self.control = control or Control(settings)
+        self.http: Any = None
+        self.dgram: DatagramServer | None = None
+        self.stop_event = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Bind every endpoint and serve in threads. Raises OSError if a bind fails."""
+        try:
+            if self.http_bind is not None:
+                self.http = _http_server(self.http_bind, self.control)
+            if self.dgram_bind is not None:
+                self.dgram = DatagramServer(self.dgram_bind, self.control)
+        except BaseException:
+            self.stop()
+            raise
+        if self.http is not None:
+            self._thread("mi-http", self.http.serve_forever)
+            log.info("MI over HTTP on %s (POST /mi)%s", self.http_bind,
+                     "" if self.http.loopback else ", admin token required")
+        if self.dgram is not None:
+            self._thread("mi-datagram", self.dgram.serve_forever)
+            log.info("MI over datagrams on %s%s", self.dgram_bind,
+                     "" if self.dgram.loopback else ", admin token required")
+        self._thread("mi-boot", self._boot_tasks)
+
+    def _thread(self, name: str, target: Any) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _boot_tasks(self) -> None:
+        try:
+            n = self.control.resync_whitelist()
+            if n:
+                log.info("re-asserted %d whitelist markers", n)
+        except Exception as e:
+            log.warning("whitelist resync skipped: %s", e)
+        try:
+            self.control.reconcile_overrides(self.stop_event)
+        except Exception as e:
+            log.warning("override reconciliation skipped: %s", e)
+
+    def stop(self) -> None:
+        """Stop serving, close every socket and the store connection."""
+        self.stop_event.set()
+        if self.http is not None:
+            if any(t.name == "mi-http" for t in self._threads):
+                self.http.shutdown()
+            self.http.server_close()
+            if self.http_bind is not None and self.http_bind.unix_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.http_bind.unix_path)
+            self.http = None
+        if self.dgram is not None:
+            self.dgram.shutdown()
+            for t in self._threads:
+                if t.name == "mi-datagram":
+                    t.join(2.0)
+            self.dgram.server_close()
+            self.dgram = None
+        self.control.close()
+
+
+def control_main(settings: Any) -> int:
+    """Entry point of the forked control process; return its exit code (3 = boot failure)."""
+    stop = threading.Event()
+
+    def on_term(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor owns Ctrl-C
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        srv = ControlServer(settings)
+    except ConfigError as e:
+        log.error("MI control plane: %s", e)
+        return BOOT_ERROR
+    try:
+        srv.start()
+    except (OSError, ConfigError) as e:
+        log.error("MI control plane cannot bind: %s", e)
+        srv.control.close()
+        return BOOT_ERROR
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        srv.stop()
+    return 0

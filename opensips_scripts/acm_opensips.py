@@ -1,0 +1,596 @@
+"""Ask the acm detection service about each initial INVITE, from inside OpenSIPS.
+
+Loaded by the OpenSIPS `python` module (3.x)::
+
+    loadmodule "python.so"
+    modparam("python", "script_name", "/etc/opensips/acm_opensips.py")
+
+The module imports this file, calls the module-level `mod_init()` (the `mod_init_function`
+modparam) once in the attendant BEFORE it forks, keeps the object it returns, calls its
+`child_init(rank)` in every process, and runs `python_exec("acm_check"[, "trunk"])` as
+`Module.acm_check(msg[, trunk])`.
+
+Everything that talks to the service lives in `AcmClient`, which needs no OpenSIPS and is what
+the tests drive; `Module` only reads the SIP message and writes `$var`s.
+
+Runs on the system Python with nothing beyond the stdlib, pyzmq and msgpack.
+
+Settings (defaults < config file < environment), see `SETTINGS`:
+
+    ACM_ENDPOINT               ipc:///run/acm/acm.sock
+    ACM_TIMEOUT_MS             50      whole request/reply budget
+    ACM_FAIL_POLICY            open    open = allow, closed = drop when there is no verdict
+    ACM_BREAKER_FAILURES       3       consecutive failures that open the breaker
+    ACM_BREAKER_COOLDOWN_MS    1000    first open period; doubles per failed trial
+    ACM_BREAKER_MAX_COOLDOWN_MS 30000  cap of the open period
+    ACM_LOG_INTERVAL_S         10      at most one log line per kind of trouble per interval
+    ACM_OPENSIPS_CONFIG        /etc/acm/acm_opensips.conf  (``key = value`` lines, keys as
+                               above without the ACM_ prefix, lower case; optional file)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import msgpack  # type: ignore[import-untyped]
+import zmq
+
+try:  # only importable inside OpenSIPS
+    from OpenSIPS import LM_ERR as _LM_ERR  # type: ignore[import-not-found]
+except ImportError:
+    _LM_ERR = None
+
+__all__ = [
+    "SETTINGS",
+    "AcmClient",
+    "Config",
+    "ConfigError",
+    "Module",
+    "Verdict",
+    "mod_init",
+]
+
+DEFAULT_CONFIG_PATH = "/etc/acm/acm_opensips.conf"
+
+# Error codes the service sends when it refused *this request* (it is alive and answering):
+# they yield the policy verdict and get logged, but do not count against the breaker, or a
+# caller sending odd headers could trip it and switch everyone to the policy verdict.
+REQUEST_ERRORS = frozenset({
+    "bad_request", "bad_msgpack", "not_a_map", "unknown_field", "duplicate_field", "bad_type",
+    "bad_value", "missing_field", "too_large",
+})
+
+# Field limits of the service (bytes of UTF-8); longer values are cut here so that a crafted
+# Call-ID or From cannot turn a call into a refused request, i.e. into the policy verdict.
+_MAX_BYTES = {"call_id": 256, "a": 256, "b": 256, "src_ip": 64, "trunk": 128}
+
+# What pv_printf() renders for an unset pseudo-variable.
+_PV_NULL = "<null>"
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+
+def _positive(v: float) -> None:
+    if not v > 0:
+        raise ValueError("must be > 0")
+
+
+def _policy(v: str) -> None:
+    if v not in ("open", "closed"):
+        raise ValueError("must be 'open' or 'closed'")
+
+
+def _endpoint(v: str) -> None:
+    if not v.startswith(("ipc://", "tcp://")):
+        raise ValueError("must start with ipc:// or tcp://")
+
+
+class Setting(NamedTuple):
+    """One setting: config-file key, type, default, environment variable, check, description."""
+
+    name: str
+    type: type
+    default: Any
+    env: str
+    validator: Callable[[Any], None] | None
+    doc: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("endpoint", str, "ipc:///run/acm/acm.sock", "ACM_ENDPOINT", _endpoint,
+            "ZeroMQ endpoint of the detection service (ipc:// or tcp://)."),
+    Setting("timeout_ms", float, 50.0, "ACM_TIMEOUT_MS", _positive,
+            "Budget of one request/reply, connection wait included."),
+    Setting("fail_policy", str, "open", "ACM_FAIL_POLICY", _policy,
+            "Verdict without an answer: open = allow, closed = drop."),
+    Setting("breaker_failures", int, 3, "ACM_BREAKER_FAILURES", _positive,
+            "Consecutive failures that open the circuit breaker."),
+    Setting("breaker_cooldown_ms", float, 1000.0, "ACM_BREAKER_COOLDOWN_MS", _positive,
+            "First open period of the breaker; doubles after each failed trial."),
+    Setting("breaker_max_cooldown_ms", float, 30000.0, "ACM_BREAKER_MAX_COOLDOWN_MS", _positive,
+            "Longest open period of the breaker."),
+    Setting("log_interval_s", float, 10.0, "ACM_LOG_INTERVAL_S", None,
+            "At most one log line per kind of trouble and process in this interval."),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The client settings; build one with `Config.load()`."""
+
+    endpoint: str = "ipc:///run/acm/acm.sock"
+    timeout_ms: float = 50.0
+    fail_policy: str = "open"
+    breaker_failures: int = 3
+    breaker_cooldown_ms: float = 1000.0
+    breaker_max_cooldown_ms: float = 30000.0
+    log_interval_s: float = 10.0
+
+    @classmethod
+    def load(cls, path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+        """Read defaults, then the config file (if present), then the environment.
+
+        Raises ConfigError on an unknown key or an invalid value, so a typo stops OpenSIPS at
+        start-up instead of silently changing the policy.
+        """
+        env = os.environ if environ is None else environ
+        if path is None:
+            path = env.get("ACM_OPENSIPS_CONFIG", DEFAULT_CONFIG_PATH)
+        raw: dict[str, str] = {}
+        if path and os.path.exists(path):
+            raw.update(_read_conf(path))
+        for s in SETTINGS:
+            if s.env in env:
+                raw[s.name] = env[s.env]
+        values: dict[str, Any] = {}
+        for s in SETTINGS:
+            if s.name not in raw:
+                continue
+            text = raw[s.name].strip()
+            try:
+                v = s.type(text.lower() if s.name == "fail_policy" else text)
+                if s.validator is not None:
+                    s.validator(v)
+            except ValueError as e:
+                raise ConfigError(f"acm setting {s.name}={text!r}: {e}") from e
+            values[s.name] = v
+        cfg = cls(**values)
+        if cfg.breaker_max_cooldown_ms < cfg.breaker_cooldown_ms:
+            raise ConfigError("acm setting breaker_max_cooldown_ms is below breaker_cooldown_ms")
+        return cfg
+
+
+def _read_conf(path: str) -> dict[str, str]:
+    """Parse ``key = value`` lines ('#' comments). Raises ConfigError on a bad line or key."""
+    known = {s.name for s in SETTINGS}
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            key, sep, value = line.partition("=")
+            key = key.strip().lower()
+            if not sep or key not in known:
+                raise ConfigError(f"{path}:{n}: expected 'key = value' with key in {sorted(known)}")
+            out[key] = value.strip().strip("\"'")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------
+
+
+def _default_sink(line: str) -> None:
+    if _LM_ERR is not None:
+        _LM_ERR(line)
+    else:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
+class RateLimitedLog:
+    """Log at most one line per key and interval, counting what was held back."""
+
+    def __init__(self, interval_s: float, sink: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval_s
+        self._sink = sink or _default_sink
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def __call__(self, key: str, message: str) -> None:
+        """Emit `message` unless a line for `key` went out within the interval; never raise."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        held = self._held.pop(key, 0)
+        self._last[key] = now
+        suffix = f" ({held} similar suppressed)" if held else ""
+        line = f"acm[{os.getpid()}]: {message}{suffix}\n".replace("\x00", "")
+        with contextlib.suppress(Exception):  # logging must never change a verdict
+            self._sink(line)
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A decision for one call; `policy` is True when it came from the fail policy."""
+
+    verdict: str
+    reason: str
+    distinct: int = 0
+    alert_id: str = ""
+    severity: str = ""
+    policy: bool = False
+
+    @property
+    def allow(self) -> bool:
+        """Return True when the call may proceed."""
+        return self.verdict == "allow"
+
+
+class _Unavailable(Exception):
+    """No reply within the budget, or the socket failed."""
+
+
+class _ServiceError(Exception):
+    """The service answered with an error or with something that is not a verdict."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class Stats:
+    """Per-process counters (reset in each new process)."""
+
+    requests: int = 0          # check() calls
+    sent: int = 0              # requests put on a socket
+    replies: int = 0           # verdicts received
+    timeouts: int = 0
+    service_errors: int = 0
+    request_errors: int = 0
+    short_circuits: int = 0    # answered by the open breaker without I/O
+    sockets_built: int = 0
+    sockets_discarded: int = 0
+    breaker_opened: int = 0
+
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+class AcmClient:
+    """Send decision requests over a ZeroMQ REQ socket, with a timeout and a circuit breaker.
+
+    One instance per OpenSIPS process in effect: the context and socket are created lazily
+    and rebuilt whenever os.getpid() changes, because the object itself is created before
+    OpenSIPS forks. Not thread-safe (OpenSIPS workers are single-threaded).
+    """
+
+    def __init__(self, config: Config | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 log: Callable[[str, str], None] | None = None,
+                 getpid: Callable[[], int] = os.getpid) -> None:
+        self.config = config or Config()
+        self._clock = clock
+        self._getpid = getpid
+        self._log = log or RateLimitedLog(self.config.log_interval_s, clock=clock)
+        self._policy_verdict = "allow" if self.config.fail_policy == "open" else "drop"
+        self._pid: int | None = None
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._sock: zmq.Socket[bytes] | None = None
+        self.rank: int | None = None
+        self.stats = Stats()
+        self.state = CLOSED
+        self._failures = 0
+        self._cooldown_s = self.config.breaker_cooldown_ms / 1000.0
+        self._open_until = 0.0
+
+    # -- process lifecycle --------------------------------------------------------------
+    def after_fork(self, rank: int | None = None) -> None:
+        """Forget whatever a parent process built; nothing is created until the first check."""
+        self.rank = rank
+        self._ensure_process()
+
+    def _ensure_process(self) -> None:
+        pid = self._getpid()
+        if pid == self._pid:
+            return
+        # The parent's context and socket are useless here (libzmq's I/O threads did not
+        # survive fork); drop them without closing: pyzmq skips zmq_close/zmq_ctx_term for
+        # objects created in another pid, and closing could touch the parent's state.
+        self._sock = None
+        self._ctx = None
+        self._pid = pid
+        self.stats = Stats()
+        self.state = CLOSED
+        self._failures = 0
+        self._cooldown_s = self.config.breaker_cooldown_ms / 1000.0
+        self._open_until = 0.0
+
+    def close(self) -> None:
+        """Close the socket and context of this process (linger 0)."""
+        if self._pid == self._getpid():
+            self._discard_socket()
+            if self._ctx is not None:
+                self._ctx.term()
+        self._sock = None
+        self._ctx = None
+
+    # -- the call -----------------------------------------------------------------------
+    def policy(self, reason: str) -> Verdict:
+        """Return the fail-policy verdict with `reason`."""
+        return Verdict(self._policy_verdict, reason, policy=True)
+
+    def check(self, call_id: str, a: str, b: str, src_ip: str | None = None,
+              trunk: str | None = None) -> Verdict:
+        """Return the service's verdict for a call, or the policy verdict; never raise."""
+        try:
+            return self._check(call_id, a, b, src_ip, trunk)
+        except Exception as e:  # a bug here must not cost a call or the process
+            self._log("client_bug", f"unexpected {type(e).__name__}: {e}")
+            self._discard_socket()
+            return self.policy("client_error")
+
+    def _check(self, call_id: str, a: str, b: str, src_ip: str | None,
+               trunk: str | None) -> Verdict:
+        self._ensure_process()
+        self.stats.requests += 1
+        now = self._clock()
+        if self.state == OPEN:
+            if now < self._open_until:
+                self.stats.short_circuits += 1
+                return self.policy("service_unavailable")
+            self.state = HALF_OPEN  # this call is the trial
+        req: dict[str, str] = {
+            "call_id": _clip(call_id or "-", "call_id"),
+            "a": _clip(a or "", "a"),
+            "b": _clip(b or "", "b"),
+        }
+        if src_ip:
+            req["src_ip"] = _clip(src_ip, "src_ip")
+        if trunk:
+            req["trunk"] = _clip(trunk, "trunk")
+        payload = msgpack.packb(req)
+        try:
+            raw = self._roundtrip(payload, now)
+            verdict = _parse_reply(raw)
+        except _Unavailable as e:
+            self.stats.timeouts += 1
+            self._failed("unavailable", f"no verdict from {self.config.endpoint}: {e}")
+            return self.policy("service_unavailable")
+        except _ServiceError as e:
+            if e.code in REQUEST_ERRORS:
+                # The service is healthy; the request was refused: a bug to look at.
+                self.stats.request_errors += 1
+                self._succeeded()
+                self._log(f"refused:{e.code}", f"request refused by the service: {e.code}: "
+                          f"{e.message} (call_id={req['call_id']!r})")
+            else:
+                self.stats.service_errors += 1
+                self._failed(f"error:{e.code}", f"service error {e.code}: {e.message}")
+            return self.policy("service_error")
+        self.stats.replies += 1
+        self._succeeded()
+        return verdict
+
+    def _roundtrip(self, payload: bytes, start: float) -> bytes:
+        """Send one request and wait for its reply within the budget. Raises _Unavailable."""
+        deadline = start + self.config.timeout_ms / 1000.0
+        sock = self._socket()
+        try:
+            # IMMEDIATE + SNDTIMEO: blocks only until a connection exists (or the budget ends),
+            # so nothing is queued towards a service that is not there.
+            sock.send(payload, copy=True)
+        except zmq.Again as e:
+            # The REQ socket stays usable: nothing was sent.
+            raise _Unavailable("not connected") from e
+        except zmq.ZMQError as e:
+            self._discard_socket()
+            raise _Unavailable(f"send failed: {e}") from e
+        self.stats.sent += 1
+        remaining_ms = max(0, int((deadline - self._clock()) * 1000.0 + 0.999))
+        try:
+            if sock.poll(remaining_ms, zmq.POLLIN):
+                return sock.recv(zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            self._discard_socket()
+            raise _Unavailable(f"recv failed: {e}") from e
+        # A REQ socket waiting for a reply cannot send again: throw it away.
+        self._discard_socket()
+        raise _Unavailable(f"timeout after {self.config.timeout_ms:g} ms")
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        if self._sock is not None:
+            return self._sock
+        if self._ctx is None:
+            self._ctx = zmq.Context(io_threads=1)
+        sock = self._ctx.socket(zmq.REQ)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.config.timeout_ms)))
+            sock.connect(self.config.endpoint)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
+        self._sock = sock
+        self.stats.sockets_built += 1
+        return sock
+
+    def _discard_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self.stats.sockets_discarded += 1
+            with contextlib.suppress(zmq.ZMQError):
+                sock.close(linger=0)
+
+    # -- breaker ------------------------------------------------------------------------
+    def _succeeded(self) -> None:
+        if self.state != CLOSED:
+            self._log("breaker_closed", "service answering again; circuit closed")
+        self.state = CLOSED
+        self._failures = 0
+        self._cooldown_s = self.config.breaker_cooldown_ms / 1000.0
+
+    def _failed(self, key: str, message: str) -> None:
+        self._log(key, message)
+        self._failures += 1
+        if self.state == HALF_OPEN:
+            self._cooldown_s = min(self._cooldown_s * 2.0,
+                                   self.config.breaker_max_cooldown_ms / 1000.0)
+            self._open(f"trial failed; circuit open for {self._cooldown_s:g} s")
+        elif self._failures >= self.config.breaker_failures:
+            self._open(f"{self._failures} consecutive failures; circuit open for "
+                       f"{self._cooldown_s:g} s, verdict meanwhile: {self._policy_verdict}")
+
+    def _open(self, message: str) -> None:
+        self.state = OPEN
+        self._open_until = self._clock() + self._cooldown_s
+        self.stats.breaker_opened += 1
+        self._log("breaker_open", message)
+
+
+def _clip(value: str, name: str) -> str:
+    """Return `value` as valid UTF-8 of at most the service's byte limit for `name`."""
+    data = str(value).encode("utf-8", "replace")  # lone surrogates become '?'
+    return data[:_MAX_BYTES[name]].decode("utf-8", "ignore")
+
+
+def _parse_reply(raw: bytes) -> Verdict:
+    """Decode a reply frame. Raises _ServiceError for error replies and malformed frames."""
+    try:
+        rep = msgpack.unpackb(raw, raw=False)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise _ServiceError("bad_reply", f"undecodable reply: {e}") from e
+    if not isinstance(rep, dict):
+        raise _ServiceError("bad_reply", f"reply is a {type(rep).__name__}, not a map")
+    if "error" in rep:
+        raise _ServiceError(str(rep.get("error")), str(rep.get("message", "")))
+    verdict = rep.get("verdict")
+    if verdict not in ("allow", "drop"):
+        raise _ServiceError("bad_reply", f"unknown verdict {verdict!r}")
+    distinct = rep.get("distinct", 0)
+    return Verdict(
+        verdict,
+        str(rep.get("reason", "")),
+        distinct if isinstance(distinct, int) and not isinstance(distinct, bool) else 0,
+        str(rep.get("alert_id") or ""),
+        str(rep.get("severity") or ""),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The OpenSIPS shim
+# ---------------------------------------------------------------------------------------------
+
+# python_exec() return codes: > 0 is true in the script, < 0 false, and 0 would end the route.
+RC_ALLOW = 1
+RC_ALLOW_POLICY = 2
+RC_DROP = -1
+RC_DROP_POLICY = -2
+
+
+def _return_code(v: Verdict) -> int:
+    if v.allow:
+        return RC_ALLOW_POLICY if v.policy else RC_ALLOW
+    return RC_DROP_POLICY if v.policy else RC_DROP
+
+
+class Module:
+    """The handler object OpenSIPS keeps; every method returns an int, whatever happens.
+
+    An exception escaping, or a non-int result, leaves a Python error set that breaks the
+    next python_exec() of the process, so everything below is wrapped.
+    """
+
+    def __init__(self, client: AcmClient | None = None) -> None:
+        self.client = client if client is not None else AcmClient(Config.load())
+
+    def child_init(self, rank: int) -> int:
+        """Reset per-process state for OpenSIPS process `rank`; return 0 (success)."""
+        try:
+            self.client.after_fork(int(rank))
+        except BaseException as e:  # see class docstring
+            _safe_log(self.client, "child_init", f"child_init({rank!r}) failed: {e!r}")
+        return 0
+
+    def acm_check(self, msg: Any, trunk: str | None = None) -> int:
+        """Check the INVITE in `msg`; set $var(acm_*) and return 1/2 (allow) or -1/-2 (drop).
+
+        `trunk` is the optional second python_exec() argument (after pseudo-variable
+        expansion); empty means no trunk.
+        """
+        try:
+            try:
+                call_id = _pv(msg, "$ci")
+                a = _pv(msg, "$fU") or _pv(msg, "$fu")
+                b = _pv(msg, "$rU") or _pv(msg, "$ru")
+                src_ip = _pv(msg, "$si")
+            except Exception as e:
+                _safe_log(self.client, "msg", f"cannot read the message: {e!r}")
+                v = self.client.policy("client_error")
+            else:
+                trunk_s = trunk if isinstance(trunk, str) and trunk != _PV_NULL else ""
+                v = self.client.check(call_id, a, b, src_ip or None, trunk_s or None)
+            _set_vars(self.client, msg, v)
+            return _return_code(v)
+        except BaseException as e:  # see class docstring
+            _safe_log(self.client, "acm_check", f"acm_check failed: {e!r}")
+            try:
+                return _return_code(self.client.policy("client_error"))
+            except BaseException:
+                return RC_ALLOW_POLICY
+
+
+def _pv(msg: Any, spec: str) -> str:
+    v = msg.get_pseudoVar(spec)
+    if v is None or v == _PV_NULL:
+        return ""
+    return str(v)
+
+
+def _set_vars(client: AcmClient, msg: Any, v: Verdict) -> None:
+    for name, value in (("acm_verdict", v.verdict), ("acm_reason", v.reason),
+                        ("acm_alert_id", v.alert_id), ("acm_severity", v.severity),
+                        ("acm_distinct", str(v.distinct))):
+        try:
+            # set_pseudoVar() takes str values without NUL only and returns None even when
+            # it fails (then with a Python error set: SystemError here, caught below).
+            msg.set_pseudoVar(f"$var({name})", value.replace("\x00", ""))
+        except Exception as e:
+            _safe_log(client, "set_var", f"cannot set $var({name}): {e!r}")
+
+
+def _safe_log(client: AcmClient, key: str, message: str) -> None:
+    with contextlib.suppress(BaseException):
+        client._log(key, message)
+
+
+def mod_init() -> Module:
+    """Return the handler object (OpenSIPS `mod_init_function`); create no sockets here."""
+    return Module()

@@ -1,0 +1,110 @@
+"""Control-plane pieces without servers: JSON-RPC parsing, binds and auth, override files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from acm_module import settings as settings_mod
+from acm_module.control import jsonrpc, overrides
+from acm_module.control.auth import Authorizer, check_boot, is_loopback, parse_bind
+from acm_module.control.cli import build_request
+from acm_module.errors import ConfigError
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.mark.parametrize(("raw", "code"), [
+    (b"{nope", jsonrpc.PARSE_ERROR),
+    (b"\xff\xfe", jsonrpc.PARSE_ERROR),
+    (b"[]", jsonrpc.INVALID_REQUEST),
+    (b'"x"', jsonrpc.INVALID_REQUEST),
+    (b'{"method":"which","id":1}', jsonrpc.INVALID_REQUEST),
+    (b'{"jsonrpc":"2.0","id":1}', jsonrpc.INVALID_REQUEST),
+    (b'{"jsonrpc":"2.0","id":1,"method":"which","params":5}', jsonrpc.INVALID_REQUEST),
+    (b'{"jsonrpc":"2.0","id":true,"method":"which"}', jsonrpc.INVALID_REQUEST),
+    (b" " * (jsonrpc.MAX_REQUEST_BYTES + 1), jsonrpc.INVALID_REQUEST),
+])
+def test_bad_requests_are_rejected_with_their_code(raw: bytes, code: int) -> None:
+    with pytest.raises(jsonrpc.MIError) as e:
+        jsonrpc.parse(raw)
+    assert e.value.code == code
+
+
+def test_requests_and_notifications() -> None:
+    r = jsonrpc.parse(b'{"jsonrpc":"2.0","id":"7","method":"acm_set","params":{"threshold":7}}')
+    assert (r.method, r.params, r.id, r.is_notification) == (
+        "acm_set", {"threshold": 7}, "7", False)
+    # What OpenSIPS event_datagram sends: no id, params optional.
+    n = jsonrpc.parse(b'{"jsonrpc":"2.0","method":"E_ACM_RELOAD"}')
+    assert n.is_notification and n.params == {}
+    assert json.loads(jsonrpc.result("7", {"a": 1})) == {"jsonrpc": "2.0", "result": {"a": 1},
+                                                         "id": "7"}
+
+
+def test_bind_parsing_and_loopback() -> None:
+    assert parse_bind("127.0.0.1:8899", "mi_http").port == 8899
+    assert parse_bind("[::1]:8899", "mi_http").host == "::1"
+    assert parse_bind("unix:/run/acm/mi.sock", "mi_datagram").unix_path == "/run/acm/mi.sock"
+    for bad in ("8899", "host:", "host:99999", "unix:"):
+        with pytest.raises(ConfigError):
+            parse_bind(bad, "mi_http")
+    assert is_loopback(parse_bind("127.0.0.1:1", "x"))
+    assert is_loopback(parse_bind("[::1]:1", "x"))
+    assert is_loopback(parse_bind("localhost:1", "x"))
+    assert is_loopback(parse_bind("unix:/tmp/x", "x"))
+    assert not is_loopback(parse_bind("0.0.0.0:1", "x"))
+    assert not is_loopback(parse_bind(":1", "x"))
+    assert not is_loopback(parse_bind("[::]:1", "x"))
+
+
+def test_exposed_bind_needs_a_token() -> None:
+    check_boot([parse_bind("127.0.0.1:1", "x")], "")
+    with pytest.raises(ConfigError, match="requires mi_token"):
+        check_boot([parse_bind("0.0.0.0:1", "x")], "")
+    with pytest.raises(ConfigError, match="at least 16"):
+        check_boot([parse_bind("0.0.0.0:1", "x")], "short")
+    check_boot([parse_bind("0.0.0.0:1", "x")], "a" * 32)
+
+
+def test_authorizer_roles() -> None:
+    a = Authorizer("s3cret-token-0123456789")
+    assert a.check(admin=False, loopback_bind=False, presented=None) == "read"
+    assert a.check(admin=True, loopback_bind=True, presented=None) == "admin"
+    assert a.check(admin=True, loopback_bind=False,
+                   presented="s3cret-token-0123456789") == "admin"
+    for presented in (None, "wrong"):
+        with pytest.raises(jsonrpc.MIError) as e:
+            a.check(admin=True, loopback_bind=False, presented=presented)
+        assert e.value.code == jsonrpc.UNAUTHORIZED
+    with pytest.raises(jsonrpc.MIError):  # a wrong token is wrong even where none is needed
+        a.check(admin=False, loopback_bind=True, presented="wrong")
+
+
+def test_overrides_round_trip_and_apply(tmp_path: Path) -> None:
+    env = {"ACM_STATE_DIR": str(tmp_path), "ACM_DETECTION_THRESHOLD": "9"}
+    s = settings_mod.load(None, env=env)
+    path = overrides.overrides_path(s)
+    assert overrides.apply_overrides(s) == {}
+    overrides.write_overrides(path, {"threshold": 7, "mode": "monitor"}, "test")
+    applied = overrides.apply_overrides(s)
+    assert applied == {"threshold": 7, "mode": "monitor"}
+    assert s.threshold == 7 and s.mode == "monitor"  # the override beats the environment
+    assert s.source["threshold"].startswith("override:")
+    path.write_text('{"values": {"threshold": 1}}')
+    with pytest.raises(ConfigError, match="threshold"):
+        overrides.apply_overrides(s)
+    path.write_text("{broken")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        overrides.apply_overrides(s)
+    path.write_text('{"values": {"workers": 3}}')  # not runtime: ignored
+    assert overrides.apply_overrides(s) == {}
+
+
+def test_cli_builds_named_or_positional_params() -> None:
+    assert build_request("acm_set", ["threshold=7"])["params"] == {"threshold": "7"}
+    assert build_request("acm_unblock", ["+2348031234567"])["params"] == ["+2348031234567"]
+    assert "params" not in build_request("acm_stats", [])
+    assert build_request("acm_stats", [], actor="ops")["params"] == {"actor": "ops"}
