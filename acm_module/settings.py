@@ -253,7 +253,9 @@ def load(
         raise ConfigError(f"config file {path} does not exist")
     for s in SETTINGS:
         for var in s.env:
-            if var in env and env[var] != "":
+            # An empty value counts for strings (it disables an endpoint such as mi_http);
+            # for other types an empty variable is treated as unset.
+            if var in env and (env[var] != "" or s.type is str):
                 values[s.name] = s.parse(env[var])
                 source[s.name] = f"env:{var}"
                 break

@@ -29,6 +29,9 @@ from acm_module.server.worker import WORKER_BOOT_ERROR, worker_main
 log = logging.getLogger("acm.supervisor")
 
 HEARTBEAT_TIMEOUT = 10.0  # seconds without a beat before a worker is considered stuck
+# A sidecar whose boot failure stops the service: MI refuses to run unauthenticated on an
+# exposed address, and running without the control plane the operator asked for is worse.
+CRITICAL_SIDECARS = frozenset({"control"})
 
 
 def listen_socket(endpoint: str, ipc_mode: int = 0o660) -> socket.socket:
@@ -220,8 +223,12 @@ class Supervisor:
             name = self.sidecar_pids.pop(pid, None)
             if name is not None:
                 code = os.waitstatus_to_exitcode(status)
-                if code == WORKER_BOOT_ERROR:
+                if code == WORKER_BOOT_ERROR and name in CRITICAL_SIDECARS:
                     self._halt = f"{name} process failed to boot"
+                elif code == WORKER_BOOT_ERROR:
+                    # Calls keep flowing without metrics; retry, slowly, until the port is free.
+                    log.error("%s process failed to boot; retrying in 10s", name)
+                    self.sidecar_respawn[name] = time.monotonic() + 10.0
                 else:
                     log.warning("%s process exited with %s; respawning", name, code)
                     self.sidecar_respawn[name] = time.monotonic() + 0.5

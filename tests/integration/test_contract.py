@@ -286,6 +286,7 @@ def test_concurrent_clients_on_the_same_b_number(service, zctx) -> None:
         t.join(10)
     # The store serialises the scripts: the i-th caller sees i distinct callers, whatever the
     # worker, so exactly n - threshold + 1 calls are dropped, all under one alert.
+    assert all("distinct" in r for r in results), results
     assert sorted(r["distinct"] for r in results) == list(range(1, n + 1))
     drops = [r for r in results if r["verdict"] == "drop"]
     assert len(drops) == n - 5 + 1
