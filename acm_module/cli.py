@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from acm_module import settings as settings_mod
@@ -23,12 +22,10 @@ def _load(args: argparse.Namespace) -> settings_mod.Settings:
 
 
 def setup_logging(level: str, json_logs: bool = False) -> None:
-    """Configure the root logger."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
+    """Configure the root logger (text or JSON, secrets redacted)."""
+    from acm_module.ops.logs import setup_logging as _setup
+
+    _setup(level, json_logs)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -87,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     from acm_module.control.cli import add_cli as add_mi_cli; add_mi_cli(sub)  # noqa: E702, I001
+    from acm_module.ops.cli import add_cli as add_ops_cli; add_ops_cli(sub)  # noqa: E702, I001
     return p
 
 

@@ -1408,10 +1408,10 @@ cdef class Decider:
         """
         cdef _Buf* c = &self._const
         c.n = 0
-        _put_hdr(c, b'*', 24)
+        _put_hdr(c, b'*', 25)
         _put_bulk(c, "EVALSHA", 7)
         _put_arg(c, self.sha)
-        _put_bulk(c, "6", 1)
+        _put_bulk(c, "7", 1)
         self._k_pre = c.n
         _put_arg(c, self.window_ms)
         _put_arg(c, self.threshold)
@@ -1480,6 +1480,7 @@ cdef class Decider:
             cp = PyUnicode_AsUTF8AndSize(s.call_id, &cn)
             _put_tag_key(b, tp, tn, "c:", 2, cp, cn)
             _put_tag_key(b, tp, tn, "s", 1, "", 0)
+            _put_tag_key(b, tp, tn, "n", 1, "", 0)
             _put_bulk(b, cp, cn)
             _put_arg(b, s.na)
             _put_bulk(b, bp, bn)

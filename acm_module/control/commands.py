@@ -38,6 +38,7 @@ from acm_module.control.repository import (
 )
 from acm_module.engine import hotpath
 from acm_module.errors import ConfigError, StoreError
+from acm_module.ops.logs import apply_log_level
 from acm_module.server import stats as stats_mod
 from acm_module.store import config as store_config
 from acm_module.store.conn import StoreConnection
@@ -350,7 +351,7 @@ class Control:
             raise MIError(jsonrpc.CONFLICT, "config changed concurrently too often; retry")
         result: dict[str, Any] = {"generation": new_gen, "changed": changed, "values": merged}
         if "log_level" in changed:
-            logging.getLogger().setLevel(merged["log_level"])
+            apply_log_level(merged["log_level"])
         if persist:
             result["persisted"] = self._persist(changes, caller)
         if changed:

@@ -509,9 +509,9 @@ class Decider:
             self.counter += 1
             blocked = s[5] if len(s) > 5 else b""
             out.append(encode_command(
-                b"EVALSHA", self.sha, b"6",
+                b"EVALSHA", self.sha, b"7",
                 tag + b"w:" + bb, tag + b"e:" + bb, tag + b"ea:" + bb, tag + b"wl:" + bb,
-                tag + b"c:" + req.call_id.encode(), tag + b"s",
+                tag + b"c:" + req.call_id.encode(), tag + b"s", tag + b"n",
                 req.call_id, a, bb, req.ts_ms, self.window_ms, self.threshold, self.mode,
                 blocked, "%s-%012x" % (self.alert_prefix, self.counter), self.dedup_ttl_ms,
                 self.state_ttl_ms, req.src_ip, req.trunk, self._rx_us, self.block_ttl_ms))

@@ -190,6 +190,9 @@ class Supervisor:
                 log.warning("MI control plane not available in this build")
             else:
                 self.sidecars["control"] = control_main
+        if s.metrics_http:
+            from acm_module.ops.metrics import metrics_main
+            self.sidecars["metrics"] = metrics_main
 
     def _spawn_sidecar(self, name: str) -> None:
         pid = os.fork()

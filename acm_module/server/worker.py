@@ -15,6 +15,7 @@ import zmq
 
 from acm_module.engine import IMPLEMENTATION, hotpath
 from acm_module.errors import StoreError
+from acm_module.ops.logs import apply_log_level
 from acm_module.server import stats as stats_mod
 from acm_module.store import config as store_config
 from acm_module.store.conn import StoreConnection, load_script
@@ -299,8 +300,8 @@ class Worker:
             self.decider.configure(**{k: values[k] for k in store_config.DECIDER_KEYS})
             if "store_timeout_ms" in values:
                 self.store.set_timeout(values["store_timeout_ms"] / 1000.0)
-            if "log_level" in values:
-                logging.getLogger().setLevel(values["log_level"])
+            if values.get("log_level"):
+                apply_log_level(values["log_level"])
         except (KeyError, ValueError, TypeError) as e:
             log.error("worker %d: ignoring invalid config generation %s: %s", self.index, gen, e)
             return

@@ -19,6 +19,11 @@ def stream(partition: int) -> str:
     return tag(partition) + "s"
 
 
+def counters(partition: int) -> str:
+    """Return the alert counters hash of a partition (open:<SEV>, esc:<SEV>, upd)."""
+    return tag(partition) + "n"
+
+
 def streams(partitions: int) -> list[str]:
     """Return every partition's durable stream."""
     return [stream(p) for p in range(partitions)]

@@ -66,6 +66,17 @@ def test_seed_scenario_seven_callers_one_critical_alert(client: Client, service)
     last = alerts[-1]
     assert last["sv"] == "CRITICAL" and last["n"] == "7" and last["b"] == B
     assert sorted(last["an"].split(",")) == sorted(a_num(i) for i in range(7))
+    # The partition's alert counters (what the metrics exporter reads) saw one HIGH alert open
+    # and one escalation to CRITICAL.
+    from acm_module.engine import hotpath
+
+    conn = StoreConnection(service.store_url, timeout=2.0)
+    try:
+        raw = conn.call("HGETALL", keys.counters(hotpath.partition_of(B, 16)))
+    finally:
+        conn.close()
+    counts = {raw[i].decode(): int(raw[i + 1]) for i in range(0, len(raw), 2)}
+    assert counts == {"open:HIGH": 1, "upd": 2, "esc:CRITICAL": 1}
 
 
 def test_invalid_b_and_unverifiable_cli_change_no_state(client: Client, service) -> None:

@@ -758,8 +758,8 @@ def test_decider_blocks_and_noscript() -> None:
         payload, n = d.pipeline()
         assert n == 1
         cmd, _ = mod.parse_reply(payload, 0)
-        assert cmd[0] == b"EVALSHA" and cmd[16] == b"al-9|HIGH"  # ARGV[8]: blocked
-        assert cmd[17] == b"0123abcd-0000-4000-8000-000000000001"
+        assert cmd[0] == b"EVALSHA" and cmd[17] == b"al-9|HIGH"  # ARGV[8]: blocked
+        assert cmd[18] == b"0123abcd-0000-4000-8000-000000000001"
         out = d.finish([[b"drop", b"blocked", 0, b"al-9", b"HIGH", 0,
                          [b"+2348031234567", b"+2348031234500"]]])
         assert msgpack.unpackb(out[0]) == {"verdict": "drop", "reason": "blocked",

@@ -8,6 +8,8 @@
 -- KEYS[4] wlist   STRING present while the B-number is whitelisted (value: reason)
 -- KEYS[5] dedup   STRING reply already given to this Call-ID
 -- KEYS[6] stream  STREAM durable record of every decision and alert change (the writer's input)
+-- KEYS[7] counts  HASH  alerts opened / escalated per severity in this partition (for metrics:
+--                       16 small hashes to read instead of every record of the streams)
 --
 -- ARGV: 1 call_id, 2 a, 3 b, 4 ts_ms, 5 window_ms, 6 threshold, 7 mode (block|monitor),
 --       8 blocked ("" or "alert_id|severity"), 9 alert id to use if an alert opens,
@@ -48,7 +50,7 @@ else
   redis.call('PEXPIRE', KEYS[1], ARGV[11])
   if distinct >= tonumber(ARGV[6]) then
     verdict, reason = 'drop', 'masking'
-    local ep = redis.call('HMGET', KEYS[2], 'id', 'first', 'last', 'max', 'ver')
+    local ep = redis.call('HMGET', KEYS[2], 'id', 'first', 'last', 'max', 'ver', 'sev')
     local op, first, last, maxn, ver
     if (not ep[1]) or tonumber(ep[3]) < ts - window then
       op, alert_id, first, last, maxn, ver = 'open', ARGV[9], ts, ts, distinct, 1
@@ -61,6 +63,14 @@ else
       ver = tonumber(ep[5]) + 1
     end
     sev = band(maxn)
+    if op == 'open' then
+      redis.call('HINCRBY', KEYS[7], 'open:' .. sev, 1)
+    else
+      redis.call('HINCRBY', KEYS[7], 'upd', 1)
+      if sev ~= ep[6] then redis.call('HINCRBY', KEYS[7], 'esc:' .. sev, 1) end
+    end
+    -- Counters of a partition: a fixed handful of fields, kept 30 days past the last alert.
+    redis.call('PEXPIRE', KEYS[7], 2592000000)
     local members = redis.call('ZRANGEBYSCORE', KEYS[1], lo, '+inf')
     for i = 1, #members, 500 do
       redis.call('SADD', KEYS[3], unpack(members, i, math.min(i + 499, #members)))

@@ -1,0 +1,203 @@
+"""Structured logging that never prints secrets.
+
+`setup_logging(level, json_logs)` installs one stderr handler on the root logger: plain text, or
+one JSON object per line (`log_json`). Both formats pass through the same redaction:
+
+* passwords in URLs (`redis://:pw@host`, `postgresql://u:pw@h/db`) become `***`;
+* `password=…`, `token=…`, `secret=…`, `api_key=…`, `Authorization: Bearer …` values become `***`
+  (DSNs, QuestDB conf strings, HTTP headers);
+* every registered secret (`register_secret()`; `setup_logging` registers the passwords and
+  tokens of the settings it is given or finds in the environment) is replaced wherever it shows;
+* phone numbers (E.164 `+…` and national `0…`) are masked in records above DEBUG, and the
+  `a`/`b`/`a_number`/`b_number` extras are dropped there: subscriber numbers are personal data,
+  kept for debugging sessions only.
+
+`apply_log_level(level)` changes the level at runtime. The MI command `acm_log_level` calls it in
+the control process; other processes (workers, the metrics sidecar) call it when they see a new
+`log_level` in the live config (`{acm.cfg}:detect`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import os
+import re
+import sys
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any, TextIO
+from urllib.parse import unquote, urlparse
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MASK = "***"
+NUMBER_FIELDS = frozenset({"a", "b", "a_number", "b_number", "caller", "called"})
+# Settings whose values are secrets or URLs that may carry one.
+SECRET_SETTINGS = ("store", "database_url", "questdb_url", "clickhouse_url", "mi_token")
+
+_URL_PASSWORD = re.compile(r"(?P<pre>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:)[^\s@]+@")
+_KEY_VALUE = re.compile(
+    r"(?P<key>\b(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|mi_token"
+    r"|auth_token)\b[\"']?\s*[=:]\s*[\"']?)(?P<val>[^\s\"',;&}]+)", re.IGNORECASE)
+_BEARER = re.compile(r"(?P<key>\b(?:Bearer|Basic)\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+_E164 = re.compile(r"(?<![\w+])\+(?P<d>\d{8,15})\b")
+_NATIONAL = re.compile(r"(?<![\w+])0(?P<d>\d{9,13})\b")
+
+_secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+_HANDLER_FLAG = "_acm_ops_handler"
+_STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName"}
+
+
+def register_secret(value: str | None) -> None:
+    """Redact `value` from every log record from now on (values under 4 characters ignored)."""
+    if value and len(value) >= 4:
+        with _secrets_lock:
+            _secrets.add(value)
+
+
+def secrets_of(values: Mapping[str, Any]) -> list[str]:
+    """Return the secrets in settings values: URL passwords and tokens."""
+    out: list[str] = []
+    for name in SECRET_SETTINGS:
+        v = values.get(name)
+        if not isinstance(v, str) or not v:
+            continue
+        if "://" in v:
+            with contextlib.suppress(ValueError):
+                pw = urlparse(v).password
+                if pw:
+                    out += [pw, unquote(pw)]
+        else:
+            for m in _KEY_VALUE.finditer(v):
+                out.append(m.group("val"))
+            if name == "mi_token":
+                out.append(v)
+    return out
+
+
+def redact(text: str, mask_numbers: bool = False) -> str:
+    """Return text with secrets (and, if asked, phone numbers) masked."""
+    text = _URL_PASSWORD.sub(lambda m: m.group("pre") + MASK + "@", text)
+    text = _KEY_VALUE.sub(lambda m: m.group("key") + MASK, text)
+    text = _BEARER.sub(lambda m: m.group("key") + MASK, text)
+    with _secrets_lock:
+        known = sorted(_secrets, key=len, reverse=True)
+    for s in known:
+        if s in text:
+            text = text.replace(s, MASK)
+    if mask_numbers:
+        text = _E164.sub(lambda m: "+" + _mask_digits(m.group("d")), text)
+        text = _NATIONAL.sub(lambda m: "0" + _mask_digits(m.group("d")), text)
+    return text
+
+
+def _mask_digits(d: str) -> str:
+    """Keep the first 3 and last 2 digits: enough to tell numbers apart, not to dial them."""
+    return d[:3] + "*" * (len(d) - 5) + d[-2:]
+
+
+def _redact_value(v: Any, mask_numbers: bool) -> Any:
+    if isinstance(v, str):
+        return redact(v, mask_numbers)
+    if isinstance(v, bool | int | float) or v is None:
+        return v
+    if isinstance(v, Mapping):
+        return {str(k): _redact_value(x, mask_numbers) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_redact_value(x, mask_numbers) for x in v]
+    return redact(str(v), mask_numbers)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, pid, msg, exc, and the record's extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        mask = record.levelno > logging.DEBUG
+        out: dict[str, Any] = {
+            "ts": _dt.datetime.fromtimestamp(record.created, _dt.UTC).isoformat(
+                timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "msg": redact(record.getMessage(), mask),
+        }
+        if record.exc_info:
+            out["exc"] = redact(self.formatException(record.exc_info), mask)
+        if record.stack_info:
+            out["stack"] = redact(self.formatStack(record.stack_info), mask)
+        for k, v in vars(record).items():
+            if k in _STD_ATTRS or k.startswith("_") or k in out:
+                continue
+            if mask and k in NUMBER_FIELDS:
+                continue
+            out[k] = _redact_value(v, mask)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """The classic one-line format, redacted the same way as JSON."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record), record.levelno > logging.DEBUG)
+
+
+def setup_logging(level: str = "INFO", json_logs: bool = False,
+                  secrets: Iterable[str] | None = None, stream: TextIO | None = None) -> None:
+    """Configure the root logger: one stderr handler, JSON or text, redacting secrets.
+
+    `secrets`: values to redact; None takes them from the environment variables that carry
+    URLs and tokens. Calling it again replaces the handler it installed. Raises ValueError for
+    an unknown level.
+    """
+    if secrets is None:
+        secrets = secrets_of(_secret_settings_from_env())
+    for s in secrets:
+        register_secret(s)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, _HANDLER_FLAG, False) or isinstance(h, logging.StreamHandler):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_logs else TextFormatter())
+    setattr(handler, _HANDLER_FLAG, True)
+    root.addHandler(handler)
+    apply_log_level(level)
+
+
+def _secret_settings_from_env() -> dict[str, str]:
+    from acm_module.settings import BY_NAME
+
+    out: dict[str, str] = {}
+    for name in SECRET_SETTINGS:
+        setting = BY_NAME.get(name)
+        for var in setting.env if setting else ():
+            if os.environ.get(var):
+                out[name] = os.environ[var]
+                break
+    return out
+
+
+def apply_log_level(level: str) -> str:
+    """Set the root log level at runtime (MI `acm_log_level`); return the previous level name.
+
+    Raises ValueError for a name other than DEBUG, INFO, WARNING, ERROR, CRITICAL.
+    """
+    name = str(level).strip().upper()
+    if name not in LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LEVELS)}, got {level!r}")
+    root = logging.getLogger()
+    old = logging.getLevelName(root.level)
+    root.setLevel(name)
+    if old != name:
+        logging.getLogger("acm.logs").info("log level %s -> %s", old, name)
+    return old
+
+
+set_level = apply_log_level

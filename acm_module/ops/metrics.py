@@ -1,0 +1,587 @@
+"""Prometheus metrics of the pool, built from what the workers and the writer publish in the store.
+
+Workers never touch prometheus_client: each one writes a JSON snapshot a second into
+`{acm.stats}:w` (acm_module/server/stats.py) and one collector, in one process, turns every
+fresh snapshot into labelled series at scrape time. That is multiprocess-safe by construction
+(no shared mmap files, nothing to clean up when a worker dies) and sees every pool sharing the
+store. Counters are labelled per worker (`host`, `worker` = index): a respawned worker restarts
+its counters at zero, which Prometheus reads as a counter reset, whereas a sum over workers would
+drop when a worker goes away and fake a spike in rate().
+
+Alerts are counted from the partition streams: a background thread XREADs every `k=a` record
+from the ids the streams had when this process started (counters start at zero, as counters do).
+
+`metrics_main(settings)` is the supervisor's sidecar entry point (`metrics_http`, default
+127.0.0.1:9464; exit 3 when it cannot bind, so a misconfiguration stops the service loudly).
+`acm metrics --once` prints one exposition to stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from acm_module.engine import hotpath
+from acm_module.errors import StoreError
+from acm_module.server import stats as stats_mod
+from acm_module.store import config as store_config
+from acm_module.store import keys
+from acm_module.store.conn import StoreConnection
+
+log = logging.getLogger("acm.metrics")
+
+BOOT_ERROR = 3  # the supervisor stops instead of respawning in a loop
+WRITER_STATS_KEY = "{acm.stats}:writer"  # one JSON per writer (acm_module/persist/writer.py)
+DLQ_KEY = "{acm.dlq}:s"
+WRITER_GROUP_PREFIX = "acm."  # the writer's consumer group of sink X is "acm.X"
+WRITER_FRESH_S = 10.0
+SEVERITIES = ("LOW", "HIGH", "CRITICAL")
+_SCAN_IDLE_S = 1.0
+
+# Prometheus bucket bounds: every half octave from 8 us to ~1.05 s. Each is exactly a boundary
+# of the workers' log-linear buckets (8 per octave), so the conversion loses nothing.
+LATENCY_BOUNDS_US: tuple[float, ...] = tuple(2 ** (k / 2) for k in range(6, 41))
+_PER_OCTAVE = 8
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split "host:port" ("[::1]:9464", ":9464" = all interfaces). Raises ValueError."""
+    host, sep, port_s = value.strip().rpartition(":")
+    if not sep or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"metrics_http must be host:port, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port_s)
+
+
+def prometheus_buckets(sparse: dict[str, int]) -> tuple[list[tuple[str, float]], float, int]:
+    """Convert a sparse log-linear histogram (bucket index -> count, microseconds) into
+    cumulative Prometheus buckets in seconds; return (buckets, estimated sum in s, count).
+
+    The sum is estimated from each bucket's geometric midpoint (the workers keep no sum), at
+    most ~4.5 % off per observation.
+    """
+    counts: dict[int, int] = {}
+    for k, v in sparse.items():
+        with contextlib.suppress(TypeError, ValueError):
+            counts[int(k)] = counts.get(int(k), 0) + int(v)
+    total = sum(counts.values())
+    est_sum_us = sum(c * 2 ** ((i + 0.5) / _PER_OCTAVE) for i, c in counts.items())
+    out: list[tuple[str, float]] = []
+    for bound in LATENCY_BOUNDS_US:
+        # Source bucket i ends at 2**((i+1)/8): it is below `bound` when i+1 <= 8*log2(bound).
+        last = round(math.log2(bound) * _PER_OCTAVE) - 1
+        out.append((_fmt(bound / 1e6), float(sum(c for i, c in counts.items() if i <= last))))
+    out.append(("+Inf", float(total)))
+    return out, est_sum_us / 1e6, total
+
+
+def _fmt(v: float) -> str:
+    return repr(float(f"{v:.9g}"))
+
+
+def _num(v: Any, default: float = 0.0) -> float:
+    """Return v as a float, or default when it is not a number (snapshots are read defensively)."""
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, int | float) and math.isfinite(v):
+        return float(v)
+    return default
+
+
+# -- alerts, from the counters decide.lua keeps per partition ----------------------------------
+class AlertScanner:
+    """Read the alert counters of every partition, in a background thread.
+
+    `opened[sev]` counts alerts opened at that severity; `escalated[sev]` counts updates that
+    raised an open alert to that severity. decide.lua keeps both in `{acm.<p>}:n`, so they
+    survive exporter restarts.
+    """
+
+    def __init__(self, store_url: str, partitions: int, poll_s: float = _SCAN_IDLE_S) -> None:
+        self.store_url = store_url
+        self.streams = keys.streams(partitions)
+        self.poll_s = poll_s
+        self.opened: dict[str, int] = dict.fromkeys(SEVERITIES, 0)
+        self.escalated: dict[str, int] = dict.fromkeys(SEVERITIES, 0)
+        self.updates = 0
+        self.read = 0
+        self.healthy = False
+        self.log_level: str | None = None
+        self._ids: dict[str, str] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._conn = StoreConnection(store_url, timeout=2.0)
+        self._thread = threading.Thread(target=self._run, name="alert-scanner", daemon=True)
+        self._cfg_next = 0.0
+
+    def prime(self) -> bool:
+        """Say whether the store answers (the counters need no starting point)."""
+        try:
+            self._conn.round_trip(hotpath.encode_command("PING"), 1, 2.0)
+        except StoreError as e:
+            log.warning("alert counter: store not reachable yet: %s", e)
+            return False
+        self._ids = {}
+        return True
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+        self._conn.close()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return a consistent copy of the counters."""
+        with self._lock:
+            return {"opened": dict(self.opened), "escalated": dict(self.escalated),
+                    "updates": self.updates, "read": self.read, "healthy": self.healthy}
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                if self._ids is None and not self.prime():
+                    raise StoreError("store unreachable")
+                n = self.scan_once()
+                self._follow_log_level()
+                self.healthy = True
+                backoff = 0.1
+                if n == 0:
+                    self._stop.wait(self.poll_s)
+            except StoreError as e:
+                self.healthy = False
+                log.debug("alert scanner: %s (retry in %.1fs)", e, backoff)
+                self._conn.close()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception:  # a bug here must not kill the exporter; it is logged loudly
+                log.exception("alert scanner failed; restarting from the current stream ends")
+                self._ids = None
+                self._stop.wait(1.0)
+
+    def scan_once(self) -> int:
+        """Read every partition's alert counters (kept by decide.lua); return 1 when read.
+
+        Reading 16 small hashes costs the same at any call rate, where following the streams
+        meant parsing every decision record.
+        """
+        payload = b"".join(hotpath.encode_command("HGETALL", keys.counters(p))
+                           for p in range(len(self.streams)))
+        replies = self._conn.round_trip(payload, len(self.streams), 5.0)
+        opened = dict.fromkeys(SEVERITIES, 0)
+        escalated = dict.fromkeys(SEVERITIES, 0)
+        updates = 0
+        for p, r in enumerate(replies):
+            if isinstance(r, hotpath.RespError):
+                raise StoreError(f"HGETALL {keys.counters(p)}: {r.message}")
+            for i in range(0, len(r or ()) - 1, 2):
+                name, value = r[i].decode(errors="replace"), int(r[i + 1])
+                kind, _, sev = name.partition(":")
+                if kind == "open" and sev in opened:
+                    opened[sev] += value
+                elif kind == "esc" and sev in escalated:
+                    escalated[sev] += value
+                elif kind == "upd":
+                    updates += value
+        with self._lock:
+            self.opened, self.escalated, self.updates = opened, escalated, updates
+            self.read += 1
+        return 0  # idle wait between reads
+
+    def _follow_log_level(self) -> None:
+        """Apply the live config's log_level (MI acm_log_level) to this process, once a second."""
+        now = time.monotonic()
+        if now < self._cfg_next:
+            return
+        self._cfg_next = now + 1.0
+        _, values = store_config.read(self._conn)
+        level = (values or {}).get("log_level")
+        if level and level != self.log_level:
+            from acm_module.ops.logs import apply_log_level
+
+            with contextlib.suppress(ValueError):
+                apply_log_level(level)
+                self.log_level = level
+
+
+# -- the collector -----------------------------------------------------------------------------
+class PoolCollector(Collector):
+    """Build every acm series from the store at scrape time."""
+
+    def __init__(self, store_url: str, partitions: int, scanner: AlertScanner | None = None,
+                 fresh_s: float = stats_mod.FRESH_S) -> None:
+        self.store_url = store_url
+        self.partitions = partitions
+        self.scanner = scanner
+        self.fresh_s = fresh_s
+        self._conn = StoreConnection(store_url, timeout=2.0)
+        self._lock = threading.Lock()  # one scrape at a time on the one connection
+        self._pids: dict[tuple[str, str], int] = {}
+        self._restarts: dict[tuple[str, str], int] = {}
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # metric names depend on the store's content; skip registry-time collection
+
+    def collect(self) -> Iterator[Metric]:
+        t0 = time.perf_counter()
+        with self._lock:
+            try:
+                raw = self._read_store()
+            except StoreError as e:
+                log.warning("metrics: store unreachable: %s", e)
+                raw = None
+        up = GaugeMetricFamily("acm_store_up",
+                               "1 when the metrics process could read the store in this scrape.")
+        up.add_metric([], 1.0 if raw is not None else 0.0)
+        yield up
+        if raw is not None:
+            yield from self._worker_metrics(raw["workers"])
+            yield from self._config_metrics(raw["config"])
+            yield from self._stream_metrics(raw["xlen"], raw["groups"], raw["dlq"])
+            yield from self._writer_metrics(raw["writers"])
+        yield from self._alert_metrics()
+        took = GaugeMetricFamily("acm_metrics_scrape_seconds",
+                                 "Seconds this scrape spent reading the store.")
+        took.add_metric([], time.perf_counter() - t0)
+        yield took
+
+    # -- reading -----------------------------------------------------------------------------
+    def _read_store(self) -> dict[str, Any]:
+        """Read everything in one pipelined round trip. Raises StoreError."""
+        streams = keys.streams(self.partitions)
+        cmds = [hotpath.encode_command("HGETALL", stats_mod.STATS_KEY),
+                hotpath.encode_command("HGETALL", WRITER_STATS_KEY),
+                hotpath.encode_command("HMGET", store_config.CONFIG_KEY, "gen", "values"),
+                hotpath.encode_command("XLEN", DLQ_KEY)]
+        cmds += [hotpath.encode_command("XLEN", s) for s in streams]
+        cmds += [hotpath.encode_command("XINFO", "GROUPS", s) for s in streams]
+        r = self._conn.round_trip(b"".join(cmds), len(cmds), 2.0)
+        p = self.partitions
+        return {"workers": r[0], "writers": r[1], "config": r[2],
+                "dlq": r[3], "xlen": r[4:4 + p], "groups": r[4 + p:4 + 2 * p]}
+
+    def _fresh_snapshots(self, raw: Any, fresh_s: float) -> list[dict[str, Any]]:
+        if not isinstance(raw, list):
+            return []
+        now = time.time()
+        out = []
+        for i in range(1, len(raw), 2):
+            try:
+                snap = json.loads(raw[i])
+            except (TypeError, ValueError):
+                continue
+            if isinstance(snap, dict) and now - _num(snap.get("updated")) <= fresh_s:
+                out.append(snap)
+        return out
+
+    # -- series ------------------------------------------------------------------------------
+    def _worker_metrics(self, raw: Any) -> Iterator[Metric]:
+        # One series set per worker slot: when a slot has two fresh snapshots (a respawn, or a
+        # supervisor restart within the freshness window) the newest process wins.
+        newest: dict[tuple[str, str], dict[str, Any]] = {}
+        for snap in self._fresh_snapshots(raw, self.fresh_s):
+            slot = (str(snap.get("host", "")), str(snap.get("index", "")))
+            if slot not in newest or _num(snap.get("started")) > _num(newest[slot].get("started")):
+                newest[slot] = snap
+        for slot, snap in newest.items():
+            pid = int(_num(snap.get("pid")))
+            old = self._pids.get(slot)
+            if old is not None and old != pid:
+                self._restarts[slot] = self._restarts.get(slot, 0) + 1
+            self._pids[slot] = pid
+            self._restarts.setdefault(slot, 0)
+
+        lw = ["host", "worker"]
+        workers = GaugeMetricFamily("acm_workers", "Worker processes with a fresh stats snapshot.")
+        workers.add_metric([], float(len(newest)))
+        started = GaugeMetricFamily("acm_worker_start_time_seconds",
+                                    "Start time of the process serving a worker slot.", labels=lw)
+        restarts = CounterMetricFamily(
+            "acm_worker_restarts", "Times a worker slot changed process (seen by this exporter).",
+            labels=lw)
+        requests = CounterMetricFamily("acm_requests", "Request frames received.", labels=lw)
+        batches = CounterMetricFamily("acm_batches", "Store round trips (batches).", labels=lw)
+        decisions = CounterMetricFamily("acm_decisions", "Decisions by verdict and reason.",
+                                        labels=[*lw, "verdict", "reason"])
+        dups = CounterMetricFamily("acm_duplicates",
+                                   "Requests answered from the Call-ID dedup (retransmissions).",
+                                   labels=lw)
+        errors = CounterMetricFamily(
+            "acm_errors", "Requests answered with an error, by kind (bad_request, bad_frame, "
+            "store_unavailable, store_error).", labels=[*lw, "kind"])
+        failures = CounterMetricFamily("acm_store_failures",
+                                       "Store connection failures and timeouts.", labels=lw)
+        connected = GaugeMetricFamily("acm_worker_store_connected",
+                                      "1 when the worker holds a store connection.", labels=lw)
+        gen = GaugeMetricFamily("acm_worker_config_generation",
+                                "Config generation the worker applies.", labels=lw)
+        total_h = HistogramMetricFamily(
+            "acm_decision_latency_seconds",
+            "Receive to reply per request, store round trip included (sum estimated).",
+            labels=lw)
+        service_h = HistogramMetricFamily(
+            "acm_decision_service_seconds",
+            "Receive to reply per request, store wait excluded (sum estimated).", labels=lw)
+
+        for (host, index), snap in sorted(newest.items()):
+            lv = [host, index]
+            started.add_metric(lv, _num(snap.get("started")))
+            restarts.add_metric(lv, float(self._restarts.get((host, index), 0)))
+            requests.add_metric(lv, _num(snap.get("requests")))
+            batches.add_metric(lv, _num(snap.get("batches")))
+            failures.add_metric(lv, _num(snap.get("store_failures")))
+            connected.add_metric(lv, 1.0 if snap.get("store_up") else 0.0)
+            gen.add_metric(lv, _num(snap.get("config_generation")))
+            d = snap.get("decisions") if isinstance(snap.get("decisions"), dict) else {}
+            kinds = {"bad_request": _num(d.get("error")),
+                     "bad_frame": _num(snap.get("bad_frames")),
+                     "store_unavailable": _num(d.get("store_unavailable")),
+                     "store_error": _num(d.get("store_error"))}
+            for kind, v in kinds.items():
+                errors.add_metric([*lv, kind], v)
+            dups.add_metric(lv, _num(d.get("dup")))
+            for key, v in sorted(d.items()):
+                verdict, sep, reason = str(key).partition(":")
+                if sep:
+                    decisions.add_metric([*lv, verdict, reason], _num(v))
+            for fam, name in ((total_h, "total_us"), (service_h, "service_us")):
+                sparse = snap.get(name) if isinstance(snap.get(name), dict) else {}
+                buckets, est_sum, _ = prometheus_buckets(sparse)
+                fam.add_metric(lv, buckets, est_sum)
+        yield from (workers, started, restarts, requests, batches, decisions, dups, errors,
+                    failures, connected, gen, total_h, service_h)
+
+    def _config_metrics(self, raw: Any) -> Iterator[Metric]:
+        gen = GaugeMetricFamily("acm_config_generation",
+                                "Live config generation published in the store.")
+        values: dict[str, Any] = {}
+        if isinstance(raw, list) and len(raw) == 2 and raw[0] is not None:
+            gen.add_metric([], _num(_int_or(raw[0])))
+            with contextlib.suppress(TypeError, ValueError):
+                values = json.loads(raw[1]) if raw[1] is not None else {}
+        yield gen
+        if not isinstance(values, dict) or not values:
+            return
+        for name, key, help_ in (
+                ("acm_detection_threshold", "threshold",
+                 "Distinct A-numbers within the window that mean masking."),
+                ("acm_detection_window_seconds", "window", "Sliding window in seconds."),
+                ("acm_detection_block_ttl_seconds", "block_ttl",
+                 "Seconds detected A-numbers stay blocked (0 = off).")):
+            if key in values:
+                g = GaugeMetricFamily(name, help_)
+                g.add_metric([], _num(_float_or(values[key])))
+                yield g
+        if "mode" in values:
+            m = GaugeMetricFamily("acm_detection_mode", "1 for the live mode (block|monitor).",
+                                  labels=["mode"])
+            for mode in ("block", "monitor"):
+                m.add_metric([mode], 1.0 if values["mode"] == mode else 0.0)
+            yield m
+
+    def _stream_metrics(self, xlen: list[Any], groups: list[Any], dlq: Any) -> Iterator[Metric]:
+        length = GaugeMetricFamily("acm_stream_length",
+                                   "Records in a partition's durable stream (not yet trimmed).",
+                                   labels=["partition"])
+        for p, n in enumerate(xlen):
+            length.add_metric([str(p)], float(n) if isinstance(n, int) else 0.0)
+        yield length
+        backlog: dict[str, dict[str, float]] = {}
+        lag_known: dict[str, bool] = {}
+        for g in groups:
+            if not isinstance(g, list):
+                continue  # no such stream yet, or no groups
+            for info in g:
+                d = _pairs(info)
+                name = d.get("name")
+                if not isinstance(name, bytes) or not name.startswith(WRITER_GROUP_PREFIX.encode()):
+                    continue
+                sink = name[len(WRITER_GROUP_PREFIX):].decode(errors="replace")
+                agg = backlog.setdefault(sink, {"pending": 0.0, "lag": 0.0})
+                agg["pending"] += _num(d.get("pending"))
+                lag = d.get("lag")
+                if isinstance(lag, int):
+                    agg["lag"] += lag
+                    lag_known.setdefault(sink, True)
+                else:
+                    lag_known[sink] = False  # Redis < 7 / servers that do not report lag
+        fam = GaugeMetricFamily(
+            "acm_writer_backlog_records",
+            "Stream records per sink: pending = delivered, not yet committed; lag = not yet "
+            "delivered (absent when the server does not report it).", labels=["sink", "kind"])
+        for sink, agg in sorted(backlog.items()):
+            fam.add_metric([sink, "pending"], agg["pending"])
+            if lag_known.get(sink):
+                fam.add_metric([sink, "lag"], agg["lag"])
+        yield fam
+        dead = GaugeMetricFamily("acm_dead_letters", "Records in the writer's dead-letter stream.")
+        dead.add_metric([], float(dlq) if isinstance(dlq, int) else 0.0)
+        yield dead
+
+    def _writer_metrics(self, raw: Any) -> Iterator[Metric]:
+        snaps = self._fresh_snapshots(raw, WRITER_FRESH_S)
+        lw = ["writer", "sink"]
+        writers = GaugeMetricFamily("acm_writers", "Writer processes with a fresh stats snapshot.")
+        writers.add_metric([], float(len(snaps)))
+        up = GaugeMetricFamily("acm_writer_sink_up", "1 when the sink accepts writes.", labels=lw)
+        state = GaugeMetricFamily("acm_writer_sink_state", "1 for the sink's current state.",
+                                  labels=[*lw, "state"])
+        records = CounterMetricFamily("acm_writer_records", "Records written, by kind.",
+                                      labels=[*lw, "kind"])
+        dead = CounterMetricFamily("acm_writer_dead_lettered",
+                                   "Records the sink refused, moved to the dead-letter stream.",
+                                   labels=lw)
+        retries = CounterMetricFamily("acm_writer_retries", "Retried batches.", labels=lw)
+        failing = GaugeMetricFamily("acm_writer_consecutive_failures",
+                                    "Consecutive failed attempts of the sink.", labels=lw)
+        last_ok = GaugeMetricFamily("acm_writer_last_success_time_seconds",
+                                    "When the sink last committed a batch.", labels=lw)
+        for snap in snaps:
+            writer = str(snap.get("writer", snap.get("consumer", "")))
+            sinks = snap.get("sinks") if isinstance(snap.get("sinks"), dict) else {}
+            for sink, st in sorted(sinks.items()):
+                if not isinstance(st, dict):
+                    continue
+                lv = [writer, str(sink)]
+                s = str(st.get("state", ""))
+                up.add_metric(lv, 1.0 if s == "up" else 0.0)
+                if s:
+                    state.add_metric([*lv, s], 1.0)
+                for kind in ("decisions", "alerts"):
+                    if kind in st:
+                        records.add_metric([*lv, kind], _num(st.get(kind)))
+                dead.add_metric(lv, _num(st.get("dead_lettered")))
+                retries.add_metric(lv, _num(st.get("retries")))
+                failing.add_metric(lv, _num(st.get("consecutive_failures")))
+                if "last_ok" in st:
+                    last_ok.add_metric(lv, _num(st.get("last_ok")))
+        yield from (writers, up, state, records, dead, retries, failing, last_ok)
+
+    def _alert_metrics(self) -> Iterator[Metric]:
+        if self.scanner is None:
+            return
+        snap = self.scanner.snapshot()
+        opened = CounterMetricFamily("acm_alerts", "Alerts opened, by severity at opening.",
+                                     labels=["severity"])
+        esc = CounterMetricFamily("acm_alert_escalations",
+                                  "Open alerts raised to a higher severity, by the new severity.",
+                                  labels=["severity"])
+        for sev in SEVERITIES:
+            opened.add_metric([sev], float(snap["opened"][sev]))
+            esc.add_metric([sev], float(snap["escalated"][sev]))
+        updates = CounterMetricFamily("acm_alert_updates",
+                                      "Alert records that joined an open alert.")
+        updates.add_metric([], float(snap["updates"]))
+        read = CounterMetricFamily("acm_alert_counter_reads",
+                                   "Reads of the per-partition alert counters.")
+        read.add_metric([], float(snap["read"]))
+        healthy = GaugeMetricFamily("acm_alert_scanner_up",
+                                    "1 when the alert counter is reading the streams.")
+        healthy.add_metric([], 1.0 if snap["healthy"] else 0.0)
+        yield from (opened, esc, updates, read, healthy)
+
+
+def _pairs(flat: Any) -> dict[str, Any]:
+    if not isinstance(flat, list):
+        return {}
+    out = {}
+    for i in range(0, len(flat) - 1, 2):
+        k = flat[i]
+        out[k.decode(errors="replace") if isinstance(k, bytes) else str(k)] = flat[i + 1]
+    return out
+
+
+def _int_or(v: Any) -> float:
+    try:
+        return float(int(v))
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _float_or(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+# -- entry points ------------------------------------------------------------------------------
+def build_registry(store_url: str, partitions: int, scanner: AlertScanner | None
+                   ) -> tuple[CollectorRegistry, PoolCollector]:
+    """Return a registry holding only the acm collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    collector = PoolCollector(store_url, partitions, scanner)
+    registry.register(collector)
+    return registry, collector
+
+
+def render_once(store_url: str, partitions: int) -> bytes:
+    """Return one text exposition (worker, config, stream and writer series; no alert counts)."""
+    registry, collector = build_registry(store_url, partitions, None)
+    try:
+        return generate_latest(registry)
+    finally:
+        collector.close()
+
+
+def metrics_main(settings: Any) -> int:
+    """Serve GET /metrics on settings.metrics_http until SIGTERM; return the exit code.
+
+    Returns 3 (boot error) when the address is invalid or cannot be bound.
+    """
+    # Observability must never take CPU from the call path: the workers win every contest.
+    with contextlib.suppress(OSError):
+        os.nice(10)
+    try:
+        host, port = parse_listen(settings.metrics_http)
+    except ValueError as e:
+        log.error("metrics: %s", e)
+        return BOOT_ERROR
+    scanner = AlertScanner(settings.store, settings.partitions)
+    scanner.prime()  # counters start at the streams' current ends; retried in the thread
+    registry, collector = build_registry(settings.store, settings.partitions, scanner)
+    try:
+        server, _thread = start_http_server(port, host, registry)
+    except OSError as e:
+        log.error("metrics: cannot listen on %s: %s", settings.metrics_http, e)
+        collector.close()
+        scanner.stop()
+        return BOOT_ERROR
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor owns Ctrl-C
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    scanner.start()
+    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.shutdown()
+        server.server_close()
+        scanner.stop()
+        collector.close()
+    return 0
