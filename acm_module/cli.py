@@ -40,6 +40,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return Supervisor(s).run()
 
 
+_URL_SETTINGS = ("database_url", "store", "questdb_url", "clickhouse_url")
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     """Print the settings reference, or the resolved values."""
     if args.markdown:
@@ -48,7 +51,9 @@ def cmd_settings(args: argparse.Namespace) -> int:
     s = _load(args)
     for name in sorted(s.values):
         value = s.values[name]
-        if name in ("database_url", "store") and value and "@" in str(value):
+        secret = name in ("mi_token", "webhook_secret")
+        url_with_password = name in _URL_SETTINGS and "@" in str(value)
+        if value and (secret or url_with_password):
             value = "***"
         print(f"{name} = {value!r}  ({s.source[name]})")
     return 0
@@ -84,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     from acm_module.control.cli import add_cli as add_mi_cli; add_mi_cli(sub)  # noqa: E702, I001
+    from acm_module.persist.cli import add_cli; add_cli(sub)  # noqa: E702, I001
     from acm_module.ops.cli import add_cli as add_ops_cli; add_ops_cli(sub)  # noqa: E702, I001
+    from acm_module.actions.cli import add_cli as add_actions_cli; add_actions_cli(sub)  # noqa: E702, I001
+    from acm_module.compliance.cli import add_cli as add_report_cli; add_report_cli(sub)  # noqa: E702, I001
     return p
 
 

@@ -62,6 +62,7 @@ class Setting:
     validator: Validator | None = None
     runtime: bool = False  # changeable at runtime through MI without a restart
     section: str = "service"
+    octal: bool = False  # a file mode: strings are read as octal
 
     def parse(self, raw: Any) -> Any:
         """Convert raw (str from env/CLI, or TOML value) to the declared type and validate it.
@@ -69,11 +70,21 @@ class Setting:
         Raises ConfigError naming the setting.
         """
         try:
-            value = _coerce(self.type, raw)
-            if self.validator is not None and value is not None:
+            if raw is None:
+                raise ValueError("must have a value")
+            if self.octal and isinstance(raw, str):
+                # File modes are octal whatever their spelling: "0660", "660", "0o660".
+                text = raw.strip().lower()
+                value = int(text[2:] if text.startswith("0o") else text, 8)
+            else:
+                value = _coerce(self.type, raw)
+            if self.validator is not None:
                 self.validator(value)
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"{self.name}: {e} (got {raw!r})") from e
+            shown = repr(raw)
+            if len(shown) > 60:  # an error must not echo a 30 KB value into replies and logs
+                shown = shown[:57] + "..."
+            raise ConfigError(f"{self.name}: {e} (got {shown})") from e
         return value
 
 
@@ -162,7 +173,8 @@ SETTINGS: tuple[Setting, ...] = (
             validator=_one_of("DEBUG", "INFO", "WARNING", "ERROR"), runtime=True),
     Setting("log_json", bool, False, "Structured JSON logs.", env=("ACM_LOG_JSON",),
             cli="--log-json"),
-    Setting("ipc_mode", int, 0o660, "Permissions of the ipc socket file.", env=("ACM_IPC_MODE",)),
+    Setting("ipc_mode", int, 0o660, "Permissions of the ipc socket file (octal, e.g. 0660).",
+            env=("ACM_IPC_MODE",), validator=_range(0, 0o777), octal=True),
     # --- control plane (MI) ---
     Setting("mi_http", str, "127.0.0.1:8899",
             "MI JSON-RPC over HTTP (POST /mi) host:port; empty disables.",
@@ -183,6 +195,85 @@ SETTINGS: tuple[Setting, ...] = (
             env=("QUESTDB_URL",), cli="--questdb-url", section="writer"),
     Setting("clickhouse_url", str, "", "ClickHouse server URL; empty uses embedded chdb.",
             env=("CLICKHOUSE_URL",), cli="--clickhouse-url", section="writer"),
+    # --- actions and compliance ---
+    Setting("opensips_mi_url", str, "",
+            "OpenSIPS MI endpoint for ending attack calls (dlg_end_dlg): "
+            "http://host:8888/mi (mi_http) or udp:host:port (mi_datagram); empty disables.",
+            env=("ACM_OPENSIPS_MI_URL",), cli="--opensips-mi-url", section="actions"),
+    Setting("opensips_mi_timeout", float, 2.0, "Seconds to wait for one OpenSIPS MI reply.",
+            env=("ACM_OPENSIPS_MI_TIMEOUT",), cli="--opensips-mi-timeout",
+            validator=_range(0.05, 60), section="actions"),
+    Setting("disconnect_cause", int, 21,
+            "Q.850 cause in the Reason header of the BYEs that end attack calls.",
+            env=("ACM_DISCONNECT_CAUSE",), cli="--disconnect-cause", validator=_range(1, 127),
+            section="actions"),
+    Setting("webhook_url", str, "", "HTTP(S) URL that receives alert events; empty disables.",
+            env=("ACM_WEBHOOK_URL",), cli="--webhook-url", section="actions"),
+    Setting("webhook_secret", str, "",
+            "Shared secret of the webhook's HMAC-SHA256 signature (required with webhook_url).",
+            env=("ACM_WEBHOOK_SECRET",), section="actions"),
+    Setting("webhook_timeout", float, 5.0, "Seconds one webhook delivery attempt may take.",
+            env=("ACM_WEBHOOK_TIMEOUT",), cli="--webhook-timeout", validator=_range(0.1, 120),
+            section="actions"),
+    Setting("webhook_retries", int, 5, "Retries of a failed webhook delivery (jittered backoff).",
+            env=("ACM_WEBHOOK_RETRIES",), cli="--webhook-retries", validator=_range(0, 50),
+            section="actions"),
+    Setting("webhook_backoff_max", float, 30.0, "Longest wait between webhook retries (s).",
+            env=("ACM_WEBHOOK_BACKOFF_MAX",), cli="--webhook-backoff-max",
+            validator=_range(0.01, 3600), section="actions"),
+    Setting("actions_on_escalation", bool, True,
+            "Notify again when an open alert escalates to a higher severity.",
+            env=("ACM_ACTIONS_ON_ESCALATION",), cli="--actions-on-escalation",
+            section="actions"),
+    Setting("actions_max_age", float, 3600.0,
+            "Alerts older than this (s, by stream time) are recorded as skipped, not acted on.",
+            env=("ACM_ACTIONS_MAX_AGE",), cli="--actions-max-age", validator=_positive,
+            section="actions"),
+    Setting("actions_consumer", str, "",
+            "Consumer name of this actions runner in its stream group (default: host name).",
+            env=("ACM_ACTIONS_CONSUMER",), cli="--actions-consumer", section="actions"),
+    Setting("ncc_reporting", bool, False,
+            "Give every alert an NCC incident id (NCC-<operator_code>-<YYYYMMDD>-<seq>).",
+            env=("ACM_NCC_REPORTING",), cli="--ncc-reporting", section="compliance"),
+    Setting("operator_code", str, "OPR",
+            "Operator code in NCC incident ids (2-16 letters/digits).",
+            env=("ACM_OPERATOR_CODE",), cli="--operator-code", section="compliance"),
+    Setting("report_timezone", str, "Africa/Lagos",
+            "Time zone of report days and NCC incident-id dates (IANA name).",
+            env=("ACM_REPORT_TIMEZONE",), cli="--report-timezone", section="compliance"),
+    Setting("report_dir", str, "/var/lib/acm/reports", "Where `acm report daily` writes.",
+            env=("ACM_REPORT_DIR",), cli="--report-dir", section="compliance"),
+    Setting("writer_sinks", str, "auto",
+            "Sinks this writer feeds, comma-separated (pg,questdb,clickhouse); auto: pg if "
+            "database_url, questdb if questdb_url, clickhouse always (chdb if no URL).",
+            env=("ACM_WRITER_SINKS",), cli="--sinks", section="writer"),
+    Setting("writer_consumer", str, "",
+            "Consumer name in the stream groups (default: host name); unique per writer.",
+            env=("ACM_WRITER_CONSUMER",), cli="--consumer", section="writer"),
+    Setting("writer_batch", int, 5000, "Most stream records the writer handles per batch.",
+            env=("ACM_WRITER_BATCH",), cli="--batch", validator=_positive, section="writer"),
+    Setting("writer_claim_idle_ms", int, 60000,
+            "Take over records another writer left unacknowledged this long (ms).",
+            env=("ACM_WRITER_CLAIM_IDLE_MS",), cli="--claim-idle-ms", validator=_positive,
+            section="writer"),
+    Setting("writer_backoff_max", float, 30.0,
+            "Longest wait between retries of a down sink (s).",
+            env=("ACM_WRITER_BACKOFF_MAX",), cli="--backoff-max", validator=_positive,
+            section="writer"),
+    Setting("writer_latency_wait_ms", float, 1500.0,
+            "How long a fresh decision waits for its latency record before it is written "
+            "without one (ms).",
+            env=("ACM_WRITER_LATENCY_WAIT_MS",), cli="--latency-wait-ms", section="writer"),
+    Setting("writer_process_per_sink", bool, True,
+            "Run each sink in its own process (uses more cores); off: one thread per sink.",
+            env=("ACM_WRITER_PROCESS_PER_SINK",), cli="--process-per-sink", section="writer"),
+    Setting("chdb_path", str, "/var/lib/acm/chdb",
+            "Data directory of the embedded ClickHouse (chdb) when clickhouse_url is empty.",
+            env=("ACM_CHDB_PATH",), cli="--chdb-path", section="writer"),
+    Setting("whitelist_sync_interval", float, 10.0,
+            "Seconds between whitelist reconciles (database -> store markers); 0 disables.",
+            env=("ACM_WHITELIST_SYNC_INTERVAL",), cli="--whitelist-sync-interval",
+            section="writer"),
     # --- operations ---
     Setting("metrics_http", str, "127.0.0.1:9464",
             "Prometheus metrics endpoint host:port (GET /metrics); empty disables.",

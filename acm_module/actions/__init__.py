@@ -1,1 +1,1 @@
-"""actions."""
+"""Actions on alerts, off the hot path: end the attack's calls, notify, record; the lifecycle."""

@@ -48,7 +48,7 @@ log = logging.getLogger("acm.control")
 EVENT_RELOAD = "E_ACM_RELOAD"
 _CAS_ATTEMPTS = 20
 _ACTOR_RE = re.compile(r"[^A-Za-z0-9_.@:+-]")
-_SECRET_SETTINGS = ("mi_token",)
+_SECRET_SETTINGS = ("mi_token", "webhook_secret")
 _URL_SETTINGS = ("store", "database_url", "questdb_url", "clickhouse_url")
 
 
@@ -154,6 +154,7 @@ class Control:
         # thread-safe) and makes each read-modify-write atomic within this process.
         self._lock = threading.RLock()
         self.commands: dict[str, Command] = {c.name: c for c in self._declare()}
+        from acm_module.actions.mi import register; register(self)  # noqa: E702, I001
 
     def close(self) -> None:
         """Close the repository and the store connection."""
@@ -586,9 +587,11 @@ def _clean_actor(actor: Any, role: str, has_token: bool) -> str:
 
 
 def _redact_setting(name: str, value: Any) -> Any:
-    if name in _SECRET_SETTINGS:
+    # Read-only commands need no token even on exposed binds: hide anything secret-shaped.
+    if name in _SECRET_SETTINGS or any(w in name for w in ("secret", "token", "password")):
         return "***" if value else ""
-    if name in _URL_SETTINGS and isinstance(value, str) and "@" in value:
+    if (name in _URL_SETTINGS or name.endswith("_url")) and isinstance(value, str) \
+            and "@" in value:
         scheme, _, rest = value.partition("://")
         return f"{scheme}://***@{rest.rpartition('@')[2]}"
     return value

@@ -71,7 +71,7 @@ def parse(raw: bytes) -> Request:
         raise MIError(INVALID_REQUEST, f"request larger than {MAX_REQUEST_BYTES} bytes")
     try:
         obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise MIError(PARSE_ERROR, f"parse error: {e}") from e
     if isinstance(obj, list):
         raise MIError(INVALID_REQUEST, "batch requests are not supported")

@@ -35,7 +35,8 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MASK = "***"
 NUMBER_FIELDS = frozenset({"a", "b", "a_number", "b_number", "caller", "called"})
 # Settings whose values are secrets or URLs that may carry one.
-SECRET_SETTINGS = ("store", "database_url", "questdb_url", "clickhouse_url", "mi_token")
+SECRET_SETTINGS = ("store", "database_url", "questdb_url", "clickhouse_url", "mi_token",
+                   "webhook_secret")
 
 _URL_PASSWORD = re.compile(r"(?P<pre>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:)[^\s@]+@")
 _KEY_VALUE = re.compile(

@@ -100,7 +100,7 @@ class PostgresSink(Sink):
         if self._conn is not None:
             try:
                 self._conn.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection must not raise
+            except Exception:  # closing a broken connection must not raise
                 pass
             self._conn = None
 

@@ -109,16 +109,27 @@ def _uuid(f: dict[str, str], name: str, empty_ok: bool = False) -> str:
 
 def parse_decision(sid: str, f: dict[str, str]) -> Decision:
     """Return the Decision of a `k=d` record's fields. Raises RecordError."""
-    call_id = _str(f, "id")
-    if not call_id:
-        raise RecordError("empty call id")
+    # The writer parses every decision: one pass with direct lookups, helpers only on error.
+    try:
+        call_id, a, b, v, r, sv, md = f["id"], f["a"], f["b"], f["v"], f["r"], f["sv"], f["md"]
+        ts, n, rx = int(f["ts"]), int(f["n"]), int(f["rx"])
+    except KeyError as e:
+        raise RecordError(f"missing field {e.args[0]!r}") from None
+    except ValueError:
+        for name in ("ts", "n", "rx"):
+            _int(f, name, -(1 << 63), 1 << 63)
+        raise
+    if not call_id or len(call_id) > 512 or len(a) > 512 or len(b) > 512:
+        raise RecordError("call id empty, or a field longer than 512")
+    if not 0 <= ts <= _MAX_TS_MS or not 0 <= n < 1 << 31 or not 0 <= rx <= _MAX_TS_MS * 1000:
+        raise RecordError(f"ts/n/rx out of range: {ts}/{n}/{rx}")
+    if v not in VERDICTS or r not in REASONS or md not in MODES or (sv and sv not in SEVERITIES):
+        raise RecordError(f"unknown verdict/reason/severity/mode: {v!r}/{r!r}/{sv!r}/{md!r}"[:200])
+    al = f.get("al") or ""
     return Decision(
-        sid=sid, call_id=call_id, a=_str(f, "a"), b=_str(f, "b"), ts_ms=_int(f, "ts"),
-        verdict=_choice(f, "v", VERDICTS), reason=_choice(f, "r", REASONS),
-        distinct=_int(f, "n", 0, 1 << 31), alert_id=_uuid(f, "al", empty_ok=True),
-        severity=_choice(f, "sv", SEVERITIES, empty_ok=True), src_ip=_str(f, "ip", 64, False),
-        trunk=_str(f, "tr", 128, False), rx_us=_int(f, "rx", 0, _MAX_TS_MS * 1000),
-        mode=_choice(f, "md", MODES))
+        sid=sid, call_id=call_id, a=a, b=b, ts_ms=ts, verdict=v, reason=r, distinct=n,
+        alert_id=_uuid(f, "al") if al else "", severity=sv,
+        src_ip=_str(f, "ip", 64, False), trunk=_str(f, "tr", 128, False), rx_us=rx, mode=md)
 
 
 def parse_alert(sid: str, f: dict[str, str]) -> AlertChange:

@@ -154,11 +154,32 @@ class StoreConnection:
 
     def call(self, *args: bytes | str | int, timeout: float | None = None) -> object:
         """Run one command; raise StoreReplyError for an error reply."""
+        self._drop_if_closed()
         (reply,) = self.round_trip(hotpath.encode_command(*args), 1,
                                    timeout if timeout is not None else max(self.timeout, 1.0))
         if isinstance(reply, hotpath.RespError):
             raise StoreReplyError(reply.message)
         return reply
+
+    def _drop_if_closed(self) -> None:
+        """Close a connection the server has closed while it sat idle (a store restart).
+
+        Without this the first command after a restart fails with "store closed the
+        connection" although the store is back. Only call() checks (one non-blocking peek):
+        the hot path's round_trip() stays at two system calls.
+        """
+        s = self._sock
+        if s is None:
+            return
+        try:
+            data = s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return  # open, nothing pending: the normal case
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.close()
 
     def script_load(self, source: str) -> str:
         """Load a Lua script and return its SHA1."""

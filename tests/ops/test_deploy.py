@@ -13,7 +13,6 @@ from servers import REPO, unavailable
 
 from acm_module import settings
 from acm_module.ops import metrics
-from acm_module.persist.cli import WRITER_SETTINGS
 from acm_module.server import stats as stats_mod
 from acm_module.store import config as store_config
 from acm_module.store.conn import StoreConnection
@@ -73,7 +72,7 @@ def test_compose_stack_is_complete_and_dragonfly_correct() -> None:
     assert any(f.startswith("--proactor_threads=") for f in flags)
     assert "--cache_mode=false" in flags and "--lock_on_hashtags" in flags
     assert not any("allow-undeclared-keys" in f for f in flags)
-    known_env = {e for s in (*settings.SETTINGS, *WRITER_SETTINGS) for e in s.env}
+    known_env = {e for s in settings.SETTINGS for e in s.env}
     for name in ("acm-serve", "acm-writer"):
         env = services[name]["environment"]
         assert env["DRAGONFLY_URL"].split("@")[1].startswith("dragonfly:6379")

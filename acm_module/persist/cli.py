@@ -1,0 +1,183 @@
+"""The `acm writer` and `acm db migrate` subcommands (wired into acm_module/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import socket
+import sys
+from typing import Any
+
+from acm_module import settings as settings_mod
+from acm_module.errors import ConfigError
+
+log = logging.getLogger("acm.writer")
+
+
+_SHARED = ("store", "partitions", "database_url", "questdb_url", "clickhouse_url",
+           "default_country_code", "graceful_timeout", "log_level", "log_json")
+# The writer's own settings are declared with every other one in acm_module/settings.py.
+_WRITER = (*(s.name for s in settings_mod.SETTINGS if s.name.startswith("writer_")),
+           "chdb_path", "whitelist_sync_interval")
+
+
+def _add_flags(p: argparse.ArgumentParser) -> None:
+    for name in _SHARED + _WRITER:
+        s = settings_mod.BY_NAME[name]
+        if s.cli:
+            p.add_argument(s.cli, dest=name, default=None, help=f"{s.description} [{name}]")
+
+
+def resolve(args: argparse.Namespace, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Return every setting the writer uses (default < file < env < CLI)."""
+    env = dict(os.environ if env is None else env)
+    cli = {n: getattr(args, n, None) for n in settings_mod.BY_NAME}
+    return dict(settings_mod.load(getattr(args, "config", None), env=env, cli=cli).values)
+
+
+def configured_sinks(v: dict[str, Any]) -> list[str]:
+    """Return the deployment's sinks: pg with a database URL, questdb with a QuestDB URL,
+    clickhouse always (chdb when no server URL)."""
+    return [n for n, on in (("pg", v["database_url"]), ("questdb", v["questdb_url"]),
+                            ("clickhouse", True)) if on]
+
+
+def build_sinks(v: dict[str, Any]) -> list[Any]:
+    """Create the sinks the settings enable. Raises ConfigError."""
+    from acm_module.persist.clickhouse import ClickHouseSink
+    from acm_module.persist.pg import PostgresSink
+    from acm_module.persist.questdb import QuestDBSink
+
+    wanted = v["writer_sinks"].strip().lower()
+    if wanted == "auto":
+        names = configured_sinks(v)
+    else:
+        names = [n.strip() for n in wanted.split(",") if n.strip()]
+    sinks: list[Any] = []
+    for n in names:
+        if n == "pg":
+            if not v["database_url"]:
+                raise ConfigError("sink pg needs database_url (DATABASE_URL)")
+            sinks.append(PostgresSink(v["database_url"]))
+        elif n == "questdb":
+            if not v["questdb_url"]:
+                raise ConfigError("sink questdb needs questdb_url (QUESTDB_URL)")
+            try:
+                sinks.append(QuestDBSink(v["questdb_url"], store_url=v["store"],
+                                         latency_wait_ms=v["writer_latency_wait_ms"]))
+            except ValueError as e:
+                raise ConfigError(f"questdb_url: {e}") from e
+        elif n == "clickhouse":
+            sinks.append(ClickHouseSink(v["clickhouse_url"], v["chdb_path"]))
+        else:
+            raise ConfigError(f"unknown sink {n!r} (pg, questdb, clickhouse)")
+    if not sinks:
+        raise ConfigError("no sink enabled")
+    return sinks
+
+
+def cmd_writer(args: argparse.Namespace) -> int:
+    """Run the persistence writer until SIGTERM."""
+    from acm_module.cli import setup_logging
+    from acm_module.persist.writer import ProcessPerSink, Writer, WriterConfig
+
+    v = resolve(args)
+    setup_logging(v["log_level"], v["log_json"])
+    if not v["store"]:
+        raise ConfigError("the writer needs the store URL (DRAGONFLY_URL or --store)")
+    cfg = WriterConfig(
+        store_url=v["store"], partitions=v["partitions"],
+        consumer=v["writer_consumer"] or socket.gethostname(), batch=v["writer_batch"],
+        claim_idle_ms=v["writer_claim_idle_ms"], backoff_max_s=v["writer_backoff_max"],
+        graceful_timeout_s=v["graceful_timeout"], all_sinks=tuple(configured_sinks(v)))
+    def periodic() -> list[tuple[float, Any]]:
+        if v["database_url"] and v["whitelist_sync_interval"] > 0:
+            return [(v["whitelist_sync_interval"], _whitelist_syncer(v))]
+        return []
+
+    sinks = build_sinks(v)  # validates the settings; no connection is opened here
+    if v["writer_process_per_sink"] and len(sinks) > 1:
+        # Each child builds its own sink after fork(): nothing with a socket crosses it.
+        factories = {s.name: functools.partial(_one_sink, v, s.name) for s in sinks}
+        return ProcessPerSink(cfg, factories, periodic).run()
+    return Writer(cfg, sinks, periodic()).run()
+
+
+def _one_sink(v: dict[str, Any], name: str) -> Any:
+    (sink,) = build_sinks({**v, "writer_sinks": name})
+    return sink
+
+
+def _whitelist_syncer(v: dict[str, Any]) -> Any:
+    import psycopg
+
+    from acm_module.persist import whitelist_sync
+    from acm_module.store.conn import StoreConnection
+
+    state: dict[str, Any] = {}
+
+    def whitelist_sync_tick() -> None:
+        try:
+            if state.get("db") is None or state["db"].closed:
+                state["db"] = psycopg.connect(v["database_url"], connect_timeout=5)
+            if state.get("store") is None:
+                state["store"] = StoreConnection(v["store"], timeout=5.0)
+            whitelist_sync.reconcile(state["db"], state["store"], v["partitions"],
+                                     v["default_country_code"])
+        except Exception:
+            for k in ("db", "store"):
+                if state.get(k) is not None:
+                    state[k].close()
+                    state[k] = None
+            raise
+
+    return whitelist_sync_tick
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    """Apply pending database migrations."""
+    from acm_module.cli import setup_logging
+    from acm_module.persist.migrate import migrate
+
+    v = resolve(args)
+    setup_logging(v["log_level"], v["log_json"])
+    if not v["database_url"]:
+        raise ConfigError("acm db migrate needs database_url (DATABASE_URL or --database-url)")
+    done = migrate(v["database_url"])
+    print(f"applied {len(done)} migration(s): {', '.join(done) or 'none pending'}")
+    return 0
+
+
+def cmd_writer_stats(args: argparse.Namespace) -> int:
+    """Print per-sink backlog and state as JSON."""
+    import json
+
+    from acm_module.persist.writer import writer_stats
+    from acm_module.store.conn import StoreConnection
+
+    v = resolve(args)
+    c = StoreConnection(v["store"], timeout=5.0)
+    try:
+        json.dump(writer_stats(c, v["partitions"]), sys.stdout, indent=2)
+    finally:
+        c.close()
+    print()
+    return 0
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register `acm writer` (+ `acm writer stats`) and `acm db migrate`."""
+    w = subparsers.add_parser("writer", help="persist the decision streams into the databases")
+    _add_flags(w)
+    w.set_defaults(func=cmd_writer)
+    wsub = w.add_subparsers(dest="writer_command")
+    ws = wsub.add_parser("stats", help="print per-sink backlog and state")
+    _add_flags(ws)
+    ws.set_defaults(func=cmd_writer_stats)
+    db = subparsers.add_parser("db", help="database administration")
+    dsub = db.add_subparsers(dest="db_command", required=True)
+    m = dsub.add_parser("migrate", help="apply pending migrations (idempotent)")
+    _add_flags(m)
+    m.set_defaults(func=cmd_db_migrate)
