@@ -150,6 +150,7 @@ class Service:
                 try:
                     r = c.request({"call_id": "ready-probe", "a": "x", "b": "y"})
                     if r.get("reason") == "invalid_b":
+                        self._wait_mi(deadline)
                         return
                 except ServiceTimeout:
                     pass
@@ -157,6 +158,13 @@ class Service:
                     c.close()
             time.sleep(0.05)
         raise RuntimeError(f"acm serve not ready in {timeout}s:\n{self.read_log()}")
+
+    def _wait_mi(self, deadline: float) -> None:
+        """Wait until the MI HTTP endpoint accepts, when it is on loopback (tests drive it)."""
+        mi = self.env.get("ACM_MI_HTTP", "")
+        host, _, port = mi.rpartition(":")
+        if host in ("127.0.0.1", "localhost") and port.isdigit():
+            wait_port(int(port), max(0.1, deadline - time.monotonic()))
 
     def worker_pids(self) -> list[int]:
         assert self.proc is not None

@@ -226,7 +226,7 @@ def _alert_view(f: dict[str, str]) -> dict[str, Any]:
     a_numbers = [a for a in f.get("an", "").split(",") if a]
     return {
         "alert_id": f["al"],
-        "alert_type": "CALL_MASKING",
+        "alert_type": "MULTICALL_MASKING",
         "severity": f["sv"],
         "b_number": f["b"],
         "a_numbers": a_numbers,

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_udp_port, mi_error, wait_in_sync
+from mi_helpers import free_udp_port, mi_error, wait_in_sync
 from opensips.mi import OpenSIPSMIException
 from servers import REPO, Service, free_port
 
