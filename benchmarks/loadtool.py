@@ -482,7 +482,8 @@ def _in_worker_stats(store: str) -> dict[str, Any]:
     try:
         s = stats.summarize(stats.read_all(c))
         return {"service_us": s["service_us"], "total_us": s["total_us"],
-                "requests": s["requests"], "batches": s["batches"]}
+                "service_cpu_us": s["service_cpu_us"], "requests": s["requests"],
+                "batches": s["batches"]}
     finally:
         c.close()
 
@@ -518,7 +519,9 @@ def render(results: dict[str, Result], meta: dict[str, Any]) -> str:
     iw = meta.get("in_worker")
     if iw:
         lines.append("")
-        lines.append(f"in-worker service time (receive->send, store excluded): "
+        lines.append(f"in-worker service CPU per batch (receive->send, store excluded): "
+                     f"p50 {iw['service_cpu_us']['p50']} us, p99 {iw['service_cpu_us']['p99']} us")
+        lines.append(f"in-worker service wall time (same span, incl. preemption): "
                      f"p50 {iw['service_us']['p50']} us, p99 {iw['service_us']['p99']} us; "
                      f"in-worker total incl. store: p50 {iw['total_us']['p50']} us, "
                      f"p99 {iw['total_us']['p99']} us; "

@@ -91,6 +91,9 @@ class WorkerStats:
     decisions: dict[str, int] = field(default_factory=dict)  # "verdict:reason"/"dup"/errors
     service_us: Histogram = field(default_factory=Histogram)  # receive -> send, store excluded
     total_us: Histogram = field(default_factory=Histogram)  # receive -> send
+    # CPU the worker's thread spent on the batch (no waiting, no preemption by the threads
+    # its system calls woke): what the hot path costs, whatever else the machine runs.
+    service_cpu_us: Histogram = field(default_factory=Histogram)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -100,6 +103,7 @@ class WorkerStats:
             "store_failures": self.store_failures, "store_up": self.store_up,
             "config_generation": self.config_generation, "decisions": dict(self.decisions),
             "service_us": self.service_us.to_sparse(), "total_us": self.total_us.to_sparse(),
+            "service_cpu_us": self.service_cpu_us.to_sparse(),
         }
 
 
@@ -127,12 +131,13 @@ def read_all(conn: Any, fresh_s: float = FRESH_S) -> list[dict[str, Any]]:
 def summarize(snaps: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge worker snapshots into totals with latency percentiles."""
     decisions: dict[str, int] = {}
-    service, total = Histogram(), Histogram()
+    service, total, cpu = Histogram(), Histogram(), Histogram()
     for s in snaps:
         for k, v in s["decisions"].items():
             decisions[k] = decisions.get(k, 0) + v
         service.merge(Histogram.from_sparse(s["service_us"]))
         total.merge(Histogram.from_sparse(s["total_us"]))
+        cpu.merge(Histogram.from_sparse(s.get("service_cpu_us", {})))
     return {
         "workers": len(snaps),
         "requests": sum(s["requests"] for s in snaps),
@@ -142,4 +147,5 @@ def summarize(snaps: list[dict[str, Any]]) -> dict[str, Any]:
         "decisions": decisions,
         "service_us": {f"p{p}": service.percentile(p) for p in (50, 90, 99, 99.9)},
         "total_us": {f"p{p}": total.percentile(p) for p in (50, 90, 99, 99.9)},
+        "service_cpu_us": {f"p{p}": cpu.percentile(p) for p in (50, 90, 99, 99.9)},
     }

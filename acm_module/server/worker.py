@@ -152,6 +152,7 @@ class Worker:
     def _serve_batch(self) -> int:
         """Answer every request queued (up to max_batch); return how many there were."""
         t_rx = time.perf_counter_ns()
+        cpu0 = time.thread_time_ns()
         sock = self.sock
         envelopes: list[list[bytes]] = []
         frames: list[bytes] = []
@@ -187,6 +188,7 @@ class Worker:
         n = len(frames)
         self.stats.total_us.add(total_us, n)
         self.stats.service_us.add(total_us - self._store_time_ns / 1000.0, n)
+        self.stats.service_cpu_us.add((time.thread_time_ns() - cpu0) / 1000.0, n)
         return n
 
     def decide(self, frames: list[bytes], now_ms: int, rx_us: int) -> list[bytes]:
