@@ -263,8 +263,9 @@ def _straightforward_worker(backend: str, store: str, sha: str, ready: Any) -> N
             continue
         t = "{acm.%d}:" % partition_of(b, 16)
         n += 1
-        v = r.evalsha(sha, 7, t + "w:" + b, t + "e:" + b, t + "ea:" + b, t + "wl:" + b,
-                      t + "c:" + req.call_id, t + "s", t + "n", req.call_id, a, b, req.ts_ms,
+        v = r.evalsha(sha, 8, t + "w:" + b, t + "e:" + b, t + "ea:" + b, t + "wl:" + b,
+                      t + "c:" + req.call_id, t + "s", t + "n", t + "k", req.call_id, a, b,
+                      req.ts_ms,
                       5000, 5, "block", "", f"00000000-0000-4000-8000-{n:012x}", 32000, 11000,
                       "", "", 0, 0)
         s.send(msgpack.packb({"verdict": v[0].decode(), "reason": v[1].decode(),
@@ -317,8 +318,9 @@ def evalsha_floor(store: str, seconds: float) -> array:
     while time.perf_counter() < t_end:
         b = f"+23480{rng.randrange(10**6):08d}"
         t = "{acm.%d}:" % (i % 16)
-        cmd = encode_command("EVALSHA", sha, 7, t + "w:" + b, t + "e:" + b, t + "ea:" + b,
-                             t + "wl:" + b, t + f"c:floor-{i}", t + "s", t + "n", f"floor-{i}",
+        cmd = encode_command("EVALSHA", sha, 8, t + "w:" + b, t + "e:" + b, t + "ea:" + b,
+                             t + "wl:" + b, t + f"c:floor-{i}", t + "s", t + "n", t + "k",
+                             f"floor-{i}",
                              f"+23481{rng.randrange(10**8):08d}", b, int(time.time() * 1000),
                              5000, 5, "block", "", "00000000-0000-4000-8000-000000000000",
                              32000, 11000, "", "", 0, 0)

@@ -1194,7 +1194,6 @@ cdef enum:
     _SCRIPT = 1    # decide.lua result
     _RECORD = 2    # plain XADD of a decision that changes no state (result ignored)
 
-_BLOCK_KEY = b"{acm.blk}:a"
 _REPLY_INVALID_B = encode_reply("allow", "invalid_b", 0)
 _REPLY_UNVERIFIABLE = encode_reply("allow", "unverifiable_cli", 0)
 
@@ -1204,7 +1203,6 @@ cdef class _Slot(_Req):
     cdef int kind
     cdef object reply    # _READY/_RECORD: the reply frame
     cdef object na, nb   # normalised A/B numbers, or None
-    cdef object blocked  # "alert_id|severity" (bytes) from the block list, or None
 
 
 cdef int _bump_any(object counts, object key) except -1:
@@ -1302,7 +1300,7 @@ cdef class Decider:
 
     # -- phase 1 ---------------------------------------------------------------------------
     def begin(self, frames, long long now_ms, rx_us):
-        """Decode a batch of request frames; afterwards call block_query()/pipeline()."""
+        """Decode a batch of request frames; afterwards call pipeline()."""
         cdef const unsigned char* p
         cdef Py_ssize_t n, i = 0
         cdef _Slot s
@@ -1316,7 +1314,7 @@ cdef class Decider:
             s = <_Slot>PyList_GET_ITEM(pool, i)
             i += 1
             self._n = i
-            s.blocked = s.na = s.nb = None
+            s.na = s.nb = None
             _view(frame, &p, &n)
             if _too_large(n, max_bytes, s) or _decode(p, n, s):
                 s.kind = _READY
@@ -1340,65 +1338,7 @@ cdef class Decider:
         for i in range(self._n, PyList_GET_SIZE(pool)):
             s = <_Slot>PyList_GET_ITEM(pool, i)
             s.call_id = s.a = s.b = s.src_ip = s.trunk = s.reply = s.na = s.nb = None
-            s.blocked = None
         self._rx_us = rx_us
-
-    def block_query(self):
-        """Return the HMGET of the batch's A-numbers in the block list, or b'' if not needed."""
-        cdef _Slot s
-        cdef Py_ssize_t i, m = 0
-        cdef _Buf* b = &self._out
-        if self.block_ttl_ms <= 0:
-            return b""
-        for i in range(self._n):
-            if (<_Slot>PyList_GET_ITEM(self._pool, i)).kind == _SCRIPT:
-                m += 1
-        if m == 0:
-            return b""
-        b.n = 0
-        _put_hdr(b, b'*', m + 2)
-        _put_bulk(b, "HMGET", 5)
-        _put_bulk(b, "{acm.blk}:a", 11)
-        for i in range(self._n):
-            s = <_Slot>PyList_GET_ITEM(self._pool, i)
-            if s.kind == _SCRIPT:
-                _put_arg(b, s.na)
-        return PyBytes_FromStringAndSize(b.p, b.n)
-
-    @cython.boundscheck(True)
-    @cython.wraparound(True)
-    def apply_blocks(self, values):
-        """Take the HMGET result of block_query(): mark blocked A-numbers for this batch.
-
-        Missing values (a short or empty list, as the worker passes for an error reply) are
-        not blocked.
-        """
-        cdef _Slot s
-        cdef Py_ssize_t i, j = 0, nv = len(values)
-        cdef long long exp
-        cdef const char* p
-        cdef const char* bar
-        cdef Py_ssize_t n
-        for i in range(self._n):
-            s = <_Slot>PyList_GET_ITEM(self._pool, i)
-            if s.kind != _SCRIPT:
-                continue
-            v = values[j] if j < nv else None
-            j += 1
-            if v is None:
-                continue
-            if type(v) is bytes:
-                p = PyBytes_AS_STRING(v)
-                n = PyBytes_GET_SIZE(v)
-                bar = <const char*>memchr(p, b'|', n)
-                if bar != NULL and _parse_ll(p, bar - p, &exp):
-                    if exp > s.ts_ms and s.blocked is None:
-                        s.blocked = PyBytes_FromStringAndSize(bar + 1, n - (bar - p) - 1)
-                    continue
-            # The twin's code for anything else (no '|', odd numbers, other types).
-            exp_s, _, rest = v.partition(b"|")
-            if int(exp_s) > s.ts_ms and s.blocked is None:
-                s.blocked = rest
 
     cdef int _consts(self) except -1:
         """Encode the arguments every EVALSHA of the batch shares, once per batch.
@@ -1408,10 +1348,10 @@ cdef class Decider:
         """
         cdef _Buf* c = &self._const
         c.n = 0
-        _put_hdr(c, b'*', 25)
+        _put_hdr(c, b'*', 26)
         _put_bulk(c, "EVALSHA", 7)
         _put_arg(c, self.sha)
-        _put_bulk(c, "7", 1)
+        _put_bulk(c, "8", 1)
         self._k_pre = c.n
         _put_arg(c, self.window_ms)
         _put_arg(c, self.threshold)
@@ -1481,15 +1421,13 @@ cdef class Decider:
             _put_tag_key(b, tp, tn, "c:", 2, cp, cn)
             _put_tag_key(b, tp, tn, "s", 1, "", 0)
             _put_tag_key(b, tp, tn, "n", 1, "", 0)
+            _put_tag_key(b, tp, tn, "k", 1, "", 0)
             _put_bulk(b, cp, cn)
             _put_arg(b, s.na)
             _put_bulk(b, bp, bn)
             _put_bulk_ll(b, s.ts_ms)
             _put(b, c.p + self._k_pre, self._k_t1 - self._k_pre)
-            if s.blocked is None:
-                _put_bulk(b, "", 0)
-            else:
-                _put_arg(b, s.blocked)
+            _put_bulk(b, "", 0)  # ARGV[8], reserved
             if self.counter >= 0:
                 # "%s-%012x" % (alert_prefix, counter), without building the str
                 ctr = <unsigned long long>self.counter

@@ -483,7 +483,7 @@ class Control:
                        limit: int = 100) -> dict[str, Any]:
         """List blocked A-numbers (expiry is in call time, ~ wall time when live)."""
         now = _now_ms()
-        blocks = [b for b in store_config.list_blocks(self.conn)
+        blocks = [b for b in store_config.list_blocks(self.conn, self.settings.partitions)
                   if number is None or b["a_number"] == number][:limit]
         for b in blocks:
             b["expires_at"] = iso_ms(b["expires_ms"])
@@ -492,9 +492,9 @@ class Control:
 
     def acm_unblock(self, caller: Caller, number: str) -> dict[str, Any]:
         """Release one blocked A-number."""
-        old = next((b for b in store_config.list_blocks(self.conn)
+        old = next((b for b in store_config.list_blocks(self.conn, self.settings.partitions)
                     if b["a_number"] == number), None)
-        if not store_config.unblock(self.conn, number):
+        if not store_config.unblock(self.conn, number, self.settings.partitions):
             raise MIError(jsonrpc.NOT_FOUND, f"{number} is not blocked")
         audit.record(self.repo, caller, "acm_unblock", number, old, None)
         return {"unblocked": number}

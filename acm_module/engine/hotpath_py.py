@@ -390,8 +390,6 @@ def parse_reply(buf: bytes | bytearray, pos: int) -> tuple[object, int]:
 # The decider
 # ---------------------------------------------------------------------------------------------
 
-_BLOCK_KEY = b"{acm.blk}:a"
-
 # What a pending slot in a batch is waiting for.
 _READY = 0     # reply already encoded (error, invalid number)
 _SCRIPT = 1    # decide.lua result
@@ -435,7 +433,7 @@ class Decider:
 
     # -- phase 1 ---------------------------------------------------------------------------
     def begin(self, frames: list[bytes], now_ms: int, rx_us: int) -> None:
-        """Decode a batch of request frames; afterwards call block_query()/pipeline()."""
+        """Decode a batch of request frames; afterwards call pipeline()."""
         slots: list[list] = []
         for frame in frames:
             try:
@@ -452,36 +450,6 @@ class Decider:
             slots.append([_SCRIPT, b"", req, a, b])
         self._slots = slots
         self._rx_us = rx_us
-
-    def block_query(self) -> bytes:
-        """Return the HMGET of the batch's A-numbers in the block list, or b'' if not needed."""
-        if self.block_ttl_ms <= 0:
-            return b""
-        args: list[bytes | str] = [b"HMGET", _BLOCK_KEY]
-        for s in self._slots:
-            if s[0] == _SCRIPT:
-                args.append(s[3])
-        if len(args) == 2:
-            return b""
-        return encode_command(*args)
-
-    def apply_blocks(self, values: list) -> None:
-        """Take the HMGET result of block_query(): mark blocked A-numbers for this batch.
-
-        Missing values (a short or empty list, as the worker passes for an error reply) are
-        not blocked.
-        """
-        i = 0
-        for s in self._slots:
-            if s[0] != _SCRIPT:
-                continue
-            v = values[i] if i < len(values) else None
-            i += 1
-            if v is None:
-                continue
-            exp, _, rest = v.partition(b"|")
-            if int(exp) > s[2].ts_ms:
-                s.append(rest)  # "alert_id|severity"
 
     def pipeline(self) -> tuple[bytes, int]:
         """Return (commands for the batch's store round trip, number of replies to read)."""
@@ -507,13 +475,12 @@ class Decider:
             tag = b"{acm.%d}:" % p
             bb = b.encode()
             self.counter += 1
-            blocked = s[5] if len(s) > 5 else b""
             out.append(encode_command(
-                b"EVALSHA", self.sha, b"7",
+                b"EVALSHA", self.sha, b"8",
                 tag + b"w:" + bb, tag + b"e:" + bb, tag + b"ea:" + bb, tag + b"wl:" + bb,
-                tag + b"c:" + req.call_id.encode(), tag + b"s", tag + b"n",
+                tag + b"c:" + req.call_id.encode(), tag + b"s", tag + b"n", tag + b"k",
                 req.call_id, a, bb, req.ts_ms, self.window_ms, self.threshold, self.mode,
-                blocked, "%s-%012x" % (self.alert_prefix, self.counter), self.dedup_ttl_ms,
+                b"", "%s-%012x" % (self.alert_prefix, self.counter), self.dedup_ttl_ms,
                 self.state_ttl_ms, req.src_ip, req.trunk, self._rx_us, self.block_ttl_ms))
         return b"".join(out), len(out)
 

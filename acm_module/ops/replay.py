@@ -198,17 +198,13 @@ class Engine:
         d = self.decider
         now_us = time.time_ns() // 1000
         d.begin([c.frame() for c in calls], now_us // 1000, now_us)
-        q = d.block_query()
-        if q:
-            (vals,) = self.conn.round_trip(q, 1, 10.0)
-            d.apply_blocks(vals if isinstance(vals, list) else [])
         payload, n = d.pipeline()
         replies = self.conn.round_trip(payload, n, 30.0) if n else []
         out = d.finish(replies)
         todo = d.blocks_to_write()
         if todo:
             now_ms = min(exp for _, exp, _, _ in todo) - d.block_ttl_ms
-            store_config.write_blocks(self.conn, todo, now_ms)
+            store_config.write_blocks(self.conn, todo, now_ms, self.det.partitions)
         self._since_trim += len(calls)
         if self._since_trim >= _TRIM_EVERY:
             self.trim()

@@ -201,11 +201,6 @@ class Worker:
         try:
             if not self.store.connected:
                 self._connect_store()
-            t0 = time.perf_counter_ns()
-            q = d.block_query()
-            if q:
-                (vals,) = self.store.round_trip(q, 1)
-                d.apply_blocks(vals if isinstance(vals, list) else [])
             payload, n = d.pipeline()
             lat = self._latency_record()
             t1 = time.perf_counter_ns()
@@ -213,8 +208,8 @@ class Worker:
                 replies = self.store.round_trip(lat + payload, n + 1)[1:]
             else:
                 replies = self.store.round_trip(payload, n) if n else []
-            # Only the waits count as store time; building the pipeline is service time.
-            self._store_time_ns = time.perf_counter_ns() - t1 + (t1 - t0 if q else 0)
+            # Only the wait counts as store time; building the pipeline is service time.
+            self._store_time_ns = time.perf_counter_ns() - t1
         except StoreError as e:
             self._store_failed(e)
             return d.fail("store_unavailable", "detection store unavailable")
@@ -274,7 +269,7 @@ class Worker:
     def _write_blocks(self, todo: list[tuple[str, int, str, str]]) -> None:
         try:
             now_ms = min(exp for _, exp, _, _ in todo) - self.decider.block_ttl_ms
-            store_config.write_blocks(self.store, todo, now_ms)
+            store_config.write_blocks(self.store, todo, now_ms, self.settings.partitions)
         except StoreError as e:
             self._store_failed(e)
 

@@ -2,8 +2,8 @@
 
 Keys (each group has its own hash tag, so every multi-key command stays in one slot):
   {acm.cfg}:detect      HASH  live detection config + `gen` (workers poll it) + `boot`
-  {acm.blk}:a           HASH  A-number -> "expiry_ms|alert_id|severity"
-  {acm.blk}:x           ZSET  A-number -> expiry_ms (index for expiry and listing)
+  {acm.<p>}:k           HASH  A-number -> "expiry_ms|alert_id|severity": the block list, one
+                              copy per partition so decide.lua checks it in its own slot
   {acm.<p>}:wl:<b>      STRING whitelist marker of B-number b (value: reason), TTL = expiry
 """
 
@@ -13,12 +13,11 @@ import json
 from typing import Any
 
 from acm_module.engine import hotpath
+from acm_module.errors import StoreReplyError
 from acm_module.store import keys
 from acm_module.store.conn import StoreConnection
 
 CONFIG_KEY = "{acm.cfg}:detect"
-BLOCK_KEY = "{acm.blk}:a"
-BLOCK_INDEX = "{acm.blk}:x"
 DECIDER_KEYS = ("threshold", "window", "mode", "dedup_ttl", "block_ttl")
 _TYPES = {"threshold": int, "window": float, "mode": str, "dedup_ttl": float,
           "block_ttl": float, "store_timeout_ms": float, "log_level": str}
@@ -41,28 +40,28 @@ redis.call('HSET', KEYS[1], 'values', ARGV[2])
 return gen
 """
 
+# Add blocks to one partition's copy of the block list; drop entries expired before ARGV[1]
+# (call time). A later expiry wins. The copy expires a minute after its last block would.
 _BLOCK = """
 local now = tonumber(ARGV[1])
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1])
-for i = 1, #expired do redis.call('HDEL', KEYS[1], expired[i]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1])
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local exp = tonumber(string.match(all[i + 1], '^(%d+)|'))
+  if exp and exp < now then redis.call('HDEL', KEYS[1], all[i]) end
+end
+local last = 0
 for i = 2, #ARGV, 3 do
-  local old = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]) or '0')
+  local old = redis.call('HGET', KEYS[1], ARGV[i])
+  local old_exp = old and tonumber(string.match(old, '^(%d+)|')) or 0
   local exp = tonumber(ARGV[i + 1])
-  if exp > old then
-    redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i])
+  if exp > old_exp then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1] .. '|' .. ARGV[i + 2])
   end
+  if exp > last then last = exp end
 end
--- The block list expires a minute after its last block would (call time ~ wall time live).
-local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
-if last[2] then
-  local ttl = math.max(tonumber(last[2]) - now, 0) + 60000
-  for k = 1, 2 do
-    if redis.call('PTTL', KEYS[k]) < ttl then redis.call('PEXPIRE', KEYS[k], ttl) end
-  end
-end
-return #expired
+local ttl = math.max(last - now, 0) + 60000
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
 """
 
 
@@ -93,23 +92,29 @@ def compare_and_set(conn: StoreConnection, expected_gen: int, values: dict[str, 
 
 
 def write_blocks(conn: StoreConnection, todo: list[tuple[str, int, str, str]],
-                 now_ms: int) -> None:
-    """Block A-numbers: (a_number, expiry_ms, alert_id, severity).
+                 now_ms: int, partitions: int) -> None:
+    """Block A-numbers: (a_number, expiry_ms, alert_id, severity), in every partition's copy.
 
     Blocks live in call time (the requests' ts), so entries expired before now_ms (the
-    detecting call's ts) are purged here rather than by a wall-clock TTL.
+    detecting call's ts) are purged here rather than by a wall-clock TTL. Blocks are rare: one
+    pipelined round trip writes all copies.
     """
     if not todo:
         return
     args: list[str | int] = []
     for a, exp, alert_id, sev in todo:
         args += [a, exp, f"{alert_id}|{sev}"]
-    conn.call("EVAL", _BLOCK, 2, BLOCK_KEY, BLOCK_INDEX, now_ms, *args)
+    payload = b"".join(hotpath.encode_command("EVAL", _BLOCK, 1, keys.blocks(p), now_ms, *args)
+                       for p in range(partitions))
+    for r in conn.round_trip(payload, partitions, max(conn.timeout, 1.0)):
+        if isinstance(r, hotpath.RespError):
+            raise StoreReplyError(r.message)
 
 
-def list_blocks(conn: StoreConnection) -> list[dict[str, Any]]:
+def list_blocks(conn: StoreConnection, partitions: int) -> list[dict[str, Any]]:
     """Return every block entry as {a_number, expires_ms, alert_id, severity}."""
-    r = conn.call("HGETALL", BLOCK_KEY)
+    del partitions  # every partition holds the same list: read the first copy
+    r = conn.call("HGETALL", keys.blocks(0))
     assert isinstance(r, list)
     out = []
     for i in range(0, len(r), 2):
@@ -119,12 +124,12 @@ def list_blocks(conn: StoreConnection) -> list[dict[str, Any]]:
     return sorted(out, key=lambda e: e["a_number"])
 
 
-def unblock(conn: StoreConnection, a_number: str) -> bool:
-    """Release one blocked A-number; return whether it was blocked."""
-    r = conn.round_trip(
-        hotpath.encode_command("HDEL", BLOCK_KEY, a_number)
-        + hotpath.encode_command("ZREM", BLOCK_INDEX, a_number), 2, 1.0)
-    return bool(r[0])
+def unblock(conn: StoreConnection, a_number: str, partitions: int) -> bool:
+    """Release one blocked A-number in every copy; return whether it was blocked."""
+    payload = b"".join(hotpath.encode_command("HDEL", keys.blocks(p), a_number)
+                       for p in range(partitions))
+    r = conn.round_trip(payload, partitions, 1.0)
+    return any(v == 1 for v in r)
 
 
 def whitelist_key(b_number: str, partitions: int) -> str:

@@ -24,6 +24,11 @@ def counters(partition: int) -> str:
     return tag(partition) + "n"
 
 
+def blocks(partition: int) -> str:
+    """Return a partition's copy of the block list (A-number -> "expiry|alert|severity")."""
+    return tag(partition) + "k"
+
+
 def streams(partitions: int) -> list[str]:
     """Return every partition's durable stream."""
     return [stream(p) for p in range(partitions)]

@@ -177,9 +177,9 @@ def test_blocking_drops_every_caller_of_a_detection(service_factory) -> None:
         assert r["reason"] == "clean"
         conn = StoreConnection(svc.store_url, timeout=2.0)
         try:
-            listed = {e["a_number"] for e in store_config.list_blocks(conn)}
+            listed = {e["a_number"] for e in store_config.list_blocks(conn, 16)}
             assert listed == {a_num(i) for i in range(5)}
-            assert store_config.unblock(conn, a_num(1))
+            assert store_config.unblock(conn, a_num(1), 16)
         finally:
             conn.close()
         assert client.decide(cid(), a_num(1), other, ts=t + 11)["reason"] == "clean"

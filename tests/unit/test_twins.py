@@ -600,27 +600,6 @@ def _good_frame(rnd: random.Random) -> bytes:
     return msgpack.packb(m)
 
 
-def _hmget_count(q: bytes) -> int:
-    cmd, _ = py.parse_reply(q, 0)
-    assert isinstance(cmd, list) and cmd[:2] == [b"HMGET", b"{acm.blk}:a"]
-    return len(cmd) - 2
-
-
-def _block_values(rnd: random.Random, n: int) -> list:
-    vals: list = []
-    for _ in range(n):
-        vals.append(rnd.choice([
-            None, None, b"%d|al-1|HIGH" % (NOW + 60_000), b"%d|al-2|LOW" % (NOW - 60_000),
-            b"%d|al-3|CRITICAL" % NOW, b"%d|" % (NOW + 1), b" %d |x|y" % (NOW + 9),
-        ]))
-    cut = rnd.random()
-    if cut < 0.1:
-        return []  # what the worker passes for an error reply
-    if cut < 0.2:
-        return vals[:rnd.randint(0, n)]
-    return vals
-
-
 def _store_reply(mod: Any, rnd: random.Random) -> Any:
     """A synthetic store reply for one pipelined command (built with mod's RespError)."""
     if rnd.random() < 0.85:  # what decide.lua returns
@@ -653,12 +632,6 @@ _BROKEN = [  # 7-element replies the twin cannot take apart: both must raise the
 def _run_batch(ds: tuple, rnd: random.Random, frames: list[bytes], now_ms: int) -> None:
     for d in ds:
         d.begin(frames, now_ms, now_ms * 1000 + 123)
-    q = [d.block_query() for d in ds]
-    assert q[0] == q[1]
-    if q[0]:
-        vals = _block_values(rnd, _hmget_count(q[0]))
-        for d in ds:
-            d.apply_blocks(list(vals))
     pipes = [d.pipeline() for d in ds]
     assert pipes[0] == pipes[1]
     payload, n = pipes[0]
@@ -740,7 +713,6 @@ def test_decider_attributes_and_configure() -> None:
         frames = [_good_frame(random.Random(i)) for i in range(8)] + [b"\x00", b""]
         for d in (a, b):
             d.begin(frames, NOW, 1)
-            d.apply_blocks([])  # tolerated: nothing is blocked
         assert a.pipeline() == b.pipeline()
         assert a.fail("store_unavailable", "down") == b.fail("store_unavailable", "down")
         assert _state(a) == _state(b)
@@ -753,13 +725,14 @@ def test_decider_blocks_and_noscript() -> None:
     for mod in MODS:
         d = _make(mod, block_ttl=30.0)
         d.begin([frame, b"\xc1"], NOW, 5)
-        assert d.block_query() == mod.encode_command("HMGET", "{acm.blk}:a", "+2348031234567")
-        d.apply_blocks([b"%d|al-9|HIGH" % (NOW + 1)])
         payload, n = d.pipeline()
         assert n == 1
         cmd, _ = mod.parse_reply(payload, 0)
-        assert cmd[0] == b"EVALSHA" and cmd[17] == b"al-9|HIGH"  # ARGV[8]: blocked
-        assert cmd[18] == b"0123abcd-0000-4000-8000-000000000001"
+        # The block list is a declared key of the script's own slot; no pre-read, ARGV[8] empty.
+        tag = b"{acm.%d}:" % mod.partition_of("+2348031234560", 16)
+        assert cmd[0] == b"EVALSHA" and cmd[2] == b"8" and cmd[10] == tag + b"k"
+        assert cmd[18] == b""
+        assert cmd[19] == b"0123abcd-0000-4000-8000-000000000001"
         out = d.finish([[b"drop", b"blocked", 0, b"al-9", b"HIGH", 0,
                          [b"+2348031234567", b"+2348031234500"]]])
         assert msgpack.unpackb(out[0]) == {"verdict": "drop", "reason": "blocked",

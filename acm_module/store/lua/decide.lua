@@ -10,9 +10,11 @@
 -- KEYS[6] stream  STREAM durable record of every decision and alert change (the writer's input)
 -- KEYS[7] counts  HASH  alerts opened / escalated per severity in this partition (for metrics:
 --                       16 small hashes to read instead of every record of the streams)
+-- KEYS[8] blocks  HASH  A-number -> "expiry_ms|alert_id|severity": the block list, replicated
+--                       into every partition so the check stays in this slot and this round trip
 --
 -- ARGV: 1 call_id, 2 a, 3 b, 4 ts_ms, 5 window_ms, 6 threshold, 7 mode (block|monitor),
---       8 blocked ("" or "alert_id|severity"), 9 alert id to use if an alert opens,
+--       8 reserved (empty), 9 alert id to use if an alert opens,
 --       10 dedup_ttl_ms, 11 state_ttl_ms, 12 src_ip, 13 trunk, 14 rx_us (worker receive time),
 --       15 block_ttl_ms (>0: return the window's A-numbers on detection so they can be blocked)
 -- Returns {verdict, reason, distinct, alert_id, severity, dup, block_members}
@@ -32,11 +34,17 @@ local function band(n)
   if n >= 7 then return 'CRITICAL' elseif n >= 5 then return 'HIGH' else return 'LOW' end
 end
 
-if redis.call('EXISTS', KEYS[4]) == 1 then
+local whitelisted = redis.call('EXISTS', KEYS[4]) == 1
+local bexp, bal, bsv
+if not whitelisted then
+  local blk = redis.call('HGET', KEYS[8], ARGV[2])
+  if blk then bexp, bal, bsv = string.match(blk, '^(%d+)|([^|]*)|([^|]*)$') end
+end
+
+if whitelisted then
   reason = 'whitelisted'
-elseif ARGV[8] ~= '' then
-  verdict, reason = 'drop', 'blocked'
-  alert_id, sev = string.match(ARGV[8], '^([^|]*)|([^|]*)$')
+elseif bexp and tonumber(bexp) > ts then
+  verdict, reason, alert_id, sev = 'drop', 'blocked', bal, bsv
 else
   local old = redis.call('ZSCORE', KEYS[1], ARGV[2])
   if (not old) or tonumber(old) < ts then
