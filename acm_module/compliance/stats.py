@@ -164,8 +164,9 @@ def _calls_dropped(questdb_url: str, start: datetime, end: datetime
 
     _, base, auth = parse_conf(questdb_url)
     q = QuestDB(base, auth)
-    lo = start.strftime("%Y-%m-%dT%H:%M:%S.000000Z")
-    hi = end.strftime("%Y-%m-%dT%H:%M:%S.000000Z")
+    # QuestDB timestamps are UTC: a day in the report's time zone is converted first.
+    lo = start.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000000Z")
+    hi = end.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000000Z")
     # Timestamps are literals built from datetimes, never user text.
     rows = q.rows("SELECT reason, count() FROM call_events WHERE verdict = 'drop' AND "
                   f"timestamp >= '{lo}' AND timestamp < '{hi}'")

@@ -23,6 +23,7 @@ from test_disconnect import ActionsProcess, wait_for
 from acm_module.actions.lifecycle import Lifecycle
 from acm_module.compliance.ncc import incident_id, parse_incident_id
 from acm_module.compliance.report import chart_svg
+from acm_module.compliance.stats import _calls_dropped
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(150)]
 
@@ -61,6 +62,17 @@ def drive(client: Any) -> None:
         client.decide(f"rep-{e}-x", a_num(99, 0), b_num(e), ts=base + 1.9)
 
 
+def expected_drops(store_url: str) -> dict[str, int]:
+    """Return the day's drop decisions of the streams, by reason (call time in the Lagos day)."""
+    z = ZoneInfo(TZ)
+    out: dict[str, int] = {}
+    for _, _, f in stream_records(store_url):
+        if f.get("k") == "d" and f["v"] == "drop" and \
+                datetime.fromtimestamp(int(f["ts"]) / 1000, z).date() == DAY:
+            out[f["r"]] = out.get(f["r"], 0) + 1
+    return out
+
+
 def expected_alerts(store_url: str) -> dict[str, dict[str, str]]:
     """Return {alert_id: highest-version alert record} of the streams."""
     best: dict[str, dict[str, str]] = {}
@@ -71,11 +83,12 @@ def expected_alerts(store_url: str) -> dict[str, dict[str, str]]:
 
 
 def test_daily_report_equals_the_stored_alerts(
-        service_factory: Any, store_url: str, database_url: str, writer_factory: Any,
-        tmp_path: Path) -> None:
+        service_factory: Any, store_url: str, database_url: str, questdb_url: str,
+        writer_factory: Any, tmp_path: Path) -> None:
     env = {"ACM_DETECTION_THRESHOLD": "3"}
     with service_factory(env=env) as (_svc, client):
-        writer = writer_factory(env={"DATABASE_URL": database_url}, args=["--sinks", "pg"])
+        writer = writer_factory(env={"DATABASE_URL": database_url, "QUESTDB_URL": questdb_url},
+                                args=["--sinks", "pg,questdb"])
         runner = ActionsProcess(store_url, {
             "DATABASE_URL": database_url, "ACM_NCC_REPORTING": "true",
             "ACM_OPERATOR_CODE": "mtn", "ACM_ACTIONS_ON_ESCALATION": "false"}).start()
@@ -84,7 +97,8 @@ def test_daily_report_equals_the_stored_alerts(
             drive(client)
             alerts = expected_alerts(store_url)
             assert len(alerts) == len(EPISODES)
-            wait_drained(store_url, ["pg"], writer=writer)
+            dropped = expected_drops(store_url)
+            wait_drained(store_url, ["pg", "questdb"], writer=writer)
 
             def notified() -> bool:
                 with psycopg.connect(database_url) as c:
@@ -117,11 +131,24 @@ def test_daily_report_equals_the_stored_alerts(
     lc.set_status(ids[2], "FALSE_POSITIVE", "alice", whitelist=True)
     lc.add_note(ids[3], "looking", "alice")
 
+    # QuestDB applies its WAL asynchronously: wait until the day's drops are all visible.
+    start = datetime(DAY.year, DAY.month, DAY.day, tzinfo=z)
+    end = datetime.fromtimestamp(start.timestamp() + 86400, z)
+    seen: list = []
+
+    def all_visible() -> bool:
+        seen[:] = [_calls_dropped(questdb_url, start, end)]
+        return seen[0][0] == sum(dropped.values())
+
+    try:
+        wait_for(all_visible, 60, "the day's dropped calls in QuestDB")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: QuestDB has {seen}, the stream {dropped}") from None
     r = subprocess.run(
         [sys.executable, "-m", "acm_module.cli", "report", "daily", "--date", DAY.isoformat(),
          "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60,
-        env={**_env(), "DATABASE_URL": database_url, "ACM_NCC_REPORTING": "true",
-             "ACM_OPERATOR_CODE": "MTN"})
+        env={**_env(), "DATABASE_URL": database_url, "QUESTDB_URL": questdb_url,
+             "ACM_NCC_REPORTING": "true", "ACM_OPERATOR_CODE": "MTN"})
     assert r.returncode == 0, r.stderr
     out = json.loads((tmp_path / f"acm-daily-{DAY}.json").read_text())
 
@@ -158,7 +185,10 @@ def test_daily_report_equals_the_stored_alerts(
     ttr = sorted(float(row[5]) for row in db if row[4] in ("RESOLVED", "FALSE_POSITIVE"))
     assert out["time_to_resolve_s"]["count"] == 3
     assert out["time_to_resolve_s"]["max"] == pytest.approx(ttr[-1], abs=0.01)
-    assert out["calls_dropped"] is None and "questdb_url" in out["calls_dropped_source"]
+    # Calls dropped come from the stored call records (QuestDB call_events) and equal the
+    # drop decisions of the day in the durable stream.
+    assert out["calls_dropped"] == sum(dropped.values()) > 0
+    assert out["calls_dropped_source"] == "questdb:call_events"
 
     # NCC incident ids: every alert has one, numbered 1..7 for the day (runner order), unique.
     nids = sorted(row[3] for row in db)
