@@ -4,6 +4,7 @@ guard, ClickHouse replays, the whitelist reconcile, and SIGTERM finishing the ba
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -180,3 +181,29 @@ def test_sigterm_finishes_the_batch_in_hand(
                 assert c.call("XPENDING", s, GROUP_PREFIX + sink)[0] == 0  # type: ignore[index]
     finally:
         c.close()
+
+
+@pytest.mark.timeout(120)
+def test_clickhouse_server_replays_and_escalations_count_once() -> None:
+    """The same DDL and queries through clickhouse-connect, when CLICKHOUSE_URL names a server.
+
+    No ClickHouse server can run here (the embedded engine, chdb, is what the other tests use),
+    so this runs only where an operator points CLICKHOUSE_URL at one.
+    """
+    url = os.environ.get("CLICKHOUSE_URL", "")
+    if not url:
+        pytest.skip("CLICKHOUSE_URL is not set: no ClickHouse server to test against")
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    s = ClickHouseSink(clickhouse_url=url)
+    s.open()
+    try:
+        s.write([], [change(a, 1)])
+        s.write([], [change(a, 1), change(b, 1)])
+        s.write([], [change(a, 2), change(a, 3, "CRITICAL")])
+        s.write([], [change(a, 2)])
+        # clickhouse-connect returns UUID objects where chdb returns strings.
+        rows = {str(r["alert_id"]): (r["severity"], int(r["version"]))
+                for r in s.query_alerts() if str(r["alert_id"]) in (a, b)}
+        assert rows == {a: ("CRITICAL", 3), b: ("HIGH", 1)}
+    finally:
+        s.close()
