@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from acm_module.server.proctitle import set_name
+from acm_module.server.proctitle import die_with_parent, set_name
 from acm_module.server.worker import WORKER_BOOT_ERROR, worker_main
 
 log = logging.getLogger("acm.supervisor")
@@ -83,6 +83,7 @@ class Supervisor:
         self.quick_deaths: dict[int, int] = {}
         self.respawn_at: dict[int, float] = {}
         self.boot_id = uuid.uuid4().hex
+        self.pid = os.getpid()
         self._signals: list[int] = []
         self._halt: str | None = None
         self.embedded: Any = None
@@ -169,6 +170,7 @@ class Supervisor:
                 os.close(self._wake_r)
                 os.close(self._wake_w)
                 set_name(f"acm-worker-{index}")
+                die_with_parent(signal.SIGTERM, self.pid)
                 code = worker_main(self.settings, self.listener.fileno(), index, self.boot_id,
                                    self.heartbeat)
             except BaseException:
@@ -206,6 +208,7 @@ class Supervisor:
                 os.close(self._wake_w)
                 self.listener.close()
                 set_name(f"acm-{name}")
+                die_with_parent(signal.SIGTERM, self.pid)
                 code = self.sidecars[name](self.settings)
             except BaseException:
                 log.exception("%s process crashed", name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -190,3 +191,27 @@ def test_slow_store_gets_errors_within_the_timeout_and_counts_them(redis_server,
     finally:
         svc.cleanup()
         proxy.close()
+
+
+def test_workers_and_sidecars_exit_when_the_supervisor_is_killed(service_factory) -> None:
+    with service_factory(workers=2) as (svc, _client):
+        assert svc.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(svc.proc.pid)], capture_output=True, text=True)
+        children = [int(x) for x in out.stdout.split()]
+        assert len(children) >= 2  # workers, and the MI/metrics sidecars
+        svc.proc.kill()  # SIGKILL: the supervisor cannot stop anyone itself
+        svc.proc.wait(5)
+        deadline = time.monotonic() + 5
+        alive = children
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in alive if _running(p)]
+            time.sleep(0.05)
+        assert alive == [], "orphaned workers kept running after the supervisor died"
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited
+    except OSError:
+        return False
