@@ -96,7 +96,7 @@ def service(module_redis: str) -> Iterator[Service]:
 def client(service: Service, zctx: zmq.Context) -> Iterator[Client]:
     """A client of the shared service; the store is emptied first."""
     flush(service.store_url)
-    c = Client(service.endpoint, timeout=2.0, context=zctx)
+    c = Client(service.endpoint, timeout=10.0, context=zctx)
     try:
         yield c
     finally:
@@ -114,7 +114,7 @@ def service_factory(store_url: str, zctx: zmq.Context):
         c = None
         try:
             svc.start()
-            c = Client(svc.endpoint, timeout=2.0, context=zctx)
+            c = Client(svc.endpoint, timeout=10.0, context=zctx)
             yield svc, c
         finally:
             if c is not None:

@@ -65,7 +65,7 @@ def test_replay_matches_the_reference_model(service_factory, block_ttl: float, s
             store_config.whitelist_set(conn, whitelisted, 16, "test")
         finally:
             conn.close()
-        c2 = Client(svc.endpoint, timeout=2.0, context=zctx)
+        c2 = Client(svc.endpoint, timeout=10.0, context=zctx)
         alert_index: dict[str, int] = {}
         mismatches = []
         drops = 0
