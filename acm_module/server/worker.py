@@ -70,7 +70,10 @@ class Worker:
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, s.max_request_bytes * 4 + 1024)
         self.sock.bind(s.endpoint)
-        self.store = StoreConnection(s.store, timeout=s.store_timeout_ms / 1000.0)
+        # A reconnect must not hold the worker for long either: a black-holed store costs at
+        # most 100 ms per attempt (attempts back off up to 1 s), a healthy one connects in <1 ms.
+        self.store = StoreConnection(s.store, timeout=s.store_timeout_ms / 1000.0,
+                                     connect_timeout=max(s.store_timeout_ms / 1000.0, 0.1))
         self.script_source = load_script("decide")
         self.sha = _sha1(self.script_source)
         self.decider = hotpath.Decider(

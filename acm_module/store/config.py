@@ -106,7 +106,7 @@ def write_blocks(conn: StoreConnection, todo: list[tuple[str, int, str, str]],
         args += [a, exp, f"{alert_id}|{sev}"]
     payload = b"".join(hotpath.encode_command("EVAL", _BLOCK, 1, keys.blocks(p), now_ms, *args)
                        for p in range(partitions))
-    for r in conn.round_trip(payload, partitions, max(conn.timeout, 1.0)):
+    for r in conn.round_trip(payload, partitions):
         if isinstance(r, hotpath.RespError):
             raise StoreReplyError(r.message)
 

@@ -155,8 +155,10 @@ class StoreConnection:
     def call(self, *args: bytes | str | int, timeout: float | None = None) -> object:
         """Run one command; raise StoreReplyError for an error reply."""
         self._drop_if_closed()
+        # The connection's own timeout: a worker's is the hot path's store budget, so neither a
+        # reconnect's SCRIPT LOAD nor housekeeping can stall its clients longer than a decision.
         (reply,) = self.round_trip(hotpath.encode_command(*args), 1,
-                                   timeout if timeout is not None else max(self.timeout, 1.0))
+                                   timeout if timeout is not None else self.timeout)
         if isinstance(reply, hotpath.RespError):
             raise StoreReplyError(reply.message)
         return reply
