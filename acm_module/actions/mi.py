@@ -25,7 +25,7 @@ from acm_module.actions.errors import AlertNotFound, DatabaseUnavailable, Invali
 from acm_module.control import jsonrpc
 from acm_module.control.audit import Caller
 from acm_module.control.commands import Command, Param
-from acm_module.control.jsonrpc import MIError, bad_params
+from acm_module.control.jsonrpc import MIError, bad_params, param_bool, param_str
 from acm_module.control.repository import WhitelistEntry
 from acm_module.store import config as store_config
 
@@ -35,23 +35,6 @@ def _p_uuid(v: Any) -> str:
         return str(uuid.UUID(str(v)))
     except ValueError as e:
         raise ValueError("must be an alert id (UUID)") from e
-
-
-def _p_text(v: Any) -> str:
-    if isinstance(v, bool) or not isinstance(v, str | int | float):
-        raise ValueError("must be a string")
-    return str(v)
-
-
-def _p_bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("must be true or false")
 
 
 class LifecycleCommands:
@@ -85,21 +68,21 @@ class LifecycleCommands:
     def declare(self) -> list[Command]:
         """Return the command declarations."""
         aid = Param("alert_id", _p_uuid, required=True)
-        note = Param("note", _p_text)
+        note = Param("note", param_str)
         return [
             Command("acm_alert_show", self.show, False,
                     "Show one alert with its lifecycle state: alert_id.", (aid,)),
             Command("acm_alert_assign", self.assign, True,
                     "Assign an alert (NEW becomes INVESTIGATING): alert_id, assignee, [note].",
-                    (aid, Param("assignee", _p_text, required=True), note)),
+                    (aid, Param("assignee", param_str, required=True), note)),
             Command("acm_alert_status", self.status, True,
                     "Move an alert: alert_id, status (INVESTIGATING, RESOLVED, FALSE_POSITIVE), "
                     "[note], [whitelist=true with FALSE_POSITIVE], [reason].",
-                    (aid, Param("status", _p_text, required=True), note,
-                     Param("whitelist", _p_bool, default=False), Param("reason", _p_text))),
+                    (aid, Param("status", param_str, required=True), note,
+                     Param("whitelist", param_bool, default=False), Param("reason", param_str))),
             Command("acm_alert_note", self.note, True,
                     "Add a note to an alert: alert_id, note.",
-                    (aid, Param("note", _p_text, required=True))),
+                    (aid, Param("note", param_str, required=True))),
         ]
 
     def show(self, caller: Caller, alert_id: str) -> dict[str, Any]:

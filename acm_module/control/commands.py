@@ -28,7 +28,7 @@ from acm_module import settings as settings_mod
 from acm_module.control import audit, jsonrpc, overrides
 from acm_module.control.audit import Caller, iso_ms
 from acm_module.control.auth import Authorizer
-from acm_module.control.jsonrpc import MIError, bad_params
+from acm_module.control.jsonrpc import MIError, bad_params, param_bool, param_str
 from acm_module.control.repository import (
     SEVERITIES,
     AlertQuery,
@@ -53,12 +53,6 @@ _URL_SETTINGS = ("store", "database_url", "questdb_url", "clickhouse_url")
 
 
 # -- parameter parsing ---------------------------------------------------------------------
-def _p_str(v: Any) -> str:
-    if isinstance(v, bool) or not isinstance(v, str | int | float):
-        raise ValueError("must be a string")
-    return str(v)
-
-
 def _p_int(v: Any) -> int:
     if isinstance(v, bool):
         raise ValueError("must be an integer")
@@ -68,17 +62,6 @@ def _p_int(v: Any) -> int:
         return int(v)
     except (TypeError, ValueError) as e:
         raise ValueError("must be an integer") from e
-
-
-def _p_bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("must be true or false")
 
 
 def _p_time_ms(v: Any) -> int:
@@ -225,21 +208,21 @@ class Control:
             Command("acm_reload", self.acm_reload, True,
                     "Re-read the config file and environment, re-apply the saved overrides "
                     "(reset=true drops them) and publish.",
-                    (Param("reset", _p_bool, default=False),)),
+                    (Param("reset", param_bool, default=False),)),
             Command(EVENT_RELOAD, self.event_reload, True,
                     "OpenSIPS event: settings as params are an acm_set, no params an "
                     "acm_reload.", settings_params=True),
             Command("acm_log_level", self.acm_log_level, True,
                     "Set the log level of every process (DEBUG, INFO, WARNING, ERROR).",
-                    (Param("level", _p_str, required=True),)),
+                    (Param("level", param_str, required=True),)),
             Command("acm_get_config", self.acm_get_config, False,
                     "Show the live detection config, its generation, sources and overrides."),
             Command("acm_stats", self.acm_stats, False,
                     "Decisions by verdict:reason, errors and latency, per worker and total."),
             Command("acm_whitelist_add", self.acm_whitelist_add, True,
                     "Whitelist a B-number: number, reason, [created_by], [expires_at | ttl].",
-                    (num, Param("reason", _p_str, required=True),
-                     Param("created_by", _p_str), Param("expires_at", _p_time_ms),
+                    (num, Param("reason", param_str, required=True),
+                     Param("created_by", param_str), Param("expires_at", _p_time_ms),
                      Param("ttl", _p_int))),
             Command("acm_whitelist_remove", self.acm_whitelist_remove, True,
                     "Remove a B-number from the whitelist.", (num,)),
@@ -257,7 +240,7 @@ class Control:
                      Param("scan", _p_limit, default=5000))),
             Command("acm_audit_list", self.acm_audit_list, False,
                     "The audit trail, newest first: [action] [target] [since] [limit].",
-                    (Param("action", _p_str), Param("target", _p_str),
+                    (Param("action", param_str), Param("target", param_str),
                      Param("since", _p_time_ms), Param("limit", _p_limit, default=50))),
             Command("which", self.which, False, "List the MI commands."),
         ]
@@ -287,7 +270,7 @@ class Control:
             if not isinstance(inner, dict):
                 raise MIError(jsonrpc.INVALID_PARAMS, "event params must be a JSON object")
             raw = inner
-        reset = _p_bool(raw.pop("reset", False))
+        reset = param_bool(raw.pop("reset", False))
         if not raw:
             return self.acm_reload(caller, reset=reset, action=EVENT_RELOAD)
         return self.publish(_parse_settings(raw), caller, EVENT_RELOAD)

@@ -118,3 +118,22 @@ def error(rid: Any, err: MIError) -> bytes:
 
 def _dump(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), default=str).encode()
+
+
+def param_str(v: Any) -> str:
+    """Parse an MI string parameter (numbers are accepted as their text)."""
+    if isinstance(v, bool) or not isinstance(v, str | int | float):
+        raise ValueError("must be a string")
+    return str(v)
+
+
+def param_bool(v: Any) -> bool:
+    """Parse an MI boolean parameter (true/false, 1/0, yes/no, on/off)."""
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import socket
 import time
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 from acm_module.engine import hotpath
 from acm_module.errors import StoreError, StoreReplyError
+from acm_module.store.conn import parse_url, safe_url
 
 try:
     import hiredis
@@ -26,26 +26,20 @@ class StreamConnection:
     """
 
     def __init__(self, url: str, timeout: float = 5.0, connect_timeout: float = 2.0) -> None:
-        u = urlparse(url)
-        if u.scheme not in ("redis", "unix", "dragonfly"):
-            raise StoreError(f"unsupported store URL scheme {u.scheme!r} (redis:// or unix://)")
+        a = parse_url(url)
         self.url = url
         self.timeout = timeout
         self.connect_timeout = connect_timeout
-        self._unix = u.scheme == "unix"
-        self._path = u.path
-        self._addr = (u.hostname or "127.0.0.1", u.port or 6379)
-        self._auth = [unquote(x) for x in (u.username, u.password) if x]
-        db = "" if self._unix else u.path.strip("/")
-        self._db = int(db) if db else 0
+        self._unix, self._path, self._addr = a.unix, a.path, (a.host, a.port)
+        self._auth = [x for x in (a.username, a.password) if x]
+        self._db = a.db
         self._sock: socket.socket | None = None
         self._reader: Any = None
         self._buf = bytearray()
 
     def safe_url(self) -> str:
         """Return the URL without its password, for logs."""
-        u = urlparse(self.url)
-        return self.url.replace(f":{u.password}@", ":***@") if u.password else self.url
+        return safe_url(self.url)
 
     def connect(self) -> None:
         """Open the connection (AUTH/SELECT as the URL says). Raises StoreError."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -23,6 +24,37 @@ def load_script(name: str) -> str:
     return (LUA_DIR / f"{name}.lua").read_text()
 
 
+@dataclass(frozen=True)
+class StoreAddress:
+    """Where a store URL points (redis://[user:pass@]host:port/db or unix:///path)."""
+
+    unix: bool
+    path: str
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    db: int
+
+
+def parse_url(url: str) -> StoreAddress:
+    """Parse a store URL. Raises StoreError for an unsupported scheme."""
+    u = urlparse(url)
+    if u.scheme not in ("redis", "unix", "dragonfly"):
+        raise StoreError(f"unsupported store URL scheme {u.scheme!r} (redis:// or unix://)")
+    unix = u.scheme == "unix"
+    db = "" if unix else u.path.strip("/")
+    return StoreAddress(unix, u.path, u.hostname or "127.0.0.1", u.port or 6379,
+                        unquote(u.username) if u.username else None,
+                        unquote(u.password) if u.password else None, int(db) if db else 0)
+
+
+def safe_url(url: str) -> str:
+    """Return a store URL without its password, for logs."""
+    u = urlparse(url)
+    return url.replace(f":{u.password}@", ":***@") if u.password else url
+
+
 class StoreConnection:
     """One connection to a Redis-protocol server (DragonflyDB, Redis, Valkey)."""
 
@@ -33,17 +65,10 @@ class StoreConnection:
         self._sock: socket.socket | None = None
         self._buf = bytearray()
         self._applied = -1.0
-        u = urlparse(url)
-        self._unix = u.scheme == "unix"
-        if u.scheme not in ("redis", "unix", "dragonfly"):
-            raise StoreError(f"unsupported store URL scheme {u.scheme!r} (redis:// or unix://)")
-        self._path = u.path
-        self._host = u.hostname or "127.0.0.1"
-        self._port = u.port or 6379
-        self._password = unquote(u.password) if u.password else None
-        self._username = unquote(u.username) if u.username else None
-        db = u.path.strip("/") if not self._unix else ""
-        self._db = int(db) if db else 0
+        a = parse_url(url)
+        self._unix, self._path = a.unix, a.path
+        self._host, self._port = a.host, a.port
+        self._username, self._password, self._db = a.username, a.password, a.db
 
     # -- connection management -------------------------------------------------------------
     def connect(self) -> None:
@@ -85,10 +110,7 @@ class StoreConnection:
 
     def safe_url(self) -> str:
         """Return the URL without its password, for logs."""
-        u = urlparse(self.url)
-        if u.password:
-            return self.url.replace(f":{u.password}@", ":***@")
-        return self.url
+        return safe_url(self.url)
 
     def set_timeout(self, timeout: float) -> None:
         """Change the per-round-trip timeout."""
