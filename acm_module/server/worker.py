@@ -182,7 +182,15 @@ class Worker:
         self.stats.batches += 1
         rx_us = time.time_ns() // 1000
         self._store_time_ns = 0
-        replies = self.decide(frames, rx_us // 1000, rx_us)
+        try:
+            replies = self.decide(frames, rx_us // 1000, rx_us)
+        except Exception:
+            # A worker never dies from a request: answer the batch with an error (the client
+            # applies its policy) and go on serving.
+            log.exception("worker %d: batch of %d failed", self.index, len(frames))
+            self.store.close()
+            err = hotpath.encode_error("internal", "internal error; see the service log")
+            replies = [err] * len(frames)
         for env, reply in zip(envelopes, replies, strict=True):
             _send(sock, env, reply)
         total_us = (time.perf_counter_ns() - t_rx) / 1000.0
