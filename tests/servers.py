@@ -145,7 +145,7 @@ class Service:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"acm serve exited {self.proc.returncode}:\n{self.read_log()}")
-            if os.path.exists(self.endpoint[len("ipc://"):]):
+            if not self.endpoint.startswith("ipc://") or os.path.exists(self.endpoint[6:]):
                 c = Client(self.endpoint, timeout=0.5)
                 try:
                     r = c.request({"call_id": "ready-probe", "a": "x", "b": "y"})

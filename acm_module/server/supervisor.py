@@ -60,6 +60,11 @@ def listen_socket(endpoint: str, ipc_mode: int = 0o660) -> socket.socket:
     else:
         raise ValueError(f"unsupported endpoint {endpoint!r}")
     s.listen(1024)
+    # Every worker's libzmq I/O thread polls this one listening socket and each wakes on a new
+    # connection; only one accept() wins. libzmq does not make a ZMQ_USE_FD socket
+    # non-blocking, so without this the losers block in accept() until the next connection
+    # arrives, and every connection they already serve stalls with them.
+    s.setblocking(False)
     s.set_inheritable(True)
     return s
 

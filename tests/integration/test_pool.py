@@ -215,3 +215,60 @@ def _running(pid: int) -> bool:
             return f.read().split()[2] != "Z"  # a zombie has exited
     except OSError:
         return False
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_every_new_connection_is_answered_when_many_connect_at_once(store_url, zctx,
+                                                                    transport) -> None:
+    """Each worker polls the one shared listening socket: a lost accept race must not stall.
+
+    OpenSIPS opens one connection per forked process, all at start-up. A worker that loses the
+    accept race on a blocking listener would hang in accept() with its connections unserved
+    (3% of requests lost here before the listener was made non-blocking).
+    """
+    import msgpack
+    import zmq
+    from servers import free_port
+
+    svc = Service(store_url, workers=2)
+    if transport == "tcp":
+        svc.endpoint = f"tcp://127.0.0.1:{free_port()}"
+    try:
+        svc.start()
+        lost: list[tuple[int, int]] = []
+        for rnd in range(40):
+            socks = []
+            try:
+                for _ in range(12):
+                    s = zctx.socket(zmq.DEALER)
+                    s.setsockopt(zmq.LINGER, 0)
+                    s.connect(svc.endpoint)
+                    socks.append(s)
+                for i, s in enumerate(socks):
+                    s.send(msgpack.packb({"call_id": f"burst-{rnd}-{i}", "a": f"+2348031{i:06d}",
+                                          "b": f"+234803{rnd:07d}"}))
+                for i, s in enumerate(socks):
+                    if s.poll(5000):
+                        assert msgpack.unpackb(s.recv())["verdict"] in ("allow", "drop")
+                    else:
+                        lost.append((rnd, i))
+            finally:
+                for s in socks:
+                    s.close(linger=0)
+        assert not lost, f"{len(lost)} of 480 requests unanswered: {lost[:12]}"
+    finally:
+        svc.cleanup()
+
+
+def test_the_listening_socket_is_non_blocking() -> None:
+    import tempfile
+
+    from acm_module.server.supervisor import listen_socket
+
+    with tempfile.TemporaryDirectory() as d:
+        for endpoint in (f"ipc://{d}/l.sock", "tcp://127.0.0.1:0"):
+            s = listen_socket(endpoint)
+            try:
+                assert not os.get_blocking(s.fileno()), endpoint
+            finally:
+                s.close()
