@@ -144,6 +144,19 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a Call-ID's reply is remembered (at least the window; 32 s = SIP Timer B).",
             env=("ACM_DEDUP_TTL",), cli="--dedup-ttl", validator=_range(1, 86400),
             runtime=True, section="detection"),
+    Setting("cli_origin_rule", str, "enforce",
+            "A national CLI on a route marked international: enforce (drop), monitor (allow, "
+            "reason recorded) or off; carriers and routes may override it (docs/GATEWAY.md).",
+            env=("ACM_CLI_ORIGIN_RULE",), cli="--cli-origin-rule",
+            validator=_one_of("enforce", "monitor", "off"), runtime=True, section="detection"),
+    Setting("fanout_threshold", int, 0,
+            "Distinct B-numbers one A-number calls within fanout_window that open a fan-out "
+            "alert (0 = off).",
+            env=("ACM_FANOUT_THRESHOLD",), cli="--fanout-threshold", validator=_range(0, 100000),
+            runtime=True, section="detection"),
+    Setting("fanout_window", float, 60.0, "Fan-out sliding window in seconds.",
+            env=("ACM_FANOUT_WINDOW",), cli="--fanout-window", validator=_range(1, 3600),
+            runtime=True, section="detection"),
     Setting("default_country_code", str, "234", "Country code for national (0...) numbers.",
             env=("ACM_DEFAULT_COUNTRY_CODE",), cli="--country-code", section="detection"),
     # --- service ---

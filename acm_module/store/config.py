@@ -20,7 +20,8 @@ from acm_module.store.conn import StoreConnection
 CONFIG_KEY = "{acm.cfg}:detect"
 DECIDER_KEYS = ("threshold", "window", "mode", "dedup_ttl", "block_ttl")
 _TYPES = {"threshold": int, "window": float, "mode": str, "dedup_ttl": float,
-          "block_ttl": float, "store_timeout_ms": float, "log_level": str}
+          "block_ttl": float, "store_timeout_ms": float, "log_level": str,
+          "cli_origin_rule": str, "fanout_threshold": int, "fanout_window": float}
 
 # Publish a config once per supervisor boot: the first worker of a new boot writes its settings
 # and bumps the generation; the others of the same boot find their boot id and leave it.
