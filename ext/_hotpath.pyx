@@ -195,6 +195,11 @@ cdef inline int _put_bulk_ll(_Buf* b, long long v) except -1:
     return _put_bulk(b, tmp, _fmt_ll(tmp, v))
 
 
+cdef inline int _put_arg_raw(_Buf* b, bytes raw) except -1:
+    """Append an already encoded command."""
+    return _put(b, PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+
+
 cdef int _put_arg(_Buf* b, object a) except -1:
     """Append one encode_command() argument as a RESP bulk string."""
     cdef const char* p = NULL
@@ -1203,6 +1208,8 @@ cdef class _Slot(_Req):
     cdef int kind
     cdef object reply    # _READY/_RECORD: the reply frame
     cdef object na, nb   # normalised A/B numbers, or None
+    cdef object att      # gateway.context.Attribution, or None
+    cdef bytes pre       # decide.lua ARGV[8]: the gateway rules' verdict, or b""
 
 
 cdef int _bump_any(object counts, object key) except -1:
@@ -1244,6 +1251,7 @@ cdef class Decider:
     cdef public object threshold, window_ms, mode, dedup_ttl_ms, block_ttl_ms, state_ttl_ms
     cdef public bint noscript
     cdef public object counts
+    cdef public object context  # GatewayContext, or None (see the twin)
     cdef list _pool        # _Slot objects, reused
     cdef Py_ssize_t _n     # slots in use by the current batch
     cdef list _blocks
@@ -1284,6 +1292,7 @@ cdef class Decider:
         self._rx_us = None
         self.noscript = False
         self.counts = {}  # "verdict:reason", "dup", "error", store errors
+        self.context = None
 
     def configure(self, *, threshold, window, mode, dedup_ttl, block_ttl):
         """Apply detection settings to the next batch, all or nothing."""
@@ -1307,6 +1316,8 @@ cdef class Decider:
         cdef list pool = self._pool
         max_bytes = self.max_request_bytes
         cc = self.country_code
+        ctx = self.context
+        cdef bint resolves = ctx is not None and ctx.resolves
         self._n = 0
         for frame in frames:
             if i == PyList_GET_SIZE(pool):
@@ -1314,7 +1325,8 @@ cdef class Decider:
             s = <_Slot>PyList_GET_ITEM(pool, i)
             i += 1
             self._n = i
-            s.na = s.nb = None
+            s.na = s.nb = s.att = None
+            s.pre = b""
             _view(frame, &p, &n)
             if _too_large(n, max_bytes, s) or _decode(p, n, s):
                 s.kind = _READY
@@ -1325,6 +1337,10 @@ cdef class Decider:
                 s.ts_ms = now_ms
             s.nb = None if s.b is None else _normalise(s.b, cc)
             s.na = None if s.a is None else _normalise(s.a, cc)
+            if resolves:
+                s.att = ctx.resolve(s.src_ip, s.trunk)
+                if s.att is not None and s.nb is not None and s.na is not None:
+                    s.pre = ctx.pre_verdict(s.att, s.na)
             if s.nb is None:
                 s.kind = _RECORD
                 s.reply = _REPLY_INVALID_B
@@ -1337,8 +1353,44 @@ cdef class Decider:
         # Drop what the unused slots still hold so old requests are not kept alive.
         for i in range(self._n, PyList_GET_SIZE(pool)):
             s = <_Slot>PyList_GET_ITEM(pool, i)
-            s.call_id = s.a = s.b = s.src_ip = s.trunk = s.reply = s.na = s.nb = None
+            s.call_id = s.a = s.b = s.src_ip = s.trunk = s.reply = s.na = s.nb = s.att = None
         self._rx_us = rx_us
+
+    def rate_pipeline(self):
+        """Return (rate-limit checks of the batch, count); (b"", 0) when none is needed."""
+        cdef _Slot s
+        cdef Py_ssize_t k
+        ctx = self.context
+        if ctx is None or not ctx.resolves:
+            return b"", 0
+        out = []
+        for k in range(self._n):
+            s = <_Slot>PyList_GET_ITEM(self._pool, k)
+            if s.kind == _SCRIPT and s.att is not None and s.att.rl_key is not None \
+                    and not s.pre.startswith(b"drop|"):
+                out.append(ctx.rate_command(s.att, s.call_id, s.ts_ms))
+        return b"".join(out), len(out)
+
+    def rate_finish(self, replies):
+        """Apply the rate-limit replies (in rate_pipeline() order) to the batch."""
+        cdef _Slot s
+        cdef Py_ssize_t k, i = 0
+        for k in range(self._n):
+            s = <_Slot>PyList_GET_ITEM(self._pool, k)
+            if s.kind == _SCRIPT and s.att is not None and s.att.rl_key is not None \
+                    and not s.pre.startswith(b"drop|"):
+                r = replies[i]
+                i += 1
+                if r == 0:
+                    s.pre = b"drop|rate_limited"
+                elif r != 1:
+                    self._store_reply_error(r, "rate_error")
+
+    def _store_reply_error(self, r, key):
+        """Count a side script's error reply (rate limit, fan-out); note a lost script."""
+        if isinstance(r, RespError) and (<RespError>r).message.startswith("NOSCRIPT"):
+            self.noscript = True
+        _bump_any(self.counts, key)
 
     cdef int _consts(self) except -1:
         """Encode the arguments every EVALSHA of the batch shares, once per batch.
@@ -1348,7 +1400,7 @@ cdef class Decider:
         """
         cdef _Buf* c = &self._const
         c.n = 0
-        _put_hdr(c, b'*', 26)
+        _put_hdr(c, b'*', 28)
         _put_bulk(c, "EVALSHA", 7)
         _put_arg(c, self.sha)
         _put_bulk(c, "8", 1)
@@ -1383,6 +1435,8 @@ cdef class Decider:
         cdef unsigned long long ctr
         cdef bint fast_parts = _int_ll(self.partitions, &parts) and parts > 0
         cdef bint consts = False
+        ctx = self.context
+        cdef bint fanout = ctx is not None and ctx.fanout
         b.n = 0
         for i in range(self._n):
             s = <_Slot>PyList_GET_ITEM(self._pool, i)
@@ -1427,7 +1481,7 @@ cdef class Decider:
             _put_bulk(b, bp, bn)
             _put_bulk_ll(b, s.ts_ms)
             _put(b, c.p + self._k_pre, self._k_t1 - self._k_pre)
-            _put_bulk(b, "", 0)  # ARGV[8], reserved
+            _put_arg(b, s.pre)  # ARGV[8]
             if self.counter >= 0:
                 # "%s-%012x" % (alert_prefix, counter), without building the str
                 ctr = <unsigned long long>self.counter
@@ -1447,6 +1501,18 @@ cdef class Decider:
             _put_arg(b, s.src_ip)
             _put_arg(b, s.trunk)
             _put(b, c.p + self._k_t2, self._k_t3 - self._k_t2)
+            if s.att is None:
+                _put_bulk(b, "", 0)
+                _put_bulk(b, "", 0)
+            else:
+                _put_arg(b, s.att.carrier)
+                _put_arg(b, s.att.gateway)
+            if fanout:
+                self.counter += 1
+                _put_arg_raw(b, ctx.fanout_command(
+                    s.call_id, s.na, s.nb, s.ts_ms, "%s-%012x" % (self.alert_prefix, self.counter),
+                    self.state_ttl_ms, s.att))
+                count += 1
         return PyBytes_FromStringAndSize(b.p, b.n), count
 
     cdef int _put_record(self, _Slot s) except -1:
@@ -1454,7 +1520,7 @@ cdef class Decider:
         cdef _Buf* b = &self._out
         num = s.nb if s.nb is not None else (s.b or "")
         p = _partition(num, self.partitions)
-        _put_hdr(b, b'*', 31)
+        _put_hdr(b, b'*', 35)
         _put_bulk(b, "XADD", 4)
         _put_arg(b, b"{acm.%d}:s" % p)
         _put_bulk(b, "*", 1)
@@ -1489,6 +1555,10 @@ cdef class Decider:
         _put_arg(b, self._rx_us)
         _put_bulk(b, "md", 2)
         _put_arg(b, self.mode)
+        _put_bulk(b, "cr", 2)
+        _put_arg(b, s.att.carrier if s.att is not None else b"")
+        _put_bulk(b, "gw", 2)
+        _put_arg(b, s.att.gateway if s.att is not None else b"")
         return 0
 
     # -- phase 2 ---------------------------------------------------------------------------
@@ -1511,6 +1581,8 @@ cdef class Decider:
         self.noscript = False
         self._blocks = []
         counts = self.counts
+        ctx = self.context
+        cdef bint fanout = ctx is not None and ctx.fanout
         for k in range(self._n):
             s = <_Slot>PyList_GET_ITEM(self._pool, k)
             if s.kind == _READY:
@@ -1519,14 +1591,21 @@ cdef class Decider:
                 continue
             rep = replies[i]
             i += 1
+            if s.kind == _SCRIPT and fanout:
+                f = replies[i]
+                i += 1
+                if isinstance(f, RespError) or not isinstance(f, list):
+                    self._store_reply_error(f, "fanout_error")
             if s.kind == _RECORD:
                 if isinstance(rep, RespError):
                     out.append(encode_error("store_error", (<RespError>rep).message))
                     _bump_any(counts, "store_error")
                 else:
                     out.append(s.reply)
-                    _bump_any(counts, "allow:invalid_b" if s.nb is None
-                              else "allow:unverifiable_cli")
+                    key = "allow:invalid_b" if s.nb is None else "allow:unverifiable_cli"
+                    _bump_any(counts, key)
+                    if s.att is not None:
+                        _bump_any(counts, "@" + s.att.carrier + "|" + key)
                 continue
             # Fast path: the shape decide.lua returns, ASCII strings, an int64 count.
             if type(rep) is list and PyList_GET_SIZE(rep) == 7:
@@ -1565,6 +1644,8 @@ cdef class Decider:
                         else:
                             key = r0.decode() + ":" + r1.decode()
                         _bump_any(counts, key)
+                        if s.att is not None:
+                            _bump_any(counts, "@" + s.att.carrier + "|" + key)
                         if PyList_GET_SIZE(r6):
                             self._add_blocks(s, r6, r3.decode(), r4.decode())
                         continue
@@ -1582,6 +1663,8 @@ cdef class Decider:
             out.append(encode_reply(verdict, reason, rep[2], alert_id, sev))
             key = "dup" if rep[5] else verdict + ":" + reason
             _bump_any(counts, key)
+            if s.att is not None:
+                _bump_any(counts, "@" + s.att.carrier + "|" + key)
             if rep[6]:
                 self._add_blocks(s, rep[6], alert_id, sev)
         return out

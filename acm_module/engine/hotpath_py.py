@@ -416,6 +416,9 @@ class Decider:
         self._blocks: list[tuple[str, int, str, str]] = []
         self.noscript = False
         self.counts: dict[str, int] = {}  # "verdict:reason", "dup", "error", store errors
+        # acm_module.gateway.context.GatewayContext while a registry is loaded or fan-out is
+        # on; None keeps the decision path exactly as without the gateway context.
+        self.context = None
 
     def configure(self, *, threshold: int, window: float, mode: str, dedup_ttl: float,
                   block_ttl: float) -> None:
@@ -433,23 +436,66 @@ class Decider:
 
     # -- phase 1 ---------------------------------------------------------------------------
     def begin(self, frames: list[bytes], now_ms: int, rx_us: int) -> None:
-        """Decode a batch of request frames; afterwards call pipeline()."""
+        """Decode a batch of request frames; afterwards call rate_pipeline(), pipeline()."""
+        # slot: [kind, reply, request, a, b, attribution, gateway rule verdict]
         slots: list[list] = []
+        ctx = self.context
         for frame in frames:
             try:
                 req = decode_request(frame, self.max_request_bytes, now_ms)
             except RequestError as e:
-                slots.append([_READY, encode_error(e.code, e.message), None, None, None])
+                slots.append([_READY, encode_error(e.code, e.message), None, None, None, None,
+                              b""])
                 continue
             b = None if req.b is None else normalise(req.b, self.country_code)
             a = None if req.a is None else normalise(req.a, self.country_code)
+            att = None
+            if ctx is not None and ctx.resolves:
+                att = ctx.resolve(req.src_ip, req.trunk)
             if b is None or a is None:
                 reason = "invalid_b" if b is None else "unverifiable_cli"
-                slots.append([_RECORD, encode_reply("allow", reason, 0), req, a, b])
+                slots.append([_RECORD, encode_reply("allow", reason, 0), req, a, b, att, b""])
                 continue
-            slots.append([_SCRIPT, b"", req, a, b])
+            pre = b"" if att is None else ctx.pre_verdict(att, a)
+            slots.append([_SCRIPT, b"", req, a, b, att, pre])
         self._slots = slots
         self._rx_us = rx_us
+
+    def rate_pipeline(self) -> tuple[bytes, int]:
+        """Return (rate-limit checks of the batch, count); (b"", 0) when none is needed.
+
+        Calls from rate-limited gateways need one round trip before pipeline(): the verdict of
+        the sliding window decides what decide.lua records. A call the CLI-origin rule drops
+        anyway is not checked, so it takes no capacity.
+        """
+        ctx = self.context
+        if ctx is None or not ctx.resolves:
+            return b"", 0
+        out = []
+        for s in self._slots:
+            att = s[5]
+            if s[0] == _SCRIPT and att is not None and att.rl_key is not None \
+                    and not s[6].startswith(b"drop|"):
+                out.append(ctx.rate_command(att, s[2].call_id, s[2].ts_ms))
+        return b"".join(out), len(out)
+
+    def rate_finish(self, replies: list) -> None:
+        """Apply the rate-limit replies (in rate_pipeline() order) to the batch.
+
+        A store error on a check admits the call (counted as `rate_error`): the limiter
+        protects capacity, it must not take calls down with it.
+        """
+        i = 0
+        for s in self._slots:
+            att = s[5]
+            if s[0] == _SCRIPT and att is not None and att.rl_key is not None \
+                    and not s[6].startswith(b"drop|"):
+                r = replies[i]
+                i += 1
+                if r == 0:
+                    s[6] = b"drop|rate_limited"
+                elif r != 1:
+                    self._store_reply_error(r, "rate_error")
 
     def pipeline(self) -> tuple[bytes, int]:
         """Return (commands for the batch's store round trip, number of replies to read)."""
@@ -469,20 +515,36 @@ class Decider:
                     b"XADD", b"{acm.%d}:s" % p, b"*", b"k", b"d", b"id", req.call_id,
                     b"a", a if a is not None else (req.a or ""), b"b", num, b"ts", req.ts_ms,
                     b"v", b"allow", b"r", reason, b"n", b"0", b"al", b"", b"sv", b"",
-                    b"ip", req.src_ip, b"tr", req.trunk, b"rx", self._rx_us, b"md", self.mode))
+                    b"ip", req.src_ip, b"tr", req.trunk, b"rx", self._rx_us, b"md", self.mode,
+                    b"cr", s[5].carrier if s[5] is not None else b"",
+                    b"gw", s[5].gateway if s[5] is not None else b""))
                 continue
             p = partition_of(b, self.partitions)
             tag = b"{acm.%d}:" % p
             bb = b.encode()
+            att = s[5]
             self.counter += 1
             out.append(encode_command(
                 b"EVALSHA", self.sha, b"8",
                 tag + b"w:" + bb, tag + b"e:" + bb, tag + b"ea:" + bb, tag + b"wl:" + bb,
                 tag + b"c:" + req.call_id.encode(), tag + b"s", tag + b"n", tag + b"k",
                 req.call_id, a, bb, req.ts_ms, self.window_ms, self.threshold, self.mode,
-                b"", "%s-%012x" % (self.alert_prefix, self.counter), self.dedup_ttl_ms,
-                self.state_ttl_ms, req.src_ip, req.trunk, self._rx_us, self.block_ttl_ms))
+                s[6], "%s-%012x" % (self.alert_prefix, self.counter), self.dedup_ttl_ms,
+                self.state_ttl_ms, req.src_ip, req.trunk, self._rx_us, self.block_ttl_ms,
+                att.carrier if att is not None else b"", att.gateway if att is not None else b""))
+            ctx = self.context
+            if ctx is not None and ctx.fanout:
+                self.counter += 1
+                out.append(ctx.fanout_command(
+                    req.call_id, a, b, req.ts_ms, "%s-%012x" % (self.alert_prefix, self.counter),
+                    self.state_ttl_ms, att))
         return b"".join(out), len(out)
+
+    def _store_reply_error(self, r: object, key: str) -> None:
+        """Count a side script's error reply (rate limit, fan-out); note a lost script."""
+        if isinstance(r, RespError) and r.message.startswith("NOSCRIPT"):
+            self.noscript = True
+        self.counts[key] = self.counts.get(key, 0) + 1
 
     # -- phase 2 ---------------------------------------------------------------------------
     def finish(self, replies: list) -> list[bytes]:
@@ -495,6 +557,8 @@ class Decider:
         self.noscript = False
         self._blocks = []
         counts = self.counts
+        ctx = self.context
+        fanout = ctx is not None and ctx.fanout
         for s in self._slots:
             kind = s[0]
             if kind == _READY:
@@ -503,6 +567,12 @@ class Decider:
                 continue
             r = replies[i]
             i += 1
+            if kind == _SCRIPT and fanout:
+                f = replies[i]
+                i += 1
+                if isinstance(f, RespError) or not isinstance(f, list):
+                    self._store_reply_error(f, "fanout_error")
+            att = s[5]
             if kind == _RECORD:
                 if isinstance(r, RespError):
                     out.append(encode_error("store_error", r.message))
@@ -511,6 +581,9 @@ class Decider:
                     out.append(s[1])
                     key = "allow:invalid_b" if s[4] is None else "allow:unverifiable_cli"
                     counts[key] = counts.get(key, 0) + 1
+                    if att is not None:
+                        key = "@" + att.carrier + "|" + key
+                        counts[key] = counts.get(key, 0) + 1
                 continue
             if isinstance(r, RespError) or not isinstance(r, list) or len(r) != 7:
                 msg = r.message if isinstance(r, RespError) else "unexpected store reply"
@@ -525,6 +598,9 @@ class Decider:
             out.append(encode_reply(verdict, reason, r[2], alert_id, sev))
             key = "dup" if r[5] else verdict + ":" + reason
             counts[key] = counts.get(key, 0) + 1
+            if att is not None:
+                key = "@" + att.carrier + "|" + key
+                counts[key] = counts.get(key, 0) + 1
             if r[6]:
                 exp = s[2].ts_ms + self.block_ttl_ms
                 for m in r[6]:

@@ -11,7 +11,8 @@ import json
 import re
 from typing import Any
 
-from acm_module.errors import ConfigError
+from acm_module.engine import hotpath
+from acm_module.errors import ConfigError, StoreReplyError
 from acm_module.store.conn import StoreConnection
 
 REGISTRY_KEY = "{acm.cfg}:gw"
@@ -41,9 +42,18 @@ def read(conn: StoreConnection) -> tuple[int, dict[str, Any]]:
     return int(r[0]), json.loads(r[1])
 
 
+VERSION_COMMAND = hotpath.encode_command("HGET", REGISTRY_KEY, "ver")
+
+
 def version(conn: StoreConnection) -> int:
     """Return the published version (0 when none)."""
-    r = conn.call("HGET", REGISTRY_KEY, "ver")
+    return parse_version(conn.call("HGET", REGISTRY_KEY, "ver"))
+
+
+def parse_version(r: Any) -> int:
+    """Parse the reply of VERSION_COMMAND (pipelined by the workers with their config poll)."""
+    if isinstance(r, hotpath.RespError):
+        raise StoreReplyError(r.message)
     return 0 if r is None else int(r)  # type: ignore[arg-type]
 
 

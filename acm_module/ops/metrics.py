@@ -326,12 +326,16 @@ class PoolCollector(Collector):
         batches = CounterMetricFamily("acm_batches", "Store round trips (batches).", labels=lw)
         decisions = CounterMetricFamily("acm_decisions", "Decisions by verdict and reason.",
                                         labels=[*lw, "verdict", "reason"])
+        per_carrier = CounterMetricFamily(
+            "acm_carrier_decisions", "Decisions by the carrier they came through (registered "
+            "gateways only), verdict and reason.", labels=[*lw, "carrier", "verdict", "reason"])
         dups = CounterMetricFamily("acm_duplicates",
                                    "Requests answered from the Call-ID dedup (retransmissions).",
                                    labels=lw)
         errors = CounterMetricFamily(
             "acm_errors", "Requests answered with an error, by kind (bad_request, bad_frame, "
-            "store_unavailable, store_error).", labels=[*lw, "kind"])
+            "store_unavailable, store_error), and failed side checks (rate_error: a rate-limit "
+            "check that failed open; fanout_error).", labels=[*lw, "kind"])
         failures = CounterMetricFamily("acm_store_failures",
                                        "Store connection failures and timeouts.", labels=lw)
         connected = GaugeMetricFamily("acm_worker_store_connected",
@@ -359,20 +363,29 @@ class PoolCollector(Collector):
             kinds = {"bad_request": _num(d.get("error")),
                      "bad_frame": _num(snap.get("bad_frames")),
                      "store_unavailable": _num(d.get("store_unavailable")),
-                     "store_error": _num(d.get("store_error"))}
+                     "store_error": _num(d.get("store_error")),
+                     "rate_error": _num(d.get("rate_error")),
+                     "fanout_error": _num(d.get("fanout_error"))}
             for kind, v in kinds.items():
                 errors.add_metric([*lv, kind], v)
             dups.add_metric(lv, _num(d.get("dup")))
             for key, v in sorted(d.items()):
-                verdict, sep, reason = str(key).partition(":")
+                key = str(key)
+                if key.startswith("@"):  # "@<carrier>|<verdict>:<reason>"
+                    carrier, _, rest = key[1:].partition("|")
+                    verdict, sep, reason = rest.partition(":")
+                    if sep:
+                        per_carrier.add_metric([*lv, carrier, verdict, reason], _num(v))
+                    continue
+                verdict, sep, reason = key.partition(":")
                 if sep:
                     decisions.add_metric([*lv, verdict, reason], _num(v))
             for fam, name in ((total_h, "total_us"), (service_h, "service_us")):
                 sparse = snap.get(name) if isinstance(snap.get(name), dict) else {}
                 buckets, est_sum, _ = prometheus_buckets(sparse)
                 fam.add_metric(lv, buckets, est_sum)
-        yield from (workers, started, restarts, requests, batches, decisions, dups, errors,
-                    failures, connected, gen, total_h, service_h)
+        yield from (workers, started, restarts, requests, batches, decisions, per_carrier, dups,
+                    errors, failures, connected, gen, total_h, service_h)
 
     def _config_metrics(self, raw: Any) -> Iterator[Metric]:
         gen = GaugeMetricFamily("acm_config_generation",

@@ -87,6 +87,7 @@ class WorkerStats:
     bad_frames: int = 0
     store_failures: int = 0
     config_generation: int = 0
+    registry_version: int = 0  # carrier registry in use (docs/GATEWAY.md)
     store_up: bool = False
     decisions: dict[str, int] = field(default_factory=dict)  # "verdict:reason"/"dup"/errors
     service_us: Histogram = field(default_factory=Histogram)  # receive -> send, store excluded
@@ -101,7 +102,8 @@ class WorkerStats:
             "started": self.started, "updated": time.time(), "requests": self.requests,
             "batches": self.batches, "bad_frames": self.bad_frames,
             "store_failures": self.store_failures, "store_up": self.store_up,
-            "config_generation": self.config_generation, "decisions": dict(self.decisions),
+            "config_generation": self.config_generation,
+            "registry_version": self.registry_version, "decisions": dict(self.decisions),
             "service_us": self.service_us.to_sparse(), "total_us": self.total_us.to_sparse(),
             "service_cpu_us": self.service_cpu_us.to_sparse(),
         }

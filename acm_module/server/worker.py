@@ -5,6 +5,7 @@ fork().
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -15,6 +16,8 @@ import zmq
 
 from acm_module.engine import IMPLEMENTATION, hotpath
 from acm_module.errors import StoreError
+from acm_module.gateway import registry
+from acm_module.gateway.context import GatewayContext
 from acm_module.ops.logs import apply_log_level
 from acm_module.server import stats as stats_mod
 from acm_module.store import config as store_config
@@ -53,6 +56,9 @@ class Worker:
         self._backoff = 0.05
         self._cfg_next = 0.0
         self._cfg_gen = -1
+        self._gw_ver = -1
+        self._gw_doc: dict[str, Any] = dict(registry.EMPTY)
+        self._rules: dict[str, Any] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _on_term(self, signum: int, frame: Any) -> None:
@@ -76,6 +82,10 @@ class Worker:
                                      connect_timeout=max(s.store_timeout_ms / 1000.0, 0.1))
         self.script_source = load_script("decide")
         self.sha = _sha1(self.script_source)
+        # The gateway context's scripts, loaded with decide.lua; called only while in use.
+        self.side_scripts = {name: load_script(name) for name in ("ratelimit", "fanout")}
+        self.side_shas = {name: _sha1(src) for name, src in self.side_scripts.items()}
+        self._rules = {k: getattr(s, k) for k in _RULE_KEYS}
         self.decider = hotpath.Decider(
             decide_sha=self.sha, threshold=s.threshold, window=s.window, mode=s.mode,
             dedup_ttl=s.dedup_ttl, block_ttl=s.block_ttl,
@@ -212,6 +222,12 @@ class Worker:
         try:
             if not self.store.connected:
                 self._connect_store()
+            if d.context is not None:
+                # Calls from rate-limited gateways: their windows decide what decide.lua
+                # records, so they take one round trip first (the whole batch's, pipelined).
+                rl_payload, rl_n = d.rate_pipeline()
+                if rl_n:
+                    d.rate_finish(self.store.round_trip(rl_payload, rl_n))
             payload, n = d.pipeline()
             lat = self._latency_record()
             t1 = time.perf_counter_ns()
@@ -251,6 +267,8 @@ class Worker:
     def _connect_store(self) -> None:
         self.store.connect()
         self.store.script_load(self.script_source)
+        for src in self.side_scripts.values():
+            self.store.script_load(src)
         store_config.init_boot(self.store, self.boot_id, self.settings.detection())
 
     def _try_store(self) -> None:
@@ -274,6 +292,8 @@ class Worker:
     def _reload_script(self) -> None:
         try:
             self.store.script_load(self.script_source)
+            for src in self.side_scripts.values():
+                self.store.script_load(src)
         except StoreError as e:
             self._store_failed(e)
 
@@ -298,7 +318,12 @@ class Worker:
                 self._store_failed(e)
                 return
         try:
-            gen, values = store_config.read(self.store)
+            # One round trip for both: the live config and the registry's version.
+            r = self.store.round_trip(store_config.READ_COMMAND + registry.VERSION_COMMAND, 2)
+            gen, values = store_config.parse_read(r[0])
+            gw_ver = registry.parse_version(r[1])
+            if gw_ver != self._gw_ver:
+                self._load_registry()
         except StoreError as e:
             self._store_failed(e)
             return
@@ -310,12 +335,50 @@ class Worker:
                 self.store.set_timeout(values["store_timeout_ms"] / 1000.0)
             if values.get("log_level"):
                 apply_log_level(values["log_level"])
+            rules = {k: values.get(k, self._rules[k]) for k in _RULE_KEYS}
+            if rules != self._rules:
+                self._rules = rules
+                self._rebuild_context()
         except (KeyError, ValueError, TypeError) as e:
             log.error("worker %d: ignoring invalid config generation %s: %s", self.index, gen, e)
             return
         self._cfg_gen = gen
         self.stats.config_generation = gen
         log.debug("worker %d: config generation %d applied", self.index, gen)
+
+
+    def _load_registry(self) -> None:
+        """Read the published registry and rebuild the gateway context. Raises StoreError."""
+        raw = self.store.call("HMGET", registry.REGISTRY_KEY, "ver", "doc")
+        assert isinstance(raw, list)
+        ver = registry.parse_version(raw[0])
+        old = self._gw_doc
+        try:
+            self._gw_doc = dict(registry.EMPTY) if raw[1] is None else json.loads(raw[1])
+            self._rebuild_context()
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            # The control plane validates what it publishes; keep serving with the last good one.
+            log.error("worker %d: ignoring invalid carrier registry version %s: %s",
+                      self.index, ver, e)
+            self._gw_doc = old
+            self._rebuild_context()
+        self._gw_ver = ver  # a bad version is not retried until the next publish
+        self.stats.registry_version = ver
+        log.debug("worker %d: carrier registry version %d applied", self.index, ver)
+
+    def _rebuild_context(self) -> None:
+        """Give the decider a gateway context, or None when nothing needs one."""
+        ctx = GatewayContext(
+            self._gw_doc, cli_origin_rule=self._rules["cli_origin_rule"],
+            fanout_threshold=self._rules["fanout_threshold"],
+            fanout_window=self._rules["fanout_window"],
+            country_code=self.settings.default_country_code,
+            partitions=self.settings.partitions, rl_sha=self.side_shas["ratelimit"],
+            fanout_sha=self.side_shas["fanout"])
+        self.decider.context = ctx if ctx.active else None
+
+
+_RULE_KEYS = ("cli_origin_rule", "fanout_threshold", "fanout_window")
 
 
 def _split_envelope(parts: list[bytes]) -> tuple[list[bytes], bytes | None]:

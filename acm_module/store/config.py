@@ -76,9 +76,18 @@ def init_boot(conn: StoreConnection, boot_id: str, values: dict[str, Any]) -> in
     return int(r)  # type: ignore[arg-type]
 
 
+READ_COMMAND = hotpath.encode_command("HMGET", CONFIG_KEY, "gen", "values")
+
+
 def read(conn: StoreConnection) -> tuple[int, dict[str, Any] | None]:
     """Return (generation, config values) of the live config; (0, None) if none is published."""
-    r = conn.call("HMGET", CONFIG_KEY, "gen", "values")
+    return parse_read(conn.call("HMGET", CONFIG_KEY, "gen", "values"))
+
+
+def parse_read(r: Any) -> tuple[int, dict[str, Any] | None]:
+    """Parse the reply of READ_COMMAND (for callers that pipeline it with other reads)."""
+    if isinstance(r, hotpath.RespError):
+        raise StoreReplyError(r.message)
     assert isinstance(r, list)
     if r[0] is None or r[1] is None:
         return 0, None

@@ -748,3 +748,94 @@ def test_decider_blocks_and_noscript() -> None:
         assert d.noscript is True
         assert msgpack.unpackb(out[0]) == {"error": "store_error",
                                            "message": "NOSCRIPT No matching script"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The decider with the gateway context (attribution, CLI origin, rate limits, fan-out)
+# ---------------------------------------------------------------------------------------------
+
+_REGISTRY = {
+    "carriers": [{"id": "igw", "name": "IGW", "licence": "international_gateway",
+                  "contact": "", "cli_rule": None},
+                 {"id": "mno", "name": "MNO", "licence": "mno", "contact": "",
+                  "cli_rule": "monitor"}],
+    "gateways": [{"id": "igw-1", "carrier_id": "igw", "addresses": ["10.1.2.3", "10.9.0.0/16"],
+                  "trunks": ["t1"], "rate_limit_cps": 3, "rate_window_s": 1.0},
+                 {"id": "mno-1", "carrier_id": "mno", "addresses": ["10.1.2.0/24"],
+                  "trunks": [], "rate_limit_cps": 0, "rate_window_s": 1.0}],
+    "routes": [{"id": "igw-intl", "carrier_id": "igw", "gateway_id": None, "trunk": None,
+                "direction": "international", "cli_rule": None},
+               {"id": "mno-intl", "carrier_id": "mno", "gateway_id": "mno-1", "trunk": None,
+                "direction": "international", "cli_rule": None}],
+}
+
+
+def _ctx_frame(rnd: random.Random) -> bytes:
+    m = {"call_id": f"{rnd.getrandbits(40):x}@h", "a": rnd.choice((_number(rnd), "08031234567",
+                                                                   "+447700900123")),
+         "b": _number(rnd), "src_ip": rnd.choice(("10.1.2.3", "10.1.2.77", "10.9.8.7",
+                                                  "192.0.2.1", "", "::ffff:10.1.2.3")),
+         "trunk": rnd.choice(("t1", "", "other"))}
+    return msgpack.packb(m)
+
+
+def _side_reply(mod: Any, rnd: random.Random, kind: str) -> Any:
+    r = rnd.random()
+    if r < 0.1:
+        return mod.RespError("NOSCRIPT No matching script. Please use EVAL.")
+    if r < 0.15:
+        return None
+    if kind == "rate":
+        return rnd.choice((0, 1, 1))
+    return [rnd.choice((0, 3, 9)), rnd.choice((b"", b"al-f")), rnd.choice((b"", b"HIGH"))]
+
+
+@pytest.mark.parametrize("fanout", [0, 4])
+def test_decider_with_gateway_context_matches_the_twin(fanout: int) -> None:
+    from acm_module.gateway.context import GatewayContext
+
+    rnd = random.Random(77 + fanout)
+    ds = (_make(py), _make(cy))
+    for d in ds:
+        d.context = GatewayContext(_REGISTRY, fanout_threshold=fanout, rl_sha="r" * 40,
+                                   fanout_sha="f" * 40)
+    seen_pre: set[bytes] = set()
+    for batch in range(400):
+        frames = [_ctx_frame(rnd) if rnd.random() < 0.85 else _good_frame(rnd)
+                  for _ in range(rnd.randint(0, 10))]
+        for d in ds:
+            d.begin(frames, NOW + batch, 7)
+        rates = [d.rate_pipeline() for d in ds]
+        assert rates[0] == rates[1]
+        seed = rnd.random()
+        for mod, d in zip(MODS, ds, strict=True):
+            rr = random.Random(seed)
+            d.rate_finish([_side_reply(mod, rr, "rate") for _ in range(rates[0][1])])
+        pipes = [d.pipeline() for d in ds]
+        assert pipes[0] == pipes[1]
+        payload, n = pipes[0]
+        cmds, pos = [], 0
+        while pos < len(payload):
+            c, pos = py.parse_reply(payload, pos)
+            cmds.append(c)
+        assert len(cmds) == n
+        for c in cmds:
+            if c[0] == b"EVALSHA" and c[1] == _SHA.encode():
+                seen_pre.add(c[18])
+        seed = rnd.random()
+        outs = []
+        for mod, d in zip(MODS, ds, strict=True):
+            rr = random.Random(seed)
+            reps = [(_side_reply(mod, rr, "fanout") if c[1] == b"f" * 40
+                     else _store_reply(mod, rr)) for c in cmds]
+            outs.append(_outcome(lambda d=d, reps=reps: d.finish(reps)))
+        assert outs[0] == outs[1]
+        assert _state(ds[0]) == _state(ds[1])
+    assert {b"", b"drop|rate_limited", b"drop|national_cli_on_international_route",
+            b"monitor|national_cli_on_international_route"} <= seen_pre
+    counts = ds[0].counts
+    assert any(k.startswith("@igw|") for k in counts) and any(k.startswith("@mno|")
+                                                                for k in counts)
+    assert "rate_error" in counts
+    if fanout:
+        assert "fanout_error" in counts

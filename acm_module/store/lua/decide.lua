@@ -14,9 +14,11 @@
 --                       into every partition so the check stays in this slot and this round trip
 --
 -- ARGV: 1 call_id, 2 a, 3 b, 4 ts_ms, 5 window_ms, 6 threshold, 7 mode (block|monitor),
---       8 reserved (empty), 9 alert id to use if an alert opens,
+--       8 gateway rule verdict: '' or '<drop|monitor>|<reason>' (rate limit, CLI origin),
+--       9 alert id to use if an alert opens,
 --       10 dedup_ttl_ms, 11 state_ttl_ms, 12 src_ip, 13 trunk, 14 rx_us (worker receive time),
---       15 block_ttl_ms (>0: return the window's A-numbers on detection so they can be blocked)
+--       15 block_ttl_ms (>0: return the window's A-numbers on detection so they can be blocked),
+--       16 carrier id, 17 gateway id (attribution; '' when unknown)
 -- Returns {verdict, reason, distinct, alert_id, severity, dup, block_members}
 
 local prev = redis.call('GET', KEYS[5])
@@ -34,14 +36,18 @@ local function band(n)
   if n >= 7 then return 'CRITICAL' elseif n >= 5 then return 'HIGH' else return 'LOW' end
 end
 
-local whitelisted = redis.call('EXISTS', KEYS[4]) == 1
+local pre_v, pre_r = string.match(ARGV[8], '^(%a+)|(.+)$')
+local whitelisted = pre_v ~= 'drop' and redis.call('EXISTS', KEYS[4]) == 1
 local bexp, bal, bsv
-if not whitelisted then
+if pre_v ~= 'drop' and not whitelisted then
   local blk = redis.call('HGET', KEYS[8], ARGV[2])
   if blk then bexp, bal, bsv = string.match(blk, '^(%d+)|([^|]*)|([^|]*)$') end
 end
 
-if whitelisted then
+if pre_v == 'drop' then
+  -- A gateway rule refused the call: it never reaches B, so it does not enter B's window.
+  verdict, reason = 'drop', pre_r
+elseif whitelisted then
   reason = 'whitelisted'
 elseif bexp and tonumber(bexp) > ts then
   verdict, reason, alert_id, sev = 'drop', 'blocked', bal, bsv
@@ -91,15 +97,17 @@ else
     table.sort(all)
     redis.call('XADD', KEYS[6], '*', 'k', 'a', 'al', alert_id, 'op', op, 'b', ARGV[3],
       'sv', sev, 'n', maxn, 'an', table.concat(all, ','), 't0', string.format('%.0f', first),
-      't1', string.format('%.0f', last), 'ver', ver, 'wms', ARGV[5], 'blk', ARGV[15])
+      't1', string.format('%.0f', last), 'ver', ver, 'wms', ARGV[5], 'blk', ARGV[15],
+      'typ', 'masking', 'cr', ARGV[16], 'gw', ARGV[17])
     if tonumber(ARGV[15]) > 0 then to_block = members end
   end
 end
 
+if pre_v == 'monitor' and reason == 'clean' then reason = pre_r end
 if ARGV[7] == 'monitor' then verdict = 'allow' end
 redis.call('SET', KEYS[5], verdict .. '|' .. reason .. '|' .. distinct .. '|' .. alert_id .. '|' .. sev,
   'PX', ARGV[10])
 redis.call('XADD', KEYS[6], '*', 'k', 'd', 'id', ARGV[1], 'a', ARGV[2], 'b', ARGV[3],
   'ts', ARGV[4], 'v', verdict, 'r', reason, 'n', distinct, 'al', alert_id, 'sv', sev,
-  'ip', ARGV[12], 'tr', ARGV[13], 'rx', ARGV[14], 'md', ARGV[7])
+  'ip', ARGV[12], 'tr', ARGV[13], 'rx', ARGV[14], 'md', ARGV[7], 'cr', ARGV[16], 'gw', ARGV[17])
 return {verdict, reason, distinct, alert_id, sev, 0, to_block}
