@@ -21,19 +21,14 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 
-from acm_module.persist.pg import alert_row
+from acm_module.persist.pg import INSERT_ALERT, alert_row
 from acm_module.persist.records import AlertChange
 
 _OPERATOR_RE = re.compile(r"^[A-Z0-9]{2,16}$")
 _ID_RE = re.compile(r"^NCC-([A-Z0-9]{2,16})-(\d{8})-(\d{5,})$")
 
 # Same columns, in alert_row()'s order, as the writer's upsert; a row already there is kept.
-_INSERT_IF_ABSENT = """
-INSERT INTO fraud_alerts (alert_id, alert_type, severity, b_number, a_numbers,
-    detection_window_ms, detected_at, last_detected_at, distinct_count, block_ttl_ms, version)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-ON CONFLICT (alert_id) DO NOTHING
-"""
+_INSERT_IF_ABSENT = INSERT_ALERT + " ON CONFLICT (alert_id) DO NOTHING"
 _NEXT_SEQ = """
 INSERT INTO ncc_incident_seq (operator_code, day, last_seq) VALUES (%s, %s, 1)
 ON CONFLICT (operator_code, day) DO UPDATE SET last_seq = ncc_incident_seq.last_seq + 1

@@ -12,27 +12,23 @@ from datetime import UTC, datetime
 import psycopg
 
 from acm_module.persist.base import Sink, SinkRejected, SinkUnavailable
-from acm_module.persist.records import AlertChange, Decision, latest_versions
+from acm_module.persist.records import ALERT_TYPE_COLUMN, AlertChange, Decision, latest_versions
 
 log = logging.getLogger("acm.persist.pg")
 
-ALERT_TYPE = "MULTICALL_MASKING"
+# The detection facts of an alert, in alert_row()'s order: the writer's upsert and the NCC
+# runner's insert-if-absent (compliance/ncc.py) write the same columns.
+ALERT_COLUMNS = ("alert_id", "alert_type", "severity", "b_number", "a_numbers",
+                 "detection_window_ms", "detected_at", "last_detected_at", "distinct_count",
+                 "block_ttl_ms", "version", "carrier_id", "gateway_id", "a_number", "b_numbers")
+INSERT_ALERT = (f"INSERT INTO fraud_alerts ({', '.join(ALERT_COLUMNS)}) "
+                f"VALUES ({', '.join(['%s'] * len(ALERT_COLUMNS))})")
 
 # Operator-owned columns (status, assigned_to, notes, ncc_incident_id, resolved_at) are never
 # touched by the writer; only the detection facts are.
-_UPSERT = """
-INSERT INTO fraud_alerts (alert_id, alert_type, severity, b_number, a_numbers,
-    detection_window_ms, detected_at, last_detected_at, distinct_count, block_ttl_ms, version)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+_UPSERT = INSERT_ALERT + """
 ON CONFLICT (alert_id) DO UPDATE SET
-    severity = EXCLUDED.severity,
-    a_numbers = EXCLUDED.a_numbers,
-    detection_window_ms = EXCLUDED.detection_window_ms,
-    detected_at = EXCLUDED.detected_at,
-    last_detected_at = EXCLUDED.last_detected_at,
-    distinct_count = EXCLUDED.distinct_count,
-    block_ttl_ms = EXCLUDED.block_ttl_ms,
-    version = EXCLUDED.version,
+""" + ",\n".join(f"    {c} = EXCLUDED.{c}" for c in ALERT_COLUMNS if c != "alert_id") + """,
     updated_at = NOW()
 WHERE fraud_alerts.version < EXCLUDED.version
 """
@@ -42,6 +38,10 @@ RETRYABLE: tuple[type[BaseException], ...] = (
     psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.AdminShutdown,
     psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected, OSError,
 )
+# The schema is older than this writer (`acm db migrate` not run yet): not the rows' fault, so
+# the batch waits (retried) instead of going to the dead-letter stream.
+SCHEMA_BEHIND: tuple[type[BaseException], ...] = (
+    psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable)
 
 
 def ms_to_dt(ms: int) -> datetime:
@@ -51,8 +51,11 @@ def ms_to_dt(ms: int) -> datetime:
 
 def alert_row(a: AlertChange) -> tuple:
     """Return the upsert parameters of one alert change."""
-    return (a.alert_id, ALERT_TYPE, a.severity, a.b, json.dumps(list(a.a_numbers)), a.window_ms,
-            ms_to_dt(a.first_ms), ms_to_dt(a.last_ms), a.distinct, a.block_ttl_ms, a.ver)
+    fanout = a.typ == "fanout"
+    return (a.alert_id, ALERT_TYPE_COLUMN[a.typ], a.severity, a.b, json.dumps(list(a.a_numbers)),
+            a.window_ms, ms_to_dt(a.first_ms), ms_to_dt(a.last_ms), a.distinct, a.block_ttl_ms,
+            a.ver, a.carrier_id, a.gateway_id, a.a if fanout else None,
+            json.dumps(list(a.b_numbers)) if fanout else None)
 
 
 class PostgresSink(Sink):
@@ -93,6 +96,9 @@ class PostgresSink(Sink):
         except RETRYABLE as e:
             self.close()
             raise SinkUnavailable(f"postgres: {type(e).__name__}: {_first_line(e)}") from e
+        except SCHEMA_BEHIND as e:
+            raise SinkUnavailable(f"postgres: schema not migrated (run `acm db migrate`): "
+                                  f"{_first_line(e)}") from e
         except psycopg.Error as e:
             raise SinkRejected(f"postgres: {type(e).__name__}: {_first_line(e)}") from e
 
