@@ -27,11 +27,9 @@ from datetime import date
 from typing import Any, Protocol
 
 from acm_module.persist.base import Sink, SinkRejected, SinkUnavailable
-from acm_module.persist.records import AlertChange, Decision, latest_versions
+from acm_module.persist.records import ALERT_TYPE_COLUMN, AlertChange, Decision, latest_versions
 
 log = logging.getLogger("acm.persist.clickhouse")
-
-ALERT_TYPE = "MULTICALL_MASKING"
 
 DDL = (
     """CREATE TABLE IF NOT EXISTS fraud_alerts_analytics
@@ -46,11 +44,20 @@ DDL = (
         resolved_at Nullable(DateTime),
         resolution_time_seconds Nullable(UInt32),
         version UInt32,
-        is_deleted UInt8
+        is_deleted UInt8,
+        carrier_id LowCardinality(String) DEFAULT '',
+        gateway_id LowCardinality(String) DEFAULT '',
+        a_number String DEFAULT ''
     )
     ENGINE = ReplacingMergeTree(version, is_deleted)
     PARTITION BY toYYYYMM(detected_at)
     ORDER BY (detected_at, alert_id)""",
+    # A table created before gateway attribution gets the columns (old rows read as '').
+    "ALTER TABLE fraud_alerts_analytics ADD COLUMN IF NOT EXISTS "
+    "carrier_id LowCardinality(String) DEFAULT ''",
+    "ALTER TABLE fraud_alerts_analytics ADD COLUMN IF NOT EXISTS "
+    "gateway_id LowCardinality(String) DEFAULT ''",
+    "ALTER TABLE fraud_alerts_analytics ADD COLUMN IF NOT EXISTS a_number String DEFAULT ''",
     """CREATE TABLE IF NOT EXISTS daily_stats
     (
         date Date,
@@ -84,7 +91,8 @@ _REBUILD = (
 )
 
 _COLUMNS = ("alert_id", "alert_type", "severity", "b_number", "a_number_count",
-            "detection_window_ms", "detected_at", "version", "is_deleted")
+            "detection_window_ms", "detected_at", "version", "is_deleted", "carrier_id",
+            "gateway_id", "a_number")
 
 DAILY_STATS_SQL = """
 SELECT date, severity, sum(alert_count) AS alert_count, sum(total_a_numbers) AS total_a_numbers
@@ -168,18 +176,21 @@ def _jsonable(v: Any) -> Any:
 # No alias may reuse a column name here: ClickHouse resolves WHERE against SELECT aliases.
 _CURRENT = """
 SELECT alert_id, alert_type, severity, b_number, a_number_count,
-       detection_window_ms, toUnixTimestamp(detected_at) AS detected_at, version
+       detection_window_ms, toUnixTimestamp(detected_at) AS detected_at, version,
+       carrier_id, gateway_id, a_number
 FROM fraud_alerts_analytics FINAL
 WHERE alert_id IN {ids:Array(UUID)}
 """
 
 
 def _row(a: AlertChange) -> dict[str, Any]:
-    return {"alert_id": a.alert_id, "alert_type": ALERT_TYPE, "severity": a.severity,
-            "b_number": a.b, "a_number_count": len(a.a_numbers) or a.distinct,
+    return {"alert_id": a.alert_id, "alert_type": ALERT_TYPE_COLUMN[a.typ],
+            "severity": a.severity, "b_number": a.b,
+            "a_number_count": len(a.a_numbers) or a.distinct,
             "detection_window_ms": a.window_ms,
             "detected_at": a.first_ms // 1000,  # epoch seconds: no time-zone ambiguity
-            "version": a.ver, "is_deleted": 0}
+            "version": a.ver, "is_deleted": 0, "carrier_id": a.carrier_id,
+            "gateway_id": a.gateway_id, "a_number": a.a}
 
 
 class ClickHouseSink(Sink):

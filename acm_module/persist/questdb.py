@@ -22,7 +22,7 @@ from typing import Any
 from questdb import QuestDBError, QuestDBServerRejectionError, Sender, TimestampMicros
 
 from acm_module.persist.base import Sink, SinkRejected, SinkUnavailable
-from acm_module.persist.records import AlertChange, Decision
+from acm_module.persist.records import FRAUD_REASONS, AlertChange, Decision
 from acm_module.persist.streamconn import StreamConnection
 from acm_module.server import stats as stats_mod
 
@@ -35,11 +35,15 @@ DDL = (
         call_id VARCHAR, a_number VARCHAR, b_number VARCHAR, status SYMBOL, source_ip SYMBOL,
         carrier_id SYMBOL, detection_latency_us LONG, fraud_detected BOOLEAN, verdict SYMBOL,
         reason SYMBOL, distinct_count INT, alert_id VARCHAR, severity SYMBOL, trunk SYMBOL,
-        mode SYMBOL, timestamp TIMESTAMP
+        mode SYMBOL, gateway_id SYMBOL, timestamp TIMESTAMP
     ) TIMESTAMP(timestamp) PARTITION BY DAY WAL DEDUP UPSERT KEYS(timestamp, call_id)""",
     """CREATE TABLE IF NOT EXISTS detection_metrics (
         metric_name SYMBOL, value DOUBLE, labels VARCHAR, timestamp TIMESTAMP
     ) TIMESTAMP(timestamp) PARTITION BY HOUR WAL DEDUP UPSERT KEYS(timestamp, metric_name)""",
+    # A call_events table created before gateway attribution (the seed's has carrier_id, an
+    # older one may not): add the columns, so no row depends on ILP creating them implicitly.
+    "ALTER TABLE call_events ADD COLUMN IF NOT EXISTS carrier_id SYMBOL",
+    "ALTER TABLE call_events ADD COLUMN IF NOT EXISTS gateway_id SYMBOL",
 )
 
 
@@ -248,7 +252,7 @@ class QuestDBSink(Sink):
             # An explicit buffer: a failed flush leaves it to us (dropped; the batch is re-sent).
             buf = sender.new_buffer()
             for d in decisions:
-                fraud = d.reason in ("masking", "blocked")
+                fraud = d.reason in FRAUD_REASONS
                 sym = {"status": "DROPPED" if d.verdict == "drop" else "ALLOWED",
                        "verdict": d.verdict, "reason": d.reason, "mode": d.mode}
                 if d.src_ip:
@@ -257,6 +261,10 @@ class QuestDBSink(Sink):
                     sym["trunk"] = d.trunk
                 if d.severity:
                     sym["severity"] = d.severity
+                if d.carrier_id:  # unattributed calls leave carrier and gateway null
+                    sym["carrier_id"] = d.carrier_id
+                if d.gateway_id:
+                    sym["gateway_id"] = d.gateway_id
                 cols: dict[str, Any] = {"call_id": d.call_id, "a_number": d.a,
                                         "b_number": d.b, "fraud_detected": fraud,
                                         "distinct_count": d.distinct}
