@@ -32,6 +32,7 @@ from pgqdb import (
 
 from acm_module.client import Client
 from acm_module.persist.questdb import QuestDB
+from acm_module.persist.records import FRAUD_REASONS
 from acm_module.persist.writer import DLQ_KEY, GROUP_PREFIX, writer_stats
 from acm_module.store import keys
 from acm_module.store.conn import StoreConnection
@@ -92,7 +93,7 @@ def check_all(store_url: str, database_url: str, questdb_url: str, chdb_path: st
         r = by_id[d["id"]]
         assert (r[1], r[2], r[3]) == (d["v"], d["r"], int(d["n"]))
         assert (r[4] or "") == d["al"]
-        assert r[5] == (d["r"] in ("masking", "blocked"))
+        assert r[5] == (d["r"] in FRAUD_REASONS)
         assert (r[7], r[8]) == (d["a"], d["b"])
     # PostgreSQL: one row per alert, final severity / A-numbers / version.
     with psycopg.connect(database_url) as c:
