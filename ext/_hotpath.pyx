@@ -1368,7 +1368,7 @@ cdef class Decider:
             s = <_Slot>PyList_GET_ITEM(self._pool, k)
             if s.kind == _SCRIPT and s.att is not None and s.att.rl_key is not None \
                     and not s.pre.startswith(b"drop|"):
-                out.append(ctx.rate_command(s.att, s.call_id, s.ts_ms))
+                out.append(ctx.rate_command(s.att, s.call_id, self._rx_us // 1000))
         return b"".join(out), len(out)
 
     def rate_finish(self, replies):

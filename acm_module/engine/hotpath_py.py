@@ -476,7 +476,7 @@ class Decider:
             att = s[5]
             if s[0] == _SCRIPT and att is not None and att.rl_key is not None \
                     and not s[6].startswith(b"drop|"):
-                out.append(ctx.rate_command(att, s[2].call_id, s[2].ts_ms))
+                out.append(ctx.rate_command(att, s[2].call_id, self._rx_us // 1000))
         return b"".join(out), len(out)
 
     def rate_finish(self, replies: list) -> None:

@@ -156,9 +156,9 @@ class GatewayContext:
             return b""
         return _PRE_CLI.get(att.cli_rule, b"")
 
-    def rate_command(self, att: Attribution, call_id: str, ts_ms: int) -> bytes:
-        """Return the EVALSHA of ratelimit.lua for one call from a limited gateway."""
-        return hotpath.encode_command(b"EVALSHA", self.rl_sha, b"1", att.rl_key or b"", ts_ms,
+    def rate_command(self, att: Attribution, call_id: str, now_ms: int) -> bytes:
+        """Return the EVALSHA of ratelimit.lua for one call (now_ms: the receive clock)."""
+        return hotpath.encode_command(b"EVALSHA", self.rl_sha, b"1", att.rl_key or b"", now_ms,
                                       att.rl_window_ms, att.rl_max, call_id)
 
     def fanout_command(self, call_id: str, a: str, b: str, ts_ms: int, alert_id: str,
