@@ -184,8 +184,8 @@ def test_slow_store_gets_errors_within_the_timeout_and_counts_them(redis_server,
                 deadline = time.monotonic() + 10
                 while True:
                     snaps = stats.read_all(conn)
-                    if (sum(s["store_failures"] for s in snaps) >= 1 and sum(
-                            s["decisions"].get("store_unavailable", 0) for s in snaps) >= 5
+                    if ((sum(s["store_failures"] for s in snaps) >= 1 and sum(
+                            s["decisions"].get("store_unavailable", 0) for s in snaps) >= 5)
                             or time.monotonic() > deadline):
                         break
                     time.sleep(0.2)
