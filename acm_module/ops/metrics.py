@@ -121,6 +121,7 @@ class AlertScanner:
         self.opened: dict[str, int] = dict.fromkeys(SEVERITIES, 0)
         self.escalated: dict[str, int] = dict.fromkeys(SEVERITIES, 0)
         self.updates = 0
+        self.fanout_opened: dict[str, int] = dict.fromkeys(SEVERITIES, 0)
         self.read = 0
         self.healthy = False
         self.log_level: str | None = None
@@ -154,7 +155,8 @@ class AlertScanner:
         """Return a consistent copy of the counters."""
         with self._lock:
             return {"opened": dict(self.opened), "escalated": dict(self.escalated),
-                    "updates": self.updates, "read": self.read, "healthy": self.healthy}
+                    "updates": self.updates, "fanout_opened": dict(self.fanout_opened),
+                    "read": self.read, "healthy": self.healthy}
 
     def _run(self) -> None:
         backoff = 0.1
@@ -191,6 +193,7 @@ class AlertScanner:
         opened = dict.fromkeys(SEVERITIES, 0)
         escalated = dict.fromkeys(SEVERITIES, 0)
         updates = 0
+        fanout = dict.fromkeys(SEVERITIES, 0)
         for p, r in enumerate(replies):
             if isinstance(r, hotpath.RespError):
                 raise StoreError(f"HGETALL {keys.counters(p)}: {r.message}")
@@ -203,8 +206,11 @@ class AlertScanner:
                     escalated[sev] += value
                 elif kind == "upd":
                     updates += value
+                elif kind == "fo" and sev.startswith("open:") and sev[5:] in fanout:
+                    fanout[sev[5:]] += value  # fanout.lua: fo:open:<SEV>
         with self._lock:
             self.opened, self.escalated, self.updates = opened, escalated, updates
+            self.fanout_opened = fanout
             self.read += 1
         return 0  # idle wait between reads
 
@@ -505,6 +511,11 @@ class PoolCollector(Collector):
         for sev in SEVERITIES:
             opened.add_metric([sev], float(snap["opened"][sev]))
             esc.add_metric([sev], float(snap["escalated"][sev]))
+        fanout = CounterMetricFamily(
+            "acm_fanout_alerts", "Fan-out alerts (one A-number calling many B-numbers) opened, "
+            "by severity at opening.", labels=["severity"])
+        for sev in SEVERITIES:
+            fanout.add_metric([sev], float(snap["fanout_opened"][sev]))
         updates = CounterMetricFamily("acm_alert_updates",
                                       "Alert records that joined an open alert.")
         updates.add_metric([], float(snap["updates"]))
@@ -514,7 +525,7 @@ class PoolCollector(Collector):
         healthy = GaugeMetricFamily("acm_alert_scanner_up",
                                     "1 when the alert counter is reading the streams.")
         healthy.add_metric([], 1.0 if snap["healthy"] else 0.0)
-        yield from (opened, esc, updates, read, healthy)
+        yield from (opened, esc, fanout, updates, read, healthy)
 
 
 def _pairs(flat: Any) -> dict[str, Any]:

@@ -195,3 +195,56 @@ def test_metrics_sidecar_refuses_a_busy_port(store_url) -> None:
         settings = SimpleNamespace(metrics_http=f"127.0.0.1:{busy}", store=store_url,
                                    partitions=16)
         assert metrics.metrics_main(settings) == metrics.BOOT_ERROR
+
+
+def test_per_carrier_decisions_and_fanout_alerts_are_exported(service_factory) -> None:
+    from acm_module.gateway import registry
+
+    port = free_port()
+    env = {"ACM_METRICS_HTTP": f"127.0.0.1:{port}", "ACM_FANOUT_THRESHOLD": "3"}
+    doc = {"carriers": [{"id": "igw", "name": "IGW", "licence": "international_gateway",
+                         "contact": "", "cli_rule": None}],
+           "gateways": [{"id": "igw-1", "carrier_id": "igw", "addresses": ["198.51.100.0/24"],
+                         "trunks": [], "rate_limit_cps": 0, "rate_window_s": 1.0}],
+           "routes": [{"id": "igw-in", "carrier_id": "igw", "gateway_id": None, "trunk": None,
+                       "direction": "international", "cli_rule": None}]}
+    with service_factory(env=env, workers=2) as (svc, client):
+        assert wait_port(port), svc.read_log()
+        store = StoreConnection(svc.store_url, timeout=2.0)
+        try:
+            ver = registry.publish(store, doc)
+            deadline = time.monotonic() + 15
+            while not (len(snaps := stats_mod.read_all(store)) == 2
+                       and all(s.get("registry_version") == ver for s in snaps)):
+                assert time.monotonic() < deadline, "the registry was not applied"
+                time.sleep(0.1)
+        finally:
+            store.close()
+        t0 = 1_800_000_000.0
+        sim = "+447700900001"  # a foreign CLI: allowed on the international route
+        for i in range(4):
+            r = client.decide(cid(), sim, f"+23480399{i:05d}", ts=t0 + i, src_ip="198.51.100.9")
+            assert (r["verdict"], r["reason"]) == ("allow", "clean")
+        r = client.decide(cid(), "+2348031234567", B, ts=t0, src_ip="198.51.100.9")
+        assert r["reason"] == "national_cli_on_international_route"
+        client.decide(cid(), "+2348031234568", B, ts=t0, src_ip="192.0.2.1")  # no carrier
+        deadline = time.monotonic() + 10
+        while True:
+            after = scrape(port)
+            per = {(lab["carrier"], lab["verdict"], lab["reason"]): v
+                   for lab, v in after.get("acm_carrier_decisions_total", [])}
+            merged: Counter[tuple[str, str, str]] = Counter()
+            for k, v in per.items():
+                merged[k] += int(v)
+            done = (merged == {("igw", "allow", "clean"): 4,
+                               ("igw", "drop", "national_cli_on_international_route"): 1}
+                    and total(after, "acm_fanout_alerts_total") == 1)
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert merged == {("igw", "allow", "clean"): 4,
+                      ("igw", "drop", "national_cli_on_international_route"): 1}
+    # The global counters hold every decision, the carrier's included.
+    assert decisions(after)[("allow", "clean")] == 5
+    assert total(after, "acm_fanout_alerts_total", severity="LOW") == 1
+    assert total(after, "acm_alerts_total") == 0
