@@ -22,7 +22,8 @@ def add_cli(subparsers: Any) -> None:
     d = sub.add_parser("daily", help="write the daily report (JSON, CSV, HTML)",
                        description="Compute one day's statistics from PostgreSQL (fraud_alerts, "
                                    "audit_log) and QuestDB (call_events) and write "
-                                   "acm-daily-<date>.json, -alerts.csv, -summary.csv, .html.")
+                                   "acm-daily-<date>.json, -alerts.csv, -summary.csv, "
+                                   "-carriers.csv, .html.")
     d.add_argument("--date", default=None, metavar="YYYY-MM-DD",
                    help="the day, in report_timezone (default: yesterday)")
     d.add_argument("--out", default=None, help="output directory (default: report_dir)")

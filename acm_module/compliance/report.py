@@ -5,6 +5,8 @@ Files, in the output directory, for day D:
   acm-daily-D.json          the statistics and every alert (stats.DailyStats)
   acm-daily-D-alerts.csv    one row per alert: NCC incident id, times, severity, numbers, state
   acm-daily-D-summary.csv   metric,value rows of the headline figures
+  acm-daily-D-carriers.csv  one row per carrier: calls decided, dropped by reason, alerts by
+                            type and severity, distinct A-numbers (carrier "" = unattributed)
   acm-daily-D.html          the one-page report (print it to PDF from a browser if needed)
 """
 
@@ -18,11 +20,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from acm_module.compliance.stats import SEVERITIES, DailyStats
+from acm_module.compliance.stats import (
+    ALERT_TYPES,
+    DROP_REASONS,
+    SEVERITIES,
+    DailyStats,
+)
 
 ALERT_COLUMNS = ("ncc_incident_id", "alert_id", "detected_at", "last_detected_at", "severity",
                  "b_number", "a_number_count", "distinct_count", "status", "assigned_to",
-                 "resolved_at", "time_to_resolve_s")
+                 "resolved_at", "time_to_resolve_s", "type", "carrier_id", "gateway_id",
+                 "a_number")
+UNATTRIBUTED = "(unattributed)"  # how the report names carrier "" (no registered gateway)
+TYPE_NAMES = {"masking": "Masking", "fanout": "Fan-out"}
 COLOURS = {"LOW": "#f2c14e", "HIGH": "#f78154", "CRITICAL": "#b0413e"}
 
 
@@ -33,6 +43,7 @@ def summary_rows(s: DailyStats) -> list[tuple[str, Any]]:
                                    ("alerts_total", s.alerts_total)]
     rows += [(f"alerts_{k.lower()}", v) for k, v in s.alerts_by_severity.items()]
     rows += [(f"status_{k.lower()}", v) for k, v in s.alerts_by_status.items()]
+    rows += [(f"alerts_type_{k}", v) for k, v in s.alerts_by_type.items()]
     rows += [("distinct_a_numbers", s.distinct_a_numbers),
              ("distinct_b_numbers", s.distinct_b_numbers),
              ("calls_dropped", "" if s.calls_dropped is None else s.calls_dropped),
@@ -54,6 +65,38 @@ def alerts_csv(s: DailyStats) -> str:
     w.writerow(ALERT_COLUMNS)
     for a in s.alerts:
         w.writerow(["" if a.get(c) is None else a[c] for c in ALERT_COLUMNS])
+    return buf.getvalue()
+
+
+def carrier_columns() -> list[str]:
+    """Return the carriers CSV header: the flattened keys of a stats carrier row."""
+    return (["carrier_id", "calls_decided", "calls_dropped"]
+            + [f"dropped_{r}" for r in DROP_REASONS] + ["alerts_total"]
+            + [f"alerts_{t}" for t in ALERT_TYPES]
+            + [f"alerts_{t}_{v.lower()}" for t in ALERT_TYPES for v in SEVERITIES]
+            + ["distinct_a_numbers"])
+
+
+def carrier_values(c: dict[str, Any]) -> list[Any]:
+    """Return a carrier row's values in carrier_columns() order ("" for unknown call counts)."""
+    def opt(v: Any) -> Any:
+        return "" if v is None else v
+
+    dropped = c["calls_dropped_by_reason"]
+    known = c["calls_decided"] is not None
+    return ([c["carrier_id"], opt(c["calls_decided"]), opt(c["calls_dropped"])]
+            + [dropped.get(r, 0) if known else "" for r in DROP_REASONS] + [c["alerts_total"]]
+            + [c["alerts_by_type"].get(t, 0) for t in ALERT_TYPES]
+            + [c["alerts_by_type_severity"].get(t, {}).get(v, 0)
+               for t in ALERT_TYPES for v in SEVERITIES]
+            + [c["distinct_a_numbers"]])
+
+
+def carriers_csv(s: DailyStats) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(carrier_columns())
+    w.writerows(carrier_values(c) for c in s.carriers)
     return buf.getvalue()
 
 
@@ -117,6 +160,7 @@ def to_html(s: DailyStats) -> str:
     ttr = s.time_to_resolve_s
     headline = [("Alerts", s.alerts_total)] + [
         (f"{k.title()} severity", v) for k, v in s.alerts_by_severity.items()] + [
+        (f"{TYPE_NAMES.get(k, k)} alerts", v) for k, v in s.alerts_by_type.items()] + [
         ("Distinct A-numbers involved", s.distinct_a_numbers),
         ("B-numbers attacked", s.distinct_b_numbers),
         ("Calls dropped", "n/a" if s.calls_dropped is None else s.calls_dropped),
@@ -127,11 +171,19 @@ def to_html(s: DailyStats) -> str:
          "n/a" if not ttr["count"] else f"{_dur(ttr['median'])} / {_dur(ttr['max'])}")]
     actions = [(f"{a}: {o}", n) for a, outs in sorted(s.actions.items())
                for o, n in sorted(outs.items())] or [("none", 0)]
+    carrier_head = "".join(f"<th>{e(h)}</th>" for h in (
+        "Carrier", "Calls decided", "Dropped",
+        *(f"dropped: {r.replace('_', ' ')}" for r in DROP_REASONS),
+        *(f"{TYPE_NAMES.get(t, t)} alerts (LOW/HIGH/CRIT)" for t in ALERT_TYPES),
+        "A-numbers in alerts"))
+    carrier_rows = "".join(_carrier_tr(c) for c in s.carriers) or (
+        f"<tr><td colspan='{len(DROP_REASONS) + 6}'>none</td></tr>")
     top = s.alerts[:40]
     alert_rows = "".join(
         f"<tr><td>{e(a['ncc_incident_id'] or '-')}</td><td>{e(a['detected_at'] or '')}</td>"
-        f"<td class='{e(a['severity'])}'>{e(a['severity'])}</td><td>{e(a['b_number'])}</td>"
-        f"<td>{a['a_number_count']}</td><td>{e(a['status'])}</td></tr>" for a in top)
+        f"<td>{e(a['type'])}</td><td class='{e(a['severity'])}'>{e(a['severity'])}</td>"
+        f"<td>{e(a['b_number'] or a['a_number'] or '')}</td><td>{a['a_number_count']}</td>"
+        f"<td>{e(a['carrier_id'] or '-')}</td><td>{e(a['status'])}</td></tr>" for a in top)
     more = (f"<p class='note'>{len(s.alerts) - len(top)} more alert(s) in the CSV.</p>"
             if len(s.alerts) > len(top) else "")
     return f"""<!DOCTYPE html>
@@ -155,11 +207,29 @@ table {{ border-collapse: collapse; }} th, td {{ padding: 2px 6px; text-align: l
 <div><h2>Actions taken</h2><table class="kv">{kv(actions)}</table></div></div>
 <h2>Alerts per hour by severity</h2>
 {chart_svg(s.alerts_per_hour)}
+<h2>Per carrier</h2>
+<table class="alerts carriers"><tr>{carrier_head}</tr>{carrier_rows}</table>
 <h2>Alerts</h2>
-<table class="alerts"><tr><th>NCC incident</th><th>Detected (UTC)</th><th>Severity</th>
-<th>B-number</th><th>A-numbers</th><th>Status</th></tr>{alert_rows}</table>{more}
+<table class="alerts"><tr><th>NCC incident</th><th>Detected (UTC)</th><th>Type</th>
+<th>Severity</th><th>B-number (fan-out: A-number)</th><th>A-numbers</th><th>Carrier</th>
+<th>Status</th></tr>{alert_rows}</table>{more}
 </body></html>
 """
+
+
+def _carrier_tr(c: dict[str, Any]) -> str:
+    """Return a carrier's HTML table row (alerts of a type as total (LOW/HIGH/CRITICAL))."""
+    cells = carrier_values(c)
+    name = c["carrier_id"] or UNATTRIBUTED
+    n_calls = 3 + len(DROP_REASONS)
+    calls = [str(v) if v != "" else "n/a" for v in cells[1:n_calls]]
+    types = []
+    for t in ALERT_TYPES:
+        sev = c["alerts_by_type_severity"].get(t, {})
+        types.append(f"{c['alerts_by_type'].get(t, 0)} "
+                     f"({'/'.join(str(sev.get(v, 0)) for v in SEVERITIES)})")
+    return ("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in (
+        name, *calls, *types, c["distinct_a_numbers"])) + "</tr>")
 
 
 def _dur(seconds: Any) -> str:
@@ -175,6 +245,7 @@ def write(s: DailyStats, out_dir: str | Path) -> dict[str, Path]:
     files = {"json": (d / f"{base}.json", to_json(s)),
              "alerts_csv": (d / f"{base}-alerts.csv", alerts_csv(s)),
              "summary_csv": (d / f"{base}-summary.csv", summary_csv(s)),
+             "carriers_csv": (d / f"{base}-carriers.csv", carriers_csv(s)),
              "html": (d / f"{base}.html", to_html(s))}
     for path, text in files.values():
         tmp = path.with_name(path.name + ".tmp")

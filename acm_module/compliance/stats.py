@@ -3,10 +3,16 @@
 A report day is a calendar day in `report_timezone` (Africa/Lagos by default), [00:00, 24:00).
 
 - alerts: the fraud_alerts rows whose `detected_at` (first detection, call time) is in the day,
-  by their current severity (the band of the largest distinct count of the episode) and status;
-- distinct A-numbers / B-numbers: over those alerts' `a_numbers` / `b_number`;
+  by their current severity (the band of the largest distinct count of the episode), status and
+  type (`masking`, `fanout`: alert_type MULTICALL_MASKING / MULTICALL_FANOUT);
+- distinct A-numbers / B-numbers: over those alerts' `a_numbers` (a fan-out alert's is its one
+  A-number) / their B-numbers (a masking alert's `b_number`, a fan-out alert's `b_numbers`);
 - calls dropped: QuestDB `call_events` rows of the day with verdict `drop` (by reason), when
   `questdb_url` is set; otherwise null, with the reason in `calls_dropped_source`;
+- per carrier (docs/GATEWAY.md; carrier "" = calls and alerts from no registered gateway):
+  calls decided and dropped by reason (QuestDB call_events by carrier_id, null without
+  QuestDB), alerts by type and severity and the distinct A-numbers in them (fraud_alerts by
+  carrier_id: the carrier of the call that opened or last updated the alert);
 - actions: the audit_log rows of the day's alerts whose action starts with `action.`
   (disconnect, ncc, notify), counted by action and outcome; disconnect totals the calls ended;
 - lifecycle: audit_log rows of the lifecycle commands on the day's alerts, by action and outcome;
@@ -26,13 +32,22 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 
+from acm_module.persist.records import ALERT_TYPE_COLUMN
+
 SEVERITIES = ("LOW", "HIGH", "CRITICAL")
 STATUSES = ("NEW", "INVESTIGATING", "RESOLVED", "FALSE_POSITIVE")
 LIFECYCLE_ACTIONS = ("acm_alert_assign", "acm_alert_status", "acm_alert_note")
+ALERT_TYPES = tuple(ALERT_TYPE_COLUMN)  # masking, fanout
+# The reasons a call can be dropped for (docs/GATEWAY.md); each carrier row shows all of them.
+DROP_REASONS = ("masking", "blocked", "rate_limited", "national_cli_on_international_route")
+_TYPE_OF_COLUMN = {v: k for k, v in ALERT_TYPE_COLUMN.items()}
 
+# Columns added by migration 0005 are NULL on rows older than it: read as the defaults.
 _ALERTS = """
 SELECT alert_id, ncc_incident_id, alert_type, severity, b_number, a_numbers, distinct_count,
-       detection_window_ms, detected_at, last_detected_at, status, assigned_to, resolved_at
+       detection_window_ms, detected_at, last_detected_at, status, assigned_to, resolved_at,
+       COALESCE(carrier_id, '') AS carrier_id, COALESCE(gateway_id, '') AS gateway_id,
+       a_number, b_numbers
 FROM fraud_alerts WHERE detected_at >= %s AND detected_at < %s
 ORDER BY detected_at, alert_id
 """
@@ -65,6 +80,8 @@ class DailyStats:
     lifecycle_changes: dict[str, dict[str, int]]
     time_to_resolve_s: dict[str, float | int | None]
     alerts_per_hour: list[dict[str, int]]
+    alerts_by_type: dict[str, int] = field(default_factory=dict)
+    carriers: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -96,17 +113,25 @@ def compute(conn: psycopg.Connection, day: date, tz: str, operator_code: str = "
     rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
     by_sev = dict.fromkeys(SEVERITIES, 0)
     by_status = dict.fromkeys(STATUSES, 0)
+    by_type = dict.fromkeys(ALERT_TYPES, 0)
     a_numbers: set[str] = set()
     b_numbers: set[str] = set()
     per_hour = [{"hour": h, **dict.fromkeys(SEVERITIES, 0)} for h in range(24)]
     ttr: list[float] = []
     alerts: list[dict[str, Any]] = []
+    carriers = _Carriers()
     for r in rows:
-        an = r["a_numbers"] if isinstance(r["a_numbers"], list) else json.loads(r["a_numbers"])
+        an = _json_list(r["a_numbers"])
+        bn = _json_list(r["b_numbers"]) if r["b_numbers"] is not None else []
+        typ = _TYPE_OF_COLUMN.get(r["alert_type"], r["alert_type"])
         by_sev[r["severity"]] = by_sev.get(r["severity"], 0) + 1
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+        by_type[typ] = by_type.get(typ, 0) + 1
         a_numbers.update(an)
-        b_numbers.add(r["b_number"])
+        b_numbers.update(bn)
+        if r["b_number"]:
+            b_numbers.add(r["b_number"])
+        carriers.alert(r["carrier_id"], typ, r["severity"], an)
         per_hour[r["detected_at"].astimezone(z).hour][r["severity"]] += 1
         resolved = r["resolved_at"] if r["status"] in ("RESOLVED", "FALSE_POSITIVE") else None
         secs = (resolved - r["detected_at"]).total_seconds() if resolved is not None else None
@@ -114,7 +139,7 @@ def compute(conn: psycopg.Connection, day: date, tz: str, operator_code: str = "
             ttr.append(secs)
         alerts.append({
             "ncc_incident_id": r["ncc_incident_id"], "alert_id": str(r["alert_id"]),
-            "alert_type": r["alert_type"], "severity": r["severity"],
+            "alert_type": r["alert_type"], "type": typ, "severity": r["severity"],
             "b_number": r["b_number"], "a_number_count": len(an),
             "distinct_count": r["distinct_count"],
             "detection_window_ms": r["detection_window_ms"],
@@ -122,9 +147,13 @@ def compute(conn: psycopg.Connection, day: date, tz: str, operator_code: str = "
             "last_detected_at": _iso(r["last_detected_at"]), "status": r["status"],
             "assigned_to": r["assigned_to"], "resolved_at": _iso(r["resolved_at"]),
             "time_to_resolve_s": None if secs is None else round(secs, 3),
-            "a_numbers": an})
+            "carrier_id": r["carrier_id"], "gateway_id": r["gateway_id"],
+            "a_number": r["a_number"] or "", "a_numbers": an, "b_numbers": bn})
     actions, lifecycle, disconnected = _audit(conn, [a["alert_id"] for a in alerts])
-    dropped, dropped_by, source = _calls_dropped(questdb_url, start, end)
+    calls, source = _call_counts(questdb_url, start, end)
+    dropped, dropped_by = _dropped(calls)
+    if calls is not None:
+        carriers.calls(calls)
     conn.commit()
     return DailyStats(
         date=day.isoformat(), timezone=tz, period_start=_iso(start) or "",
@@ -134,7 +163,61 @@ def compute(conn: psycopg.Connection, day: date, tz: str, operator_code: str = "
         distinct_b_numbers=len(b_numbers), calls_dropped=dropped,
         calls_dropped_by_reason=dropped_by, calls_dropped_source=source, actions=actions,
         calls_disconnected=disconnected, lifecycle_changes=lifecycle,
-        time_to_resolve_s=_summary(ttr), alerts_per_hour=per_hour, alerts=alerts)
+        time_to_resolve_s=_summary(ttr), alerts_per_hour=per_hour, alerts_by_type=by_type,
+        carriers=carriers.rows(with_calls=calls is not None), alerts=alerts)
+
+
+def _json_list(v: Any) -> list[str]:
+    return v if isinstance(v, list) else json.loads(v)
+
+
+class _Carriers:
+    """The per-carrier breakdown, filled from the day's alerts and call counts."""
+
+    def __init__(self) -> None:
+        self.by: dict[str, dict[str, Any]] = {}
+        self.a_numbers: dict[str, set[str]] = {}
+
+    def _row(self, carrier_id: str) -> dict[str, Any]:
+        row = self.by.get(carrier_id)
+        if row is None:
+            row = self.by[carrier_id] = {
+                "carrier_id": carrier_id, "calls_decided": 0, "calls_dropped": 0,
+                "calls_dropped_by_reason": dict.fromkeys(DROP_REASONS, 0), "alerts_total": 0,
+                "alerts_by_type": dict.fromkeys(ALERT_TYPES, 0),
+                "alerts_by_type_severity": {t: dict.fromkeys(SEVERITIES, 0)
+                                            for t in ALERT_TYPES},
+                "distinct_a_numbers": 0}
+            self.a_numbers[carrier_id] = set()
+        return row
+
+    def alert(self, carrier_id: str, typ: str, severity: str, a_numbers: list[str]) -> None:
+        row = self._row(carrier_id)
+        row["alerts_total"] += 1
+        row["alerts_by_type"][typ] = row["alerts_by_type"].get(typ, 0) + 1
+        sev = row["alerts_by_type_severity"].setdefault(typ, dict.fromkeys(SEVERITIES, 0))
+        sev[severity] = sev.get(severity, 0) + 1
+        self.a_numbers[carrier_id].update(a_numbers)
+
+    def calls(self, counts: list[tuple[str, str, str, int]]) -> None:
+        for carrier_id, verdict, reason, n in counts:
+            row = self._row(carrier_id)
+            row["calls_decided"] += n
+            if verdict == "drop":
+                row["calls_dropped"] += n
+                by = row["calls_dropped_by_reason"]
+                by[reason] = by.get(reason, 0) + n
+
+    def rows(self, with_calls: bool) -> list[dict[str, Any]]:
+        """Return one row per carrier, by id, the unattributed ("") last."""
+        out = []
+        for cid in sorted(self.by, key=lambda c: (c == "", c)):
+            row = self.by[cid]
+            row["distinct_a_numbers"] = len(self.a_numbers[cid])
+            if not with_calls:  # no QuestDB: unknown, not zero
+                row.update(calls_decided=None, calls_dropped=None, calls_dropped_by_reason={})
+            out.append(row)
+        return out
 
 
 def _audit(conn: psycopg.Connection, alert_ids: list[str]
@@ -156,10 +239,12 @@ def _audit(conn: psycopg.Connection, alert_ids: list[str]
     return actions, lifecycle, disconnected
 
 
-def _calls_dropped(questdb_url: str, start: datetime, end: datetime
-                   ) -> tuple[int | None, dict[str, int], str]:
+def _call_counts(questdb_url: str, start: datetime, end: datetime
+                 ) -> tuple[list[tuple[str, str, str, int]] | None, str]:
+    """Return the day's call_events counted by (carrier, verdict, reason) and their source;
+    None when QuestDB is not configured."""
     if not questdb_url:
-        return None, {}, "unavailable: questdb_url is not set (call_events live in QuestDB)"
+        return None, "unavailable: questdb_url is not set (call_events live in QuestDB)"
     from acm_module.persist.questdb import QuestDB, parse_conf
 
     _, base, auth = parse_conf(questdb_url)
@@ -167,11 +252,29 @@ def _calls_dropped(questdb_url: str, start: datetime, end: datetime
     # QuestDB timestamps are UTC: a day in the report's time zone is converted first.
     lo = start.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000000Z")
     hi = end.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000000Z")
-    # Timestamps are literals built from datetimes, never user text.
-    rows = q.rows("SELECT reason, count() FROM call_events WHERE verdict = 'drop' AND "
+    # Timestamps are literals built from datetimes, never user text. An unattributed call's
+    # carrier_id is null.
+    rows = q.rows("SELECT carrier_id, verdict, reason, count() FROM call_events WHERE "
                   f"timestamp >= '{lo}' AND timestamp < '{hi}'")
-    by = {str(r[0]): int(r[1]) for r in rows}
-    return sum(by.values()), by, "questdb:call_events"
+    return [(r[0] or "", str(r[1]), str(r[2]), int(r[3])) for r in rows], "questdb:call_events"
+
+
+def _dropped(calls: list[tuple[str, str, str, int]] | None) -> tuple[int | None, dict[str, int]]:
+    """Return (calls dropped, by reason) of the call counts (None, {} without them)."""
+    if calls is None:
+        return None, {}
+    by: dict[str, int] = {}
+    for _, verdict, reason, n in calls:
+        if verdict == "drop":
+            by[reason] = by.get(reason, 0) + n
+    return sum(by.values()), by
+
+
+def _calls_dropped(questdb_url: str, start: datetime, end: datetime
+                   ) -> tuple[int | None, dict[str, int], str]:
+    """Return (calls dropped, by reason, source) of a period."""
+    calls, source = _call_counts(questdb_url, start, end)
+    return (*_dropped(calls), source)
 
 
 def _summary(values: list[float]) -> dict[str, float | int | None]:
