@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from pgqdb import stream_records
+
 from acm_module.engine import hotpath
+from acm_module.persist import records as rec
+from acm_module.persist.writer import DLQ_KEY
 from acm_module.store import keys
 from acm_module.store.conn import StoreConnection
 
@@ -74,3 +78,25 @@ def xadd(store_url: str, records: Iterable[Record | tuple[str, Mapping[str, str]
             raise AssertionError(f"XADD failed: {r.message}")
         ids.append(r.decode() if isinstance(r, bytes) else str(r))
     return ids
+
+
+def parsed(store_url: str) -> tuple[list[rec.Decision], list[rec.AlertChange]]:
+    """Return every record still in the partition streams, parsed the writer's strict way."""
+    decisions: list[rec.Decision] = []
+    changes: list[rec.AlertChange] = []
+    for s, eid, f in stream_records(store_url):
+        if f["k"] == "d":
+            decisions.append(rec.parse_decision(f"{s}/{eid}", f))
+        else:
+            changes.append(rec.parse_alert(f"{s}/{eid}", f))
+    return decisions, changes
+
+
+def dead_letters(store_url: str) -> list[dict[str, str]]:
+    """Return the fields of every dead-letter entry."""
+    c = StoreConnection(store_url, timeout=5.0)
+    try:
+        return [{f[i].decode(): f[i + 1].decode() for i in range(0, len(f), 2)}
+                for _, f in c.call("XRANGE", DLQ_KEY, "-", "+")]  # type: ignore[union-attr]
+    finally:
+        c.close()

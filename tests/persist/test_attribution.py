@@ -20,19 +20,16 @@ from pgqdb import (
     add_tap,
     b_num,
     ch_query,
-    stream_records,
     wait_drained,
     writer_env,
 )
-from streamrec import decision, fanout_alert, masking_alert, xadd
+from streamrec import dead_letters, decision, fanout_alert, masking_alert, parsed, xadd
 
 from acm_module.persist import records as rec
 from acm_module.persist.base import SinkUnavailable
 from acm_module.persist.migrate import MIGRATIONS_DIR, migrate
 from acm_module.persist.pg import PostgresSink
 from acm_module.persist.questdb import QuestDB
-from acm_module.persist.writer import DLQ_KEY
-from acm_module.store.conn import StoreConnection
 
 T0 = 1_800_500_000_000
 C1, G1, G1B = "glo-ig", "glo-lag-1", "glo-lag-2"
@@ -117,12 +114,7 @@ def test_malformed_attribution_is_dead_lettered(
     w = writer_factory(env=writer_env(database_url, questdb_url, chdb_path))
     wait_drained(store_url, ALL_SINKS, writer=w)
     assert w.stop() == 0
-    c = StoreConnection(store_url, timeout=5.0)
-    try:
-        dlq = [{f[i].decode(): f[i + 1].decode() for i in range(0, len(f), 2)}
-               for _, f in c.call("XRANGE", DLQ_KEY, "-", "+")]  # type: ignore[union-attr]
-    finally:
-        c.close()
+    dlq = dead_letters(store_url)
     got = {(d["stream"], d["id"], d["sink"]) for d in dlq}
     want = {(s, i, "questdb") for (s, _), i in zip(bad_d, ids_d[10:], strict=True)}
     want |= {(s, i, sink) for (s, _), i in zip(bad_a, ids_a[:4], strict=True)
@@ -216,13 +208,7 @@ def test_writer_persists_attribution_to_every_sink(
     assert w.stop() == 0
 
     # What the stream holds, parsed the strict way (every record here is well-formed).
-    decisions: list[rec.Decision] = []
-    changes: list[rec.AlertChange] = []
-    for s, eid, f in stream_records(store_url):
-        if f["k"] == "d":
-            decisions.append(rec.parse_decision(f"{s}/{eid}", f))
-        else:
-            changes.append(rec.parse_alert(f"{s}/{eid}", f))
+    decisions, changes = parsed(store_url)
     alerts = {a.alert_id: a for a in rec.latest_versions(changes)}
     assert len(decisions) == 135 and len(alerts) == 5
 

@@ -29,11 +29,12 @@ from pgqdb import (
     wait_drained,
     writer_env,
 )
+from streamrec import dead_letters
 
 from acm_module.client import Client
 from acm_module.persist.questdb import QuestDB
 from acm_module.persist.records import FRAUD_REASONS
-from acm_module.persist.writer import DLQ_KEY, GROUP_PREFIX, writer_stats
+from acm_module.persist.writer import GROUP_PREFIX, writer_stats
 from acm_module.store import keys
 from acm_module.store.conn import StoreConnection
 
@@ -308,12 +309,7 @@ def test_poisoned_records_are_dead_lettered_and_do_not_block(
     w = writer_factory(env=writer_env(database_url, questdb_url, chdb_path))
     wait_drained(store_url, ALL_SINKS, writer=w)
     assert w.stop() == 0
-    c = StoreConnection(store_url, timeout=5.0)
-    try:
-        dlq = [{f[i].decode(): f[i + 1].decode() for i in range(0, len(f), 2)}
-               for _, f in c.call("XRANGE", DLQ_KEY, "-", "+")]  # type: ignore[union-attr]
-    finally:
-        c.close()
+    dlq = dead_letters(store_url)
     # Entry ids are unique per stream only: a dead letter names both.
     d_key = (keys.stream(3), bad_d.decode())  # type: ignore[union-attr]
     a_key = (keys.stream(5), bad_a.decode())  # type: ignore[union-attr]
