@@ -1,23 +1,27 @@
-"""Where the control plane keeps its records: whitelist entries, the audit trail, alert listings.
+"""Where the control plane keeps its records: whitelist entries, the audit trail, alert listings,
+the carrier registry.
 
 `ControlRepository` is the seam. Two implementations:
 
 - `StoreRepository` (here, always available): whitelist entries in HASH `{acm.ctl}:whitelist`,
   the audit trail in STREAM `{acm.ctl}:audit`, alerts read back from the newest alert records
-  (`k=a`) of the partitions' durable streams.
-- A PostgreSQL one (tables whitelist / audit_log / fraud_alerts), provided by the persistence
-  writer as `acm_module.persist.control_repo.PostgresControlRepository(settings)`; it is used
-  when `database_url` is set and that module imports.
+  (`k=a`) of the partitions' durable streams, the carrier registry document in HASH
+  `{acm.ctl}:registry`.
+- A PostgreSQL one (tables whitelist / audit_log / fraud_alerts, carriers / carrier_gateways /
+  carrier_routes), provided by the persistence writer as
+  `acm_module.persist.control_repo.PostgresControlRepository(settings)`; it is used when
+  `database_url` is set and that module imports.
 
 The repository is the system of record only. The whitelist *markers* the decision script reads
-(`{acm.<p>}:wl:<b>`) are desired state that the control plane always writes to the store itself,
-whichever repository is in use.
+(`{acm.<p>}:wl:<b>`) and the published registry (`{acm.cfg}:gw`) are desired state that the
+control plane always writes to the store itself, whichever repository is in use.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -30,6 +34,7 @@ log = logging.getLogger("acm.control")
 
 WHITELIST_KEY = "{acm.ctl}:whitelist"
 AUDIT_STREAM = "{acm.ctl}:audit"
+REGISTRY_RECORD_KEY = "{acm.ctl}:registry"
 AUDIT_MAXLEN = 100_000
 SEVERITIES = ("LOW", "HIGH", "CRITICAL")
 
@@ -93,6 +98,12 @@ class ControlRepository(Protocol):
 
     def alert_list(self, query: AlertQuery) -> list[dict[str, Any]]:
         """Return alerts newest first, each shaped like a fraud_alerts row (see _alert_view)."""
+
+    def registry_get(self) -> dict[str, Any]:
+        """Return the whole carrier registry document (empty lists when there is none)."""
+
+    def registry_put(self, doc: dict[str, Any]) -> None:
+        """Replace the whole registry document (validated by the caller) in one step."""
 
     def close(self) -> None:
         """Release connections."""
@@ -203,6 +214,19 @@ class StoreRepository:
             views.append(_alert_view(f))
         views.sort(key=lambda v: (v["last_detection_ms"], v["alert_id"]), reverse=True)
         return views[:query.limit]
+
+    # -- carrier registry ------------------------------------------------------------------
+    def registry_get(self) -> dict[str, Any]:
+        raw = self.conn.call("HGET", REGISTRY_RECORD_KEY, "doc")
+        if raw is None:
+            return {"carriers": [], "gateways": [], "routes": []}
+        doc: dict[str, Any] = json.loads(raw)  # type: ignore[arg-type]
+        return doc
+
+    def registry_put(self, doc: dict[str, Any]) -> None:
+        self.conn.call("HSET", REGISTRY_RECORD_KEY, "doc",
+                       json.dumps(doc, sort_keys=True, separators=(",", ":")),
+                       "updated", int(time.time() * 1000))
 
     def close(self) -> None:
         self.conn.close()

@@ -67,7 +67,7 @@ MAX_TRUNK = 128
 MAX_CPS = 100_000
 WINDOW_MIN_S, WINDOW_MAX_S, WINDOW_DEFAULT_S = 0.1, 60.0, 1.0
 
-_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,%d}" % MAX_ID)
+ID_RE = re.compile(r"[A-Za-z0-9._-]{1,%d}" % MAX_ID)
 _KINDS = {"carriers": "carrier", "gateways": "gateway", "routes": "route"}
 _FIELDS = {
     "carrier": ("id", "name", "licence", "contact", "cli_rule"),
@@ -78,7 +78,8 @@ _FIELDS = {
 
 def validate(doc: Any) -> dict[str, list[dict[str, Any]]]:
     """Check a whole registry document; return it normalised (every field present, addresses
-    canonical, each kind sorted by id). Raises ConfigError naming the offending entry."""
+    canonical, each kind sorted by id). Raises ConfigError naming the offending entry: of two
+    entries in conflict, the later in the document (where an edit appends the new one)."""
     if not isinstance(doc, dict):
         raise ConfigError("registry: must be an object with carriers, gateways and routes")
     unknown = sorted(set(doc) - set(_KINDS))
@@ -98,7 +99,7 @@ def validate(doc: Any) -> dict[str, list[dict[str, Any]]]:
             if entry["id"] in entries:
                 raise ConfigError(f"{kind} {entry['id']!r}: duplicate id")
             entries[entry["id"]] = entry
-        out[plural] = [entries[k] for k in sorted(entries)]
+        out[plural] = list(entries.values())
     carriers = {c["id"]: _carrier(c) for c in out["carriers"]}
     gateways = {g["id"]: _gateway(g, carriers) for g in out["gateways"]}
     _no_shared(gateways)
@@ -111,8 +112,11 @@ def validate(doc: Any) -> dict[str, list[dict[str, Any]]]:
                 f"route {rid!r}: route {selectors[sel]!r} already has carrier "
                 f"{sel[0]!r}, gateway {sel[1]!r} and trunk {sel[2]!r}")
         selectors[sel] = rid
-    return {"carriers": list(carriers.values()), "gateways": list(gateways.values()),
-            "routes": list(routes.values())}
+    return {"carriers": _by_id(carriers), "gateways": _by_id(gateways), "routes": _by_id(routes)}
+
+
+def _by_id(entries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [entries[k] for k in sorted(entries)]
 
 
 def _check_fields(e: Any, kind: str, index: int) -> dict[str, Any]:
@@ -120,7 +124,7 @@ def _check_fields(e: Any, kind: str, index: int) -> dict[str, Any]:
     if not isinstance(e, dict):
         raise ConfigError(f"{kind} #{index + 1}: must be an object")
     eid = e.get("id")
-    if not isinstance(eid, str) or not _ID_RE.fullmatch(eid):
+    if not isinstance(eid, str) or not ID_RE.fullmatch(eid):
         raise ConfigError(f"{kind} #{index + 1}: id {eid!r} must be 1 to {MAX_ID} characters "
                           "of A-Z a-z 0-9 . _ -")
     unknown = sorted(set(e) - set(_FIELDS[kind]))

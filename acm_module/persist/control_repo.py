@@ -1,5 +1,6 @@
 """The control plane's repository on PostgreSQL / YugabyteDB YSQL: tables whitelist, audit_log,
-fraud_alerts (see acm_module/control/repository.py for the interface).
+fraud_alerts, and the carrier registry's carriers / carrier_gateways / carrier_routes (see
+acm_module/control/repository.py for the interface).
 
 The database is the system of record: a whitelist entry added over MI is a `whitelist` row, so
 the writer's reconcile (whitelist_sync.reconcile, table -> store markers) keeps its marker
@@ -60,6 +61,27 @@ _AUDIT_INSERT = """
 INSERT INTO audit_log (at, actor, action, target, old, new, outcome, details)
 VALUES (%s, %s, %s, %s, %s, %s, 'ok', %s) RETURNING id
 """
+
+# The carrier registry (migration 0004): a row is updated (and its updated_at moved) only when
+# a value changed, so replacing the whole document keeps the history of the untouched rows.
+_CARRIER_COLUMNS = ("id", "name", "licence", "contact", "cli_rule")
+_GATEWAY_COLUMNS = ("id", "carrier_id", "addresses", "trunks", "rate_limit_cps",
+                    "rate_window_s")
+_ROUTE_COLUMNS = ("id", "carrier_id", "gateway_id", "trunk", "direction", "cli_rule")
+_REGISTRY_TABLES = (("carriers", "carriers", _CARRIER_COLUMNS),
+                    ("gateways", "carrier_gateways", _GATEWAY_COLUMNS),
+                    ("routes", "carrier_routes", _ROUTE_COLUMNS))
+
+
+def _registry_upsert(table: str, columns: tuple[str, ...]) -> str:
+    values = ", ".join("%s::text[]" if c in ("addresses", "trunks") else "%s" for c in columns)
+    rest = columns[1:]
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({values}) "
+            f"ON CONFLICT (id) DO UPDATE SET "
+            + ", ".join(f"{c} = EXCLUDED.{c}" for c in rest) + ", updated_at = NOW() "
+            f"WHERE ({', '.join(f'{table}.{c}' for c in rest)}) IS DISTINCT FROM "
+            f"({', '.join(f'EXCLUDED.{c}' for c in rest)})")
+
 
 _ALERT_COLUMNS = """
 alert_id, alert_type, severity, b_number, a_numbers, detection_window_ms, detected_at,
@@ -227,6 +249,40 @@ class PostgresControlRepository:
         params.append(query.limit)
         rows = self._run(lambda c: c.execute(sql, params).fetchall())
         return [_alert_view(r) for r in rows]
+
+    # -- carrier registry ------------------------------------------------------------------
+    def registry_get(self) -> dict[str, Any]:
+        """Return the registry document from the three tables, each kind sorted by id."""
+        def get(c: psycopg.Connection) -> dict[str, Any]:
+            doc: dict[str, Any] = {}
+            with c.transaction():  # one snapshot of the three tables
+                for kind, table, columns in _REGISTRY_TABLES:
+                    rows = c.execute(f"SELECT {', '.join(columns)} FROM {table} "
+                                     "ORDER BY id").fetchall()
+                    doc[kind] = [dict(zip(columns, r, strict=True)) for r in rows]
+            for g in doc["gateways"]:
+                g["addresses"], g["trunks"] = list(g["addresses"]), list(g["trunks"])
+                g["rate_window_s"] = float(g["rate_window_s"])
+            return doc
+        return self._run(get)
+
+    def registry_put(self, doc: dict[str, Any]) -> None:
+        """Replace the registry in one transaction: rows not in doc are deleted, the others
+        inserted or updated (in an order the foreign keys accept)."""
+        ids = {kind: [e["id"] for e in doc[kind]] for kind, _, _ in _REGISTRY_TABLES}
+
+        def put(c: psycopg.Connection) -> None:
+            with c.transaction(), c.cursor() as cur:
+                cur.execute("DELETE FROM carrier_routes WHERE NOT (id = ANY(%s::text[]))",
+                            (ids["routes"],))
+                for kind, table, columns in _REGISTRY_TABLES:
+                    if doc[kind]:
+                        cur.executemany(_registry_upsert(table, columns),
+                                        [tuple(e[col] for col in columns) for e in doc[kind]])
+                for kind, table in (("gateways", "carrier_gateways"), ("carriers", "carriers")):
+                    cur.execute(f"DELETE FROM {table} WHERE NOT (id = ANY(%s::text[]))",
+                                (ids[kind],))
+        self._run(put)
 
     def close(self) -> None:
         with self._lock:
