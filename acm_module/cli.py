@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     from acm_module.control.cli import add_cli as add_mi_cli; add_mi_cli(sub)  # noqa: E702, I001
+    from acm_module.control.cli import add_registry_cli; add_registry_cli(sub)  # noqa: E702, I001
     from acm_module.persist.cli import add_cli; add_cli(sub)  # noqa: E702, I001
     from acm_module.ops.cli import add_cli as add_ops_cli; add_ops_cli(sub)  # noqa: E702, I001
     from acm_module.actions.cli import add_cli as add_actions_cli; add_actions_cli(sub)  # noqa: E702, I001

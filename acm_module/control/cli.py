@@ -1,4 +1,5 @@
-"""`acm mi COMMAND [name=value ...]`: run one MI command against a running service.
+"""`acm mi COMMAND [name=value ...]`: run one MI command against a running service; `acm carrier`,
+`acm gateway`, `acm route`: the carrier registry's MI commands as subcommands.
 
 Talks to the endpoint the settings name (mi_http first, else mi_datagram), or to --url /
 --datagram. Needs nothing beyond the standard library.
@@ -31,15 +32,100 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("method", help="MI command, e.g. acm_get_config")
     p.add_argument("params", nargs="*", metavar="name=value",
                    help="named parameters (or positional values)")
+    add_mi_options(p)
+    p.set_defaults(func=cmd_mi)
+
+
+# `acm carrier|gateway|route ACTION ...`: the registry's MI commands with a friendlier syntax.
+# object -> action -> (MI method, help, positional params, options: (flag, param, help)).
+_Option = tuple[str, str, str]
+REGISTRY_CLI: dict[str, dict[str, tuple[str, str, tuple[str, ...], tuple[_Option, ...]]]] = {
+    "carrier": {
+        "add": ("acm_carrier_add", "add or replace a carrier", ("id", "name", "licence"),
+                (("--contact", "contact", "contact (e-mail, NOC phone)"),
+                 ("--cli-rule", "cli_rule", "enforce, monitor, off or null (inherit)"))),
+        "remove": ("acm_carrier_remove", "remove a carrier", ("id",),
+                   (("--cascade", "cascade", "also remove its gateways and routes"),)),
+        "list": ("acm_carrier_list", "list the carriers", (), ()),
+        "show": ("acm_registry_show", "show the published registry and its version", (), ()),
+    },
+    "gateway": {
+        "add": ("acm_gateway_add", "add or replace a gateway", ("id", "carrier", "addresses"),
+                (("--trunks", "trunks", "comma-separated trunk ids"),
+                 ("--cps", "rate_limit_cps", "rate limit, calls per second (0 = none)"),
+                 ("--window", "rate_window_s", "rate limit window, seconds (default 1)"))),
+        "remove": ("acm_gateway_remove", "remove a gateway", ("id",),
+                   (("--cascade", "cascade", "also remove the routes naming it"),)),
+        "set-limit": ("acm_gateway_set_limit", "set a gateway's rate limit", ("id", "cps"),
+                      (("--window", "window", "window, seconds (default: unchanged)"),)),
+    },
+    "route": {
+        "add": ("acm_route_add", "add or replace a route", ("id", "carrier", "direction"),
+                (("--gateway", "gateway", "only calls through this gateway"),
+                 ("--trunk", "trunk", "only calls on this trunk"),
+                 ("--cli-rule", "cli_rule", "enforce, monitor, off or null (inherit)"))),
+        "remove": ("acm_route_remove", "remove a route", ("id",), ()),
+    },
+}
+
+
+_POSITIONAL_HELP = {
+    "id": "the entry's id (1-64 characters of A-Z a-z 0-9 . _ -)",
+    "carrier": "the carrier's id",
+    "licence": "international_gateway, interconnect_clearinghouse, pnl, leo, mno or other",
+    "addresses": "comma-separated IP addresses and CIDR networks",
+    "direction": "international or national",
+    "cps": "calls per second (0 = no limit)",
+}
+
+
+def add_mi_options(p: argparse.ArgumentParser, timeout: float = 5.0) -> None:
+    """Add the options every MI-calling subcommand takes (how to reach the endpoint)."""
     p.add_argument("--url", default=None,
                    help="MI HTTP URL (default: http://<mi_http>/mi from the settings)")
     p.add_argument("--datagram", default=None, metavar="HOST:PORT|unix:/path",
                    help="use MI over datagrams at this address instead of HTTP")
     p.add_argument("--token", default=None,
                    help="admin token (default: ACM_MI_TOKEN / mi_token)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+    p.add_argument("--timeout", type=float, default=timeout, help="seconds to wait for a reply")
     p.add_argument("--json", action="store_true", help="print the whole JSON-RPC response")
-    p.set_defaults(func=cmd_mi)
+
+
+def add_registry_cli(subparsers: Any) -> None:
+    """Add `acm carrier`, `acm gateway` and `acm route` (the carrier registry through MI)."""
+    for obj, actions in REGISTRY_CLI.items():
+        p = subparsers.add_parser(obj, help=f"the carrier registry's {obj}s (through MI)",
+                                  description=f"Change the carrier registry's {obj}s through "
+                                              f"MI (docs/GATEWAY.md), like `acm mi "
+                                              f"acm_{obj}_...`.")
+        sub = p.add_subparsers(dest=f"{obj}_command", required=True)
+        for action, (method, help_text, positional, options) in actions.items():
+            a = sub.add_parser(action, help=help_text)
+            for name in positional:
+                a.add_argument(name, help=_POSITIONAL_HELP.get(name))
+            for flag, param, opt_help in options:
+                if param == "cascade":
+                    a.add_argument(flag, dest=param, action="store_true", help=opt_help)
+                else:
+                    a.add_argument(flag, dest=param, default=None, help=opt_help)
+            add_mi_options(a)
+            a.set_defaults(func=cmd_registry, mi_method=method,
+                           mi_params=positional + tuple(o[1] for o in options))
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    """Turn `acm carrier|gateway|route ...` into its MI command and run it like `acm mi`."""
+    params = []
+    for name in args.mi_params:
+        v = getattr(args, name)
+        if v is True:
+            params.append(f"{name}=true")
+        elif v is not None and v is not False:
+            params.append(f"{name}={v}")
+    mi_args = argparse.Namespace(config=args.config, method=args.mi_method, params=params,
+                                 url=args.url, datagram=args.datagram, token=args.token,
+                                 timeout=args.timeout, json=args.json)
+    return cmd_mi(mi_args)
 
 
 def build_request(method: str, params: list[str], actor: str | None = None) -> dict[str, Any]:

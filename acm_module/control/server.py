@@ -27,6 +27,7 @@ log = logging.getLogger("acm.control")
 BOOT_ERROR = 3  # the supervisor stops instead of respawning
 MAX_DATAGRAM_REPLY = 32768  # python-opensips reads replies with a 32 KiB buffer by default
 MI_PATHS = ("/mi", "/mi/", "/json", "/json/")
+REGISTRY_WATCH_S = 5.0  # how often the control process checks the store still has the registry
 
 
 # -- HTTP ----------------------------------------------------------------------------------
@@ -245,6 +246,7 @@ class ControlServer:
             log.info("MI over datagrams on %s%s", self.dgram_bind,
                      "" if self.dgram.loopback else ", admin token required")
         self._thread("mi-boot", self._boot_tasks)
+        self._thread("mi-registry", self._registry_watch)
 
     def _thread(self, name: str, target: Any) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -262,6 +264,22 @@ class ControlServer:
             self.control.reconcile_overrides(self.stop_event)
         except Exception as e:
             log.warning("override reconciliation skipped: %s", e)
+
+    def _registry_watch(self) -> None:
+        """Publish the repository's carrier registry at start-up (retried until it works),
+        then again whenever the store has lost it (flushed, replaced)."""
+        synced, failures = False, 0
+        while not self.stop_event.is_set():
+            try:
+                if not synced or self.control.registry_lost():
+                    self.control.sync_registry()
+                    synced, failures = True, 0
+            except Exception as e:
+                if not failures:
+                    log.warning("carrier registry not published: %s (retrying)", e)
+                failures += 1
+            # Soon again while the first publish fails (a database still starting).
+            self.stop_event.wait(1.0 if 0 < failures < 10 else REGISTRY_WATCH_S)
 
     def stop(self) -> None:
         """Stop serving, close every socket and the store connection."""
