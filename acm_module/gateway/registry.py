@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import time
 from typing import Any
 
 from acm_module.engine import hotpath
@@ -19,10 +20,12 @@ REGISTRY_KEY = "{acm.cfg}:gw"
 
 EMPTY: dict[str, list[Any]] = {"carriers": [], "gateways": [], "routes": []}
 
-# Replace the document and bump the version in one atomic step.
+# Replace the document and move the version on, in one atomic step. The version is at least
+# the publisher's clock in ms, so a store that was flushed (or a fresh Dragonfly) never hands
+# out a version a worker still holds for another document.
 _PUBLISH = """
-local ver = redis.call('HINCRBY', KEYS[1], 'ver', 1)
-redis.call('HSET', KEYS[1], 'doc', ARGV[1])
+local ver = math.max(tonumber(redis.call('HGET', KEYS[1], 'ver') or '0') + 1, tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], 'ver', string.format('%.0f', ver), 'doc', ARGV[1])
 return ver
 """
 
@@ -30,7 +33,8 @@ return ver
 def publish(conn: StoreConnection, doc: dict[str, Any]) -> int:
     """Publish a (validated) registry document; return its new version."""
     body = json.dumps(doc, sort_keys=True, separators=(",", ":"))
-    return int(conn.call("EVAL", _PUBLISH, 1, REGISTRY_KEY, body))  # type: ignore[arg-type]
+    now_ms = int(time.time() * 1000)
+    return int(conn.call("EVAL", _PUBLISH, 1, REGISTRY_KEY, body, now_ms))  # type: ignore[arg-type]
 
 
 def read(conn: StoreConnection) -> tuple[int, dict[str, Any]]:
