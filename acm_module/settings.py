@@ -175,6 +175,11 @@ SETTINGS: tuple[Setting, ...] = (
             runtime=True),
     Setting("max_batch", int, 64, "Most requests a worker decides in one store round trip.",
             env=("ACM_MAX_BATCH",), cli="--max-batch", validator=_range(1, 4096)),
+    Setting("worker_io", str, "zmtp",
+            "How workers talk to clients: zmtp (the worker thread speaks ZMTP 3 itself: no "
+            "libzmq I/O thread hops) or libzmq (a ROUTER socket).",
+            env=("ACM_WORKER_IO",), cli="--worker-io", validator=_one_of("zmtp", "libzmq"),
+            section="service"),
     Setting("max_request_bytes", int, 4096, "Largest request frame accepted.",
             env=("ACM_MAX_REQUEST_BYTES",), cli="--max-request-bytes",
             validator=_range(64, 1 << 20)),

@@ -1,10 +1,11 @@
 """The supervisor (arbiter): owns the listening socket, forks workers, respawns the dead, drains on
 SIGTERM.
 
-The listening socket is a plain OS socket created before fork(); each worker hands it to its own
-ZeroMQ ROUTER socket (ZMQ_USE_FD), so a request goes straight from the OpenSIPS process to a
-worker with no proxy hop, and the kernel spreads connections over the workers. No ZeroMQ context
-and no store connection exist in this process.
+The listening socket is a plain OS socket created before fork(); each worker accepts on it and
+speaks ZMTP itself (server/zmtp.py; or hands it to a libzmq ROUTER with ZMQ_USE_FD when
+worker_io = libzmq), so a request goes straight from the OpenSIPS process to a worker with no
+proxy hop, and the kernel spreads connections over the workers. No ZeroMQ context and no store
+connection exist in this process.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def listen_socket(endpoint: str, ipc_mode: int = 0o660) -> socket.socket:
     else:
         raise ValueError(f"unsupported endpoint {endpoint!r}")
     s.listen(1024)
-    # Every worker's libzmq I/O thread polls this one listening socket and each wakes on a new
+    # Every worker polls this one listening socket and more than one may wake on a new
     # connection; only one accept() wins. libzmq does not make a ZMQ_USE_FD socket
     # non-blocking, so without this the losers block in accept() until the next connection
     # arrives, and every connection they already serve stalls with them.

@@ -20,6 +20,7 @@ from acm_module.gateway import registry
 from acm_module.gateway.context import GatewayContext
 from acm_module.ops.logs import apply_log_level
 from acm_module.server import stats as stats_mod
+from acm_module.server.zmtp import ZmtpServer, split_envelope
 from acm_module.store import config as store_config
 from acm_module.store.conn import StoreConnection, load_script
 
@@ -70,12 +71,11 @@ class Worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor owns Ctrl-C
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         s = self.settings
-        self.ctx = zmq.Context(io_threads=1)
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.USE_FD, self.listen_fd)
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, s.max_request_bytes * 4 + 1024)
-        self.sock.bind(s.endpoint)
+        max_frame = s.max_request_bytes * 4 + 1024
+        if s.worker_io == "libzmq":
+            self.io: Any = _LibzmqIO(s.endpoint, self.listen_fd, max_frame)
+        else:
+            self.io = ZmtpServer(self.listen_fd, max_frame)
         # A reconnect must not hold the worker for long either: a black-holed store costs at
         # most 100 ms per attempt (attempts back off up to 1 s), a healthy one connects in <1 ms.
         self.store = StoreConnection(s.store, timeout=s.store_timeout_ms / 1000.0,
@@ -95,21 +95,21 @@ class Worker:
         log.info("worker %d up (pid %d, %s hot path)", self.index, os.getpid(), IMPLEMENTATION)
 
     def close(self) -> None:
-        """Close the socket, context and store connection."""
+        """Close the connections and the store connection."""
         self.store.close()
-        self.sock.close(linger=1000)
-        self.ctx.term()
+        self.io.close()
 
     def run(self) -> None:
         """Serve until SIGTERM; then drain what is queued and stop."""
-        sock = self.sock
-        poll_ms = max(1, int(self.settings.config_poll_ms))
+        io = self.io
+        poll_s = max(1.0, self.settings.config_poll_ms) / 1000.0
         served = 0
         while not self.stopping:
             self._beat()
-            # Under load the next requests are usually queued already: try them first and
-            # only sleep in poll() when a batch came back empty (one system call saved).
-            if not served and not sock.poll(poll_ms):
+            # Under load the next requests are usually there already: look without sleeping
+            # and only sleep in poll() once a look came back empty.
+            if not io.poll(0.0 if served else poll_s):
+                served = 0
                 self._housekeeping()
                 continue
             served = self._serve_batch()
@@ -147,14 +147,16 @@ class Worker:
         with them requests already on their way. Requests sent after the window time out at the
         client, which applies its policy.
         """
+        io = self.io
+        io.stop_accepting()
         deadline = time.monotonic() + min(DRAIN_WINDOW_S, self.settings.graceful_timeout)
         while True:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 break
-            if self.sock.poll(left_ms):
+            if io.poll(left):
                 self._serve_batch()
-        while self.sock.poll(0):  # whatever is still queued at the end of the window
+        while io.poll(0.0):  # whatever is still queued at the end of the window
             self._serve_batch()
 
     def _beat(self) -> None:
@@ -164,30 +166,23 @@ class Worker:
     # -- the hot loop ------------------------------------------------------------------------
     def _serve_batch(self) -> int:
         """Answer every request queued (up to max_batch); return how many there were."""
-        t_rx = time.perf_counter_ns()
+        io = self.io
+        t_rx = io.rx_ns or time.perf_counter_ns()
         cpu0 = time.thread_time_ns()
-        sock = self.sock
-        envelopes: list[list[bytes]] = []
+        peers: list[tuple[Any, list[bytes]]] = []
         frames: list[bytes] = []
-        bad: list[tuple[list[bytes], bytes]] = []
-        max_batch = self.settings.max_batch
-        while len(frames) < max_batch:
-            try:
-                parts = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            env, body = _split_envelope(parts)
+        batch = io.take(self.settings.max_batch)
+        for peer, msg in batch:
+            env, body = split_envelope(msg)
             if body is None:
-                bad.append((env, hotpath.encode_error(
-                    "bad_frame", "a request is exactly one message frame")))
+                self.stats.bad_frames += 1
+                io.reply(peer, env, _BAD_FRAME)
                 continue
-            envelopes.append(env)
+            peers.append((peer, env))
             frames.append(body)
-        for env, reply in bad:
-            self.stats.bad_frames += 1
-            _send(sock, env, reply)
         if not frames:
-            return len(bad)
+            io.flush()
+            return len(batch)
         self.stats.requests += len(frames)
         self.stats.batches += 1
         rx_us = time.time_ns() // 1000
@@ -201,8 +196,9 @@ class Worker:
             self.store.close()
             err = hotpath.encode_error("internal", "internal error; see the service log")
             replies = [err] * len(frames)
-        for env, reply in zip(envelopes, replies, strict=True):
-            _send(sock, env, reply)
+        for (peer, env), reply in zip(peers, replies, strict=True):
+            io.reply(peer, env, reply)
+        io.flush()
         total_us = (time.perf_counter_ns() - t_rx) / 1000.0
         if len(self._latencies) < 4096:
             self._latencies.append((rx_us, int(total_us)))
@@ -381,23 +377,58 @@ class Worker:
 _RULE_KEYS = ("cli_origin_rule", "fanout_threshold", "fanout_window")
 
 
-def _split_envelope(parts: list[bytes]) -> tuple[list[bytes], bytes | None]:
-    """Split a ROUTER message into (envelope, body); body is None unless exactly one frame."""
-    try:
-        i = parts.index(b"", 1)
-    except ValueError:
-        # A DEALER peer without the empty delimiter: [identity, body].
-        return parts[:1], (parts[1] if len(parts) == 2 else None)
-    body = parts[i + 1:]
-    return parts[:i + 1], (body[0] if len(body) == 1 else None)
+_BAD_FRAME = hotpath.encode_error("bad_frame", "a request is exactly one message frame")
 
 
-def _send(sock: zmq.Socket, env: list[bytes], reply: bytes) -> None:
-    try:
-        sock.send_multipart([*env, reply], zmq.NOBLOCK)
-    except zmq.ZMQError:
-        # The peer is gone (HWM or disconnect); its client times out and applies its policy.
+class _LibzmqIO:
+    """The worker's connections through a libzmq ROUTER socket (worker_io = libzmq).
+
+    The same interface as ZmtpServer; every receive and reply crosses libzmq's I/O thread.
+    """
+
+    def __init__(self, endpoint: str, listen_fd: int, max_frame: int) -> None:
+        self.ctx = zmq.Context(io_threads=1)
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.USE_FD, listen_fd)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
+        self.sock.bind(endpoint)
+        self.rx_ns = 0
+
+    def poll(self, timeout: float) -> int:
+        if self.sock.poll(int(timeout * 1000)):
+            self.rx_ns = time.perf_counter_ns()
+            return 1
+        return 0
+
+    def take(self, n: int) -> list[tuple[bytes, list[bytes]]]:
+        out = []
+        while len(out) < n:
+            try:
+                parts = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            out.append((parts[0], parts[1:]))
+        return out
+
+    def reply(self, peer: bytes, env: list[bytes], body: bytes) -> None:
+        try:
+            self.sock.send_multipart([peer, *env, body], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            # The peer is gone (HWM or disconnect); its client times out and applies its policy.
+            pass
+
+    def flush(self) -> None:
         pass
+
+    def stop_accepting(self) -> None:
+        # Unbinding would drop connections accepted through the socket, and with them
+        # requests already on their way: the socket stays bound until close().
+        pass
+
+    def close(self) -> None:
+        self.sock.close(linger=1000)
+        self.ctx.term()
 
 
 def _sha1(source: str) -> str:

@@ -1,0 +1,237 @@
+"""The worker's own ZMTP 3 server against real libzmq peers and raw sockets (RFC 23/37)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from acm_module.server.supervisor import listen_socket
+from acm_module.server.zmtp import GREETING, ZmtpServer, encode_message, split_envelope
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class EchoServer:
+    """A ZmtpServer in a thread that answers every good message with b"re:" + body."""
+
+    def __init__(self, endpoint: str, max_frame: int = 1024) -> None:
+        self.lsock = listen_socket(endpoint)
+        self.endpoint = endpoint
+        if endpoint.startswith("tcp://"):
+            self.endpoint = "tcp://127.0.0.1:%d" % self.lsock.getsockname()[1]
+        self.srv = ZmtpServer(os.dup(self.lsock.fileno()), max_frame)
+        self.stop = threading.Event()
+        self.bad = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            if not self.srv.poll(0.02):
+                continue
+            for peer, frames in self.srv.take(64):
+                env, body = split_envelope(frames)
+                if body is None:
+                    self.bad += 1
+                    self.srv.reply(peer, env, b"bad")
+                else:
+                    self.srv.reply(peer, env, b"re:" + body)
+            self.srv.flush()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.srv.close()
+        self.lsock.close()
+
+
+@pytest.fixture(params=["ipc", "tcp"])
+def server(request) -> Iterator[EchoServer]:
+    d = tempfile.mkdtemp(prefix="acm-zmtp-")
+    ep = f"ipc://{d}/s.sock" if request.param == "ipc" else "tcp://127.0.0.1:0"
+    s = EchoServer(ep)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context]:
+    c = zmq.Context()
+    try:
+        yield c
+    finally:
+        c.destroy(linger=0)
+
+
+def _connect(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
+    s = ctx.socket(kind)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    return s
+
+
+def test_req_and_dealer_peers_get_their_replies(server: EchoServer, ctx: zmq.Context) -> None:
+    req = _connect(ctx, zmq.REQ, server.endpoint)
+    dealer = _connect(ctx, zmq.DEALER, server.endpoint)
+    for i in range(50):
+        req.send(b"q%d" % i)
+        assert req.poll(5000) and req.recv() == b"re:q%d" % i
+    dealer.send(b"plain")  # no delimiter: the reply has none either
+    assert dealer.poll(5000) and dealer.recv_multipart() == [b"re:plain"]
+    dealer.send_multipart([b"", b"delim"])
+    assert dealer.poll(5000) and dealer.recv_multipart() == [b"", b"re:delim"]
+    dealer.send_multipart([b"hop", b"", b"routed"])  # a proxy's routing frame comes back
+    assert dealer.poll(5000) and dealer.recv_multipart() == [b"hop", b"", b"re:routed"]
+    dealer.send_multipart([b"two", b"bodies"])
+    assert dealer.poll(5000) and dealer.recv_multipart() == [b"bad"]
+    big = b"x" * 1000  # a long frame (8-byte size) each way
+    dealer.send(big)
+    assert dealer.poll(5000) and dealer.recv() == b"re:" + big
+
+
+def test_many_peers_in_flight_at_once(server: EchoServer, ctx: zmq.Context) -> None:
+    socks = [_connect(ctx, zmq.DEALER, server.endpoint) for _ in range(20)]
+    for k, s in enumerate(socks):
+        for i in range(20):
+            s.send(b"%d-%d" % (k, i))
+    for k, s in enumerate(socks):
+        got = []
+        while len(got) < 20:
+            assert s.poll(5000), f"peer {k} got {len(got)} of 20"
+            got.append(s.recv())
+        assert got == [b"re:%d-%d" % (k, i) for i in range(20)]
+
+
+def _raw(endpoint: str) -> socket.socket:
+    if endpoint.startswith("ipc://"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(endpoint[6:])
+    else:
+        host, port = endpoint[6:].rsplit(":", 1)
+        s = socket.create_connection((host, int(port)))
+    s.settimeout(5)
+    return s
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise EOFError(f"closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
+
+
+def _closed(s: socket.socket) -> bool:
+    """Drain what the server sent; True once it closed the connection."""
+    try:
+        while True:
+            if not s.recv(65536):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def _handshake(endpoint: str, socket_type: bytes = b"DEALER") -> socket.socket:
+    s = _raw(endpoint)
+    s.sendall(GREETING)
+    assert _recv_exact(s, 64)[:11] == GREETING[:11]
+    body = b"\x05READY\x0bSocket-Type" + len(socket_type).to_bytes(4, "big") + socket_type
+    s.sendall(b"\x04" + bytes([len(body)]) + body)
+    ready = _recv_exact(s, 2)
+    assert ready[0] == 0x04
+    assert b"ROUTER" in _recv_exact(s, ready[1])
+    return s
+
+
+def test_ping_gets_pong_with_its_context(server: EchoServer) -> None:
+    s = _handshake(server.endpoint)
+    try:
+        ping = b"\x04PING" + (100).to_bytes(2, "big") + b"ctx-1"
+        s.sendall(b"\x04" + bytes([len(ping)]) + ping)
+        head = _recv_exact(s, 2)
+        assert head[0] == 0x04 and _recv_exact(s, head[1]) == b"\x04PONGctx-1"
+        s.sendall(encode_message([], b"after-ping"))
+        assert _recv_exact(s, 2 + len(b"re:after-ping"))[2:] == b"re:after-ping"
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("junk", [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # not ZMTP at all
+    GREETING[:10] + b"\x02\x00" + GREETING[12:],  # ZMTP 2.0
+    GREETING[:12] + b"PLAIN" + GREETING[17:],  # a mechanism we do not offer
+])
+def test_a_bad_greeting_closes_the_connection(server: EchoServer, junk: bytes) -> None:
+    s = _raw(server.endpoint)
+    try:
+        s.sendall(junk)
+        assert _closed(s)
+    finally:
+        s.close()
+
+
+def test_protocol_violations_close_the_connection_and_the_server_lives_on(
+        server: EchoServer, ctx: zmq.Context) -> None:
+    dropped = server.srv.dropped
+    cases = [
+        ("PUB", b""),  # incompatible socket type
+        ("DEALER", b"\x02" + (1 << 20).to_bytes(8, "big")),  # a frame over the limit
+        ("DEALER", b"\x00\x05abc"),  # fine so far (truncated, waits) ...
+        ("DEALER", b"\x10\x01x"),  # reserved flag bits
+    ]
+    for kind, data in cases:
+        s = _handshake(server.endpoint, kind.encode()) if kind != "PUB" else None
+        if s is None:
+            s = _raw(server.endpoint)
+            s.sendall(GREETING)
+            _recv_exact(s, 64)
+            body = b"\x05READY\x0bSocket-Type" + (3).to_bytes(4, "big") + b"PUB"
+            s.sendall(b"\x04" + bytes([len(body)]) + body)
+        try:
+            if data:
+                s.sendall(data)
+            if data == b"\x00\x05abc":
+                s.settimeout(0.3)
+                assert not _closed(s)  # a partial frame is not an error
+                continue
+            assert _closed(s)
+        finally:
+            s.close()
+    assert server.srv.dropped == dropped + 3
+    req = _connect(ctx, zmq.REQ, server.endpoint)
+    req.send(b"still-here")
+    assert req.poll(5000) and req.recv() == b"re:still-here"
+
+
+def test_a_message_before_ready_closes_the_connection(server: EchoServer) -> None:
+    s = _raw(server.endpoint)
+    try:
+        s.sendall(GREETING + encode_message([], b"too-early"))
+        assert _closed(s)
+    finally:
+        s.close()
+
+
+def test_a_peer_that_goes_away_mid_batch_costs_nothing(server: EchoServer,
+                                                        ctx: zmq.Context) -> None:
+    for _ in range(20):
+        d = _connect(ctx, zmq.DEALER, server.endpoint)
+        d.send(b"bye")
+        d.close(linger=0)
+    time.sleep(0.2)
+    req = _connect(ctx, zmq.REQ, server.endpoint)
+    req.send(b"next")
+    assert req.poll(5000) and req.recv() == b"re:next"
