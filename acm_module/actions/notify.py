@@ -183,7 +183,10 @@ def _retry_after(headers: Any) -> float | None:
 def log_alert(event: str, alert: dict[str, Any]) -> None:
     """Write the one-line log record of an alert event (the `acm.alerts` logger)."""
     alert_log.warning(
-        "%s alert=%s severity=%s b=%s distinct=%s a_numbers=%d window_ms=%s ncc=%s",
-        event, alert.get("alert_id"), alert.get("severity"), alert.get("b_number"),
-        alert.get("distinct"), len(alert.get("a_numbers") or ()), alert.get("window_ms"),
+        "%s alert=%s type=%s severity=%s b=%s distinct=%s a_numbers=%d b_numbers=%d "
+        "window_ms=%s carrier=%s gateway=%s ncc=%s",
+        event, alert.get("alert_id"), alert.get("alert_type"), alert.get("severity"),
+        alert.get("b_number"), alert.get("distinct"), len(alert.get("a_numbers") or ()),
+        len(alert.get("b_numbers") or ()), alert.get("window_ms"),
+        alert.get("carrier_id") or "-", alert.get("gateway_id") or "-",
         alert.get("ncc_incident_id") or "-")

@@ -44,7 +44,7 @@ from acm_module.actions.notify import Webhook, log_alert
 from acm_module.actions.trail import ActionAudit, Ledger, summary
 from acm_module.compliance import ncc
 from acm_module.errors import StoreError
-from acm_module.persist.records import AlertChange, RecordError, parse_alert
+from acm_module.persist.records import ALERT_TYPE_COLUMN, AlertChange, RecordError, parse_alert
 from acm_module.store import config as store_config
 from acm_module.store import keys
 from acm_module.store.conn import StoreConnection
@@ -269,6 +269,10 @@ class ActionRunner:
         self.ledger.mark(alert.alert_id, trigger, action, outcome)
 
     def _disconnect(self, alert: AlertChange) -> tuple[str, dict[str, Any]]:
+        if alert.typ != "masking":
+            # A fan-out alert is a signal about one A-number for the fraud team (its calls were
+            # allowed by design); there is no attack on one B-number to cut.
+            return "skipped", {"reason": f"{alert.typ} alerts are not disconnected"}
         if self.disconnector is None:
             return "skipped", {"reason": "opensips_mi_url not set"}
         _, live = store_config.read(self.store)
@@ -309,10 +313,14 @@ def alert_view(a: AlertChange) -> dict[str, Any]:
     """Return the alert as the webhook and the log line show it."""
     from acm_module.control.audit import iso_ms
 
-    return {"alert_id": a.alert_id, "alert_type": "MULTICALL_MASKING", "severity": a.severity,
-            "b_number": a.b, "distinct": a.distinct, "a_numbers": list(a.a_numbers),
-            "first_detection": iso_ms(a.first_ms), "last_detection": iso_ms(a.last_ms),
-            "window_ms": a.window_ms, "version": a.ver, "ncc_incident_id": None}
+    view = {"alert_id": a.alert_id, "alert_type": ALERT_TYPE_COLUMN[a.typ],
+            "severity": a.severity, "b_number": a.b, "distinct": a.distinct,
+            "a_numbers": list(a.a_numbers), "first_detection": iso_ms(a.first_ms),
+            "last_detection": iso_ms(a.last_ms), "window_ms": a.window_ms, "version": a.ver,
+            "carrier_id": a.carrier_id, "gateway_id": a.gateway_id, "ncc_incident_id": None}
+    if a.typ == "fanout":
+        view["b_numbers"] = list(a.b_numbers)
+    return view
 
 
 def destroy_group(store_url: str, partitions: int) -> int:

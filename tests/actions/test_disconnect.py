@@ -273,3 +273,25 @@ def test_unreachable_opensips_is_retried_then_failed() -> None:
         res = d.end_calls("al-1", ["x"])
         assert res.outcome == "failed" and "no reply" in res.failed["x"]
         assert time.monotonic() - t0 >= 0.4  # two attempts of 0.2 s
+
+
+def test_a_fanout_alert_is_notified_but_never_disconnects(
+        service_factory: Any, store_url: str, opensips: FakeOpenSIPS,
+        actions: Callable[[dict[str, str]], ActionsProcess]) -> None:
+    env = {"ACM_FANOUT_THRESHOLD": "3"}
+    with service_factory(env=env) as (_svc, client):
+        now = time.time()
+        sim = a_num(77)
+        bs = [f"+23480388{i:05d}" for i in range(3)]
+        for i, b in enumerate(bs):
+            r = client.decide(f"fan-{i}", sim, b, ts=now + i * 0.1)
+            assert (r["verdict"], r["reason"]) == ("allow", "clean")
+            opensips.add_dialog(f"fan-{i}")
+        runner = actions({"ACM_OPENSIPS_MI_URL": opensips.http_url})
+        (disc,) = wait_for(lambda: audit(store_url, "action.disconnect"), 30, "disconnect",
+                           runner)
+        assert disc.new["outcome"] == "skipped" and "fanout" in disc.new["reason"]
+        (note,) = wait_for(lambda: audit(store_url, "action.notify"), 30, "notify", runner)
+        assert note.new["outcome"] == "ok"
+        assert "MULTICALL_FANOUT" in runner.read_log()
+        assert opensips.calls == []
