@@ -96,7 +96,8 @@ def _client_proc(endpoint: str, seconds: float, rate: float, b_pool: int, start:
         for i in range(warmup):
             s.send(_request(-1 - i, rng, b_pool))
             if not s.poll(5000):
-                raise RuntimeError("no reply during warm-up")
+                errors += 1  # no service answering: reported as an error, nothing timed
+                return
             s.recv()
         start.wait()
         t_end = time.perf_counter_ns() + int(seconds * 1e9)
@@ -267,7 +268,7 @@ def _straightforward_worker(backend: str, store: str, sha: str, ready: Any) -> N
                       t + "c:" + req.call_id, t + "s", t + "n", t + "k", req.call_id, a, b,
                       req.ts_ms,
                       5000, 5, "block", "", f"00000000-0000-4000-8000-{n:012x}", 32000, 11000,
-                      "", "", 0, 0)
+                      "", "", 0, 0, "", "")
         s.send(msgpack.packb({"verdict": v[0].decode(), "reason": v[1].decode(),
                               "distinct": v[2]}))
 
@@ -323,10 +324,12 @@ def evalsha_floor(store: str, seconds: float) -> array:
                              f"floor-{i}",
                              f"+23481{rng.randrange(10**8):08d}", b, int(time.time() * 1000),
                              5000, 5, "block", "", "00000000-0000-4000-8000-000000000000",
-                             32000, 11000, "", "", 0, 0)
+                             32000, 11000, "", "", 0, 0, "", "")
         t0 = time.perf_counter_ns()
-        c.round_trip(cmd, 1)
+        (r,) = c.round_trip(cmd, 1)
         lat.append(time.perf_counter_ns() - t0)
+        if not isinstance(r, list):  # an error reply would time something else than the floor
+            raise RuntimeError(f"EVALSHA floor: unexpected reply {r!r}")
         i += 1
     c.close()
     return lat
@@ -391,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport", choices=("ipc", "tcp"), default="ipc")
     ap.add_argument("--skip-baseline", action="store_true",
                     help="skip the straightforward design")
+    ap.add_argument("--compare-io", action="store_true",
+                    help="also run the service with the other worker_io (zmtp/libzmq)")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
 
@@ -430,13 +435,17 @@ def main(argv: list[str] | None = None) -> int:
             acm_ep = ep("acm")
             with acm_service(store, args.workers, acm_ep) as svc:
                 say("acm: 1 client, sequential")
+                before = _in_worker_raw(store)
                 lat, err = drive(acm_ep, 1, args.seconds, progress=say)
                 results["acm_1"] = Result.of("acm", 1, args.seconds, lat, err)
+                meta["in_worker_1"] = _in_worker_phase(store, before)
                 say(f"acm: {args.clients} clients, closed loop")
+                before = _in_worker_raw(store)
                 lat, err = drive(acm_ep, args.clients, args.seconds, progress=say)
                 rss = worker_rss_kib(svc.pid)
                 results["acm_n"] = Result.of("acm", args.clients, args.seconds, lat, err,
                                              worker_rss_kib=rss)
+                meta["in_worker_n"] = _in_worker_phase(store, before)
                 if args.rate:
                     say(f"acm: open loop at {args.rate:.0f}/s")
                     lat, err = drive(acm_ep, args.clients, args.seconds, rate=args.rate,
@@ -445,6 +454,19 @@ def main(argv: list[str] | None = None) -> int:
                                                     args.clients, args.seconds, lat, err)
                 meta["in_worker"] = _in_worker_stats(store)
             meta["store"] = store_footprint(store)
+            if args.compare_io:
+                # The same service with the other worker I/O, for the ratio of the two.
+                other = "libzmq" if os.environ.get("ACM_WORKER_IO", "zmtp") == "zmtp" else "zmtp"
+                io_ep = ep("acm-io")
+                with acm_service(store, args.workers, io_ep, {"ACM_WORKER_IO": other}):
+                    say(f"acm (worker_io={other}): 1 client")
+                    lat, err = drive(io_ep, 1, args.seconds, progress=say)
+                    results["io_1"] = Result.of(f"acm, worker_io={other}", 1, args.seconds,
+                                                lat, err)
+                    say(f"acm (worker_io={other}): {args.clients} clients")
+                    lat, err = drive(io_ep, args.clients, args.seconds, progress=say)
+                    results["io_n"] = Result.of(f"acm, worker_io={other}", args.clients,
+                                                args.seconds, lat, err)
 
             if not args.skip_baseline:
                 from acm_module.store.conn import StoreConnection, load_script
@@ -490,6 +512,42 @@ def _in_worker_stats(store: str) -> dict[str, Any]:
         c.close()
 
 
+def _in_worker_raw(store: str) -> dict[str, Any]:
+    """Return the workers' merged histograms and counters as they are now."""
+    from acm_module.server import stats
+    from acm_module.store.conn import StoreConnection
+
+    c = StoreConnection(store, timeout=2.0)
+    c.connect()
+    try:
+        time.sleep(1.1)  # workers publish once a second: let the last period land
+        snaps = stats.read_all(c)
+    finally:
+        c.close()
+    out: dict[str, Any] = {"requests": sum(s["requests"] for s in snaps),
+                           "batches": sum(s["batches"] for s in snaps)}
+    for name in ("service_us", "total_us", "service_cpu_us"):
+        h = stats.Histogram()
+        for s in snaps:
+            h.merge(stats.Histogram.from_sparse(s.get(name, {})))
+        out[name] = h
+    return out
+
+
+def _in_worker_phase(store: str, before: dict[str, Any]) -> dict[str, Any]:
+    """Return the in-worker figures of what happened since `before` (one phase)."""
+    from acm_module.server import stats
+
+    after = _in_worker_raw(store)
+    out: dict[str, Any] = {k: after[k] - before[k] for k in ("requests", "batches")}
+    for name in ("service_us", "total_us", "service_cpu_us"):
+        h = stats.Histogram()
+        h.counts = [a - b for a, b in zip(after[name].counts, before[name].counts, strict=True)]
+        h.total = after[name].total - before[name].total
+        out[name] = {f"p{p}": h.percentile(p) for p in (50, 99)}
+    return out
+
+
 def render(results: dict[str, Result], meta: dict[str, Any]) -> str:
     """Render the results as a table with ratios to the floor and the straightforward design."""
     lines = [f"acm bench — {meta['machine']}, python {meta['python']}, hot path "
@@ -507,13 +565,13 @@ def render(results: dict[str, Result], meta: dict[str, Any]) -> str:
     sf = {1: results.get("sf_1"), 0: results.get("sf_n")}
     for key, r in results.items():
         ratio = []
-        if floor and r.clients == 1 and key.startswith(("acm", "sf")):
+        if floor and r.clients == 1 and key.startswith(("acm", "sf", "io")):
             ratio.append(f"p50 {r.p50 / floor[0]:.2f}x / p99 {r.p99 / floor[1]:.2f}x floor")
         en = results.get("floor_echo_n")
-        if en and r.clients > 1 and key.startswith(("acm", "sf")):
+        if en and r.clients > 1 and key.startswith(("acm", "sf", "io")):
             ratio.append(f"{r.rate / en.rate:.2f}x echo-pool rate")
         base = sf[1] if r.clients == 1 else sf[0]
-        if base and key.startswith("acm") and base.rate:
+        if base and key.startswith(("acm", "io")) and base.rate:
             ratio.append(f"{r.rate / base.rate:.2f}x straightforward rate, "
                          f"p99 {r.p99 / base.p99:.2f}x")
         lines.append(f"{r.name:32} {r.clients:>7} {r.rate:>12,.0f} {r.p50:>8.0f} {r.p99:>8.0f} "
@@ -528,6 +586,15 @@ def render(results: dict[str, Result], meta: dict[str, Any]) -> str:
                      f"in-worker total incl. store: p50 {iw['total_us']['p50']} us, "
                      f"p99 {iw['total_us']['p99']} us; "
                      f"mean batch {iw['requests'] / max(iw['batches'], 1):.1f} requests")
+    for key, label in (("in_worker_1", "1 client"), ("in_worker_n", f"{meta['clients']} clients")):
+        ph = meta.get(key)
+        if ph and ph["batches"]:
+            lines.append(f"in-worker, acm phase with {label}: service wall p50 "
+                         f"{ph['service_us']['p50']:.1f} us, p99 {ph['service_us']['p99']:.1f} us;"
+                         f" service CPU p50 {ph['service_cpu_us']['p50']:.1f} us, p99 "
+                         f"{ph['service_cpu_us']['p99']:.1f} us; total incl. store p50 "
+                         f"{ph['total_us']['p50']:.1f} us; mean batch "
+                         f"{ph['requests'] / ph['batches']:.1f}")
     st = meta.get("store")
     if st:
         lines.append(f"store: {st['bytes_per_active_b']} bytes per active B-number "

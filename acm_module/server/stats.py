@@ -90,10 +90,14 @@ class WorkerStats:
     registry_version: int = 0  # carrier registry in use (docs/GATEWAY.md)
     store_up: bool = False
     decisions: dict[str, int] = field(default_factory=dict)  # "verdict:reason"/"dup"/errors
-    service_us: Histogram = field(default_factory=Histogram)  # receive -> send, store excluded
-    total_us: Histogram = field(default_factory=Histogram)  # receive -> send
-    # CPU the worker's thread spent on the batch (no waiting, no preemption by the threads
-    # its system calls woke): what the hot path costs, whatever else the machine runs.
+    # Per request, the span of its batch. service: the requests are in memory -> their replies
+    # are handed to send(), the store round trip excluded (the worker's own work); total: poll()
+    # saw them arrive -> replies sent, everything included.
+    service_us: Histogram = field(default_factory=Histogram)
+    total_us: Histogram = field(default_factory=Histogram)
+    # CPU the worker's thread spent over the service span (no waiting, no preemption), which
+    # includes the CPU of the store round trip's system calls (waking the store costs the
+    # sender): what the hot path costs, whatever else the machine runs.
     service_cpu_us: Histogram = field(default_factory=Histogram)
 
     def snapshot(self) -> dict[str, Any]:

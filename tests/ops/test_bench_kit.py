@@ -1,0 +1,50 @@
+"""The bundled profiling kit runs: `acm bench` end to end and the hot-path benchmark suite.
+
+Figures are not judged here (they live in benchmarks/RESULTS.md); this pins that the kit an
+engineer reaches for works on a clean checkout and reports every phase it promises.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(240)]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_acm_bench_reports_every_phase(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    p = subprocess.run(
+        [sys.executable, "-m", "acm_module.cli", "bench", "--seconds", "0.5", "--clients", "2",
+         "--workers", "1", "--compare-io", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=200)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    data = json.loads(out.read_text())
+    phases = data["results"]
+    assert set(phases) == {"floor_echo_1", "floor_echo_n", "floor_evalsha_1", "acm_1", "acm_n",
+                           "io_1", "io_n", "sf_1", "sf_n"}
+    for name, r in phases.items():
+        assert r["rate"] > 0 and r["errors"] == 0, (name, r)
+        assert 0 < r["p50"] <= r["p99"] <= r["p999"], (name, r)
+    meta = data["meta"]
+    for key in ("in_worker_1", "in_worker_n"):
+        assert meta[key]["requests"] > 0 and meta[key]["batches"] > 0
+    assert meta["store"]["bytes_per_active_b"] > 0
+    assert len(phases["acm_n"]["extra"]["worker_rss_kib"]) == 1
+    for line in ("floor (1 client)", "x floor", "x straightforward rate", "in-worker, acm phase"):
+        assert line in p.stdout, p.stdout
+
+
+def test_the_hot_path_benchmark_suite_runs() -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "benchmarks/test_bench_hotpath.py", "--benchmark-disable"],
+        cwd=REPO, capture_output=True, text=True, timeout=200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    assert " passed" in p.stdout and "failed" not in p.stdout
