@@ -1,5 +1,5 @@
-"""ClickHouse sink: fraud_alerts_analytics and daily_stats_mv, on chdb (in-process, the
-embedded default) or on a server through clickhouse-connect (CLICKHOUSE_URL).
+"""ClickHouse sink: fraud_alerts_analytics, daily_stats_mv and daily_carrier_stats_mv, on chdb
+(in-process, the embedded default) or on a server through clickhouse-connect (CLICKHOUSE_URL).
 
 Exactly-once rows, the choice made here:
 - fraud_alerts_analytics is a ReplacingMergeTree(version, is_deleted). An alert escalates
@@ -11,8 +11,11 @@ Exactly-once rows, the choice made here:
 - daily_stats_mv keeps the seed's SummingMergeTree (as a view TO the table daily_stats), but
   sums +1 for a row and -1 for a cancel row: an alert counts once, under its latest severity,
   with its latest A-number count, however many times it escalated. A plain MV over a replacing
-  table would count every version. Opening the sink rebuilds daily_stats from the current rows,
-  which repairs a view insert lost to a crash between the two inserts.
+  table would count every version. daily_carrier_stats_mv does the same per carrier and alert
+  type (MULTICALL_MASKING / MULTICALL_FANOUT); carrier '' is an unattributed alert. Opening the
+  sink creates what is missing and rebuilds both daily tables from the current rows, which
+  repairs a view insert lost to a crash between the two inserts and fills a table created on
+  a database that already held alerts.
 Single writer per alert: one writer group consumer handles a partition at a time (records of
 one alert live in one partition stream, in order), so the read-then-insert does not race.
 """
@@ -30,6 +33,61 @@ from acm_module.persist.base import Sink, SinkRejected, SinkUnavailable
 from acm_module.persist.records import ALERT_TYPE_COLUMN, AlertChange, Decision, latest_versions
 
 log = logging.getLogger("acm.persist.clickhouse")
+
+# The daily SummingMergeTree tables, each fed by its view <table>_mv over the replacing table:
+# their key after the date (each a LowCardinality(String) column of fraud_alerts_analytics).
+# A row counts +1 and its cancel row -1 (the cancel row holds the stored carrier, type and
+# severity), so an alert counts once, under its latest values, however often it changed.
+_DAILY: dict[str, tuple[str, ...]] = {
+    "daily_stats": ("severity",),
+    "daily_carrier_stats": ("carrier_id", "alert_type", "severity"),
+}
+
+
+def _daily_ddl(table: str) -> tuple[str, str]:
+    """Return the CREATE of a daily table and of its view (both re-runnable)."""
+    dims = _DAILY[table]
+    cols = "".join(f"        {d} LowCardinality(String),\n" for d in dims)
+    key = ", ".join(("date", *dims))
+    return (f"""CREATE TABLE IF NOT EXISTS {table}
+    (
+        date Date,
+{cols}        alert_count Int64,
+        total_a_numbers Int64
+    )
+    ENGINE = SummingMergeTree()
+    PARTITION BY toYYYYMM(date)
+    ORDER BY ({key})""",
+            f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {table}_mv TO {table}
+    AS SELECT
+        toDate(detected_at) AS date,
+        {", ".join(dims)},
+        sum(if(is_deleted = 1, -1, 1)) AS alert_count,
+        sum(if(is_deleted = 1, -1, 1) * toInt64(a_number_count)) AS total_a_numbers
+    FROM fraud_alerts_analytics
+    GROUP BY {key}""")
+
+
+def _daily_rebuild(table: str) -> tuple[str, str]:
+    """Return the statements that refill a daily table from the current alert rows."""
+    key = ", ".join(("date", *_DAILY[table]))
+    return (f"TRUNCATE TABLE {table}",
+            f"""INSERT INTO {table}
+    SELECT toDate(detected_at) AS date, {", ".join(_DAILY[table])}, count() AS alert_count,
+           sum(toInt64(a_number_count)) AS total_a_numbers
+    FROM fraud_alerts_analytics FINAL
+    GROUP BY {key}""")
+
+
+def _daily_sql(table: str) -> str:
+    """Return the query of a daily view summed per key, the keys whose alerts all cancelled
+    left out."""
+    key = ", ".join(("date", *_DAILY[table]))
+    return f"""
+SELECT {key}, sum(alert_count) AS alert_count, sum(total_a_numbers) AS total_a_numbers
+FROM {table}_mv GROUP BY {key} HAVING alert_count != 0 ORDER BY {key}
+"""
+
 
 DDL = (
     """CREATE TABLE IF NOT EXISTS fraud_alerts_analytics
@@ -58,46 +116,21 @@ DDL = (
     "ALTER TABLE fraud_alerts_analytics ADD COLUMN IF NOT EXISTS "
     "gateway_id LowCardinality(String) DEFAULT ''",
     "ALTER TABLE fraud_alerts_analytics ADD COLUMN IF NOT EXISTS a_number String DEFAULT ''",
-    """CREATE TABLE IF NOT EXISTS daily_stats
-    (
-        date Date,
-        severity LowCardinality(String),
-        alert_count Int64,
-        total_a_numbers Int64
-    )
-    ENGINE = SummingMergeTree()
-    PARTITION BY toYYYYMM(date)
-    ORDER BY (date, severity)""",
-    """CREATE MATERIALIZED VIEW IF NOT EXISTS daily_stats_mv TO daily_stats
-    AS SELECT
-        toDate(detected_at) AS date,
-        severity,
-        sum(if(is_deleted = 1, -1, 1)) AS alert_count,
-        sum(if(is_deleted = 1, -1, 1) * toInt64(a_number_count)) AS total_a_numbers
-    FROM fraud_alerts_analytics
-    GROUP BY date, severity""",
+    *_daily_ddl("daily_stats"),
+    *_daily_ddl("daily_carrier_stats"),
 )
 
 # An INSERT and its materialized-view insert are not one atomic step: a writer killed between
 # them (chdb runs in the writer's process) leaves the view short. Every sink open therefore
-# rebuilds the small daily table from the replacing table's current rows.
-_REBUILD = (
-    "TRUNCATE TABLE daily_stats",
-    """INSERT INTO daily_stats
-    SELECT toDate(detected_at) AS date, severity, count() AS alert_count,
-           sum(toInt64(a_number_count)) AS total_a_numbers
-    FROM fraud_alerts_analytics FINAL
-    GROUP BY date, severity""",
-)
+# rebuilds the small daily tables from the replacing table's current rows.
+_REBUILD = tuple(sql for t in _DAILY for sql in _daily_rebuild(t))
 
 _COLUMNS = ("alert_id", "alert_type", "severity", "b_number", "a_number_count",
             "detection_window_ms", "detected_at", "version", "is_deleted", "carrier_id",
             "gateway_id", "a_number")
 
-DAILY_STATS_SQL = """
-SELECT date, severity, sum(alert_count) AS alert_count, sum(total_a_numbers) AS total_a_numbers
-FROM daily_stats_mv GROUP BY date, severity HAVING alert_count != 0 ORDER BY date, severity
-"""
+DAILY_STATS_SQL = _daily_sql("daily_stats")
+DAILY_CARRIER_STATS_SQL = _daily_sql("daily_carrier_stats")
 
 
 class _Backend(Protocol):
@@ -194,7 +227,7 @@ def _row(a: AlertChange) -> dict[str, Any]:
 
 
 class ClickHouseSink(Sink):
-    """fraud_alerts_analytics + daily_stats_mv."""
+    """fraud_alerts_analytics + daily_stats_mv + daily_carrier_stats_mv."""
 
     name = "clickhouse"
     kinds = frozenset({"a"})
@@ -264,6 +297,12 @@ class ClickHouseSink(Sink):
         """Return daily_stats_mv summed: alerts and A-numbers per day and severity."""
         assert self._b is not None
         return self._b.select(DAILY_STATS_SQL)
+
+    def daily_carrier_stats(self) -> list[dict[str, Any]]:
+        """Return daily_carrier_stats_mv summed: alerts and A-numbers per day, carrier, alert
+        type and severity."""
+        assert self._b is not None
+        return self._b.select(DAILY_CARRIER_STATS_SQL)
 
     def close(self) -> None:
         if self._b is not None:

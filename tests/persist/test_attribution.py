@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,11 @@ def test_writer_persists_attribution_to_every_sink(
                                        a.gateway_id, a.a, a.ver)
     daily = ch_query(chdb_path, "SELECT sum(alert_count) AS n FROM acm.daily_stats_mv")
     assert int(daily[0]["n"]) == len(alerts)
+    # Per carrier and type, each alert once: the old row counted under '' until superseded.
+    carriers = ch_query(chdb_path, "SELECT carrier_id, alert_type, sum(alert_count) AS n "
+                                   "FROM acm.daily_carrier_stats_mv GROUP BY 1, 2 HAVING n != 0")
+    assert {(r["carrier_id"], r["alert_type"]): int(r["n"]) for r in carriers} == Counter(
+        (a.carrier_id, rec.ALERT_TYPE_COLUMN[a.typ]) for a in alerts.values())
 
 
 @pytest.fixture
