@@ -103,16 +103,12 @@ class Worker:
         """Serve until SIGTERM; then drain what is queued and stop."""
         io = self.io
         poll_s = max(1.0, self.settings.config_poll_ms) / 1000.0
-        served = 0
         while not self.stopping:
             self._beat()
-            # Under load the next requests are usually there already: look without sleeping
-            # and only sleep in poll() once a look came back empty.
-            if not io.poll(0.0 if served else poll_s):
-                served = 0
-                self._housekeeping()
-                continue
-            served = self._serve_batch()
+            # poll() returns at once when requests are waiting (one epoll_wait per batch);
+            # it sleeps only when there is nothing to do, at most until the next housekeeping.
+            if io.poll(poll_s):
+                self._serve_batch()
             self._housekeeping()
         self._drain()
         self._publish_stats(force=True)
