@@ -85,6 +85,7 @@ def _request(i: int, rng: random.Random, b_pool: int) -> bytes:
 def _client_proc(endpoint: str, seconds: float, rate: float, b_pool: int, start: Any,
                  out: Any, warmup: int) -> None:
     """One OpenSIPS-like client: a REQ socket, one request in flight."""
+    _die_with_parent()
     ctx = zmq.Context()
     s = ctx.socket(zmq.REQ)
     s.setsockopt(zmq.LINGER, 0)
@@ -164,6 +165,13 @@ def drive(endpoint: str, clients: int, seconds: float, rate: float = 0.0, b_pool
     return lat, errors
 
 
+def _die_with_parent() -> None:
+    """Let a load or server process end with the bench, whatever ends the bench."""
+    from acm_module.server.proctitle import die_with_parent
+
+    die_with_parent(signal.SIGKILL, os.getppid())
+
+
 # -- servers -----------------------------------------------------------------------------------
 
 def _free_port() -> int:
@@ -235,6 +243,7 @@ def _wait_ready(endpoint: str, timeout: float = 20.0) -> None:
 
 
 def _echo_proc(endpoint: str, ready: Any) -> None:
+    _die_with_parent()
     ctx = zmq.Context()
     s = ctx.socket(zmq.ROUTER)
     s.bind(endpoint)
@@ -245,6 +254,7 @@ def _echo_proc(endpoint: str, ready: Any) -> None:
 
 
 def _straightforward_worker(backend: str, store: str, sha: str, ready: Any) -> None:
+    _die_with_parent()
     import redis  # the straightforward client, one command per request
 
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
@@ -274,6 +284,7 @@ def _straightforward_worker(backend: str, store: str, sha: str, ready: Any) -> N
 
 
 def _proxy_proc(front: str, back: str, ready: Any) -> None:
+    _die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     ctx = zmq.Context()
     f = ctx.socket(zmq.ROUTER)

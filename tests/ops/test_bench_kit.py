@@ -6,7 +6,10 @@ engineer reaches for works on a clean checkout and reports every phase it promis
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +21,23 @@ pytestmark = [pytest.mark.server, pytest.mark.timeout(240)]
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run cmd in its own session; on a timeout kill the session, the load processes too."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def test_acm_bench_reports_every_phase(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    p = subprocess.run(
-        [sys.executable, "-m", "acm_module.cli", "bench", "--seconds", "0.5", "--clients", "2",
-         "--workers", "1", "--compare-io", "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=200)
+    p = _run([sys.executable, "-m", "acm_module.cli", "bench", "--seconds", "0.5", "--clients",
+              "2", "--workers", "1", "--compare-io", "--json", str(out)], 200)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     data = json.loads(out.read_text())
     phases = data["results"]
@@ -42,9 +56,7 @@ def test_acm_bench_reports_every_phase(tmp_path: Path) -> None:
 
 
 def test_the_hot_path_benchmark_suite_runs() -> None:
-    p = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "benchmarks/test_bench_hotpath.py", "--benchmark-disable"],
-        cwd=REPO, capture_output=True, text=True, timeout=200)
+    p = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+              "benchmarks/test_bench_hotpath.py", "--benchmark-disable"], 200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     assert " passed" in p.stdout and "failed" not in p.stdout
