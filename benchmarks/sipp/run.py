@@ -22,6 +22,8 @@ Environment:
   ACM_BIN           default: `acm` next to this Python, else on PATH
   SIPP, REDIS_SERVER  binaries (default sipp, redis-server)
   OPENSIPS_MEM      "-m 1024 -M 64" by default
+  GATEWAY_CPS=N     in "acm" runs, register SIPp's address as a carrier gateway limited to N
+                    calls/s (docs/GATEWAY.md): calls above it get 503 with Retry-After
   KEEP=1            keep the temp dir (logs, stat files)
   JSON_OUT          also write the results as JSON here
 
@@ -196,6 +198,22 @@ def make_cfg(dst: Path, modules: str, ports: dict, enabled: bool) -> Path:
     return out
 
 
+def publish_gateway(redis_port: int, cps: int) -> None:
+    """Publish a registry with 127.0.0.1 as a rate-limited gateway (GATEWAY_CPS)."""
+    from acm_module.gateway import registry
+    from acm_module.store.conn import StoreConnection
+
+    c = StoreConnection(f"redis://127.0.0.1:{redis_port}/0", timeout=2.0)
+    try:
+        registry.publish(c, registry.validate({
+            "carriers": [{"id": "sipp", "name": "SIPp load", "licence": "other"}],
+            "gateways": [{"id": "sipp-uac", "carrier_id": "sipp", "addresses": ["127.0.0.1"],
+                          "rate_limit_cps": cps, "rate_window_s": 1.0}],
+            "routes": []}))
+    finally:
+        c.close()
+
+
 def parse_stat(path: Path) -> dict:
     with open(path, newline="") as f:
         rows = list(csv.reader(f, delimiter=";"))
@@ -249,6 +267,7 @@ def main() -> int:
         str(Path(sys.executable).parent / "acm") if (Path(sys.executable).parent / "acm").exists()
         else shutil.which("acm") or "acm")
     mem = os.environ.get("OPENSIPS_MEM", "-m 1024 -M 64").split()
+    gateway_cps = int(os.environ.get("GATEWAY_CPS", "0"))
 
     tmp = Path(tempfile.mkdtemp(prefix="acm-sipp-"))
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -330,6 +349,11 @@ def main() -> int:
             time.sleep(IDLE)
             i1 = (tree_cpu(osips.pid)[0], tree_cpu(acm.pid)[0], tree_cpu(redis.pid)[0])
             idle_rate = [(b - a) / IDLE for a, b in zip(i0, i1, strict=True)]
+            if gateway_cps and mode == "acm":
+                # SIPp's calls reach OpenSIPS from 127.0.0.1: register it as a carrier's
+                # gateway with a rate limit (docs/GATEWAY.md); the workers pick it up in 50 ms.
+                publish_gateway(rport, gateway_cps)
+                time.sleep(0.5)
             dbsize0 = int(redis_cmd(rport, "DBSIZE").lstrip(":"))
             o0, nproc = tree_cpu(osips.pid)
             a0, _ = tree_cpu(acm.pid)
@@ -381,6 +405,8 @@ def main() -> int:
                 "redis_keys_added": dbsize1 - dbsize0,
                 "log_no_verdict": olog.count("no verdict"),
                 "log_acm_drop": olog.count("ACM: drop"),
+                "log_rate_limited": olog.count("reason=rate_limited"),
+                "gateway_cps": gateway_cps if mode == "acm" else 0,
                 "log_errors": len(re.findall(r"ERROR|Traceback", olog)),
             }
             results.append(res)
