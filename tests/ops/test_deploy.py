@@ -94,7 +94,7 @@ def exposed_names(url: str) -> set[str]:
     c = StoreConnection(url, timeout=2.0)
     try:
         st = stats_mod.WorkerStats(index=0, pid=1)
-        st.decisions = {"allow:clean": 1, "dup": 1, "error": 1}
+        st.decisions = {"allow:clean": 1, "dup": 1, "error": 1, "@igw|drop:rate_limited": 1}
         st.total_us.add(50.0)
         st.service_us.add(20.0)
         stats_mod.publish(c, "h/boot/0", st)
