@@ -85,19 +85,27 @@ class ZmtpServer:
         self.ep = select.epoll()
         # EPOLLEXCLUSIVE: a new connection wakes one of the workers polling this socket, not all.
         self.ep.register(self.listen.fileno(), _IN | select.EPOLLEXCLUSIVE)
-        self.accepting = True
+        self.accepting = True  # registered for new connections
+        self.draining = False  # stop_accepting() was called: never accept again
+        self.resume_at = 0.0  # out of descriptors: accept again at this monotonic time
         self.conns: dict[int, Conn] = {}
         self.inbox: list[tuple[Conn, list[bytes]]] = []
         self.dirty: list[Conn] = []
         self.rx_ns = 0  # when the last poll() found something (perf_counter_ns)
         self.accepted = 0
         self.dropped = 0  # connections closed for a protocol error or an oversize frame
+        self.accept_pauses = 0  # times accepting paused for lack of descriptors
 
     # -- receiving ---------------------------------------------------------------------------
     def poll(self, timeout: float) -> int:
         """Wait up to timeout seconds for messages (0: just look); return how many are queued."""
         if self.inbox:
             timeout = 0
+        if self.resume_at and time.monotonic() >= self.resume_at:
+            self.resume_at = 0.0
+            if not self.draining:
+                self.accepting = True
+                self.ep.register(self.listen.fileno(), _IN | select.EPOLLEXCLUSIVE)
         events = self.ep.poll(timeout)
         if events:
             self.rx_ns = time.perf_counter_ns()
@@ -120,9 +128,15 @@ class ZmtpServer:
             except (BlockingIOError, InterruptedError):
                 return  # another worker took it
             except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
-                               errno.ECONNABORTED, errno.EPERM):
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: the connection stays queued and the
+                    # listening socket stays readable, so polling it now would spin. Serve the
+                    # connections we have and try again in 100 ms (another worker may take it).
+                    self._pause_accepting()
+                    self.accept_pauses += 1
                     return
+                if e.errno in (errno.ECONNABORTED, errno.EPERM):
+                    continue
                 raise
             s.setblocking(False)
             if s.family in (socket.AF_INET, socket.AF_INET6):
@@ -277,9 +291,15 @@ class ZmtpServer:
 
     def stop_accepting(self) -> None:
         """Leave new connections to the other workers (the listening socket stays open)."""
+        self.draining = True
+        self._pause_accepting()
+
+    def _pause_accepting(self) -> None:
         if self.accepting:
             self.accepting = False
             self.ep.unregister(self.listen.fileno())
+        if not self.draining:
+            self.resume_at = time.monotonic() + 0.1
 
     def close_conn(self, conn: Conn) -> None:
         """Close one connection."""

@@ -235,3 +235,55 @@ def test_a_peer_that_goes_away_mid_batch_costs_nothing(server: EchoServer,
     req = _connect(ctx, zmq.REQ, server.endpoint)
     req.send(b"next")
     assert req.poll(5000) and req.recv() == b"re:next"
+
+
+_FD_SERVER = r"""
+import os, resource, sys, time
+from acm_module.server.supervisor import listen_socket
+from acm_module.server.zmtp import ZmtpServer
+path = sys.argv[1]
+lsock = listen_socket("ipc://" + path)
+srv = ZmtpServer(os.dup(lsock.fileno()), 1024)
+resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
+print("ready", flush=True)
+marks = []
+for until in (1.5, 3.0):
+    end = time.monotonic() + until - (1.5 if until == 3.0 else 0)
+    while time.monotonic() < end:
+        srv.poll(0.05)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    marks.append((len(srv.conns), srv.accept_pauses, ru.ru_utime + ru.ru_stime))
+print(marks, flush=True)
+"""
+
+
+def test_out_of_descriptors_pauses_accepting_instead_of_spinning(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "fd.sock")
+    proc = subprocess.Popen([sys.executable, "-c", _FD_SERVER, path], stdout=subprocess.PIPE,
+                            text=True)
+    clients: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        for _ in range(60):  # more than the server's 32 descriptors
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            clients.append(s)
+        time.sleep(1.0)
+        for s in clients[:20]:  # free descriptors in the server: the queue drains again
+            s.close()
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        for s in clients:
+            s.close()
+        proc.kill()
+    import ast
+
+    (conns1, pauses1, cpu1), (conns2, _, _) = ast.literal_eval(out.strip())
+    assert pauses1 >= 1, out
+    assert conns1 < 32, out
+    # Paused, not spinning: well under the 1.5 s a busy loop on the listener would burn.
+    assert cpu1 < 0.6, out
+    assert conns2 >= conns1 - 2, out  # accepting resumed: the freed descriptors were refilled
