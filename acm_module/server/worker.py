@@ -349,6 +349,14 @@ class Worker:
         raw = self.store.call("HMGET", registry.REGISTRY_KEY, "ver", "doc")
         assert isinstance(raw, list)
         ver = registry.parse_version(raw[0])
+        if raw[1] is None and self._gw_ver > 0:
+            # The key is gone (a flushed or failed-over store), not emptied: an empty registry
+            # is published as a document. Keep deciding with the last one until the control
+            # plane publishes it again.
+            log.warning("worker %d: carrier registry missing from the store; keeping version %d",
+                        self.index, self._gw_ver)
+            self._gw_ver = 0
+            return
         old = self._gw_doc
         try:
             self._gw_doc = dict(registry.EMPTY) if raw[1] is None else json.loads(raw[1])

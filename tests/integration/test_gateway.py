@@ -240,3 +240,24 @@ def test_a_fanout_alert_for_one_a_number_calling_many_b_numbers(service_factory)
             conn.close()
         assert sum(1 for _, f in raw if b"fanout" in f) == 3
         assert len([r for r in stream_entries(svc.store_url) if r.get("typ") == "fanout"]) == 3
+
+
+def test_a_registry_lost_with_the_store_keeps_applying_until_republished(client: Client,
+                                                                          service) -> None:
+    publish(service.store_url, doc(direction="international"))
+    t0 = 1_800_000_500.0
+    r = client.decide(cid(), a_num(1), B, ts=t0, src_ip=IGW_IP)
+    assert r["reason"] == "national_cli_on_international_route"
+    conn = StoreConnection(service.store_url, timeout=2.0)
+    try:
+        conn.call("DEL", registry.REGISTRY_KEY)  # what a flushed or failed-over store shows
+    finally:
+        conn.close()
+    time.sleep(0.5)  # ten config polls
+    r = client.decide(cid(), a_num(2), B, ts=t0 + 1, src_ip=IGW_IP)
+    assert r["reason"] == "national_cli_on_international_route"
+    assert "carrier registry missing from the store" in service.read_log()
+    # A new publication (the control plane republishes what it holds) is applied as usual.
+    publish(service.store_url, doc(direction="national"))
+    r = client.decide(cid(), a_num(3), B, ts=t0 + 2, src_ip=IGW_IP)
+    assert (r["verdict"], r["reason"]) == ("allow", "clean")
