@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                                      progress=say)
                     results["acm_open"] = Result.of(f"acm open loop {args.rate:.0f}/s",
                                                     args.clients, args.seconds, lat, err)
-                meta["in_worker"] = _in_worker_stats(store)
+                meta["in_worker"] = _in_worker_phase(store)  # every acm phase so far
             meta["store"] = store_footprint(store)
             if args.compare_io:
                 # The same service with the other worker I/O, for the ratio of the two.
@@ -508,21 +508,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _in_worker_stats(store: str) -> dict[str, Any]:
-    from acm_module.server import stats
-    from acm_module.store.conn import StoreConnection
-
-    c = StoreConnection(store, timeout=2.0)
-    c.connect()
-    try:
-        s = stats.summarize(stats.read_all(c))
-        return {"service_us": s["service_us"], "total_us": s["total_us"],
-                "service_cpu_us": s["service_cpu_us"], "requests": s["requests"],
-                "batches": s["batches"]}
-    finally:
-        c.close()
-
-
 def _in_worker_raw(store: str) -> dict[str, Any]:
     """Return the workers' merged histograms and counters as they are now."""
     from acm_module.server import stats
@@ -545,11 +530,14 @@ def _in_worker_raw(store: str) -> dict[str, Any]:
     return out
 
 
-def _in_worker_phase(store: str, before: dict[str, Any]) -> dict[str, Any]:
-    """Return the in-worker figures of what happened since `before` (one phase)."""
+def _in_worker_phase(store: str, before: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return the in-worker figures of what happened since `before` (None: since start)."""
     from acm_module.server import stats
 
     after = _in_worker_raw(store)
+    if before is None:
+        before = {"requests": 0, "batches": 0,
+                  **{n: stats.Histogram() for n in ("service_us", "total_us", "service_cpu_us")}}
     out: dict[str, Any] = {k: after[k] - before[k] for k in ("requests", "batches")}
     for name in ("service_us", "total_us", "service_cpu_us"):
         h = stats.Histogram()

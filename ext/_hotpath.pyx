@@ -1255,6 +1255,7 @@ cdef class Decider:
     cdef list _pool        # _Slot objects, reused
     cdef Py_ssize_t _n     # slots in use by the current batch
     cdef list _blocks
+    cdef list _rated       # slots whose rate-limit check is in flight
     cdef object _rx_us
     cdef _Buf _out         # the pipeline/command buffer, reused
     cdef _Buf _const       # per-batch constant pieces of the EVALSHA commands
@@ -1293,6 +1294,7 @@ cdef class Decider:
         self.noscript = False
         self.counts = {}  # "verdict:reason", "dup", "error", store errors
         self.context = None
+        self._rated = []
 
     def configure(self, *, threshold, window, mode, dedup_ttl, block_ttl):
         """Apply detection settings to the next batch, all or nothing."""
@@ -1361,6 +1363,7 @@ cdef class Decider:
         cdef _Slot s
         cdef Py_ssize_t k
         ctx = self.context
+        self._rated = []
         if ctx is None or not ctx.resolves:
             return b"", 0
         out = []
@@ -1369,22 +1372,17 @@ cdef class Decider:
             if s.kind == _SCRIPT and s.att is not None and s.att.rl_key is not None \
                     and not s.pre.startswith(b"drop|"):
                 out.append(ctx.rate_command(s.att, s.call_id, self._rx_us // 1000))
+                self._rated.append(s)
         return b"".join(out), len(out)
 
     def rate_finish(self, replies):
         """Apply the rate-limit replies (in rate_pipeline() order) to the batch."""
         cdef _Slot s
-        cdef Py_ssize_t k, i = 0
-        for k in range(self._n):
-            s = <_Slot>PyList_GET_ITEM(self._pool, k)
-            if s.kind == _SCRIPT and s.att is not None and s.att.rl_key is not None \
-                    and not s.pre.startswith(b"drop|"):
-                r = replies[i]
-                i += 1
-                if r == 0:
-                    s.pre = b"drop|rate_limited"
-                elif r != 1:
-                    self._store_reply_error(r, "rate_error")
+        for s, r in zip(self._rated, replies, strict=True):
+            if r == 0:
+                s.pre = b"drop|rate_limited"
+            elif r != 1:
+                self._store_reply_error(r, "rate_error")
 
     def _store_reply_error(self, r, key):
         """Count a side script's error reply (rate limit, fan-out); note a lost script."""

@@ -295,3 +295,22 @@ class DelayProxy:
                 s.close()
         for t in self._threads:
             t.join(1)
+
+
+def publish_registry(url: str, doc: dict, workers: int = 2, timeout: float = 15.0) -> int:
+    """Publish a carrier registry and wait until every worker reports it in use."""
+    from acm_module.gateway import registry
+    from acm_module.server import stats as stats_mod
+
+    conn = StoreConnection(url, timeout=2.0)
+    try:
+        ver = registry.publish(conn, doc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            snaps = stats_mod.read_all(conn)
+            if len(snaps) >= workers and all(s.get("registry_version") == ver for s in snaps):
+                return ver
+            time.sleep(0.1)
+    finally:
+        conn.close()
+    raise AssertionError(f"workers did not apply registry version {ver} in {timeout}s")

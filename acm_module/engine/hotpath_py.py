@@ -419,6 +419,7 @@ class Decider:
         # acm_module.gateway.context.GatewayContext while a registry is loaded or fan-out is
         # on; None keeps the decision path exactly as without the gateway context.
         self.context = None
+        self._rated: list[list] = []  # slots whose rate-limit check is in flight
 
     def configure(self, *, threshold: int, window: float, mode: str, dedup_ttl: float,
                   block_ttl: float) -> None:
@@ -469,6 +470,7 @@ class Decider:
         anyway is not checked, so it takes no capacity.
         """
         ctx = self.context
+        self._rated = []
         if ctx is None or not ctx.resolves:
             return b"", 0
         out = []
@@ -477,6 +479,7 @@ class Decider:
             if s[0] == _SCRIPT and att is not None and att.rl_key is not None \
                     and not s[6].startswith(b"drop|"):
                 out.append(ctx.rate_command(att, s[2].call_id, self._rx_us // 1000))
+                self._rated.append(s)
         return b"".join(out), len(out)
 
     def rate_finish(self, replies: list) -> None:
@@ -485,17 +488,11 @@ class Decider:
         A store error on a check admits the call (counted as `rate_error`): the limiter
         protects capacity, it must not take calls down with it.
         """
-        i = 0
-        for s in self._slots:
-            att = s[5]
-            if s[0] == _SCRIPT and att is not None and att.rl_key is not None \
-                    and not s[6].startswith(b"drop|"):
-                r = replies[i]
-                i += 1
-                if r == 0:
-                    s[6] = b"drop|rate_limited"
-                elif r != 1:
-                    self._store_reply_error(r, "rate_error")
+        for s, r in zip(self._rated, replies, strict=True):
+            if r == 0:
+                s[6] = b"drop|rate_limited"
+            elif r != 1:
+                self._store_reply_error(r, "rate_error")
 
     def pipeline(self) -> tuple[bytes, int]:
         """Return (commands for the batch's store round trip, number of replies to read)."""

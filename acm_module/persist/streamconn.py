@@ -26,13 +26,10 @@ class StreamConnection:
     """
 
     def __init__(self, url: str, timeout: float = 5.0, connect_timeout: float = 2.0) -> None:
-        a = parse_url(url)
         self.url = url
         self.timeout = timeout
         self.connect_timeout = connect_timeout
-        self._unix, self._path, self._addr = a.unix, a.path, (a.host, a.port)
-        self._auth = [x for x in (a.username, a.password) if x]
-        self._db = a.db
+        self._address = parse_url(url)
         self._sock: socket.socket | None = None
         self._reader: Any = None
         self._buf = bytearray()
@@ -44,24 +41,12 @@ class StreamConnection:
     def connect(self) -> None:
         """Open the connection (AUTH/SELECT as the URL says). Raises StoreError."""
         self.close()
-        try:
-            if self._unix:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(self.connect_timeout)
-                sock.connect(self._path)
-            else:
-                sock = socket.create_connection(self._addr, self.connect_timeout)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as e:
-            raise StoreError(f"cannot connect to store {self.safe_url()}: {e}") from e
-        self._sock = sock
+        self._sock = self._address.open(self.connect_timeout, self.url)
         self._reader = hiredis.Reader(replyError=hotpath.RespError, encoding="utf-8",
                                       errors="replace") if hiredis else None
         self._buf.clear()
-        if self._auth:
-            self.call("AUTH", *self._auth)
-        if self._db:
-            self.call("SELECT", self._db)
+        for cmd in self._address.login():
+            self.call(*cmd)
 
     def close(self) -> None:
         """Close the socket, if open."""

@@ -5,7 +5,6 @@ fork().
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -320,7 +319,7 @@ class Worker:
             gen, values = store_config.parse_read(r[0])
             gw_ver = registry.parse_version(r[1])
             if gw_ver != self._gw_ver:
-                self._load_registry()
+                self._load_registry(gw_ver)
         except StoreError as e:
             self._store_failed(e)
             return
@@ -344,29 +343,32 @@ class Worker:
         log.debug("worker %d: config generation %d applied", self.index, gen)
 
 
-    def _load_registry(self) -> None:
+    def _load_registry(self, polled_ver: int) -> None:
         """Read the published registry and rebuild the gateway context. Raises StoreError."""
-        raw = self.store.call("HMGET", registry.REGISTRY_KEY, "ver", "doc")
-        assert isinstance(raw, list)
-        ver = registry.parse_version(raw[0])
-        if raw[1] is None and self._gw_ver > 0:
-            # The key is gone (a flushed or failed-over store), not emptied: an empty registry
-            # is published as a document. Keep deciding with the last one until the control
-            # plane publishes it again.
+        old = self._gw_doc
+        try:
+            ver, doc = registry.read(self.store)
+        except ValueError as e:  # not JSON: the control plane only publishes validated ones
+            ver, doc = polled_ver, None
+            log.error("worker %d: ignoring unreadable carrier registry version %s: %s",
+                      self.index, ver, e)
+        if ver == 0 and self._gw_ver > 0:
+            # Version 0: the key is gone (a flushed or failed-over store), not emptied (an
+            # empty registry is published as a document). Keep deciding with the last one until
+            # the control plane publishes it again.
             log.warning("worker %d: carrier registry missing from the store; keeping version %d",
                         self.index, self._gw_ver)
             self._gw_ver = 0
             return
-        old = self._gw_doc
-        try:
-            self._gw_doc = dict(registry.EMPTY) if raw[1] is None else json.loads(raw[1])
-            self._rebuild_context()
-        except (KeyError, ValueError, TypeError, AttributeError) as e:
-            # The control plane validates what it publishes; keep serving with the last good one.
-            log.error("worker %d: ignoring invalid carrier registry version %s: %s",
-                      self.index, ver, e)
-            self._gw_doc = old
-            self._rebuild_context()
+        if doc is not None:
+            try:
+                self._gw_doc = doc
+                self._rebuild_context()
+            except (KeyError, ValueError, TypeError, AttributeError) as e:
+                log.error("worker %d: ignoring invalid carrier registry version %s: %s",
+                          self.index, ver, e)
+                self._gw_doc = old
+                self._rebuild_context()
         self._gw_ver = ver  # a bad version is not retried until the next publish
         self.stats.registry_version = ver
         log.debug("worker %d: carrier registry version %d applied", self.index, ver)

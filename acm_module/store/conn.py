@@ -36,6 +36,30 @@ class StoreAddress:
     password: str | None
     db: int
 
+    def open(self, connect_timeout: float, url: str) -> socket.socket:
+        """Connect a socket to the store (TCP_NODELAY on TCP). Raises StoreError."""
+        try:
+            if self.unix:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(connect_timeout)
+                s.connect(self.path)
+            else:
+                s = socket.create_connection((self.host, self.port), connect_timeout)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as e:
+            raise StoreError(f"cannot connect to store {safe_url(url)}: {e}") from e
+        return s
+
+    def login(self) -> list[list[str | int]]:
+        """Return the commands a new connection sends first (AUTH, SELECT as the URL says)."""
+        out: list[list[str | int]] = []
+        if self.password:
+            out.append(["AUTH", self.username, self.password] if self.username
+                       else ["AUTH", self.password])
+        if self.db:
+            out.append(["SELECT", self.db])
+        return out
+
 
 def parse_url(url: str) -> StoreAddress:
     """Parse a store URL. Raises StoreError for an unsupported scheme."""
@@ -65,34 +89,17 @@ class StoreConnection:
         self._sock: socket.socket | None = None
         self._buf = bytearray()
         self._applied = -1.0
-        a = parse_url(url)
-        self._unix, self._path = a.unix, a.path
-        self._host, self._port = a.host, a.port
-        self._username, self._password, self._db = a.username, a.password, a.db
+        self._address = parse_url(url)
 
     # -- connection management -------------------------------------------------------------
     def connect(self) -> None:
         """Open the connection (AUTH/SELECT as the URL says). Raises StoreError."""
         self.close()
-        try:
-            if self._unix:
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.settimeout(self.connect_timeout)
-                s.connect(self._path)
-            else:
-                s = socket.create_connection((self._host, self._port), self.connect_timeout)
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as e:
-            raise StoreError(f"cannot connect to store {self.safe_url()}: {e}") from e
-        self._sock = s
+        self._sock = self._address.open(self.connect_timeout, self.url)
         self._apply_timeout()
         self._buf.clear()
-        if self._password:
-            args = ["AUTH", self._username, self._password] if self._username else [
-                "AUTH", self._password]
-            self.call(*args)
-        if self._db:
-            self.call("SELECT", self._db)
+        for cmd in self._address.login():
+            self.call(*cmd)
 
     @property
     def connected(self) -> bool:

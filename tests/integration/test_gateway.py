@@ -6,13 +6,13 @@ per-gateway rate limit shared by every worker, and the fan-out alert.
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from typing import Any
 
 import pytest
-from test_contract import alert_records, decisions, stream_entries
+from servers import publish_registry as publish
+from test_contract import a_num, alert_records, cid, decisions, stream_entries
 
 from acm_module.client import Client
 from acm_module.gateway import registry
@@ -23,15 +23,6 @@ pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
 B = "+2348039999999"
 IGW_IP = "198.51.100.7"
-_ids = itertools.count()
-
-
-def cid() -> str:
-    return f"g{next(_ids)}-{time.monotonic_ns()}"
-
-
-def a_num(i: int) -> str:
-    return f"+23480310{i:05d}"
 
 
 def foreign(i: int) -> str:
@@ -49,22 +40,6 @@ def doc(*, direction: str = "national", route_rule: str | None = None, cps: int 
         "routes": [{"id": "igw-in", "carrier_id": "igw", "gateway_id": None, "trunk": None,
                     "direction": direction, "cli_rule": route_rule}],
     }
-
-
-def publish(url: str, d: dict[str, Any], workers: int = 2, timeout: float = 15.0) -> int:
-    """Publish a registry and wait until every worker reports it in use."""
-    conn = StoreConnection(url, timeout=2.0)
-    try:
-        ver = registry.publish(conn, d)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            snaps = stats_mod.read_all(conn)
-            if len(snaps) >= workers and all(s.get("registry_version") == ver for s in snaps):
-                return ver
-            time.sleep(0.1)
-    finally:
-        conn.close()
-    raise AssertionError(f"workers did not apply registry version {ver} in {timeout}s")
 
 
 def test_decisions_and_alerts_record_the_carrier_and_gateway(client: Client, service) -> None:
@@ -251,12 +226,18 @@ def test_a_registry_lost_with_the_store_keeps_applying_until_republished(client:
     conn = StoreConnection(service.store_url, timeout=2.0)
     try:
         conn.call("DEL", registry.REGISTRY_KEY)  # what a flushed or failed-over store shows
+        time.sleep(0.5)  # ten config polls
+        r = client.decide(cid(), a_num(2), B, ts=t0 + 1, src_ip=IGW_IP)
+        assert r["reason"] == "national_cli_on_international_route"
+        assert "carrier registry missing from the store" in service.read_log()
+        # A document that is not JSON (never published by the control plane) changes nothing.
+        conn.call("HSET", registry.REGISTRY_KEY, "ver", int(time.time() * 1000), "doc", "{not")
+        time.sleep(0.5)
+        r = client.decide(cid(), a_num(4), B, ts=t0 + 1.5, src_ip=IGW_IP)
+        assert r["reason"] == "national_cli_on_international_route"
+        assert "ignoring unreadable carrier registry version" in service.read_log()
     finally:
         conn.close()
-    time.sleep(0.5)  # ten config polls
-    r = client.decide(cid(), a_num(2), B, ts=t0 + 1, src_ip=IGW_IP)
-    assert r["reason"] == "national_cli_on_international_route"
-    assert "carrier registry missing from the store" in service.read_log()
     # A new publication (the control plane republishes what it holds) is applied as usual.
     publish(service.store_url, doc(direction="national"))
     r = client.decide(cid(), a_num(3), B, ts=t0 + 2, src_ip=IGW_IP)

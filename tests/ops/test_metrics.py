@@ -11,7 +11,7 @@ from collections import Counter
 import msgpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import free_port, wait_port
+from servers import free_port, publish_registry, wait_port
 
 from acm_module.ops import metrics
 from acm_module.server import stats as stats_mod
@@ -198,8 +198,6 @@ def test_metrics_sidecar_refuses_a_busy_port(store_url) -> None:
 
 
 def test_per_carrier_decisions_and_fanout_alerts_are_exported(service_factory) -> None:
-    from acm_module.gateway import registry
-
     port = free_port()
     env = {"ACM_METRICS_HTTP": f"127.0.0.1:{port}", "ACM_FANOUT_THRESHOLD": "3"}
     doc = {"carriers": [{"id": "igw", "name": "IGW", "licence": "international_gateway",
@@ -210,16 +208,7 @@ def test_per_carrier_decisions_and_fanout_alerts_are_exported(service_factory) -
                        "direction": "international", "cli_rule": None}]}
     with service_factory(env=env, workers=2) as (svc, client):
         assert wait_port(port), svc.read_log()
-        store = StoreConnection(svc.store_url, timeout=2.0)
-        try:
-            ver = registry.publish(store, doc)
-            deadline = time.monotonic() + 15
-            while not (len(snaps := stats_mod.read_all(store)) == 2
-                       and all(s.get("registry_version") == ver for s in snaps)):
-                assert time.monotonic() < deadline, "the registry was not applied"
-                time.sleep(0.1)
-        finally:
-            store.close()
+        publish_registry(svc.store_url, doc)
         t0 = 1_800_000_000.0
         sim = "+447700900001"  # a foreign CLI: allowed on the international route
         for i in range(4):
