@@ -52,6 +52,9 @@ class Worker:
         self._stats_next = 0.0
         self._store_time_ns = 0
         self._latencies: list[tuple[int, int]] = []  # (rx_us of a batch, its latency in us)
+        # rx_us of batches answered store_unavailable after their scripts were sent: the store
+        # may still run them and record decisions nobody was told about (see decide()).
+        self._unanswered: list[int] = []
         self._store_down_until = 0.0
         self._backoff = 0.05
         self._cfg_next = 0.0
@@ -212,6 +215,7 @@ class Worker:
         """Decide a batch of frames; never raises (store trouble becomes error replies)."""
         d = self.decider
         d.begin(frames, now_ms, rx_us)
+        sent = False
         if not self.store.connected and time.monotonic() < self._store_down_until:
             # Backing off: answer at once; the client applies its policy.
             return d.fail("store_unavailable", "detection store unavailable")
@@ -226,6 +230,7 @@ class Worker:
                     d.rate_finish(self.store.round_trip(rl_payload, rl_n))
             payload, n = d.pipeline()
             lat = self._latency_record()
+            sent = bool(n)
             t1 = time.perf_counter_ns()
             if lat:
                 replies = self.store.round_trip(lat + payload, n + 1)[1:]
@@ -234,6 +239,8 @@ class Worker:
             # Only the wait counts as store time; building the pipeline is service time.
             self._store_time_ns = time.perf_counter_ns() - t1
         except StoreError as e:
+            if sent and len(self._unanswered) < 4096:
+                self._unanswered.append(rx_us)
             self._store_failed(e)
             return d.fail("store_unavailable", "detection store unavailable")
         self._backoff = 0.05
@@ -250,14 +257,21 @@ class Worker:
 
         A reply's latency is known only after it is sent, so it rides on the next round trip:
         {acm.lat}:s gets one entry per batch, keyed by the batch's `rx` that its decisions carry.
-        The stream is capped; latencies are best effort, decisions are not.
+        The stream is capped; latencies are best effort, decisions are not. Field `u` lists the
+        `rx` of batches answered store_unavailable after their scripts were sent: a decision
+        the store recorded for one of them never reached its caller (the QuestDB sink marks its
+        call_events row STORE_UNAVAILABLE).
         """
-        if not self._latencies:
+        if not self._latencies and not self._unanswered:
             return b""
         pairs = ",".join(f"{rx}:{us}" for rx, us in self._latencies)
         self._latencies.clear()
+        fields: list[str] = ["k", "l", "v", pairs]
+        if self._unanswered:
+            fields += ["u", ",".join(map(str, self._unanswered))]
+            self._unanswered.clear()
         return hotpath.encode_command("XADD", LATENCY_STREAM, "MAXLEN", "~", "1000000", "*",
-                                      "k", "l", "v", pairs)
+                                      *fields)
 
     # -- store health ------------------------------------------------------------------------
     def _connect_store(self) -> None:
