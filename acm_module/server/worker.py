@@ -229,11 +229,14 @@ class Worker:
                 if rl_n:
                     d.rate_finish(self.store.round_trip(rl_payload, rl_n))
             payload, n = d.pipeline()
+            marked = len(self._unanswered)
             lat = self._latency_record()
             sent = bool(n)
             t1 = time.perf_counter_ns()
             if lat:
                 replies = self.store.round_trip(lat + payload, n + 1)[1:]
+                # Delivered: a mark is dropped only once a round trip carrying it succeeded.
+                del self._unanswered[:marked]
             else:
                 replies = self.store.round_trip(payload, n) if n else []
             # Only the wait counts as store time; building the pipeline is service time.
@@ -267,9 +270,8 @@ class Worker:
         pairs = ",".join(f"{rx}:{us}" for rx, us in self._latencies)
         self._latencies.clear()
         fields: list[str] = ["k", "l", "v", pairs]
-        if self._unanswered:
+        if self._unanswered:  # kept until a round trip carrying them succeeds (decide())
             fields += ["u", ",".join(map(str, self._unanswered))]
-            self._unanswered.clear()
         return hotpath.encode_command("XADD", LATENCY_STREAM, "MAXLEN", "~", "1000000", "*",
                                       *fields)
 
