@@ -131,9 +131,11 @@ class Worker:
         if not self.store.connected:
             return
         try:
+            marked = len(self._unanswered)
             lat = self._latency_record()
             if lat:
                 self.store.round_trip(lat, 1)
+                del self._unanswered[:marked]
             stats_mod.publish(self.store, self._stats_field, st)
         except StoreError as e:
             self._store_failed(e)
