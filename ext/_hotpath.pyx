@@ -11,9 +11,9 @@ defined once in acm_module/engine/types.py.
 
 Same public API, byte-for-byte the same outputs (replies, error codes and messages, RESP
 commands, counters). The pure-Python twin is the specification: where this code differs in
-shape it is for speed, and every fast path falls back to the twin's own code (copied as
-`_*_py` helpers or as a `msgpack.packb` call) for inputs it does not handle, so the rare cases
-cannot drift.
+shape it is for speed, and every fast path falls back to the twin's own code (the pure
+normalise() and parse_reply() themselves, or a `msgpack.packb` call) for inputs it does not
+handle, so the rare cases cannot drift.
 """
 
 from acm_module.engine.types import (

@@ -1,11 +1,10 @@
 # Included by _hotpath.pyx: one extension module, one C namespace (see its docstring).
 """Phone numbers, compiled: E.164 normalisation and the key partition (FNV-1a).
 
-The twin of acm_module/engine/numbers_py.py: C char loops for ASCII input, the twin's own code
-(copied as _normalise_py) for everything else.
+The twin of acm_module/engine/numbers_py.py: C char loops for ASCII input, the twin's own
+normalise() for everything else.
 """
 
-cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.string cimport memchr, memcpy
 
@@ -98,47 +97,9 @@ cdef object _norm_ascii(const char* s, Py_ssize_t n, const char* cc, Py_ssize_t 
     return PyUnicode_DecodeUTF8(out, dn + 1, NULL)
 
 
-_SEPARATORS = frozenset(" -.()\t")
-
-
-@cython.boundscheck(True)
-@cython.wraparound(True)
-def _normalise_py(raw, country_code):
-    # The twin's normalise(), verbatim: used for non-ASCII or non-str input, where Unicode
-    # whitespace, case mapping and error behaviour must match exactly.
-    s = raw.strip()
-    if s.startswith("<") and s.endswith(">"):
-        s = s[1:-1].strip()
-    low = s[:5].lower()
-    if low.startswith("sip:") or low.startswith("tel:"):
-        s = s[4:]
-    elif low.startswith("sips:"):
-        s = s[5:]
-    at = s.find("@")
-    if at >= 0:
-        s = s[:at]
-    semi = s.find(";")
-    if semi >= 0:
-        s = s[:semi]
-    kept = [ch for ch in s if ch not in _SEPARATORS]
-    t = "".join(kept)
-    if t.startswith("+"):
-        d = t[1:]
-    elif t.startswith("00"):
-        d = t[2:]
-    elif t.startswith("0"):
-        d = country_code + t[1:]
-    else:
-        d = t
-    n = len(d)
-    if n < 8 or n > 15:
-        return None
-    for ch in d:
-        if ch < "0" or ch > "9":
-            return None
-    if d[0] == "0":
-        return None
-    return "+" + d
+# The twin's own normalise() for non-ASCII or non-str input, where Unicode whitespace, case
+# mapping and error behaviour must match it exactly.
+from acm_module.engine.numbers_py import normalise as _normalise_py
 
 
 cdef inline object _normalise(object raw, object cc):

@@ -2,11 +2,10 @@
 """RESP (the Redis protocol), compiled: command encoder, reply parser.
 
 The twin of acm_module/engine/resp_py.py: commands written into a cbuf.pxd buffer, replies
-parsed with C pointers; the twin's own code (copied as _parse_reply_py) for a negative position
-or a buffer that is neither bytes nor bytearray.
+parsed with C pointers; the twin's own parse_reply() for a negative position or a buffer that
+is neither bytes nor bytearray.
 """
 
-cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdlib cimport free
@@ -151,40 +150,9 @@ cdef object _resp(object buf, const char* b, Py_ssize_t n, Py_ssize_t pos, Py_ss
     raise ValueError(f"unexpected RESP type byte {<unsigned char>t!r}")
 
 
-@cython.boundscheck(True)
-@cython.wraparound(True)
-def _parse_reply_py(buf, pos):
-    # The twin's parse_reply(), verbatim: for a negative pos or a buffer that is neither
-    # bytes nor bytearray, where Python's own indexing rules decide what happens.
-    end = buf.find(b"\r\n", pos)
-    if end < 0:
-        raise Incomplete
-    t = buf[pos]
-    line = buf[pos + 1:end]
-    pos = end + 2
-    if t == 0x24:  # $
-        n = int(line)
-        if n < 0:
-            return None, pos
-        if pos + n + 2 > len(buf):
-            raise Incomplete
-        return bytes(buf[pos:pos + n]), pos + n + 2
-    if t == 0x3A:  # :
-        return int(line), pos
-    if t == 0x2A:  # *
-        n = int(line)
-        if n < 0:
-            return None, pos
-        items = []
-        for _ in range(n):
-            v, pos = _parse_reply_py(buf, pos)
-            items.append(v)
-        return items, pos
-    if t == 0x2B:  # +
-        return bytes(line), pos
-    if t == 0x2D:  # -
-        return RespError(line.decode("utf-8", "replace")), pos
-    raise ValueError(f"unexpected RESP type byte {t!r}")
+# The twin's own parse_reply() for a negative pos or a buffer that is neither bytes nor
+# bytearray, where Python's own indexing rules decide what happens.
+from acm_module.engine.resp_py import parse_reply as _parse_reply_py
 
 
 def parse_reply(buf, Py_ssize_t pos):
