@@ -8,8 +8,8 @@ a compiled `_hotpath` module built from another checkout (say the commit before 
 it then runs as a third row, `baseline`, in the same run, so "did the change make it slower?"
 is a ratio measured under the same load:
 
-    git worktree add ../acm-base <commit> && (cd ../acm-base && \
-        ../acm/.venv/bin/python setup.py build_ext --inplace)
+    py=$PWD/.venv/bin/python; git worktree add ../acm-base <commit> && \
+        (cd ../acm-base && $py setup.py build_ext --inplace)
     ACM_BENCH_BASELINE=$(ls ../acm-base/acm_module/_hotpath.*.so) .venv/bin/python -m pytest \
         benchmarks/test_bench_hotpath.py --benchmark-group-by=func --benchmark-columns=median,iqr
 """
