@@ -4,8 +4,9 @@ SIGTERM.
 The listening socket is a plain OS socket created before fork(); each worker accepts on it and
 speaks ZMTP itself (server/zmtp.py; or hands it to a libzmq ROUTER with ZMQ_USE_FD when
 worker_io = libzmq), so a request goes straight from the OpenSIPS process to a worker with no
-proxy hop, and the kernel spreads connections over the workers. No ZeroMQ context and no store
-connection exist in this process.
+proxy hop. Each worker's connection count sits in shared memory beside its heartbeat; a ZMTP
+worker accepts only while no live sibling holds fewer, which spreads connections evenly. No
+ZeroMQ context and no store connection exist in this process.
 """
 
 from __future__ import annotations

@@ -253,15 +253,11 @@ class ZmtpServer:
         if conn.fd < 0:
             return
         conn.buf = data[used:] if used < len(data) else b""
-        if conn.reading and not self._may_read(conn):
+        if conn.reading and (len(conn.inbox) >= IN_HWM or conn.in_bytes >= IN_BYTES
+                             or conn.out_bytes >= OUT_PAUSE):
             conn.reading = False
             self.read_pauses += 1
             self._rearm(conn)
-
-    @staticmethod
-    def _may_read(conn: Conn) -> bool:
-        return (len(conn.inbox) < IN_HWM and conn.in_bytes < IN_BYTES
-                and conn.out_bytes < OUT_PAUSE)
 
     def _maybe_resume(self, conn: Conn) -> None:
         """Read a paused connection again once it is well under its limits (hysteresis)."""
@@ -296,46 +292,60 @@ class ZmtpServer:
         max_frame = self.max_frame
         frames = conn.frames
         inbox = conn.inbox
-        while pos < n:
-            if not frames and (len(inbox) >= IN_HWM or conn.in_bytes >= IN_BYTES
-                               or conn.out_bytes >= OUT_PAUSE):
-                break  # over its limits: the rest waits in conn.buf and the kernel
-            flags = data[pos]
-            if flags & 0x02:
-                if pos + 9 > n:
+        # Room left under the connection's limits: past it, the rest waits in conn.buf and in
+        # the kernel (the peer's send() blocks).
+        room = IN_HWM - len(inbox) if conn.out_bytes < OUT_PAUSE else 0
+        in_room = IN_BYTES - conn.in_bytes
+        msg_bytes = conn.msg_bytes
+        added = 0
+        try:
+            while pos < n:
+                if not frames and (room <= 0 or in_room <= 0):
                     break
-                size = int.from_bytes(data[pos + 1:pos + 9], "big")
-                start = pos + 9
-            else:
-                if pos + 2 > n:
+                flags = data[pos]
+                if flags & 0x02:
+                    if pos + 9 > n:
+                        break
+                    size = int.from_bytes(data[pos + 1:pos + 9], "big")
+                    start = pos + 9
+                else:
+                    if pos + 2 > n:
+                        break
+                    size = data[pos + 1]
+                    start = pos + 2
+                if size > max_frame or flags & 0xF8:
+                    raise ProtocolError("frame too large or bad flags")
+                end = start + size
+                if end > n:
                     break
-                size = data[pos + 1]
-                start = pos + 2
-            if size > max_frame or flags & 0xF8:
-                raise ProtocolError("frame too large or bad flags")
-            end = start + size
-            if end > n:
-                break
-            pos = end
-            if flags & 0x04:
-                self._on_command(conn, data[start:end])
-                continue
-            if conn.state != _OPEN:
-                raise ProtocolError("message before READY")
-            frames.append(data[start:end])
-            conn.msg_bytes += size
-            if flags & 0x01:
-                if len(frames) > MAX_FRAMES:
-                    raise ProtocolError("too many frames")
-                continue
-            inbox.append((frames, conn.msg_bytes))
-            conn.in_bytes += conn.msg_bytes
-            self.queued += 1
-            if not conn.queued:
-                conn.queued = True
-                self.ready.append(conn)
-            conn.msg_bytes = 0
-            frames = conn.frames = []
+                pos = end
+                if flags & 0x04:
+                    self._on_command(conn, data[start:end])
+                    if conn.fd < 0:
+                        return pos
+                    continue
+                if conn.state != _OPEN:
+                    raise ProtocolError("message before READY")
+                frames.append(data[start:end])
+                msg_bytes += size
+                if flags & 0x01:
+                    if len(frames) > MAX_FRAMES:
+                        raise ProtocolError("too many frames")
+                    continue
+                inbox.append((frames, msg_bytes))
+                added += 1
+                room -= 1
+                in_room -= msg_bytes
+                msg_bytes = 0
+                frames = conn.frames = []
+        finally:
+            conn.msg_bytes = msg_bytes
+            if added:
+                conn.in_bytes = IN_BYTES - in_room
+                self.queued += added
+                if not conn.queued:
+                    conn.queued = True
+                    self.ready.append(conn)
         return pos
 
     def _on_command(self, conn: Conn, body: bytes) -> None:
@@ -364,6 +374,7 @@ class ZmtpServer:
         self._queue(conn, encode_message(env, body))
 
     def _queue(self, conn: Conn, data: bytes) -> None:
+        """Queue bytes to send; close a peer whose unread bytes pass MAX_PENDING_OUT."""
         conn.out.append(data)
         conn.out_bytes += len(data)
         if conn.out_bytes > MAX_PENDING_OUT:
@@ -423,19 +434,20 @@ class ZmtpServer:
         ready = self.ready
         while ready and len(batch) < n:
             conn = ready.popleft()
-            if conn.fd < 0 or not conn.inbox:
+            inbox = conn.inbox
+            if not inbox:  # closed since (close_conn empties it)
                 conn.queued = False
                 continue
-            frames, size = conn.inbox.popleft()
+            frames, size = inbox.popleft()
             conn.in_bytes -= size
-            self.queued -= 1
             batch.append((conn, frames))
-            if conn.inbox:
+            if inbox:
                 ready.append(conn)
             else:
                 conn.queued = False
             if not conn.reading:
                 self._maybe_resume(conn)
+        self.queued -= len(batch)
         return batch
 
     def stop_accepting(self) -> None:
