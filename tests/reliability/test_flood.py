@@ -2,9 +2,11 @@
 
 A single-worker pool (real redis-server, real `acm serve`) is flooded for FLOOD_S seconds by two
 peers that pipeline requests and never read a reply: a raw ZMTP peer writing as fast as the
-socket takes bytes, and a pyzmq DEALER. Meanwhile a well-behaved REQ client on the same worker
-asks once every 10 ms with a 500 ms budget. The worker's RSS and the client's answers are
-measured; the figures are printed (run with -s) and recorded in docs/RELIABILITY.md.
+socket takes bytes, and a pyzmq DEALER; a third, greedy DEALER keeps 2,000 requests in flight
+and reads its replies, so the worker is busy throughout. Meanwhile a well-behaved REQ client on
+the same worker asks once every 10 ms with a 500 ms budget. The worker's RSS, the client's
+answers and the decisions made for nobody are measured; the figures are printed (run with -s)
+and recorded in docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ FLOOD_S = 8.0
 BUDGET_S = 0.5
 MAX_RSS_GROWTH_MB = 150.0
 MIN_ANSWERED = 0.90
+# Requests decided whose replies nobody read: a never-reading peer gets its high-water marks'
+# worth decided, not its whole flood.
+MAX_DECIDED_FOR_NOBODY = 50_000
 
 
 def _requests(tag: str, n: int = 4096) -> list[bytes]:
@@ -103,6 +108,32 @@ def _dealer_flooder(endpoint: str, stop: Any, sent: Any) -> None:
     ctx.term()
 
 
+def _greedy_dealer(endpoint: str, stop: Any, sent: Any) -> None:
+    """Keep 2,000 requests in flight through a DEALER, reading replies as fast as they come."""
+    ctx = zmq.Context()
+    d = ctx.socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.setsockopt(zmq.SNDHWM, 0)
+    d.setsockopt(zmq.RCVHWM, 0)
+    d.connect(endpoint)
+    reqs = _requests("greedy")
+    n = answered = 0
+    while not stop.is_set():
+        while n - answered < 2000:
+            d.send_multipart([b"", reqs[n % len(reqs)]])
+            n += 1
+        if d.poll(10):
+            while True:
+                try:
+                    d.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                answered += 1
+    sent.value = answered
+    d.close(linger=0)
+    ctx.term()
+
+
 def _rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -125,10 +156,14 @@ def test_a_peer_that_never_reads_takes_neither_memory_nor_service(module_redis: 
     svc = Service(module_redis, workers=1, extra_env={"ACM_WORKER_IO": worker_io})
     mp = multiprocessing.get_context("fork")
     stop = mp.Event()
-    sent = {name: mp.Value("q", 0) for name in ("raw", "dealer")}
+    sent = {name: mp.Value("q", 0) for name in ("raw", "dealer", "greedy")}
     procs = [mp.Process(target=_raw_flooder, args=(svc.endpoint, stop, sent["raw"]),
                         daemon=True),
              mp.Process(target=_dealer_flooder, args=(svc.endpoint, stop, sent["dealer"]),
+                        daemon=True),
+             # A greedy peer that does read keeps the worker busy: the REQ client still gets
+             # its turn.
+             mp.Process(target=_greedy_dealer, args=(svc.endpoint, stop, sent["greedy"]),
                         daemon=True)]
     client = None
     try:
@@ -185,18 +220,22 @@ def test_a_peer_that_never_reads_takes_neither_memory_nor_service(module_redis: 
         except ServiceTimeout:
             after = {}
         after_ms = (time.perf_counter() - t0) * 1e3
+        for_nobody = decided_2 - sent["greedy"].value - answered
         print(f"\nflood ({worker_io}, 1 worker, {FLOOD_S:g} s): raw ZMTP peer sent "
-              f"{sent['raw'].value:,} requests, DEALER {sent['dealer'].value:,}; worker RSS "
+              f"{sent['raw'].value:,} requests, DEALER {sent['dealer'].value:,}, greedy DEALER got "
+              f"{sent['greedy'].value:,} answers; worker RSS "
               f"{base:.1f} -> peak {peak[0]:.1f} MB (+{growth:.1f} MB); REQ client "
               f"{answered}/{asked} answered within {BUDGET_S * 1e3:.0f} ms ({ratio:.1%}), worst "
               f"{worst * 1e3:.0f} ms; decided in all {decided_2:,}, of which "
-              f"{decided_2 - decided_1} in the 1.5 s after the flood; next request "
+              f"{decided_2 - decided_1} in the 1.5 s after the flood and {for_nobody:,} whose "
+              f"reply nobody read; next request "
               f"{after_ms:.1f} ms")
         assert sent["raw"].value + sent["dealer"].value > 5_000, "the flood did not happen"
         assert growth < MAX_RSS_GROWTH_MB, f"worker RSS grew {growth:.0f} MB under the flood"
         assert ratio >= MIN_ANSWERED, f"only {answered}/{asked} answered within the budget"
         assert after.get("verdict") == "allow", "no answer right after the flood"
         assert decided_2 - decided_1 < 100, "requests of departed peers are still being decided"
+        assert for_nobody < MAX_DECIDED_FOR_NOBODY, f"{for_nobody} decided for nobody"
         assert svc.worker_pids() == [pid], "the worker died under the flood"
     finally:
         stop.set()
