@@ -289,7 +289,7 @@ def test_the_listening_socket_is_non_blocking() -> None:
 @pytest.mark.parametrize("transport", ["ipc", "tcp"])
 def test_connections_made_all_at_once_at_start_spread_over_the_workers(store_url, zctx,
                                                                        transport) -> None:
-    """8 OpenSIPS processes connect at once to an idle pool: no worker serves > 1.5x the mean.
+    """8 OpenSIPS processes connect to an idle pool: no worker serves > 1.5x the mean.
 
     The kernel wakes the first idle worker polling the listening socket for each connection;
     without spreading it took every connection and served every request while its siblings
@@ -347,6 +347,22 @@ def test_connections_made_all_at_once_at_start_spread_over_the_workers(store_url
               f"(max/mean {max(served) / mean:.2f}), connections {conns}")
         assert len(served) == workers and sum(served) >= sum(counts)
         assert max(served) <= 1.5 * mean, f"per-worker requests {served}, connections {conns}"
+        assert sorted(conns) == [clients // workers] * workers, conns
+        # Processes come and go: 3 leave (from whichever workers), 3 others connect; the new
+        # ones go where the leavers left room.
+        for c in socks[:3]:
+            c.close()
+        time.sleep(0.5)
+        for k in range(3):
+            socks[k] = Client(svc.endpoint, timeout=10.0, context=zctx)
+            assert socks[k].decide(f"again-{k}", "x", "y")["reason"] == "invalid_b"
+            time.sleep(0.02)
+        time.sleep(1.5)
+        conn = StoreConnection(svc.store_url, timeout=2.0)
+        try:
+            conns = [s["connections"] for s in stats_mod.read_all(conn)]
+        finally:
+            conn.close()
         assert sorted(conns) == [clients // workers] * workers, conns
     finally:
         for c in socks:
