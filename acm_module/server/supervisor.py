@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from acm_module.errors import ConfigError
+from acm_module.errors import ConfigError, StoreError
+from acm_module.server.access import prepare as prepare_access
 from acm_module.server.proctitle import die_with_parent, set_name
 from acm_module.server.worker import WORKER_BOOT_ERROR, worker_main
+from acm_module.store.conn import StoreConnection
 
 log = logging.getLogger("acm.supervisor")
 
@@ -99,6 +101,31 @@ def _clear_stale_socket(path: Path) -> None:
                       "(stop it first, or choose another endpoint)")
 
 
+def open_listener(endpoint: str, ipc_mode: int = 0o660) -> socket.socket:
+    """Return listen_socket(endpoint); raise ConfigError saying why it cannot listen."""
+    try:
+        return listen_socket(endpoint, ipc_mode)
+    except OSError as e:
+        why = e.strerror or str(e)
+        if e.filename:
+            why = f"{why}: {e.filename}"
+        raise ConfigError(f"endpoint {endpoint}: cannot listen ({why})") from e
+
+
+def check_store(url: str) -> None:
+    """Log in to the store once before serving.
+
+    Raises ConfigError when it refuses the credentials (a wrong password is no outage: no retry
+    fixes it); a store that is merely down is logged and served as store_unavailable until it
+    is back.
+    """
+    try:
+        StoreConnection(url, timeout=2.0, connect_timeout=2.0).check_login()
+    except StoreError as e:
+        log.warning("store not answering at start (%s); answering store_unavailable until "
+                    "it does", e)
+
+
 def bound_endpoint(endpoint: str, sock: socket.socket) -> str:
     """Return the endpoint with the port the kernel picked (tcp://host:0)."""
     if endpoint.startswith("tcp://"):
@@ -135,13 +162,28 @@ class Supervisor:
             os.write(self._wake_w, b".")
 
     def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; return the exit code."""
+        """Serve until SIGTERM/SIGINT; return the exit code. Raises ConfigError before serving."""
         s = self.settings
-        # The endpoint first: a refused one (in use by another instance) starts nothing.
-        self.listener = listen_socket(s.endpoint, s.ipc_mode)
-        if not s.store:
-            self._start_embedded_store()
+        prepare_access(s)
+        self.listener = open_listener(s.endpoint, s.ipc_mode)
         self.endpoint = bound_endpoint(s.endpoint, self.listener)
+        try:
+            if s.store:
+                check_store(s.store)
+            else:
+                self._start_embedded_store()
+            return self._serve()
+        finally:
+            self._stop_workers(graceful=True)
+            self.listener.close()
+            if self.endpoint.startswith("ipc://"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.endpoint[len("ipc://"):])
+            if self.embedded is not None:
+                self.embedded.stop()
+
+    def _serve(self) -> int:
+        s = self.settings
         s.values["endpoint"] = self.endpoint
         self.heartbeat = multiprocessing.RawArray("d", s.workers)
         # Each worker's connection count, beside its heartbeat: workers spread connections by it.
@@ -158,16 +200,7 @@ class Supervisor:
         self._register_sidecars()
         for name in self.sidecars:
             self._spawn_sidecar(name)
-        try:
-            return self._loop()
-        finally:
-            self._stop_workers(graceful=True)
-            self.listener.close()
-            if self.endpoint.startswith("ipc://"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.endpoint[len("ipc://"):])
-            if self.embedded is not None:
-                self.embedded.stop()
+        return self._loop()
 
     def _loop(self) -> int:
         while True:
