@@ -52,11 +52,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from acm_module.control.overrides import apply_overrides
     from acm_module.server.supervisor import Supervisor
 
-    s = _load(args)
+    def resolve() -> settings_mod.Settings:
+        s = _load(args)
+        # MI changes persisted in state_dir win over the file/env, so a restart keeps them.
+        apply_overrides(s)
+        return s
+
+    s = resolve()
     setup_logging(s.log_level, s.log_json)
-    # MI changes persisted in state_dir win over the file/env, so a restart keeps them.
-    apply_overrides(s)
-    return Supervisor(s).run()
+    # SIGHUP reloads the same way: file and environment again, the same flags, the overrides.
+    return Supervisor(s, reload=resolve).run()
 
 
 _URL_SETTINGS = ("database_url", "store", "questdb_url", "clickhouse_url")

@@ -201,6 +201,9 @@ SETTINGS: tuple[Setting, ...] = (
             env=("ACM_ENDPOINT",), cli="--endpoint", validator=_endpoint),
     Setting("workers", int, _DEFAULT_WORKERS, "Worker processes (default: number of cores).",
             env=("ACM_WORKERS",), cli="--workers", validator=_range(1, 256)),
+    Setting("max_workers", int, max(64, _DEFAULT_WORKERS),
+            "Most workers SIGTTIN grows the pool to (SIGTTOU stops at 1); at least `workers`.",
+            env=("ACM_MAX_WORKERS",), cli="--max-workers", validator=_range(1, 256)),
     Setting("store", str, "",
             "Redis-protocol store URL (DragonflyDB); empty starts an embedded server.",
             env=("DRAGONFLY_URL", "ACM_STORE_URL"), cli="--store", validator=_store_url),
@@ -443,6 +446,9 @@ def load(
         values[name] = BY_NAME[name].parse(raw)
         source[name] = "cli"
     validate_combination(values)
+    if values["workers"] > values["max_workers"]:
+        raise ConfigError(f"workers ({values['workers']}) must not exceed max_workers "
+                          f"({values['max_workers']})")
     return Settings(values=values, source=source, config_file=path)
 
 
@@ -464,7 +470,8 @@ def markdown_table(commands: Mapping[str, list[str]] | None = None) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for s in SETTINGS:
-        default = "number of cores" if s.name == "workers" else repr(s.default)
+        default = {"workers": "number of cores", "max_workers": "max(64, number of cores)"
+                   }.get(s.name, repr(s.default))
         if s.name == "ipc_mode":
             default = oct(s.default)
         flag = "-"

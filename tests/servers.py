@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -135,11 +135,14 @@ class Service:
                     # tests that exercise the timeout set their own.
                     "ACM_STORE_TIMEOUT_MS": "1000", **(extra_env or {})}
         self.args = args or []
+        self.pre_args: list[str] = []  # before `serve`: --config FILE
         self.proc: subprocess.Popen | None = None
         self.log = Path(self.dir) / "serve.log"
 
     def start(self, wait: bool = True) -> Service:
-        cmd = [sys.executable, "-m", "acm_module.cli", "serve", "--workers", str(self.workers),
+        # workers=0: no --workers flag, so a config file's value applies (and reloads).
+        workers = ["--workers", str(self.workers)] if self.workers else []
+        cmd = [sys.executable, "-m", "acm_module.cli", *self.pre_args, "serve", *workers,
                "--store", self.store_url, "--endpoint", self.bind or self.endpoint, *self.args]
         self._logf = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._logf, stderr=self._logf,
@@ -176,16 +179,20 @@ class Service:
         if host in ("127.0.0.1", "localhost") and port.isdigit():
             wait_port(int(port), max(0.1, deadline - time.monotonic()))
 
-    def wait_log(self, text: str, timeout: float = 15.0) -> None:
-        """Wait until the service's log holds text; raise if it exits or the time is up."""
+    def wait_for(self, cond: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+        """Wait until cond() holds; raise with the log if the service exits or time is up."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.read_log():
+            if cond():
                 return
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"acm serve exited {self.proc.returncode}:\n{self.read_log()}")
             time.sleep(0.05)
-        raise RuntimeError(f"{text!r} not in the log within {timeout}s:\n{self.read_log()}")
+        raise RuntimeError(f"{what or 'condition'} not met within {timeout}s:\n{self.read_log()}")
+
+    def wait_log(self, text: str, timeout: float = 15.0) -> None:
+        """Wait until the service's log holds text."""
+        self.wait_for(lambda: text in self.read_log(), timeout, f"{text!r} in the log")
 
     def worker_pids(self) -> list[int]:
         assert self.proc is not None

@@ -181,3 +181,35 @@ def test_a_loopback_tcp_endpoint_needs_nothing(store_url: str) -> None:
         assert "WITHOUT authentication" not in svc.read_log()
     finally:
         svc.cleanup()
+
+
+def test_the_opensips_client_speaks_curve_with_its_settings(exposed: list[Service],
+                                                            store_url: str, keys: Path) -> None:
+    """acm_opensips.py with curve_server_key/curve_client_key gets verdicts; without, none."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "acm_opensips_curve", REPO / "opensips_scripts" / "acm_opensips.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    right = CurveKeys.load(str(keys / "server.key"), str(keys / "client.key_secret"))
+    svc = start(exposed, store_url, "--curve-server-key", str(keys / "server.key_secret"),
+                "--curve-client-keys", str(keys / "clients"), curve=right)
+    base = {"ACM_OPENSIPS_CONFIG": "", "ACM_ENDPOINT": svc.endpoint, "ACM_TIMEOUT_MS": "2000"}
+    conf = keys / "acm_opensips.conf"
+    conf.write_text(f"curve_server_key = {keys / 'server.key'}\n"
+                    f"curve_client_key = {keys / 'client.key_secret'}\n")
+    with_keys = mod.AcmClient(mod.Config.load(str(conf), environ=base))
+    without = mod.AcmClient(mod.Config.load(None, environ=base))
+    try:
+        v = with_keys.check("os-curve-1", "+2348030000001", B)
+        assert (v.verdict, v.reason, v.policy) == ("allow", "clean", False), v
+        v = without.check("os-curve-2", "+2348030000002", B)
+        assert (v.reason, v.policy) == ("service_unavailable", True), v
+    finally:
+        with_keys.close()
+        without.close()
+    with pytest.raises(mod.ConfigError):
+        mod.Config.load(None, environ={**base, "ACM_CURVE_SERVER_KEY": str(keys / "nope.key")})
