@@ -470,6 +470,9 @@ class Supervisor:
         except ConfigError as e:
             log.error("SIGHUP: new config invalid, keeping the running one: %s", e)
             return
+        except Exception:  # the supervisor must outlive any reload
+            log.exception("SIGHUP: reload failed, keeping the running one")
+            return
         log.info("SIGHUP: config reloaded; starting %d workers on it, retiring %d",
                  new.workers, len(self.workers))
         self.previous = (self.settings, self.boot_id)
