@@ -132,8 +132,8 @@ def bound_endpoint(endpoint: str, sock: socket.socket) -> str:
     """Return the endpoint with the port the kernel picked (tcp://host:0)."""
     if endpoint.startswith("tcp://"):
         port = sock.getsockname()[1]
-        u = urlparse(endpoint)
-        return f"tcp://{u.hostname}:{port}"
+        host = urlparse(endpoint).hostname or ""
+        return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
     return endpoint
 
 
