@@ -78,7 +78,7 @@ def test_sighup_reloads_the_file_and_rolls_every_worker_while_serving(store_url:
     answered, lost = [0], [0]
 
     def load() -> None:  # one OpenSIPS-like client, one request in flight, all along
-        with Client(svc.endpoint, timeout=0.5) as c:
+        with Client(svc.endpoint, timeout=2.0) as c:
             i = 0
             while not stop.is_set():
                 try:
@@ -101,14 +101,14 @@ def test_sighup_reloads_the_file_and_rolls_every_worker_while_serving(store_url:
         signal_service(svc, signal.SIGHUP)
         svc.wait_log("reload done")
         before_end = answered[0]
-        time.sleep(1.0)
+        svc.wait_for(lambda: answered[0] > before_end + 20, what="answers after the roll")
         stop.set()
         t.join(10)
         new = svc.worker_pids()
         log = svc.read_log()
         assert len(new) == 2 and not set(new) & set(old), log
         assert "respawning" not in log
-        assert answered[0] > before_end > 0  # served during and after the roll
+        assert before_end > 0
         # At most the one request in flight when its retired worker closed the connection
         # (ZeroMQ has no "go away": the client times out and applies its fail policy).
         assert lost[0] <= 1, f"{lost[0]} requests lost during the roll"
