@@ -45,3 +45,32 @@ def test_bound_endpoint_brackets_ipv6() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         assert bound_endpoint("tcp://127.0.0.1:0", s) == f"tcp://127.0.0.1:{port}"
+
+
+def test_the_zap_handler_admits_only_what_the_rules_allow() -> None:
+    import zmq
+    from zmq.utils import z85
+
+    from acm_module.server.access import ZapHandler
+
+    client_pub, _ = zmq.curve_keypair()
+    stranger_pub, _ = zmq.curve_keypair()
+    _, server_secret = zmq.curve_keypair()
+    access = Access(networks=parse_networks("127.0.0.0/8"), server_secret=server_secret,
+                    client_keys=frozenset({client_pub}))
+    ctx = zmq.Context()
+    zap = ZapHandler(ctx, access)
+    try:
+        def req(address: bytes, mechanism: bytes, *creds: bytes) -> bytes:
+            return zap.decide([b"1.0", b"id", b"acm", address, b"", mechanism, *creds])[0]
+
+        assert req(b"127.0.0.1", b"CURVE", z85.decode(client_pub)) == b"200"
+        assert req(b"127.0.0.1", b"CURVE", z85.decode(stranger_pub)) == b"400"
+        assert req(b"10.0.0.1", b"CURVE", z85.decode(client_pub)) == b"400"  # not in the list
+        assert req(b"127.0.0.1", b"CURVE", b"short") == b"400"
+        assert req(b"127.0.0.1", b"NULL") == b"400"  # CURVE on: no NULL peers
+        assert req(b"127.0.0.1", b"PLAIN", b"user", b"pass") == b"400"
+        assert zap.decide([b"2.0", b"id"])[0] == b"400"
+    finally:
+        zap.close()
+        ctx.term()
