@@ -42,10 +42,11 @@ def acm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """server.key(_secret), client.key(_secret), and clients/ holding client.key only."""
+    from acm_module.server.access import generate_keypair  # what `acm keys generate` runs
+
     d = tmp_path_factory.mktemp("keys")
     for name in ("server", "client", "stranger"):
-        r = acm("keys", "generate", "--dir", str(d), "--name", name)
-        assert r.returncode == 0, r.stderr
+        generate_keypair(d, name)
     (d / "clients").mkdir()
     (d / "clients" / "client.key").write_bytes((d / "client.key").read_bytes())
     return d
@@ -120,11 +121,20 @@ def test_allow_insecure_tcp_serves_and_warns_at_start(exposed: list[Service],
     genuine_call_is_clean(svc, None)
 
 
-def test_keys_are_generated_with_a_private_secret_file(keys: Path) -> None:
-    assert stat.S_IMODE(os.stat(keys / "server.key_secret").st_mode) == 0o600
-    assert "secret-key" not in (keys / "server.key").read_text()
-    r = acm("keys", "generate", "--dir", str(keys), "--name", "server")
+def test_keys_are_generated_with_a_private_secret_file(tmp_path: Path) -> None:
+    old = os.umask(0)  # the most permissive caller: the mode must not come from it
+    try:
+        r = acm("keys", "generate", "--dir", str(tmp_path), "--name", "acm-server")
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "acm-server.key_secret").st_mode) == 0o600
+    public = (tmp_path / "acm-server.key").read_text()
+    assert "public-key" in public and "secret-key" not in public
+    before = (tmp_path / "acm-server.key_secret").read_bytes()
+    r = acm("keys", "generate", "--dir", str(tmp_path), "--name", "acm-server")
     assert r.returncode == 2 and "exists" in r.stderr  # a key is never overwritten silently
+    assert (tmp_path / "acm-server.key_secret").read_bytes() == before
 
 
 def test_curve_answers_only_clients_with_the_right_keys(exposed: list[Service], store_url: str,
