@@ -181,6 +181,7 @@ class Supervisor:
         self.retiring: dict[int, float] = {}  # pid -> SIGKILL deadline (stopped on purpose)
         self.old: set[int] = set()  # a HUP's previous workers, retired once the new ones serve
         self.roll_deadline = 0.0
+        self.previous: tuple[Any, str] | None = None  # (settings, boot id) before a HUP
         self.boot_id = uuid.uuid4().hex
         self.pid = os.getpid()
         self._signals: list[int] = []
@@ -541,6 +542,7 @@ class Supervisor:
     def _abort_roll(self, why: str) -> None:
         """A new worker cannot boot: stop the new ones, keep the old ones and their config."""
         log.error("SIGHUP: %s; keeping the running workers and config", why)
+        assert self.previous is not None
         for pid in list(self.workers):
             if pid not in self.old:
                 self._retire(pid)
