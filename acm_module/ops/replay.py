@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
-import hashlib
 import sys
 import time
 from collections import Counter
@@ -35,7 +34,7 @@ from acm_module.engine.types import SEVERITIES
 from acm_module.errors import AcmError, StoreError
 from acm_module.store import config as store_config
 from acm_module.store import keys
-from acm_module.store.conn import StoreConnection, load_script
+from acm_module.store.conn import StoreConnection, load_script, script_sha
 
 COLUMNS = ("call_id", "a_number", "b_number", "ts")
 BATCH = 64  # like the workers' max_batch
@@ -181,7 +180,7 @@ class Engine:
         self.conn = conn
         self.det = det
         source = load_script("decide")
-        sha = hashlib.sha1(source.encode()).hexdigest()
+        sha = script_sha(source)
         if conn.script_load(source) != sha:
             raise ReplayError("the store returned an unexpected script SHA")
         self.decider = hotpath.Decider(

@@ -22,7 +22,7 @@ from acm_module.server import stats as stats_mod
 from acm_module.server.access import Access, apply_access
 from acm_module.server.zmtp import IN_HWM, Balance, ZmtpServer, split_envelope
 from acm_module.store import config as store_config
-from acm_module.store.conn import StoreConnection, load_script
+from acm_module.store.conn import StoreConnection, load_script, script_sha
 
 log = logging.getLogger("acm.worker")
 
@@ -93,10 +93,10 @@ class Worker:
         self.store = StoreConnection(s.store, timeout=s.store_timeout_ms / 1000.0,
                                      connect_timeout=max(s.store_timeout_ms / 1000.0, 0.1))
         self.script_source = load_script("decide")
-        self.sha = _sha1(self.script_source)
+        self.sha = script_sha(self.script_source)
         # The gateway context's scripts, loaded with decide.lua; called only while in use.
         self.side_scripts = {name: load_script(name) for name in ("ratelimit", "fanout")}
-        self.side_shas = {name: _sha1(src) for name, src in self.side_scripts.items()}
+        self.side_shas = {name: script_sha(src) for name, src in self.side_scripts.items()}
         self._rules = {k: getattr(s, k) for k in _RULE_KEYS}
         self.decider = hotpath.Decider(
             decide_sha=self.sha, threshold=s.threshold, window=s.window, mode=s.mode,
@@ -494,12 +494,6 @@ class _LibzmqIO:
         if self.zap is not None:
             self.zap.close()
         self.ctx.term()
-
-
-def _sha1(source: str) -> str:
-    import hashlib
-
-    return hashlib.sha1(source.encode()).hexdigest()
 
 
 def worker_main(settings: Any, listen_fd: int, index: int, boot_id: str,

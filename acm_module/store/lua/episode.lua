@@ -1,0 +1,76 @@
+-- acm episode prelude: the sliding window, the alert episode and its severity, shared by
+-- decide.lua (many A-numbers calling one B) and fanout.lua (one A calling many Bs).
+-- store/conn.load_script puts this text in front of both scripts, after one line setting
+-- SEVERITY_HIGH and SEVERITY_CRITICAL from acm_module.engine.types, so the store runs one
+-- concatenated script per rule and EVALSHA names that text. Keys are passed in by the
+-- caller: every key touched is still one of the script's declared KEYS (Dragonfly).
+
+local function band(n)
+  if n >= SEVERITY_CRITICAL then return 'CRITICAL'
+  elseif n >= SEVERITY_HIGH then return 'HIGH' else return 'LOW' end
+end
+
+-- Record `member` at ts_ms in the window ZSET `wkey`; return the distinct members within the
+-- window and the window's lower bound (string). `old` is the member's score before the call.
+local function slide(wkey, member, old, ts_ms, ts, window, ttl_ms)
+  if (not old) or tonumber(old) < ts then
+    redis.call('ZADD', wkey, ts_ms, member)
+  end
+  -- An in-order call can never count entries older than its own window; keeping two windows
+  -- tolerates calls that arrive up to one window out of order.
+  redis.call('ZREMRANGEBYSCORE', wkey, '-inf', '(' .. string.format('%.0f', ts - 2 * window))
+  local lo = string.format('%.0f', ts - window)
+  local distinct = redis.call('ZCOUNT', wkey, lo, '+inf')
+  redis.call('PEXPIRE', wkey, ttl_ms)
+  return distinct, lo
+end
+
+-- Open the episode in HASH `ekey` (id new_id) or extend the open one; store its members (the
+-- window's members since lo, in SET `mkey`). Returns a table: op ('open'|'update'), id, first,
+-- last, max, ver, sev, prev_sev (the episode's severity before this call, nil on open),
+-- window_members (this window's members) and all (every member of the episode, sorted, joined
+-- by commas).
+local function episode(ekey, mkey, wkey, ts, window, lo, distinct, new_id, ttl_ms)
+  local ep = redis.call('HMGET', ekey, 'id', 'first', 'last', 'max', 'ver', 'sev')
+  local e = {}
+  if (not ep[1]) or tonumber(ep[3]) < ts - window then
+    e.op, e.id, e.first, e.last, e.max, e.ver = 'open', new_id, ts, ts, distinct, 1
+    redis.call('DEL', mkey)
+  else
+    e.op, e.id, e.prev_sev = 'update', ep[1], ep[6]
+    e.first = math.min(tonumber(ep[2]), ts)
+    e.last = math.max(tonumber(ep[3]), ts)
+    e.max = math.max(tonumber(ep[4]), distinct)
+    e.ver = tonumber(ep[5]) + 1
+  end
+  e.sev = band(e.max)
+  local members = redis.call('ZRANGEBYSCORE', wkey, lo, '+inf')
+  for i = 1, #members, 500 do
+    redis.call('SADD', mkey, unpack(members, i, math.min(i + 499, #members)))
+  end
+  redis.call('HSET', ekey, 'id', e.id, 'first', string.format('%.0f', e.first),
+    'last', string.format('%.0f', e.last), 'max', e.max, 'sev', e.sev, 'ver', e.ver)
+  redis.call('PEXPIRE', ekey, ttl_ms)
+  redis.call('PEXPIRE', mkey, ttl_ms)
+  local all = redis.call('SMEMBERS', mkey)
+  table.sort(all)
+  e.window_members = members
+  e.all = table.concat(all, ',')
+  return e
+end
+
+-- Count an alert change in the partition's counters HASH `ckey` (fields prefixed by `prefix`):
+-- opened per severity, updates, and (when `esc`) escalations per severity. Kept 30 days past
+-- the last alert: a fixed handful of fields per partition.
+local function count_alert(ckey, prefix, e, esc)
+  if e.op == 'open' then
+    redis.call('HINCRBY', ckey, prefix .. 'open:' .. e.sev, 1)
+  else
+    redis.call('HINCRBY', ckey, prefix .. 'upd', 1)
+    if esc and e.sev ~= e.prev_sev then
+      redis.call('HINCRBY', ckey, prefix .. 'esc:' .. e.sev, 1)
+    end
+  end
+  redis.call('PEXPIRE', ckey, 2592000000)
+end
+
