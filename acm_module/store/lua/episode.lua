@@ -32,31 +32,30 @@ end
 -- by commas).
 local function episode(ekey, mkey, wkey, ts, window, lo, distinct, new_id, ttl_ms)
   local ep = redis.call('HMGET', ekey, 'id', 'first', 'last', 'max', 'ver', 'sev')
-  local e = {}
+  local op, id, first, last, maxn, ver, prev_sev
   if (not ep[1]) or tonumber(ep[3]) < ts - window then
-    e.op, e.id, e.first, e.last, e.max, e.ver = 'open', new_id, ts, ts, distinct, 1
+    op, id, first, last, maxn, ver = 'open', new_id, ts, ts, distinct, 1
     redis.call('DEL', mkey)
   else
-    e.op, e.id, e.prev_sev = 'update', ep[1], ep[6]
-    e.first = math.min(tonumber(ep[2]), ts)
-    e.last = math.max(tonumber(ep[3]), ts)
-    e.max = math.max(tonumber(ep[4]), distinct)
-    e.ver = tonumber(ep[5]) + 1
+    op, id, prev_sev = 'update', ep[1], ep[6]
+    first = math.min(tonumber(ep[2]), ts)
+    last = math.max(tonumber(ep[3]), ts)
+    maxn = math.max(tonumber(ep[4]), distinct)
+    ver = tonumber(ep[5]) + 1
   end
-  e.sev = band(e.max)
+  local sev = band(maxn)
   local members = redis.call('ZRANGEBYSCORE', wkey, lo, '+inf')
   for i = 1, #members, 500 do
     redis.call('SADD', mkey, unpack(members, i, math.min(i + 499, #members)))
   end
-  redis.call('HSET', ekey, 'id', e.id, 'first', string.format('%.0f', e.first),
-    'last', string.format('%.0f', e.last), 'max', e.max, 'sev', e.sev, 'ver', e.ver)
+  redis.call('HSET', ekey, 'id', id, 'first', string.format('%.0f', first),
+    'last', string.format('%.0f', last), 'max', maxn, 'sev', sev, 'ver', ver)
   redis.call('PEXPIRE', ekey, ttl_ms)
   redis.call('PEXPIRE', mkey, ttl_ms)
   local all = redis.call('SMEMBERS', mkey)
   table.sort(all)
-  e.window_members = members
-  e.all = table.concat(all, ',')
-  return e
+  return {op = op, id = id, first = first, last = last, max = maxn, ver = ver, sev = sev,
+          prev_sev = prev_sev or false, window_members = members, all = table.concat(all, ',')}
 end
 
 -- Count an alert change in the partition's counters HASH `ckey` (fields prefixed by `prefix`):
