@@ -40,16 +40,10 @@ def _load(args: argparse.Namespace) -> settings_mod.Settings:
     return settings_mod.load(args.config, cli=cli)
 
 
-def setup_logging(level: str, json_logs: bool = False) -> None:
-    """Configure the root logger (text or JSON, secrets redacted)."""
-    from acm_module.ops.logs import setup_logging as _setup
-
-    _setup(level, json_logs)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the supervisor and its worker pool."""
     from acm_module.control.overrides import apply_overrides
+    from acm_module.ops.logs import setup_logging
     from acm_module.server.supervisor import Supervisor
 
     def resolve() -> settings_mod.Settings:
@@ -85,16 +79,16 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the end-to-end load tool shipped in benchmarks/ of a source checkout."""
+    import runpy
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "loadtool.py").exists():
+    tool = Path(__file__).resolve().parent.parent / "benchmarks" / "loadtool.py"
+    if not tool.exists():
         print("acm bench: needs a source checkout (benchmarks/loadtool.py)", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(root))
-    from benchmarks.loadtool import main as bench_main
-
-    return bench_main(args.bench_args)
+    # Run the file as a script, not as a module of a package on sys.path: the tool lives beside
+    # acm_module, not in it, and needs nothing from benchmarks/ (its processes fork).
+    return runpy.run_path(str(tool), run_name="acm_bench")["main"](args.bench_args)
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:

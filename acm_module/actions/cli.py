@@ -57,7 +57,7 @@ def add_cli(subparsers: Any) -> None:
 def cmd_actions(args: argparse.Namespace) -> int:
     """Run the actions runner (or remove its group)."""
     from acm_module.actions.runner import actions_main, destroy_group
-    from acm_module.cli import setup_logging
+    from acm_module.ops.logs import setup_logging
 
     cli = {s.name: getattr(args, s.name, None) for s in settings_mod.SETTINGS}
     s = settings_mod.load(args.config, cli=cli)

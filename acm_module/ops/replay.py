@@ -175,8 +175,6 @@ class Engine:
     """Decide calls with the workers' Decider and decide.lua over one store connection."""
 
     def __init__(self, conn: StoreConnection, det: Detection) -> None:
-        from acm_module.server.worker import alert_prefix
-
         self.conn = conn
         self.det = det
         source = load_script("decide")
@@ -186,7 +184,7 @@ class Engine:
         self.decider = hotpath.Decider(
             decide_sha=sha, threshold=det.threshold, window=det.window, mode=det.mode,
             dedup_ttl=det.dedup_ttl, block_ttl=det.block_ttl, country_code=det.country_code,
-            partitions=det.partitions, max_request_bytes=4096, alert_prefix=alert_prefix())
+            partitions=det.partitions, max_request_bytes=4096, alert_prefix=keys.alert_prefix())
         self.batch = 1 if det.block_ttl > 0 else BATCH
         self._since_trim = 0
 

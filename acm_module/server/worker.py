@@ -22,6 +22,7 @@ from acm_module.server import stats as stats_mod
 from acm_module.server.access import Access, apply_access
 from acm_module.server.zmtp import IN_HWM, Balance, ZmtpServer, split_envelope
 from acm_module.store import config as store_config
+from acm_module.store import keys
 from acm_module.store.conn import StoreConnection, load_script, script_sha
 
 log = logging.getLogger("acm.worker")
@@ -29,12 +30,6 @@ log = logging.getLogger("acm.worker")
 WORKER_BOOT_ERROR = 3  # exit code: the supervisor stops instead of respawning in a loop
 LATENCY_STREAM = "{acm.lat}:s"
 DRAIN_WINDOW_S = 0.1  # after SIGTERM, keep answering stragglers this long
-
-
-def alert_prefix() -> str:
-    """Return a random UUIDv4 prefix; alert ids are this plus a 12-hex-digit counter."""
-    h = os.urandom(10).hex()
-    return f"{h[0:8]}-{h[8:12]}-4{h[12:15]}-{'89ab'[int(h[15], 16) & 3]}{h[16:19]}"
 
 
 class Worker:
@@ -102,7 +97,7 @@ class Worker:
             decide_sha=self.sha, threshold=s.threshold, window=s.window, mode=s.mode,
             dedup_ttl=s.dedup_ttl, block_ttl=s.block_ttl,
             country_code=s.default_country_code, partitions=s.partitions,
-            max_request_bytes=s.max_request_bytes, alert_prefix=alert_prefix())
+            max_request_bytes=s.max_request_bytes, alert_prefix=keys.alert_prefix())
         self._try_store()
         log.info("worker %d up (pid %d, %s hot path)", self.index, os.getpid(), IMPLEMENTATION)
 

@@ -154,7 +154,7 @@ NUMBER_SPELLINGS = [
 
 def test_every_accepted_number_spelling_is_masked_and_identifiers_are_not() -> None:
     from acm_module.engine import hotpath
-    from acm_module.server.worker import alert_prefix
+    from acm_module.store.keys import alert_prefix
 
     for raw in NUMBER_SPELLINGS:
         e164 = hotpath.normalise(raw, "234")
