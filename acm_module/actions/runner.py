@@ -42,6 +42,7 @@ from acm_module.actions.disconnect import (
 )
 from acm_module.actions.notify import Webhook, log_alert
 from acm_module.actions.trail import ActionAudit, Ledger, summary
+from acm_module.backoff import Backoff
 from acm_module.compliance import ncc
 from acm_module.engine.types import SEVERITIES
 from acm_module.errors import StoreError
@@ -132,7 +133,7 @@ class ActionRunner:
         log.info("actions runner %s: disconnect %s, webhook %s, ncc %s", self.cfg.consumer,
                  "on" if self.disconnector else "off", "on" if self.webhook else "off",
                  "on" if self.cfg.ncc_reporting else "off")
-        backoff = 0.5
+        backoff = Backoff(0.5, 10.0)
         replay_pending = True
         while not self.stop.is_set():
             try:
@@ -143,15 +144,15 @@ class ActionRunner:
                 batch = self._read(">", block=True)
                 self._process(batch)
                 self._ack_old()
-                backoff = 0.5
+                backoff.reset()
             except StoreError as e:
-                log.warning("actions: store unavailable (%s); retry in %.1fs", e, backoff)
+                delay = backoff.next()
+                log.warning("actions: store unavailable (%s); retry in %.1fs", e, delay)
                 self.store.close()
                 replay_pending = True
                 self._held.clear()  # re-read as pending after reconnecting
-                if self.stop.wait(backoff):
+                if self.stop.wait(delay):
                     break
-                backoff = min(backoff * 2, 10.0)
         self.close()
         return 0
 

@@ -38,6 +38,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from acm_module.backoff import Backoff
 from acm_module.engine import hotpath
 from acm_module.engine.types import SEVERITIES
 from acm_module.errors import StoreError
@@ -163,7 +164,7 @@ class AlertScanner:
                     "read": self.read, "healthy": self.healthy}
 
     def _run(self) -> None:
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         while not self._stop.is_set():
             try:
                 if self._ids is None and not self.prime():
@@ -171,15 +172,15 @@ class AlertScanner:
                 n = self.scan_once()
                 self._follow_log_level()
                 self.healthy = True
-                backoff = 0.1
+                backoff.reset()
                 if n == 0:
                     self._stop.wait(self.poll_s)
             except StoreError as e:
                 self.healthy = False
-                log.debug("alert scanner: %s (retry in %.1fs)", e, backoff)
+                delay = backoff.next()
+                log.debug("alert scanner: %s (retry in %.1fs)", e, delay)
                 self._conn.close()
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                self._stop.wait(delay)
             except Exception:  # a bug here must not kill the exporter; it is logged loudly
                 log.exception("alert scanner failed; restarting from the current stream ends")
                 self._ids = None

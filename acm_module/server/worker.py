@@ -13,6 +13,7 @@ from typing import Any
 
 import zmq
 
+from acm_module.backoff import Backoff
 from acm_module.engine import IMPLEMENTATION, hotpath
 from acm_module.errors import StoreError
 from acm_module.gateway import registry
@@ -56,7 +57,8 @@ class Worker:
         # may still run them and record decisions nobody was told about (see decide()).
         self._unanswered: list[int] = []
         self._store_down_until = 0.0
-        self._backoff = 0.05
+        # Capped low so the pool is back within a second or two of the store's return.
+        self._backoff = Backoff(0.05, 1.0)
         self._cfg_next = 0.0
         self._cfg_gen = -1
         self._gw_ver = -1
@@ -254,7 +256,7 @@ class Worker:
                 self._unanswered.append(rx_us)
             self._store_failed(e)
             return d.fail("store_unavailable", "detection store unavailable")
-        self._backoff = 0.05
+        self._backoff.reset()
         out = d.finish(replies)
         if d.noscript:
             self._reload_script()
@@ -302,12 +304,10 @@ class Worker:
         self.stats.store_failures += 1
         self.store.close()
         now = time.monotonic()
+        delay = self._backoff.next()
         if now >= self._store_down_until:
-            log.warning("worker %d: store failure: %s (retry in %.2fs)", self.index, e,
-                        self._backoff)
-        self._store_down_until = now + self._backoff
-        # Capped low so the pool is back within a second or two of the store's return.
-        self._backoff = min(self._backoff * 2, 1.0)
+            log.warning("worker %d: store failure: %s (retry in %.2fs)", self.index, e, delay)
+        self._store_down_until = now + delay
 
     def _reload_script(self) -> None:
         try:
