@@ -7,6 +7,7 @@ import sys
 
 from acm_module import settings as settings_mod
 from acm_module.errors import ConfigError
+from acm_module.redaction import MASK, redact_url
 
 # The settings `acm serve` uses: its own, the detection rules, and its MI control plane's.
 SERVE_SECTIONS = frozenset({"service", "detection", "control"})
@@ -58,9 +59,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return Supervisor(s, reload=resolve).run()
 
 
-_URL_SETTINGS = ("database_url", "store", "questdb_url", "clickhouse_url")
-
-
 def cmd_settings(args: argparse.Namespace) -> int:
     """Print the settings reference, or the resolved values."""
     if args.markdown:
@@ -69,10 +67,10 @@ def cmd_settings(args: argparse.Namespace) -> int:
     s = _load(args)
     for name in sorted(s.values):
         value = s.values[name]
-        secret = name in ("mi_token", "webhook_secret")
-        url_with_password = name in _URL_SETTINGS and "@" in str(value)
-        if value and (secret or url_with_password):
-            value = "***"
+        if value and name in ("mi_token", "webhook_secret"):
+            value = MASK
+        elif isinstance(value, str):
+            value = redact_url(value)
         print(f"{name} = {value!r}  ({s.source[name]})")
     return 0
 

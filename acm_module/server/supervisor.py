@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 
 from acm_module.errors import ConfigError, StoreError
 from acm_module.ops.logs import apply_log_level
+from acm_module.redaction import redact_url
 from acm_module.server.access import prepare as prepare_access
 from acm_module.server.proctitle import die_with_parent, set_name
 from acm_module.server.worker import WORKER_BOOT_ERROR, worker_main
@@ -235,7 +236,7 @@ class Supervisor:
                     signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, self._queue_signal)
         log.info("acm serving on %s with %d workers (max %d), store %s", self.endpoint,
-                 s.workers, s.max_workers, _safe(s.store))
+                 s.workers, s.max_workers, redact_url(s.store))
         for i in range(s.workers):
             self._spawn(i)
         self._register_sidecars()
@@ -586,7 +587,4 @@ class Supervisor:
         log.info("no store configured: started embedded Valkey on port %d", self.embedded.port)
 
 
-def _safe(url: str) -> str:
-    u = urlparse(url)
-    return url.replace(f":{u.password}@", ":***@") if u.password else url
 

@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlparse
 from acm_module.engine import hotpath
 from acm_module.engine.types import SEVERITY_CRITICAL, SEVERITY_HIGH
 from acm_module.errors import ConfigError, StoreError, StoreReplyError
+from acm_module.redaction import redact_url
 from acm_module.settings import STORE_SCHEMES
 
 LUA_DIR = Path(__file__).with_name("lua")
@@ -117,8 +118,7 @@ def login_refusal(e: BaseException) -> str | None:
 
 def safe_url(url: str) -> str:
     """Return a store URL without its password, for logs."""
-    u = urlparse(url)
-    return url.replace(f":{u.password}@", ":***@") if u.password else url
+    return redact_url(url)
 
 
 class StoreConnection:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 
@@ -66,6 +68,21 @@ def test_secrets_are_redacted_in_every_shape() -> None:
     }
     for raw, expected in cases.items():
         assert expected in logs.redact(raw), raw
+
+
+def test_a_url_password_is_masked_whole_in_logs_errors_and_acm_settings() -> None:
+    from acm_module.store.conn import safe_url
+
+    raw = "redis://admin:p@ss-w0rd@store.example:6379/0"
+    for shown in (logs.redact(f"connect {raw} failed"), safe_url(raw)):
+        assert "p@ss" not in shown and "ss-w0rd" not in shown, shown
+        assert "redis://admin:***@store.example:6379/0" in shown, shown
+    env = {**os.environ, "ACM_STORE_URL": raw}
+    r = subprocess.run([sys.executable, "-m", "acm_module.cli", "settings"], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("store = "))
+    assert "ss-w0rd" not in line and "store.example:6379" in line, line
 
 
 def test_phone_numbers_only_at_debug(capture: io.StringIO) -> None:
