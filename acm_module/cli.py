@@ -35,6 +35,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     s = _load(args)
     setup_logging(s.log_level, s.log_json)
+    from acm_module.web.security import check_boot as check_web
+    check_web(s.web_http, s.api_token)  # an exposed API without auth: exit 2 before anything
     # MI changes persisted in state_dir win over the file/env, so a restart keeps them.
     apply_overrides(s)
     return Supervisor(s).run()
@@ -51,7 +53,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
     s = _load(args)
     for name in sorted(s.values):
         value = s.values[name]
-        secret = name in ("mi_token", "webhook_secret")
+        secret = "token" in name or "secret" in name
         url_with_password = name in _URL_SETTINGS and "@" in str(value)
         if value and (secret or url_with_password):
             value = "***"

@@ -30,7 +30,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel "Cython>=3.0"
 # Editable install: builds ext/_hotpath.pyx into acm_module/ in place (no silent fallback).
-.venv/bin/python -m pip install -q --no-build-isolation -e ".[writer,control,test]"
+.venv/bin/python -m pip install -q --no-build-isolation -e ".[writer,control,web,test]"
 
 if [ -x scripts/fetch-questdb.sh ]; then
   scripts/fetch-questdb.sh

@@ -118,8 +118,10 @@ class Service:
         self.mi_http = f"127.0.0.1:{free_port()}"
         self.mi_datagram = f"127.0.0.1:{free_port()}"
         self.metrics_http = f"127.0.0.1:{free_port()}"
+        self.web_http = f"127.0.0.1:{free_port()}"
         self.env = {**os.environ, "ACM_MI_HTTP": self.mi_http,
                     "ACM_MI_DATAGRAM": self.mi_datagram, "ACM_METRICS_HTTP": self.metrics_http,
+                    "ACM_WEB_HTTP": self.web_http,
                     "ACM_STATE_DIR": f"{self.dir}/state",
                     # A loaded CI machine can stall a store round trip past the production 20 ms;
                     # tests that exercise the timeout set their own.

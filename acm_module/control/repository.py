@@ -262,6 +262,8 @@ def _alert_view(f: dict[str, str]) -> dict[str, Any]:
         "first_detection_ms": int(f["t0"]),
         "last_detection_ms": int(f["t1"]),
         "version": int(f["ver"]),
+        "carrier_id": f.get("cr", ""),
+        "gateway_id": f.get("gw", ""),
         "source": "store",
     }
 
