@@ -253,7 +253,7 @@ def _ts_ms(v: datetime | None) -> int | None:
         return None
     if v.tzinfo is None:
         v = v.replace(tzinfo=UTC)
-    return int(v.timestamp() * 1000)
+    return max(0, int(v.timestamp() * 1000))  # nothing happened before 1970
 
 
 def create_app(svc: Services) -> FastAPI:
