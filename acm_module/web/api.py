@@ -56,6 +56,7 @@ CSRF_HEADER = "X-CSRF-Token"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _AUTH_CACHE_S = 2.0  # a revoked token stops working in this process at once, elsewhere ≤ 2 s
 _SCAN_ALL = 10_000
+MAX_BODY = 256 * 1024  # the largest legitimate body (a gateway with 256 addresses) is ~10 KiB
 _SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
@@ -109,6 +110,56 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class BodyLimit:
+    """Answer 413 to a request body larger than MAX_BODY, before any of it is kept: no client
+    can take the process's memory (pure ASGI, counts chunked bodies as they arrive)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and (not value.isdigit() or int(value) > MAX_BODY):
+                await _too_large(send)
+                return
+        seen, over = 0, False
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen, over
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY:  # the app sees a client gone; the client gets the 413
+                    over = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            if not over:
+                await send(message)
+
+        try:
+            await self.app(scope, limited, guarded_send)
+        except Exception:
+            if not over:
+                raise
+        if over:
+            await _too_large(send)
+
+
+async def _too_large(send: Any) -> None:
+    body = json.dumps({"code": "too_large",
+                       "message": f"request body larger than {MAX_BODY} bytes"}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class Services:
@@ -310,6 +361,7 @@ def create_app(svc: Services) -> FastAPI:
                   "lifecycle, whitelist and blocks, the carrier registry, live configuration, "
                   "audit trail and daily reports. Errors are {code, message}.")
     app.state.services = svc
+    app.add_middleware(BodyLimit)
     app.add_middleware(SecurityHeaders)
 
     @app.exception_handler(ApiError)

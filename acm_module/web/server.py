@@ -29,6 +29,7 @@ log = logging.getLogger("acm.web")
 BOOT_ERROR = 3  # the supervisor retries later instead of respawning at once
 BOOTSTRAP_USER = "admin"
 BOOTSTRAP_FILE = "web-bootstrap.json"
+MAX_CONCURRENCY = 2048
 
 
 def bootstrap_admin(users: UserRepository, state_dir: str | Path, out: Any = None
@@ -131,6 +132,8 @@ def web_main(settings: Any) -> int:
     http = "httptools" if _has("httptools") else "h11"
     config = uvicorn.Config(app, loop=loop, http=http, log_config=None, access_log=False,
                             server_header=False, timeout_keep_alive=30,
+                            # Past this many connections and requests at once: 503, not memory.
+                            limit_concurrency=MAX_CONCURRENCY,
                             timeout_graceful_shutdown=5, lifespan="on")
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]

@@ -482,3 +482,29 @@ def test_the_bootstrap_admin_is_created_once_with_its_password_printed_once(
             time.sleep(0.1)
         assert r is not None and r.status_code == 200, r.text if r else None
         assert not pattern.search(w.svc.read_log())
+
+
+def test_a_body_over_the_limit_gets_413_and_reaches_nothing(web: Web) -> None:
+    conn = StoreConnection(web.svc.store_url, timeout=2.0)
+    try:
+        before = sum(conn.call("XLEN", keys.stream(p)) for p in range(16))
+        big = b'{"call_id": "big", "a_number": "+2348011111111", "b_number": "+2348022222222",' \
+              b' "status": "' + b"x" * (300 * 1024) + b'"}'
+        c = web.as_role("analyst")
+        r = c.post("/api/v1/fraud/events", content=big,
+                   headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["code"] == "too_large"
+
+        def chunks():  # no Content-Length: counted as it arrives
+            for i in range(0, len(big), 16384):
+                yield big[i:i + 16384]
+
+        r = c.post("/api/v1/fraud/events", content=chunks(),
+                   headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["code"] == "too_large"
+        assert r.headers["x-content-type-options"] == "nosniff"
+        after = sum(conn.call("XLEN", keys.stream(p)) for p in range(16))
+    finally:
+        conn.close()
+    assert after == before
+    assert c.get("/api/v1/auth/me").status_code == 200  # the service is fine
