@@ -12,10 +12,12 @@ X-CSRF-Token header. No or a wrong token: 401; a role that may not: 403.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, date, datetime
@@ -56,6 +58,7 @@ CSRF_HEADER = "X-CSRF-Token"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _AUTH_CACHE_S = 2.0  # a revoked token stops working in this process at once, elsewhere ≤ 2 s
 _SCAN_ALL = 10_000
+LOGIN_FAILURES = 10
 MAX_BODY = 256 * 1024  # the largest legitimate body (a gateway with 256 addresses) is ~10 KiB
 _SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -162,6 +165,34 @@ async def _too_large(send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class LoginGuard:
+    """Failed logins per address (a sliding minute), and the few argon2 checks run at once."""
+
+    def __init__(self) -> None:
+        self.slot = threading.BoundedSemaphore(2)
+        self._failures: dict[str, collections.deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, peer: str, now: float) -> collections.deque[float]:
+        q = self._failures.setdefault(peer, collections.deque())
+        while q and q[0] < now - 60.0:
+            q.popleft()
+        return q
+
+    def check(self, peer: str) -> None:
+        """Raise ApiError 429 when the address failed too often within the last minute."""
+        with self._lock:
+            if len(self._recent(peer, time.monotonic())) >= LOGIN_FAILURES:
+                raise ApiError(429, "too_many_attempts",
+                               "too many failed logins from this address; wait a minute")
+
+    def failed(self, peer: str) -> None:
+        with self._lock:
+            if len(self._failures) > 10_000:
+                self._failures.clear()
+            self._recent(peer, time.monotonic()).append(time.monotonic())
+
+
 class Services:
     """What the handlers use: settings, the control plane, users, the pool client."""
 
@@ -172,6 +203,7 @@ class Services:
         self.users = users
         self.pool = pool
         self.passwords = Passwords()
+        self.logins = LoginGuard()
         self._auth_cache: dict[str, tuple[float, Principal | None]] = {}
 
     # -- auth ------------------------------------------------------------------------------
@@ -403,19 +435,24 @@ def _public_router() -> APIRouter:
 
     @r.post("/auth/login", response_model=m.LoginResponse,
             responses={401: {"model": m.ErrorBody}, 422: {"model": m.ErrorBody},
+                       429: {"model": m.ErrorBody, "description": "too many failed logins"},
                        503: {"model": m.ErrorBody}})
     def login(body: m.LoginRequest, request: Request, response: Response,
               svc: Svc) -> dict[str, Any]:
         """Log in with a password; return a bearer token (and, with session=true, set the
-        console's session cookie and return its CSRF token)."""
+        console's session cookie and return its CSRF token). After LOGIN_FAILURES failed
+        logins from one address within a minute, that address gets 429 for the rest of it."""
+        peer = request.client.host if request.client else "?"
+        svc.logins.check(peer)
         user = svc.users.user_get(body.username)
-        ok = user is not None and not user.disabled and svc.passwords.verify(
-            user.password_hash, body.password)
-        if user is None:  # spend the same time as a wrong password: no user enumeration
-            svc.passwords.verify(_DUMMY_HASH.get(svc), body.password)
+        with svc.logins.slot:  # argon2 is CPU on purpose: a few at a time, never a flood
+            ok = user is not None and not user.disabled and svc.passwords.verify(
+                user.password_hash, body.password)
+            if user is None:  # spend the same time as a wrong password: no user enumeration
+                svc.passwords.verify(_DUMMY_HASH.get(svc), body.password)
         if not ok or user is None:
-            log.warning("failed login for %r from %s", body.username[:64],
-                        request.client.host if request.client else "?")
+            svc.logins.failed(peer)
+            log.warning("failed login for %r from %s", body.username[:64], peer)
             raise ApiError(401, "unauthorized", "wrong user name or password")
         token = new_token()
         ttl_ms = int(svc.settings.web_session_ttl * 1000)

@@ -508,3 +508,17 @@ def test_a_body_over_the_limit_gets_413_and_reaches_nothing(web: Web) -> None:
         conn.close()
     assert after == before
     assert c.get("/api/v1/auth/me").status_code == 200  # the service is fine
+
+
+def test_failed_logins_from_one_address_are_throttled(store_url: str) -> None:
+    with running_web(store_url) as w:
+        w.make_users()
+        anon = w.client()
+        codes = [anon.post("/api/v1/auth/login", json={"username": "viewer",
+                                                       "password": f"wrong-{i}-xxxx"}
+                           ).status_code for i in range(11)]
+        assert codes == [401] * 10 + [429]
+        r = anon.post("/api/v1/auth/login", json={"username": "viewer", "password": PASSWORD})
+        assert r.status_code == 429 and r.json()["code"] == "too_many_attempts"
+        # Tokens keep working: only password guessing is slowed down.
+        assert w.as_role("viewer").get("/api/v1/alerts").status_code == 200
