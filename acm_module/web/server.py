@@ -112,6 +112,8 @@ def web_main(settings: Any) -> int:
     """Entry point of the forked web process; return its exit code (3 = boot failure)."""
     import uvicorn
 
+    from acm_module.web.api import EventsFastPath
+
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         check_boot(settings.web_http, settings.api_token)
@@ -130,8 +132,8 @@ def web_main(settings: Any) -> int:
                          name="web-boot", daemon=True).start()
     loop = "uvloop" if _has("uvloop") else "asyncio"
     http = "httptools" if _has("httptools") else "h11"
-    config = uvicorn.Config(app, loop=loop, http=http, log_config=None, access_log=False,
-                            server_header=False, timeout_keep_alive=30,
+    config = uvicorn.Config(EventsFastPath(app, svc), loop=loop, http=http, log_config=None,
+                            access_log=False, server_header=False, timeout_keep_alive=30,
                             # Past this many connections and requests at once: 503, not memory.
                             limit_concurrency=MAX_CONCURRENCY,
                             timeout_graceful_shutdown=5, lifespan="on")
@@ -139,8 +141,10 @@ def web_main(settings: Any) -> int:
     host, port = sock.getsockname()[:2]
     log.info("REST API on http://%s:%d/api/v1 (OpenAPI: /openapi.json)", host, port)
     try:
-        asyncio.run(server.serve(sockets=[sock])) if loop == "asyncio" else \
+        if loop == "uvloop":
             _run_uvloop(server, sock)
+        else:
+            asyncio.run(server.serve(sockets=[sock]))
     finally:
         stop.set()
         sock.close()
