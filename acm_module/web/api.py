@@ -221,7 +221,7 @@ class Services:
         user = self.users.user_get(rec.user)
         if user is None or user.disabled:
             return None
-        return Principal(user=user.name, role=user.role, token_id=rec.id)
+        return Principal(user=user.name, role=user.role, token_id=rec.id, token_kind=rec.kind)
 
     def cached_principal(self, token: str) -> tuple[bool, Principal | None]:
         """Return (hit, principal) from the short-lived cache."""
@@ -307,7 +307,8 @@ async def identify(request: Request) -> Principal:
         if request.method not in _SAFE_METHODS and not same_secret(
                 request.headers.get(CSRF_HEADER, ""), csrf_of(token)):
             raise ApiError(403, "csrf", f"missing or wrong {CSRF_HEADER} header")
-        return Principal(user=p.user, role=p.role, token_id=p.token_id, session=True)
+        return Principal(user=p.user, role=p.role, token_id=p.token_id,
+                         token_kind=p.token_kind, session=True)
     return p
 
 
@@ -645,8 +646,9 @@ def _auth_router() -> APIRouter:
 
     @r.post("/auth/logout", status_code=204)
     def logout(p: Viewer, request: Request, svc: Svc) -> Response:
-        """End this login: revoke its token and clear the session cookie."""
-        if p.token_id:
+        """End this login: revoke its login token (an API token stays) and clear the session
+        cookie."""
+        if p.token_kind == "session":
             svc.users.token_delete(p.user, p.token_id)
             svc.forget_all()
         resp = Response(status_code=204)

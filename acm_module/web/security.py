@@ -34,6 +34,7 @@ class Principal:
     user: str
     role: str
     token_id: str = ""  # the token used ("" for the bootstrap token)
+    token_kind: str = ""  # "api" or "session" ("" for the bootstrap token)
     session: bool = False  # authenticated by the console's session cookie (needs CSRF)
 
     def may(self, role: str) -> bool:

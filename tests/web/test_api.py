@@ -116,42 +116,78 @@ def test_every_operation_but_health_and_login_answers_401_without_a_valid_token(
 
 
 # -- roles ----------------------------------------------------------------------------------
-# (method, path, body, the least role that may)
-MATRIX: list[tuple[str, str, Any, str]] = [
-    ("GET", "/api/v1/alerts", None, "viewer"),
-    ("GET", "/api/v1/whitelist", None, "viewer"),
-    ("GET", "/api/v1/blocks", None, "viewer"),
-    ("GET", "/api/v1/carriers", None, "viewer"),
-    ("GET", "/api/v1/gateways", None, "viewer"),
-    ("GET", "/api/v1/routes", None, "viewer"),
-    ("GET", "/api/v1/config", None, "viewer"),
-    ("GET", "/api/v1/audit", None, "viewer"),
-    ("GET", "/api/v1/stats", None, "viewer"),
-    ("GET", "/api/v1/auth/me", None, "viewer"),
-    ("POST", "/api/v1/fraud/events", {"call_id": "role-{role}", "a_number": "+2348011111111",
-                                      "b_number": "+2348022222222"}, "analyst"),
-    ("POST", "/api/v1/whitelist", {"b_number": "+2348033333333", "reason": "role test"},
-     "analyst"),
-    ("DELETE", "/api/v1/whitelist/+2348033333333", None, "analyst"),
-    ("POST", "/api/v1/alerts/00000000-0000-4000-8000-000000000000/notes", {"note": "n"},
-     "analyst"),
-    ("PATCH", "/api/v1/config", {"log_level": "INFO"}, "admin"),
-    ("POST", "/api/v1/carriers", {"id": "role-c", "name": "Role", "licence": "mno"}, "admin"),
-    ("DELETE", "/api/v1/carriers/role-c", None, "admin"),
-    ("GET", "/api/v1/users", None, "admin"),
-    ("POST", "/api/v1/users", {"name": "new-{role}", "role": "viewer",
-                               "password": PASSWORD}, "admin"),
-]
+AID = "00000000-0000-4000-8000-000000000000"
+# Every operation of the document but the public ones: (method, template) -> (path, body, the
+# least role that may). "{me}" is the caller's own user name (a user's own tokens).
+MATRIX: dict[tuple[str, str], tuple[str, Any, str]] = {
+    ("GET", "/api/v1/alerts"): ("/api/v1/alerts", None, "viewer"),
+    ("GET", "/api/v1/alerts/{alert_id}"): (f"/api/v1/alerts/{AID}", None, "viewer"),
+    ("POST", "/api/v1/alerts/{alert_id}/transitions"): (
+        f"/api/v1/alerts/{AID}/transitions", {"status": "INVESTIGATING"}, "analyst"),
+    ("POST", "/api/v1/alerts/{alert_id}/notes"): (
+        f"/api/v1/alerts/{AID}/notes", {"note": "n"}, "analyst"),
+    ("POST", "/api/v1/alerts/{alert_id}/assign"): (
+        f"/api/v1/alerts/{AID}/assign", {"assignee": "ada"}, "analyst"),
+    ("GET", "/api/v1/whitelist"): ("/api/v1/whitelist", None, "viewer"),
+    ("POST", "/api/v1/whitelist"): (
+        "/api/v1/whitelist", {"b_number": "+2348033333333", "reason": "role test"}, "analyst"),
+    ("DELETE", "/api/v1/whitelist/{b_number}"): (
+        "/api/v1/whitelist/+2348033333333", None, "analyst"),
+    ("GET", "/api/v1/blocks"): ("/api/v1/blocks", None, "viewer"),
+    ("DELETE", "/api/v1/blocks/{a_number}"): ("/api/v1/blocks/+2348044444444", None, "analyst"),
+    ("GET", "/api/v1/carriers"): ("/api/v1/carriers", None, "viewer"),
+    ("POST", "/api/v1/carriers"): (
+        "/api/v1/carriers", {"id": "role-c", "name": "Role", "licence": "mno"}, "admin"),
+    ("DELETE", "/api/v1/carriers/{id}"): ("/api/v1/carriers/role-c", None, "admin"),
+    ("GET", "/api/v1/gateways"): ("/api/v1/gateways", None, "viewer"),
+    ("POST", "/api/v1/gateways"): ("/api/v1/gateways", {
+        "id": "role-g", "carrier": "nobody", "addresses": ["198.51.100.9"]}, "admin"),
+    ("PUT", "/api/v1/gateways/{id}/limit"): ("/api/v1/gateways/role-g/limit", {"cps": 5},
+                                             "admin"),
+    ("DELETE", "/api/v1/gateways/{id}"): ("/api/v1/gateways/role-g", None, "admin"),
+    ("GET", "/api/v1/routes"): ("/api/v1/routes", None, "viewer"),
+    ("POST", "/api/v1/routes"): ("/api/v1/routes", {
+        "id": "role-r", "carrier": "nobody", "direction": "national"}, "admin"),
+    ("DELETE", "/api/v1/routes/{id}"): ("/api/v1/routes/role-r", None, "admin"),
+    ("GET", "/api/v1/config"): ("/api/v1/config", None, "viewer"),
+    ("PATCH", "/api/v1/config"): ("/api/v1/config", {"log_level": "INFO"}, "admin"),
+    ("GET", "/api/v1/stats"): ("/api/v1/stats", None, "viewer"),
+    ("GET", "/api/v1/audit"): ("/api/v1/audit", None, "viewer"),
+    ("GET", "/api/v1/reports/daily/{day}"): ("/api/v1/reports/daily/2026-01-01", None,
+                                              "viewer"),
+    ("POST", "/api/v1/fraud/events"): ("/api/v1/fraud/events", {
+        "call_id": "role-{me}", "a_number": "+2348011111111", "b_number": "+2348022222222"},
+        "analyst"),
+    ("GET", "/api/v1/auth/me"): ("/api/v1/auth/me", None, "viewer"),
+    ("POST", "/api/v1/auth/logout"): ("/api/v1/auth/logout", None, "viewer"),
+    ("GET", "/api/v1/users"): ("/api/v1/users", None, "admin"),
+    ("POST", "/api/v1/users"): ("/api/v1/users", {"name": "new-{me}", "role": "viewer",
+                                                  "password": PASSWORD}, "admin"),
+    ("PATCH", "/api/v1/users/{name}"): ("/api/v1/users/nobody", {"role": "viewer"}, "admin"),
+    ("DELETE", "/api/v1/users/{name}"): ("/api/v1/users/nobody", None, "admin"),
+    ("GET", "/api/v1/users/{name}/tokens"): ("/api/v1/users/{me}/tokens", None, "viewer"),
+    ("POST", "/api/v1/users/{name}/tokens"): ("/api/v1/users/{me}/tokens", {"name": "m"},
+                                              "viewer"),
+    ("DELETE", "/api/v1/users/{name}/tokens/{token_id}"): (
+        "/api/v1/users/{me}/tokens/0123456789abcdef", None, "viewer"),
+}
 
 
-@pytest.mark.parametrize(("method", "path", "body", "least"), MATRIX,
-                         ids=[f"{m} {p}" for m, p, _, _ in MATRIX])
+def test_the_role_matrix_covers_every_operation(web: Web) -> None:
+    doc = web.client().get("/openapi.json").json()
+    ops = {(m.upper(), p) for p, item in doc["paths"].items() for m in item}
+    assert ops - set(MATRIX) == {("GET", "/api/v1/health"), ("POST", "/api/v1/auth/login")}
+    assert set(MATRIX) <= ops
+
+
+@pytest.mark.parametrize("op", list(MATRIX), ids=[f"{m} {p}" for m, p in MATRIX])
 def test_each_role_may_what_its_rank_allows_and_gets_403_otherwise(
-        web: Web, method: str, path: str, body: Any, least: str) -> None:
+        web: Web, op: tuple[str, str]) -> None:
+    method, (path, body, least) = op[0], MATRIX[op]
     for role in ROLES:
         payload = None if body is None else {
-            k: v.format(role=role) if isinstance(v, str) else v for k, v in body.items()}
-        r = web.as_role(role).request(method, path, json=payload)
+            k: v.format(me=role) if isinstance(v, str) else v for k, v in body.items()}
+        r = web.as_role(role).request(method, path.format(me=role), json=payload)
         if ROLES.index(role) < ROLES.index(least):
             assert r.status_code == 403, (role, r.text)
             assert r.json() == {"code": "forbidden", "message": r.json()["message"]}
