@@ -3,6 +3,7 @@ roles, events decided by the pool, alerts, lists, registry, config and audit."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import subprocess
@@ -569,3 +570,43 @@ def test_failed_logins_from_one_address_are_throttled(store_url: str) -> None:
         assert r.status_code == 429 and r.json()["code"] == "too_many_attempts"
         # Tokens keep working: only password guessing is slowed down.
         assert w.as_role("viewer").get("/api/v1/alerts").status_code == 200
+
+
+def _children(pid: int, comm: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    found = []
+    for x in out.stdout.split():
+        try:
+            with open(f"/proc/{x}/comm") as f:
+                if f.read().strip() == comm:
+                    found.append(int(x))
+        except OSError:
+            continue
+    return found
+
+
+def test_the_web_process_is_restarted_after_a_crash_and_dies_with_the_service(
+        store_url: str) -> None:
+    import os
+    import signal
+
+    with running_web(store_url) as w:
+        assert w.svc.proc is not None
+        (pid,) = _children(w.svc.proc.pid, "acm-web")
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            new = _children(w.svc.proc.pid, "acm-web")
+            if new and new != [pid]:
+                with contextlib.suppress(httpx.HTTPError):
+                    if w.boot.get("/api/v1/alerts").status_code == 200:
+                        break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"the web process did not come back:\n{w.svc.read_log()}")
+        (pid,) = _children(w.svc.proc.pid, "acm-web")
+        w.svc.stop()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}")
