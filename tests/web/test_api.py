@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import BOOT_TOKEN, PASSWORD, ROLES, Web, running_web
-from servers import REPO, flush, free_port
+from servers import REPO, RedisServer, flush, free_port
 
 from acm_module.engine import hotpath
 from acm_module.store import keys
@@ -610,3 +610,32 @@ def test_the_web_process_is_restarted_after_a_crash_and_dies_with_the_service(
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_a_store_outage_gets_503_at_once_and_the_api_recovers_with_the_store() -> None:
+    srv = RedisServer().start()
+    try:
+        with running_web(srv.url) as w:
+            c = w.boot
+            ev = {"a_number": "+2348011111111", "b_number": "+2348077777777"}
+            assert c.post("/api/v1/fraud/events", json={"call_id": "up-0", **ev}
+                          ).status_code == 200
+            srv.stop()
+            t0 = time.monotonic()
+            for i in range(5):
+                r = c.post("/api/v1/fraud/events", json={"call_id": f"down-{i}", **ev})
+                assert r.status_code == 503, r.text
+                assert r.json()["code"] in ("store_unavailable", "unavailable")
+            assert time.monotonic() - t0 < 5.0  # answered, not hung
+            assert c.get("/api/v1/health").status_code == 200
+            srv.start()
+            deadline = time.monotonic() + 10
+            while True:
+                r = c.post("/api/v1/fraud/events",
+                           json={"call_id": f"back-{time.monotonic_ns()}", **ev})
+                if r.status_code == 200:
+                    break
+                assert time.monotonic() < deadline, r.text
+                time.sleep(0.1)
+    finally:
+        srv.cleanup()
