@@ -48,6 +48,7 @@ class _Link(asyncio.Protocol):
         self.buf = bytearray()
         self.greeted = False
         self.open = False
+        self.was_open = False
         self.frames: list[bytes] = []
         self.pending: dict[bytes, asyncio.Future[bytes]] = {}
         self.closed = asyncio.get_running_loop().create_future()
@@ -107,7 +108,7 @@ class _Link(asyncio.Protocol):
             props = _properties(body[1 + body[0]:])
             if props.get(b"Socket-Type") != b"ROUTER":
                 raise ValueError("the pool is not a ROUTER")
-            self.open = True
+            self.open = self.was_open = True
             self.client._ready(self)
         elif name == b"PING":
             assert self.transport is not None
@@ -172,8 +173,12 @@ class PoolClient:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            backoff = 0.05
             await link.closed
+            if link.was_open:  # a link that never got READY does not reset the backoff
+                backoff = 0.05
+            else:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
 
     def _ready(self, link: _Link) -> None:
         self._links.append(link)
