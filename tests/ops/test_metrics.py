@@ -237,3 +237,89 @@ def test_per_carrier_decisions_and_fanout_alerts_are_exported(service_factory) -
     assert decisions(after)[("allow", "clean")] == 5
     assert total(after, "acm_fanout_alerts_total", severity="LOW") == 1
     assert total(after, "acm_alerts_total") == 0
+
+
+def _unchecked_until(port: int, want: int, timeout: float = 10.0) -> Samples:
+    """Scrape until the pool's unchecked-call counter reaches `want` (workers publish each s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = scrape(port)
+        if total(s, "acm_unchecked_calls_total") >= want or time.monotonic() > deadline:
+            return s
+        time.sleep(0.2)
+
+
+def _until_checked(client, b: str) -> int:
+    """Call until one gets a verdict (the store is back); return how many were unchecked."""
+    unchecked = 0
+    deadline = time.monotonic() + 10
+    while "verdict" not in (r := client.decide(cid(), "+2348031000200", b, ts=5.0)):
+        assert r["error"] == "store_unavailable", r
+        unchecked += 1
+        assert time.monotonic() < deadline, "the pool did not come back with the store"
+        time.sleep(0.01)
+    return unchecked
+
+
+def test_unchecked_calls_are_exported_when_the_store_stops(zctx) -> None:
+    from servers import RedisServer, Service
+
+    from acm_module.client import Client
+
+    srv = RedisServer().start()
+    port = free_port()
+    svc = Service(srv.url, workers=1, extra_env={"ACM_METRICS_HTTP": f"127.0.0.1:{port}"})
+    c = None
+    try:
+        svc.start()
+        assert wait_port(port), svc.read_log()
+        c = Client(svc.endpoint, timeout=5.0, context=zctx)
+        assert c.decide(cid(), "+2348031000100", B, ts=1.0)["reason"] == "clean"
+        assert total(settle(port), "acm_unchecked_calls_total") == 0
+        srv.stop()  # the store is gone: answered at once, each call let through unchecked
+        for _ in range(5):
+            assert c.decide(cid(), "+2348031000100", B, ts=2.0)["error"] == "store_unavailable"
+        srv.start()
+        unchecked = 5 + _until_checked(c, B)
+        after = _unchecked_until(port, unchecked)
+    finally:
+        if c is not None:
+            c.close()
+        svc.cleanup()
+        srv.cleanup()
+    assert total(after, "acm_unchecked_calls_total", kind="store_unavailable") == unchecked
+    assert total(after, "acm_unchecked_calls_total", kind="store_error") == 0
+    assert total(after, "acm_unchecked_calls_total", kind="internal") == 0
+    assert total(after, "acm_unchecked_calls_total") == total(
+        after, "acm_errors_total", kind="store_unavailable")
+
+
+def test_unchecked_calls_are_exported_when_the_store_is_slow(redis_server, zctx) -> None:
+    from servers import DelayProxy, Service, flush
+
+    from acm_module.client import Client
+
+    flush(redis_server)
+    proxy = DelayProxy(int(redis_server.rsplit(":", 1)[1].split("/")[0]))
+    port = free_port()
+    svc = Service(proxy.url, workers=1, extra_env={"ACM_METRICS_HTTP": f"127.0.0.1:{port}",
+                                                   "ACM_STORE_TIMEOUT_MS": "30"})
+    c = None
+    try:
+        svc.start()
+        assert wait_port(port), svc.read_log()
+        c = Client(svc.endpoint, timeout=5.0, context=zctx)
+        assert c.decide(cid(), "+2348031000100", B, ts=1.0)["reason"] == "clean"
+        proxy.delay = 0.2  # the store answers, far too late for the worker's 30 ms
+        for _ in range(3):
+            assert c.decide(cid(), "+2348031000100", B, ts=2.0)["error"] == "store_unavailable"
+        proxy.delay = 0.0
+        unchecked = 3 + _until_checked(c, B)
+        after = _unchecked_until(port, unchecked)
+    finally:
+        if c is not None:
+            c.close()
+        svc.cleanup()
+        proxy.close()
+    assert total(after, "acm_unchecked_calls_total", kind="store_unavailable") == unchecked
+    assert total(after, "acm_store_failures_total") >= 1
