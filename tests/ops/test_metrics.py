@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 
 import msgpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import free_port, publish_registry, wait_port
+from servers import (
+    DelayProxy,
+    RedisServer,
+    Service,
+    flush,
+    free_port,
+    publish_registry,
+    wait_port,
+)
 
+from acm_module.client import Client
 from acm_module.ops import metrics
 from acm_module.server import stats as stats_mod
 from acm_module.store import keys
@@ -171,8 +182,6 @@ def test_live_pool_metrics_equal_what_was_sent(service_factory) -> None:
 
 
 def test_store_down_is_reported_not_raised() -> None:
-    from servers import RedisServer
-
     srv = RedisServer().start()
     url = srv.url
     srv.cleanup()  # nothing listens there any more
@@ -261,31 +270,39 @@ def _until_checked(client, b: str) -> int:
     return unchecked
 
 
-def test_unchecked_calls_are_exported_when_the_store_stops(zctx) -> None:
-    from servers import RedisServer, Service
-
-    from acm_module.client import Client
-
-    srv = RedisServer().start()
+@contextlib.contextmanager
+def metered_pool(store_url: str, zctx, env: dict[str, str] | None = None
+                 ) -> Iterator[tuple[int, Client]]:
+    """One worker with its metrics sidecar; yield (metrics port, a client that got a verdict)."""
     port = free_port()
-    svc = Service(srv.url, workers=1, extra_env={"ACM_METRICS_HTTP": f"127.0.0.1:{port}"})
+    svc = Service(store_url, workers=1,
+                  extra_env={"ACM_METRICS_HTTP": f"127.0.0.1:{port}", **(env or {})})
     c = None
     try:
         svc.start()
         assert wait_port(port), svc.read_log()
         c = Client(svc.endpoint, timeout=5.0, context=zctx)
         assert c.decide(cid(), "+2348031000100", B, ts=1.0)["reason"] == "clean"
-        assert total(settle(port), "acm_unchecked_calls_total") == 0
-        srv.stop()  # the store is gone: answered at once, each call let through unchecked
-        for _ in range(5):
-            assert c.decide(cid(), "+2348031000100", B, ts=2.0)["error"] == "store_unavailable"
-        srv.start()
-        unchecked = 5 + _until_checked(c, B)
-        after = _unchecked_until(port, unchecked)
+        yield port, c
     finally:
         if c is not None:
             c.close()
         svc.cleanup()
+
+
+def test_unchecked_calls_are_exported_when_the_store_stops(zctx) -> None:
+    srv = RedisServer().start()
+    try:
+        with metered_pool(srv.url, zctx) as (port, c):
+            assert total(settle(port), "acm_unchecked_calls_total") == 0
+            srv.stop()  # the store is gone: answered at once, each call let through unchecked
+            for _ in range(5):
+                assert c.decide(cid(), "+2348031000100", B, ts=2.0)["error"] == \
+                    "store_unavailable"
+            srv.start()
+            unchecked = 5 + _until_checked(c, B)
+            after = _unchecked_until(port, unchecked)
+    finally:
         srv.cleanup()
     assert total(after, "acm_unchecked_calls_total", kind="store_unavailable") == unchecked
     assert total(after, "acm_unchecked_calls_total", kind="store_error") == 0
@@ -295,31 +312,18 @@ def test_unchecked_calls_are_exported_when_the_store_stops(zctx) -> None:
 
 
 def test_unchecked_calls_are_exported_when_the_store_is_slow(redis_server, zctx) -> None:
-    from servers import DelayProxy, Service, flush
-
-    from acm_module.client import Client
-
     flush(redis_server)
     proxy = DelayProxy(int(redis_server.rsplit(":", 1)[1].split("/")[0]))
-    port = free_port()
-    svc = Service(proxy.url, workers=1, extra_env={"ACM_METRICS_HTTP": f"127.0.0.1:{port}",
-                                                   "ACM_STORE_TIMEOUT_MS": "30"})
-    c = None
     try:
-        svc.start()
-        assert wait_port(port), svc.read_log()
-        c = Client(svc.endpoint, timeout=5.0, context=zctx)
-        assert c.decide(cid(), "+2348031000100", B, ts=1.0)["reason"] == "clean"
-        proxy.delay = 0.2  # the store answers, far too late for the worker's 30 ms
-        for _ in range(3):
-            assert c.decide(cid(), "+2348031000100", B, ts=2.0)["error"] == "store_unavailable"
-        proxy.delay = 0.0
-        unchecked = 3 + _until_checked(c, B)
-        after = _unchecked_until(port, unchecked)
+        with metered_pool(proxy.url, zctx, {"ACM_STORE_TIMEOUT_MS": "30"}) as (port, c):
+            proxy.delay = 0.2  # the store answers, far too late for the worker's 30 ms
+            for _ in range(3):
+                assert c.decide(cid(), "+2348031000100", B, ts=2.0)["error"] == \
+                    "store_unavailable"
+            proxy.delay = 0.0
+            unchecked = 3 + _until_checked(c, B)
+            after = _unchecked_until(port, unchecked)
     finally:
-        if c is not None:
-            c.close()
-        svc.cleanup()
         proxy.close()
     assert total(after, "acm_unchecked_calls_total", kind="store_unavailable") == unchecked
     assert total(after, "acm_store_failures_total") >= 1
