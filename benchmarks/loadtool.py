@@ -301,15 +301,15 @@ def redis_server(url: str | None) -> Iterator[tuple[str, int | None]]:
 
 
 @contextlib.contextmanager
-def acm_service(store: str, workers: int, endpoint: str, env: dict[str, str] | None = None
-                ) -> Iterator[subprocess.Popen]:
-    """Run `acm serve` until the block ends."""
+def acm_service(store: str, workers: int, endpoint: str, env: dict[str, str] | None = None,
+                src: Path = REPO) -> Iterator[subprocess.Popen]:
+    """Run `acm serve` (from the checkout `src`) until the block ends."""
     e = {**os.environ, "ACM_MI_HTTP": "", "ACM_MI_DATAGRAM": "", "ACM_METRICS_HTTP": "",
          "ACM_LOG_LEVEL": "WARNING", "ACM_STATE_DIR": tempfile.mkdtemp(prefix="acm-bench-st-"),
          **(env or {})}
     p = subprocess.Popen([sys.executable, "-m", "acm_module.cli", "serve", "--workers",
                           str(workers), "--store", store, "--endpoint", endpoint], env=e,
-                         cwd=REPO)
+                         cwd=src)
     try:
         _wait_ready(endpoint)
         yield p
