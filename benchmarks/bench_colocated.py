@@ -54,22 +54,23 @@ UNCHECKED_REASONS = ("service_unavailable", "service_error", "client_error")
 
 
 def _caller(endpoint: str, rate: float, seconds: float, warmup_s: float, seed: int,
-            start: Any, out: Any) -> None:
+            client_cfg: dict[str, Any], start: Any, out: Any) -> None:
     """One OpenSIPS process: AcmClient.check() paced at `rate`; report what came back."""
     from acm_module.server.proctitle import die_with_parent
 
     die_with_parent(signal.SIGKILL, os.getppid())
     try:
-        out.put(_calls(endpoint, rate, seconds, warmup_s, seed, start))
+        out.put(_calls(endpoint, rate, seconds, warmup_s, seed, client_cfg, start))
     except Exception as e:  # reported by the parent, which must not wait forever
         out.put(e)
 
 
 def _calls(endpoint: str, rate: float, seconds: float, warmup_s: float, seed: int,
-           start: Any) -> tuple[bytes, dict[str, int], dict[str, int]]:
+           client_cfg: dict[str, Any], start: Any
+           ) -> tuple[bytes, dict[str, int], dict[str, int]]:
     from acm_opensips import AcmClient, Config
 
-    client = AcmClient(Config(endpoint=endpoint))
+    client = AcmClient(Config(endpoint=endpoint, **client_cfg))
     client.after_fork(seed)
     rng = random.Random(seed)
     lat = array("q")
@@ -149,6 +150,9 @@ def measure(store: str, endpoint: str, env: dict[str, str], groups: dict[str, li
     nice = int(env.pop("NICE", "0"))  # the call path's priority, set here (see --env)
     writer_nice = int(env.pop("WRITER_NICE", "0"))
     src = Path(env.pop("SRC", str(ROOT)))  # another checkout's acm serve, for before/after
+    client_cfg: dict[str, Any] = {}
+    if "BREAKER_FAILURES" in env:  # the OpenSIPS client's ACM_BREAKER_FAILURES
+        client_cfg["breaker_failures"] = int(env.pop("BREAKER_FAILURES"))
     batch = [x for g in ("writer", "postgres", "questdb") for p in groups.get(g, [])
              for x in _tree(p)]
     _renice(batch, writer_nice)
@@ -161,7 +165,7 @@ def measure(store: str, endpoint: str, env: dict[str, str], groups: dict[str, li
         q_out: Any = CTX.Queue()
         per = args.rate / args.procs
         callers = [CTX.Process(target=_caller, args=(endpoint, per, args.seconds, args.warmup,
-                                                     1000 + i, start, q_out))
+                                                     1000 + i, client_cfg, start, q_out))
                    for i in range(args.procs)]
         for p in callers:
             p.start()
@@ -208,7 +212,8 @@ def measure(store: str, endpoint: str, env: dict[str, str], groups: dict[str, li
 
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "env": env, "nice": nice,
-        "writer_nice": writer_nice, "src": str(src) if src != ROOT else "", "calls": total,
+        "writer_nice": writer_nice, "src": str(src) if src != ROOT else "",
+        "client": client_cfg, "calls": total,
         "unchecked": unchecked, "unchecked_share": unchecked / total if total else 0.0,
         "by_reason": reasons, "client_stats": client, "pool_counters": served,
         "latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "p99.9": pct(0.999),
@@ -222,7 +227,8 @@ def render(r: dict[str, Any]) -> str:
     c, served, lm = r["client_stats"], r["pool_counters"], r["latency_ms"]
     return "\n".join([
         f"{r['date']} {('acm serve from ' + r['src'] + ', ') if r['src'] else ''}"
-        f"env {r['env'] or 'defaults'}, call path at nice {r['nice']}, writer "
+        f"env {r['env'] or 'defaults'}, client {r['client'] or 'defaults'}, call path at "
+        f"nice {r['nice']}, writer "
         f"and sinks at nice {r['writer_nice']}: calls "
         f"{r['calls']}, unchecked "
         f"{r['unchecked']} = {100 * r['unchecked_share']:.3f} % (by reason: {r['by_reason']})",
@@ -250,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                          "order (none: one run on defaults); NICE=-10 runs the call path "
                          "(workers, store, callers) at that priority, WRITER_NICE=10 the "
                          "writer, PostgreSQL and QuestDB; SRC=DIR runs acm serve from "
-                         "another checkout (before/after a change, in one run)")
+                         "another checkout (before/after a change, in one run); "
+                         "BREAKER_FAILURES=N sets the OpenSIPS client's breaker")
     ap.add_argument("--repeat", type=int, default=1, help="run the --env list this many times")
     ap.add_argument("--no-writer", action="store_true", help="no writer and no sinks")
     ap.add_argument("--json", help="write results here")
