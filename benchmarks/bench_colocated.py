@@ -42,12 +42,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "persist"),
                 str(ROOT / "opensips_scripts")]
 
 from pgqdb import PostgresServer, QuestDBServer  # noqa: E402
-from servers import RedisServer  # noqa: E402
 
 from acm_module.persist.migrate import migrate  # noqa: E402
 from acm_module.server import stats as stats_mod  # noqa: E402
 from acm_module.store.conn import StoreConnection  # noqa: E402
-from benchmarks.loadtool import acm_service, cpu_ns, worker_pids  # noqa: E402
+from benchmarks.loadtool import acm_service, cpu_ns, redis_server, worker_pids  # noqa: E402
 
 CTX = mp.get_context("fork")
 UNCHECKED_REASONS = ("service_unavailable", "service_error", "client_error")
@@ -59,6 +58,7 @@ def _caller(endpoint: str, rate: float, seconds: float, warmup_s: float, seed: i
     from acm_module.server.proctitle import die_with_parent
 
     die_with_parent(signal.SIGKILL, os.getppid())
+    os.setsid()  # an OpenSIPS process of its own: its own session and scheduler autogroup
     try:
         out.put(_calls(endpoint, rate, seconds, warmup_s, seed, client_cfg, start))
     except Exception as e:  # reported by the parent, which must not wait forever
@@ -108,12 +108,16 @@ def _calls(endpoint: str, rate: float, seconds: float, warmup_s: float, seed: in
 
 
 def _renice(pids: list[int], nice: int) -> None:
-    """Set the nice value of every thread of the processes (a thread's is its own on Linux)."""
+    """Give the processes this priority: every thread's nice value, and their session's
+    scheduler autogroup's (with autogroups on, a nice value counts only against the tasks of
+    the same session; the call path runs in sessions of its own, see measure())."""
     for pid in pids:
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{pid}/task"):
                 with contextlib.suppress(OSError):
                     os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/autogroup", "w") as f:
+            f.write(str(nice))
 
 
 def _tree(pid: int) -> list[int]:
@@ -156,7 +160,7 @@ def measure(store: str, endpoint: str, env: dict[str, str], groups: dict[str, li
     batch = [x for g in ("writer", "postgres", "questdb") for p in groups.get(g, [])
              for x in _tree(p)]
     _renice(batch, writer_nice)
-    with acm_service(store, args.workers, endpoint, env, src) as svc:
+    with acm_service(store, args.workers, endpoint, env, src, new_session=True) as svc:
         workers = worker_pids(svc.pid)
         groups = {**groups, "acm workers": workers}
         _renice([svc.pid, *workers, *groups["store"]], nice)
@@ -269,17 +273,16 @@ def main(argv: list[str] | None = None) -> int:
     writer: subprocess.Popen | None = None
     groups: dict[str, list[int]] = {}
     runs: list[dict[str, Any]] = []
+    stack = contextlib.ExitStack()
     head = (f"co-located check load — {platform.node()} {platform.machine()} "
             f"{os.cpu_count()} cores, {args.rate:.0f} checks/s for {args.seconds:.0f} s per run "
             f"from {args.procs} AcmClient processes, {args.workers} workers, writer "
             f"{'off' if args.no_writer else 'on (pg, questdb, clickhouse)'}")
     print(head, flush=True)
     try:
-        r = RedisServer().start()
-        servers.append(r)
-        store = r.url
-        assert r.proc is not None
-        groups["store"] = [r.proc.pid]
+        store, store_pid = stack.enter_context(redis_server(None))
+        assert store_pid is not None
+        groups["store"] = [store_pid]
         if not args.no_writer:
             pg = PostgresServer().init().start()
             servers.append(pg)
@@ -310,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in reversed(servers):
             with contextlib.suppress(Exception):
                 s.cleanup()
+        stack.close()
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"head": head, "runs": runs}, indent=2))

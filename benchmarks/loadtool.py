@@ -285,9 +285,11 @@ def redis_server(url: str | None) -> Iterator[tuple[str, int | None]]:
         return
     port = _free_port()
     d = tempfile.mkdtemp(prefix="acm-bench-redis-")
+    # Its own session (and so its own scheduler autogroup): its priority can be set apart.
     p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
                           "--save", "", "--appendonly", "no", "--dir", d],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
     try:
         for _ in range(200):
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
@@ -302,14 +304,14 @@ def redis_server(url: str | None) -> Iterator[tuple[str, int | None]]:
 
 @contextlib.contextmanager
 def acm_service(store: str, workers: int, endpoint: str, env: dict[str, str] | None = None,
-                src: Path = REPO) -> Iterator[subprocess.Popen]:
-    """Run `acm serve` (from the checkout `src`) until the block ends."""
+                src: Path = REPO, new_session: bool = False) -> Iterator[subprocess.Popen]:
+    """Run `acm serve` (from the checkout `src`; in its own session) until the block ends."""
     e = {**os.environ, "ACM_MI_HTTP": "", "ACM_MI_DATAGRAM": "", "ACM_METRICS_HTTP": "",
          "ACM_LOG_LEVEL": "WARNING", "ACM_STATE_DIR": tempfile.mkdtemp(prefix="acm-bench-st-"),
          **(env or {})}
     p = subprocess.Popen([sys.executable, "-m", "acm_module.cli", "serve", "--workers",
                           str(workers), "--store", store, "--endpoint", endpoint], env=e,
-                         cwd=src)
+                         cwd=src, start_new_session=new_session)
     try:
         _wait_ready(endpoint)
         yield p
