@@ -46,6 +46,8 @@ from typing import Any
 import msgpack
 import zmq
 
+from acm_module.client import CurveKeys
+
 REPO = Path(__file__).resolve().parent.parent
 CTX = mp.get_context("fork")
 
@@ -121,14 +123,22 @@ def _request(i: int, rng: random.Random, b_pool: int) -> bytes:
                           "b": f"+23480{rng.randrange(b_pool):08d}"})
 
 
-def _req_client_proc(endpoint: str, seconds: float, rate: float, b_pool: int, warmup: int,
-                     start: Any, out: Any) -> None:
-    """One process per client with a pyzmq REQ socket (--client-kind req: the old load tool)."""
-    _die_with_parent()
-    ctx = zmq.Context()
+def _req_socket(ctx: zmq.Context, endpoint: str, curve: CurveKeys | None) -> zmq.Socket:
     s = ctx.socket(zmq.REQ)
     s.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve.apply(s)
     s.connect(endpoint)
+    return s
+
+
+def _req_client_proc(endpoint: str, seconds: float, rate: float, b_pool: int, warmup: int,
+                     start: Any, out: Any, curve: CurveKeys | None = None) -> None:
+    """One process per client with a pyzmq REQ socket (--client-kind req: the old load tool;
+    CurveZMQ phases, which the ZMTP clients do not speak)."""
+    _die_with_parent()
+    ctx = zmq.Context()
+    s = _req_socket(ctx, endpoint, curve)
     rng = random.Random(os.getpid())
     lat = array("q")
     errors = unavailable = timeouts = 0
@@ -163,9 +173,7 @@ def _req_client_proc(endpoint: str, seconds: float, rate: float, b_pool: int, wa
                 errors += 1
                 timeouts += 1
                 s.close(linger=0)
-                s = ctx.socket(zmq.REQ)
-                s.setsockopt(zmq.LINGER, 0)
-                s.connect(endpoint)
+                s = _req_socket(ctx, endpoint, curve)
                 continue
             reply = s.recv()
             lat.append(time.perf_counter_ns() - t0)
@@ -186,21 +194,26 @@ def _req_client_proc(endpoint: str, seconds: float, rate: float, b_pool: int, wa
 def drive(endpoint: str, clients: int, seconds: float, rate: float = 0.0, b_pool: int = 10**6,
           warmup: int = 200, progress: Callable[[str], None] | None = None,
           procs: int = 1, kind: str = "zmtp", server_pids: list[int] | None = None,
-          store_pids: list[int] | None = None, name: str = "") -> Result:
+          store_pids: list[int] | None = None, name: str = "",
+          curve: CurveKeys | None = None) -> Result:
     """Run `clients` logical clients for `seconds` and return the phase's Result.
 
     kind "zmtp": `procs` load processes pipeline the clients (benchmarks/zmtp_client.py);
     kind "req": one process per client with a pyzmq REQ socket. Server CPU is measured over
-    `server_pids` (the workers) and `store_pids` when given.
+    `server_pids` (the workers) and `store_pids` when given. With `curve` the clients are
+    REQ processes with those keys (the ZMTP clients speak the NULL mechanism only).
     """
     from benchmarks import zmtp_client
 
     start = CTX.Event()
     out: Any = CTX.Queue()
+    if curve is not None:
+        kind = "req"
     if kind == "req":
         per_rate = rate / clients if rate else 0.0
         workers = [CTX.Process(target=_req_client_proc,
-                               args=(endpoint, seconds, per_rate, b_pool, warmup, start, out))
+                               args=(endpoint, seconds, per_rate, b_pool, warmup, start, out,
+                                     curve))
                    for _ in range(clients)]
     else:
         procs = max(1, min(procs, clients))
@@ -304,7 +317,8 @@ def redis_server(url: str | None) -> Iterator[tuple[str, int | None]]:
 
 @contextlib.contextmanager
 def acm_service(store: str, workers: int, endpoint: str, env: dict[str, str] | None = None,
-                src: Path = REPO, new_session: bool = False) -> Iterator[subprocess.Popen]:
+                src: Path = REPO, new_session: bool = False,
+                curve: CurveKeys | None = None) -> Iterator[subprocess.Popen]:
     """Run `acm serve` (from the checkout `src`; in its own session) until the block ends."""
     e = {**os.environ, "ACM_MI_HTTP": "", "ACM_MI_DATAGRAM": "", "ACM_METRICS_HTTP": "",
          "ACM_LOG_LEVEL": "WARNING", "ACM_STATE_DIR": tempfile.mkdtemp(prefix="acm-bench-st-"),
@@ -313,7 +327,7 @@ def acm_service(store: str, workers: int, endpoint: str, env: dict[str, str] | N
                           str(workers), "--store", store, "--endpoint", endpoint], env=e,
                          cwd=src, start_new_session=new_session)
     try:
-        _wait_ready(endpoint)
+        _wait_ready(endpoint, curve=curve)
         yield p
     finally:
         p.send_signal(signal.SIGTERM)
@@ -323,14 +337,12 @@ def acm_service(store: str, workers: int, endpoint: str, env: dict[str, str] | N
             p.kill()
 
 
-def _wait_ready(endpoint: str, timeout: float = 20.0) -> None:
+def _wait_ready(endpoint: str, timeout: float = 20.0, curve: CurveKeys | None = None) -> None:
     ctx = zmq.Context()
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            s = ctx.socket(zmq.REQ)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(endpoint)
+            s = _req_socket(ctx, endpoint, curve)
             s.send(msgpack.packb({"call_id": "probe", "a": "x", "b": "y"}))
             ok = s.poll(300)
             s.close(linger=0)
@@ -572,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure the other client kind's ceiling against the reflector")
     ap.add_argument("--compare-proxy-echo", action="store_true",
                     help="also measure an echo pool behind zmq.proxy (REP workers, msgpack)")
+    ap.add_argument("--curve", action="store_true",
+                    help="also run the service with CurveZMQ (keys made for the run; its "
+                         "workers use libzmq I/O) and its clients with the keys")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
 
@@ -590,10 +605,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def phase(key: str, name: str, endpoint: str, clients: int, rate: float = 0.0,
               pids: list[int] | None = None, spids: list[int] | None = None,
-              kind: str = args.client_kind) -> Result:
+              kind: str = args.client_kind, curve: CurveKeys | None = None) -> Result:
         r = drive(endpoint, clients, args.seconds, rate=rate, progress=say,
                   procs=args.load_procs, kind=kind, server_pids=pids, store_pids=spids,
-                  name=name)
+                  name=name, curve=curve)
         results[key] = r
         return r
 
@@ -669,6 +684,18 @@ def main(argv: list[str] | None = None) -> int:
                           spids=store_pids)
                     phase("io_n", f"acm, worker_io={other}", io_ep, n, pids=pids,
                           spids=store_pids)
+            if args.curve:
+                from acm_module.server.access import generate_keypair
+
+                public, secret = generate_keypair(Path(tmp) / "keys", "acm")
+                curve = CurveKeys.load(str(public))
+                cv_ep = ep("acm-curve")
+                with acm_service(store, args.workers, cv_ep,
+                                 {"ACM_CURVE_SERVER_KEY": str(secret)}, curve=curve) as svc:
+                    pids = worker_pids(svc.pid)
+                    for key, c in (("io_curve_1", 1), ("io_curve_n", n)):
+                        phase(key, "acm, CURVE (libzmq I/O)", cv_ep, c, pids=pids,
+                              spids=store_pids, curve=curve)
 
             if not args.skip_baseline:
                 from acm_module.store.conn import StoreConnection, load_script
@@ -824,6 +851,13 @@ def render(results: dict[str, Result], meta: dict[str, Any]) -> str:
                     not r.extra.get("paced"):
                 ratio.append(f"{r.rate / base.rate:.2f}x straightforward rate, "
                              f"p99 {r.p99 / base.p99:.2f}x")
+        plain = results.get("acm_1" if r.clients == 1 else "acm_n")
+        if key.startswith("io_curve") and plain and plain.rate:
+            # REQ clients against ZMTP ones: the server CPU ratio is the like-for-like one.
+            ratio.append(f"{r.rate / plain.rate:.2f}x acm (no CURVE) rate, "
+                         f"p50 {r.p50 / plain.p50:.2f}x")
+            if r.server_cpu_us and plain.server_cpu_us:
+                ratio.append(f"cpu {r.server_cpu_us / plain.server_cpu_us:.2f}x acm (no CURVE)")
         if ceiling and ceiling.rate and not r.extra.get("paced") and \
                 not key.startswith(("reflect_1", "reflect_n", "floor")):
             ratio.append(f"{r.rate / ceiling.rate:.2f}x tool ceiling")

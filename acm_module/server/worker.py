@@ -19,7 +19,8 @@ from acm_module.gateway import registry
 from acm_module.gateway.context import GatewayContext
 from acm_module.ops.logs import apply_log_level
 from acm_module.server import stats as stats_mod
-from acm_module.server.zmtp import ZmtpServer, split_envelope
+from acm_module.server.access import Access, apply_access
+from acm_module.server.zmtp import IN_HWM, Balance, ZmtpServer, split_envelope
 from acm_module.store import config as store_config
 from acm_module.store.conn import StoreConnection, load_script
 
@@ -41,12 +42,16 @@ class Worker:
     """One decision worker bound to a shared listening socket."""
 
     def __init__(self, settings: Any, listen_fd: int, index: int, boot_id: str,
-                 heartbeat: Any = None) -> None:
+                 heartbeat: Any = None, load: Any = None, slot: int | None = None) -> None:
         self.settings = settings
         self.listen_fd = listen_fd
         self.index = index
+        # Its place in the heartbeat and load arrays: the supervisor's, as old and new workers
+        # of a reload overlap (the index alone would collide); the index when run alone.
+        self.slot = index if slot is None else slot
         self.boot_id = boot_id
         self.heartbeat = heartbeat
+        self.load = load  # the pool's connection counts (shared memory), to spread connections
         self.stopping = False
         self.stats = stats_mod.WorkerStats(index=index, pid=os.getpid())
         self._stats_field = f"{stats_mod.socket.gethostname()}/{boot_id[:8]}/{index}"
@@ -77,10 +82,15 @@ class Worker:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         s = self.settings
         max_frame = s.max_request_bytes * 4 + 1024
+        access = Access.from_settings(s)
         if s.worker_io == "libzmq":
-            self.io: Any = _LibzmqIO(s.endpoint, self.listen_fd, max_frame)
+            self.io: Any = _LibzmqIO(s.endpoint, self.listen_fd, max_frame, access)
         else:
-            self.io = ZmtpServer(self.listen_fd, max_frame)
+            balance = None
+            if self.load is not None and self.heartbeat is not None:
+                balance = Balance(self.load, self.heartbeat, self.slot)
+            self.io = ZmtpServer(self.listen_fd, max_frame, balance,
+                                 admit=access.admit_peer if access.networks else None)
         # A reconnect must not hold the worker for long either: a black-holed store costs at
         # most 100 ms per attempt (attempts back off up to 1 s), a healthy one connects in <1 ms.
         self.store = StoreConnection(s.store, timeout=s.store_timeout_ms / 1000.0,
@@ -131,6 +141,7 @@ class Worker:
         st = self.stats
         st.decisions = self.decider.counts
         st.store_up = self.store.connected
+        st.connections = len(getattr(self.io, "conns", ()))
         if not self.store.connected:
             return
         try:
@@ -164,7 +175,7 @@ class Worker:
 
     def _beat(self) -> None:
         if self.heartbeat is not None:
-            self.heartbeat[self.index] = time.monotonic()
+            self.heartbeat[self.slot] = time.monotonic()
 
     # -- the hot loop ------------------------------------------------------------------------
     def _serve_batch(self) -> int:
@@ -440,16 +451,30 @@ class _LibzmqIO:
     """The worker's connections through a libzmq ROUTER socket (worker_io = libzmq).
 
     The same interface as ZmtpServer; every receive and reply crosses libzmq's I/O thread.
+    libzmq bounds each connection (RCVHWM, SNDHWM, then socket backpressure) and fair-queues
+    them; ROUTER_MANDATORY tells which peers do not take their replies, and their requests are
+    then dropped undecided (a reply nobody reads is a decision made for nobody).
     """
 
-    def __init__(self, endpoint: str, listen_fd: int, max_frame: int) -> None:
+    STALL_S = 1.0  # a peer whose replies do not fit is skipped this long, then tried again
+    MAX_STALLED = 4096
+
+    def __init__(self, endpoint: str, listen_fd: int, max_frame: int,
+                 access: Access | None = None) -> None:
         self.ctx = zmq.Context(io_threads=1)
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.USE_FD, listen_fd)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
+        self.sock.setsockopt(zmq.RCVHWM, IN_HWM)
+        self.sock.setsockopt(zmq.SNDHWM, IN_HWM)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # Before bind: no connection may be accepted before its checks are in place.
+        self.zap = apply_access(self.ctx, self.sock, access) if access else None
         self.sock.bind(endpoint)
         self.rx_ns = 0
+        self.stalled: dict[bytes, float] = {}  # routing id -> skip its requests until then
+        self.skipped = 0
 
     def poll(self, timeout: float) -> int:
         if self.sock.poll(int(timeout * 1000)):
@@ -459,11 +484,17 @@ class _LibzmqIO:
 
     def take(self, n: int) -> list[tuple[bytes, list[bytes]]]:
         out = []
-        while len(out) < n:
+        stalled = self.stalled
+        for _ in range(n):  # skipped requests count too: a flood of them must not hold us here
             try:
                 parts = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
+            if stalled and parts[0] in stalled:
+                if time.monotonic() < stalled[parts[0]]:
+                    self.skipped += 1
+                    continue
+                del stalled[parts[0]]
             out.append((parts[0], parts[1:]))
         return out
 
@@ -471,8 +502,11 @@ class _LibzmqIO:
         try:
             self.sock.send_multipart([peer, *env, body], zmq.NOBLOCK)
         except zmq.ZMQError:
-            # The peer is gone (HWM or disconnect); its client times out and applies its policy.
-            pass
+            # Gone (EHOSTUNREACH) or not reading (EAGAIN: SNDHWM replies unread): the client
+            # times out and applies its policy; what it still has queued is not decided.
+            if len(self.stalled) >= self.MAX_STALLED:
+                self.stalled.pop(next(iter(self.stalled)))
+            self.stalled[peer] = time.monotonic() + self.STALL_S
 
     def flush(self) -> None:
         pass
@@ -484,6 +518,8 @@ class _LibzmqIO:
 
     def close(self) -> None:
         self.sock.close(linger=1000)
+        if self.zap is not None:
+            self.zap.close()
         self.ctx.term()
 
 
@@ -494,9 +530,9 @@ def _sha1(source: str) -> str:
 
 
 def worker_main(settings: Any, listen_fd: int, index: int, boot_id: str,
-                heartbeat: Any = None) -> int:
+                heartbeat: Any = None, load: Any = None, slot: int | None = None) -> int:
     """Entry point of a forked worker; return its exit code."""
-    w = Worker(settings, listen_fd, index, boot_id, heartbeat)
+    w = Worker(settings, listen_fd, index, boot_id, heartbeat, load, slot)
     try:
         w.boot()
     except Exception:

@@ -37,14 +37,14 @@ def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
 def test_acm_bench_reports_every_phase(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     p = _run([sys.executable, "-m", "acm_module.cli", "bench", "--seconds", "0.5", "--clients",
-              "2", "--workers", "1", "--compare-io", "--compare-proxy-echo", "--json", str(out)],
-             200)
+              "2", "--workers", "1", "--compare-io", "--compare-proxy-echo", "--curve",
+              "--json", str(out)], 200)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     data = json.loads(out.read_text())
     phases = data["results"]
     assert set(phases) == {"reflect_1", "reflect_n", "echo_n", "echo_paced", "proxy_echo_n",
                            "floor_evalsha_1", "acm_paced", "acm_1", "acm_n", "io_1", "io_n",
-                           "sf_1", "sf_n"}
+                           "io_curve_1", "io_curve_n", "sf_1", "sf_n"}
     for name, r in phases.items():
         # A store round trip past its budget on a loaded machine is the service's answer, not a
         # broken kit; any other error is.
@@ -66,7 +66,8 @@ def test_acm_bench_reports_every_phase(tmp_path: Path) -> None:
     assert len(phases["acm_n"]["extra"]["worker_rss_kib"]) == 1
     assert {t["phases"][0] for t in data["targets"]} == {"acm_n", "acm_paced", "acm_1"}
     for line in ("floor (1 client)", "x floor", "x straightforward rate", "in-worker, acm phase",
-                 "tool ceiling", "x echo-pool rate", "targets (issue #15"):
+                 "tool ceiling", "x echo-pool rate", "targets (issue #15",
+                 "x acm (no CURVE) rate"):
         assert line in p.stdout, p.stdout
 
 
