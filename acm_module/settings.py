@@ -210,7 +210,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("partitions", int, 16,
             "Key partitions (hash tags) and durable streams; fixed for a deployment.",
             env=("ACM_PARTITIONS",), cli="--partitions", validator=_range(1, 1024)),
-    Setting("store_timeout_ms", float, 20.0, "Worker's timeout for one store round trip.",
+    Setting("store_timeout_ms", float, 40.0,
+            "Worker's budget for a batch's store round trip, counted from the batch's "
+            "arrival; keep it under the OpenSIPS client's ACM_TIMEOUT_MS (50) by the reply's "
+            "way back.",
             env=("ACM_STORE_TIMEOUT_MS",), cli="--store-timeout-ms", validator=_range(1, 10000),
             runtime=True),
     Setting("max_batch", int, 64, "Most requests a worker decides in one store round trip.",

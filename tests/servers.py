@@ -131,7 +131,7 @@ class Service:
         self.env = {**os.environ, "ACM_MI_HTTP": self.mi_http,
                     "ACM_MI_DATAGRAM": self.mi_datagram, "ACM_METRICS_HTTP": self.metrics_http,
                     "ACM_STATE_DIR": f"{self.dir}/state",
-                    # A loaded CI machine can stall a store round trip past the production 20 ms;
+                    # A loaded CI machine can stall a store round trip past the production 40 ms;
                     # tests that exercise the timeout set their own.
                     "ACM_STORE_TIMEOUT_MS": "1000", **(extra_env or {})}
         self.args = args or []
