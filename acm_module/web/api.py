@@ -39,7 +39,7 @@ from acm_module.control.jsonrpc import MIError
 from acm_module.control.repository import AlertQuery
 from acm_module.errors import StoreError
 from acm_module.web import models as m
-from acm_module.web.decide import PoolBusy, PoolClient, PoolTimeout
+from acm_module.web.decide import CurvePoolClient, PoolBusy, PoolClient, PoolTimeout
 from acm_module.web.security import (
     BOOTSTRAP_ACTOR,
     Passwords,
@@ -199,7 +199,7 @@ class Services:
     """What the handlers use: settings, the control plane, users, the pool client."""
 
     def __init__(self, settings: Any, control: Any, users: UserRepository,
-                 pool: PoolClient | None) -> None:
+                 pool: PoolClient | CurvePoolClient | None) -> None:
         self.settings = settings
         self.control = control
         self.users = users

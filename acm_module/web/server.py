@@ -99,12 +99,11 @@ def build_app(settings: Any) -> Any:
     """Return the ASGI app with its services (control plane, users, pool client)."""
     from acm_module.control.commands import Control
     from acm_module.web.api import Services, create_app
-    from acm_module.web.decide import PoolClient
+    from acm_module.web.decide import pool_client
 
     control = Control(settings)
     users = open_users(settings)
-    pool = PoolClient(settings.endpoint, sockets=max(2, 2 * settings.workers),
-                      max_inflight=settings.web_max_inflight)
+    pool = pool_client(settings)
     return create_app(Services(settings, control, users, pool))
 
 

@@ -75,10 +75,10 @@ class Web:
 
 
 @contextlib.contextmanager
-def running_web(store_url: str, env: dict[str, str] | None = None, workers: int = 2
-                ) -> Iterator[Web]:
+def running_web(store_url: str, env: dict[str, str] | None = None, workers: int = 2,
+                curve: Any = None) -> Iterator[Web]:
     """Start `acm serve` with the API (bootstrap token set); always stopped."""
-    svc = Service(store_url, workers=workers,
+    svc = Service(store_url, workers=workers, curve=curve,
                   extra_env={"ACM_WEB_HTTP": f"127.0.0.1:{free_port()}",
                              "ACM_API_TOKEN": BOOT_TOKEN, **(env or {})})
     web = Web(svc)

@@ -639,3 +639,27 @@ def test_a_store_outage_gets_503_at_once_and_the_api_recovers_with_the_store() -
                 time.sleep(0.1)
     finally:
         srv.cleanup()
+
+
+@pytest.mark.parametrize("restricted", [False, True], ids=["any-client-key", "client-keys"])
+def test_events_reach_a_pool_whose_endpoint_speaks_curve(store_url: str, tmp_path: Any,
+                                                         restricted: bool) -> None:
+    from acm_module.client import CurveKeys
+    from acm_module.server.access import generate_keypair
+
+    generate_keypair(tmp_path, "server")
+    generate_keypair(tmp_path, "opensips")
+    env = {"ACM_CURVE_SERVER_KEY": str(tmp_path / "server.key_secret")}
+    probe = CurveKeys.load(str(tmp_path / "server.key"))
+    if restricted:  # the API process uses the service's own pair: list its public key
+        clients = tmp_path / "clients"
+        clients.mkdir()
+        for name in ("opensips", "server"):
+            (clients / f"{name}.key").write_bytes((tmp_path / f"{name}.key").read_bytes())
+        env["ACM_CURVE_CLIENT_KEYS"] = str(clients)
+        probe = CurveKeys.load(str(tmp_path / "server.key"),
+                               str(tmp_path / "opensips.key_secret"))
+    with running_web(store_url, env=env, curve=probe) as w:
+        out = burst(w.boot, fresh_b(), 5)
+        assert out[-1]["detection_result"]["detected"] is True
+        assert "libzmq" in w.svc.read_log()  # CURVE: the workers run libzmq I/O
