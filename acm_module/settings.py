@@ -117,7 +117,7 @@ class Setting:
                 value = _coerce(self.type, raw)
             if self.validator is not None:
                 self.validator(value)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:  # Overflow: a 400-digit float
             shown = repr(raw)
             if len(shown) > 60:  # an error must not echo a 30 KB value into replies and logs
                 shown = shown[:57] + "..."

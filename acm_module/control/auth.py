@@ -94,7 +94,9 @@ class Authorizer:
     def check(self, *, admin: bool, loopback_bind: bool, presented: str | None) -> str:
         """Return the caller's role ("admin" or "read"). Raises MIError(-32001)."""
         if presented is not None:
-            if not self._token or not hmac.compare_digest(presented.encode(), self._token):
+            # surrogatepass: a lone surrogate ("\ud800") is a wrong token, not an exception.
+            if not self._token or not hmac.compare_digest(
+                    presented.encode("utf-8", "surrogatepass"), self._token):
                 raise MIError(UNAUTHORIZED, "invalid MI token")
             return "admin"
         if not admin:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -54,39 +55,53 @@ _URL_SETTINGS = ("store", "database_url", "questdb_url", "clickhouse_url")
 
 
 # -- parameter parsing ---------------------------------------------------------------------
+_MAX_INT = 2**53  # no MI integer is larger; JSON numbers beyond it are not exact anyway
+_MAX_TIME_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z
+
+
 def _p_int(v: Any) -> int:
-    if isinstance(v, bool):
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
         raise ValueError("must be an integer")
-    if isinstance(v, float) and not v.is_integer():
+    if isinstance(v, float) and not v.is_integer():  # NaN and infinities are not integers
         raise ValueError("must be an integer")
     try:
-        return int(v)
-    except (TypeError, ValueError) as e:
+        n = int(v)
+    except (TypeError, ValueError, OverflowError) as e:
         raise ValueError("must be an integer") from e
+    if abs(n) > _MAX_INT:
+        raise ValueError(f"must be an integer within ±{_MAX_INT}")
+    return n
 
 
 def _p_time_ms(v: Any) -> int:
     """Parse epoch seconds or ISO 8601 (naive = UTC) into epoch milliseconds."""
-    if isinstance(v, bool):
-        raise ValueError("must be epoch seconds or an ISO 8601 time")
-    if isinstance(v, int | float):
-        return int(float(v) * 1000)
-    s = str(v).strip()
+    what = "must be epoch seconds or an ISO 8601 time (year 1 to 9999)"
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
+        raise ValueError(what)
     try:
-        return int(float(s) * 1000)
+        secs: float | None = float(v)
+    except OverflowError as e:  # an integer beyond any float
+        raise ValueError(what) from e
     except ValueError:
-        pass
+        secs = None
+    if secs is not None:
+        if not math.isfinite(secs) or abs(secs * 1000) > _MAX_TIME_MS:
+            raise ValueError(what)
+        return int(secs * 1000)
     try:
-        dt = datetime.fromisoformat(s)
+        dt = datetime.fromisoformat(jsonrpc.valid_text(str(v).strip()))
     except ValueError as e:
-        raise ValueError("must be epoch seconds or an ISO 8601 time") from e
+        raise ValueError(what) from e
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
+    try:
+        return int(dt.timestamp() * 1000)
+    except (OverflowError, OSError, ValueError) as e:  # 0001-01-01 with a +hh offset
+        raise ValueError(what) from e
 
 
 def _p_severity(v: Any) -> str:
-    s = str(v).strip().upper()
+    s = param_str(v).strip().upper()
     if s not in SEVERITIES:
         raise ValueError(f"must be one of {', '.join(SEVERITIES)}")
     return s
@@ -119,12 +134,15 @@ def _p_rule(v: Any) -> str | None:
 
 
 def _p_float(v: Any) -> float:
-    if isinstance(v, bool):
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
         raise ValueError("must be a number")
     try:
-        return float(v)
-    except (TypeError, ValueError) as e:
+        f = float(v)
+    except (TypeError, ValueError, OverflowError) as e:
         raise ValueError("must be a number") from e
+    if not math.isfinite(f):
+        raise ValueError("must be a finite number")
+    return f
 
 
 @dataclass(frozen=True)
@@ -186,7 +204,10 @@ class Control:
         try:
             value = self.execute(req.method, req.params, via=via, loopback_bind=loopback_bind,
                                  bearer=bearer)
-        except MIError as e:
+        except Exception as e:  # whatever went wrong, the caller gets its one reply
+            if not isinstance(e, MIError):
+                log.exception("MI %s from %s failed", str(req.method)[:64], via)
+                e = MIError(jsonrpc.INTERNAL_ERROR, f"internal error: {type(e).__name__}")
             if req.is_notification:
                 log.warning("MI notification %s from %s failed: %s", req.method, via, e.message)
                 return None
@@ -332,15 +353,22 @@ class Control:
         """Handle E_ACM_RELOAD: settings → acm_set; nothing (or reset=…) → acm_reload."""
         # `opensips-cli -x mi raise_event E_ACM_RELOAD '{"threshold": 7}'` passes the JSON
         # object as one unnamed string parameter: {"": "{\"threshold\": 7}"}.
+        # OpenSIPS 3.6 hands the same parameter on as ["{...}"] about a third of the time
+        # (_named turns that into the same {"": ...}).
         if set(raw) == {""}:
             try:
-                inner = json.loads(raw.pop("")) if isinstance(raw.get(""), str) else None
-            except ValueError as e:
-                raise MIError(jsonrpc.INVALID_PARAMS, f"event params are not JSON: {e}") from e
+                inner = json.loads(raw.pop(""), object_pairs_hook=jsonrpc.unique_keys,
+                                   parse_int=jsonrpc.parse_int) \
+                    if isinstance(raw.get(""), str) else None
+            except (ValueError, RecursionError) as e:
+                raise bad_params(f"event params are not JSON: {str(e)[:200]}") from e
             if not isinstance(inner, dict):
-                raise MIError(jsonrpc.INVALID_PARAMS, "event params must be a JSON object")
+                raise bad_params("event params must be a JSON object")
             raw = inner
-        reset = param_bool(raw.pop("reset", False))
+        try:
+            reset = param_bool(raw.pop("reset", False))
+        except ValueError as e:
+            raise bad_params(f"reset: {e}") from e
         if not raw:
             return self.acm_reload(caller, reset=reset, action=EVENT_RELOAD)
         return self.publish(_parse_settings(raw), caller, EVENT_RELOAD)
@@ -868,9 +896,15 @@ def _named(cmd: Command, params: dict[str, Any] | list[Any]) -> dict[str, Any]:
     """Turn positional params into named ones (name=value items, else declaration order)."""
     if isinstance(params, dict):
         return dict(params)
+    if cmd.name == EVENT_RELOAD and len(params) == 1 and isinstance(params[0], str) \
+            and params[0].lstrip().startswith(("{", "[")):
+        return {"": params[0]}  # raise_event's nameless JSON parameter, array form
     pairs = bool(params) and all(isinstance(p, str) and "=" in p for p in params)
     if cmd.settings_params or pairs:
-        return dict(_split_pair(p) for p in params)
+        named = dict(_split_pair(p) for p in params)
+        if len(named) != len(params):
+            raise bad_params("a parameter is given more than once")
+        return named
     if len(params) > len(cmd.params):
         raise bad_params(f"{cmd.name} takes at most {len(cmd.params)} positional params")
     return {p.name: v for p, v in zip(cmd.params, params, strict=False)}
@@ -900,17 +934,24 @@ def _bind(cmd: Command, named: dict[str, Any]) -> dict[str, Any]:
             continue
         try:
             args[p.name] = p.parse(raw)
-        except ValueError as e:
-            raise bad_params(f"{p.name}: {e} (got {raw!r})") from e
+        except (ValueError, TypeError, OverflowError) as e:
+            raise bad_params(f"{p.name}: {e} (got {_shown(raw)})") from e
     return args
 
 
+def _shown(raw: Any) -> str:
+    """Return a value's repr for an error message, cut short (an error must not echo 30 KB)."""
+    shown = repr(raw)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
 def _number(name: str, raw: Any, cmd: Command) -> str:
-    if not isinstance(raw, str | int) or isinstance(raw, bool):
-        raise bad_params(f"{name}: must be a phone number (got {raw!r})")
+    if not isinstance(raw, str | int) or isinstance(raw, bool) or (
+            isinstance(raw, str) and not raw.isprintable()):
+        raise bad_params(f"{name}: must be a phone number (got {_shown(raw)})")
     owner = getattr(cmd.handler, "__self__", None)
     cc = owner.settings.default_country_code if owner is not None else "234"
     n = hotpath.normalise(str(raw), cc)
     if n is None:
-        raise bad_params(f"{name}: {raw!r} is not a phone number")
+        raise bad_params(f"{name}: {_shown(raw)} is not a phone number")
     return n
