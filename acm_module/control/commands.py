@@ -174,8 +174,13 @@ _NUMBER = "number"
 class Control:
     """The state behind the MI endpoint: one store connection, one repository, one lock."""
 
-    def __init__(self, settings: Any, repo: ControlRepository | None = None) -> None:
+    def __init__(self, settings: Any, repo: ControlRepository | None = None,
+                 boot_id: str = "") -> None:
         self.settings = settings
+        self.boot_id = boot_id  # the supervisor's: a restored config carries it
+        # The live config as last read from or written to the store: what goes back when the
+        # store loses it.
+        self._last_live: dict[str, Any] | None = None
         self.conn = StoreConnection(settings.store, timeout=1.0, connect_timeout=1.0)
         self.repo = repo if repo is not None else open_repository(settings, self.conn)
         self.auth = Authorizer(settings.mi_token or "")
@@ -419,7 +424,7 @@ class Control:
         """Publish changes as a new config generation (CAS, retried); persist; audit."""
         for attempt in range(_CAS_ATTEMPTS):
             gen, live = store_config.read(self.conn)
-            base = {**self.settings.detection(), **(live or {})}
+            base = live if live is not None else self.desired_config()
             merged = {**base, **changes}
             try:
                 settings_mod.validate_combination(merged)
@@ -436,11 +441,15 @@ class Control:
             time.sleep(random.uniform(0.001, 0.005 * (attempt + 1)))
         else:
             raise MIError(jsonrpc.CONFLICT, "config changed concurrently too often; retry")
+        self._last_live = merged
         result: dict[str, Any] = {"generation": new_gen, "changed": changed, "values": merged}
         if "log_level" in changed:
             apply_log_level(merged["log_level"])
         if persist:
-            result["persisted"] = self._persist(changes, caller)
+            # A value already in force is no change: it is neither pinned as an override nor
+            # audited (a script re-applying its settings leaves no trace and pins nothing).
+            result["persisted"] = bool(changed) and self._persist(
+                {k: changes[k] for k in changed}, caller)
         if changed:
             try:
                 rec = audit.record(
@@ -469,9 +478,39 @@ class Control:
             return False
         return True
 
+    def desired_config(self) -> dict[str, Any]:
+        """Return the config the store should hold: the last live one this process saw, else
+        the settings it started with and the saved MI overrides on top."""
+        if self._last_live is not None:
+            return dict(self._last_live)
+        try:
+            saved = overrides.read_overrides(self.overrides_path)
+        except ConfigError as e:
+            log.error("%s", e)
+            saved = {}
+        return {**self.settings.detection(), **saved}
+
+    def restore_config(self) -> int:
+        """Put the live config back if the store has none (flushed, restarted empty); return
+        the new generation, or 0 when the store had one. Raises StoreError."""
+        with self._lock:
+            _, live = store_config.read(self.conn)
+            if live is not None:
+                self._last_live = live
+                return 0
+            values = self.desired_config()
+            gen = store_config.restore(self.conn, values, self.boot_id)
+            if gen:
+                self._last_live = values
+                log.warning("the store had no live config: restored it as generation %d (%s)",
+                            gen, ", ".join(f"{k}={v!r}" for k, v in sorted(values.items())))
+            return gen
+
     def acm_get_config(self, caller: Caller) -> dict[str, Any]:
         """Return the live config, its generation, the overrides and every setting's source."""
         gen, live = store_config.read(self.conn)
+        if live is not None:
+            self._last_live = live
         try:
             saved: dict[str, Any] | str = overrides.read_overrides(self.overrides_path)
         except ConfigError as e:

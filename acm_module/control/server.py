@@ -28,6 +28,7 @@ BOOT_ERROR = 3  # the supervisor stops instead of respawning
 MAX_DATAGRAM_REPLY = 32768  # python-opensips reads replies with a 32 KiB buffer by default
 MI_PATHS = ("/mi", "/mi/", "/json", "/json/")
 REGISTRY_WATCH_S = 5.0  # how often the control process checks the store still has the registry
+CONFIG_WATCH_S = 1.0  # ... and the live config (one HMGET)
 
 
 # -- HTTP ----------------------------------------------------------------------------------
@@ -214,14 +215,15 @@ def _unlink_stale(path: str) -> None:
 class ControlServer:
     """Both transports and the Control behind them; start() binds, stop() closes."""
 
-    def __init__(self, settings: Any, control: Control | None = None) -> None:
+    def __init__(self, settings: Any, control: Control | None = None, boot_id: str = ""
+                 ) -> None:
         self.settings = settings
         self.http_bind = parse_bind(settings.mi_http, "mi_http") if settings.mi_http else None
         self.dgram_bind = (parse_bind(settings.mi_datagram, "mi_datagram")
                            if settings.mi_datagram else None)
         binds = [b for b in (self.http_bind, self.dgram_bind) if b is not None]
         check_boot(binds, settings.mi_token or "")
-        self.control = control or Control(settings)
+        self.control = control or Control(settings, boot_id=boot_id)
         self.http: Any = None
         self.dgram: DatagramServer | None = None
         self.stop_event = threading.Event()
@@ -247,6 +249,7 @@ class ControlServer:
                      "" if self.dgram.loopback else ", admin token required")
         self._thread("mi-boot", self._boot_tasks)
         self._thread("mi-registry", self._registry_watch)
+        self._thread("mi-config", self._config_watch)
 
     def _thread(self, name: str, target: Any) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -281,6 +284,21 @@ class ControlServer:
             # Soon again while the first publish fails (a database still starting).
             self.stop_event.wait(1.0 if 0 < failures < 10 else REGISTRY_WATCH_S)
 
+    def _config_watch(self) -> None:
+        """Put the live config (with the MI overrides) back whenever the store has lost it.
+
+        The first look comes a period after start-up, when the workers of this boot have
+        published theirs."""
+        failing = False
+        while not self.stop_event.wait(CONFIG_WATCH_S):
+            try:
+                self.control.restore_config()
+                failing = False
+            except Exception as e:
+                if not failing:
+                    log.warning("live config not checked: %s (retrying)", e)
+                failing = True
+
     def stop(self) -> None:
         """Stop serving, close every socket and the store connection."""
         self.stop_event.set()
@@ -302,8 +320,10 @@ class ControlServer:
         self.control.close()
 
 
-def control_main(settings: Any) -> int:
-    """Entry point of the forked control process; return its exit code (3 = boot failure)."""
+def control_main(settings: Any, boot_id: str = "") -> int:
+    """Entry point of the forked control process; return its exit code (3 = boot failure).
+
+    boot_id: the supervisor's, put back with a restored live config."""
     stop = threading.Event()
 
     def on_term(signum: int, frame: Any) -> None:
@@ -313,7 +333,7 @@ def control_main(settings: Any) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor owns Ctrl-C
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        srv = ControlServer(settings)
+        srv = ControlServer(settings, boot_id=boot_id)
     except ConfigError as e:
         log.error("MI control plane: %s", e)
         return BOOT_ERROR
