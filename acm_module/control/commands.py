@@ -170,6 +170,15 @@ class Command:
 _NUMBER = "number"
 
 
+@dataclass(frozen=True)
+class Reply:
+    """The encoded response to one request (None for a notification), and whether the caller
+    presented the right token (the datagram endpoint caps what it sends to anyone else)."""
+
+    body: bytes | None
+    authenticated: bool = False
+
+
 # -- the control plane ---------------------------------------------------------------------
 class Control:
     """The state behind the MI endpoint: one store connection, one repository, one lock."""
@@ -200,41 +209,55 @@ class Control:
 
     # -- protocol --------------------------------------------------------------------------
     def dispatch(self, raw: bytes, *, via: str, loopback_bind: bool,
-                 bearer: str | None = None) -> bytes | None:
+                 bearer: str | None = None, token_always: bool = False) -> bytes | None:
         """Run one JSON-RPC request; return the encoded response (None for a notification)."""
+        return self.handle(raw, via=via, loopback_bind=loopback_bind, bearer=bearer,
+                           token_always=token_always).body
+
+    def handle(self, raw: bytes, *, via: str, loopback_bind: bool, bearer: str | None = None,
+               token_always: bool = False) -> Reply:
+        """Run one JSON-RPC request; return its response and whether the caller proved the
+        token. token_always: every command needs the token (an exposed datagram bind)."""
         try:
             req = jsonrpc.parse(raw)
         except MIError as e:
-            return jsonrpc.error(jsonrpc.error_id(e), e)
+            return Reply(jsonrpc.error(jsonrpc.error_id(e), e))
+        seen: dict[str, bool] = {}
         try:
             value = self.execute(req.method, req.params, via=via, loopback_bind=loopback_bind,
-                                 bearer=bearer)
+                                 bearer=bearer, token_always=token_always, seen=seen)
         except Exception as e:  # whatever went wrong, the caller gets its one reply
             if not isinstance(e, MIError):
-                log.exception("MI %s from %s failed", str(req.method)[:64], via)
+                log.exception("MI %s from %s failed", req.method[:64], via)
                 e = MIError(jsonrpc.INTERNAL_ERROR, f"internal error: {type(e).__name__}")
             if req.is_notification:
-                log.warning("MI notification %s from %s failed: %s", req.method, via, e.message)
-                return None
-            return jsonrpc.error(req.id, e)
+                log.warning("MI notification %s from %s failed: %s", req.method[:64], via,
+                            e.message)
+                return Reply(None, seen.get("token", False))
+            return Reply(jsonrpc.error(req.id, e), seen.get("token", False))
         if req.is_notification:
-            return None
-        return jsonrpc.result(req.id, value)
+            return Reply(None, seen.get("token", False))
+        return Reply(jsonrpc.result(req.id, value), seen.get("token", False))
 
     def execute(self, method: str, params: dict[str, Any] | list[Any], *, via: str,
-                loopback_bind: bool, bearer: str | None = None) -> Any:
-        """Authorise and run one command; return its result. Raises MIError."""
+                loopback_bind: bool, bearer: str | None = None, token_always: bool = False,
+                seen: dict[str, bool] | None = None) -> Any:
+        """Authorise and run one command; return its result. Raises MIError.
+
+        seen["token"] is set when the caller presented the right token."""
         cmd = self.commands.get(method)
         if cmd is None:
             raise MIError(jsonrpc.METHOD_NOT_FOUND,
-                          f"unknown method {method!r}; `which` lists the commands")
+                          f"unknown method {_shown(method)}; `which` lists the commands")
         named = _named(cmd, params)
         token = named.pop("token", None)
         actor = named.pop("actor", None)
         presented = bearer if bearer is not None else (
             None if token is None else str(token))
         role = self.auth.check(admin=cmd.admin, loopback_bind=loopback_bind,
-                               presented=presented)
+                               presented=presented, token_always=token_always)
+        if seen is not None:
+            seen["token"] = presented is not None
         caller = Caller(actor=_clean_actor(actor, role, presented is not None), via=via,
                         role=role)
         args = _bind(cmd, named)

@@ -8,6 +8,7 @@ threads, the store connection) is created in this process.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -144,6 +145,7 @@ class DatagramServer:
             self.sock.bind((bind.host, bind.port))
         self.sock.settimeout(0.2)
         self._stop = threading.Event()
+        self.unanswered = 0  # requests without the token too short for any reply (exposed)
 
     @property
     def address(self) -> Any:
@@ -165,12 +167,25 @@ class DatagramServer:
     def _handle(self, data: bytes, peer: Any) -> None:
         via = f"datagram:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "datagram:unix"
         try:
-            reply = self.control.dispatch(data, via=via, loopback_bind=self.loopback)
+            # Exposed: every command needs the token (a forged source must not get answers).
+            r = self.control.handle(data, via=via, loopback_bind=self.loopback,
+                                    token_always=not self.loopback)
         except Exception:  # never let one datagram stop the endpoint
             log.exception("datagram from %s failed", via)
             return
+        reply = r.body
         if reply is None or not peer:
             return  # a notification (OpenSIPS events), or an unbound unix sender
+        if not self.loopback and not r.authenticated and len(reply) > len(data):
+            # No amplification towards a forged source: without the token, never more bytes
+            # back than came in. The short form keeps the code; a request shorter than even
+            # that gets no reply.
+            reply = _short_error(reply)
+            if reply is None or len(reply) > len(data):
+                self.unanswered += 1
+                log.debug("datagram from %s: no reply (no token, request of %d bytes)",
+                          via, len(data))
+                return
         if len(reply) > MAX_DATAGRAM_REPLY:
             rid = _request_id(data)
             reply = jsonrpc.error(rid, jsonrpc.MIError(
@@ -191,6 +206,17 @@ class DatagramServer:
         if self.bind.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.bind.unix_path)
+
+
+def _short_error(reply: bytes) -> bytes | None:
+    """Return an error reply cut to its code and a one-word message (None if not an error)."""
+    try:
+        rep = json.loads(reply)
+        code = int(rep["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    word = "unauthorized" if code == jsonrpc.UNAUTHORIZED else "error"
+    return jsonrpc.error(rep.get("id"), jsonrpc.MIError(code, word))
 
 
 def _request_id(data: bytes) -> Any:

@@ -252,14 +252,19 @@ def test_token_enforced_on_exposed_binds(mi_factory) -> None:  # type: ignore[no
     env = {"ACM_MI_TOKEN": TOKEN}
     with mi_factory(env=env, http_host="0.0.0.0", dgram_host="0.0.0.0") as (mi, _):
         http, dgram = mi.http(), mi.datagram()
-        # Read-only commands need no admin rights.
+        # Read-only commands need no admin rights over HTTP; over exposed datagrams every
+        # command needs the token (forged sources, issue 12 item 3).
         assert http.execute("acm_get_config")["settings"]["mi_token"] == "***"
-        assert dgram.execute("acm_stats")["total"]["workers"] >= 0
-        for client in (http, dgram):
-            for params in ({"threshold": 7}, {"threshold": 7, "token": "wrong-token"}):
-                with pytest.raises(OpenSIPSMIException) as e:
-                    client.execute("acm_set", params)
-                assert mi_error(e.value)[0] == jsonrpc.UNAUTHORIZED
+        assert dgram.execute("acm_stats", {"token": TOKEN})["total"]["workers"] >= 0
+        for params in ({"threshold": 7}, {"threshold": 7, "token": "wrong-token"}):
+            with pytest.raises(OpenSIPSMIException) as e:
+                http.execute("acm_set", params)
+            assert mi_error(e.value)[0] == jsonrpc.UNAUTHORIZED
+            # over a datagram: "unauthorized", or no reply when the request is shorter
+            body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "acm_set",
+                               "params": params}).encode()
+            r = mi.send_datagram(body, wait=0.5)
+            assert r is None or r["error"]["code"] == jsonrpc.UNAUTHORIZED
         assert mi.live()["threshold"] == 5
         assert http.execute("acm_set", {"threshold": 7, "token": TOKEN})["generation"]
         assert dgram.execute("acm_set", {"threshold": 6, "token": TOKEN})["generation"]
