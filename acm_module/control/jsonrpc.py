@@ -25,6 +25,7 @@ CONFIG_INVALID = -32002
 CONFLICT = -32003
 NOT_FOUND = -32004
 REPLY_TOO_LARGE = -32005
+BUSY = -32006  # every MI HTTP connection slot is answering a request: retry
 
 MAX_REQUEST_BYTES = 65536
 

@@ -14,8 +14,10 @@ import os
 import signal
 import socket
 import socketserver
+import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 from acm_module.control import jsonrpc
@@ -38,6 +40,14 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: Any
 
+    def setup(self) -> None:
+        self.timeout = self.server.conns.timeout_s  # each recv(); the deadline bounds the sum
+        super().setup()
+
+    def handle_one_request(self) -> None:
+        self.server.conns.reading(self.connection)
+        super().handle_one_request()
+
     def do_POST(self) -> None:
         if self.path.split("?", 1)[0] not in MI_PATHS:
             self._send(404, b'{"error":"not found: POST /mi"}')
@@ -57,6 +67,10 @@ class _Handler(BaseHTTPRequestHandler):
                 f"request larger than {jsonrpc.MAX_REQUEST_BYTES} bytes")))
             return
         body = self.rfile.read(length)
+        if len(body) < length:
+            self.close_connection = True  # closed or timed out mid-body: nobody to answer
+            return
+        self.server.conns.busy(self.connection)
         bearer = None
         auth = self.headers.get("Authorization", "")
         if auth[:7].lower() == "bearer ":
@@ -96,8 +110,105 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("http %s: " + format, self._peer(), *args)
 
 
-class _HTTPServer(ThreadingHTTPServer):
+class _Connections:
+    """The open connections of an HTTP endpoint: each has a deadline for its next request and
+    their number is bounded, so neither slow nor idle peers hold threads forever or keep the
+    operator out (one thread per connection, as http.server does, but never more than
+    `limit`)."""
+
+    def __init__(self, limit: int, timeout_s: float) -> None:
+        self.limit = limit
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        # socket -> monotonic deadline of the request it is reading; None while dispatching
+        self._open: dict[socket.socket, float | None] = {}
+        self.evicted = 0
+        self.refused = 0
+
+    def admit(self, sock: socket.socket) -> bool:
+        """Register a new connection; make room by closing the one reading the longest. Return
+        False when every slot is busy dispatching (the caller answers 503)."""
+        with self._lock:
+            if len(self._open) >= self.limit:
+                reading = [(d, s) for s, d in self._open.items() if d is not None]
+                if not reading:
+                    self.refused += 1
+                    return False
+                _, victim = min(reading, key=lambda x: x[0])
+                self._drop(victim)
+                self.evicted += 1
+            self._open[sock] = time.monotonic() + self.timeout_s
+            return True
+
+    def reading(self, sock: socket.socket) -> None:
+        """Start the deadline of the connection's next request."""
+        with self._lock:
+            if sock in self._open:
+                self._open[sock] = time.monotonic() + self.timeout_s
+
+    def busy(self, sock: socket.socket) -> None:
+        """The request is in: no deadline (and no eviction) while it is being answered."""
+        with self._lock:
+            if sock in self._open:
+                self._open[sock] = None
+
+    def closed(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.pop(sock, None)
+
+    def expire(self) -> int:
+        """Close every connection past its deadline; return how many."""
+        now = time.monotonic()
+        with self._lock:
+            late = [s for s, d in self._open.items() if d is not None and d <= now]
+            for s in late:
+                self._drop(s)
+        return len(late)
+
+    def _drop(self, sock: socket.socket) -> None:
+        # shutdown() wakes the thread blocked in recv(); it then closes and unregisters.
+        self._open.pop(sock, None)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+_BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+               b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
+
+
+class _BoundedThreadingMixIn(socketserver.ThreadingMixIn):
+    """Thread per connection, bounded and with deadlines (see _Connections)."""
+
     daemon_threads = True
+    block_on_close = False
+    request_queue_size = 128  # the listen backlog (socketserver's default is 5)
+    conns: _Connections
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.conns.admit(request):
+            body = jsonrpc.error(None, jsonrpc.MIError(
+                jsonrpc.BUSY, "MI busy: every connection is being answered; retry"))
+            with contextlib.suppress(OSError):
+                request.setblocking(False)
+                request.send(_BUSY_REPLY % (len(body), body))
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        self.conns.closed(request)
+        super().shutdown_request(request)  # type: ignore[misc]
+
+    def service_actions(self) -> None:
+        self.conns.expire()  # called by serve_forever() every poll interval
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A peer that resets or is closed for its deadline is routine, not a traceback.
+        log.debug("MI HTTP connection from %s ended: %s", client_address,
+                  sys.exc_info()[1])
+
+
+class _HTTPServer(_BoundedThreadingMixIn, HTTPServer):
     allow_reuse_address = True
     control: Control
     loopback: bool
@@ -107,8 +218,7 @@ class _HTTP6Server(_HTTPServer):
     address_family = socket.AF_INET6
 
 
-class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+class _UnixHTTPServer(_BoundedThreadingMixIn, socketserver.UnixStreamServer):
     control: Control
     loopback: bool = True
 
@@ -116,11 +226,21 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
 def _http_server(bind: Bind, control: Control) -> Any:
     if bind.unix_path is not None:
         _unlink_stale(bind.unix_path)
-        srv: Any = _UnixHTTPServer(bind.unix_path, _Handler)
-        os.chmod(bind.unix_path, 0o660)
+        srv: Any = _UnixHTTPServer(bind.unix_path, _Handler, bind_and_activate=False)
     else:
         cls = _HTTP6Server if ":" in bind.host else _HTTPServer
-        srv = cls((bind.host, bind.port), _Handler)
+        srv = cls((bind.host, bind.port), _Handler, bind_and_activate=False)
+    # Before the bind: a server that cannot bind still has them, to close.
+    srv.conns = _Connections(control.settings.mi_http_max_connections,
+                             control.settings.mi_http_timeout)
+    try:
+        srv.server_bind()
+        srv.server_activate()
+    except BaseException:
+        srv.server_close()
+        raise
+    if bind.unix_path is not None:
+        os.chmod(bind.unix_path, 0o660)
     srv.control = control
     srv.loopback = is_loopback(bind)
     return srv

@@ -133,3 +133,30 @@ def test_cli_builds_named_or_positional_params() -> None:
     assert build_request("acm_unblock", ["+2348031234567"])["params"] == ["+2348031234567"]
     assert "params" not in build_request("acm_stats", [])
     assert build_request("acm_stats", [], actor="ops")["params"] == {"actor": "ops"}
+
+
+def test_connection_slots_evict_the_oldest_unfinished_and_refuse_when_all_are_busy() -> None:
+    import socket
+    import time
+
+    from acm_module.control.server import _Connections
+
+    conns = _Connections(limit=2, timeout_s=0.2)
+    pairs = [socket.socketpair() for _ in range(4)]
+    try:
+        a, b, c, d = (p[0] for p in pairs)
+        assert conns.admit(a) and conns.admit(b)
+        assert conns.admit(c) and conns.evicted == 1  # a read the longest: closed for c
+        assert pairs[0][1].recv(1) == b""  # the peer of a sees the end
+        conns.busy(b)
+        conns.busy(c)
+        assert not conns.admit(d) and conns.refused == 1  # every slot answering: 503
+        conns.reading(c)
+        time.sleep(0.25)
+        assert conns.expire() == 1 and pairs[2][1].recv(1) == b""  # c missed its deadline
+        conns.closed(b)
+        assert conns.admit(d)
+    finally:
+        for x, y in pairs:
+            x.close()
+            y.close()
