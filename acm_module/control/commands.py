@@ -75,7 +75,7 @@ def _p_int(v: Any) -> int:
 
 def _p_time_ms(v: Any) -> int:
     """Parse epoch seconds or ISO 8601 (naive = UTC) into epoch milliseconds."""
-    what = "must be epoch seconds or an ISO 8601 time (year 1 to 9999)"
+    what = "must be epoch seconds or an ISO 8601 time, from 1970 to 9999"
     if isinstance(v, bool) or not isinstance(v, int | float | str):
         raise ValueError(what)
     try:
@@ -85,19 +85,19 @@ def _p_time_ms(v: Any) -> int:
     except ValueError:
         secs = None
     if secs is not None:
-        if not math.isfinite(secs) or abs(secs * 1000) > _MAX_TIME_MS:
-            raise ValueError(what)
-        return int(secs * 1000)
-    try:
-        dt = datetime.fromisoformat(jsonrpc.valid_text(str(v).strip()))
-    except ValueError as e:
-        raise ValueError(what) from e
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    try:
-        return int(dt.timestamp() * 1000)
-    except (OverflowError, OSError, ValueError) as e:  # 0001-01-01 with a +hh offset
-        raise ValueError(what) from e
+        ms = secs * 1000
+    else:
+        try:
+            dt = datetime.fromisoformat(jsonrpc.valid_text(str(v).strip()))
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=UTC)
+            ms = dt.timestamp() * 1000
+        except (ValueError, OverflowError, OSError) as e:  # 0001-01-01 with a +hh offset
+            raise ValueError(what) from e
+    # Before 1970 is no time of this service's (and a negative stream id to the store).
+    if not (math.isfinite(ms) and 0 <= ms <= _MAX_TIME_MS):
+        raise ValueError(what)
+    return int(ms)
 
 
 def _p_severity(v: Any) -> str:

@@ -112,7 +112,8 @@ def parse(raw: bytes) -> Request:
         obj = json.loads(raw, object_pairs_hook=unique_keys, parse_int=parse_int)
     except _DuplicateKey as e:
         # As the request decoder refuses a duplicate field: which one wins is nobody's guess.
-        raise MIError(INVALID_REQUEST, f"duplicate key {str(e)[:64]!r}") from e
+        raise _with_id(MIError(INVALID_REQUEST, f"duplicate key {str(e)[:64]!r}"),
+                       _lone_id(raw)) from e
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise MIError(PARSE_ERROR, f"parse error: {e}") from e
     if isinstance(obj, list):
@@ -135,6 +136,27 @@ def parse(raw: bytes) -> Request:
     if not isinstance(params, dict | list):
         raise _with_id(MIError(INVALID_REQUEST, "params must be an object or an array"), rid)
     return Request(method=method, params=params, id=rid)
+
+
+def _lone_id(raw: bytes) -> Any:
+    """Return the id of a body refused for a duplicate key, when its top level has exactly one
+    valid id (the reply can then still be matched); else _NO_ID."""
+    objects: list[list[tuple[str, Any]]] = []
+
+    def keep(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        objects.append(pairs)  # built innermost first: the request object comes last
+        return dict(pairs)
+
+    try:
+        obj = json.loads(raw, object_pairs_hook=keep, parse_int=parse_int)
+    except (ValueError, RecursionError):  # also nested too deep after the duplicate
+        return _NO_ID
+    ids = [v for k, v in objects[-1] if k == "id"] if isinstance(obj, dict) else []
+    if len(ids) == 1 and (isinstance(ids[0], str) or (
+            isinstance(ids[0], int | float) and not isinstance(ids[0], bool)
+            and math.isfinite(ids[0]))):
+        return ids[0]
+    return _NO_ID
 
 
 def _with_id(err: MIError, rid: Any) -> MIError:

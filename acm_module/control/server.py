@@ -30,6 +30,7 @@ log = logging.getLogger("acm.control")
 BOOT_ERROR = 3  # the supervisor stops instead of respawning
 MAX_DATAGRAM_REPLY = 32768  # python-opensips reads replies with a 32 KiB buffer by default
 MI_PATHS = ("/mi", "/mi/", "/json", "/json/")
+MAX_DISCARD = 1 << 20  # an oversize body up to this size is read (and dropped) before the 413
 REGISTRY_WATCH_S = 5.0  # how often the control process checks the store still has the registry
 CONFIG_WATCH_S = 1.0  # ... and the live config (one HMGET)
 
@@ -42,6 +43,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.timeout = self.server.conns.timeout_s  # each recv(); the deadline bounds the sum
+        if self.request.family != socket.AF_UNIX:
+            # Headers and body leave in two writes: without this, Nagle holds the body until
+            # the client's delayed ACK, 40 ms on every reply.
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().setup()
 
     def handle_one_request(self) -> None:
@@ -62,6 +67,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if length < 0 or length > jsonrpc.MAX_REQUEST_BYTES:
             self.close_connection = True
+            if length <= MAX_DISCARD:
+                # Read what the client is sending before answering: closing on unread data
+                # makes the kernel reset the connection, and the client may never see the 413.
+                self.server.conns.reading(self.connection)
+                while length > 0 and (chunk := self.rfile.read(min(length, 65536))):
+                    length -= len(chunk)
             self._send(413, jsonrpc.error(None, jsonrpc.MIError(
                 jsonrpc.INVALID_REQUEST,
                 f"request larger than {jsonrpc.MAX_REQUEST_BYTES} bytes")))
@@ -97,6 +108,8 @@ class _Handler(BaseHTTPRequestHandler):
         if code >= 400:
             self.close_connection = True  # an unread body must not become the next request
         self.send_response(code)
+        if self.close_connection:  # say so, or a keep-alive client writes into a closed socket
+            self.send_header("Connection", "close")
         if body:
             self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -203,9 +216,11 @@ class _BoundedThreadingMixIn(socketserver.ThreadingMixIn):
         self.conns.expire()  # called by serve_forever() every poll interval
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # A peer that resets or is closed for its deadline is routine, not a traceback.
-        log.debug("MI HTTP connection from %s ended: %s", client_address,
-                  sys.exc_info()[1])
+        e = sys.exc_info()[1]
+        if isinstance(e, OSError):  # a peer that resets or missed its deadline: routine
+            log.debug("MI HTTP connection from %s ended: %s", client_address, e)
+        else:
+            log.error("MI HTTP connection from %s failed", client_address, exc_info=True)
 
 
 class _HTTPServer(_BoundedThreadingMixIn, HTTPServer):

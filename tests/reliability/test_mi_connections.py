@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import subprocess
 import threading
@@ -20,30 +19,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from servers import Service
+from servers import Service, proc_usage
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 
 TIMEOUT_S = 2.0  # ACM_MI_HTTP_TIMEOUT for these tests (production default 10 s)
 MAX_CONNS = 32  # ACM_MI_HTTP_MAX_CONNECTIONS for these tests (production default 64)
-
-
-def control_pid(svc: Service) -> int:
-    assert svc.proc is not None
-    out = subprocess.run(["pgrep", "-P", str(svc.proc.pid)], capture_output=True, text=True)
-    for pid in out.stdout.split():
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
-            if f.read().strip() == "acm-control":
-                return int(pid)
-    raise AssertionError("no acm-control process")
-
-
-def proc_usage(pid: int) -> dict[str, int]:
-    """Threads, RSS (kB) and open descriptors of a process."""
-    with open(f"/proc/{pid}/status") as f:
-        status = dict(line.split(":", 1) for line in f if ":" in line)
-    return {"threads": int(status["Threads"]), "rss_kb": int(status["VmRSS"].split()[0]),
-            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
 def mi_call(svc: Service, method: str = "acm_get_config", timeout: float = 5.0) -> float:
@@ -62,11 +43,10 @@ def mi_call(svc: Service, method: str = "acm_get_config", timeout: float = 5.0) 
 
 
 @pytest.fixture
-def svc(store_url: str) -> Iterator[Service]:
-    s = Service(store_url, workers=1, extra_env={
-        "ACM_MI_HTTP_TIMEOUT": str(TIMEOUT_S), "ACM_MI_HTTP_MAX_CONNECTIONS": str(MAX_CONNS)})
-    try:
-        s.start()
+def svc(service_factory: Any) -> Iterator[Service]:
+    env = {"ACM_MI_HTTP_TIMEOUT": str(TIMEOUT_S),
+           "ACM_MI_HTTP_MAX_CONNECTIONS": str(MAX_CONNS)}
+    with service_factory(env=env, workers=1) as (s, _):
         deadline = time.monotonic() + 15
         while True:
             try:
@@ -76,8 +56,6 @@ def svc(store_url: str) -> Iterator[Service]:
                 assert time.monotonic() < deadline, s.read_log()
                 time.sleep(0.05)
         yield s
-    finally:
-        s.cleanup()
 
 
 @contextlib.contextmanager
@@ -127,7 +105,7 @@ def _closed_by_server(socks: list[socket.socket], within: float) -> int:
 
 
 def test_slow_loris_connections_are_bounded_and_never_starve_the_mi(svc: Service) -> None:
-    pid = control_pid(svc)
+    pid = svc.child_pid("acm-control")
     before = proc_usage(pid)
     # 200 connections, each a request header that never ends, dripped on every ~0.5 s.
     with opened(svc, 200, b"POST /mi HTTP/1.1\r\nHost: x\r\n") as socks:
@@ -161,7 +139,7 @@ def test_slow_loris_connections_are_bounded_and_never_starve_the_mi(svc: Service
 
 
 def test_idle_connections_are_bounded_and_closed(svc: Service) -> None:
-    pid = control_pid(svc)
+    pid = svc.child_pid("acm-control")
     before = proc_usage(pid)
     with opened(svc, 600, b"") as socks:  # connect, send nothing
         time.sleep(0.3)
@@ -200,3 +178,26 @@ def test_a_burst_of_connects_is_not_dropped_by_the_backlog(svc: Service) -> None
           f"{max(times) * 1e3:.0f} ms); listen backlog {backlog}")
     assert len(times) == 100 and not slow, sorted(times)[-5:]
     mi_call(svc)
+
+
+def test_keep_alive_replies_are_not_held_back_by_nagle(svc: Service) -> None:
+    """Headers and body leave in two writes; without TCP_NODELAY the body waited for the
+    client's delayed ACK: 40 ms on every MI reply over a kept-alive connection."""
+    import http.client
+    import statistics
+
+    host, port = svc.mi_http.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        times = []
+        for i in range(30):
+            t0 = time.monotonic()
+            conn.request("POST", "/mi", json.dumps(
+                {"jsonrpc": "2.0", "id": i, "method": "which"}).encode())
+            assert b'"result"' in conn.getresponse().read()
+            times.append(time.monotonic() - t0)
+    finally:
+        conn.close()
+    median = statistics.median(times)
+    print(f"MI keep-alive: 30 requests on one connection, median {median * 1e3:.1f} ms")
+    assert median < 0.030, times
