@@ -111,10 +111,14 @@ def test_after_flushall_the_control_plane_restores_the_live_config(served) -> No
     conn = StoreConnection(srv.url, timeout=2.0)
     try:
         conn.call("FLUSHALL")
+        flushed = time.monotonic()
         # The workers keep deciding with what they hold, and acm_stats does not claim
         # they run the (absent) store config.
         assert callers_to_one_b(client, 3) == ["allow", "allow", "drop"]
         restored = wait_until(lambda: mi(svc, "acm_get_config")["live"], "restored config", 5)
+        print(f"store wipe: FLUSHALL -> live config restored (threshold 3 override) in "
+              f"{(time.monotonic() - flushed) * 1e3:.0f} ms; workers kept dropping the 3rd "
+              f"caller meanwhile")
         assert restored["threshold"] == 3 and restored["mode"] == "block"
         assert mi(svc, "acm_get_config")["overrides"] == {"threshold": 3}
         wait_until(lambda: in_sync(svc), "in_sync after the restore")
@@ -130,12 +134,15 @@ def test_overrides_survive_an_empty_restart_of_the_store(served) -> None:  # typ
     wait_until(lambda: in_sync(svc), "in_sync")
     srv.stop()
     srv.start()  # no persistence: it comes back empty
+    back = time.monotonic()
     assert wait_port(srv.port)
 
     def restored() -> bool:
         cfg = mi(svc, "acm_get_config")
         return bool(cfg["live"]) and cfg["live"]["threshold"] == 3
     wait_until(restored, "the override back in the store")
+    print(f"store wipe: empty restart -> live config with the override restored "
+          f"{(time.monotonic() - back) * 1e3:.0f} ms after the store's start")
     st = wait_until(lambda: in_sync(svc), "in_sync after the restart")
     # Generations never repeat: the restored one is newer than any handed out before.
     assert st["generation"] > r["generation"] > gen0
