@@ -517,8 +517,17 @@ class Control:
         """Put the live config back if the store has none (flushed, restarted empty); return
         the new generation, or 0 when the store had one. Raises StoreError."""
         with self._lock:
-            _, live = store_config.read(self.conn)
+            gen, live, boot, src = store_config.read_origin(self.conn)
             if live is not None:
+                if (src == "boot" and self.boot_id and boot == self.boot_id
+                        and self._last_live is not None and live != self._last_live):
+                    # A worker of this boot (re)started into the wiped store before this
+                    # check and published its start-up settings over what MI had set.
+                    new_gen = store_config.compare_and_set(self.conn, gen, self._last_live)
+                    if new_gen > 0:
+                        log.warning("a worker republished its start-up settings over the live "
+                                    "config; restored it as generation %d", new_gen)
+                        return new_gen
                 self._last_live = live
                 return 0
             values = self.desired_config()
@@ -532,8 +541,6 @@ class Control:
     def acm_get_config(self, caller: Caller) -> dict[str, Any]:
         """Return the live config, its generation, the overrides and every setting's source."""
         gen, live = store_config.read(self.conn)
-        if live is not None:
-            self._last_live = live
         try:
             saved: dict[str, Any] | str = overrides.read_overrides(self.overrides_path)
         except ConfigError as e:

@@ -1,8 +1,9 @@
 """Shared state outside the per-B-number script: live detection config, blocks, whitelist.
 
 Keys (each group has its own hash tag, so every multi-key command stays in one slot):
-  {acm.cfg}:detect      HASH  live detection config + `gen` (workers poll it) + `boot`;
-                              `gen` >= the publisher's clock in ms, never reissued
+  {acm.cfg}:detect      HASH  live detection config + `gen` (workers poll it) + `boot` +
+                              `src` (boot, mi, restore); `gen` >= the publisher's clock in
+                              ms, never reissued
   {acm.<p>}:k           HASH  A-number -> "expiry_ms|alert_id|severity": the block list, one
                               copy per partition so decide.lua checks it in its own slot
   {acm.<p>}:wl:<b>      STRING whitelist marker of B-number b (value: reason), TTL = expiry
@@ -41,7 +42,7 @@ end
 _INIT_BOOT = _NEXT_GEN + """
 if redis.call('HGET', KEYS[1], 'boot') == ARGV[1] then return 0 end
 local gen = next_gen(ARGV[3])
-redis.call('HSET', KEYS[1], 'boot', ARGV[1], 'values', ARGV[2])
+redis.call('HSET', KEYS[1], 'boot', ARGV[1], 'values', ARGV[2], 'src', 'boot')
 return gen
 """
 
@@ -50,7 +51,7 @@ _SET_IF_GEN = _NEXT_GEN + """
 local gen = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
 if gen ~= tonumber(ARGV[1]) then return -1 end
 gen = next_gen(ARGV[3])
-redis.call('HSET', KEYS[1], 'values', ARGV[2])
+redis.call('HSET', KEYS[1], 'values', ARGV[2], 'src', 'mi')
 return gen
 """
 
@@ -60,7 +61,7 @@ return gen
 _RESTORE = _NEXT_GEN + """
 if redis.call('HEXISTS', KEYS[1], 'values') == 1 then return 0 end
 local gen = next_gen(ARGV[3])
-redis.call('HSET', KEYS[1], 'values', ARGV[2])
+redis.call('HSET', KEYS[1], 'values', ARGV[2], 'src', 'restore')
 if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'boot', ARGV[1]) end
 return gen
 """
@@ -119,6 +120,16 @@ READ_COMMAND = hotpath.encode_command("HMGET", CONFIG_KEY, "gen", "values")
 def read(conn: StoreConnection) -> tuple[int, dict[str, Any] | None]:
     """Return (generation, config values) of the live config; (0, None) if none is published."""
     return parse_read(conn.call("HMGET", CONFIG_KEY, "gen", "values"))
+
+
+def read_origin(conn: StoreConnection) -> tuple[int, dict[str, Any] | None, str, str]:
+    """Return (generation, values, boot id, source) of the live config; the source is "boot"
+    (a worker's start-up settings), "mi" (a change) or "restore" ("" when unknown)."""
+    r = conn.call("HMGET", CONFIG_KEY, "gen", "values", "boot", "src")
+    assert isinstance(r, list)
+    gen, values = parse_read(r[:2])
+    boot, src = (b.decode() if isinstance(b, bytes) else "" for b in r[2:])
+    return gen, values, boot, src
 
 
 def parse_read(r: Any) -> tuple[int, dict[str, Any] | None]:

@@ -158,3 +158,36 @@ def test_overrides_survive_an_empty_restart_of_the_store(served) -> None:  # typ
                "in_sync with threshold 4")
     assert callers_to_one_b(client, 4) == ["allow"] * 3 + ["drop"]
     assert "Traceback" not in svc.read_log()
+
+
+def test_a_worker_respawned_into_the_wiped_store_does_not_undo_the_overrides(served) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+
+    srv, svc, _ = served
+    r = mi(svc, "acm_set", {"threshold": 3})
+    wait_until(lambda: (s := in_sync(svc)) and s["generation"] >= r["generation"], "in_sync")
+    conn = StoreConnection(srv.url, timeout=2.0)
+    try:
+        conn.call("FLUSHALL")
+        # Its replacement boots at once, into the empty store, before the control process's
+        # check: it publishes its start-up settings (threshold 5).
+        os.kill(svc.worker_pids()[0], signal.SIGKILL)
+    finally:
+        conn.close()
+
+    def settled() -> bool:
+        cfg = mi(svc, "acm_get_config")
+        return bool(cfg["live"]) and cfg["live"]["threshold"] == 3 and bool(in_sync(svc))
+    try:
+        wait_until(settled, "the override back after the respawn", 10)
+    except AssertionError:
+        c = StoreConnection(srv.url, timeout=2.0)
+        print(c.call("HGETALL", "{acm.cfg}:detect"), svc.read_log()[-3000:])
+        c.close()
+        raise
+    time.sleep(1.5)  # and it stays
+    assert mi(svc, "acm_get_config")["live"]["threshold"] == 3
+    for _ in range(4):
+        with Client(svc.endpoint, timeout=5.0) as c:
+            assert callers_to_one_b(c, 3) == ["allow", "allow", "drop"]
