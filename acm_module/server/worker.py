@@ -66,7 +66,6 @@ class Worker:
         self._failures_in_row = 0
         self._rx_ns = 0  # when the batch being decided arrived (perf_counter_ns)
         self._cfg_next = 0.0
-        self._cfg_gen = -1
         self._cfg_applied: tuple[int, dict[str, Any] | None] = (-1, None)  # or last refused
         self._boot_published = False
         self._gw_ver = -1
@@ -404,7 +403,6 @@ class Worker:
         except (KeyError, ValueError, TypeError) as e:
             log.error("worker %d: ignoring invalid config generation %s: %s", self.index, gen, e)
             return
-        self._cfg_gen = gen
         self.stats.config_generation = gen
         log.debug("worker %d: config generation %d applied", self.index, gen)
 
