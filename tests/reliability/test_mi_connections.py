@@ -201,3 +201,36 @@ def test_keep_alive_replies_are_not_held_back_by_nagle(svc: Service) -> None:
     median = statistics.median(times)
     print(f"MI keep-alive: 30 requests on one connection, median {median * 1e3:.1f} ms")
     assert median < 0.030, times
+
+
+def test_when_every_slot_is_answering_a_new_connection_gets_503_at_once(redis_server: str
+                                                                        ) -> None:
+    """Slots busy answering (a black-holed store holds each command ~1 s) are not evicted;
+    the connection over the limit is told so at once instead of waiting."""
+    from servers import DelayProxy, wait_port
+
+    port = int(redis_server.rsplit(":", 1)[1].split("/")[0])
+    proxy = DelayProxy(port)
+    svc = Service(proxy.url, workers=1, extra_env={"ACM_MI_HTTP_MAX_CONNECTIONS": "2"})
+    try:
+        svc.start()
+        host, mport = svc.mi_http.rsplit(":", 1)
+        assert wait_port(int(mport))
+        mi_call(svc)
+        proxy.blackhole = True
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "acm_stats"}).encode()
+        req = (b"POST /mi HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(body)).encode()
+               + b"\r\n\r\n" + body)
+        with opened(svc, 2, req):
+            time.sleep(0.3)  # both are in, waiting on the store
+            t0 = time.monotonic()
+            with socket.create_connection((host, int(mport)), timeout=5) as s:
+                s.sendall(req)
+                data = s.recv(65536)
+            took = time.monotonic() - t0
+        assert data.startswith(b"HTTP/1.1 503 "), data[:200]
+        assert json.loads(data.partition(b"\r\n\r\n")[2])["error"]["code"] == -32006
+        assert took < 0.5, took
+    finally:
+        svc.cleanup()
+        proxy.close()
