@@ -54,6 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return s
 
     s = resolve()
+    from acm_module.web.security import check_boot as check_web
+    check_web(s.web_http, s.api_token)  # an exposed API without auth: exit 2 before anything
     setup_logging(s.log_level, s.log_json)
     # SIGHUP reloads the same way: file and environment again, the same flags, the overrides.
     return Supervisor(s, reload=resolve).run()
@@ -67,7 +69,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
     s = _load(args)
     for name in sorted(s.values):
         value = s.values[name]
-        if value and name in ("mi_token", "webhook_secret"):
+        if value and ("token" in name or "secret" in name):
             value = MASK
         elif isinstance(value, str):
             value = redact_url(value)

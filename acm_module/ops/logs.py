@@ -41,7 +41,7 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 NUMBER_FIELDS = frozenset({"a", "b", "a_number", "b_number", "caller", "called"})
 # Settings whose values are secrets or URLs that may carry one.
 SECRET_SETTINGS = ("store", "database_url", "questdb_url", "clickhouse_url", "mi_token",
-                   "webhook_secret")
+                   "webhook_secret", "api_token")
 
 _KEY_VALUE = re.compile(
     r"(?P<key>\b(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|mi_token"
@@ -83,7 +83,7 @@ def secrets_of(values: Mapping[str, Any]) -> list[str]:
         else:
             for m in _KEY_VALUE.finditer(v):
                 out.append(m.group("val"))
-            if name == "mi_token":
+            if name in ("mi_token", "api_token"):
                 out.append(v)
     return out
 
