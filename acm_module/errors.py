@@ -1,4 +1,9 @@
-"""Exceptions raised by acm, in one place."""
+"""Exceptions raised by acm, in one place, and the exit code of a process that cannot boot."""
+
+# A worker or sidecar that cannot start (bad address, refused credentials) exits with this, so
+# the supervisor stops (or retries later) instead of respawning it in a loop, as gunicorn's
+# WORKER_BOOT_ERROR.
+BOOT_ERROR = 3
 
 
 class AcmError(Exception):

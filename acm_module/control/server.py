@@ -23,11 +23,10 @@ from typing import Any
 from acm_module.control import jsonrpc
 from acm_module.control.auth import Bind, check_boot, is_loopback, parse_bind
 from acm_module.control.commands import Control
-from acm_module.errors import ConfigError
+from acm_module.errors import BOOT_ERROR, ConfigError
 
 log = logging.getLogger("acm.control")
 
-BOOT_ERROR = 3  # the supervisor stops instead of respawning
 MAX_DATAGRAM_REPLY = 32768  # python-opensips reads replies with a 32 KiB buffer by default
 MI_PATHS = ("/mi", "/mi/", "/json", "/json/")
 MAX_DISCARD = 1 << 20  # an oversize body up to this size is read (and dropped) before the 413

@@ -41,7 +41,7 @@ from prometheus_client.registry import Collector
 from acm_module.backoff import Backoff
 from acm_module.engine import hotpath
 from acm_module.engine.types import SEVERITIES
-from acm_module.errors import StoreError
+from acm_module.errors import BOOT_ERROR, StoreError
 from acm_module.server import stats as stats_mod
 from acm_module.store import config as store_config
 from acm_module.store import keys
@@ -49,7 +49,6 @@ from acm_module.store.conn import StoreConnection
 
 log = logging.getLogger("acm.metrics")
 
-BOOT_ERROR = 3  # the supervisor stops instead of respawning in a loop
 WRITER_STATS_KEY = "{acm.stats}:writer"  # one JSON per writer (acm_module/persist/writer.py)
 DLQ_KEY = "{acm.dlq}:s"
 WRITER_GROUP_PREFIX = "acm."  # the writer's consumer group of sink X is "acm.X"

@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from acm_module.errors import ConfigError, StoreError
+from acm_module.errors import BOOT_ERROR, ConfigError, StoreError
 from acm_module.ops.logs import apply_log_level
 from acm_module.redaction import redact_url
 from acm_module.server.access import prepare as prepare_access
 from acm_module.server.proctitle import die_with_parent, set_name
-from acm_module.server.worker import WORKER_BOOT_ERROR, worker_main
+from acm_module.server.worker import worker_main
 from acm_module.store.conn import StoreConnection
 
 log = logging.getLogger("acm.supervisor")
@@ -262,7 +262,7 @@ class Supervisor:
                     self._resize(-1)
             if self._halt:
                 log.error("halting: %s", self._halt)
-                return WORKER_BOOT_ERROR
+                return BOOT_ERROR
             self._reap()
             self._respawn_due()
             self._check_heartbeats()
@@ -362,9 +362,9 @@ class Supervisor:
                 if pid in self.retiring:  # stopped by a HUP: back at once on the new settings
                     del self.retiring[pid]
                     self.sidecar_respawn[name] = time.monotonic()
-                elif code == WORKER_BOOT_ERROR and name in CRITICAL_SIDECARS:
+                elif code == BOOT_ERROR and name in CRITICAL_SIDECARS:
                     self._halt = f"{name} process failed to boot"
-                elif code == WORKER_BOOT_ERROR:
+                elif code == BOOT_ERROR:
                     # Calls keep flowing without metrics; retry, slowly, until the port is free.
                     log.error("%s process failed to boot; retrying in 10s", name)
                     self.sidecar_respawn[name] = time.monotonic() + 10.0
@@ -390,10 +390,10 @@ class Supervisor:
                         log.info("SIGHUP: reload done, %d workers on the new config",
                                  len(self.workers))
                 continue
-            if code == WORKER_BOOT_ERROR and self.old:
+            if code == BOOT_ERROR and self.old:
                 self._abort_roll(f"new worker {index} failed to boot")
                 continue
-            if code == WORKER_BOOT_ERROR:
+            if code == BOOT_ERROR:
                 self._halt = f"worker {index} failed to boot (exit {code}); not respawning"
                 continue
             lived = time.monotonic() - self.started.get(index, 0.0)

@@ -15,7 +15,7 @@ import zmq
 
 from acm_module.backoff import Backoff
 from acm_module.engine import IMPLEMENTATION, hotpath
-from acm_module.errors import StoreError
+from acm_module.errors import BOOT_ERROR, StoreError
 from acm_module.gateway import registry
 from acm_module.gateway.context import GatewayContext
 from acm_module.ops.logs import apply_log_level
@@ -28,7 +28,6 @@ from acm_module.store.conn import StoreConnection, load_script, script_sha
 
 log = logging.getLogger("acm.worker")
 
-WORKER_BOOT_ERROR = 3  # exit code: the supervisor stops instead of respawning in a loop
 LATENCY_STREAM = "{acm.lat}:s"
 DRAIN_WINDOW_S = 0.1  # after SIGTERM, keep answering stragglers this long
 BUDGET_STEP_S = 0.005  # a batch's store budget shrinks in these steps (see _store_budget)
@@ -534,7 +533,7 @@ def worker_main(settings: Any, listen_fd: int, index: int, boot_id: str,
         w.boot()
     except Exception:
         log.exception("worker %d failed to boot", index)
-        return WORKER_BOOT_ERROR
+        return BOOT_ERROR
     try:
         if os.environ.get("ACM_PROFILE"):
             import cProfile

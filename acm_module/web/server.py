@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from acm_module.control.auth import parse_bind
-from acm_module.errors import ConfigError, StoreError
+from acm_module.errors import BOOT_ERROR, ConfigError, StoreError
 from acm_module.web.security import Passwords, check_boot, new_password
 from acm_module.web.users import User, UserRepository, now_ms, open_users
 
 log = logging.getLogger("acm.web")
 
-BOOT_ERROR = 3  # the supervisor retries later instead of respawning at once
 BOOTSTRAP_USER = "admin"
 BOOTSTRAP_FILE = "web-bootstrap.json"
 MAX_CONCURRENCY = 2048
