@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from acm_module import settings as settings_mod
+from acm_module.core.redaction import MASK, redact_url
 from acm_module.errors import ConfigError
-from acm_module.redaction import MASK, redact_url
 
 # The settings `acm serve` uses: its own, the detection rules, and its MI control plane's.
 SERVE_SECTIONS = frozenset({"service", "detection", "control"})

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from acm_module.backoff import Backoff
+from acm_module.core.backoff import Backoff
 
 log = logging.getLogger("acm.actions.notify")
 alert_log = logging.getLogger("acm.alerts")

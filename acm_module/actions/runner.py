@@ -42,8 +42,9 @@ from acm_module.actions.disconnect import (
 )
 from acm_module.actions.notify import Webhook, log_alert
 from acm_module.actions.trail import ActionAudit, Ledger, summary
-from acm_module.backoff import Backoff
 from acm_module.compliance import ncc
+from acm_module.core.backoff import Backoff
+from acm_module.core.pg import close_quietly
 from acm_module.engine.types import SEVERITIES
 from acm_module.errors import StoreError
 from acm_module.persist.records import ALERT_TYPE_COLUMN, AlertChange, RecordError, parse_alert
@@ -159,9 +160,8 @@ class ActionRunner:
     def close(self) -> None:
         """Release connections (unacknowledged records stay pending for the next start)."""
         self.audit.close()
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        close_quietly(self._db)
+        self._db = None
         self.store.close()
 
     def _ensure_groups(self) -> None:
@@ -293,7 +293,7 @@ class ActionRunner:
                                                  self.cfg.report_timezone)
                 break
             except psycopg.OperationalError:
-                self._db.close()
+                close_quietly(self._db)
                 self._db = None
                 if attempt == 2:
                     raise

@@ -9,8 +9,8 @@ import sys
 from typing import Any
 
 from acm_module import settings as settings_mod
+from acm_module.core.redaction import redact_url
 from acm_module.errors import ConfigError
-from acm_module.redaction import redact_url
 
 _DETECTION = ("threshold", "window", "block_ttl", "mode", "dedup_ttl", "default_country_code",
               "partitions")

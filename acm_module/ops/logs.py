@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 from urllib.parse import unquote, urlparse
 
-from acm_module.redaction import MASK, redact_url
+from acm_module.core.redaction import MASK, redact_url
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 NUMBER_FIELDS = frozenset({"a", "b", "a_number", "b_number", "caller", "called"})

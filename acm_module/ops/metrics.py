@@ -38,7 +38,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from acm_module.backoff import Backoff
+from acm_module.core.backoff import Backoff
 from acm_module.engine import hotpath
 from acm_module.engine.types import SEVERITIES
 from acm_module.errors import BOOT_ERROR, StoreError

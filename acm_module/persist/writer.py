@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from acm_module.backoff import Backoff
+from acm_module.core.backoff import Backoff
 from acm_module.engine import hotpath
 from acm_module.errors import StoreError
 from acm_module.persist import records as rec

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from acm_module.core.redaction import redact_url
 from acm_module.errors import BOOT_ERROR, ConfigError, StoreError
 from acm_module.ops.logs import apply_log_level
-from acm_module.redaction import redact_url
 from acm_module.server.access import prepare as prepare_access
 from acm_module.server.proctitle import die_with_parent, set_name
 from acm_module.server.worker import worker_main

@@ -13,7 +13,7 @@ from typing import Any
 
 import zmq
 
-from acm_module.backoff import Backoff
+from acm_module.core.backoff import Backoff
 from acm_module.engine import IMPLEMENTATION, hotpath
 from acm_module.errors import BOOT_ERROR, StoreError
 from acm_module.gateway import registry

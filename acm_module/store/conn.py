@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from acm_module.core.redaction import redact_url
 from acm_module.engine import hotpath
 from acm_module.engine.types import SEVERITY_CRITICAL, SEVERITY_HIGH
 from acm_module.errors import ConfigError, StoreError, StoreReplyError
-from acm_module.redaction import redact_url
 from acm_module.settings import STORE_SCHEMES
 
 LUA_DIR = Path(__file__).with_name("lua")
