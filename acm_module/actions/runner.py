@@ -47,7 +47,13 @@ from acm_module.core.backoff import Backoff
 from acm_module.core.pg import close_quietly
 from acm_module.engine.types import SEVERITIES
 from acm_module.errors import StoreError
-from acm_module.persist.records import ALERT_TYPE_COLUMN, AlertChange, RecordError, parse_alert
+from acm_module.persist.records import (
+    ALERT_TYPE_COLUMN,
+    AlertChange,
+    RecordError,
+    fields,
+    parse_alert,
+)
 from acm_module.store import config as store_config
 from acm_module.store import keys
 from acm_module.store.conn import StoreConnection
@@ -199,9 +205,7 @@ class ActionRunner:
             for eid, flat in entries:
                 if flat is None:
                     continue  # pending entry trimmed away
-                out.append((stream.decode(), eid.decode(),
-                            {flat[i].decode(): flat[i + 1].decode()
-                             for i in range(0, len(flat), 2)}))
+                out.append((stream.decode(), eid.decode(), fields(flat)))
         return out
 
     def _process(self, entries: list[tuple[str, str, dict[str, str]]]) -> None:

@@ -172,7 +172,7 @@ class StoreRepository:
         assert isinstance(raw, list)
         out: list[AuditRecord] = []
         for rid, flat in raw:
-            f = _fields(flat)
+            f = records.fields(flat)
             if (action is not None and f["action"] != action) or (
                     target is not None and f["target"] != target):
                 continue
@@ -194,7 +194,7 @@ class StoreRepository:
             raw = self.conn.call("XREVRANGE", stream, "+", "-", "COUNT", query.scan)
             assert isinstance(raw, list)
             for rid, flat in raw:
-                f = _fields(flat)
+                f = records.fields(flat)
                 if f.get("k") != "a":
                     continue
                 try:  # the writer's parser: one reading of a record everywhere
@@ -235,10 +235,6 @@ class StoreRepository:
 
     def close(self) -> None:
         self.conn.close()
-
-
-def _fields(flat: list[bytes]) -> dict[str, str]:
-    return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
 
 
 def _entry(b_number: str, raw: Any) -> WhitelistEntry:

@@ -10,6 +10,7 @@ from fastapi import Request
 from acm_module.control.audit import iso_ms
 from acm_module.control.repository import AlertQuery
 from acm_module.engine import hotpath
+from acm_module.persist import records
 from acm_module.store import keys
 from acm_module.web.security import Principal
 
@@ -55,16 +56,21 @@ def alert_calls(svc: Any, alert: dict[str, Any]) -> list[dict[str, Any]]:
         raw = svc.control.conn.call("XREVRANGE", keys.stream(part), "+", "-", "COUNT",
                                     _STREAM_SCAN)
     calls = []
-    for _rid, flat in raw:
-        f = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+    stream = keys.stream(part)
+    for rid, flat in raw:
+        f = records.fields(flat)
         if f.get("k") != "d" or f.get("b") != b_number:
             continue
-        if f.get("al") != alert_id and not first <= int(f["ts"]) <= last:
+        try:
+            d = records.parse_decision(f"{stream}/{rid.decode()}", f)
+        except records.RecordError:
+            continue  # poison: the writer dead-letters it
+        if d.alert_id != alert_id and not first <= d.ts_ms <= last:
             continue
-        calls.append({"call_id": f["id"], "a_number": f["a"], "at": iso_ms(int(f["ts"])),
-                      "ts_ms": int(f["ts"]), "verdict": f["v"], "reason": f["r"],
-                      "distinct": int(f["n"]), "carrier_id": f.get("cr", ""),
-                      "gateway_id": f.get("gw", "")})
+        calls.append({"call_id": d.call_id, "a_number": d.a, "at": iso_ms(d.ts_ms),
+                      "ts_ms": d.ts_ms, "verdict": d.verdict, "reason": d.reason,
+                      "distinct": d.distinct, "carrier_id": d.carrier_id,
+                      "gateway_id": d.gateway_id})
         if len(calls) >= _CALLS_MAX:
             break
     calls.sort(key=lambda c: (c["ts_ms"], c["call_id"]))
