@@ -281,25 +281,10 @@ class Supervisor:
         self.heartbeat[slot] = now
         self.load[slot] = 0  # a new worker holds nothing: its siblings leave it the next ones
         self.used.value = max(self.used.value, slot + 1)
-        pid = os.fork()
-        if pid == 0:  # child
-            code = 1
-            try:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
-                            signal.SIGTTIN, signal.SIGTTOU):
-                    signal.signal(sig, signal.SIG_DFL)
-                os.close(self._wake_r)
-                os.close(self._wake_w)
-                set_name(f"acm-worker-{index}")
-                die_with_parent(signal.SIGTERM, self.pid)
-                code = worker_main(self.settings, self.listener.fileno(), index, self.boot_id,
-                                   self.heartbeat, _InUse(self.load, self.used), slot)
-            except BaseException:
-                log.exception("worker %d crashed", index)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+        pid = self._fork(
+            f"worker {index}", f"acm-worker-{index}", lambda: worker_main(
+                self.settings, self.listener.fileno(), index, self.boot_id, self.heartbeat,
+                _InUse(self.load, self.used), slot))
         self.workers[pid] = index
         self.slots[pid] = slot
         self.spawned_at[pid] = now
@@ -327,26 +312,37 @@ class Supervisor:
                 self.sidecars["web"] = web_main
 
     def _spawn_sidecar(self, name: str) -> None:
+        def run() -> int:
+            self.listener.close()  # only the workers serve the endpoint
+            return self.sidecars[name](self.settings)
+
+        self.sidecar_pids[self._fork(f"{name} process", f"acm-{name}", run)] = name
+
+    def _fork(self, what: str, title: str, run: Callable[[], int]) -> int:
+        """Fork a child that runs `run` and exits with its code; return the child's pid.
+
+        The child takes back the default signal handlers, closes the wake pipe, shows `title`
+        in ps and dies with the supervisor; an exception is logged and exits 1.
+        """
         pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
-                            signal.SIGTTIN, signal.SIGTTOU):
-                    signal.signal(sig, signal.SIG_DFL)
-                os.close(self._wake_r)
-                os.close(self._wake_w)
-                self.listener.close()
-                set_name(f"acm-{name}")
-                die_with_parent(signal.SIGTERM, self.pid)
-                code = self.sidecars[name](self.settings)
-            except BaseException:
-                log.exception("%s process crashed", name)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        self.sidecar_pids[pid] = name
+        if pid:
+            return pid
+        code = 1
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
+                        signal.SIGTTIN, signal.SIGTTOU):
+                signal.signal(sig, signal.SIG_DFL)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            set_name(title)
+            die_with_parent(signal.SIGTERM, self.pid)
+            code = run()
+        except BaseException:
+            log.exception("%s crashed", what)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
     def _reap(self) -> None:
         while True:
