@@ -24,7 +24,3 @@ class StoreReplyError(StoreError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-
-class ProtocolError(AcmError, ValueError):
-    """Bytes on a wire were not what the protocol allows."""

@@ -291,6 +291,3 @@ def apply_log_level(level: str) -> str:
     if old != name:
         logging.getLogger("acm.logs").info("log level %s -> %s", old, name)
     return old
-
-
-set_level = apply_log_level

@@ -107,7 +107,7 @@ def test_apply_log_level_at_runtime(capture: io.StringIO) -> None:
     assert [x["msg"] for x in lines(capture) if x["logger"] == "acm.test"] == ["shown"]
     with pytest.raises(ValueError):
         logs.apply_log_level("LOUD")
-    assert logs.set_level("INFO") == "WARNING"
+    assert logs.apply_log_level("INFO") == "WARNING"
 
 
 @pytest.mark.server
