@@ -248,9 +248,12 @@ class RateLimitedLog:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """A decision for one call; `policy` is True when it came from the fail policy."""
+class Verdict(NamedTuple):
+    """A decision for one call; `policy` is True when it came from the fail policy.
+
+    A NamedTuple: built on every call, and a frozen dataclass's __init__ costs several times
+    a tuple's.
+    """
 
     verdict: str
     reason: str
@@ -309,6 +312,7 @@ _GREETING = (b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL" + b"\x00" *
 _READY_REQ = b"\x04\x19\x05READY\x0bSocket-Type\x00\x00\x00\x03REQ"
 _PEER_TYPES = (b"ROUTER", b"REP")
 _DELIMITER = b"\x01\x00"      # the empty frame a REQ puts before the body (MORE flag)
+_SHORT_REPLY = _DELIMITER + b"\x00"  # ... then a last frame of fewer than 256 bytes
 _MAX_REPLY = 64 * 1024        # bytes in one reply frame; a verdict is ~100
 _RECV_BYTES = 8192
 _SLACK_S = 0.001              # SO_RCVTIMEO is re-set only when the budget moved more than this
@@ -520,6 +524,9 @@ class _ZmtpReq:
                     self.discard()
                     raise _Unavailable("connection closed mid-reply")
                 raise _Stale("connection closed")
+            if not buf and not frames and len(data) > 4 and data[:3] == _SHORT_REPLY \
+                    and len(data) == 4 + data[3]:
+                return data[4:]  # the usual reply: [empty, body < 256 bytes] in one read
             buf += data
 
     def _command(self, body: bytes) -> None:
@@ -826,6 +833,8 @@ class AcmClient:
 
 def _clip(value: str, name: str) -> str:
     """Return `value` as valid UTF-8 of at most the service's byte limit for `name`."""
+    if type(value) is str and value.isascii() and len(value) <= _MAX_BYTES[name]:
+        return value  # the usual case: one byte per character, nothing to cut
     data = str(value).encode("utf-8", "replace")  # lone surrogates become '?'
     return data[:_MAX_BYTES[name]].decode("utf-8", "ignore")
 
@@ -923,16 +932,19 @@ def _pv(msg: Any, spec: str) -> str:
     return str(v)
 
 
+_VAR_NAMES = ("$var(acm_verdict)", "$var(acm_reason)", "$var(acm_alert_id)",
+              "$var(acm_severity)", "$var(acm_distinct)")
+
+
 def _set_vars(client: AcmClient, msg: Any, v: Verdict) -> None:
-    for name, value in (("acm_verdict", v.verdict), ("acm_reason", v.reason),
-                        ("acm_alert_id", v.alert_id), ("acm_severity", v.severity),
-                        ("acm_distinct", str(v.distinct))):
+    for name, value in zip(_VAR_NAMES, (v.verdict, v.reason, v.alert_id, v.severity,
+                                        str(v.distinct)), strict=True):
         try:
             # set_pseudoVar() takes str values without NUL only and returns None even when
             # it fails (then with a Python error set: SystemError here, caught below).
-            msg.set_pseudoVar(f"$var({name})", value.replace("\x00", ""))
+            msg.set_pseudoVar(name, value.replace("\x00", "") if "\x00" in value else value)
         except Exception as e:
-            _safe_log(client, "set_var", f"cannot set $var({name}): {e!r}")
+            _safe_log(client, "set_var", f"cannot set {name}: {e!r}")
 
 
 def _safe_log(client: AcmClient, key: str, message: str) -> None:
