@@ -672,8 +672,8 @@ _Transport = _ZmtpReq | _LibzmqReq
 
 
 def _make_transport(config: Config, stats: Stats) -> _Transport:
-    """Pick the transport: ZMTP spoken here unless the settings ask for libzmq."""
-    if config.transport == "libzmq":
+    """Pick the transport: ZMTP spoken here, libzmq when asked or when CurveZMQ is needed."""
+    if config.transport == "libzmq" or getattr(config, "curve_server_key", ""):
         return _LibzmqReq(config, stats)
     return _ZmtpReq(config, stats)
 

@@ -1,30 +1,47 @@
 #!/usr/bin/env python3
-"""SIPp load through a real OpenSIPS, with and without the acm check.
+"""SIPp load through a real OpenSIPS, with and without the acm check, in one command.
 
 Starts (all on 127.0.0.1, free ports picked at run time, everything in one temp dir):
-  redis-server (--save '' --appendonly no), ``acm serve`` on an ipc:// socket,
-  a SIPp UAS (uas.xml), and for every (rate, mode) an OpenSIPS running
-  opensips_scripts/opensips.cfg adapted like /tmp/acmverify/mkcfg.sh did: only the module path,
-  the script path, logging to stderr and the listening ports change; mode "off" additionally
-  sets ``$var(acm_enabled) = 0`` (the cfg's own switch: route(acm_check) is skipped).
-Then drives the SIPp UAC (uac.xml) at a fixed rate for SECONDS seconds and reports, per run:
-  CPS achieved, successful/failed calls, INVITE->200 response time (SIPp -trace_rtt, ms),
-  OpenSIPS CPU per call (utime+stime of every OpenSIPS process, /proc before/after),
-  and for the "acm" mode the CPU of acm serve + redis and the verdict health
-  (OpenSIPS log lines "no verdict"/"ACM: drop", redis DBSIZE growth = one dedup key per call).
+  redis-server (--save '' --appendonly no), ``acm serve`` on an ipc:// socket, a SIPp UAS
+  (uas.xml), and one OpenSIPS per mode, all up for the whole run, running
+  opensips_scripts/opensips.cfg with only the module path, the script path, logging to stderr
+  and the listening ports changed; mode "off" additionally sets ``$var(acm_enabled) = 0`` (the
+  cfg's own switch: route(acm_check) is skipped); mode "acm-libzmq" (any "acm-<transport>")
+  is the check on with ACM_TRANSPORT=<transport> in OpenSIPS's environment.
+Then, for every rate, REPEAT runs per mode, the modes alternating (on/off/on/off... under the
+same background load of a shared machine), each driving the SIPp UAC (uac.xml) at a fixed rate
+for SECONDS seconds. Per run:
+  * calls, failed calls (and how many were SIPp aborting on a 180 that arrived after the 200),
+    CPS achieved;
+  * INVITE -> final response p50/p90/p99 from kernel timestamps of the UAC's packets on `lo`
+    (WireTimer; SIPp's own -trace_rtt is kept but moves in 4 ms steps on this kind of VM);
+  * per process tree (OpenSIPS, acm serve, redis, SIPp UAS): CPU (utime+stime) per call,
+    wake-ups (voluntary context switches, all threads) per call, the busiest processes;
+  * the load tool's own CPU (SIPp UAC + this driver) per call and its share of one core;
+  * requests served by each acm worker (its stats hash in redis);
+  * calls let through unchecked ("ACM: no verdict" cfg lines), errors in the OpenSIPS log.
+RAMP steps every mode up through the given rates until it fails calls: the highest rate with
+0 failed calls per mode and their ratio. PERF=1 adds one run per mode under `perf record -g`
+and `perf stat --per-thread` on every OpenSIPS process (not counted in the figures).
 
 Environment:
   OPENSIPS_BIN      (required) operator-provided opensips binary
   OPENSIPS_MODULES  module dir (default: <bin>/../lib64/opensips/modules or ../lib/...)
-  RATES             call rates, space separated (default "100 300")
-  SECONDS           seconds of load per run (default 20)
-  MODES             default "acm off"
+  RATES             call rates of the main runs, space separated (default "300")
+  SECONDS           seconds of load per main run (default 20)
+  REPEAT            main runs per rate and mode (default 2)
+  MODES             default "acm off"; e.g. "acm off acm-libzmq"
+  RAMP              rates of the ramp, ascending (default: none), RAMP_SECONDS per step (10)
+  PERF=1            perf record/stat runs (needs linux-perf)
+  WIRE=0            no packet capture (it needs root: AF_PACKET)
+  ACM_*             passed to acm serve and to every OpenSIPS (e.g. ACM_STORE_TIMEOUT_MS)
   ACM_BIN           default: `acm` next to this Python, else on PATH
   SIPP, REDIS_SERVER  binaries (default sipp, redis-server)
   OPENSIPS_MEM      "-m 1024 -M 64" by default
-  GATEWAY_CPS=N     in "acm" runs, register SIPp's address as a carrier gateway limited to N
-                    calls/s (docs/GATEWAY.md): calls above it get 503 with Retry-After
-  KEEP=1            keep the temp dir (logs, stat files)
+  GATEWAY_CPS=N     register SIPp's address as a carrier gateway limited to N calls/s
+                    (docs/GATEWAY.md): calls above it get 503 with Retry-After
+  IDLE_SECONDS      idle measurement before the runs (default 5)
+  KEEP=1            keep the temp dir (logs, stat files, perf data)
   JSON_OUT          also write the results as JSON here
 
 Usage: OPENSIPS_BIN=/opt/opensips/sbin/opensips python3 benchmarks/sipp/run.py
