@@ -531,6 +531,9 @@ def test_config_file_then_env(acm: ModuleType, tmp_path: Path) -> None:
         acm.Config.load("", {"ACM_FAIL_POLICY": "sometimes"})
     with pytest.raises(acm.ConfigError):
         acm.Config.load("", {"ACM_TIMEOUT_MS": "-1"})
+    assert acm.Config.load("", {"ACM_TRANSPORT": "LibZMQ"}).transport == "libzmq"
+    with pytest.raises(acm.ConfigError):
+        acm.Config.load("", {"ACM_TRANSPORT": "http"})
     conf.write_text("timeout = 80\n")
     with pytest.raises(acm.ConfigError):
         acm.Config.load(str(conf), {})
