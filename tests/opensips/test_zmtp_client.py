@@ -30,6 +30,7 @@ from fake_msg import FakeMsg
 from servers import Service, free_port
 from test_zmtp import EchoServer
 
+from acm_module.server import zmtp
 from acm_module.server.zmtp import ZmtpServer, encode_message
 
 ALLOW = msgpack.packb({"verdict": "allow", "reason": "ok", "distinct": 1})
@@ -284,3 +285,31 @@ def test_peer_that_is_not_zmtp_gives_policy_verdict(make: Any) -> None:
         stop.set()
         t.join(2)
         lsock.close()
+
+
+@pytest.mark.timeout(20)
+def test_ping_before_the_reply_is_answered_and_the_reply_still_read(
+        make: Any, bad_peer: Callable[..., BadPeer]) -> None:
+    pongs: list[bytes] = []
+
+    def answer(srv: ZmtpServer, conn: Any, env: list[bytes], body: bytes | None) -> None:
+        # a heartbeating ROUTER (ZMQ_HEARTBEAT_IVL) may PING between the request and the reply
+        conn.sock.send(zmtp._command(b"PING", b"\x00\x64" + b"hb-1"))
+        srv.reply(conn, env, ALLOW)
+
+    peer = bad_peer(answer)
+    orig = peer.srv._on_command
+
+    def on_command(conn: Any, body: bytes) -> None:
+        pongs.append(body)
+        orig(conn, body)
+
+    peer.srv._on_command = on_command  # type: ignore[method-assign]
+    m = make(peer.endpoint, timeout_ms=2000)
+    assert _call(m, 1)[0] == 1
+    assert _call(m, 2)[0] == 1
+    deadline = time.monotonic() + 2
+    while b"\x04PONGhb-1" not in pongs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert b"\x04PONGhb-1" in pongs, pongs
+    assert m.client.stats.sockets_built == 1
