@@ -458,7 +458,9 @@ class _ZmtpReq:
             self.discard()
             raise _Unavailable(f"send failed: {e.strerror or e}") from None
         self.stats.sent += 1
-        buf = b""
+        buf = self._recv(sock, deadline, clock, False)
+        if len(buf) > 4 and buf[:3] == _SHORT_REPLY and len(buf) == 4 + buf[3]:
+            return buf[4:]  # the usual reply: [empty, body < 256 bytes] in one read
         frames: list[bytes] = []
         while True:
             # Parse what is there: [empty delimiter, body], commands (PING) in between.
@@ -499,35 +501,37 @@ class _ZmtpReq:
                 self.discard()
                 raise _Unavailable("malformed reply envelope")
             buf = buf[pos:]
-            remaining = deadline - clock()
-            if remaining <= 0:
-                self.discard()  # the late reply must not be read as the next call's
-                raise _Unavailable(f"timeout after {self.timeout_ms:g} ms")
-            if abs(remaining - self._rcvtimeo) > _SLACK_S:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(remaining))
-                self._rcvtimeo = remaining
-            try:
-                data = sock.recv(_RECV_BYTES)
-            except BlockingIOError:  # SO_RCVTIMEO expired
+            buf += self._recv(sock, deadline, clock, bool(buf or frames))
+
+    def _recv(self, sock: socket.socket, deadline: float, clock: Callable[[], float],
+              partial: bool) -> bytes:
+        """Read what the service sent within the budget; `partial`: part of a reply is in."""
+        remaining = deadline - clock()
+        if remaining <= 0:
+            self.discard()  # the late reply must not be read as the next call's
+            raise _Unavailable(f"timeout after {self.timeout_ms:g} ms")
+        if abs(remaining - self._rcvtimeo) > _SLACK_S:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(remaining))
+            self._rcvtimeo = remaining
+        try:
+            data = sock.recv(_RECV_BYTES)
+        except BlockingIOError:  # SO_RCVTIMEO expired
+            self.discard()
+            raise _Unavailable(f"timeout after {self.timeout_ms:g} ms") from None
+        except ConnectionResetError as e:
+            if partial:
                 self.discard()
-                raise _Unavailable(f"timeout after {self.timeout_ms:g} ms") from None
-            except ConnectionResetError as e:
-                if buf or frames:
-                    self.discard()
-                    raise _Unavailable("connection reset mid-reply") from None
-                raise _Stale(e.strerror) from None
-            except OSError as e:
+                raise _Unavailable("connection reset mid-reply") from None
+            raise _Stale(e.strerror) from None
+        except OSError as e:
+            self.discard()
+            raise _Unavailable(f"recv failed: {e.strerror or e}") from None
+        if not data:
+            if partial:
                 self.discard()
-                raise _Unavailable(f"recv failed: {e.strerror or e}") from None
-            if not data:
-                if buf or frames:
-                    self.discard()
-                    raise _Unavailable("connection closed mid-reply")
-                raise _Stale("connection closed")
-            if not buf and not frames and len(data) > 4 and data[:3] == _SHORT_REPLY \
-                    and len(data) == 4 + data[3]:
-                return data[4:]  # the usual reply: [empty, body < 256 bytes] in one read
-            buf += data
+                raise _Unavailable("connection closed mid-reply")
+            raise _Stale("connection closed")
+        return data
 
     def _command(self, body: bytes) -> None:
         """Answer PING with PONG (RFC 37); ignore other commands."""
