@@ -27,6 +27,10 @@ Settings (defaults < config file < environment), see `SETTINGS`:
     ACM_TRANSPORT              zmtp    zmtp = speak ZMTP 3 on a blocking unix/TCP socket from
                                        this process; libzmq = a pyzmq REQ socket (its I/O
                                        thread costs two thread wake-ups per call)
+    ACM_CURVE_SERVER_KEY       (none)  the service's public key file (its NAME.key from
+                               `acm keys generate`): set, the socket speaks CurveZMQ
+    ACM_CURVE_CLIENT_KEY       (none)  this client's NAME.key_secret (needed when the service
+                               lists authorised client keys); unset, a fresh pair per start
     ACM_OPENSIPS_CONFIG        /etc/acm/acm_opensips.conf  (``key = value`` lines, keys as
                                above without the ACM_ prefix, lower case; optional file)
 """
@@ -137,6 +141,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("transport", str, "zmtp", "ACM_TRANSPORT", _transport,
             "zmtp = this process speaks ZMTP 3 on a blocking socket (no libzmq I/O thread); "
             "libzmq = a pyzmq REQ socket."),
+    Setting("curve_server_key", str, "", "ACM_CURVE_SERVER_KEY", None,
+            "The service's CurveZMQ public key file; set, requests go over CURVE."),
+    Setting("curve_client_key", str, "", "ACM_CURVE_CLIENT_KEY", None,
+            "This client's CurveZMQ .key_secret file; unset, a pair is made at start."),
 )
 
 
@@ -152,6 +160,8 @@ class Config:
     breaker_max_cooldown_ms: float = 30000.0
     log_interval_s: float = 10.0
     transport: str = "zmtp"
+    curve_server_key: str = ""
+    curve_client_key: str = ""
 
     @classmethod
     def load(cls, path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -184,7 +194,31 @@ class Config:
         cfg = cls(**values)
         if cfg.breaker_max_cooldown_ms < cfg.breaker_cooldown_ms:
             raise ConfigError("acm setting breaker_max_cooldown_ms is below breaker_cooldown_ms")
+        if cfg.curve_client_key and not cfg.curve_server_key:
+            raise ConfigError("acm setting curve_client_key needs curve_server_key")
+        cfg.curve_keys()  # an unreadable key file stops OpenSIPS at start, not every call
         return cfg
+
+    def curve_keys(self) -> tuple[bytes, bytes, bytes] | None:
+        """Return (server public, client public, client secret), or None without CURVE.
+
+        Raises ConfigError when a key file cannot be read.
+        """
+        if not self.curve_server_key:
+            return None
+        from zmq.auth.certs import load_certificate
+
+        try:
+            server, _ = load_certificate(self.curve_server_key)
+            if self.curve_client_key:
+                public, secret = load_certificate(self.curve_client_key)
+                if secret is None:
+                    raise ValueError("no secret-key (give the .key_secret file)")
+            else:
+                public, secret = zmq.curve_keypair()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"acm CURVE key: {e}") from e
+        return server, public, secret
 
 
 def _read_conf(path: str) -> dict[str, str]:
@@ -228,15 +262,22 @@ class RateLimitedLog:
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
-    def __call__(self, key: str, message: str) -> None:
-        """Emit `message` unless a line for `key` went out within the interval; never raise."""
+    def due(self, key: str) -> int | None:
+        """Return None when a line for `key` went out within the interval (counted as held
+        back), else how many were held back since the last one (and start a new interval)."""
         now = self._clock()
         last = self._last.get(key)
         if last is not None and now - last < self._interval:
             self._held[key] = self._held.get(key, 0) + 1
-            return
-        held = self._held.pop(key, 0)
+            return None
         self._last[key] = now
+        return self._held.pop(key, 0)
+
+    def __call__(self, key: str, message: str) -> None:
+        """Emit `message` unless a line for `key` went out within the interval; never raise."""
+        held = self.due(key)
+        if held is None:
+            return
         suffix = f" ({held} similar suppressed)" if held else ""
         line = f"acm[{os.getpid()}]: {message}{suffix}\n".replace("\x00", "")
         with contextlib.suppress(Exception):  # logging must never change a verdict
@@ -592,10 +633,12 @@ def _properties(data: bytes) -> dict[bytes, bytes]:
 class _LibzmqReq:
     """A libzmq REQ socket (pyzmq): the transport for what libzmq alone provides (CurveZMQ)."""
 
-    def __init__(self, config: Config, stats: Stats) -> None:
+    def __init__(self, config: Config, stats: Stats,
+                 curve: tuple[bytes, bytes, bytes] | None = None) -> None:
         self.endpoint = config.endpoint
         self.timeout_ms = config.timeout_ms
         self.stats = stats
+        self.curve = curve
         self.ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self.sock: zmq.Socket[bytes] | None = None
 
@@ -639,6 +682,11 @@ class _LibzmqReq:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout_ms)))
+            if self.curve is not None:
+                server, public, secret = self.curve
+                sock.setsockopt(zmq.CURVE_SERVERKEY, server)
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
             sock.connect(self.endpoint)
         except zmq.ZMQError:
             sock.close(linger=0)
@@ -675,10 +723,12 @@ class _LibzmqReq:
 _Transport = _ZmtpReq | _LibzmqReq
 
 
-def _make_transport(config: Config, stats: Stats) -> _Transport:
-    """Pick the transport: ZMTP spoken here, libzmq when asked or when CurveZMQ is needed."""
-    if config.transport == "libzmq" or getattr(config, "curve_server_key", ""):
-        return _LibzmqReq(config, stats)
+def _make_transport(config: Config, stats: Stats,
+                    curve: tuple[bytes, bytes, bytes] | None) -> _Transport:
+    """Pick the transport: ZMTP spoken here (NULL mechanism only), libzmq when asked or when
+    CurveZMQ keys are set."""
+    if config.transport == "libzmq" or curve is not None:
+        return _LibzmqReq(config, stats, curve)
     return _ZmtpReq(config, stats)
 
 
@@ -702,6 +752,7 @@ class AcmClient:
         self._getpid = getpid
         self._log = log or RateLimitedLog(self.config.log_interval_s, clock=clock)
         self._policy_verdict = "allow" if self.config.fail_policy == "open" else "drop"
+        self._curve = self.config.curve_keys()
         self._pid: int | None = None
         self._transport: _Transport | None = None
         self.rank: int | None = None
@@ -726,7 +777,7 @@ class AcmClient:
             self._transport.forget()
         self._pid = pid
         self.stats = Stats()
-        self._transport = _make_transport(self.config, self.stats)
+        self._transport = _make_transport(self.config, self.stats, self._curve)
         self.state = CLOSED
         self._failures = 0
         self._cooldown_s = self.config.breaker_cooldown_ms / 1000.0
@@ -802,7 +853,7 @@ class AcmClient:
         """Send one request and wait for its reply within the budget. Raises _Unavailable."""
         deadline = start + self.config.timeout_ms / 1000.0
         if self._transport is None:
-            self._transport = _make_transport(self.config, self.stats)
+            self._transport = _make_transport(self.config, self.stats, self._curve)
         return self._transport.request(payload, deadline, self._clock)
 
     def _discard_socket(self) -> None:
@@ -892,6 +943,10 @@ class Module:
 
     def __init__(self, client: AcmClient | None = None) -> None:
         self.client = client if client is not None else AcmClient(Config.load())
+        # opensips.cfg logs a fail-policy call only when $var(acm_log) is "1": at most once per
+        # verdict, reason, process and log interval, like this script's own lines.
+        self.policy_lines = RateLimitedLog(self.client.config.log_interval_s,
+                                           clock=self.client._clock)
 
     def child_init(self, rank: int) -> int:
         """Reset per-process state for OpenSIPS process `rank`; return 0 (success)."""
@@ -920,6 +975,8 @@ class Module:
                 trunk_s = trunk if isinstance(trunk, str) and trunk != _PV_NULL else ""
                 v = self.client.check(call_id, a, b, src_ip or None, trunk_s or None)
             _set_vars(self.client, msg, v)
+            if v.policy:
+                _set_policy_log(self, msg, v)
             return _return_code(v)
         except BaseException as e:  # see class docstring
             _safe_log(self.client, "acm_check", f"acm_check failed: {e!r}")
@@ -949,6 +1006,17 @@ def _set_vars(client: AcmClient, msg: Any, v: Verdict) -> None:
             msg.set_pseudoVar(name, value.replace("\x00", "") if "\x00" in value else value)
         except Exception as e:
             _safe_log(client, "set_var", f"cannot set {name}: {e!r}")
+
+
+def _set_policy_log(module: Module, msg: Any, v: Verdict) -> None:
+    """Set $var(acm_log) ("1": the cfg may log this fail-policy call) and $var(acm_log_held)
+    (fail-policy calls of the same kind not logged since the last line)."""
+    held = module.policy_lines.due(f"{v.verdict}:{v.reason}")
+    try:
+        msg.set_pseudoVar("$var(acm_log)", "0" if held is None else "1")
+        msg.set_pseudoVar("$var(acm_log_held)", str(held or 0))
+    except Exception as e:
+        _safe_log(module.client, "set_var", f"cannot set $var(acm_log): {e!r}")
 
 
 def _safe_log(client: AcmClient, key: str, message: str) -> None:
