@@ -117,7 +117,7 @@ class Setting:
                 value = _coerce(self.type, raw)
             if self.validator is not None:
                 self.validator(value)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:  # Overflow: a 400-digit float
             shown = repr(raw)
             if len(shown) > 60:  # an error must not echo a 30 KB value into replies and logs
                 shown = shown[:57] + "..."
@@ -260,6 +260,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("mi_datagram", str, "127.0.0.1:8898",
             "MI JSON-RPC over UDP datagrams host:port; empty disables.",
             env=("ACM_MI_DATAGRAM",), cli="--mi-datagram", section="control"),
+    Setting("mi_http_timeout", float, 10.0,
+            "Seconds an MI HTTP connection has to deliver one whole request (also the idle "
+            "keep-alive limit); then it is closed.",
+            env=("ACM_MI_HTTP_TIMEOUT",), validator=_range(0.1, 3600), section="control"),
+    Setting("mi_http_max_connections", int, 64,
+            "MI HTTP connections served at once; a new one closes the oldest that has not "
+            "delivered its request, or gets 503 when all are busy.",
+            env=("ACM_MI_HTTP_MAX_CONNECTIONS",), validator=_range(1, 10_000),
+            section="control"),
     Setting("mi_token", str, "",
             "Admin token for MI; required when MI binds a non-loopback address.",
             env=("ACM_MI_TOKEN",), cli="--mi-token", section="control"),
@@ -364,6 +373,24 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds between whitelist reconciles (database -> store markers); 0 disables.",
             env=("ACM_WHITELIST_SYNC_INTERVAL",), cli="--whitelist-sync-interval",
             section="writer"),
+    # --- REST API and console ---
+    Setting("web_http", str, "127.0.0.1:8080",
+            "REST API (/api/v1) and web console host:port; empty disables. A non-loopback "
+            "address requires api_token.",
+            env=("ACM_WEB_HTTP",), cli="--web-http", section="service"),
+    Setting("api_token", str, "",
+            "Bootstrap admin bearer token of the REST API (automation; at least 16 "
+            "characters); required when web_http binds a non-loopback address.",
+            env=("ACM_API_TOKEN",), cli="--api-token", section="service"),
+    Setting("web_max_inflight", int, 1024,
+            "Most call events the REST API has in flight to the worker pool at once; more "
+            "are answered 503 at once.",
+            env=("ACM_WEB_MAX_INFLIGHT",), cli="--web-max-inflight",
+            validator=_range(1, 100000), section="service"),
+    Setting("web_session_ttl", float, 43200.0,
+            "Seconds a console login (session cookie or login token) stays valid.",
+            env=("ACM_WEB_SESSION_TTL",), cli="--web-session-ttl", validator=_range(60, 30 * 86400),
+            section="service"),
     # --- operations ---
     Setting("metrics_http", str, "127.0.0.1:9464",
             "Prometheus metrics endpoint host:port (GET /metrics); empty disables.",

@@ -498,7 +498,7 @@ def main() -> int:
     log(f"{version}; modules {modules}; {machine['cpu']} x{machine['nproc']}; "
         f"loadavg {machine['loadavg_start']}")
 
-    env = dict(os.environ, ACM_MI_HTTP="", ACM_MI_DATAGRAM="", ACM_METRICS_HTTP="",
+    env = dict(os.environ, ACM_MI_HTTP="", ACM_MI_DATAGRAM="", ACM_METRICS_HTTP="", ACM_WEB_HTTP="",
                ACM_STATE_DIR=str(tmp / "state"))
     (tmp / "state").mkdir()
 
