@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from acm_module import settings as settings_mod
 from acm_module.core.redaction import MASK, redact_url
 from acm_module.errors import ConfigError
+
+log = logging.getLogger("acm.supervisor")
 
 # The settings `acm serve` uses: its own, the detection rules, and its MI control plane's.
 SERVE_SECTIONS = frozenset({"service", "detection", "control"})
@@ -58,7 +64,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_web(s.web_http, s.api_token)  # an exposed API without auth: exit 2 before anything
     setup_logging(s.log_level, s.log_json)
     # SIGHUP reloads the same way: file and environment again, the same flags, the overrides.
-    return Supervisor(s, reload=resolve).run()
+    return Supervisor(s, reload=resolve, sidecars=serve_sidecars).run()
+
+
+def serve_sidecars(s: settings_mod.Settings, boot_id: str) -> dict[str, Callable[[Any], int]]:
+    """Return the processes `acm serve` runs beside its workers, as the settings ask: the MI
+    control plane (with the alert lifecycle commands of actions/), metrics, the REST API."""
+    from acm_module.actions.mi import lifecycle_commands
+
+    extra = (lifecycle_commands,)  # MI commands of other rooms, on every control plane
+    out: dict[str, Callable[[Any], int]] = {}
+    if s.mi_http or s.mi_datagram:
+        try:
+            from acm_module.control.server import control_main
+        except ImportError:
+            log.warning("MI control plane not available in this build")
+        else:
+            out["control"] = functools.partial(control_main, boot_id=boot_id,
+                                               extra_commands=extra)
+    if s.metrics_http:
+        from acm_module.ops.metrics import metrics_main
+
+        out["metrics"] = metrics_main
+    if getattr(s, "web_http", ""):
+        try:
+            from acm_module.web.server import web_main
+        except ImportError as e:  # the `web` extra is not installed
+            log.warning("REST API not available in this build (%s)", e)
+        else:
+            out["web"] = functools.partial(web_main, extra_commands=extra)
+    return out
 
 
 def cmd_settings(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""MI commands of the alert lifecycle, registered on the control plane (`register(control)`).
+"""MI commands of the alert lifecycle, added to the control plane by cli.py
+(`Control(..., extra_commands=[lifecycle_commands])`).
 
 | command | admin | parameters |
 |---|---|---|
@@ -115,7 +116,6 @@ class LifecycleCommands:
         return out
 
 
-def register(control: Any) -> None:
-    """Add the lifecycle commands to a control plane (acm_module.control.commands.Control)."""
-    for cmd in LifecycleCommands(control).declare():
-        control.commands[cmd.name] = cmd
+def lifecycle_commands(control: Any) -> list[Command]:
+    """Return the lifecycle commands of a control plane (acm_module.control.commands.Control)."""
+    return LifecycleCommands(control).declare()

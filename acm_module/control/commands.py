@@ -19,7 +19,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -167,6 +167,9 @@ class Command:
     settings_params: bool = False  # takes setting=value pairs (acm_set, E_ACM_RELOAD)
 
 
+# Declares commands another room adds to a control plane (given the Control they run on).
+CommandFactory = Callable[["Control"], Iterable[Command]]
+
 _NUMBER = "number"
 
 
@@ -184,7 +187,9 @@ class Control:
     """The state behind the MI endpoint: one store connection, one repository, one lock."""
 
     def __init__(self, settings: Any, repo: ControlRepository | None = None,
-                 boot_id: str = "") -> None:
+                 boot_id: str = "", extra_commands: Sequence[CommandFactory] = ()) -> None:
+        """extra_commands: what other rooms add (the alert lifecycle of actions/), each called
+        with this control plane; cli.py hands them in, so this module imports none of them."""
         self.settings = settings
         self.boot_id = boot_id  # the supervisor's: a restored config carries it
         # The live config as last read from or written to the store: what goes back when the
@@ -198,7 +203,8 @@ class Control:
         # thread-safe) and makes each read-modify-write atomic within this process.
         self._lock = threading.RLock()
         self.commands: dict[str, Command] = {c.name: c for c in self._declare()}
-        from acm_module.actions.mi import register; register(self)  # noqa: E702, I001
+        for factory in extra_commands:
+            self.commands.update((c.name, c) for c in factory(self))
 
     def close(self) -> None:
         """Close the repository and the store connection."""

@@ -12,7 +12,6 @@ ZeroMQ context and no store connection exist in this process.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import multiprocessing
 import os
@@ -42,6 +41,8 @@ HEARTBEAT_TIMEOUT = 10.0  # seconds without a beat before a worker is considered
 # A sidecar whose boot failure stops the service: MI refuses to run unauthenticated on an
 # exposed address, and running without the control plane the operator asked for is worse.
 CRITICAL_SIDECARS = frozenset({"control"})
+# settings, boot id -> {sidecar name: entry point taking the settings, returning an exit code}
+SidecarPlan = Callable[[Any, str], dict[str, Callable[[Any], int]]]
 
 
 def listen_socket(endpoint: str, ipc_mode: int = 0o660) -> socket.socket:
@@ -171,9 +172,13 @@ class Supervisor:
     graceful_timeout); an invalid new config is logged and the old one kept.
     """
 
-    def __init__(self, settings: Any, reload: Callable[[], Any] | None = None) -> None:
+    def __init__(self, settings: Any, reload: Callable[[], Any] | None = None,
+                 sidecars: SidecarPlan | None = None) -> None:
         self.settings = settings
         self.reload = reload
+        # Which processes run beside the workers for given settings and boot id (the MI control
+        # plane, metrics, the REST API): cli.py decides, so this module imports none of them.
+        self.plan_sidecars: SidecarPlan = sidecars or (lambda settings, boot_id: {})
         self.workers: dict[int, int] = {}  # pid -> index
         self.slots: dict[int, int] = {}  # pid -> heartbeat slot
         self.spawned_at: dict[int, float] = {}  # pid -> when it was forked
@@ -191,7 +196,7 @@ class Supervisor:
         self.embedded: Any = None
         self.respawns = 0
         # Processes beside the workers (the MI control plane...): name -> entry point.
-        self.sidecars: dict[str, Any] = {}
+        self.sidecars: dict[str, Callable[[Any], int]] = {}
         self.sidecar_pids: dict[int, str] = {}
         self.sidecar_respawn: dict[str, float] = {}
 
@@ -292,24 +297,7 @@ class Supervisor:
         log.debug("spawned worker %d pid %d", index, pid)
 
     def _register_sidecars(self) -> None:
-        s = self.settings
-        if s.mi_http or s.mi_datagram:
-            try:
-                from acm_module.control.server import control_main
-            except ImportError:
-                log.warning("MI control plane not available in this build")
-            else:
-                self.sidecars["control"] = functools.partial(control_main, boot_id=self.boot_id)
-        if s.metrics_http:
-            from acm_module.ops.metrics import metrics_main
-            self.sidecars["metrics"] = metrics_main
-        if getattr(s, "web_http", ""):
-            try:
-                from acm_module.web.server import web_main
-            except ImportError as e:  # the `web` extra is not installed
-                log.warning("REST API not available in this build (%s)", e)
-            else:
-                self.sidecars["web"] = web_main
+        self.sidecars.update(self.plan_sidecars(self.settings, self.boot_id))
 
     def _spawn_sidecar(self, name: str) -> None:
         def run() -> int:

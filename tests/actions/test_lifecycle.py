@@ -17,6 +17,7 @@ import pytest
 from servers import REPO
 
 from acm_module import settings as settings_mod
+from acm_module.actions.mi import lifecycle_commands
 from acm_module.control.commands import Control
 from acm_module.control.jsonrpc import INVALID_PARAMS, NOT_FOUND
 from acm_module.persist.pg import PostgresSink
@@ -50,7 +51,7 @@ def make_alert(database_url: str, b: str | None = None, severity: str = "HIGH") 
 def control(store_url: str, database_url: str, tmp_path: Any) -> Iterator[Control]:
     s = settings_mod.load(None, env={}, cli={"store": store_url, "database_url": database_url,
                                              "state_dir": str(tmp_path)})
-    c = Control(s)
+    c = Control(s, extra_commands=[lifecycle_commands])
     try:
         yield c
     finally:
