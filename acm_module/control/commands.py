@@ -34,8 +34,8 @@ from acm_module.control.repository import (
     SEVERITIES,
     AlertQuery,
     ControlRepository,
+    StoreRepository,
     WhitelistEntry,
-    open_repository,
 )
 from acm_module.engine import hotpath
 from acm_module.errors import ConfigError, StoreError
@@ -180,6 +180,22 @@ class Reply:
 
     body: bytes | None
     authenticated: bool = False
+
+
+def open_repository(settings: Any, conn: StoreConnection) -> ControlRepository:
+    """Return the PostgreSQL repository when configured and installed, else the store one."""
+    if getattr(settings, "database_url", ""):
+        try:
+            from acm_module.persist.control_repo import (  # type: ignore[import-not-found]
+                PostgresControlRepository,
+            )
+        except ImportError:
+            log.warning("database_url is set but acm_module.persist.control_repo is not "
+                        "available: whitelist/audit/alerts use the store")
+        else:
+            repo: ControlRepository = PostgresControlRepository(settings)
+            return repo
+    return StoreRepository(conn, settings.partitions)
 
 
 # -- the control plane ---------------------------------------------------------------------
