@@ -12,16 +12,10 @@ from acm_module.control.repository import AlertQuery
 from acm_module.engine import hotpath
 from acm_module.persist import records
 from acm_module.store import keys
-from acm_module.web.security import Principal
+from acm_module.web.security import ApiError, Principal
 
 _STREAM_SCAN = 5000  # decision records read back from the B-number's partition stream
 _CALLS_MAX = 500
-
-
-def _api_error(status: int, code: str, message: str) -> Exception:
-    from acm_module.web.api import ApiError
-
-    return ApiError(status, code, message)
 
 
 def find_alert(svc: Any, p: Principal, request: Request, alert_id: str) -> dict[str, Any]:
@@ -41,7 +35,7 @@ def find_alert(svc: Any, p: Principal, request: Request, alert_id: str) -> dict[
         if a["alert_id"] == alert_id:
             a.setdefault("status", "NEW")
             return dict(a)
-    raise _api_error(404, "not_found", f"alert {alert_id} not found")
+    raise ApiError(404, "not_found", f"alert {alert_id} not found")
 
 
 def alert_calls(svc: Any, alert: dict[str, Any]) -> list[dict[str, Any]]:
@@ -99,7 +93,7 @@ def daily_stats(svc: Any, day: date) -> Any:
     """Compute a day's report statistics (needs database_url). Raises ApiError."""
     s = svc.settings
     if not s.database_url:
-        raise _api_error(503, "not_configured", "daily reports need database_url")
+        raise ApiError(503, "not_configured", "daily reports need database_url")
     import psycopg
 
     from acm_module.compliance import stats
@@ -108,5 +102,5 @@ def daily_stats(svc: Any, day: date) -> Any:
         with psycopg.connect(s.database_url, connect_timeout=5) as conn:
             return stats.compute(conn, day, s.report_timezone, s.operator_code, s.questdb_url)
     except psycopg.Error as e:
-        raise _api_error(503, "unavailable",
+        raise ApiError(503, "unavailable",
                          f"database error: {type(e).__name__}".splitlines()[0]) from e
