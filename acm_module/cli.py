@@ -34,9 +34,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from acm_module.server.supervisor import Supervisor
 
     s = _load(args)
-    setup_logging(s.log_level, s.log_json)
     from acm_module.web.security import check_boot as check_web
     check_web(s.web_http, s.api_token)  # an exposed API without auth: exit 2 before anything
+    setup_logging(s.log_level, s.log_json)
     # MI changes persisted in state_dir win over the file/env, so a restart keeps them.
     apply_overrides(s)
     return Supervisor(s).run()

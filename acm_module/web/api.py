@@ -234,6 +234,9 @@ Viewer = Annotated[Principal, Depends(require("viewer"))]
 Analyst = Annotated[Principal, Depends(require("analyst"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
 Svc = Annotated[Services, Depends(services)]
+Number = Annotated[str, Path(min_length=1, max_length=m.NUMBER_MAX)]
+Id = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+Cascade = Annotated[bool, Query()]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": m.ErrorBody, "description": d} for s, d in (
@@ -250,7 +253,7 @@ def _ts_ms(v: datetime | None) -> int | None:
         return None
     if v.tzinfo is None:
         v = v.replace(tzinfo=UTC)
-    return int(v.timestamp() * 1000)
+    return max(0, int(v.timestamp() * 1000))  # nothing happened before 1970
 
 
 def create_app(svc: Services) -> FastAPI:
@@ -607,7 +610,6 @@ def _alerts_router() -> APIRouter:
 # -- whitelist, blocks ----------------------------------------------------------------------------
 def _lists_router() -> APIRouter:
     r = APIRouter(prefix=API, tags=["lists"])
-    Number = Annotated[str, Path(min_length=1, max_length=m.NUMBER_MAX)]
 
     @r.get("/whitelist", response_model=m.Result)
     def whitelist(p: Viewer, request: Request, svc: Svc,
@@ -653,8 +655,6 @@ def _registry_list(svc: Services, kind: str) -> dict[str, Any]:
 
 def _registry_router() -> APIRouter:
     r = APIRouter(prefix=API, tags=["registry"])
-    Id = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
-    Cascade = Annotated[bool, Query()]
 
     @r.get("/carriers", response_model=m.Result)
     def carriers(p: Viewer, request: Request, svc: Svc) -> Any:

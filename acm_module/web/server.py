@@ -28,8 +28,9 @@ BOOTSTRAP_USER = "admin"
 
 
 def bootstrap_admin(users: UserRepository, out: Any = None) -> str | None:
-    """Create the `admin` user with a generated password when there is no user at all, and
-    print its credentials once; return the password (None when users exist)."""
+    """Create the `admin` user with a generated password when there is no user at all (and no
+    api_token), and print its credentials once; return the password (None when users exist).
+    """
     if users.user_list():
         return None
     password = new_password()
@@ -100,8 +101,9 @@ def web_main(settings: Any) -> int:
     app = build_app(settings)
     svc = app.state.services
     stop = threading.Event()
-    threading.Thread(target=_bootstrap_until_done, args=(svc.users, stop), name="web-boot",
-                     daemon=True).start()
+    if not settings.api_token:  # with api_token the operator holds an admin credential already
+        threading.Thread(target=_bootstrap_until_done, args=(svc.users, stop),
+                         name="web-boot", daemon=True).start()
     loop = "uvloop" if _has("uvloop") else "asyncio"
     http = "httptools" if _has("httptools") else "h11"
     config = uvicorn.Config(app, loop=loop, http=http, log_config=None, access_log=False,
