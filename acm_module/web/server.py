@@ -81,7 +81,9 @@ def build_app(settings: Any) -> Any:
     users = open_users(settings)
     pool = PoolClient(settings.endpoint, sockets=max(2, 2 * settings.workers),
                       max_inflight=settings.web_max_inflight)
-    return create_app(Services(settings, control, users, pool))
+    app = create_app(Services(settings, control, users, pool))
+    from acm_module.web.console import mount; mount(app, settings)  # noqa: E702, I001
+    return app
 
 
 def web_main(settings: Any) -> int:
