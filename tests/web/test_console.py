@@ -60,12 +60,14 @@ def browser() -> Iterator[Any]:
 
 
 def zmq_burst(endpoint: str, b: str, n: int = 5, tag: str = "") -> list[dict[str, Any]]:
-    """Send n calls from distinct A-numbers to b through the ZeroMQ path; return the replies."""
+    """Send n calls from distinct A-numbers to b through the ZeroMQ path, 0.3 s apart in call
+    time (ending now), as OpenSIPS would; return the replies."""
     tag = tag or f"c{time.monotonic_ns()}"
+    start = time.time() - 0.3 * n
     c = Client(endpoint, timeout=10.0)
     try:
-        return [c.decide(f"{tag}-{i}", f"+2348031{hash(tag) % 1000:03d}{i:03d}", b)
-                for i in range(n)]
+        return [c.decide(f"{tag}-{i}", f"+2348031{hash(tag) % 1000:03d}{i:03d}", b,
+                         ts=start + 0.3 * i) for i in range(n)]
     finally:
         c.close()
 
@@ -87,7 +89,7 @@ def no_horizontal_overflow(page: Any) -> None:
 def shot(page: Any, name: str, full: bool = False) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(SHOTS) / name), full_page=full)
+        page.screenshot(path=str(Path(SHOTS) / name), full_page=full, scale="css")
 
 
 # -- the analyst's day -----------------------------------------------------------------------------
@@ -133,7 +135,6 @@ def test_a_burst_appears_live_is_worked_false_positive_and_whitelisted(
         page.wait_for_selector(f".flash.ok:has-text('{b} is whitelisted')")
         page.goto(web.url + "/whitelist")
         assert b in page.inner_text("#whitelist")
-        shot(page, "console-whitelist.png")
 
         with psycopg.connect(web.database_url) as c:  # type: ignore[attr-defined]
             status, notes = c.execute("SELECT status, notes FROM fraud_alerts "
@@ -167,7 +168,7 @@ def test_on_a_phone_the_console_fits_and_installs_as_an_app(browser: Any, web: W
         page.wait_for_url(f"**/alerts/{alert_id}")
         assert "read alerts only" in page.inner_text("main")  # a viewer works nothing
         no_horizontal_overflow(page)
-        shot(page, "console-phone-alert.png", full=True)
+        shot(page, "console-phone-alert.png")
         for path in ("/lookup?number=" + b, "/whitelist", "/blocks", "/carriers",
                      "/reports", "/settings", "/audit"):
             page.goto(web.url + path)
@@ -266,3 +267,64 @@ def test_every_list_exports_csv(web: Web) -> None:
         assert r.text.startswith(head), (path, r.text[:80])
         assert "attachment" in r.headers["content-disposition"]
     assert b in c.get("/alerts.csv", params={"b_number": b}).text
+
+
+def test_thresholds_and_carriers_are_for_admins(web: Web) -> None:
+    admin, analyst = session(web, "admin"), session(web, "analyst")
+
+    def csrf(c: httpx.Client, path: str) -> str:
+        return re.search(r'name="csrf" value="([^"]+)"',  # type: ignore[union-attr]
+                         c.get(path).text).group(1)
+
+    assert 'name="threshold"' not in analyst.get("/settings").text  # read-only for others
+    r = analyst.post("/settings", data={"threshold": "9", "csrf": csrf(analyst, "/settings")})
+    assert "needs the admin role" in unquote(r.headers["set-cookie"])
+    live = web.boot.get("/api/v1/config").json()["live"]
+    assert live.get("threshold", 5) == 5
+
+    try:
+        r = admin.post("/settings", data={"threshold": "6", "window": "5.0",
+                                          "csrf": csrf(admin, "/settings")})
+        assert r.status_code == 303 and "threshold = 6" in unquote(r.headers["set-cookie"])
+        assert web.boot.get("/api/v1/config").json()["live"]["threshold"] == 6
+        r = admin.post("/settings", data={"threshold": "zero", "csrf": csrf(admin, "/settings")})
+        assert "threshold" in unquote(r.headers["set-cookie"])  # the API's validation message
+        assert web.boot.get("/api/v1/config").json()["live"]["threshold"] == 6
+    finally:
+        web.boot.patch("/api/v1/config", json={"threshold": 5})
+
+    r = admin.post("/carriers", data={"id": "icx1", "name": "Lagos Interconnect Exchange",
+                                      "licence": "interconnect_clearinghouse",
+                                      "csrf": csrf(admin, "/carriers")})
+    assert "Carrier icx1 saved" in unquote(r.headers["set-cookie"])
+    assert "icx1,Lagos Interconnect Exchange" in admin.get("/carriers.csv").text
+    r = analyst.post("/carriers", data={"id": "x", "name": "x", "licence": "mno",
+                                        "csrf": csrf(analyst, "/carriers")})
+    assert "needs the admin role" in unquote(r.headers["set-cookie"])
+
+
+def test_admins_manage_users_and_everyone_their_api_tokens(web: Web) -> None:
+    admin = session(web, "admin")
+    form = admin.get("/users")
+    assert form.status_code == 200 and 'href="/users"' in form.text
+    token = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)  # type: ignore[union-attr]
+    name = f"ana{time.monotonic_ns() % 10**6}"
+    r = admin.post("/users", data={"name": name, "role": "analyst", "password": PASSWORD,
+                                   "csrf": token})
+    assert f"User {name} created" in unquote(r.headers["set-cookie"])
+
+    ana = session(web, name)
+    assert 'href="/users"' not in ana.get("/alerts").text  # not in an analyst's menu
+    assert ana.get("/users").status_code == 403
+    page = ana.get("/account")
+    r = ana.post("/account/tokens", data={"name": "export job", "csrf": re.search(
+        r'name="csrf" value="([^"]+)"', page.text).group(1)})  # type: ignore[union-attr]
+    api_token = re.search(r'id="new-token">([^<]+)<', r.text).group(1)  # type: ignore[union-attr]
+    assert r.headers["cache-control"] == "no-store" and api_token not in str(r.url)
+    assert web.client(api_token).get("/api/v1/auth/me").json()["user"] == name
+
+    r = admin.post(f"/users/{name}", data={"role": "analyst", "disabled": "1", "csrf": token})
+    assert f"User {name} updated" in unquote(r.headers["set-cookie"])
+    time.sleep(2.1)  # the API's authentication cache
+    assert web.client(api_token).get("/api/v1/auth/me").status_code == 401
+    assert ana.get("/alerts").status_code == 303  # the session is refused too

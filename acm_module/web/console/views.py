@@ -34,6 +34,7 @@ from fastapi.routing import APIRoute
 from acm_module import settings as settings_mod
 from acm_module.domain.alerts import TRANSITIONS, AlertStatus
 from acm_module.engine import hotpath
+from acm_module.gateway import registry as gw_registry
 from acm_module.web.api import API, CSRF_HEADER, SESSION_COOKIE, csrf_of
 from acm_module.web.console import charts, live
 from acm_module.web.console.assets import Assets
@@ -41,10 +42,14 @@ from acm_module.web.security import same_secret
 
 LOGIN_CSRF_COOKIE = "acm_login_csrf"
 FLASH_COOKIE = "acm_flash"
-MENU = (("/alerts", "Alerts", "alerts"), ("/lookup", "Lookup", "lookup"),
-        ("/whitelist", "Whitelist", "whitelist"), ("/blocks", "Blocks", "blocks"),
-        ("/carriers", "Carriers", "carriers"), ("/reports", "Daily figures", "reports"),
-        ("/settings", "Thresholds", "settings"), ("/audit", "Audit", "audit"))
+# (path, label, page key, the role that sees it)
+MENU = (("/alerts", "Alerts", "alerts", "viewer"), ("/lookup", "Lookup", "lookup", "viewer"),
+        ("/whitelist", "Whitelist", "whitelist", "viewer"),
+        ("/blocks", "Blocks", "blocks", "viewer"), ("/carriers", "Carriers", "carriers", "viewer"),
+        ("/reports", "Daily figures", "reports", "viewer"),
+        ("/settings", "Thresholds", "settings", "viewer"), ("/audit", "Audit", "audit", "viewer"),
+        ("/users", "Users", "users", "admin"), ("/account", "Account", "account", "viewer"))
+ROLES = ("viewer", "analyst", "admin")
 MOVE_LABEL = {"INVESTIGATING": "Start investigating", "CONFIRMED": "Confirm fraud",
               "FALSE_POSITIVE": "False positive", "RESOLVED": "Resolve"}
 MOVE_CLASS = {"INVESTIGATING": "warn", "CONFIRMED": "danger", "FALSE_POSITIVE": "good",
@@ -52,7 +57,7 @@ MOVE_CLASS = {"INVESTIGATING": "warn", "CONFIRMED": "danger", "FALSE_POSITIVE": 
 # Settings the thresholds page shows, in this order (runtime settings of settings.py).
 THRESHOLDS = ("threshold", "window", "mode", "block_ttl", "fanout_threshold", "fanout_window",
               "cli_origin_rule", "dedup_ttl")
-CHOICES = {"mode": ("block", "monitor"), "cli_origin_rule": ("enforce", "monitor", "off")}
+CHOICES = {"mode": ("block", "monitor"), "cli_origin_rule": gw_registry.CLI_RULES}
 SEVERITIES = ("LOW", "HIGH", "CRITICAL")
 _PAGE = 50
 _CSV_MAX = 10_000
@@ -81,8 +86,7 @@ class User:
         self.name, self.role = name, role
 
     def may(self, role: str) -> bool:
-        order = ("viewer", "analyst", "admin")
-        return order.index(self.role) >= order.index(role)
+        return ROLES.index(self.role) >= ROLES.index(role)
 
 
 class Api:
@@ -213,7 +217,8 @@ def build_router(assets: Assets, feed: live.Feed, settings: Any) -> APIRouter:
         ctx.setdefault("csrf", csrf_of(token) if token else "")
         ctx.setdefault("page", "")
         html = tmpl.get_template(name).render(
-            user=user, menu=MENU, flashes=flashes, static=assets.url,
+            user=user, flashes=flashes, static=assets.url,
+            menu=[m[:3] for m in MENU if user is not None and user.may(m[3])],
             tz=settings.report_timezone, **ctx)
         resp = HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
         if raw:
@@ -369,7 +374,12 @@ def build_router(assets: Assets, feed: live.Feed, settings: Any) -> APIRouter:
                                           "X-Accel-Buffering": "no"})
 
     async def detail(api: Api, alert_id: str) -> dict[str, Any]:
-        d = await api.get(f"/alerts/{quote(alert_id)}")
+        try:
+            d = await api.get(f"/alerts/{quote(alert_id, safe='')}")
+        except ApiFailed as e:
+            if e.status == 422:  # not an alert id at all
+                raise ApiFailed(404, "not_found", f"no alert {alert_id[:64]!r}") from e
+            raise
         d["alert"]["distinct_max"] = _distinct(d["alert"])
         return d
 
@@ -398,7 +408,8 @@ def build_router(assets: Assets, feed: live.Feed, settings: Any) -> APIRouter:
                     page="alerts", a={**a, "status": status, "notes": "\n".join(d["notes"])},
                     calls=calls, dropped=sum(1 for c in calls if c["verdict"] == "drop"),
                     a_rows=_a_rows(a, calls), timeline=timeline, actions=actions,
-                    whitelisted=wl, moves=moves, can_work=user.may("analyst"),
+                    whitelisted=wl, moves=moves if settings.database_url else [],
+                    lifecycle=bool(settings.database_url), can_work=user.may("analyst"),
                     move_label=MOVE_LABEL, move_class=MOVE_CLASS)
 
     @r.get("/alerts/{alert_id}/a-numbers.csv")
@@ -534,7 +545,8 @@ def build_router(assets: Assets, feed: live.Feed, settings: Any) -> APIRouter:
         api = Api(request)
         user = await api.me()
         return page(request, "carriers.html", user, title="Carriers", page="carriers",
-                    is_admin=user.may("admin"), **await registry(api))
+                    is_admin=user.may("admin"), licences=gw_registry.LICENCES,
+                    cli_rules=gw_registry.CLI_RULES, **await registry(api))
 
     @r.get("/{kind}.csv")
     async def list_csv(request: Request, kind: str) -> Response:
@@ -647,6 +659,81 @@ def build_router(assets: Assets, feed: live.Feed, settings: Any) -> APIRouter:
         rows = [{"at": x.get("at"), "actor": x.get("actor"), "action": x.get("action"),
                  "target": x.get("target"), "change": _change(x)} for x in data["records"]]
         return page(request, "audit.html", user, title="Audit", page="audit", rows=rows)
+
+    # -- users and tokens ----------------------------------------------------------------
+    @r.get("/users")
+    async def users(request: Request) -> Response:
+        api = Api(request)
+        user = await api.me()
+        data = await api.get("/users")
+        return page(request, "users.html", user, title="Users", page="users",
+                    users=data["users"], roles=ROLES)
+
+    @r.post("/users")
+    async def user_add(request: Request) -> Response:
+        api = Api(request)
+        form = await _form(request, api)
+        name = form.get("name", "").strip()
+        try:
+            await api.call("POST", "/users", json_body={
+                "name": name, "role": form.get("role", ""), "password": form.get("password", "")})
+        except ApiFailed as e:
+            return _back("/users", "error", e.message)
+        return _back("/users", "ok", f"User {name} created.")
+
+    @r.post("/users/{name}")
+    async def user_update(request: Request, name: str) -> Response:
+        api = Api(request)
+        form = await _form(request, api)
+        path = f"/users/{quote(name, safe='')}"
+        try:
+            if form.get("action") == "delete":
+                await api.call("DELETE", path)
+                return _back("/users", "ok", f"User {name} deleted.")
+            body: dict[str, Any] = {"role": form.get("role") or None,
+                                    "disabled": form.get("disabled") == "1"}
+            if form.get("password"):
+                body["password"] = form["password"]
+            await api.call("PATCH", path, json_body=body)
+        except ApiFailed as e:
+            return _back("/users", "error", e.message)
+        return _back("/users", "ok", f"User {name} updated.")
+
+    async def account_page(request: Request, api: Api, new_token: str | None = None
+                           ) -> Response:
+        user = await api.me()
+        data = await api.get(f"/users/{quote(user.name, safe='')}/tokens")
+        return page(request, "account.html", user, title="Account", page="account",
+                    tokens=data["tokens"], new_token=new_token)
+
+    @r.get("/account")
+    async def account(request: Request) -> Response:
+        return await account_page(request, Api(request))
+
+    @r.post("/account/tokens")
+    async def token_add(request: Request) -> Response:
+        api = Api(request)
+        form = await _form(request, api)
+        user = await api.me()
+        try:
+            out = await api.call("POST", f"/users/{quote(user.name, safe='')}/tokens",
+                                 json_body={"name": form.get("name", "").strip()[:128]})
+        except ApiFailed as e:
+            return _back("/account", "error", e.message)
+        # Shown once, in this response's body (never in a URL, never stored by the console).
+        return await account_page(request, api, new_token=out["token"])
+
+    @r.post("/account/tokens/{token_id}/revoke")
+    async def token_revoke(request: Request, token_id: str) -> Response:
+        api = Api(request)
+        await _form(request, api)
+        user = await api.me()
+        try:
+            await api.call("DELETE", f"/users/{quote(user.name, safe='')}/tokens/"
+                           f"{quote(token_id, safe='')}")
+        except ApiFailed as e:
+            return _back("/account", "error", e.message)
+        return _back("/account", "ok", f"Token {token_id} revoked.")
 
     return r
 
