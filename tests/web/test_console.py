@@ -147,6 +147,13 @@ def test_a_burst_appears_live_is_worked_false_positive_and_whitelisted(
 
         after = zmq_burst(web.svc.endpoint, b, n=6)
         assert {(r["verdict"], r["reason"]) for r in after} == {("allow", "whitelisted")}
+
+        page.goto(web.url + "/reports")  # the day's figures, drawn as charts
+        kpis = page.inner_text(".kpis")
+        assert re.search(r"\b1\s+alerts", kpis, re.I), kpis
+        assert page.locator(".chart svg").count() == 3
+        assert page.locator(".chart svg[aria-label*='FALSE_POSITIVE: 1']").count() == 1
+        shot(page, "console-reports.png", full=True)
     finally:
         ctx.close()
 
