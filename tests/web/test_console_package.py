@@ -23,7 +23,6 @@ def test_every_console_asset_is_package_data() -> None:
 
 
 def test_the_icons_are_the_pngs_the_manifest_names() -> None:
-
     from acm_module.web.console.assets import STATIC, Assets
 
     manifest = json.loads(Assets().manifest())
