@@ -12,11 +12,14 @@ X-CSRF-Token header. No or a wrong token: 401; a role that may not: 403.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
+import json
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, date, datetime
 from typing import Annotated, Any
 from uuid import UUID
@@ -26,6 +29,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from acm_module.control import jsonrpc
@@ -54,6 +58,8 @@ CSRF_HEADER = "X-CSRF-Token"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _AUTH_CACHE_S = 2.0  # a revoked token stops working in this process at once, elsewhere ≤ 2 s
 _SCAN_ALL = 10_000
+LOGIN_FAILURES = 10
+MAX_BODY = 256 * 1024  # the largest legitimate body (a gateway with 256 addresses) is ~10 KiB
 _SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
@@ -109,6 +115,84 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class BodyLimit:
+    """Answer 413 to a request body larger than MAX_BODY, before any of it is kept: no client
+    can take the process's memory (pure ASGI, counts chunked bodies as they arrive)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and (not value.isdigit() or int(value) > MAX_BODY):
+                await _too_large(send)
+                return
+        seen, over = 0, False
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen, over
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY:  # the app sees a client gone; the client gets the 413
+                    over = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            if not over:
+                await send(message)
+
+        try:
+            await self.app(scope, limited, guarded_send)
+        except Exception:
+            if not over:
+                raise
+        if over:
+            await _too_large(send)
+
+
+async def _too_large(send: Any) -> None:
+    body = json.dumps({"code": "too_large",
+                       "message": f"request body larger than {MAX_BODY} bytes"}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class LoginGuard:
+    """Failed logins per address (a sliding minute), and the few argon2 checks run at once."""
+
+    def __init__(self) -> None:
+        self.slot = threading.BoundedSemaphore(2)
+        self._failures: dict[str, collections.deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, peer: str, now: float) -> collections.deque[float]:
+        q = self._failures.setdefault(peer, collections.deque())
+        while q and q[0] < now - 60.0:
+            q.popleft()
+        return q
+
+    def check(self, peer: str) -> None:
+        """Raise ApiError 429 when the address failed too often within the last minute."""
+        with self._lock:
+            if len(self._recent(peer, time.monotonic())) >= LOGIN_FAILURES:
+                raise ApiError(429, "too_many_attempts",
+                               "too many failed logins from this address; wait a minute")
+
+    def failed(self, peer: str) -> None:
+        with self._lock:
+            if len(self._failures) > 10_000:
+                self._failures.clear()
+            self._recent(peer, time.monotonic()).append(time.monotonic())
+
+
 class Services:
     """What the handlers use: settings, the control plane, users, the pool client."""
 
@@ -119,6 +203,7 @@ class Services:
         self.users = users
         self.pool = pool
         self.passwords = Passwords()
+        self.logins = LoginGuard()
         self._auth_cache: dict[str, tuple[float, Principal | None]] = {}
 
     # -- auth ------------------------------------------------------------------------------
@@ -184,21 +269,20 @@ def csrf_of(token: str) -> str:
 _bearer = HTTPBearer(auto_error=False, description="an API token, a login token or api_token")
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
     svc: Services = request.app.state.services
     return svc
 
 
-async def authenticate(request: Request,
-                       cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-                       svc: Annotated[Services, Depends(services)]) -> Principal:
-    """Return the caller. Raises ApiError 401 (no/wrong token) or 403 (CSRF)."""
+async def identify(request: Request) -> Principal:
+    """Return the caller of a request. Raises ApiError 401 (no/wrong token), 403 (CSRF)."""
+    svc: Services = request.app.state.services
     session = False
-    if cred is not None:
-        token = cred.credentials
-    else:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
         token = request.cookies.get(SESSION_COOKIE, "")
         session = bool(token)
+    token = token.strip()
     if not token:
         raise ApiError(401, "unauthorized", "authentication required: Authorization: Bearer "
                        "<token>")
@@ -217,6 +301,13 @@ async def authenticate(request: Request,
             raise ApiError(403, "csrf", f"missing or wrong {CSRF_HEADER} header")
         return Principal(user=p.user, role=p.role, token_id=p.token_id, session=True)
     return p
+
+
+async def authenticate(request: Request,
+                       cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+                       ) -> Principal:
+    """The dependency form of identify() (declares the bearer scheme in the document)."""
+    return await identify(request)
 
 
 def require(role: str) -> Callable[..., Any]:
@@ -256,13 +347,40 @@ def _ts_ms(v: datetime | None) -> int | None:
     return max(0, int(v.timestamp() * 1000))  # nothing happened before 1970
 
 
+def _validation_message(errors: Sequence[Any]) -> str:
+    """Say what is wrong with a request in one line (the first few problems)."""
+    parts = []
+    for err in list(errors)[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else
+                     str(err.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
+def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """Return the document generator, adding the schemas of hand-parsed bodies."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                              description=app.description)
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            schemas["CallEventRequest"] = m.CallEventRequest.model_json_schema(
+                ref_template="#/components/schemas/{model}")
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    return openapi
+
+
 def create_app(svc: Services) -> FastAPI:
     """Build the application around its services."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if svc.pool is not None:
-            svc.pool.start()
+            await svc.pool.start()
         try:
             yield
         finally:
@@ -275,6 +393,7 @@ def create_app(svc: Services) -> FastAPI:
                   "lifecycle, whitelist and blocks, the carrier registry, live configuration, "
                   "audit trail and daily reports. Errors are {code, message}.")
     app.state.services = svc
+    app.add_middleware(BodyLimit)
     app.add_middleware(SecurityHeaders)
 
     @app.exception_handler(ApiError)
@@ -283,12 +402,7 @@ def create_app(svc: Services) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in e.errors()[:5]:
-            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else
-                         str(err.get("msg", "invalid")))
-        return _err(422, "bad_request", "; ".join(parts) or "invalid request")
+        return _err(422, "bad_request", _validation_message(e.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -306,6 +420,7 @@ def create_app(svc: Services) -> FastAPI:
     app.include_router(_lists_router(), responses=_ERRORS)
     app.include_router(_registry_router(), responses=_ERRORS)
     app.include_router(_ops_router(), responses=_ERRORS)
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app
 
 
@@ -320,19 +435,24 @@ def _public_router() -> APIRouter:
 
     @r.post("/auth/login", response_model=m.LoginResponse,
             responses={401: {"model": m.ErrorBody}, 422: {"model": m.ErrorBody},
+                       429: {"model": m.ErrorBody, "description": "too many failed logins"},
                        503: {"model": m.ErrorBody}})
     def login(body: m.LoginRequest, request: Request, response: Response,
               svc: Svc) -> dict[str, Any]:
         """Log in with a password; return a bearer token (and, with session=true, set the
-        console's session cookie and return its CSRF token)."""
+        console's session cookie and return its CSRF token). After LOGIN_FAILURES failed
+        logins from one address within a minute, that address gets 429 for the rest of it."""
+        peer = request.client.host if request.client else "?"
+        svc.logins.check(peer)
         user = svc.users.user_get(body.username)
-        ok = user is not None and not user.disabled and svc.passwords.verify(
-            user.password_hash, body.password)
-        if user is None:  # spend the same time as a wrong password: no user enumeration
-            svc.passwords.verify(_DUMMY_HASH.get(svc), body.password)
+        with svc.logins.slot:  # argon2 is CPU on purpose: a few at a time, never a flood
+            ok = user is not None and not user.disabled and svc.passwords.verify(
+                user.password_hash, body.password)
+            if user is None:  # spend the same time as a wrong password: no user enumeration
+                svc.passwords.verify(_DUMMY_HASH.get(svc), body.password)
         if not ok or user is None:
-            log.warning("failed login for %r from %s", body.username[:64],
-                        request.client.host if request.client else "?")
+            svc.logins.failed(peer)
+            log.warning("failed login for %r from %s", body.username[:64], peer)
             raise ApiError(401, "unauthorized", "wrong user name or password")
         token = new_token()
         ttl_ms = int(svc.settings.web_session_ttl * 1000)
@@ -367,12 +487,28 @@ _DUMMY_HASH = _DummyHash()
 
 
 # -- events -----------------------------------------------------------------------------------
+_EVENT_BODY = {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/CallEventRequest"}}}}
+
+
 def _events_router() -> APIRouter:
     r = APIRouter(prefix=API, tags=["events"])
 
-    @r.post("/fraud/events", response_model=m.DetectionResponse)
-    async def submit_event(body: m.CallEventRequest, p: Analyst, svc: Svc) -> dict[str, Any]:
+    # The hot endpoint parses, authorises and answers by hand: FastAPI's dependency and
+    # response-model machinery cost more than the decision itself (benchmarks/RESULTS.md §7).
+    # The document still describes it: the body schema is declared below and in openapi().
+    @r.post("/fraud/events", response_model=m.DetectionResponse,
+            openapi_extra={"requestBody": _EVENT_BODY, "security": [{"HTTPBearer": []}]})
+    async def submit_event(request: Request) -> Response:
         """Decide one call with the worker pool (the design document's CallEventRequest)."""
+        p = await identify(request)
+        if not p.may("analyst"):
+            raise ApiError(403, "forbidden", f"needs the analyst role (you are {p.role})")
+        svc: Services = request.app.state.services
+        try:
+            body = m.CallEventRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise ApiError(422, "bad_request", _validation_message(e.errors())) from e
         if svc.pool is None:
             raise ApiError(503, "unavailable", "no worker pool endpoint")
         req: dict[str, Any] = {"call_id": body.call_id, "a": body.a_number, "b": body.b_number}
@@ -394,13 +530,14 @@ def _events_router() -> APIRouter:
             status = 503 if code in ("store_unavailable", "internal", "store_error") else 422
             raise ApiError(status, code, str(rep.get("message", code)))
         alert_id = rep.get("alert_id") or None
-        return {"status": "accepted", "call_id": body.call_id, "call_status": body.status,
-                "detection_result": {
-                    "detected": alert_id is not None,
-                    "threat_level": rep.get("severity") or "NONE" if alert_id else "NONE",
-                    "distinct_a_numbers": int(rep.get("distinct", 0)),
-                    "alert_id": alert_id, "verdict": rep["verdict"],
-                    "reason": rep["reason"]}}
+        return Response(json.dumps({
+            "status": "accepted", "call_id": body.call_id, "call_status": body.status,
+            "detection_result": {
+                "detected": alert_id is not None,
+                "threat_level": (rep.get("severity") or "NONE") if alert_id else "NONE",
+                "distinct_a_numbers": int(rep.get("distinct", 0)),
+                "alert_id": alert_id, "verdict": rep["verdict"], "reason": rep["reason"]}},
+            separators=(",", ":")), media_type="application/json")
 
     return r
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import socket
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from acm_module.control.auth import parse_bind
@@ -25,19 +28,39 @@ log = logging.getLogger("acm.web")
 
 BOOT_ERROR = 3  # the supervisor retries later instead of respawning at once
 BOOTSTRAP_USER = "admin"
+BOOTSTRAP_FILE = "web-bootstrap.json"
+MAX_CONCURRENCY = 2048
 
 
-def bootstrap_admin(users: UserRepository, out: Any = None) -> str | None:
-    """Create the `admin` user with a generated password when there is no user at all (and no
-    api_token), and print its credentials once; return the password (None when users exist).
+def bootstrap_admin(users: UserRepository, state_dir: str | Path, out: Any = None
+                    ) -> str | None:
+    """Give a repository with no user at all the `admin` user; return its password when it was
+    generated now (None otherwise).
+
+    The first time, the password is generated and printed once, and its hash kept in
+    `<state_dir>/web-bootstrap.json` (mode 0600): a repository that loses its users later (the
+    embedded store of `scripts/run.sh` starts empty each time) gets the same admin back, and
+    nothing is printed again.
     """
     if users.user_list():
         return None
-    password = new_password()
-    user = User(name=BOOTSTRAP_USER, role="admin", password_hash=Passwords().hash(password),
-                created_ms=now_ms())
+    path = Path(state_dir) / BOOTSTRAP_FILE
+    password = None
+    try:
+        pw_hash = json.loads(path.read_text())["password_hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        password = new_password()
+        pw_hash = Passwords().hash(password)
+    user = User(name=BOOTSTRAP_USER, role="admin", password_hash=pw_hash, created_ms=now_ms())
     if not users.user_add_first(user):
         return None
+    if password is None:
+        log.info("web: restored the bootstrap user %r from %s", BOOTSTRAP_USER, path)
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"user": BOOTSTRAP_USER, "password_hash": pw_hash}, f)
     # Printed, not logged: log redaction would hide it, and it must be seen exactly once.
     print(f"acm web: created user {BOOTSTRAP_USER!r} with password {password} "
           "(shown once: change it in the console or with PATCH /api/v1/users/admin)",
@@ -45,10 +68,11 @@ def bootstrap_admin(users: UserRepository, out: Any = None) -> str | None:
     return password
 
 
-def _bootstrap_until_done(users: UserRepository, stop: threading.Event) -> None:
+def _bootstrap_until_done(users: UserRepository, state_dir: str, stop: threading.Event
+                          ) -> None:
     while not stop.is_set():
         try:
-            bootstrap_admin(users)
+            bootstrap_admin(users, state_dir)
             return
         except (StoreError, OSError) as e:
             log.warning("web: user repository unavailable (%s); retrying", e)
@@ -104,12 +128,14 @@ def web_main(settings: Any) -> int:
     svc = app.state.services
     stop = threading.Event()
     if not settings.api_token:  # with api_token the operator holds an admin credential already
-        threading.Thread(target=_bootstrap_until_done, args=(svc.users, stop),
+        threading.Thread(target=_bootstrap_until_done, args=(svc.users, settings.state_dir, stop),
                          name="web-boot", daemon=True).start()
     loop = "uvloop" if _has("uvloop") else "asyncio"
     http = "httptools" if _has("httptools") else "h11"
     config = uvicorn.Config(app, loop=loop, http=http, log_config=None, access_log=False,
                             server_header=False, timeout_keep_alive=30,
+                            # Past this many connections and requests at once: 503, not memory.
+                            limit_concurrency=MAX_CONCURRENCY,
                             timeout_graceful_shutdown=5, lifespan="on")
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
