@@ -231,6 +231,12 @@ def test_pages_need_a_login_and_forms_need_the_csrf_token(web: Web) -> None:
         assert r.status_code == 303 and r.headers["location"].startswith("/login?next="), path
     r = anon.post("/login", data={"username": "analyst", "password": PASSWORD, "csrf": "x"})
     assert "acm_session" not in r.headers.get("set-cookie", "")  # login CSRF refused
+    form = anon.get("/login")
+    token = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)  # type: ignore[union-attr]
+    r = anon.post("/login", data={"username": "analyst", "password": "not the password",
+                                  "csrf": token})
+    assert r.status_code == 401 and "Wrong user name or password" in r.text
+    assert "acm_session" not in r.headers.get("set-cookie", "")
 
     c = session(web, "analyst")
     page = c.get("/whitelist")

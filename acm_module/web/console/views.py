@@ -289,8 +289,9 @@ def build_router(assets: Assets, feed: live.Feed, settings: Any) -> APIRouter:
             "username": username, "password": str(form.get("password", ""))[:256],
             "session": True})
         if api_resp.status_code != 200:
-            msg = ("Wrong user name or password." if api_resp.status_code in (401, 422)
-                   else f"Login failed: {api_resp.text[:200]}")
+            msg = {401: "Wrong user name or password.", 422: "Wrong user name or password.",
+                   429: "Too many failed logins from your address: wait a minute."}.get(
+                api_resp.status_code, f"Login failed ({api_resp.status_code}).")
             return login_page(request, nxt, expected, msg, username)
         resp = RedirectResponse(nxt, status_code=303)
         for cookie in api_resp.headers.get_list("set-cookie"):  # the API's session cookie
