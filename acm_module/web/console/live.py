@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -107,9 +107,12 @@ class Feed:
         return out
 
     def _read(self, p: int, baseline: bool) -> list[dict[str, Any]]:
-        raw = self._conn.call("XREVRANGE", keys.stream(p), "+", "-", "COUNT", _SCAN)  # type: ignore[union-attr]
-        assert isinstance(raw, list)
         last = self._last_id[p]
+        # Only what was appended since the last look (an exclusive start), newest first.
+        start = "-" if last is None else "(" + last
+        raw = self._conn.call("XREVRANGE", keys.stream(p), "+", start,  # type: ignore[union-attr]
+                              "COUNT", _SCAN)
+        assert isinstance(raw, list)
         latest: dict[str, dict[str, str]] = {}
         for rid, flat in raw:
             sid = rid.decode()
@@ -153,9 +156,10 @@ def matches(alert: dict[str, Any], filters: dict[str, str]) -> bool:
     return not (status and alert.get("status") and alert["status"] != status)
 
 
-async def sse(feed: Feed, filters: dict[str, str], disconnected: Any
-              ) -> AsyncIterator[bytes]:
-    """Yield the event stream of one browser until it goes away."""
+async def sse(feed: Feed, filters: dict[str, str], disconnected: Callable[[], Awaitable[bool]],
+              authorized: Callable[[], Awaitable[bool]]) -> AsyncIterator[bytes]:
+    """Yield the event stream of one browser until it goes away or its login ends (checked
+    at every keep-alive: a revoked session stops receiving alerts within KEEPALIVE_S)."""
     q = feed.subscribe()
     try:
         yield b"retry: 2000\n\n"
@@ -163,7 +167,7 @@ async def sse(feed: Feed, filters: dict[str, str], disconnected: Any
             try:
                 alert = await asyncio.wait_for(q.get(), KEEPALIVE_S)
             except TimeoutError:
-                if await disconnected():
+                if await disconnected() or not await authorized():
                     return
                 yield b": keep-alive\n\n"
                 continue

@@ -364,12 +364,21 @@ def build_router(assets: Assets, feed: live.Feed, settings: Any) -> APIRouter:
 
     @r.get("/console/stream")
     async def stream(request: Request) -> Response:
-        await Api(request).me()
+        api = Api(request)
+        await api.me()
+
+        async def authorized() -> bool:
+            try:
+                await api.me()
+            except (Redirect, ApiFailed):
+                return False
+            return True
+
         f = filters(request)
         if f["b_number"]:
             f["b_number"] = hotpath.normalise(f["b_number"], settings.default_country_code) \
                 or f["b_number"]
-        return StreamingResponse(live.sse(feed, f, request.is_disconnected),
+        return StreamingResponse(live.sse(feed, f, request.is_disconnected, authorized),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store",
                                           "X-Accel-Buffering": "no"})
