@@ -111,7 +111,7 @@ class Feed:
         # Only what was appended since the last look (an exclusive start), newest first.
         start = "-" if last is None else "(" + last
         raw = self._conn.call("XREVRANGE", keys.stream(p), "+", start,  # type: ignore[union-attr]
-                              "COUNT", _SCAN)
+                              "COUNT", 1 if baseline else _SCAN)
         assert isinstance(raw, list)
         latest: dict[str, dict[str, str]] = {}
         for rid, flat in raw:
