@@ -263,7 +263,8 @@ SETTINGS: tuple[Setting, ...] = (
             env=("ACM_REPORT_DIR",), cli="--report-dir", section="compliance"),
     Setting("writer_sinks", str, "auto",
             "Sinks this writer feeds, comma-separated (pg,questdb,clickhouse); auto: pg if "
-            "database_url, questdb if questdb_url, clickhouse always (chdb if no URL).",
+            "database_url, questdb if questdb_url, clickhouse always (chdb if no URL). Trimming "
+            "also waits for the sinks other writers feed: those with a URL setting.",
             env=("ACM_WRITER_SINKS",), cli="--sinks", section="writer"),
     Setting("writer_consumer", str, "",
             "Consumer name in the stream groups (default: host name); unique per writer.",
@@ -282,6 +283,17 @@ SETTINGS: tuple[Setting, ...] = (
             "How long a fresh decision waits for its latency record before it is written "
             "without one (ms).",
             env=("ACM_WRITER_LATENCY_WAIT_MS",), cli="--latency-wait-ms", section="writer"),
+    Setting("writer_trim_interval", float, 5.0,
+            "Seconds between trims of the decision streams (below what every group acknowledged).",
+            env=("ACM_WRITER_TRIM_INTERVAL",), cli="--trim-interval", validator=_positive,
+            section="writer"),
+    Setting("writer_group_max_idle", float, 3600.0,
+            "Seconds a stream group may hold a backlog that nobody reads (no progress, no live "
+            "writer of its sink) before it stops holding back trimming: reported in the log and "
+            "as acm_stream_group_* metrics, and what is then trimmed unread is counted; 0: hold "
+            "back for ever.",
+            env=("ACM_WRITER_GROUP_MAX_IDLE",), cli="--group-max-idle", validator=_non_negative,
+            section="writer"),
     Setting("writer_process_per_sink", bool, True,
             "Run each sink in its own process (uses more cores); off: one thread per sink.",
             env=("ACM_WRITER_PROCESS_PER_SINK",), cli="--process-per-sink", section="writer"),

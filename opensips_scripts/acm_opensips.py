@@ -214,15 +214,22 @@ class RateLimitedLog:
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
-    def __call__(self, key: str, message: str) -> None:
-        """Emit `message` unless a line for `key` went out within the interval; never raise."""
+    def due(self, key: str) -> int | None:
+        """Return None when a line for `key` went out within the interval (counted as held
+        back), else how many were held back since the last one (and start a new interval)."""
         now = self._clock()
         last = self._last.get(key)
         if last is not None and now - last < self._interval:
             self._held[key] = self._held.get(key, 0) + 1
-            return
-        held = self._held.pop(key, 0)
+            return None
         self._last[key] = now
+        return self._held.pop(key, 0)
+
+    def __call__(self, key: str, message: str) -> None:
+        """Emit `message` unless a line for `key` went out within the interval; never raise."""
+        held = self.due(key)
+        if held is None:
+            return
         suffix = f" ({held} similar suppressed)" if held else ""
         line = f"acm[{os.getpid()}]: {message}{suffix}\n".replace("\x00", "")
         with contextlib.suppress(Exception):  # logging must never change a verdict
@@ -530,6 +537,10 @@ class Module:
 
     def __init__(self, client: AcmClient | None = None) -> None:
         self.client = client if client is not None else AcmClient(Config.load())
+        # opensips.cfg logs a fail-policy call only when $var(acm_log) is "1": at most once per
+        # verdict, reason, process and log interval, like this script's own lines.
+        self.policy_lines = RateLimitedLog(self.client.config.log_interval_s,
+                                           clock=self.client._clock)
 
     def child_init(self, rank: int) -> int:
         """Reset per-process state for OpenSIPS process `rank`; return 0 (success)."""
@@ -558,6 +569,8 @@ class Module:
                 trunk_s = trunk if isinstance(trunk, str) and trunk != _PV_NULL else ""
                 v = self.client.check(call_id, a, b, src_ip or None, trunk_s or None)
             _set_vars(self.client, msg, v)
+            if v.policy:
+                _set_policy_log(self, msg, v)
             return _return_code(v)
         except BaseException as e:  # see class docstring
             _safe_log(self.client, "acm_check", f"acm_check failed: {e!r}")
@@ -584,6 +597,17 @@ def _set_vars(client: AcmClient, msg: Any, v: Verdict) -> None:
             msg.set_pseudoVar(f"$var({name})", value.replace("\x00", ""))
         except Exception as e:
             _safe_log(client, "set_var", f"cannot set $var({name}): {e!r}")
+
+
+def _set_policy_log(module: Module, msg: Any, v: Verdict) -> None:
+    """Set $var(acm_log) ("1": the cfg may log this fail-policy call) and $var(acm_log_held)
+    (fail-policy calls of the same kind not logged since the last line)."""
+    held = module.policy_lines.due(f"{v.verdict}:{v.reason}")
+    try:
+        msg.set_pseudoVar("$var(acm_log)", "0" if held is None else "1")
+        msg.set_pseudoVar("$var(acm_log_held)", str(held or 0))
+    except Exception as e:
+        _safe_log(module.client, "set_var", f"cannot set $var(acm_log): {e!r}")
 
 
 def _safe_log(client: AcmClient, key: str, message: str) -> None:

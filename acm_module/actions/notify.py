@@ -12,9 +12,14 @@ A receiver recomputes the HMAC over the timestamp and the raw body with the shar
 compares in constant time, and refuses a timestamp more than 5 minutes from its clock: a captured
 request cannot be replayed later (`verify()` does all three). Each attempt is signed afresh.
 
-Retried (up to `webhook_retries` times): connection errors, timeouts, HTTP 408, 425, 429 and 5xx
-(a `Retry-After` in seconds is honoured, capped at the backoff maximum). Any other 4xx means the
-receiver refuses the event: not retried.
+Retried (up to `webhook_retries` times): connection errors, timeouts, HTTP 408, 425, 429, 5xx
+and redirects (a `Retry-After` in seconds is honoured, capped at the backoff maximum). Any other
+4xx means the receiver refuses the event: not retried.
+
+Redirects are never followed: a 3xx is a failed attempt (logged with its `Location`), and an
+event only answered with redirects ends `failed`. Following one would turn the POST into a
+body-less GET (301/302/303) that "succeeds" without the event, or re-send a signed event to a
+host nobody configured (307/308). Set `webhook_url` to the final URL.
 """
 
 from __future__ import annotations
@@ -100,6 +105,17 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse every redirect: urllib then raises HTTPError with the 3xx status."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 class Webhook:
     """Deliver signed events to one URL. Thread-safe (no shared connection)."""
 
@@ -159,11 +175,16 @@ class Webhook:
             EVENT_HEADER: event_id, TIMESTAMP_HEADER: str(ts),
             SIGNATURE_HEADER: sign(self._secret, ts, body)})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+            with _OPENER.open(req, timeout=self.timeout) as r:
                 r.read(65536)
                 return int(r.status)
         except urllib.error.HTTPError as e:
             e.close()
+            if 300 <= e.code < 400:
+                where = (e.headers.get("Location") if e.headers is not None else None) or "?"
+                raise _Retryable(e.code, f"HTTP {e.code} redirect to {where[:200]!r}: "
+                                         "not followed (webhook_url must be the final URL)",
+                                 _retry_after(e.headers)) from e
             if e.code >= 500 or e.code in _RETRY_STATUS:
                 raise _Retryable(e.code, f"HTTP {e.code}", _retry_after(e.headers)) from e
             return int(e.code)

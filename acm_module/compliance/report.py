@@ -47,6 +47,8 @@ def summary_rows(s: DailyStats) -> list[tuple[str, Any]]:
     rows += [("distinct_a_numbers", s.distinct_a_numbers),
              ("distinct_b_numbers", s.distinct_b_numbers),
              ("calls_dropped", "" if s.calls_dropped is None else s.calls_dropped),
+             ("calls_store_unavailable",
+              "" if s.calls_store_unavailable is None else s.calls_store_unavailable),
              ("calls_disconnected", s.calls_disconnected)]
     for action, outcomes in sorted(s.actions.items()):
         rows += [(f"action_{action}_{o}", n) for o, n in sorted(outcomes.items())]
@@ -74,7 +76,7 @@ def carrier_columns() -> list[str]:
             + [f"dropped_{r}" for r in DROP_REASONS] + ["alerts_total"]
             + [f"alerts_{t}" for t in ALERT_TYPES]
             + [f"alerts_{t}_{v.lower()}" for t in ALERT_TYPES for v in SEVERITIES]
-            + ["distinct_a_numbers"])
+            + ["distinct_a_numbers", "calls_store_unavailable"])
 
 
 def carrier_values(c: dict[str, Any]) -> list[Any]:
@@ -89,7 +91,7 @@ def carrier_values(c: dict[str, Any]) -> list[Any]:
             + [c["alerts_by_type"].get(t, 0) for t in ALERT_TYPES]
             + [c["alerts_by_type_severity"].get(t, {}).get(v, 0)
                for t in ALERT_TYPES for v in SEVERITIES]
-            + [c["distinct_a_numbers"]])
+            + [c["distinct_a_numbers"], opt(c.get("calls_store_unavailable"))])
 
 
 def carriers_csv(s: DailyStats) -> str:
@@ -164,6 +166,8 @@ def to_html(s: DailyStats) -> str:
         ("Distinct A-numbers involved", s.distinct_a_numbers),
         ("B-numbers attacked", s.distinct_b_numbers),
         ("Calls dropped", "n/a" if s.calls_dropped is None else s.calls_dropped),
+        ("Calls not checked (store unavailable)",
+         "n/a" if s.calls_store_unavailable is None else s.calls_store_unavailable),
         ("Calls disconnected", s.calls_disconnected),
         ("Resolved / false positive", f"{s.alerts_by_status.get('RESOLVED', 0)} / "
                                       f"{s.alerts_by_status.get('FALSE_POSITIVE', 0)}"),

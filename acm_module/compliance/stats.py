@@ -9,6 +9,11 @@ A report day is a calendar day in `report_timezone` (Africa/Lagos by default), [
   A-number) / their B-numbers (a masking alert's `b_number`, a fan-out alert's `b_numbers`);
 - calls dropped: QuestDB `call_events` rows of the day with verdict `drop` (by reason), when
   `questdb_url` is set; otherwise null, with the reason in `calls_dropped_source`;
+- calls answered store_unavailable: rows with status STORE_UNAVAILABLE, decisions the store
+  recorded after the worker had given up on it, so the caller applied its own fail policy.
+  They are counted apart and never as decided, dropped or clean: nobody knows what happened
+  to those calls. (A store_unavailable reply means "unknown, maybe recorded"; the rows the
+  writer could not match to such a reply stay counted as the store decided them.)
 - per carrier (docs/GATEWAY.md; carrier "" = calls and alerts from no registered gateway):
   calls decided and dropped by reason (QuestDB call_events by carrier_id, null without
   QuestDB), alerts by type and severity and the distinct A-numbers in them (fraud_alerts by
@@ -41,6 +46,7 @@ ALERT_TYPES = tuple(ALERT_TYPE_COLUMN)  # masking, fanout
 # The reasons a call can be dropped for (docs/GATEWAY.md); each carrier row shows all of them.
 DROP_REASONS = ("masking", "blocked", "rate_limited", "national_cli_on_international_route")
 _TYPE_OF_COLUMN = {v: k for k, v in ALERT_TYPE_COLUMN.items()}
+UNANSWERED = "store_unavailable"  # the call counts' verdict of a call whose caller got that
 
 # Columns added by migration 0005 are NULL on rows older than it: read as the defaults.
 _ALERTS = """
@@ -83,6 +89,7 @@ class DailyStats:
     alerts_by_type: dict[str, int] = field(default_factory=dict)
     carriers: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)
+    calls_store_unavailable: int | None = None  # None without QuestDB
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,6 +169,8 @@ def compute(conn: psycopg.Connection, day: date, tz: str, operator_code: str = "
         alerts_by_status=by_status, distinct_a_numbers=len(a_numbers),
         distinct_b_numbers=len(b_numbers), calls_dropped=dropped,
         calls_dropped_by_reason=dropped_by, calls_dropped_source=source, actions=actions,
+        calls_store_unavailable=None if calls is None else sum(
+            n for _, v, _, n in calls if v == UNANSWERED),
         calls_disconnected=disconnected, lifecycle_changes=lifecycle,
         time_to_resolve_s=_summary(ttr), alerts_per_hour=per_hour, alerts_by_type=by_type,
         carriers=carriers.rows(with_calls=calls is not None), alerts=alerts)
@@ -183,7 +192,8 @@ class _Carriers:
         if row is None:
             row = self.by[carrier_id] = {
                 "carrier_id": carrier_id, "calls_decided": 0, "calls_dropped": 0,
-                "calls_dropped_by_reason": dict.fromkeys(DROP_REASONS, 0), "alerts_total": 0,
+                "calls_dropped_by_reason": dict.fromkeys(DROP_REASONS, 0),
+                "calls_store_unavailable": 0, "alerts_total": 0,
                 "alerts_by_type": dict.fromkeys(ALERT_TYPES, 0),
                 "alerts_by_type_severity": {t: dict.fromkeys(SEVERITIES, 0)
                                             for t in ALERT_TYPES},
@@ -202,6 +212,9 @@ class _Carriers:
     def calls(self, counts: list[tuple[str, str, str, int]]) -> None:
         for carrier_id, verdict, reason, n in counts:
             row = self._row(carrier_id)
+            if verdict == UNANSWERED:
+                row["calls_store_unavailable"] += n
+                continue
             row["calls_decided"] += n
             if verdict == "drop":
                 row["calls_dropped"] += n
@@ -215,7 +228,8 @@ class _Carriers:
             row = self.by[cid]
             row["distinct_a_numbers"] = len(self.a_numbers[cid])
             if not with_calls:  # no QuestDB: unknown, not zero
-                row.update(calls_decided=None, calls_dropped=None, calls_dropped_by_reason={})
+                row.update(calls_decided=None, calls_dropped=None, calls_dropped_by_reason={},
+                           calls_store_unavailable=None)
             out.append(row)
         return out
 
@@ -254,9 +268,11 @@ def _call_counts(questdb_url: str, start: datetime, end: datetime
     hi = end.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000000Z")
     # Timestamps are literals built from datetimes, never user text. An unattributed call's
     # carrier_id is null.
-    rows = q.rows("SELECT carrier_id, verdict, reason, count() FROM call_events WHERE "
+    rows = q.rows("SELECT carrier_id, verdict, reason, status, count() FROM call_events WHERE "
                   f"timestamp >= '{lo}' AND timestamp < '{hi}'")
-    return [(r[0] or "", str(r[1]), str(r[2]), int(r[3])) for r in rows], "questdb:call_events"
+    # A call whose caller got store_unavailable is neither decided nor clean: counted apart.
+    return [(r[0] or "", UNANSWERED if r[3] == "STORE_UNAVAILABLE" else str(r[1]), str(r[2]),
+             int(r[4])) for r in rows], "questdb:call_events"
 
 
 def _dropped(calls: list[tuple[str, str, str, int]] | None) -> tuple[int | None, dict[str, int]]:

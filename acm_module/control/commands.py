@@ -481,7 +481,7 @@ class Control:
                 "started": iso_ms(snap["started"] * 1000),
                 "updated": iso_ms(snap["updated"] * 1000),
                 "config_generation": snap["config_generation"],
-                "store_up": snap["store_up"],
+                "store_up": snap["store_up"], "connections": snap.get("connections", 0),
                 **{k: one[k] for k in ("requests", "batches", "store_failures", "bad_frames",
                                        "decisions", "service_us", "total_us")},
             })

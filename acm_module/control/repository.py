@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from acm_module.control.audit import AuditRecord, iso_ms
 from acm_module.engine import hotpath
+from acm_module.persist import records
 from acm_module.store import keys
 from acm_module.store.conn import StoreConnection
 
@@ -185,33 +186,37 @@ class StoreRepository:
 
     # -- alerts ----------------------------------------------------------------------------
     def alert_list(self, query: AlertQuery) -> list[dict[str, Any]]:
-        latest: dict[str, dict[str, str]] = {}
+        latest: dict[str, records.AlertChange] = {}
         parts = (range(self.partitions) if query.b_number is None else
                  [hotpath.partition_of(query.b_number, self.partitions)])
         for p in parts:
-            raw = self.conn.call("XREVRANGE", keys.stream(p), "+", "-", "COUNT", query.scan)
+            stream = keys.stream(p)
+            raw = self.conn.call("XREVRANGE", stream, "+", "-", "COUNT", query.scan)
             assert isinstance(raw, list)
             for rid, flat in raw:
                 f = _fields(flat)
                 if f.get("k") != "a":
                     continue
-                f["_id"] = rid.decode()
-                prev = latest.get(f["al"])
-                if prev is None or int(f["ver"]) > int(prev["ver"]):
-                    latest[f["al"]] = f
+                try:  # the writer's parser: one reading of a record everywhere
+                    a = records.parse_alert(f"{stream}/{rid.decode()}", f)
+                except records.RecordError:
+                    continue  # poison: the writer dead-letters it
+                prev = latest.get(a.alert_id)
+                if prev is None or a.ver > prev.ver:
+                    latest[a.alert_id] = a
         rank = {s: i for i, s in enumerate(SEVERITIES)}
         floor = rank[query.min_severity] if query.min_severity else 0
         views = []
-        for f in latest.values():
-            if query.b_number is not None and f["b"] != query.b_number:
+        for a in latest.values():
+            if query.b_number is not None and a.b != query.b_number:
                 continue
-            if rank.get(f["sv"], 0) < floor:
+            if rank.get(a.severity, 0) < floor:
                 continue
-            if query.since_ms is not None and int(f["t1"]) < query.since_ms:
+            if query.since_ms is not None and a.last_ms < query.since_ms:
                 continue
-            if query.until_ms is not None and int(f["t0"]) > query.until_ms:
+            if query.until_ms is not None and a.first_ms > query.until_ms:
                 continue
-            views.append(_alert_view(f))
+            views.append(_alert_view(a))
         views.sort(key=lambda v: (v["last_detection_ms"], v["alert_id"]), reverse=True)
         return views[:query.limit]
 
@@ -245,25 +250,27 @@ def _entry(b_number: str, raw: Any) -> WhitelistEntry:
                           else int(d["expires_at"]))
 
 
-def _alert_view(f: dict[str, str]) -> dict[str, Any]:
-    """Shape an alert record like a fraud_alerts row (plus the episode's call-time bounds)."""
-    a_numbers = [a for a in f.get("an", "").split(",") if a]
+def _alert_view(a: records.AlertChange) -> dict[str, Any]:
+    """Shape an alert change like a fraud_alerts row (plus the episode's call-time bounds)."""
     return {
-        "alert_id": f["al"],
-        "alert_type": "MULTICALL_MASKING",
-        "severity": f["sv"],
-        "b_number": f["b"],
-        "a_numbers": a_numbers,
-        "a_number_count": len(a_numbers),
-        "distinct_max": int(f["n"]),
-        "detection_window_ms": int(f.get("wms") or 0),
-        "detected_at": iso_ms(int(f["t0"])),
-        "last_detection_at": iso_ms(int(f["t1"])),
-        "first_detection_ms": int(f["t0"]),
-        "last_detection_ms": int(f["t1"]),
-        "version": int(f["ver"]),
-        "carrier_id": f.get("cr", ""),
-        "gateway_id": f.get("gw", ""),
+        "alert_id": a.alert_id,
+        "alert_type": records.ALERT_TYPE_COLUMN[a.typ],
+        "severity": a.severity,
+        "b_number": a.b,
+        "a_numbers": list(a.a_numbers),
+        "a_number_count": len(a.a_numbers),
+        "a_number": a.a,
+        "b_numbers": list(a.b_numbers),
+        "distinct_max": a.distinct,
+        "detection_window_ms": a.window_ms,
+        "detected_at": iso_ms(a.first_ms),
+        "last_detection_at": iso_ms(a.last_ms),
+        "first_detection_ms": a.first_ms,
+        "last_detection_ms": a.last_ms,
+        "version": a.ver,
+        "block_ttl_ms": a.block_ttl_ms,
+        "carrier_id": a.carrier_id,
+        "gateway_id": a.gateway_id,
         "source": "store",
     }
 

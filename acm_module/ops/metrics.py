@@ -52,6 +52,10 @@ WRITER_STATS_KEY = "{acm.stats}:writer"  # one JSON per writer (acm_module/persi
 DLQ_KEY = "{acm.dlq}:s"
 WRITER_GROUP_PREFIX = "acm."  # the writer's consumer group of sink X is "acm.X"
 WRITER_FRESH_S = 10.0
+# The writers' view of every stream group (acm_module/persist/writer.py, Writer._report).
+GROUPS_KEY = "{acm.stats}:groups"
+TRIMMED_UNREAD_KEY = "{acm.stats}:trimmed_unread"
+GROUPS_FRESH_S = 60.0  # several trim intervals
 SEVERITIES = ("LOW", "HIGH", "CRITICAL")
 _SCAN_IDLE_S = 1.0
 
@@ -268,6 +272,7 @@ class PoolCollector(Collector):
             yield from self._config_metrics(raw["config"])
             yield from self._stream_metrics(raw["xlen"], raw["groups"], raw["dlq"])
             yield from self._writer_metrics(raw["writers"])
+            yield from self._group_metrics(raw["group_state"], raw["trimmed_unread"])
         yield from self._alert_metrics()
         took = GaugeMetricFamily("acm_metrics_scrape_seconds",
                                  "Seconds this scrape spent reading the store.")
@@ -281,13 +286,16 @@ class PoolCollector(Collector):
         cmds = [hotpath.encode_command("HGETALL", stats_mod.STATS_KEY),
                 hotpath.encode_command("HGETALL", WRITER_STATS_KEY),
                 hotpath.encode_command("HMGET", store_config.CONFIG_KEY, "gen", "values"),
-                hotpath.encode_command("XLEN", DLQ_KEY)]
+                hotpath.encode_command("XLEN", DLQ_KEY),
+                hotpath.encode_command("HGETALL", GROUPS_KEY),
+                hotpath.encode_command("HGETALL", TRIMMED_UNREAD_KEY)]
         cmds += [hotpath.encode_command("XLEN", s) for s in streams]
         cmds += [hotpath.encode_command("XINFO", "GROUPS", s) for s in streams]
         r = self._conn.round_trip(b"".join(cmds), len(cmds), 2.0)
         p = self.partitions
-        return {"workers": r[0], "writers": r[1], "config": r[2],
-                "dlq": r[3], "xlen": r[4:4 + p], "groups": r[4 + p:4 + 2 * p]}
+        return {"workers": r[0], "writers": r[1], "config": r[2], "dlq": r[3],
+                "group_state": r[4], "trimmed_unread": r[5],
+                "xlen": r[6:6 + p], "groups": r[6 + p:6 + 2 * p]}
 
     def _fresh_snapshots(self, raw: Any, fresh_s: float) -> list[dict[str, Any]]:
         if not isinstance(raw, list):
@@ -498,6 +506,33 @@ class PoolCollector(Collector):
                 if "last_ok" in st:
                     last_ok.add_metric(lv, _num(st.get("last_ok")))
         yield from (writers, up, state, records, dead, retries, failing, last_ok)
+
+    def _group_metrics(self, state: Any, unread: Any) -> Iterator[Metric]:
+        idle = GaugeMetricFamily(
+            "acm_stream_group_idle_seconds",
+            "Seconds a stream group's backlog has waited with nobody reading it (no progress, "
+            "no live writer of its sink); 0 while it is read or has no backlog.",
+            labels=["group"])
+        released = GaugeMetricFamily(
+            "acm_stream_group_released",
+            "1 when the group was idle past writer_group_max_idle and no longer holds back "
+            "trimming (what is trimmed before it read it is lost to it).", labels=["group"])
+        lost = CounterMetricFamily(
+            "acm_stream_group_trimmed_unread_records",
+            "Records trimmed from the streams before the (released) group acknowledged them.",
+            labels=["group"])
+        now = time.time()
+        for name, raw in sorted(_pairs(state if isinstance(state, list) else []).items()):
+            try:
+                d = json.loads(raw)
+            except (TypeError, ValueError):
+                continue
+            if isinstance(d, dict) and now - _num(d.get("updated")) <= GROUPS_FRESH_S:
+                idle.add_metric([name], _num(d.get("idle_s")))
+                released.add_metric([name], 1.0 if d.get("released") else 0.0)
+        for name, raw in sorted(_pairs(unread if isinstance(unread, list) else []).items()):
+            lost.add_metric([name], _num(_int_or(raw)))
+        yield from (idle, released, lost)
 
     def _alert_metrics(self) -> Iterator[Metric]:
         if self.scanner is None:

@@ -38,10 +38,22 @@ def resolve(args: argparse.Namespace, env: dict[str, str] | None = None) -> dict
 
 
 def configured_sinks(v: dict[str, Any]) -> list[str]:
-    """Return the deployment's sinks: pg with a database URL, questdb with a QuestDB URL,
-    clickhouse always (chdb when no server URL)."""
+    """Return the sinks `writer_sinks = auto` feeds: pg with a database URL, questdb with a
+    QuestDB URL, clickhouse always (chdb when no server URL)."""
     return [n for n, on in (("pg", v["database_url"]), ("questdb", v["questdb_url"]),
                             ("clickhouse", True)) if on]
+
+
+def deployment_sinks(v: dict[str, Any]) -> list[str]:
+    """Return the sinks trimming waits for: this writer's, and every sink with a URL setting
+    (another writer may feed it). An embedded chdb fed by another writer is not known here:
+    its group holds back trimming once that writer has run."""
+    mine = [s.strip() for s in v["writer_sinks"].strip().lower().split(",") if s.strip()]
+    if mine == ["auto"]:
+        mine = configured_sinks(v)
+    urls = [n for n, url in (("pg", v["database_url"]), ("questdb", v["questdb_url"]),
+                             ("clickhouse", v["clickhouse_url"])) if url]
+    return sorted(set(mine) | set(urls))
 
 
 def build_sinks(v: dict[str, Any]) -> list[Any]:
@@ -91,7 +103,8 @@ def cmd_writer(args: argparse.Namespace) -> int:
         store_url=v["store"], partitions=v["partitions"],
         consumer=v["writer_consumer"] or socket.gethostname(), batch=v["writer_batch"],
         claim_idle_ms=v["writer_claim_idle_ms"], backoff_max_s=v["writer_backoff_max"],
-        graceful_timeout_s=v["graceful_timeout"], all_sinks=tuple(configured_sinks(v)))
+        graceful_timeout_s=v["graceful_timeout"], trim_interval_s=v["writer_trim_interval"],
+        group_max_idle_s=v["writer_group_max_idle"], all_sinks=tuple(deployment_sinks(v)))
     def periodic() -> list[tuple[float, Any]]:
         if v["database_url"] and v["whitelist_sync_interval"] > 0:
             return [(v["whitelist_sync_interval"], _whitelist_syncer(v))]

@@ -86,7 +86,7 @@ def _registry_upsert(table: str, columns: tuple[str, ...]) -> str:
 _ALERT_COLUMNS = """
 alert_id, alert_type, severity, b_number, a_numbers, detection_window_ms, detected_at,
 COALESCE(last_detected_at, detected_at), distinct_count, version, status, assigned_to,
-ncc_incident_id, resolved_at, block_ttl_ms, COALESCE(carrier_id, ''), COALESCE(gateway_id, '')
+ncc_incident_id, resolved_at, block_ttl_ms, a_number, b_numbers, carrier_id, gateway_id
 """
 
 
@@ -332,7 +332,8 @@ def _alert_view(row: tuple[Any, ...]) -> dict[str, Any]:
     """Shape a fraud_alerts row like the store repository's _alert_view (plus operator
     columns)."""
     (alert_id, alert_type, severity, b, a_numbers, window_ms, detected_at, last_at, distinct,
-     version, status, assigned_to, incident, resolved_at, block_ttl_ms, carrier, gateway) = row
+     version, status, assigned_to, incident, resolved_at, block_ttl_ms, a_number, b_numbers,
+     carrier_id, gateway_id) = row
     a_list = [str(a) for a in a_numbers] if isinstance(a_numbers, list) else []
     first_ms, last_ms = _ms(detected_at), _ms(last_at)
     return {
@@ -342,6 +343,8 @@ def _alert_view(row: tuple[Any, ...]) -> dict[str, Any]:
         "b_number": b,
         "a_numbers": a_list,
         "a_number_count": len(a_list),
+        "a_number": a_number or "",
+        "b_numbers": [str(x) for x in b_numbers] if isinstance(b_numbers, list) else [],
         "distinct_max": int(distinct) or len(a_list),
         "detection_window_ms": int(window_ms),
         "detected_at": iso_ms(first_ms),
@@ -354,8 +357,8 @@ def _alert_view(row: tuple[Any, ...]) -> dict[str, Any]:
         "ncc_incident_id": incident,
         "resolved_at": iso_ms(None if resolved_at is None else _ms(resolved_at)),
         "block_ttl_ms": int(block_ttl_ms),
-        "carrier_id": carrier,
-        "gateway_id": gateway,
+        "carrier_id": carrier_id or "",
+        "gateway_id": gateway_id or "",
         "source": "postgres",
     }
 

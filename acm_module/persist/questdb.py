@@ -125,12 +125,15 @@ class LatencyIndex:
 
     Reads forward from the last entry seen; a batch older than what is cached (a replay after
     a restart) re-seeks by entry id, which is never earlier than the batch's receive time.
+    `unanswered` holds the rx of batches the worker answered store_unavailable after sending
+    their scripts (field `u`): decisions the store recorded that never reached their callers.
     """
 
     def __init__(self, store: StreamConnection, keep_s: float = 30.0) -> None:
         self.store = store
         self.keep_ms = int(keep_s * 1000)
         self.by_rx: dict[int, int] = {}
+        self.unanswered: set[int] = set()
         self.last_id = ""
         self.low_ms = 1 << 62  # cached entries are complete from this entry-id time on
 
@@ -148,6 +151,9 @@ class LatencyIndex:
                             rx, _, us = pair.partition(":")
                             if us:
                                 self.by_rx[int(rx)] = int(us)
+                    elif name in ("u", b"u"):
+                        text = value.decode() if isinstance(value, bytes) else value
+                        self.unanswered.update(int(rx) for rx in text.split(",") if rx)
             if len(r) < 2000:
                 return
             start = "(" + self.last_id
@@ -160,6 +166,7 @@ class LatencyIndex:
         lo_ms = min(rx_values) // 1000
         if lo_ms < self.low_ms or not self.last_id:
             self.by_rx.clear()
+            self.unanswered.clear()
             self._read(str(lo_ms))
             self.low_ms = lo_ms
         else:
@@ -171,6 +178,7 @@ class LatencyIndex:
                 int(self.last_id.split("-")[0]) - self.low_ms > 3 * self.keep_ms)):
             cutoff = (int(self.last_id.split("-")[0]) - self.keep_ms) * 1000
             self.by_rx = {k: v for k, v in self.by_rx.items() if k >= cutoff}
+            self.unanswered = {k for k in self.unanswered if k >= cutoff}
             self.low_ms = cutoff // 1000
         return {rx: self.by_rx[rx] for rx in rx_values if rx in self.by_rx}
 
@@ -215,9 +223,10 @@ class QuestDBSink(Sink):
             self._store = StreamConnection(self.store_url, timeout=5.0)
             self._latency = LatencyIndex(self._store)
 
-    def _latencies(self, decisions: list[Decision]) -> dict[int, int]:
+    def _latencies(self, decisions: list[Decision]) -> tuple[dict[int, int], set[int]]:
+        """Return ({rx: latency us}, {rx of batches whose callers got store_unavailable})."""
         if self._latency is None or not decisions:
-            return {}
+            return {}, set()
         rx = {d.rx_us for d in decisions}
         # Hold a fresh batch briefly: its latency entry rides on the worker's next round trip.
         # Never for a receive time in the future (a skewed clock), and not while latency
@@ -234,10 +243,10 @@ class QuestDBSink(Sink):
             log.warning("latency lookup failed: %s", e)
             if self._store is not None:
                 self._store.close()
-            return {}
+            return {}, set()
         if wait and len(found) < len(rx) and self._latency.last_id == before:
             self._no_wait_until = time.monotonic() + 30.0
-        return found
+        return found, rx & self._latency.unanswered
 
     def write(self, decisions: list[Decision], alerts: list[AlertChange]) -> None:
         """Send every decision as a call_events row in one HTTP request."""
@@ -247,14 +256,17 @@ class QuestDBSink(Sink):
             self.open()
         sender = self._sender
         assert sender is not None
-        lat = self._latencies(decisions)
+        lat, unanswered = self._latencies(decisions)
         try:
             # An explicit buffer: a failed flush leaves it to us (dropped; the batch is re-sent).
             buf = sender.new_buffer()
             for d in decisions:
                 fraud = d.reason in FRAUD_REASONS
-                sym = {"status": "DROPPED" if d.verdict == "drop" else "ALLOWED",
-                       "verdict": d.verdict, "reason": d.reason, "mode": d.mode}
+                # The caller got store_unavailable (its fail policy applied), not this verdict.
+                status = ("STORE_UNAVAILABLE" if d.rx_us in unanswered else
+                          "DROPPED" if d.verdict == "drop" else "ALLOWED")
+                sym = {"status": status, "verdict": d.verdict, "reason": d.reason,
+                       "mode": d.mode}
                 if d.src_ip:
                     sym["source_ip"] = d.src_ip
                 if d.trunk:

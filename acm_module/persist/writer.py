@@ -12,7 +12,16 @@ Delivery model:
   `{acm.dlq}:s` with the reason and is acknowledged, so it never blocks the rest. A rejected
   batch is bisected to find the bad record(s).
 - Streams are trimmed (XTRIM MINID) only below the oldest entry some group still needs: the
-  smallest pending id, or the first undelivered one.
+  smallest pending id, or the first undelivered one. The groups waited for are every group on
+  the stream; the deployment's sinks (this writer's, and those with a URL setting) get theirs
+  created at start, so none misses a record before its writer first runs.
+- A group with a backlog that makes no progress while no live writer feeds its sink (a sink
+  taken out of a deployment, a writer that is gone, a foreign reader that stopped) is reported
+  once `writer_group_max_idle` has passed (a log line and the `acm_stream_group_*` metrics) and
+  from then on no longer holds back trimming, so the streams stay bounded: every record then
+  trimmed before it acknowledged it is counted (`acm_stream_group_trimmed_unread_records`, an
+  ERROR line at most once a minute). A sink whose writer is alive (even if its database is
+  down) always holds back trimming. `writer_group_max_idle = 0` never releases a group.
 - SIGTERM: every sink finishes (writes and acknowledges) the batch in hand, then stops; a batch
   its sink cannot take within the grace period stays pending for the next writer.
 """
@@ -45,6 +54,11 @@ log = logging.getLogger("acm.writer")
 
 DLQ_KEY = "{acm.dlq}:s"
 STATS_KEY = "{acm.stats}:writer"
+GROUPS_KEY = "{acm.stats}:groups"  # group -> JSON {idle_s, released, updated}
+# "<stream>|<group>" -> JSON [last delivered id, pending, since (unix s), released]
+IDLE_KEY = "{acm.stats}:idle"
+TRIMMED_UNREAD_KEY = "{acm.stats}:trimmed_unread"  # group -> records trimmed it never acked
+LOSS_LOG_EVERY_S = 60.0
 GROUP_PREFIX = "acm."
 FRESH_S = 10.0
 
@@ -69,10 +83,11 @@ class WriterConfig:
     backoff_max_s: float = 30.0
     graceful_timeout_s: float = 10.0
     trim_interval_s: float = 5.0
+    group_max_idle_s: float = 3600.0  # 0: a group nobody reads holds back trimming for ever
     stats_interval_s: float = 1.0
     dlq_maxlen: int = 1_000_000
     # Every sink of the deployment, also those fed by other writer processes: their groups are
-    # created at start (from the beginning of the stream) and trimming waits for all of them.
+    # created at start (from the beginning of the stream), so trimming waits for them.
     all_sinks: tuple[str, ...] = ()
 
 
@@ -467,30 +482,148 @@ def group_positions(store: AnyConn, stream: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def safe_trim_id(groups: dict[str, dict[str, Any]], required: Iterable[str]) -> str | None:
-    """Return the MINID below which every group has acknowledged everything, or None.
+def _keep(info: dict[str, Any]) -> str:
+    """Return the oldest entry id a group still needs (its oldest pending, or next to read)."""
+    return info["min_pending"] or _next_id(info["last_delivered"])
 
-    None when a required group does not exist yet (its sink would lose what is trimmed).
+
+def safe_trim_id(groups: dict[str, dict[str, Any]], required: Iterable[str],
+                 released: Iterable[str] = ()) -> str | None:
+    """Return the MINID below which every group not released has acknowledged everything.
+
+    None when a required group does not exist yet (its sink would lose what is trimmed), or
+    when no group holds back.
     """
     if not groups or any(g not in groups for g in required):
         return None
+    skip = set(released)
     best: str | None = None
-    for info in groups.values():
-        keep = info["min_pending"] or _next_id(info["last_delivered"])
+    for name, info in groups.items():
+        if name in skip:
+            continue
+        keep = _keep(info)
         if best is None or _id_key(keep) < _id_key(best):
             best = keep
     return best
 
 
+def trim_stream(store: AnyConn, stream: str, groups: dict[str, dict[str, Any]],
+                required: Iterable[str], released: Iterable[str] = ()
+                ) -> tuple[int, dict[str, int]]:
+    """Trim one stream below what every group not released acknowledged.
+
+    Return (entries removed, {released group: entries removed that it had not acknowledged}).
+    The trim goes in steps, one at each released group's own position, so each step's count
+    is exactly the records the groups behind it lose.
+    """
+    released = [g for g in released if g in groups]
+    minid = safe_trim_id(groups, required, released)
+    if minid is None:
+        return 0, {}
+    keeps = {g: _keep(groups[g]) for g in released}
+    cuts = sorted({k for k in keeps.values() if _id_key(k) < _id_key(minid)}, key=_id_key)
+    removed, lost, prev = 0, {}, None
+    for cut in [*cuts, minid]:
+        n = int(store.call("XTRIM", stream, "MINID", cut, timeout=5.0))  # type: ignore[arg-type]
+        removed += n
+        if prev is not None and n:
+            for g, k in keeps.items():
+                if _id_key(k) <= _id_key(prev):
+                    lost[g] = lost.get(g, 0) + n
+        prev = cut
+    return removed, lost
+
+
 def trim_streams(store: AnyConn, partitions: int, required: Iterable[str]) -> int:
     """Trim every partition stream below what all groups acknowledged; return entries removed."""
     required = list(required)
-    removed = 0
-    for s in keys.streams(partitions):
-        minid = safe_trim_id(group_positions(store, s), required)
-        if minid is not None:
-            removed += int(store.call("XTRIM", s, "MINID", minid, timeout=5.0))  # type: ignore[arg-type]
-    return removed
+    return sum(trim_stream(store, s, group_positions(store, s), required)[0]
+               for s in keys.streams(partitions))
+
+
+def _has_backlog(store: AnyConn, stream: str, info: dict[str, Any]) -> bool:
+    """Say whether a group has records to read or to acknowledge on a stream."""
+    if info["pending"] or (info["lag"] or 0) > 0:
+        return True
+    if info["lag"] is not None:
+        return False
+    # The server does not know the lag (deleted entries): compare with the newest entry.
+    last = store.call("XREVRANGE", stream, "+", "-", "COUNT", 1, timeout=5.0)
+    return bool(last) and _id_key(_s(last[0][0])) > _id_key(info["last_delivered"])  # type: ignore[index]
+
+
+class GroupWatch:
+    """Tell, per stream and group, how long a backlog has waited with nobody reading it, and
+    which groups no longer hold back trimming.
+
+    Progress is a change of the group's last-delivered id or pending count; a group whose sink
+    has a live writer (a fresh stats snapshot) is being read even when its database is down. A
+    group released after `max_idle_s` stays released until it makes progress again (a stream
+    trimmed empty does not bring it back). The clocks live in the store (`IDLE_KEY`), so every
+    writer that trims sees the same ones.
+    """
+
+    def __init__(self, max_idle_s: float, clock: Callable[[], float] = time.time) -> None:
+        self.max_idle_s = max_idle_s
+        self._clock = clock
+        self._shared: dict[str, list[Any]] = {}
+        self._writes: dict[str, list[Any]] = {}
+        self._seen: set[str] = set()
+        self.newly_released: set[str] = set()  # groups this writer released in this pass
+
+    def load(self, store: AnyConn) -> None:
+        """Read the shared clocks; call once per pass, before observe()."""
+        self._shared, self._writes, self._seen = {}, {}, set()
+        self.newly_released = set()
+        for k, v in _pairs(store.call("HGETALL", IDLE_KEY, timeout=5.0) or []).items():  # type: ignore[arg-type]
+            try:
+                rec = json.loads(v)
+            except (TypeError, ValueError):
+                continue
+            if isinstance(rec, list) and len(rec) == 4:
+                self._shared[k] = rec
+
+    def observe(self, store: AnyConn, stream: str, groups: dict[str, dict[str, Any]],
+                attended: set[str]) -> dict[str, tuple[float, bool]]:
+        """Return {group: (seconds without progress on `stream`, released)}."""
+        now = self._clock()
+        out: dict[str, tuple[float, bool]] = {}
+        for g, info in groups.items():
+            key = f"{stream}|{g}"
+            self._seen.add(key)
+            ld, pending = info["last_delivered"], info["pending"]
+            rec = self._shared.get(key)
+            same = rec is not None and rec[0] == ld and rec[1] == pending
+            if (not same or g in attended
+                    or (not rec[3] and not _has_backlog(store, stream, info))):  # type: ignore[index]
+                if not same or rec[3] or now - rec[2] > 1.0:  # type: ignore[index]
+                    self._writes[key] = [ld, pending, now, False]
+                out[g] = (0.0, False)
+                continue
+            assert rec is not None
+            idle = max(0.0, now - float(rec[2]))
+            released = bool(rec[3])
+            if not released and self.max_idle_s > 0 and idle >= self.max_idle_s:
+                released = True
+                self._writes[key] = [ld, pending, rec[2], True]
+                self.newly_released.add(g)
+            out[g] = (idle, released)
+        return out
+
+    def save(self, store: AnyConn) -> None:
+        """Write the clocks that changed; forget those of groups and streams that are gone."""
+        cmds = []
+        if self._writes:
+            cmds.append(hotpath.encode_command("HSET", IDLE_KEY, *[
+                x for k, rec in self._writes.items()
+                for x in (k, json.dumps(rec, separators=(",", ":")))]))
+        gone = [k for k in self._shared if k not in self._seen]
+        if gone:
+            cmds.append(hotpath.encode_command("HDEL", IDLE_KEY, *gone))
+        if cmds:
+            for r in store.round_trip(b"".join(cmds), len(cmds), 5.0):
+                if isinstance(r, hotpath.RespError):
+                    raise StoreError(f"group clocks: {r.message}")
 
 
 def writer_stats(store: AnyConn, partitions: int = 16) -> dict[str, Any]:
@@ -521,7 +654,12 @@ def writer_stats(store: AnyConn, partitions: int = 16) -> dict[str, Any]:
                 sinks.setdefault(name, {"pending": 0, "lag": 0}).setdefault("writers", []).append(
                     {"writer": snap["writer"], **st})
     dlq = store.call("XLEN", DLQ_KEY, timeout=5.0)
-    return {"sinks": sinks, "dead_letters": int(dlq or 0), "writers": len(writers)}  # type: ignore[arg-type]
+    groups = {_s(k): json.loads(v) for k, v in _pairs(
+        store.call("HGETALL", GROUPS_KEY, timeout=5.0) or []).items()}  # type: ignore[arg-type]
+    for k, v in _pairs(store.call("HGETALL", TRIMMED_UNREAD_KEY, timeout=5.0) or []).items():  # type: ignore[arg-type]
+        groups.setdefault(k, {})["trimmed_unread"] = int(v)
+    return {"sinks": sinks, "dead_letters": int(dlq or 0), "writers": len(writers),  # type: ignore[arg-type]
+            "groups": groups}
 
 
 # -- the process ---------------------------------------------------------------------------
@@ -540,6 +678,10 @@ class Writer:
         self.field = f"{socket.gethostname()}/{os.getpid()}"
         self._signals: list[int] = []
         self._groups_ok = False
+        self.watch = GroupWatch(cfg.group_max_idle_s)
+        self._released: set[str] = set()
+        self._unlogged_loss: dict[str, int] = {}
+        self._loss_logged_at: dict[str, float] = {}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals.append(signum)  # the main loop acts on it
@@ -611,10 +753,79 @@ class Writer:
                 raise StoreError(f"XGROUP CREATE: {r.message}")
 
     def trim(self) -> None:
-        """Trim the partition streams to what every group acknowledged."""
-        n = trim_streams(self.store, self.cfg.partitions, self.required_groups())
-        if n:
-            log.debug("trimmed %d acknowledged entries", n)
+        """Trim the partition streams to what every group acknowledged, releasing the groups
+        nobody has read for `group_max_idle_s`, and publish the groups' state."""
+        attended = self._attended_groups()
+        required = self.required_groups()
+        idle_of: dict[str, float] = {}
+        released_any: set[str] = set()
+        lost: dict[str, int] = {}
+        removed = 0
+        self.watch.load(self.store)
+        for s in keys.streams(self.cfg.partitions):
+            groups = group_positions(self.store, s)
+            seen = self.watch.observe(self.store, s, groups, attended)
+            released = [g for g, (_, rel) in seen.items() if rel]
+            for g, (secs, _) in seen.items():
+                idle_of[g] = max(idle_of.get(g, 0.0), secs)
+            released_any.update(released)
+            n, lost_here = trim_stream(self.store, s, groups,
+                                       [g for g in required if g not in released], released)
+            removed += n
+            for g, k in lost_here.items():
+                lost[g] = lost.get(g, 0) + k
+        self.watch.save(self.store)
+        if removed:
+            log.debug("trimmed %d acknowledged entries", removed)
+        self._report(idle_of, released_any, lost)
+
+    def _attended_groups(self) -> set[str]:
+        """Return the groups of the sinks with a live writer (this one's, and fresh snapshots)."""
+        sinks = {r.sink.name for r in self.runners}
+        raw = self.store.call("HGETALL", STATS_KEY, timeout=5.0)
+        now = time.time()
+        for v in _pairs(raw or []).values():  # type: ignore[arg-type]
+            try:
+                snap = json.loads(v)
+            except (TypeError, ValueError):
+                continue
+            if isinstance(snap, dict) and now - float(snap.get("updated") or 0) <= FRESH_S:
+                sinks.update(snap.get("sinks") or {})
+        return {group_name(n) for n in sinks}
+
+    def _report(self, idle_of: dict[str, float], released: set[str],
+                lost: dict[str, int]) -> None:
+        """Log release transitions and losses, count losses, publish every group's state."""
+        cfg = self.cfg
+        for g in sorted(self.watch.newly_released):
+            log.warning("group %s: nobody has read its backlog for %.0fs (writer_group_max_idle "
+                        "%gs, no live writer of its sink); it no longer holds back trimming: "
+                        "records it has not acknowledged are trimmed and counted", g, idle_of[g],
+                        cfg.group_max_idle_s)
+        for g in sorted(self._released - released):
+            log.warning("group %s: read again (or removed); it holds back trimming again", g)
+        self._released = released
+        now = time.monotonic()
+        cmds = [hotpath.encode_command("HINCRBY", TRIMMED_UNREAD_KEY, g, n)
+                for g, n in sorted(lost.items())]
+        for g, n in lost.items():
+            self._unlogged_loss[g] = self._unlogged_loss.get(g, 0) + n
+        for g, n in list(self._unlogged_loss.items()):
+            if now - self._loss_logged_at.get(g, -LOSS_LOG_EVERY_S) >= LOSS_LOG_EVERY_S:
+                log.error("group %s: trimmed %d records it never acknowledged: its sink will "
+                          "not get them (acm_stream_group_trimmed_unread_records)", g, n)
+                self._loss_logged_at[g] = now
+                del self._unlogged_loss[g]
+        wall = time.time()
+        state = [x for g, secs in sorted(idle_of.items()) for x in (g, json.dumps(
+            {"idle_s": round(secs, 3), "released": g in released, "updated": wall,
+             "writer": self.field}, separators=(",", ":")))]
+        if state:
+            cmds.append(hotpath.encode_command("HSET", GROUPS_KEY, *state))
+        if cmds:
+            for r in self.store.round_trip(b"".join(cmds), len(cmds), 5.0):
+                if isinstance(r, hotpath.RespError):
+                    raise StoreError(f"group report: {r.message}")
 
     def snapshot(self) -> dict[str, Any]:
         return {"writer": self.field, "consumer": self.cfg.consumer, "updated": time.time(),

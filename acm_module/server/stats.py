@@ -89,6 +89,7 @@ class WorkerStats:
     config_generation: int = 0
     registry_version: int = 0  # carrier registry in use (docs/GATEWAY.md)
     store_up: bool = False
+    connections: int = 0  # peers connected to this worker (worker_io = zmtp)
     decisions: dict[str, int] = field(default_factory=dict)  # "verdict:reason"/"dup"/errors
     # Per request, the span of its batch. service: the requests are in memory -> their replies
     # are handed to send(), the store round trip excluded (the worker's own work); total: poll()
@@ -106,7 +107,7 @@ class WorkerStats:
             "started": self.started, "updated": time.time(), "requests": self.requests,
             "batches": self.batches, "bad_frames": self.bad_frames,
             "store_failures": self.store_failures, "store_up": self.store_up,
-            "config_generation": self.config_generation,
+            "config_generation": self.config_generation, "connections": self.connections,
             "registry_version": self.registry_version, "decisions": dict(self.decisions),
             "service_us": self.service_us.to_sparse(), "total_us": self.total_us.to_sparse(),
             "service_cpu_us": self.service_cpu_us.to_sparse(),

@@ -4,8 +4,9 @@ SIGTERM.
 The listening socket is a plain OS socket created before fork(); each worker accepts on it and
 speaks ZMTP itself (server/zmtp.py; or hands it to a libzmq ROUTER with ZMQ_USE_FD when
 worker_io = libzmq), so a request goes straight from the OpenSIPS process to a worker with no
-proxy hop, and the kernel spreads connections over the workers. No ZeroMQ context and no store
-connection exist in this process.
+proxy hop. Each worker's connection count sits in shared memory beside its heartbeat; a ZMTP
+worker accepts only while no live sibling holds fewer, which spreads connections evenly. No
+ZeroMQ context and no store connection exist in this process.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import sys
 import time
 import uuid
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from acm_module.errors import ConfigError
 from acm_module.server.proctitle import die_with_parent, set_name
 from acm_module.server.worker import WORKER_BOOT_ERROR, worker_main
 
@@ -40,8 +43,7 @@ def listen_socket(endpoint: str, ipc_mode: int = 0o660) -> socket.socket:
     if endpoint.startswith("ipc://"):
         path = Path(endpoint[len("ipc://"):])
         path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # a stale file from a previous run
+        _clear_stale_socket(path)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o777 & ~ipc_mode)
         try:
@@ -68,6 +70,33 @@ def listen_socket(endpoint: str, ipc_mode: int = 0o660) -> socket.socket:
     s.setblocking(False)
     s.set_inheritable(True)
     return s
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Unlink a socket file nobody listens on (left by a killed instance).
+
+    Raises ConfigError when an instance is serving on it, or when the path is not a socket.
+    """
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"endpoint ipc://{path}: the path exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)  # a live server with a full backlog makes connect() wait
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # nobody listens: what a SIGKILLed supervisor left behind
+        return
+    except OSError:
+        pass  # refused for another reason (permissions, a full backlog): assume it is alive
+    finally:
+        probe.close()
+    raise ConfigError(f"endpoint ipc://{path}: another instance is already serving on it "
+                      "(stop it first, or choose another endpoint)")
 
 
 def bound_endpoint(endpoint: str, sock: socket.socket) -> str:
@@ -108,12 +137,15 @@ class Supervisor:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; return the exit code."""
         s = self.settings
+        # The endpoint first: a refused one (in use by another instance) starts nothing.
+        self.listener = listen_socket(s.endpoint, s.ipc_mode)
         if not s.store:
             self._start_embedded_store()
-        self.listener = listen_socket(s.endpoint, s.ipc_mode)
         self.endpoint = bound_endpoint(s.endpoint, self.listener)
         s.values["endpoint"] = self.endpoint
         self.heartbeat = multiprocessing.RawArray("d", s.workers)
+        # Each worker's connection count, beside its heartbeat: workers spread connections by it.
+        self.load = multiprocessing.RawArray("i", len(self.heartbeat))
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
@@ -166,6 +198,7 @@ class Supervisor:
     # -- workers -----------------------------------------------------------------------------
     def _spawn(self, index: int) -> None:
         self.heartbeat[index] = time.monotonic()
+        self.load[index] = 0  # a new worker holds nothing: its siblings leave it the next ones
         pid = os.fork()
         if pid == 0:  # child
             code = 1
@@ -178,7 +211,7 @@ class Supervisor:
                 set_name(f"acm-worker-{index}")
                 die_with_parent(signal.SIGTERM, self.pid)
                 code = worker_main(self.settings, self.listener.fileno(), index, self.boot_id,
-                                   self.heartbeat)
+                                   self.heartbeat, self.load)
             except BaseException:
                 log.exception("worker %d crashed", index)
             finally:

@@ -19,7 +19,7 @@ from acm_module.gateway import registry
 from acm_module.gateway.context import GatewayContext
 from acm_module.ops.logs import apply_log_level
 from acm_module.server import stats as stats_mod
-from acm_module.server.zmtp import ZmtpServer, split_envelope
+from acm_module.server.zmtp import IN_HWM, Balance, ZmtpServer, split_envelope
 from acm_module.store import config as store_config
 from acm_module.store.conn import StoreConnection, load_script
 
@@ -40,18 +40,22 @@ class Worker:
     """One decision worker bound to a shared listening socket."""
 
     def __init__(self, settings: Any, listen_fd: int, index: int, boot_id: str,
-                 heartbeat: Any = None) -> None:
+                 heartbeat: Any = None, load: Any = None) -> None:
         self.settings = settings
         self.listen_fd = listen_fd
         self.index = index
         self.boot_id = boot_id
         self.heartbeat = heartbeat
+        self.load = load  # the pool's connection counts (shared memory), to spread connections
         self.stopping = False
         self.stats = stats_mod.WorkerStats(index=index, pid=os.getpid())
         self._stats_field = f"{stats_mod.socket.gethostname()}/{boot_id[:8]}/{index}"
         self._stats_next = 0.0
         self._store_time_ns = 0
         self._latencies: list[tuple[int, int]] = []  # (rx_us of a batch, its latency in us)
+        # rx_us of batches answered store_unavailable after their scripts were sent: the store
+        # may still run them and record decisions nobody was told about (see decide()).
+        self._unanswered: list[int] = []
         self._store_down_until = 0.0
         self._backoff = 0.05
         self._cfg_next = 0.0
@@ -74,7 +78,10 @@ class Worker:
         if s.worker_io == "libzmq":
             self.io: Any = _LibzmqIO(s.endpoint, self.listen_fd, max_frame)
         else:
-            self.io = ZmtpServer(self.listen_fd, max_frame)
+            balance = None
+            if self.load is not None and self.heartbeat is not None:
+                balance = Balance(self.load, self.heartbeat, self.index)
+            self.io = ZmtpServer(self.listen_fd, max_frame, balance)
         # A reconnect must not hold the worker for long either: a black-holed store costs at
         # most 100 ms per attempt (attempts back off up to 1 s), a healthy one connects in <1 ms.
         self.store = StoreConnection(s.store, timeout=s.store_timeout_ms / 1000.0,
@@ -125,12 +132,15 @@ class Worker:
         st = self.stats
         st.decisions = self.decider.counts
         st.store_up = self.store.connected
+        st.connections = len(getattr(self.io, "conns", ()))
         if not self.store.connected:
             return
         try:
+            marked = len(self._unanswered)
             lat = self._latency_record()
             if lat:
                 self.store.round_trip(lat, 1)
+                del self._unanswered[:marked]
             stats_mod.publish(self.store, self._stats_field, st)
         except StoreError as e:
             self._store_failed(e)
@@ -212,6 +222,7 @@ class Worker:
         """Decide a batch of frames; never raises (store trouble becomes error replies)."""
         d = self.decider
         d.begin(frames, now_ms, rx_us)
+        sent = False
         if not self.store.connected and time.monotonic() < self._store_down_until:
             # Backing off: answer at once; the client applies its policy.
             return d.fail("store_unavailable", "detection store unavailable")
@@ -225,15 +236,21 @@ class Worker:
                 if rl_n:
                     d.rate_finish(self.store.round_trip(rl_payload, rl_n))
             payload, n = d.pipeline()
+            marked = len(self._unanswered)
             lat = self._latency_record()
+            sent = bool(n)
             t1 = time.perf_counter_ns()
             if lat:
                 replies = self.store.round_trip(lat + payload, n + 1)[1:]
+                # Delivered: a mark is dropped only once a round trip carrying it succeeded.
+                del self._unanswered[:marked]
             else:
                 replies = self.store.round_trip(payload, n) if n else []
             # Only the wait counts as store time; building the pipeline is service time.
             self._store_time_ns = time.perf_counter_ns() - t1
         except StoreError as e:
+            if sent and len(self._unanswered) < 4096:
+                self._unanswered.append(rx_us)
             self._store_failed(e)
             return d.fail("store_unavailable", "detection store unavailable")
         self._backoff = 0.05
@@ -250,14 +267,20 @@ class Worker:
 
         A reply's latency is known only after it is sent, so it rides on the next round trip:
         {acm.lat}:s gets one entry per batch, keyed by the batch's `rx` that its decisions carry.
-        The stream is capped; latencies are best effort, decisions are not.
+        The stream is capped; latencies are best effort, decisions are not. Field `u` lists the
+        `rx` of batches answered store_unavailable after their scripts were sent: a decision
+        the store recorded for one of them never reached its caller (the QuestDB sink marks its
+        call_events row STORE_UNAVAILABLE).
         """
-        if not self._latencies:
+        if not self._latencies and not self._unanswered:
             return b""
         pairs = ",".join(f"{rx}:{us}" for rx, us in self._latencies)
         self._latencies.clear()
+        fields: list[str] = ["k", "l", "v", pairs]
+        if self._unanswered:  # kept until a round trip carrying them succeeds (decide())
+            fields += ["u", ",".join(map(str, self._unanswered))]
         return hotpath.encode_command("XADD", LATENCY_STREAM, "MAXLEN", "~", "1000000", "*",
-                                      "k", "l", "v", pairs)
+                                      *fields)
 
     # -- store health ------------------------------------------------------------------------
     def _connect_store(self) -> None:
@@ -395,7 +418,13 @@ class _LibzmqIO:
     """The worker's connections through a libzmq ROUTER socket (worker_io = libzmq).
 
     The same interface as ZmtpServer; every receive and reply crosses libzmq's I/O thread.
+    libzmq bounds each connection (RCVHWM, SNDHWM, then socket backpressure) and fair-queues
+    them; ROUTER_MANDATORY tells which peers do not take their replies, and their requests are
+    then dropped undecided (a reply nobody reads is a decision made for nobody).
     """
+
+    STALL_S = 1.0  # a peer whose replies do not fit is skipped this long, then tried again
+    MAX_STALLED = 4096
 
     def __init__(self, endpoint: str, listen_fd: int, max_frame: int) -> None:
         self.ctx = zmq.Context(io_threads=1)
@@ -403,8 +432,13 @@ class _LibzmqIO:
         self.sock.setsockopt(zmq.USE_FD, listen_fd)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
+        self.sock.setsockopt(zmq.RCVHWM, IN_HWM)
+        self.sock.setsockopt(zmq.SNDHWM, IN_HWM)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.bind(endpoint)
         self.rx_ns = 0
+        self.stalled: dict[bytes, float] = {}  # routing id -> skip its requests until then
+        self.skipped = 0
 
     def poll(self, timeout: float) -> int:
         if self.sock.poll(int(timeout * 1000)):
@@ -414,11 +448,17 @@ class _LibzmqIO:
 
     def take(self, n: int) -> list[tuple[bytes, list[bytes]]]:
         out = []
-        while len(out) < n:
+        stalled = self.stalled
+        for _ in range(n):  # skipped requests count too: a flood of them must not hold us here
             try:
                 parts = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
+            if stalled and parts[0] in stalled:
+                if time.monotonic() < stalled[parts[0]]:
+                    self.skipped += 1
+                    continue
+                del stalled[parts[0]]
             out.append((parts[0], parts[1:]))
         return out
 
@@ -426,8 +466,11 @@ class _LibzmqIO:
         try:
             self.sock.send_multipart([peer, *env, body], zmq.NOBLOCK)
         except zmq.ZMQError:
-            # The peer is gone (HWM or disconnect); its client times out and applies its policy.
-            pass
+            # Gone (EHOSTUNREACH) or not reading (EAGAIN: SNDHWM replies unread): the client
+            # times out and applies its policy; what it still has queued is not decided.
+            if len(self.stalled) >= self.MAX_STALLED:
+                self.stalled.pop(next(iter(self.stalled)))
+            self.stalled[peer] = time.monotonic() + self.STALL_S
 
     def flush(self) -> None:
         pass
@@ -449,9 +492,9 @@ def _sha1(source: str) -> str:
 
 
 def worker_main(settings: Any, listen_fd: int, index: int, boot_id: str,
-                heartbeat: Any = None) -> int:
+                heartbeat: Any = None, load: Any = None) -> int:
     """Entry point of a forked worker; return its exit code."""
-    w = Worker(settings, listen_fd, index, boot_id, heartbeat)
+    w = Worker(settings, listen_fd, index, boot_id, heartbeat, load)
     try:
         w.boot()
     except Exception:

@@ -10,6 +10,14 @@ The peer side is unchanged: OpenSIPS (or any client) keeps its libzmq REQ or DEA
 side is a ROUTER as far as a peer can tell (Socket-Type ROUTER, NULL mechanism, ZMTP 3.0/3.1,
 PING answered with PONG). Frames above the size limit close the connection, as ZMQ_MAXMSGSIZE
 does. See RFC 23/ZMTP (https://rfc.zeromq.org/spec/23/) and 37/ZMTP for PING/PONG.
+
+One peer cannot take the worker's memory or its service from the others (as libzmq's RCVHWM and
+SNDHWM with socket backpressure do): a connection is read no further while it has IN_HWM
+requests (or IN_BYTES) waiting or OUT_PAUSE bytes of replies it has not read, so a peer that
+pipelines without reading blocks in its own send(); each readable connection gets one recv() per
+poll; queued requests are taken round-robin, one per connection per turn; a connection whose
+unread replies pass MAX_PENDING_OUT is closed; and the requests of a peer that hung up are
+dropped undecided.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import errno
 import select
 import socket
 import time
+from collections import deque
+from typing import Any
 
 GREETING = (b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL" + b"\x00" * 16
             + b"\x00" + b"\x00" * 31)
@@ -35,11 +45,15 @@ READY = _command(b"READY", b"\x0bSocket-Type" + (6).to_bytes(4, "big") + b"ROUTE
 PEERS = frozenset({b"REQ", b"DEALER"})
 MAX_FRAMES = 16  # frames in one message (envelope + body); more is a protocol abuse
 MAX_PENDING_OUT = 4 << 20  # bytes of replies a peer that stopped reading may hold up
-RECV_BYTES = 256 * 1024
+OUT_PAUSE = 256 * 1024  # unread reply bytes at which a connection is read no further
+IN_HWM = 1000  # requests of one connection waiting for a decision (libzmq's default RCVHWM)
+IN_BYTES = 1 << 20  # bytes of those requests
+RECV_BYTES = 64 * 1024  # one recv() per readable connection per poll
+BALANCE_POLL_S = 0.02  # while leaving new connections to less-loaded siblings, look this often
 
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
-_ERRS = select.EPOLLERR | select.EPOLLHUP
+_HUP = select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
 
 # Connection states
 _GREETING, _READY, _OPEN = 0, 1, 2
@@ -63,7 +77,8 @@ def encode_message(env: list[bytes], body: bytes) -> bytes:
 class Conn:
     """One accepted peer."""
 
-    __slots__ = ("buf", "fd", "frames", "out", "sock", "state", "want_out")
+    __slots__ = ("buf", "fd", "frames", "in_bytes", "inbox", "mask", "msg_bytes", "out",
+                 "out_bytes", "queued", "reading", "sock", "state", "want_out")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -71,41 +86,99 @@ class Conn:
         self.buf = b""
         self.state = _GREETING
         self.frames: list[bytes] = []
+        self.msg_bytes = 0  # of the frames of the message being received
+        self.inbox: deque[tuple[list[bytes], int]] = deque()  # (frames, bytes) to decide
+        self.in_bytes = 0
+        self.queued = False  # in the server's round-robin ring
         self.out: list[bytes] = []
-        self.want_out = False
+        self.out_bytes = 0
+        self.want_out = False  # send() would block: wait for EPOLLOUT
+        self.reading = True  # under its limits: EPOLLIN registered
+        self.mask = _IN | select.EPOLLRDHUP
+
+
+class Balance:
+    """Connection counts of the pool's workers in shared memory, to spread connections.
+
+    counts[i] is worker i's number of connections (-1: not accepting); heartbeat[i] the
+    monotonic time of its last beat. A worker accepts only while no live sibling holds fewer
+    connections, so connections made all at once (every OpenSIPS process at start-up, while one
+    worker is awake) and connections made later both spread evenly.
+    """
+
+    LIVE_S = 2.0  # a sibling silent this long is stuck or gone: it does not hold the others
+
+    def __init__(self, counts: Any, heartbeat: Any, index: int) -> None:
+        self.counts = counts
+        self.heartbeat = heartbeat
+        self.index = index
+
+    def publish(self, n: int) -> None:
+        self.counts[self.index] = n
+
+    def may_accept(self) -> bool:
+        """Return True unless a live sibling holds fewer connections than this worker."""
+        mine = self.counts[self.index]
+        stale = time.monotonic() - self.LIVE_S
+        for j in range(min(len(self.counts), len(self.heartbeat))):
+            if j != self.index and 0 <= self.counts[j] < mine and self.heartbeat[j] > stale:
+                return False
+        return True
 
 
 class ZmtpServer:
     """Accept and serve ZMTP peers on a (shared, non-blocking) listening socket."""
 
-    def __init__(self, listen_fd: int, max_frame: int) -> None:
+    def __init__(self, listen_fd: int, max_frame: int, balance: Balance | None = None) -> None:
         self.listen = socket.socket(fileno=listen_fd)
         self.listen.setblocking(False)
         self.max_frame = max_frame
+        self.balance = balance
         self.ep = select.epoll()
-        # EPOLLEXCLUSIVE: a new connection wakes one of the workers polling this socket, not all.
-        self.ep.register(self.listen.fileno(), _IN | select.EPOLLEXCLUSIVE)
-        self.accepting = True  # registered for new connections
+        self.accepting = False  # registered for new connections
         self.draining = False  # stop_accepting() was called: never accept again
         self.resume_at = 0.0  # out of descriptors: accept again at this monotonic time
         self.conns: dict[int, Conn] = {}
-        self.inbox: list[tuple[Conn, list[bytes]]] = []
+        self.ready: deque[Conn] = deque()  # connections with requests queued, round-robin
+        self.queued = 0  # requests queued over every connection
         self.dirty: list[Conn] = []
         self.rx_ns = 0  # when the last poll() found something (perf_counter_ns)
         self.accepted = 0
         self.dropped = 0  # connections closed for a protocol error or an oversize frame
         self.accept_pauses = 0  # times accepting paused for lack of descriptors
+        self.read_pauses = 0  # times a connection was read no further (over its limits)
+        self._publish()
+        self._listen()
+
+    def _listen(self) -> None:
+        if not self.accepting:
+            # EPOLLEXCLUSIVE: a new connection wakes one of the workers polling it, not all.
+            self.ep.register(self.listen.fileno(), _IN | select.EPOLLEXCLUSIVE)
+            self.accepting = True
+
+    def _unlisten(self) -> None:
+        if self.accepting:
+            self.accepting = False
+            self.ep.unregister(self.listen.fileno())
+
+    def _publish(self) -> None:
+        if self.balance is not None:
+            self.balance.publish(-1 if self.draining or self.resume_at else len(self.conns))
 
     # -- receiving ---------------------------------------------------------------------------
     def poll(self, timeout: float) -> int:
         """Wait up to timeout seconds for messages (0: just look); return how many are queued."""
-        if self.inbox:
+        if self.queued:
             timeout = 0
-        if self.resume_at and time.monotonic() >= self.resume_at:
-            self.resume_at = 0.0
-            if not self.draining:
-                self.accepting = True
-                self.ep.register(self.listen.fileno(), _IN | select.EPOLLEXCLUSIVE)
+        if not self.accepting and not self.draining:
+            if self.resume_at and time.monotonic() >= self.resume_at:
+                self.resume_at = 0.0
+                self._publish()
+            if not self.resume_at:
+                if self.balance is None or self.balance.may_accept():
+                    self._listen()
+                else:
+                    timeout = min(timeout, BALANCE_POLL_S)
         events = self.ep.poll(timeout)
         if events:
             self.rx_ns = time.perf_counter_ns()
@@ -115,11 +188,16 @@ class ZmtpServer:
                 if self.accepting and fd == self.listen.fileno():
                     self._accept()
                 continue
+            if ev & _HUP:
+                # Gone (or half-closed, which no ZMTP peer does): what it still had queued
+                # would be decided for nobody.
+                self.close_conn(conn)
+                continue
             if ev & _OUT:
                 self._write(conn)
-            if ev & (_IN | _ERRS):
+            if ev & _IN and conn.reading:
                 self._read(conn)
-        return len(self.inbox)
+        return self.queued
 
     def _accept(self) -> None:
         for _ in range(64):
@@ -143,10 +221,14 @@ class ZmtpServer:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Conn(s)
             self.conns[conn.fd] = conn
-            self.ep.register(conn.fd, _IN)
+            self.ep.register(conn.fd, conn.mask)
             self.accepted += 1
-            conn.out.append(GREETING)
-            self._write(conn)
+            self._send(conn, GREETING)
+            if self.balance is not None:
+                self._publish()
+                if not self.balance.may_accept():
+                    self._unlisten()  # a sibling holds fewer: the next one is its
+                    return
 
     def _read(self, conn: Conn) -> None:
         try:
@@ -159,15 +241,39 @@ class ZmtpServer:
         if not data:
             self.close_conn(conn)
             return
-        if conn.buf:
-            data = conn.buf + data
+        self._feed(conn, conn.buf + data if conn.buf else data)
+
+    def _feed(self, conn: Conn, data: bytes) -> None:
         try:
             used = self._parse(conn, data)
         except ProtocolError:
             self.dropped += 1
             self.close_conn(conn)
             return
+        if conn.fd < 0:
+            return
         conn.buf = data[used:] if used < len(data) else b""
+        if conn.reading and (len(conn.inbox) >= IN_HWM or conn.in_bytes >= IN_BYTES
+                             or conn.out_bytes >= OUT_PAUSE):
+            conn.reading = False
+            self.read_pauses += 1
+            self._rearm(conn)
+
+    def _maybe_resume(self, conn: Conn) -> None:
+        """Read a paused connection again once it is well under its limits (hysteresis)."""
+        if (conn.fd >= 0 and len(conn.inbox) <= IN_HWM // 2 and conn.in_bytes <= IN_BYTES // 2
+                and conn.out_bytes <= OUT_PAUSE // 2):
+            conn.reading = True
+            self._rearm(conn)
+            if conn.buf:  # complete messages may wait there; no EPOLLIN would announce them
+                buf, conn.buf = conn.buf, b""
+                self._feed(conn, buf)
+
+    def _rearm(self, conn: Conn) -> None:
+        mask = select.EPOLLRDHUP | (_IN if conn.reading else 0) | (_OUT if conn.want_out else 0)
+        if mask != conn.mask and conn.fd >= 0:
+            conn.mask = mask
+            self.ep.modify(conn.fd, mask)
 
     def _parse(self, conn: Conn, data: bytes) -> int:
         """Consume what data holds; return how many bytes were used."""
@@ -182,40 +288,64 @@ class ZmtpServer:
                 raise ProtocolError("unsupported greeting")
             pos = 64
             conn.state = _READY
-            conn.out.append(READY)
-            self._write(conn)
+            self._send(conn, READY)
         max_frame = self.max_frame
         frames = conn.frames
-        while pos < n:
-            flags = data[pos]
-            if flags & 0x02:
-                if pos + 9 > n:
+        inbox = conn.inbox
+        # Room left under the connection's limits: past it, the rest waits in conn.buf and in
+        # the kernel (the peer's send() blocks).
+        room = IN_HWM - len(inbox) if conn.out_bytes < OUT_PAUSE else 0
+        in_room = IN_BYTES - conn.in_bytes
+        msg_bytes = conn.msg_bytes
+        added = 0
+        try:
+            while pos < n:
+                if not frames and (room <= 0 or in_room <= 0):
                     break
-                size = int.from_bytes(data[pos + 1:pos + 9], "big")
-                start = pos + 9
-            else:
-                if pos + 2 > n:
+                flags = data[pos]
+                if flags & 0x02:
+                    if pos + 9 > n:
+                        break
+                    size = int.from_bytes(data[pos + 1:pos + 9], "big")
+                    start = pos + 9
+                else:
+                    if pos + 2 > n:
+                        break
+                    size = data[pos + 1]
+                    start = pos + 2
+                if size > max_frame or flags & 0xF8:
+                    raise ProtocolError("frame too large or bad flags")
+                end = start + size
+                if end > n:
                     break
-                size = data[pos + 1]
-                start = pos + 2
-            if size > max_frame or flags & 0xF8:
-                raise ProtocolError("frame too large or bad flags")
-            end = start + size
-            if end > n:
-                break
-            pos = end
-            if flags & 0x04:
-                self._on_command(conn, data[start:end])
-                continue
-            if conn.state != _OPEN:
-                raise ProtocolError("message before READY")
-            frames.append(data[start:end])
-            if flags & 0x01:
-                if len(frames) > MAX_FRAMES:
-                    raise ProtocolError("too many frames")
-                continue
-            self.inbox.append((conn, frames))
-            frames = conn.frames = []
+                pos = end
+                if flags & 0x04:
+                    self._on_command(conn, data[start:end])
+                    if conn.fd < 0:
+                        return pos
+                    continue
+                if conn.state != _OPEN:
+                    raise ProtocolError("message before READY")
+                frames.append(data[start:end])
+                msg_bytes += size
+                if flags & 0x01:
+                    if len(frames) > MAX_FRAMES:
+                        raise ProtocolError("too many frames")
+                    continue
+                inbox.append((frames, msg_bytes))
+                added += 1
+                room -= 1
+                in_room -= msg_bytes
+                msg_bytes = 0
+                frames = conn.frames = []
+        finally:
+            conn.msg_bytes = msg_bytes
+            if added:
+                conn.in_bytes = IN_BYTES - in_room
+                self.queued += added
+                if not conn.queued:
+                    conn.queued = True
+                    self.ready.append(conn)
         return pos
 
     def _on_command(self, conn: Conn, body: bytes) -> None:
@@ -231,8 +361,7 @@ class ZmtpServer:
             conn.state = _OPEN
         elif name == b"PING":
             # PING: ttl (2 bytes), context (up to 16 bytes) -> PONG with the same context.
-            conn.out.append(_command(b"PONG", body[1 + body[0] + 2:][:16]))
-            self._write(conn)
+            self._send(conn, _command(b"PONG", body[1 + body[0] + 2:][:16]))
         # Other commands (PONG, SUBSCRIBE, ...) mean nothing to a ROUTER: ignored.
 
     # -- replying ----------------------------------------------------------------------------
@@ -242,7 +371,20 @@ class ZmtpServer:
             return  # the peer went away; its client applies its policy
         if not conn.out:
             self.dirty.append(conn)
-        conn.out.append(encode_message(env, body))
+        self._queue(conn, encode_message(env, body))
+
+    def _queue(self, conn: Conn, data: bytes) -> None:
+        """Queue bytes to send; close a peer whose unread bytes pass MAX_PENDING_OUT."""
+        conn.out.append(data)
+        conn.out_bytes += len(data)
+        if conn.out_bytes > MAX_PENDING_OUT:
+            self.dropped += 1  # it stopped reading long ago: its client gives up too
+            self.close_conn(conn)
+
+    def _send(self, conn: Conn, data: bytes) -> None:
+        self._queue(conn, data)
+        if not conn.want_out:
+            self._write(conn)
 
     def flush(self) -> None:
         """Send every queued reply: one send() per connection."""
@@ -265,28 +407,47 @@ class ZmtpServer:
             return
         if sent == len(data):
             conn.out = []
+            conn.out_bytes = 0
             if conn.want_out:
                 conn.want_out = False
-                self.ep.modify(conn.fd, _IN)
+                self._rearm(conn)
+            if not conn.reading:
+                self._maybe_resume(conn)
             return
         rest = data[sent:]
-        if len(rest) > MAX_PENDING_OUT:
-            self.dropped += 1
-            self.close_conn(conn)
-            return
         conn.out = [rest]
+        conn.out_bytes = len(rest)
         if not conn.want_out:
             conn.want_out = True
-            self.ep.modify(conn.fd, _IN | _OUT)
+            self._rearm(conn)
+        if conn.reading and conn.out_bytes >= OUT_PAUSE:
+            conn.reading = False  # it is not reading its replies: stop reading its requests
+            self.read_pauses += 1
+            self._rearm(conn)
+        elif not conn.reading:
+            self._maybe_resume(conn)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def take(self, n: int) -> list[tuple[Conn, list[bytes]]]:
-        """Remove and return up to n queued messages, oldest first."""
-        if len(self.inbox) <= n:
-            batch, self.inbox = self.inbox, []
-            return batch
-        batch = self.inbox[:n]
-        del self.inbox[:n]
+        """Remove and return up to n queued messages: one per connection per turn, in order."""
+        batch: list[tuple[Conn, list[bytes]]] = []
+        ready = self.ready
+        while ready and len(batch) < n:
+            conn = ready.popleft()
+            inbox = conn.inbox
+            if not inbox:  # closed since (close_conn empties it)
+                conn.queued = False
+                continue
+            frames, size = inbox.popleft()
+            conn.in_bytes -= size
+            batch.append((conn, frames))
+            if inbox:
+                ready.append(conn)
+            else:
+                conn.queued = False
+            if not conn.reading:
+                self._maybe_resume(conn)
+        self.queued -= len(batch)
         return batch
 
     def stop_accepting(self) -> None:
@@ -295,11 +456,10 @@ class ZmtpServer:
         self._pause_accepting()
 
     def _pause_accepting(self) -> None:
-        if self.accepting:
-            self.accepting = False
-            self.ep.unregister(self.listen.fileno())
+        self._unlisten()
         if not self.draining:
             self.resume_at = time.monotonic() + 0.1
+        self._publish()  # siblings must not wait for a worker that cannot accept
 
     def close_conn(self, conn: Conn) -> None:
         """Close one connection."""
@@ -313,6 +473,13 @@ class ZmtpServer:
         conn.sock.close()
         conn.fd = -1
         conn.out = []
+        conn.out_bytes = 0
+        # Its requests not yet taken are dropped undecided (the ring skips closed connections).
+        self.queued -= len(conn.inbox)
+        conn.inbox.clear()
+        conn.in_bytes = 0
+        conn.buf = b""
+        self._publish()
 
     def close(self) -> None:
         """Flush what can be flushed, close every connection and the epoll set."""

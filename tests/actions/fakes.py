@@ -162,23 +162,28 @@ class WebhookReceiver:
     sleeping `delay_first` s) and records every request (headers, body, time)."""
 
     def __init__(self, fail_first: int = 0, fail_status: int = 503, delay_first: float = 0.0,
-                 final_status: int = 200) -> None:
+                 final_status: int = 200, location: str | None = None) -> None:
         self.fail_first = fail_first
         self.fail_status = fail_status
         self.delay_first = delay_first
         self.final_status = final_status
+        self.location = location  # sent with every answer (a redirect when the status is 3xx)
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._release = threading.Event()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.do_POST()
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with owner._lock:
                     n = len(owner.requests)
                     owner.requests.append({"headers": dict(self.headers.items()),
-                                           "body": body, "path": self.path})
+                                           "body": body, "path": self.path,
+                                           "method": self.command})
                 if n < owner.fail_first:
                     if owner.delay_first:
                         owner._release.wait(owner.delay_first)
@@ -188,6 +193,8 @@ class WebhookReceiver:
                     self.end_headers()
                     return
                 self.send_response(owner.final_status)
+                if owner.location:
+                    self.send_header("Location", owner.location)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")

@@ -130,3 +130,22 @@ def test_webhook_needs_a_secret_and_an_http_url() -> None:
         Webhook("http://127.0.0.1:1/h", "")
     with pytest.raises(ValueError):
         Webhook("ftp://127.0.0.1/h", SECRET)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_and_is_a_failed_attempt(status: int) -> None:
+    target = WebhookReceiver()  # answers 200 to anything, GET included
+    rx = WebhookReceiver(final_status=status, location=target.url)
+    try:
+        hook = Webhook(rx.url, SECRET, timeout=2.0, retries=2, backoff_base=0.01,
+                       backoff_max=0.02)
+        res = hook.deliver("a6:open", {"event": "alert.opened"})
+        assert (res.delivered, res.outcome, res.status) == (False, "failed", status)
+        assert res.attempts == 3 and len(rx.requests) == 3
+        assert {r["method"] for r in rx.requests} == {"POST"}
+        assert str(status) in (res.error or "") and target.url in (res.error or "")
+        # Nothing reached the redirect's target: no body-less GET, no re-sent signed POST.
+        assert target.requests == []
+    finally:
+        rx.close()
+        target.close()

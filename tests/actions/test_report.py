@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -243,3 +244,74 @@ def _env() -> dict[str, str]:
 
     return {k: v for k, v in os.environ.items() if not k.startswith("ACM_")}
 
+
+
+def test_calls_answered_store_unavailable_are_not_counted_as_checked(
+        zctx: Any, writer_factory: Any, store_url: str, database_url: str,
+        questdb_url: str) -> None:
+    """The worker gives up on a slow store after store_timeout_ms and answers store_unavailable
+    (the client applies its fail policy), but the store still runs the script it was sent and
+    records a decision: call_events must say the caller never got it, and the report must not
+    count the call as checked."""
+    from servers import DelayProxy, running_service
+
+    from acm_module.client import Client
+    from acm_module.compliance.report import summary_rows, to_html
+    from acm_module.compliance.stats import compute
+    from acm_module.errors import StoreReplyError
+    from acm_module.persist.questdb import QuestDB
+
+    port = int(store_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = DelayProxy(port)
+    day = date(2026, 11, 22)
+    base = datetime(2026, 11, 22, 12, 0, tzinfo=ZoneInfo(TZ)).timestamp()
+    try:
+        env = {"ACM_STORE_TIMEOUT_MS": "100"}
+        with running_service(proxy.url, workers=1, extra_env=env) as svc:
+            client = Client(svc.endpoint, timeout=10.0, context=zctx)
+            assert client.decide("su-warm", a_num(1, 0), b_num(20), ts=base)["verdict"] == "allow"
+            proxy.delay = 0.4  # every store reply now comes after the worker gave up
+            late = [client.request({"call_id": f"su-{i}", "a": a_num(1, i + 1),
+                                    "b": b_num(21), "ts": base + 1 + i}) for i in range(2)]
+            assert [r.get("error") for r in late] == ["store_unavailable"] * 2
+            proxy.delay = 0.0
+            deadline = time.monotonic() + 10
+            ok: dict[str, Any] = {}
+            while time.monotonic() < deadline:  # the worker's backoff, then a round trip
+                ok = client.decide(f"su-ok-{time.monotonic_ns()}", a_num(1, 9), b_num(22),
+                                   ts=base + 5)
+                if "verdict" in ok:
+                    break
+                time.sleep(0.1)
+            assert ok.get("verdict") == "allow", ok
+            client.close()
+        recorded = {f["id"] for _, _, f in stream_records(store_url) if f.get("k") == "d"}
+        assert "su-0" in recorded  # the store applied it after the worker's timeout
+        assert "su-1" not in recorded  # answered during the worker's backoff: never sent
+    finally:
+        proxy.close()
+    w = writer_factory(env={"QUESTDB_URL": questdb_url, "ACM_WRITER_SINKS": "questdb"})
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            wait_drained(store_url, ["questdb"], writer=w)
+            break
+        except StoreReplyError:  # a stream the writer has not created yet
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert w.stop() == 0
+    q = QuestDB(questdb_url)
+    assert q.wait_applied(("call_events",))
+    status = dict(q.rows("SELECT call_id, status FROM call_events"))
+    assert status["su-0"] == "STORE_UNAVAILABLE", status
+    assert status["su-warm"] == "ALLOWED" and all(
+        v == "ALLOWED" for k, v in status.items() if k.startswith("su-ok"))
+    with psycopg.connect(database_url) as conn:
+        s = compute(conn, day, TZ, questdb_url=questdb_url)
+    # A call the store recorded but whose caller was never told: not decided, not clean.
+    assert s.calls_store_unavailable == 1
+    (row,) = s.carriers
+    assert row["calls_store_unavailable"] == 1
+    assert row["calls_decided"] == sum(1 for k in status if k.startswith("su-")) - 1
+    assert ("calls_store_unavailable", 1) in summary_rows(s)
+    assert "Calls not checked (store unavailable)</th><td>1<" in to_html(s)

@@ -121,7 +121,8 @@ def expected(store_url: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
         if c not in by:
             by[c] = {"carrier_id": c, "calls_decided": 0, "calls_dropped": 0,
                      "calls_dropped_by_reason": dict.fromkeys(DROP_REASONS, 0),
-                     "alerts_total": 0, "alerts_by_type": {"masking": 0, "fanout": 0},
+                     "calls_store_unavailable": 0, "alerts_total": 0,
+                     "alerts_by_type": {"masking": 0, "fanout": 0},
                      "alerts_by_type_severity": {t: {"LOW": 0, "HIGH": 0, "CRITICAL": 0}
                                                  for t in ("masking", "fanout")},
                      "distinct_a_numbers": 0}
@@ -267,8 +268,8 @@ def test_report_without_questdb_has_alerts_per_carrier_and_no_call_counts(
     assert out["alerts_by_type"] == want_by_type
     assert [c["carrier_id"] for c in out["carriers"]] == [C1, C2, ""]
     for c in out["carriers"]:
-        assert (c["calls_decided"], c["calls_dropped"], c["calls_dropped_by_reason"]) == (
-            None, None, {})
+        assert (c["calls_decided"], c["calls_dropped"], c["calls_dropped_by_reason"],
+                c["calls_store_unavailable"]) == (None, None, {}, None)
         assert c["alerts_total"] > 0
     with open(tmp_path / f"acm-daily-{DAY}-carriers.csv") as f:
         rows = list(csv.DictReader(f))

@@ -281,3 +281,41 @@ def test_repository_contract_and_reconnect(database_url: str, pg_server: Any) ->
         assert repo.alert_list(AlertQuery(min_severity="CRITICAL")) == []
     finally:
         repo.close()
+
+
+def test_both_repositories_list_fanout_and_masking_alerts_alike(
+        service_factory: Any, writer_factory: Any, store_url: str, database_url: str) -> None:
+    from servers import publish_registry
+    from test_alert_list import IGW_IP, REGISTRY
+
+    from acm_module.control.repository import StoreRepository
+
+    with service_factory(env={"ACM_FANOUT_THRESHOLD": "4", "ACM_FANOUT_WINDOW": "60"}) as (
+            _svc, client):
+        publish_registry(store_url, REGISTRY)
+        t0 = time.time()
+        for i in range(6):
+            client.decide(cid(), "+2348031000007", f"+23480399{i:05d}", ts=t0 + i,
+                          src_ip=IGW_IP)
+            client.decide(cid(), a_num(i), B_ATTACK, ts=t0 + i * 0.3, src_ip=IGW_IP)
+    store = StoreRepository(StoreConnection(store_url, timeout=5.0), PARTITIONS)
+    try:
+        in_store = {a["alert_id"]: a for a in store.alert_list(AlertQuery())}
+    finally:
+        store.close()
+    assert {a["alert_type"] for a in in_store.values()} == {"MULTICALL_FANOUT",
+                                                            "MULTICALL_MASKING"}
+    w = writer_factory(env={"DATABASE_URL": database_url, "ACM_WRITER_SINKS": "pg"})
+    versions = {aid: a["version"] for aid, a in in_store.items()}
+    wait_for(lambda: {str(r[0]): r[1] for r in rows(
+        database_url, "SELECT alert_id, version FROM fraud_alerts")} == versions,
+             30, f"fraud_alerts rows\n{w.read_log()[-2000:]}")
+    repo = PostgresControlRepository(SimpleNamespace(database_url=database_url))
+    try:
+        in_pg = {a["alert_id"]: a for a in repo.alert_list(AlertQuery())}
+    finally:
+        repo.close()
+    assert set(in_pg) == set(in_store)
+    for aid, view in in_store.items():
+        same = {k: v for k, v in view.items() if k != "source"}
+        assert {k: in_pg[aid][k] for k in same} == same

@@ -284,3 +284,137 @@ def test_the_listening_socket_is_non_blocking() -> None:
                 assert not os.get_blocking(s.fileno()), endpoint
             finally:
                 s.close()
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_connections_made_all_at_once_at_start_spread_over_the_workers(store_url, zctx,
+                                                                       transport) -> None:
+    """8 OpenSIPS processes connect to an idle pool: no worker serves > 1.5x the mean.
+
+    The kernel wakes the first idle worker polling the listening socket for each connection;
+    without spreading it took every connection and served every request while its siblings
+    idled (560/0 and 12,075/0 requests per worker through a real OpenSIPS).
+    """
+    from servers import free_port
+
+    from acm_module.server import stats as stats_mod
+    from acm_module.store.conn import StoreConnection
+
+    workers, clients, run_s = 2, 8, 3.0
+    svc = Service(store_url, workers=workers)
+    if transport == "tcp":
+        svc.endpoint = f"tcp://127.0.0.1:{free_port()}"
+    counts = [0] * clients
+    errors: list[str] = []
+    socks: list[Client] = []
+    try:
+        svc.start()  # the pool is up and idle, as when OpenSIPS starts after it
+        # OpenSIPS forks its processes one after another; each connects in child_init().
+        for _ in range(clients):
+            socks.append(Client(svc.endpoint, timeout=10.0, context=zctx))
+            time.sleep(0.02)
+        stop = time.monotonic() + run_s
+
+        def opensips_process(k: int) -> None:
+            c = socks[k]
+            try:
+                i = 0
+                while time.monotonic() < stop:
+                    r = c.decide(f"spread-{k}-{i}", f"+2348031{k:06d}", f"+234804{k}{i:07d}")
+                    if r.get("verdict") != "allow":
+                        errors.append(repr(r))
+                    counts[k] += 1
+                    i += 1
+            except Exception as e:  # the assertion below names it
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=opensips_process, args=(k,)) for k in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(run_s + 20)
+        assert not errors, errors[:5]
+        time.sleep(1.5)  # every worker publishes its counters once a second
+        conn = StoreConnection(svc.store_url, timeout=2.0)
+        try:
+            snaps = stats_mod.read_all(conn)
+        finally:
+            conn.close()
+        served = [s["requests"] for s in snaps]
+        conns = [s["connections"] for s in snaps]
+        mean = sum(counts) / workers
+        print(f"\n{transport}: {clients} clients, {sum(counts)} requests; per worker {served} "
+              f"(max/mean {max(served) / mean:.2f}), connections {conns}")
+        assert len(served) == workers and sum(served) >= sum(counts)
+        assert max(served) <= 1.5 * mean, f"per-worker requests {served}, connections {conns}"
+        assert sorted(conns) == [clients // workers] * workers, conns
+        # Processes come and go: 3 leave (from whichever workers), 3 others connect; the new
+        # ones go where the leavers left room.
+        for c in socks[:3]:
+            c.close()
+        time.sleep(0.5)
+        for k in range(3):
+            socks[k] = Client(svc.endpoint, timeout=10.0, context=zctx)
+            assert socks[k].decide(f"again-{k}", "x", "y")["reason"] == "invalid_b"
+            time.sleep(0.02)
+        time.sleep(1.5)
+        conn = StoreConnection(svc.store_url, timeout=2.0)
+        try:
+            conns = [s["connections"] for s in stats_mod.read_all(conn)]
+        finally:
+            conn.close()
+        assert sorted(conns) == [clients // workers] * workers, conns
+    finally:
+        for c in socks:
+            c.close()
+        svc.cleanup()
+
+
+def test_a_socket_file_left_by_a_killed_supervisor_does_not_stop_the_next_start(
+        store_url) -> None:
+    svc = Service(store_url, workers=1)
+    path = svc.endpoint[len("ipc://"):]
+    try:
+        svc.start()
+        assert svc.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(svc.proc.pid)], capture_output=True, text=True)
+        children = [int(x) for x in out.stdout.split()]  # workers and sidecars
+        svc.stop(signal.SIGKILL)  # no clean-up: the socket file stays behind
+        deadline = time.monotonic() + 5
+        while any(_running(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.path.exists(path)
+        svc.start()  # nobody listens on the stale file: it is replaced
+        with Client(svc.endpoint, timeout=5.0) as c:
+            assert c.decide("after-kill", "x", "y")["reason"] == "invalid_b"
+    finally:
+        svc.cleanup()
+
+
+def test_a_second_instance_never_steals_the_socket_of_a_running_one(store_url) -> None:
+    first = Service(store_url, workers=1)
+    second = Service(store_url, workers=1)
+    second.endpoint = first.endpoint
+    try:
+        first.start()
+        second.start(wait=False)
+        assert second.proc is not None
+        code = second.proc.wait(15)
+        assert code == 2, second.read_log()
+        assert "already serving" in second.read_log()
+        with Client(first.endpoint, timeout=5.0) as c:  # the running one still answers
+            assert c.decide("still-mine", "x", "y")["reason"] == "invalid_b"
+    finally:
+        second.cleanup()
+        first.cleanup()
+
+
+def test_an_ipc_endpoint_on_a_regular_file_is_refused_and_the_file_kept(tmp_path) -> None:
+    from acm_module.errors import ConfigError
+    from acm_module.server.supervisor import listen_socket
+
+    f = tmp_path / "not-a-socket"
+    f.write_text("keep")
+    with pytest.raises(ConfigError, match="not a socket"):
+        listen_socket(f"ipc://{f}")
+    assert f.read_text() == "keep"

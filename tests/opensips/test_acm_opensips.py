@@ -545,3 +545,30 @@ def test_log_sink_failure_is_swallowed(acm: ModuleType) -> None:
         raise ValueError("embedded null character")
 
     acm.RateLimitedLog(1.0, sink=bad_sink)("k", "message")
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("policy, rc", [("open", 2), ("closed", -2)])
+def test_the_cfg_logs_a_fail_policy_call_once_per_interval(
+        make: Any, stub: StubService, policy: str, rc: int) -> None:
+    """opensips.cfg logs a fail-policy call only when $var(acm_log) is "1" (see route
+    acm_check): one line per interval in an outage, not one per call."""
+    stub.handler = lambda req: None
+    clock = Clock()
+    m = make(stub.endpoint, timeout_ms=30, breaker_failures=1, fail_policy=policy, clock=clock,
+             log_interval_s=10.0)
+    msgs = [FakeMsg() for _ in range(300)]  # a second of an outage at 300 calls/s
+    assert {m.acm_check(x) for x in msgs} == {rc}
+    assert [x.vars["acm_log"] for x in msgs] == ["1"] + ["0"] * 299
+    assert msgs[0].vars["acm_log_held"] == "0"
+    clock.now += 10.0  # the next interval: one line again, saying how many were not logged
+    later = [FakeMsg() for _ in range(3)]
+    for x in later:
+        m.acm_check(x)
+    assert [x.vars["acm_log"] for x in later] == ["1", "0", "0"]
+    assert later[0].vars["acm_log_held"] == "299"
+    # A verdict of the service is not a fail-policy call: the cfg logs drops as before.
+    stub.handler = lambda req: DROP
+    clock.now += 60.0
+    ok = FakeMsg()
+    assert m.acm_check(ok) == -1 and "acm_log" not in ok.vars

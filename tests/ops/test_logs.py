@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import shutil
 import subprocess
 import tempfile
@@ -137,3 +138,71 @@ def test_live_service_json_logs_never_show_the_store_password(zctx) -> None:
                         f"acm_module.ops.logs.setup_logging when log_json is on): {line!r}")
     assert any(r["level"] == "WARNING" and "store" in r["msg"] for r in records)
     assert {r["pid"] for r in records} >= {records[0]["pid"]}
+
+
+# Every spelling the normaliser accepts (acm_module/engine/hotpath_py.py normalise), each with
+# the digits that must not survive in a log line above DEBUG.
+NUMBER_SPELLINGS = [
+    "+2348031234567", "2348031234567", "08031234567", "002348031234567",
+    "+234 803 123 4567", "+234-803-123-4567", "+234.803.123.4567", "+234 (803) 123-4567",
+    "0803 123 4567", "0803-123-4567", "(0803) 123 4567", "00 234 803 123 4567",
+    "sip:+2348031234567@10.0.0.1", "sips:08031234567@sbc.example.com;transport=tls",
+    "tel:+234-803-123-4567;phone-context=+234", "<sip:2348031234567@10.0.0.1>",
+    "+447700900123", "+12025550123", "00447700900123", "+23480312345",
+]
+
+
+def test_every_accepted_number_spelling_is_masked_and_identifiers_are_not() -> None:
+    from acm_module.engine import hotpath
+    from acm_module.server.worker import alert_prefix
+
+    for raw in NUMBER_SPELLINGS:
+        e164 = hotpath.normalise(raw, "234")
+        assert e164, raw  # the list holds numbers the normaliser accepts
+        line = logs.redact(f"call from {raw} rejected", mask_numbers=True)
+        assert e164[-9:-2] not in re.sub(r"[ .()-]", "", line), (raw, line)
+        assert line.startswith("call from ") and line.endswith(" rejected"), line
+    # Alert ids as the workers make them (a random prefix + a 12-hex-digit counter: mostly
+    # digits), other identifiers, and times: all unchanged.
+    ids = [f"{alert_prefix()}-{n:012x}" for n in (*range(0, 3000, 7), 10**9, 2**47)]
+    ids += ["4dd57a26-7a33-4f78-a5c4-000012345611", "12345678-1234-4234-8234-123456789012",
+            "a84b4c76e66710@pc33.atlanta.com", "3848276298220188511@atlanta.example.com",
+            "deadbeef0123456789", "0123456789abcdef", "NCC-OPR-20261129-000123",
+            "1800000000000-0", "1800000000000", "198.51.100.7:5060", "234.56.78.90",
+            "2026-11-29T19:27:50.123Z", "0.12345678901", "m12345678901"]
+    for ident in ids:
+        line = f"alert {ident} for +2348031234567: notified"
+        out = logs.redact(line, mask_numbers=True)
+        assert out == f"alert {ident} for +234********67: notified", (ident, out)
+    # Masking keeps the spelling: the first digits and the last two stay, to tell calls apart.
+    masked = {raw: logs.redact(raw, mask_numbers=True) for raw in NUMBER_SPELLINGS[:12]}
+    assert masked["+234 803 123 4567"] == "+234 *** *** **67"
+    assert masked["0803-123-4567"] == "0803-***-**67"
+    assert masked["08031234567"] == "0803*****67"
+    assert masked["002348031234567"] == "00234********67"
+    assert masked["2348031234567"] == "234********67"
+    # Two numbers in a row are two numbers; a time next to a number stays.
+    assert logs.redact("08031234567 1800000000000", mask_numbers=True) == \
+        "0803*****67 1800000000000"
+
+
+@pytest.mark.server
+@pytest.mark.timeout(60)
+def test_alert_ids_in_a_live_workers_log_are_whole(service_factory) -> None:  # type: ignore[no-untyped-def]
+    env = {"ACM_LOG_LEVEL": "INFO", "ACM_LOG_JSON": "1", "ACM_METRICS_HTTP": ""}
+    with service_factory(env=env) as (_svc, client):
+        replies = [client.decide(f"ids-{i}", f"+23480310{i:05d}", "+2348039999999",
+                                 ts=1.8e9 + i * 0.2) for i in range(6)]
+    alert_id = replies[-1]["alert_id"]
+    assert alert_id
+    root = logging.getLogger("acm.test")
+    buf = io.StringIO()
+    saved, level = logging.getLogger().handlers[:], logging.getLogger().level
+    logs.setup_logging("INFO", json_logs=True, secrets=[], stream=buf)
+    try:
+        root.info("alert %s on %s: HIGH", alert_id, "+2348039999999")
+    finally:
+        logging.getLogger().handlers[:] = saved
+        logging.getLogger().setLevel(level)
+    (rec,) = [x for x in lines(buf) if x["logger"] == "acm.test"]
+    assert rec["msg"] == f"alert {alert_id} on +234********99: HIGH"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
 import time
 import uuid
@@ -34,7 +35,7 @@ from streamrec import dead_letters
 from acm_module.client import Client
 from acm_module.persist.questdb import QuestDB
 from acm_module.persist.records import FRAUD_REASONS
-from acm_module.persist.writer import GROUP_PREFIX, writer_stats
+from acm_module.persist.writer import GROUP_PREFIX, group_positions, writer_stats
 from acm_module.store import keys
 from acm_module.store.conn import StoreConnection
 
@@ -330,3 +331,94 @@ def test_poisoned_records_are_dead_lettered_and_do_not_block(
     q = QuestDB(questdb_url)
     assert q.wait_applied(("call_events",))
     assert q.rows("SELECT count() FROM call_events")[0][0] == 200
+
+
+def _groups(store_url: str) -> set[str]:
+    c = StoreConnection(store_url, timeout=5.0)
+    try:
+        return {g for s in keys.streams(16) for g in group_positions(c, s)}
+    finally:
+        c.close()
+
+
+def _wait(pred: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_only_the_configured_sinks_hold_back_the_trim(
+        writer_factory: Any, store_url: str, database_url: str, questdb_url: str,
+        chdb_path: str) -> None:
+    synthetic(store_url, 3000)
+    env = writer_env(database_url, questdb_url, chdb_path, ACM_WRITER_TRIM_INTERVAL="0.5")
+    w = writer_factory(env=env, args=["--sinks", "pg,questdb"])
+    wait_drained(store_url, ["pg", "questdb"], writer=w)
+    # No ClickHouse anywhere in this deployment (no clickhouse_url, not in --sinks): no group
+    # of its own, and a full drain leaves empty streams.
+    _wait(lambda: stream_records(store_url) == [], 15,
+          f"an empty stream; groups {_groups(store_url)}\n{w.read_log()[-2000:]}")
+    assert _groups(store_url) == {GROUP_PREFIX + "pg", GROUP_PREFIX + "questdb"}
+    assert w.stop() == 0
+    assert qdb_count(questdb_url) == 3000
+
+
+def test_a_group_nobody_reads_is_reported_and_released_a_down_sink_keeps_its_backlog(
+        writer_factory: Any, store_url: str, database_url: str, questdb_url: str,
+        chdb_path: str, pg_server: Any) -> None:
+    if isinstance(pg_server, str):
+        pytest.skip("needs the suite's own PostgreSQL to stop it")
+    from acm_module.ops.metrics import render_once
+
+    stale = GROUP_PREFIX + "clickhouse"  # left by an earlier deployment: nobody reads it
+    c = StoreConnection(store_url, timeout=5.0)
+    try:
+        for s in keys.streams(16):
+            c.call("XGROUP", "CREATE", s, stale, "0", "MKSTREAM")
+    finally:
+        c.close()
+    synthetic(store_url, 2000)
+    first = stream_records(store_url)
+    env = writer_env(database_url, questdb_url, chdb_path, ACM_WRITER_TRIM_INTERVAL="0.5",
+                     ACM_WRITER_GROUP_MAX_IDLE="2", ACM_WRITER_BACKOFF_MAX="1")
+    w = writer_factory(env=env, args=["--sinks", "pg,questdb"])
+    wait_drained(store_url, ["pg", "questdb"], writer=w)
+    # Two seconds without progress: reported, released, and what it never read is trimmed and
+    # counted (not lost silently).
+    _wait(lambda: stream_records(store_url) == [], 20, f"the release\n{w.read_log()[-2000:]}")
+
+    def series(name: str, group: str) -> float | None:
+        text = render_once(store_url, 16).decode()
+        for line in text.splitlines():
+            if line.startswith(f'{name}{{group="{group}"}} '):
+                return float(line.split()[-1])
+        return None
+
+    _wait(lambda: series("acm_stream_group_trimmed_unread_records_total", stale) == len(first),
+          10, "the trimmed-unread counter")
+    assert series("acm_stream_group_released", stale) == 1.0
+    assert series("acm_stream_group_idle_seconds", stale) >= 2.0  # type: ignore[operator]
+    log = w.read_log()
+    assert f"group {stale}" in log and "no longer holds back trimming" in log
+    assert re.search(rf"group {stale}: trimmed \d+ records it never acknowledged", log)
+
+    # A sink that is down has a live writer: its group holds the backlog however long it lasts.
+    pg_server.stop()
+    synthetic(store_url, 1000, seed=1)
+    second = stream_records(store_url)
+    waiting = {(s, eid) for s, eid, f in second if f["k"] == "a"}  # PostgreSQL takes alerts
+    time.sleep(5)  # > writer_group_max_idle + trim intervals
+    assert waiting <= {(s, eid) for s, eid, _ in stream_records(store_url)}
+    assert series("acm_stream_group_released", GROUP_PREFIX + "pg") == 0.0
+    assert series("acm_stream_group_trimmed_unread_records_total", GROUP_PREFIX + "pg") is None
+    pg_server.start()
+    wait_drained(store_url, ["pg", "questdb"], timeout=60, writer=w)
+    _wait(lambda: stream_records(store_url) == [], 15, "the trim after the outage")
+    assert w.stop() == 0
+    alerts = {f["al"] for _, _, f in first + second if f["k"] == "a"}
+    with psycopg.connect(database_url) as db:
+        assert {str(r[0]) for r in db.execute("SELECT alert_id FROM fraud_alerts")} == alerts
+    assert series("acm_stream_group_trimmed_unread_records_total", stale) == \
+        len(first) + len(second)

@@ -13,7 +13,15 @@ import pytest
 import zmq
 
 from acm_module.server.supervisor import listen_socket
-from acm_module.server.zmtp import GREETING, ZmtpServer, encode_message, split_envelope
+from acm_module.server.zmtp import (
+    GREETING,
+    IN_HWM,
+    MAX_PENDING_OUT,
+    Balance,
+    ZmtpServer,
+    encode_message,
+    split_envelope,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -287,3 +295,106 @@ def test_out_of_descriptors_pauses_accepting_instead_of_spinning(tmp_path) -> No
     # Paused, not spinning: well under the 1.5 s a busy loop on the listener would burn.
     assert cpu1 < 0.6, out
     assert conns2 >= conns1 - 2, out  # accepting resumed: the freed descriptors were refilled
+
+
+# -- one peer cannot take the worker's memory or its service from the others ---------------
+_READY = b"\x05READY\x0bSocket-Type" + (6).to_bytes(4, "big") + b"DEALER"
+_HELLO = GREETING + b"\x04" + bytes([len(_READY)]) + _READY
+
+
+@pytest.fixture
+def bare(tmp_path) -> Iterator[tuple[str, ZmtpServer]]:
+    """A ZmtpServer driven by the test itself (poll/take/reply), and its ipc path."""
+    path = str(tmp_path / "b.sock")
+    lsock = listen_socket("ipc://" + path)
+    srv = ZmtpServer(os.dup(lsock.fileno()), 1024)
+    try:
+        yield path, srv
+    finally:
+        srv.close()
+        lsock.close()
+
+
+def _peer(path: str, bodies: list[bytes]) -> socket.socket:
+    """Connect, handshake and send every body at once; the peer never reads."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.sendall(_HELLO + b"".join(encode_message([b""], b) for b in bodies))
+    return s
+
+
+def _pump(srv: ZmtpServer, done, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        srv.poll(0.01)
+    assert done()
+
+
+def test_a_connection_is_read_no_further_past_its_high_water_mark(bare) -> None:
+    path, srv = bare
+    peer = _peer(path, [b"%d" % i for i in range(3 * IN_HWM)])
+    try:
+        _pump(srv, lambda: srv.read_pauses >= 1)
+        for _ in range(20):
+            srv.poll(0.01)
+        assert srv.queued == IN_HWM  # the rest waits in the socket: the peer's send() blocks
+        got = []
+        while len(got) < 3 * IN_HWM:  # taking requests reads it again, in order
+            _pump(srv, lambda: srv.queued > 0)
+            got += [frames[-1] for _, frames in srv.take(64)]
+        assert got == [b"%d" % i for i in range(3 * IN_HWM)]
+    finally:
+        peer.close()
+
+
+def test_queued_requests_are_taken_round_robin_over_connections(bare) -> None:
+    path, srv = bare
+    greedy = _peer(path, [b"g%d" % i for i in range(500)])
+    try:
+        _pump(srv, lambda: srv.queued == 500)
+        polite = _peer(path, [b"p"])
+        try:
+            _pump(srv, lambda: srv.queued == 501)
+            first = [frames[-1] for _, frames in srv.take(2)]
+            assert first == [b"g0", b"p"]
+        finally:
+            polite.close()
+    finally:
+        greedy.close()
+
+
+def test_unread_replies_past_the_cap_close_the_connection(bare) -> None:
+    path, srv = bare
+    peer = _peer(path, [b"q"])
+    try:
+        _pump(srv, lambda: srv.queued == 1)
+        ((conn, env_frames),) = srv.take(1)
+        env, _ = split_envelope(env_frames)
+        chunk = b"r" * (1 << 20)
+        srv.reply(conn, env, chunk)
+        srv.flush()  # more than the socket takes: the rest waits for EPOLLOUT
+        for _ in range(MAX_PENDING_OUT // len(chunk) + 1):
+            srv.reply(conn, env, chunk)  # the peer never reads
+        assert conn.fd == -1 and srv.dropped == 1
+    finally:
+        peer.close()
+
+
+def test_requests_of_a_peer_that_hung_up_are_not_handed_out(bare) -> None:
+    path, srv = bare
+    peer = _peer(path, [b"%d" % i for i in range(10)])
+    _pump(srv, lambda: srv.queued == 10)
+    peer.close()
+    _pump(srv, lambda: not srv.conns)
+    assert srv.queued == 0 and srv.take(64) == []
+
+
+def test_a_worker_accepts_only_while_no_live_sibling_holds_fewer_connections() -> None:
+    now = time.monotonic()
+    counts = [3, 2, 5, 0]
+    beats = [now, now, now, now - 10.0]  # worker 3 is stuck: it holds nobody back
+    assert not Balance(counts, beats, 0).may_accept()  # worker 1 holds fewer
+    assert Balance(counts, beats, 1).may_accept()
+    counts[1] = -1  # worker 1 drains (or is out of descriptors): it takes no new ones
+    assert Balance(counts, beats, 0).may_accept()
+    assert not Balance(counts, beats, 2).may_accept()

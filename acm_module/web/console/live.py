@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from acm_module.control.repository import _alert_view
 from acm_module.engine import hotpath
 from acm_module.errors import StoreError
+from acm_module.persist import records
 from acm_module.store import keys
 from acm_module.store.conn import StoreConnection
 
@@ -113,23 +114,28 @@ class Feed:
         raw = self._conn.call("XREVRANGE", keys.stream(p), "+", start,  # type: ignore[union-attr]
                               "COUNT", 1 if baseline else _SCAN)
         assert isinstance(raw, list)
-        latest: dict[str, dict[str, str]] = {}
+        latest: dict[str, records.AlertChange] = {}
         for rid, flat in raw:
             sid = rid.decode()
             if last is not None and _id_le(sid, last):
                 break
             f = _fields(flat)
-            if f.get("k") == "a" and f.get("al") and f["al"] not in latest:
-                latest[f["al"]] = f  # newest record of each alert wins
+            if f.get("k") != "a" or f.get("al") in latest:
+                continue  # a decision, or an older record of an alert already seen
+            try:  # the writer's parser: one reading of a record everywhere
+                a = records.parse_alert(f"{keys.stream(p)}/{sid}", f)
+            except records.RecordError:
+                continue  # poison: the writer dead-letters it
+            latest[a.alert_id] = a
         if raw:
             self._last_id[p] = raw[0][0].decode()
         if baseline:  # the first look only sets where "new" starts
             return []
         views = []
-        for f in reversed(list(latest.values())):
-            v = _alert_view(f)
-            v["distinct"] = v.get("distinct_max", v.get("a_number_count", 0))
-            if f.get("op") == "open":
+        for a in reversed(list(latest.values())):
+            v = _alert_view(a)
+            v["distinct"] = v["distinct_max"]
+            if a.op == "open":
                 v["status"] = "NEW"
             views.append(v)
         return views
