@@ -123,6 +123,7 @@ def test_a_burst_appears_live_is_worked_false_positive_and_whitelisted(
         page.click("button[value=INVESTIGATING]")
         page.wait_for_selector(".flash.ok:has-text('INVESTIGATING')")
         assert "INVESTIGATING" in page.inner_text("#alert-status")
+        assert "analyst" in page.inner_text("dl.facts")  # the assignee: who took it
 
         note = "Hunt group of a bank's call centre: legitimate."
         page.fill("textarea[name=note]", note)
@@ -137,12 +138,13 @@ def test_a_burst_appears_live_is_worked_false_positive_and_whitelisted(
         assert b in page.inner_text("#whitelist")
 
         with psycopg.connect(web.database_url) as c:  # type: ignore[attr-defined]
-            status, notes = c.execute("SELECT status, notes FROM fraud_alerts "
-                                      "WHERE alert_id = %s", (alert_id,)).fetchone()
+            status, who, notes = c.execute("SELECT status, assigned_to, notes FROM fraud_alerts "
+                                           "WHERE alert_id = %s", (alert_id,)).fetchone()
             moves = c.execute("SELECT actor, new->>'status' FROM audit_log WHERE target = %s "
-                              "AND action = 'acm_alert_status' AND outcome = 'ok' ORDER BY id",
-                              (alert_id,)).fetchall()
-        assert status == "FALSE_POSITIVE" and notes.endswith(f"analyst: {note}")
+                              "AND action IN ('acm_alert_assign', 'acm_alert_status') "
+                              "AND outcome = 'ok' ORDER BY id", (alert_id,)).fetchall()
+        assert (status, who) == ("FALSE_POSITIVE", "analyst")
+        assert notes.endswith(f"analyst: {note}")
         assert moves == [("analyst", "INVESTIGATING"), ("analyst", "FALSE_POSITIVE")]
 
         after = zmq_burst(web.svc.endpoint, b, n=6)

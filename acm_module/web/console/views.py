@@ -434,12 +434,15 @@ def build_router(assets: Assets, feed: live.Feed, settings: Any) -> APIRouter:
     async def alert_status(request: Request, alert_id: str) -> Response:
         api = Api(request)
         form = await _form(request, api)
-        back = f"/alerts/{quote(alert_id)}"
+        back = f"/alerts/{quote(alert_id, safe='')}"
         target = form.get("status", "")
+        body: dict[str, Any] = {"status": target, "note": form.get("note") or None,
+                                "whitelist": form.get("whitelist") == "1"}
+        if target == AlertStatus.INVESTIGATING:  # who starts investigating takes the alert
+            body["assignee"] = (await api.me()).name
         try:
-            out = await api.call("POST", f"/alerts/{quote(alert_id)}/transitions", json_body={
-                "status": target, "note": form.get("note") or None,
-                "whitelist": form.get("whitelist") == "1"})
+            out = await api.call("POST", f"/alerts/{quote(alert_id, safe='')}/transitions",
+                                 json_body=body)
         except ApiFailed as e:
             return _back(back, "error", e.message)
         if isinstance(out, dict) and out.get("alert_id"):
