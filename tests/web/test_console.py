@@ -25,7 +25,7 @@ import httpx
 import psycopg
 import pytest
 import test_api_pg
-from conftest import PASSWORD, Web
+from conftest import PASSWORD, Web, running_web
 from servers import unavailable
 from test_api import fresh_b
 from test_api_pg import wait_row
@@ -156,6 +156,32 @@ def test_a_burst_appears_live_is_worked_false_positive_and_whitelisted(
         assert page.locator(".chart svg").count() == 3
         assert page.locator(".chart svg[aria-label*='FALSE_POSITIVE: 1']").count() == 1
         shot(page, "console-reports.png", full=True)
+    finally:
+        ctx.close()
+
+
+@pytest.fixture
+def trimmed_web(store_url: str, database_url: str, writer_factory: Any) -> Iterator[Web]:
+    """The pool on PostgreSQL with a writer that trims the streams every 0.1 s (so an alert
+    record is usually gone from the store before the console's next look)."""
+    writer_factory(env={"DATABASE_URL": database_url},
+                   args=["--sinks", "pg", "--trim-interval", "0.1"])
+    with running_web(store_url, env={"DATABASE_URL": database_url}) as w:
+        w.make_users()
+        yield w
+
+
+def test_the_queue_shows_alerts_the_writer_already_trimmed_from_the_store(
+        browser: Any, trimmed_web: Web) -> None:
+    ctx = browser.new_context(viewport=DESKTOP)
+    try:
+        page = ctx.new_page()
+        log_in(page, trimmed_web.url, "viewer")
+        page.wait_for_selector("#live.on", timeout=10_000)
+        for _ in range(4):
+            b = fresh_b()
+            zmq_burst(trimmed_web.svc.endpoint, b, n=5)
+            page.locator(f"#queue tr:has-text('{b}')").wait_for(timeout=10_000)
     finally:
         ctx.close()
 

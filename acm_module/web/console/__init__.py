@@ -14,12 +14,20 @@ from fastapi.staticfiles import StaticFiles
 
 def mount(app: FastAPI, settings: Any) -> None:
     """Add the console's routes, static files, manifest and service worker to the API app."""
+    from acm_module.control.repository import AlertQuery
     from acm_module.web.console.assets import STATIC, Assets
     from acm_module.web.console.live import Feed
     from acm_module.web.console.views import build_router
 
     assets = Assets(settings.report_timezone)
-    feed = Feed(settings.store, settings.partitions)
+
+    def recent() -> list[dict[str, Any]]:
+        """Return the repository's newest alerts (as GET /api/v1/alerts reads them)."""
+        control = app.state.services.control
+        with control._lock:  # the control plane serialises its repository's use
+            return list(control.repo.alert_list(AlertQuery(limit=50, scan=2000)))
+
+    feed = Feed(settings.store, settings.partitions, recent=recent)
     app.state.console_feed = feed
 
     @app.get("/manifest.webmanifest", include_in_schema=False)

@@ -6,6 +6,12 @@ as it appends an alert record); only a partition whose counters moved has its du
 read back, newest first, down to the last record already seen. So an idle or busy-but-calm
 system costs one small round trip per tick, and the browser sees a burst's alert within about
 one tick of the call that raised it — before the writer has persisted it.
+
+The stream is a buffer: `acm writer` trims what every sink has committed. When a partition's
+counters moved but its stream no longer holds the alert record (trimmed between the append and
+this poll), the change is in the repository already — the writer trims nothing it has not
+written — so the poller reads the newest alerts there (`recent`) and sends those it has not
+sent yet.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ log = logging.getLogger("acm.web.console")
 
 _SCAN = 2000  # stream records read back per partition and tick, newest first
 _QUEUE = 256  # events a slow browser may lag behind before it is dropped (it reconnects)
+_SENT_MAX = 10_000  # alert versions remembered (to send a repository alert once)
 KEEPALIVE_S = 15.0
 
 
@@ -40,23 +47,34 @@ def _fields(flat: list[bytes]) -> dict[str, str]:
 class Feed:
     """Fan alert changes out to subscribers; poll the store while anyone subscribes."""
 
-    def __init__(self, store_url: str, partitions: int, interval: float = 0.5) -> None:
+    def __init__(self, store_url: str, partitions: int, interval: float = 0.5,
+                 recent: Callable[[], list[dict[str, Any]]] | None = None) -> None:
         self.store_url = store_url
         self.partitions = partitions
         self.interval = interval
+        self.recent = recent  # the newest alerts of the repository (blocking)
+        self._sent: dict[str, int] = {}  # alert id -> the version last sent
         self._subs: set[asyncio.Queue[dict[str, Any]]] = set()
         self._task: asyncio.Task[None] | None = None
         self._conn: StoreConnection | None = None
         self._counters: list[bytes | None] = [None] * partitions
         self._last_id: list[str | None] = [None] * partitions
+        self._primed = asyncio.Event()
 
     # -- subscribers -----------------------------------------------------------------------
-    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
-        """Return a queue of alert views; start the poller if it is not running."""
+    async def subscribe(self, wait: float = 5.0) -> asyncio.Queue[dict[str, Any]]:
+        """Return a queue of alert views; start the poller if it is not running.
+
+        Waits (up to `wait` s) until the poller has looked at the store once: what changes
+        after this returns reaches the queue, so a browser told "live" misses nothing.
+        """
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(_QUEUE)
         self._subs.add(q)
         if self._task is None or self._task.done():
+            self._primed = asyncio.Event()
             self._task = asyncio.create_task(self._run())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._primed.wait(), wait)
         return q
 
     def unsubscribe(self, q: asyncio.Queue[dict[str, Any]]) -> None:
@@ -65,6 +83,9 @@ class Feed:
 
     def publish(self, alert: dict[str, Any]) -> None:
         """Send one alert view to every subscriber (a lifecycle change made here, a poll)."""
+        if len(self._sent) > _SENT_MAX:
+            self._sent.clear()
+        self._sent[str(alert.get("alert_id"))] = int(alert.get("version") or 0)
         for q in list(self._subs):
             try:
                 q.put_nowait(alert)
@@ -86,6 +107,7 @@ class Feed:
             try:
                 for alert in await run_in_threadpool(self.poll):
                     self.publish(alert)
+                self._primed.set()
             except (StoreError, OSError) as e:
                 log.warning("console feed: store unavailable: %s", e)
             await asyncio.sleep(self.interval)
@@ -98,13 +120,22 @@ class Feed:
                            for p in range(self.partitions))
         replies = self._conn.round_trip(payload, self.partitions, 2.0)
         out: list[dict[str, Any]] = []
+        trimmed = False
         for p, reply in enumerate(replies):
             stamp = b"|".join(sorted(reply)) if isinstance(reply, list) else b""
             first = self._counters[p] is None
             if stamp == self._counters[p]:
                 continue
             self._counters[p] = stamp
-            out += self._read(p, baseline=first)
+            views = self._read(p, baseline=first)
+            trimmed |= not first and not views
+            out += views
+        if trimmed and self.recent is not None:
+            seen = {v["alert_id"] for v in out}
+            out += [a for a in reversed(self.recent()) if a["alert_id"] not in seen
+                    and self._sent.get(a["alert_id"], -1) < int(a.get("version") or 0)]
+        for v in out:
+            v["distinct"] = v.get("distinct_max") or v.get("a_number_count") or 0
         return out
 
     def _read(self, p: int, baseline: bool) -> list[dict[str, Any]]:
@@ -134,7 +165,6 @@ class Feed:
         views = []
         for a in reversed(list(latest.values())):
             v = _alert_view(a)
-            v["distinct"] = v["distinct_max"]
             if a.op == "open":
                 v["status"] = "NEW"
             views.append(v)
@@ -162,11 +192,11 @@ def matches(alert: dict[str, Any], filters: dict[str, str]) -> bool:
     return not (status and alert.get("status") and alert["status"] != status)
 
 
-async def sse(feed: Feed, filters: dict[str, str], disconnected: Callable[[], Awaitable[bool]],
+async def sse(feed: Feed, q: asyncio.Queue[dict[str, Any]], filters: dict[str, str],
+              disconnected: Callable[[], Awaitable[bool]],
               authorized: Callable[[], Awaitable[bool]]) -> AsyncIterator[bytes]:
-    """Yield the event stream of one browser until it goes away or its login ends (checked
-    at every keep-alive: a revoked session stops receiving alerts within KEEPALIVE_S)."""
-    q = feed.subscribe()
+    """Yield the event stream of one browser (subscribed as `q`) until it goes away or its
+    login ends (checked at every keep-alive: a revoked session stops within KEEPALIVE_S)."""
     try:
         yield b"retry: 2000\n\n"
         while True:

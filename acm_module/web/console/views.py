@@ -378,7 +378,9 @@ def build_router(assets: Assets, feed: live.Feed, settings: Any) -> APIRouter:
         if f["b_number"]:
             f["b_number"] = hotpath.normalise(f["b_number"], settings.default_country_code) \
                 or f["b_number"]
-        return StreamingResponse(live.sse(feed, f, request.is_disconnected, authorized),
+        # Subscribed before the response starts: the browser's "open" means nothing is missed.
+        q = await feed.subscribe()
+        return StreamingResponse(live.sse(feed, q, f, request.is_disconnected, authorized),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store",
                                           "X-Accel-Buffering": "no"})
