@@ -12,6 +12,7 @@ Set ACM_CONSOLE_SHOTS=<dir> to save the screenshots docs/CONSOLE.md shows.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -24,7 +25,6 @@ from urllib.parse import unquote
 import httpx
 import psycopg
 import pytest
-import test_api_pg
 from conftest import PASSWORD, Web, running_web
 from servers import unavailable
 from test_api import fresh_b
@@ -37,7 +37,6 @@ pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1280, "height": 860}
 SHOTS = os.environ.get("ACM_CONSOLE_SHOTS", "")
-pg_web = test_api_pg.pg_web  # the API tests' serve + writer on PostgreSQL, users of every role
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -92,10 +91,27 @@ def shot(page: Any, name: str, full: bool = False) -> None:
         page.screenshot(path=str(Path(SHOTS) / name), full_page=full, scale="css")
 
 
+@pytest.fixture
+def pg_console(store_url: str, database_url: str, writer_factory: Any) -> Iterator[Any]:
+    """Start `acm serve` (users of every role) and `acm writer` on PostgreSQL; both stopped."""
+    with contextlib.ExitStack() as stack:
+
+        def start(trim_interval: float) -> Web:
+            writer_factory(env={"DATABASE_URL": database_url},
+                           args=["--sinks", "pg", "--trim-interval", str(trim_interval)])
+            w = stack.enter_context(running_web(store_url, env={"DATABASE_URL": database_url}))
+            w.make_users()
+            w.database_url = database_url  # type: ignore[attr-defined]
+            return w
+
+        yield start
+
+
 # -- the analyst's day -----------------------------------------------------------------------------
 def test_a_burst_appears_live_is_worked_false_positive_and_whitelisted(
-        browser: Any, pg_web: Web) -> None:
-    web = pg_web
+        browser: Any, pg_console: Any) -> None:
+    # The episode's calls stay in the stream for the whole test (the timeline reads them).
+    web = pg_console(trim_interval=3600)
     ctx = browser.new_context(viewport=DESKTOP)
     try:
         page = ctx.new_page()
@@ -161,14 +177,10 @@ def test_a_burst_appears_live_is_worked_false_positive_and_whitelisted(
 
 
 @pytest.fixture
-def trimmed_web(store_url: str, database_url: str, writer_factory: Any) -> Iterator[Web]:
+def trimmed_web(pg_console: Any) -> Web:
     """The pool on PostgreSQL with a writer that trims the streams every 0.1 s (so an alert
     record is usually gone from the store before the console's next look)."""
-    writer_factory(env={"DATABASE_URL": database_url},
-                   args=["--sinks", "pg", "--trim-interval", "0.1"])
-    with running_web(store_url, env={"DATABASE_URL": database_url}) as w:
-        w.make_users()
-        yield w
+    return pg_console(trim_interval=0.1)
 
 
 def test_the_queue_shows_alerts_the_writer_already_trimmed_from_the_store(
