@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.loadtool import Result, _free_port, acm_service, drive, redis_server
+from benchmarks.loadtool import _free_port, acm_service, drive, redis_server
 
 TOKEN = "bench-token-0123456789abcdef"
 # On a shared 2-vCPU VM the production 20 ms store timeout turns scheduling stalls into
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="acm-bench-web-")
     try:
         web_port = _free_port()
-        with redis_server(None) as store, acm_service(
+        with redis_server(None) as (store, _), acm_service(
                 store, args.workers, f"ipc://{tmp}/acm.sock",
                 env={"ACM_WEB_HTTP": f"127.0.0.1:{web_port}", "ACM_API_TOKEN": TOKEN,
                      "ACM_STORE_TIMEOUT_MS": STORE_TIMEOUT_MS}) as svc:
@@ -188,9 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             res["events_1_connection"] = wrk(url, s, 1, threads=1, script=str(script))
             endpoint = f"ipc://{tmp}/acm.sock"
             for name, clients in (("zmq_1_client", 1), ("zmq_clients", c)):
-                lat, errors = drive(endpoint, clients, s)
-                r = Result.of(name, clients, s, lat, errors)
-                res[name] = {"rate": r.rate, "p50": r.p50, "p99": r.p99, "errors": errors}
+                r = drive(endpoint, clients, s, kind="req", name=name)
+                res[name] = {"rate": r.rate, "p50": r.p50, "p99": r.p99, "errors": r.errors}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     one_http, one_zmq = res["events_1_connection"], res["zmq_1_client"]

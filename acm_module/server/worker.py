@@ -19,6 +19,7 @@ from acm_module.gateway import registry
 from acm_module.gateway.context import GatewayContext
 from acm_module.ops.logs import apply_log_level
 from acm_module.server import stats as stats_mod
+from acm_module.server.access import Access, apply_access
 from acm_module.server.zmtp import IN_HWM, Balance, ZmtpServer, split_envelope
 from acm_module.store import config as store_config
 from acm_module.store.conn import StoreConnection, load_script
@@ -28,6 +29,7 @@ log = logging.getLogger("acm.worker")
 WORKER_BOOT_ERROR = 3  # exit code: the supervisor stops instead of respawning in a loop
 LATENCY_STREAM = "{acm.lat}:s"
 DRAIN_WINDOW_S = 0.1  # after SIGTERM, keep answering stragglers this long
+BUDGET_STEP_S = 0.005  # a batch's store budget shrinks in these steps (see _store_budget)
 
 
 def alert_prefix() -> str:
@@ -40,10 +42,13 @@ class Worker:
     """One decision worker bound to a shared listening socket."""
 
     def __init__(self, settings: Any, listen_fd: int, index: int, boot_id: str,
-                 heartbeat: Any = None, load: Any = None) -> None:
+                 heartbeat: Any = None, load: Any = None, slot: int | None = None) -> None:
         self.settings = settings
         self.listen_fd = listen_fd
         self.index = index
+        # Its place in the heartbeat and load arrays: the supervisor's, as old and new workers
+        # of a reload overlap (the index alone would collide); the index when run alone.
+        self.slot = index if slot is None else slot
         self.boot_id = boot_id
         self.heartbeat = heartbeat
         self.load = load  # the pool's connection counts (shared memory), to spread connections
@@ -58,6 +63,8 @@ class Worker:
         self._unanswered: list[int] = []
         self._store_down_until = 0.0
         self._backoff = 0.05
+        self._failures_in_row = 0
+        self._rx_ns = 0  # when the batch being decided arrived (perf_counter_ns)
         self._cfg_next = 0.0
         self._cfg_gen = -1
         self._gw_ver = -1
@@ -75,13 +82,15 @@ class Worker:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         s = self.settings
         max_frame = s.max_request_bytes * 4 + 1024
+        access = Access.from_settings(s)
         if s.worker_io == "libzmq":
-            self.io: Any = _LibzmqIO(s.endpoint, self.listen_fd, max_frame)
+            self.io: Any = _LibzmqIO(s.endpoint, self.listen_fd, max_frame, access)
         else:
             balance = None
             if self.load is not None and self.heartbeat is not None:
-                balance = Balance(self.load, self.heartbeat, self.index)
-            self.io = ZmtpServer(self.listen_fd, max_frame, balance)
+                balance = Balance(self.load, self.heartbeat, self.slot)
+            self.io = ZmtpServer(self.listen_fd, max_frame, balance,
+                                 admit=access.admit_peer if access.networks else None)
         # A reconnect must not hold the worker for long either: a black-holed store costs at
         # most 100 ms per attempt (attempts back off up to 1 s), a healthy one connects in <1 ms.
         self.store = StoreConnection(s.store, timeout=s.store_timeout_ms / 1000.0,
@@ -166,14 +175,14 @@ class Worker:
 
     def _beat(self) -> None:
         if self.heartbeat is not None:
-            self.heartbeat[self.index] = time.monotonic()
+            self.heartbeat[self.slot] = time.monotonic()
 
     # -- the hot loop ------------------------------------------------------------------------
     def _serve_batch(self) -> int:
         """Answer every request queued (up to max_batch); return how many there were."""
         io = self.io
         t0 = time.perf_counter_ns()  # the requests are in memory: the service starts here
-        t_rx = io.rx_ns or t0  # when poll() saw them arrive, before reading them
+        t_rx = self._rx_ns = io.rx_ns or t0  # when poll() saw them arrive, before reading
         cpu0 = time.thread_time_ns()
         peers: list[tuple[Any, list[bytes]]] = []
         frames: list[bytes] = []
@@ -199,6 +208,7 @@ class Worker:
             # A worker never dies from a request: answer the batch with an error (the client
             # applies its policy) and go on serving.
             log.exception("worker %d: batch of %d failed", self.index, len(frames))
+            self.stats.internal_errors += len(frames)
             self.store.close()
             err = hotpath.encode_error("internal", "internal error; see the service log")
             replies = [err] * len(frames)
@@ -234,18 +244,20 @@ class Worker:
                 # records, so they take one round trip first (the whole batch's, pipelined).
                 rl_payload, rl_n = d.rate_pipeline()
                 if rl_n:
-                    d.rate_finish(self.store.round_trip(rl_payload, rl_n))
+                    d.rate_finish(self.store.round_trip(
+                        rl_payload, rl_n, self._store_budget(time.perf_counter_ns())))
             payload, n = d.pipeline()
             marked = len(self._unanswered)
             lat = self._latency_record()
             sent = bool(n)
             t1 = time.perf_counter_ns()
+            budget = self._store_budget(t1)
             if lat:
-                replies = self.store.round_trip(lat + payload, n + 1)[1:]
+                replies = self.store.round_trip(lat + payload, n + 1, budget)[1:]
                 # Delivered: a mark is dropped only once a round trip carrying it succeeded.
                 del self._unanswered[:marked]
             else:
-                replies = self.store.round_trip(payload, n) if n else []
+                replies = self.store.round_trip(payload, n, budget) if n else []
             # Only the wait counts as store time; building the pipeline is service time.
             self._store_time_ns = time.perf_counter_ns() - t1
         except StoreError as e:
@@ -254,6 +266,7 @@ class Worker:
             self._store_failed(e)
             return d.fail("store_unavailable", "detection store unavailable")
         self._backoff = 0.05
+        self._failures_in_row = 0
         out = d.finish(replies)
         if d.noscript:
             self._reload_script()
@@ -261,6 +274,17 @@ class Worker:
         if todo:
             self._write_blocks(todo)
         return out
+
+    def _store_budget(self, now_ns: int) -> float:
+        """Return the store timeout of this batch's round trip: what is left of store_timeout_ms
+        since the batch arrived, so the reply still reaches the client within its own budget.
+
+        Time spent before the round trip is taken off in whole BUDGET_STEP_S steps (at most one
+        step late): the socket's timeout then changes, at two system calls, only for a batch
+        that started late, not for every batch.
+        """
+        late = int((now_ns - self._rx_ns) / 1e9 / BUDGET_STEP_S) * BUDGET_STEP_S
+        return max(BUDGET_STEP_S, self.store.timeout - late)
 
     def _latency_record(self) -> bytes:
         """Return the XADD of the latencies measured since the last round trip (or b'').
@@ -300,6 +324,14 @@ class Worker:
     def _store_failed(self, e: Exception) -> None:
         self.stats.store_failures += 1
         self.store.close()
+        self._failures_in_row += 1
+        if self._failures_in_row == 1 and isinstance(e.__cause__, TimeoutError):
+            # One slow round trip on a live store (a busy machine, a stalled store thread): the
+            # next batch reconnects at once. Backing off here would answer every request of the
+            # back-off period store_unavailable, each a call let through unchecked. A store
+            # that is really gone fails again at once (refused) or times out again: back-off.
+            log.info("worker %d: store round trip timed out: %s (reconnecting)", self.index, e)
+            return
         now = time.monotonic()
         if now >= self._store_down_until:
             log.warning("worker %d: store failure: %s (retry in %.2fs)", self.index, e,
@@ -339,6 +371,7 @@ class Worker:
         try:
             # One round trip for both: the live config and the registry's version.
             r = self.store.round_trip(store_config.READ_COMMAND + registry.VERSION_COMMAND, 2)
+            self._failures_in_row = 0
             gen, values = store_config.parse_read(r[0])
             gw_ver = registry.parse_version(r[1])
             if gw_ver != self._gw_ver:
@@ -426,7 +459,8 @@ class _LibzmqIO:
     STALL_S = 1.0  # a peer whose replies do not fit is skipped this long, then tried again
     MAX_STALLED = 4096
 
-    def __init__(self, endpoint: str, listen_fd: int, max_frame: int) -> None:
+    def __init__(self, endpoint: str, listen_fd: int, max_frame: int,
+                 access: Access | None = None) -> None:
         self.ctx = zmq.Context(io_threads=1)
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.USE_FD, listen_fd)
@@ -435,6 +469,8 @@ class _LibzmqIO:
         self.sock.setsockopt(zmq.RCVHWM, IN_HWM)
         self.sock.setsockopt(zmq.SNDHWM, IN_HWM)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # Before bind: no connection may be accepted before its checks are in place.
+        self.zap = apply_access(self.ctx, self.sock, access) if access else None
         self.sock.bind(endpoint)
         self.rx_ns = 0
         self.stalled: dict[bytes, float] = {}  # routing id -> skip its requests until then
@@ -482,6 +518,8 @@ class _LibzmqIO:
 
     def close(self) -> None:
         self.sock.close(linger=1000)
+        if self.zap is not None:
+            self.zap.close()
         self.ctx.term()
 
 
@@ -492,9 +530,9 @@ def _sha1(source: str) -> str:
 
 
 def worker_main(settings: Any, listen_fd: int, index: int, boot_id: str,
-                heartbeat: Any = None, load: Any = None) -> int:
+                heartbeat: Any = None, load: Any = None, slot: int | None = None) -> int:
     """Entry point of a forked worker; return its exit code."""
-    w = Worker(settings, listen_fd, index, boot_id, heartbeat, load)
+    w = Worker(settings, listen_fd, index, boot_id, heartbeat, load, slot)
     try:
         w.boot()
     except Exception:

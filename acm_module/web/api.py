@@ -39,7 +39,7 @@ from acm_module.control.jsonrpc import MIError
 from acm_module.control.repository import AlertQuery
 from acm_module.errors import StoreError
 from acm_module.web import models as m
-from acm_module.web.decide import PoolBusy, PoolClient, PoolTimeout
+from acm_module.web.decide import CurvePoolClient, PoolBusy, PoolClient, PoolTimeout
 from acm_module.web.security import (
     BOOTSTRAP_ACTOR,
     Passwords,
@@ -53,6 +53,7 @@ from acm_module.web.users import TokenRecord, User, UserRepository, now_ms
 log = logging.getLogger("acm.web")
 
 API = "/api/v1"
+EVENTS_PATH = API + "/fraud/events"
 SESSION_COOKIE = "acm_session"
 CSRF_HEADER = "X-CSRF-Token"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -155,13 +156,14 @@ class BodyLimit:
             await _too_large(send)
 
 
-async def _too_large(send: Any) -> None:
+async def _too_large(send: Any, security: bool = False) -> None:
     body = json.dumps({"code": "too_large",
                        "message": f"request body larger than {MAX_BODY} bytes"}).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                            (b"connection", b"close"),
+                            *(_SECURITY_HEADERS if security else [])]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -197,7 +199,7 @@ class Services:
     """What the handlers use: settings, the control plane, users, the pool client."""
 
     def __init__(self, settings: Any, control: Any, users: UserRepository,
-                 pool: PoolClient | None) -> None:
+                 pool: PoolClient | CurvePoolClient | None) -> None:
         self.settings = settings
         self.control = control
         self.users = users
@@ -219,7 +221,7 @@ class Services:
         user = self.users.user_get(rec.user)
         if user is None or user.disabled:
             return None
-        return Principal(user=user.name, role=user.role, token_id=rec.id)
+        return Principal(user=user.name, role=user.role, token_id=rec.id, token_kind=rec.kind)
 
     def cached_principal(self, token: str) -> tuple[bool, Principal | None]:
         """Return (hit, principal) from the short-lived cache."""
@@ -274,6 +276,20 @@ async def services(request: Request) -> Services:
     return svc
 
 
+async def principal_for(svc: Services, token: str) -> Principal:
+    """Return who holds a token (cached briefly). Raises ApiError 401, 503."""
+    hit, p = svc.cached_principal(token)
+    if not hit:
+        try:
+            p = await run_in_threadpool(svc.principal, token)
+        except StoreError as e:
+            raise ApiError(503, "unavailable", f"user repository unavailable: {e}") from e
+        svc.remember(token, p)
+    if p is None:
+        raise ApiError(401, "unauthorized", "invalid or expired token")
+    return p
+
+
 async def identify(request: Request) -> Principal:
     """Return the caller of a request. Raises ApiError 401 (no/wrong token), 403 (CSRF)."""
     svc: Services = request.app.state.services
@@ -286,20 +302,13 @@ async def identify(request: Request) -> Principal:
     if not token:
         raise ApiError(401, "unauthorized", "authentication required: Authorization: Bearer "
                        "<token>")
-    hit, p = svc.cached_principal(token)
-    if not hit:
-        try:
-            p = await run_in_threadpool(svc.principal, token)
-        except StoreError as e:
-            raise ApiError(503, "unavailable", f"user repository unavailable: {e}") from e
-        svc.remember(token, p)
-    if p is None:
-        raise ApiError(401, "unauthorized", "invalid or expired token")
+    p = await principal_for(svc, token)
     if session:
         if request.method not in _SAFE_METHODS and not same_secret(
                 request.headers.get(CSRF_HEADER, ""), csrf_of(token)):
             raise ApiError(403, "csrf", f"missing or wrong {CSRF_HEADER} header")
-        return Principal(user=p.user, role=p.role, token_id=p.token_id, session=True)
+        return Principal(user=p.user, role=p.role, token_id=p.token_id,
+                         token_kind=p.token_kind, session=True)
     return p
 
 
@@ -491,6 +500,106 @@ _EVENT_BODY = {"required": True, "content": {"application/json": {
     "schema": {"$ref": "#/components/schemas/CallEventRequest"}}}}
 
 
+async def decide_event(svc: Services, p: Principal, raw: bytes) -> bytes:
+    """Decide one CallEventRequest body for a caller; return the DetectionResponse as JSON.
+
+    Raises ApiError (403 role, 422 bad body or refused by the pool, 503 pool trouble)."""
+    if not p.may("analyst"):
+        raise ApiError(403, "forbidden", f"needs the analyst role (you are {p.role})")
+    try:
+        body = m.CallEventRequest.model_validate_json(raw)
+    except ValidationError as e:
+        raise ApiError(422, "bad_request", _validation_message(e.errors())) from e
+    if svc.pool is None:
+        raise ApiError(503, "unavailable", "no worker pool endpoint")
+    req: dict[str, Any] = {"call_id": body.call_id, "a": body.a_number, "b": body.b_number}
+    if body.timestamp is not None:
+        ts = body.timestamp if body.timestamp.tzinfo else body.timestamp.replace(tzinfo=UTC)
+        req["ts"] = ts.timestamp()
+    if body.source_ip:
+        req["src_ip"] = body.source_ip
+    if body.trunk:
+        req["trunk"] = body.trunk
+    try:
+        rep = await svc.pool.request(req)
+    except PoolBusy as e:
+        raise ApiError(503, "overloaded", str(e)) from e
+    except PoolTimeout as e:
+        raise ApiError(503, "unavailable", str(e)) from e
+    if "error" in rep:
+        code = str(rep["error"])
+        status = 503 if code in ("store_unavailable", "internal", "store_error") else 422
+        raise ApiError(status, code, str(rep.get("message", code)))
+    alert_id = rep.get("alert_id") or None
+    return json.dumps({
+        "status": "accepted", "call_id": body.call_id, "call_status": body.status,
+        "detection_result": {
+            "detected": alert_id is not None,
+            "threat_level": (rep.get("severity") or "NONE") if alert_id else "NONE",
+            "distinct_a_numbers": int(rep.get("distinct", 0)),
+            "alert_id": alert_id, "verdict": rep["verdict"], "reason": rep["reason"]}},
+        separators=(",", ":")).encode()
+
+
+class EventsFastPath:
+    """Answer `POST /api/v1/fraud/events` with a bearer token before the framework: the same
+    decide_event() as the route, the same limits, headers and errors, a fraction of the CPU
+    (FastAPI's routing and middleware cost more than the decision; benchmarks/RESULTS.md §7).
+    Anything else, and cookie sessions (which need CSRF), go to the application."""
+
+    def __init__(self, app: Any, svc: Services) -> None:
+        self.app = app
+        self.svc = svc
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if (scope["type"] != "http" or scope["path"] != EVENTS_PATH
+                or scope["method"] != "POST"):
+            await self.app(scope, receive, send)
+            return
+        token = ""
+        length = -1
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, rest = value.decode("latin-1").partition(" ")
+                if scheme.lower() == "bearer":
+                    token = rest.strip()
+            elif name == b"content-length":
+                length = int(value) if value.isdigit() else MAX_BODY + 1
+        if not token:
+            await self.app(scope, receive, send)
+            return
+        if length > MAX_BODY:
+            await _too_large(send, security=True)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY:
+                await _too_large(send, security=True)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        extra: list[tuple[bytes, bytes]] = []
+        try:
+            p = await principal_for(self.svc, token)
+            status, out = 200, await decide_event(self.svc, p, b"".join(chunks))
+        except ApiError as e:
+            status = e.status
+            out = json.dumps({"code": e.code, "message": e.message}).encode()
+            if status == 401:
+                extra.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(out)).encode()), *extra, *_SECURITY_HEADERS,
+            (b"cache-control", b"no-store")]})
+        await send({"type": "http.response.body", "body": out})
+
+
 def _events_router() -> APIRouter:
     r = APIRouter(prefix=API, tags=["events"])
 
@@ -502,42 +611,8 @@ def _events_router() -> APIRouter:
     async def submit_event(request: Request) -> Response:
         """Decide one call with the worker pool (the design document's CallEventRequest)."""
         p = await identify(request)
-        if not p.may("analyst"):
-            raise ApiError(403, "forbidden", f"needs the analyst role (you are {p.role})")
-        svc: Services = request.app.state.services
-        try:
-            body = m.CallEventRequest.model_validate_json(await request.body())
-        except ValidationError as e:
-            raise ApiError(422, "bad_request", _validation_message(e.errors())) from e
-        if svc.pool is None:
-            raise ApiError(503, "unavailable", "no worker pool endpoint")
-        req: dict[str, Any] = {"call_id": body.call_id, "a": body.a_number, "b": body.b_number}
-        if body.timestamp is not None:
-            ts = body.timestamp if body.timestamp.tzinfo else body.timestamp.replace(tzinfo=UTC)
-            req["ts"] = ts.timestamp()
-        if body.source_ip:
-            req["src_ip"] = body.source_ip
-        if body.trunk:
-            req["trunk"] = body.trunk
-        try:
-            rep = await svc.pool.request(req)
-        except PoolBusy as e:
-            raise ApiError(503, "overloaded", str(e)) from e
-        except PoolTimeout as e:
-            raise ApiError(503, "unavailable", str(e)) from e
-        if "error" in rep:
-            code = str(rep["error"])
-            status = 503 if code in ("store_unavailable", "internal", "store_error") else 422
-            raise ApiError(status, code, str(rep.get("message", code)))
-        alert_id = rep.get("alert_id") or None
-        return Response(json.dumps({
-            "status": "accepted", "call_id": body.call_id, "call_status": body.status,
-            "detection_result": {
-                "detected": alert_id is not None,
-                "threat_level": (rep.get("severity") or "NONE") if alert_id else "NONE",
-                "distinct_a_numbers": int(rep.get("distinct", 0)),
-                "alert_id": alert_id, "verdict": rep["verdict"], "reason": rep["reason"]}},
-            separators=(",", ":")), media_type="application/json")
+        out = await decide_event(request.app.state.services, p, await request.body())
+        return Response(out, media_type="application/json")
 
     return r
 
@@ -571,8 +646,9 @@ def _auth_router() -> APIRouter:
 
     @r.post("/auth/logout", status_code=204)
     def logout(p: Viewer, request: Request, svc: Svc) -> Response:
-        """End this login: revoke its token and clear the session cookie."""
-        if p.token_id:
+        """End this login: revoke its login token (an API token stays) and clear the session
+        cookie."""
+        if p.token_kind == "session":
             svc.users.token_delete(p.user, p.token_id)
             svc.forget_all()
         resp = Response(status_code=204)

@@ -9,6 +9,11 @@ them over the workers) carry many requests at once: each request carries its id 
 frame before the empty delimiter, which the worker echoes back (server/zmtp.split_envelope).
 Past `max_inflight` requests in flight a caller gets PoolBusy at once instead of queueing
 without limit; a lost connection fails its requests and is re-made with backoff.
+
+An endpoint with CURVE (`curve_server_key`: the workers use libzmq, and the NULL mechanism
+above is refused) is asked through pyzmq DEALER sockets with CURVE instead (CurvePoolClient):
+a fresh client key pair when any client key is admitted, else the service's own key pair, whose
+public key must then be among `curve_client_keys` (docs/API.md).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class _Link(asyncio.Protocol):
         self.buf = bytearray()
         self.greeted = False
         self.open = False
+        self.was_open = False
         self.frames: list[bytes] = []
         self.pending: dict[bytes, asyncio.Future[bytes]] = {}
         self.closed = asyncio.get_running_loop().create_future()
@@ -107,7 +113,7 @@ class _Link(asyncio.Protocol):
             props = _properties(body[1 + body[0]:])
             if props.get(b"Socket-Type") != b"ROUTER":
                 raise ValueError("the pool is not a ROUTER")
-            self.open = True
+            self.open = self.was_open = True
             self.client._ready(self)
         elif name == b"PING":
             assert self.transport is not None
@@ -172,8 +178,12 @@ class PoolClient:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            backoff = 0.05
             await link.closed
+            if link.was_open:  # a link that never got READY does not reset the backoff
+                backoff = 0.05
+            else:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
 
     def _ready(self, link: _Link) -> None:
         self._links.append(link)
@@ -216,6 +226,97 @@ class PoolClient:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+
+
+class CurvePoolClient:
+    """The same requests over pyzmq DEALER sockets speaking CURVE (libzmq does the crypto)."""
+
+    def __init__(self, endpoint: str, curve: Any, sockets: int = 4, max_inflight: int = 1024,
+                 timeout: float = 2.0) -> None:
+        self.endpoint = endpoint
+        self.curve = curve  # acm_module.client.CurveKeys
+        self.sockets = sockets
+        self.timeout = timeout
+        self._free = max_inflight
+        self._ids = itertools.count(1)
+        self._pending: dict[bytes, asyncio.Future[bytes]] = {}
+        self._socks: list[Any] = []
+        self._rr = 0
+        self._readers: list[asyncio.Task[None]] = []
+        self._ctx: Any = None
+
+    async def start(self) -> None:
+        """Connect the sockets and start one reader per socket."""
+        import zmq
+        import zmq.asyncio
+
+        self._ctx = zmq.asyncio.Context()
+        for _ in range(self.sockets):
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            self.curve.apply(sock)
+            sock.connect(self.endpoint)
+            self._socks.append(sock)
+            self._readers.append(asyncio.create_task(self._read(sock)))
+
+    async def _read(self, sock: Any) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            fut = self._pending.pop(frames[0], None)
+            if fut is not None and not fut.done():
+                fut.set_result(frames[-1])
+
+    async def request(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Send one request map, return the reply map. Raises PoolBusy, PoolTimeout."""
+        if self._free <= 0:
+            raise PoolBusy("too many events in flight to the pool")
+        self._rr = (self._rr + 1) % len(self._socks)
+        rid = next(self._ids).to_bytes(8, "big")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes] = loop.create_future()
+        timer = loop.call_later(self.timeout, _expire, fut, self.timeout)
+        self._pending[rid] = fut
+        self._free -= 1
+        try:
+            await self._socks[self._rr].send_multipart([rid, _DELIM, msgpack.packb(req)])
+            raw = await fut
+        finally:
+            timer.cancel()
+            self._pending.pop(rid, None)
+            self._free += 1
+        reply: dict[str, Any] = msgpack.unpackb(raw, raw=False)
+        return reply
+
+    async def close(self) -> None:
+        """Stop the readers and close the sockets."""
+        for t in self._readers:
+            t.cancel()
+        for t in self._readers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for sock in self._socks:
+            sock.close(linger=0)
+        if self._ctx is not None:
+            self._ctx.term()
+
+
+def pool_client(settings: Any) -> PoolClient | CurvePoolClient:
+    """Return the client of the pool's endpoint that its settings call for."""
+    sockets = max(2, 2 * settings.workers)
+    if not getattr(settings, "curve_server_key", ""):
+        return PoolClient(settings.endpoint, sockets=sockets,
+                          max_inflight=settings.web_max_inflight)
+    from acm_module.client import CurveKeys
+    from acm_module.server.access import Access
+
+    access = Access.from_settings(settings)
+    assert access.server_public is not None and access.server_secret is not None
+    if access.client_keys is None:
+        curve = CurveKeys.load(settings.curve_server_key)  # a fresh client pair
+    else:  # the service's own pair: its public key must be an authorised client key
+        curve = CurveKeys(access.server_public, access.server_public, access.server_secret)
+    return CurvePoolClient(settings.endpoint, curve, sockets=sockets,
+                           max_inflight=settings.web_max_inflight)
 
 
 def _expire(fut: asyncio.Future[bytes], timeout: float) -> None:

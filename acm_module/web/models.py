@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from acm_module.web.security import MIN_PASSWORD
+
 Role = Literal["viewer", "analyst", "admin"]
 SeverityName = Literal["LOW", "HIGH", "CRITICAL"]
 NUMBER_MAX = 64  # a raw number as sent (URI forms included); the pool normalises it
@@ -106,14 +108,14 @@ class UserCreate(BaseModel):
 
     name: str = Field(pattern=_ID_PATTERN)
     role: Role
-    password: str = Field(min_length=10, max_length=256)
+    password: str = Field(min_length=MIN_PASSWORD, max_length=256)
 
 
 class UserUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Role | None = None
-    password: str | None = Field(default=None, min_length=10, max_length=256)
+    password: str | None = Field(default=None, min_length=MIN_PASSWORD, max_length=256)
     disabled: bool | None = None
 
 

@@ -99,12 +99,11 @@ def build_app(settings: Any) -> Any:
     """Return the ASGI app with its services (control plane, users, pool client)."""
     from acm_module.control.commands import Control
     from acm_module.web.api import Services, create_app
-    from acm_module.web.decide import PoolClient
+    from acm_module.web.decide import pool_client
 
     control = Control(settings)
     users = open_users(settings)
-    pool = PoolClient(settings.endpoint, sockets=max(2, 2 * settings.workers),
-                      max_inflight=settings.web_max_inflight)
+    pool = pool_client(settings)
     app = create_app(Services(settings, control, users, pool))
     from acm_module.web.console import mount; mount(app, settings)  # noqa: E702, I001
     return app
@@ -113,6 +112,8 @@ def build_app(settings: Any) -> Any:
 def web_main(settings: Any) -> int:
     """Entry point of the forked web process; return its exit code (3 = boot failure)."""
     import uvicorn
+
+    from acm_module.web.api import EventsFastPath
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
@@ -132,8 +133,8 @@ def web_main(settings: Any) -> int:
                          name="web-boot", daemon=True).start()
     loop = "uvloop" if _has("uvloop") else "asyncio"
     http = "httptools" if _has("httptools") else "h11"
-    config = uvicorn.Config(app, loop=loop, http=http, log_config=None, access_log=False,
-                            server_header=False, timeout_keep_alive=30,
+    config = uvicorn.Config(EventsFastPath(app, svc), loop=loop, http=http, log_config=None,
+                            access_log=False, server_header=False, timeout_keep_alive=30,
                             # Past this many connections and requests at once: 503, not memory.
                             limit_concurrency=MAX_CONCURRENCY,
                             timeout_graceful_shutdown=5, lifespan="on")
@@ -141,8 +142,10 @@ def web_main(settings: Any) -> int:
     host, port = sock.getsockname()[:2]
     log.info("REST API on http://%s:%d/api/v1 (OpenAPI: /openapi.json)", host, port)
     try:
-        asyncio.run(server.serve(sockets=[sock])) if loop == "asyncio" else \
+        if loop == "uvloop":
             _run_uvloop(server, sock)
+        else:
+            asyncio.run(server.serve(sockets=[sock]))
     finally:
         stop.set()
         sock.close()

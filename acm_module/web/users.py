@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from acm_module.errors import StoreError
 from acm_module.store.conn import StoreConnection
 
 T = TypeVar("T")
@@ -26,7 +25,6 @@ T = TypeVar("T")
 USERS_KEY = "{acm.ctl}:web:users"
 _TOKEN_KEY = "{acm.ctl}:web:t:"
 _USER_TOKENS_KEY = "{acm.ctl}:web:ut:"
-TOKEN_KINDS = ("api", "session")
 
 
 def now_ms() -> int:
@@ -141,13 +139,17 @@ class StoreUserRepository:
 
     def token_list(self, user: str) -> list[TokenRecord]:
         hashes = [h.decode() for h in self._call("SMEMBERS", _USER_TOKENS_KEY + user)]
-        out, gone = [], []
+        out: list[TokenRecord] = []
+        gone: list[str] = []
         for h in hashes:
             rec = self.token_get(h)
-            (gone if rec is None else out).append(rec or h)
+            if rec is None:
+                gone.append(h)
+            else:
+                out.append(rec)
         if gone:  # sessions that expired by TTL
             self._call("SREM", _USER_TOKENS_KEY + user, *gone)
-        return sorted(out, key=lambda r: r.created_ms)  # type: ignore[union-attr,return-value]
+        return sorted(out, key=lambda r: r.created_ms)
 
     def token_delete(self, user: str, token_id: str) -> TokenRecord | None:
         for h in (x.decode() for x in self._call("SMEMBERS", _USER_TOKENS_KEY + user)):
@@ -302,5 +304,3 @@ def open_users(settings: Any) -> UserRepository:
         return PostgresUserRepository(settings.database_url)
     return StoreUserRepository(settings.store)
 
-
-__all__ = ["StoreError", "TokenRecord", "User", "UserRepository", "open_users"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import Service, wait_port
+from servers import Service, free_port, wait_port
 
 _PERSIST = Path(__file__).resolve().parent.parent / "persist"
 sys.path.insert(0, str(_PERSIST))  # pgqdb, as the persist conftest imports it
@@ -75,11 +75,12 @@ class Web:
 
 
 @contextlib.contextmanager
-def running_web(store_url: str, env: dict[str, str] | None = None, workers: int = 2
-                ) -> Iterator[Web]:
+def running_web(store_url: str, env: dict[str, str] | None = None, workers: int = 2,
+                curve: Any = None) -> Iterator[Web]:
     """Start `acm serve` with the API (bootstrap token set); always stopped."""
-    svc = Service(store_url, workers=workers,
-                  extra_env={"ACM_API_TOKEN": BOOT_TOKEN, **(env or {})})
+    svc = Service(store_url, workers=workers, curve=curve,
+                  extra_env={"ACM_WEB_HTTP": f"127.0.0.1:{free_port()}",
+                             "ACM_API_TOKEN": BOOT_TOKEN, **(env or {})})
     web = Web(svc)
     try:
         svc.start()

@@ -3,6 +3,7 @@ roles, events decided by the pool, alerts, lists, registry, config and audit."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import subprocess
@@ -13,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import BOOT_TOKEN, PASSWORD, ROLES, Web, running_web
-from servers import REPO, flush, free_port
+from servers import REPO, RedisServer, flush, free_port
 
 from acm_module.engine import hotpath
 from acm_module.store import keys
@@ -116,42 +117,78 @@ def test_every_operation_but_health_and_login_answers_401_without_a_valid_token(
 
 
 # -- roles ----------------------------------------------------------------------------------
-# (method, path, body, the least role that may)
-MATRIX: list[tuple[str, str, Any, str]] = [
-    ("GET", "/api/v1/alerts", None, "viewer"),
-    ("GET", "/api/v1/whitelist", None, "viewer"),
-    ("GET", "/api/v1/blocks", None, "viewer"),
-    ("GET", "/api/v1/carriers", None, "viewer"),
-    ("GET", "/api/v1/gateways", None, "viewer"),
-    ("GET", "/api/v1/routes", None, "viewer"),
-    ("GET", "/api/v1/config", None, "viewer"),
-    ("GET", "/api/v1/audit", None, "viewer"),
-    ("GET", "/api/v1/stats", None, "viewer"),
-    ("GET", "/api/v1/auth/me", None, "viewer"),
-    ("POST", "/api/v1/fraud/events", {"call_id": "role-{role}", "a_number": "+2348011111111",
-                                      "b_number": "+2348022222222"}, "analyst"),
-    ("POST", "/api/v1/whitelist", {"b_number": "+2348033333333", "reason": "role test"},
-     "analyst"),
-    ("DELETE", "/api/v1/whitelist/+2348033333333", None, "analyst"),
-    ("POST", "/api/v1/alerts/00000000-0000-4000-8000-000000000000/notes", {"note": "n"},
-     "analyst"),
-    ("PATCH", "/api/v1/config", {"log_level": "INFO"}, "admin"),
-    ("POST", "/api/v1/carriers", {"id": "role-c", "name": "Role", "licence": "mno"}, "admin"),
-    ("DELETE", "/api/v1/carriers/role-c", None, "admin"),
-    ("GET", "/api/v1/users", None, "admin"),
-    ("POST", "/api/v1/users", {"name": "new-{role}", "role": "viewer",
-                               "password": PASSWORD}, "admin"),
-]
+AID = "00000000-0000-4000-8000-000000000000"
+# Every operation of the document but the public ones: (method, template) -> (path, body, the
+# least role that may). "{me}" is the caller's own user name (a user's own tokens).
+MATRIX: dict[tuple[str, str], tuple[str, Any, str]] = {
+    ("GET", "/api/v1/alerts"): ("/api/v1/alerts", None, "viewer"),
+    ("GET", "/api/v1/alerts/{alert_id}"): (f"/api/v1/alerts/{AID}", None, "viewer"),
+    ("POST", "/api/v1/alerts/{alert_id}/transitions"): (
+        f"/api/v1/alerts/{AID}/transitions", {"status": "INVESTIGATING"}, "analyst"),
+    ("POST", "/api/v1/alerts/{alert_id}/notes"): (
+        f"/api/v1/alerts/{AID}/notes", {"note": "n"}, "analyst"),
+    ("POST", "/api/v1/alerts/{alert_id}/assign"): (
+        f"/api/v1/alerts/{AID}/assign", {"assignee": "ada"}, "analyst"),
+    ("GET", "/api/v1/whitelist"): ("/api/v1/whitelist", None, "viewer"),
+    ("POST", "/api/v1/whitelist"): (
+        "/api/v1/whitelist", {"b_number": "+2348033333333", "reason": "role test"}, "analyst"),
+    ("DELETE", "/api/v1/whitelist/{b_number}"): (
+        "/api/v1/whitelist/+2348033333333", None, "analyst"),
+    ("GET", "/api/v1/blocks"): ("/api/v1/blocks", None, "viewer"),
+    ("DELETE", "/api/v1/blocks/{a_number}"): ("/api/v1/blocks/+2348044444444", None, "analyst"),
+    ("GET", "/api/v1/carriers"): ("/api/v1/carriers", None, "viewer"),
+    ("POST", "/api/v1/carriers"): (
+        "/api/v1/carriers", {"id": "role-c", "name": "Role", "licence": "mno"}, "admin"),
+    ("DELETE", "/api/v1/carriers/{id}"): ("/api/v1/carriers/role-c", None, "admin"),
+    ("GET", "/api/v1/gateways"): ("/api/v1/gateways", None, "viewer"),
+    ("POST", "/api/v1/gateways"): ("/api/v1/gateways", {
+        "id": "role-g", "carrier": "nobody", "addresses": ["198.51.100.9"]}, "admin"),
+    ("PUT", "/api/v1/gateways/{id}/limit"): ("/api/v1/gateways/role-g/limit", {"cps": 5},
+                                             "admin"),
+    ("DELETE", "/api/v1/gateways/{id}"): ("/api/v1/gateways/role-g", None, "admin"),
+    ("GET", "/api/v1/routes"): ("/api/v1/routes", None, "viewer"),
+    ("POST", "/api/v1/routes"): ("/api/v1/routes", {
+        "id": "role-r", "carrier": "nobody", "direction": "national"}, "admin"),
+    ("DELETE", "/api/v1/routes/{id}"): ("/api/v1/routes/role-r", None, "admin"),
+    ("GET", "/api/v1/config"): ("/api/v1/config", None, "viewer"),
+    ("PATCH", "/api/v1/config"): ("/api/v1/config", {"log_level": "INFO"}, "admin"),
+    ("GET", "/api/v1/stats"): ("/api/v1/stats", None, "viewer"),
+    ("GET", "/api/v1/audit"): ("/api/v1/audit", None, "viewer"),
+    ("GET", "/api/v1/reports/daily/{day}"): ("/api/v1/reports/daily/2026-01-01", None,
+                                              "viewer"),
+    ("POST", "/api/v1/fraud/events"): ("/api/v1/fraud/events", {
+        "call_id": "role-{me}", "a_number": "+2348011111111", "b_number": "+2348022222222"},
+        "analyst"),
+    ("GET", "/api/v1/auth/me"): ("/api/v1/auth/me", None, "viewer"),
+    ("POST", "/api/v1/auth/logout"): ("/api/v1/auth/logout", None, "viewer"),
+    ("GET", "/api/v1/users"): ("/api/v1/users", None, "admin"),
+    ("POST", "/api/v1/users"): ("/api/v1/users", {"name": "new-{me}", "role": "viewer",
+                                                  "password": PASSWORD}, "admin"),
+    ("PATCH", "/api/v1/users/{name}"): ("/api/v1/users/nobody", {"role": "viewer"}, "admin"),
+    ("DELETE", "/api/v1/users/{name}"): ("/api/v1/users/nobody", None, "admin"),
+    ("GET", "/api/v1/users/{name}/tokens"): ("/api/v1/users/{me}/tokens", None, "viewer"),
+    ("POST", "/api/v1/users/{name}/tokens"): ("/api/v1/users/{me}/tokens", {"name": "m"},
+                                              "viewer"),
+    ("DELETE", "/api/v1/users/{name}/tokens/{token_id}"): (
+        "/api/v1/users/{me}/tokens/0123456789abcdef", None, "viewer"),
+}
 
 
-@pytest.mark.parametrize(("method", "path", "body", "least"), MATRIX,
-                         ids=[f"{m} {p}" for m, p, _, _ in MATRIX])
+def test_the_role_matrix_covers_every_operation(web: Web) -> None:
+    doc = web.client().get("/openapi.json").json()
+    ops = {(m.upper(), p) for p, item in doc["paths"].items() for m in item}
+    assert ops - set(MATRIX) == {("GET", "/api/v1/health"), ("POST", "/api/v1/auth/login")}
+    assert set(MATRIX) <= ops
+
+
+@pytest.mark.parametrize("op", list(MATRIX), ids=[f"{m} {p}" for m, p in MATRIX])
 def test_each_role_may_what_its_rank_allows_and_gets_403_otherwise(
-        web: Web, method: str, path: str, body: Any, least: str) -> None:
+        web: Web, op: tuple[str, str]) -> None:
+    method, (path, body, least) = op[0], MATRIX[op]
     for role in ROLES:
         payload = None if body is None else {
-            k: v.format(role=role) if isinstance(v, str) else v for k, v in body.items()}
-        r = web.as_role(role).request(method, path, json=payload)
+            k: v.format(me=role) if isinstance(v, str) else v for k, v in body.items()}
+        r = web.as_role(role).request(method, path.format(me=role), json=payload)
         if ROLES.index(role) < ROLES.index(least):
             assert r.status_code == 403, (role, r.text)
             assert r.json() == {"code": "forbidden", "message": r.json()["message"]}
@@ -297,14 +334,25 @@ def test_a_cookie_session_needs_the_csrf_header_for_changes(web: Web) -> None:
     assert "acm_session=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
     assert c.get("/api/v1/alerts").status_code == 200
     assert c.get("/api/v1/auth/me").json()["csrf_token"] == csrf
-    body = {"b_number": "+2348055555555", "reason": "csrf test"}
+    body = {"b_number": "+2348066666666", "reason": "csrf test"}
     r = c.post("/api/v1/whitelist", json=body)
     assert r.status_code == 403 and r.json()["code"] == "csrf"
     r = c.post("/api/v1/whitelist", json=body, headers={"X-CSRF-Token": "0" * 32})
     assert r.status_code == 403
     r = c.post("/api/v1/whitelist", json=body, headers={"X-CSRF-Token": csrf})
     assert r.status_code == 201, r.text
-    assert c.delete("/api/v1/whitelist/+2348055555555",
+    # An event from the session goes through the framework's route (CSRF checked there), and
+    # is answered as the bearer fast path answers.
+    ev = {"call_id": f"cookie-{time.time_ns()}", "a_number": "+2348011111111",
+          "b_number": "+2348066666666"}
+    assert c.post("/api/v1/fraud/events", json=ev).status_code == 403
+    r = c.post("/api/v1/fraud/events", json=ev, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 200, r.text
+    assert r.json()["detection_result"]["reason"] == "whitelisted"
+    assert r.headers["x-frame-options"] == "DENY"
+    bad = c.post("/api/v1/fraud/events", json={"call_id": "x"}, headers={"X-CSRF-Token": csrf})
+    assert bad.status_code == 422 and bad.json()["code"] == "bad_request"
+    assert c.delete("/api/v1/whitelist/+2348066666666",
                     headers={"X-CSRF-Token": csrf}).status_code == 200
 
 
@@ -522,3 +570,96 @@ def test_failed_logins_from_one_address_are_throttled(store_url: str) -> None:
         assert r.status_code == 429 and r.json()["code"] == "too_many_attempts"
         # Tokens keep working: only password guessing is slowed down.
         assert w.as_role("viewer").get("/api/v1/alerts").status_code == 200
+
+
+def _children(pid: int, comm: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    found = []
+    for x in out.stdout.split():
+        try:
+            with open(f"/proc/{x}/comm") as f:
+                if f.read().strip() == comm:
+                    found.append(int(x))
+        except OSError:
+            continue
+    return found
+
+
+def test_the_web_process_is_restarted_after_a_crash_and_dies_with_the_service(
+        store_url: str) -> None:
+    import os
+    import signal
+
+    with running_web(store_url) as w:
+        assert w.svc.proc is not None
+        (pid,) = _children(w.svc.proc.pid, "acm-web")
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            new = _children(w.svc.proc.pid, "acm-web")
+            if new and new != [pid]:
+                with contextlib.suppress(httpx.HTTPError):
+                    if w.boot.get("/api/v1/alerts").status_code == 200:
+                        break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"the web process did not come back:\n{w.svc.read_log()}")
+        (pid,) = _children(w.svc.proc.pid, "acm-web")
+        w.svc.stop()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_a_store_outage_gets_503_at_once_and_the_api_recovers_with_the_store() -> None:
+    srv = RedisServer().start()
+    try:
+        with running_web(srv.url) as w:
+            c = w.boot
+            ev = {"a_number": "+2348011111111", "b_number": "+2348077777777"}
+            assert c.post("/api/v1/fraud/events", json={"call_id": "up-0", **ev}
+                          ).status_code == 200
+            srv.stop()
+            t0 = time.monotonic()
+            for i in range(5):
+                r = c.post("/api/v1/fraud/events", json={"call_id": f"down-{i}", **ev})
+                assert r.status_code == 503, r.text
+                assert r.json()["code"] in ("store_unavailable", "unavailable")
+            assert time.monotonic() - t0 < 5.0  # answered, not hung
+            assert c.get("/api/v1/health").status_code == 200
+            srv.start()
+            deadline = time.monotonic() + 10
+            while True:
+                r = c.post("/api/v1/fraud/events",
+                           json={"call_id": f"back-{time.monotonic_ns()}", **ev})
+                if r.status_code == 200:
+                    break
+                assert time.monotonic() < deadline, r.text
+                time.sleep(0.1)
+    finally:
+        srv.cleanup()
+
+
+@pytest.mark.parametrize("restricted", [False, True], ids=["any-client-key", "client-keys"])
+def test_events_reach_a_pool_whose_endpoint_speaks_curve(store_url: str, tmp_path: Any,
+                                                         restricted: bool) -> None:
+    from acm_module.client import CurveKeys
+    from acm_module.server.access import generate_keypair
+
+    generate_keypair(tmp_path, "server")
+    generate_keypair(tmp_path, "opensips")
+    env = {"ACM_CURVE_SERVER_KEY": str(tmp_path / "server.key_secret")}
+    probe = CurveKeys.load(str(tmp_path / "server.key"))
+    if restricted:  # the API process uses the service's own pair: list its public key
+        clients = tmp_path / "clients"
+        clients.mkdir()
+        for name in ("opensips", "server"):
+            (clients / f"{name}.key").write_bytes((tmp_path / f"{name}.key").read_bytes())
+        env["ACM_CURVE_CLIENT_KEYS"] = str(clients)
+        probe = CurveKeys.load(str(tmp_path / "server.key"),
+                               str(tmp_path / "opensips.key_secret"))
+    with running_web(store_url, env=env, curve=probe) as w:
+        out = burst(w.boot, fresh_b(), 5)
+        assert out[-1]["detection_result"]["detected"] is True
+        assert "libzmq" in w.svc.read_log()  # CURVE: the workers run libzmq I/O

@@ -87,6 +87,17 @@ def test_an_api_burst_reaches_the_writer_and_is_worked_through_its_lifecycle(
     assert {e["kind"] for e in d["timeline"]} == {"call", "action"}
     assert viewer.get("/api/v1/alerts", params={"status": "FALSE_POSITIVE", "b_number": b}
                       ).json()["count"] == 1
+    # What the actions runner records about an alert (its audit_log rows, the incident id)
+    # shows in the detail.
+    with psycopg.connect(pg_web.database_url, autocommit=True) as c:  # type: ignore[attr-defined]
+        c.execute("UPDATE fraud_alerts SET ncc_incident_id = 'NCC-OPR-20261129-0007' "
+                  "WHERE alert_id = %s", (aid,))
+        c.execute("INSERT INTO audit_log (actor, action, target, new, outcome) VALUES "
+                  "('acm-actions', 'action.disconnect', %s, '{\"ended\": 4}', 'ok')", (aid,))
+    d = viewer.get(f"/api/v1/alerts/{aid}").json()
+    assert d["alert"]["ncc_incident_id"] == "NCC-OPR-20261129-0007"
+    (act,) = [a for a in d["actions"] if a["action"] == "action.disconnect"]
+    assert act["actor"] == "acm-actions" and act["new"] == {"ended": 4}
     # A final alert takes no more moves.
     r = analyst.post(f"/api/v1/alerts/{aid}/transitions", json={"status": "RESOLVED"})
     assert r.status_code == 422
