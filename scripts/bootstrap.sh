@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(redis-server postgresql sip-tester python3-zmq python3-msgpack
-              python3-venv python3-dev build-essential openjdk-17-jre-headless maven
+              python3-venv python3-dev build-essential openjdk-17-jre-headless maven wrk
               chromium chromium-driver)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -66,7 +66,8 @@ class Worker:
         self._failures_in_row = 0
         self._rx_ns = 0  # when the batch being decided arrived (perf_counter_ns)
         self._cfg_next = 0.0
-        self._cfg_gen = -1
+        self._cfg_applied: tuple[int, dict[str, Any] | None] = (-1, None)  # or last refused
+        self._boot_published = False
         self._gw_ver = -1
         self._gw_doc: dict[str, Any] = dict(registry.EMPTY)
         self._rules: dict[str, Any] = {}
@@ -312,7 +313,12 @@ class Worker:
         self.store.script_load(self.script_source)
         for src in self.side_scripts.values():
             self.store.script_load(src)
-        store_config.init_boot(self.store, self.boot_id, self.settings.detection())
+        if not self._boot_published:
+            # Once per process: on a reconnect the store may have come back empty, and the
+            # boot settings would overwrite what MI changed since (the control plane restores
+            # the live config instead; this worker keeps deciding with what it holds).
+            store_config.init_boot(self.store, self.boot_id, self.settings.detection())
+            self._boot_published = True
 
     def _try_store(self) -> None:
         try:
@@ -379,8 +385,11 @@ class Worker:
         except StoreError as e:
             self._store_failed(e)
             return
-        if gen == self._cfg_gen or values is None:
+        # No config (the store lost it): keep the one in force until it is restored. Content
+        # counts as well as the generation, so a config is never skipped for its number alone.
+        if values is None or (gen, values) == self._cfg_applied:
             return
+        self._cfg_applied = (gen, values)
         try:
             self.decider.configure(**{k: values[k] for k in store_config.DECIDER_KEYS})
             if "store_timeout_ms" in values:
@@ -394,7 +403,6 @@ class Worker:
         except (KeyError, ValueError, TypeError) as e:
             log.error("worker %d: ignoring invalid config generation %s: %s", self.index, gen, e)
             return
-        self._cfg_gen = gen
         self.stats.config_generation = gen
         log.debug("worker %d: config generation %d applied", self.index, gen)
 
