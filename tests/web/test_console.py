@@ -381,3 +381,25 @@ def test_admins_manage_users_and_everyone_their_api_tokens(web: Web) -> None:
     time.sleep(2.1)  # the API's authentication cache
     assert web.client(api_token).get("/api/v1/auth/me").status_code == 401
     assert ana.get("/alerts").status_code == 303  # the session is refused too
+
+
+def test_an_analyst_releases_a_blocked_a_number(web: Web) -> None:
+    web.boot.patch("/api/v1/config", json={"block_ttl": 60})
+    try:
+        time.sleep(1.2)  # every worker applies the live config within a second
+        b = fresh_b()
+        replies = zmq_burst(web.svc.endpoint, b, n=5)
+        assert replies[-1]["reason"] == "masking"
+        c = session(web, "analyst")
+        page = c.get("/blocks")
+        blocked = re.findall(r'name="number" value="([^"]+)"', page.text)
+        assert len(blocked) >= 5, page.text[-500:]
+        a = blocked[0]
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+        r = c.post("/blocks/remove", data={"number": a, "csrf": token})
+        assert f"{a} is released" in unquote(r.headers["set-cookie"])
+        assert a not in c.get("/blocks.csv").text
+        audit = [x for x in c.get("/audit.csv").text.splitlines() if "acm_unblock" in x]
+        assert audit and ",analyst," in audit[0] and a in audit[0]  # the console user acted
+    finally:
+        web.boot.patch("/api/v1/config", json={"block_ttl": 0})
