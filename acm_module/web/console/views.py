@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Callable, Coroutine, Iterable
 from datetime import date, datetime, timedelta
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, unquote, urlencode
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -207,8 +207,6 @@ def build_router(assets: Assets, feed: live.Feed, settings: Any) -> APIRouter:
         raw = request.cookies.get(FLASH_COOKIE)
         if raw:
             try:
-                from urllib.parse import unquote
-
                 kind, text = json.loads(unquote(raw))
                 flashes.append((str(kind), str(text)))
             except (ValueError, TypeError):
