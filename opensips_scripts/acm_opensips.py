@@ -75,6 +75,10 @@ REQUEST_ERRORS = frozenset({
     "bad_value", "missing_field", "too_large",
 })
 
+# The pool answers this at once while its store is down or slow; the call gets the policy
+# verdict, but the breaker stays closed (see AcmClient._check).
+STORE_UNAVAILABLE = "store_unavailable"
+
 # Field limits of the service (bytes of UTF-8); longer values are cut here so that a crafted
 # Call-ID or From cannot turn a call into a refused request, i.e. into the policy verdict.
 _MAX_BYTES = {"call_id": 256, "a": 256, "b": 256, "src_ip": 64, "trunk": 128}
@@ -841,6 +845,13 @@ class AcmClient:
                 self._succeeded()
                 self._log(f"refused:{e.code}", f"request refused by the service: {e.code}: "
                           f"{e.message} (call_id={req['call_id']!r})")
+            elif e.code == STORE_UNAVAILABLE:
+                # The service is alive and said so at once: opening the breaker would save
+                # nothing but would keep every call unchecked for its cooldown after the store
+                # is back (1 s, doubling to 30 s), where the pool recovers in tens of ms.
+                self.stats.service_errors += 1
+                self._succeeded()
+                self._log(f"error:{e.code}", f"service error {e.code}: {e.message}")
             else:
                 self.stats.service_errors += 1
                 self._failed(f"error:{e.code}", f"service error {e.code}: {e.message}")

@@ -36,8 +36,8 @@ def add_cli(subparsers: Any) -> None:
     assign.add_argument("--note", default=None)
     status = sub.add_parser("status", help="move an alert to a status")
     status.add_argument("alert_id")
-    status.add_argument("status", choices=["INVESTIGATING", "RESOLVED", "FALSE_POSITIVE"],
-                        type=str.upper)
+    status.add_argument("status", type=str.upper,
+                        choices=["INVESTIGATING", "CONFIRMED", "RESOLVED", "FALSE_POSITIVE"])
     status.add_argument("--note", default=None)
     status.add_argument("--whitelist", action="store_true",
                         help="with FALSE_POSITIVE: whitelist the B-number in the same step")

@@ -8,7 +8,7 @@
 | `acm_alert_status` | yes | `alert_id`, `status`, `note`?, `whitelist`? (bool), `reason`? |
 | `acm_alert_note` | yes | `alert_id`, `note` |
 
-`status` is INVESTIGATING, RESOLVED or FALSE_POSITIVE; `whitelist` goes only with
+`status` is INVESTIGATING, CONFIRMED, RESOLVED or FALSE_POSITIVE; `whitelist` goes only with
 FALSE_POSITIVE and also sets, at once, the whitelist marker the decision script reads; `reason`
 is the whitelist entry's. They need `database_url` (the alerts live in fraud_alerts).
 
@@ -77,7 +77,8 @@ class LifecycleCommands:
                     "Assign an alert (NEW becomes INVESTIGATING): alert_id, assignee, [note].",
                     (aid, Param("assignee", param_str, required=True), note)),
             Command("acm_alert_status", self.status, True,
-                    "Move an alert: alert_id, status (INVESTIGATING, RESOLVED, FALSE_POSITIVE), "
+                    "Move an alert: alert_id, status (INVESTIGATING, CONFIRMED, RESOLVED, "
+                    "FALSE_POSITIVE), "
                     "[note], [whitelist=true with FALSE_POSITIVE], [reason].",
                     (aid, Param("status", param_str, required=True), note,
                      Param("whitelist", param_bool, default=False), Param("reason", param_str))),

@@ -10,15 +10,19 @@ class AlertStatus(enum.StrEnum):
 
     NEW = "NEW"
     INVESTIGATING = "INVESTIGATING"
+    CONFIRMED = "CONFIRMED"  # masking confirmed; still open until RESOLVED
     RESOLVED = "RESOLVED"
     FALSE_POSITIVE = "FALSE_POSITIVE"
 
 
-# Allowed lifecycle moves; RESOLVED and FALSE_POSITIVE are final.
+# Allowed lifecycle moves: NEW -> INVESTIGATING -> CONFIRMED | FALSE_POSITIVE, CONFIRMED ->
+# RESOLVED; RESOLVED and FALSE_POSITIVE are final.
 TRANSITIONS: dict[AlertStatus, frozenset[AlertStatus]] = {
-    AlertStatus.NEW: frozenset({AlertStatus.INVESTIGATING, AlertStatus.RESOLVED,
-                                AlertStatus.FALSE_POSITIVE}),
-    AlertStatus.INVESTIGATING: frozenset({AlertStatus.RESOLVED, AlertStatus.FALSE_POSITIVE}),
+    AlertStatus.NEW: frozenset({AlertStatus.INVESTIGATING, AlertStatus.CONFIRMED,
+                                AlertStatus.RESOLVED, AlertStatus.FALSE_POSITIVE}),
+    AlertStatus.INVESTIGATING: frozenset({AlertStatus.CONFIRMED, AlertStatus.RESOLVED,
+                                          AlertStatus.FALSE_POSITIVE}),
+    AlertStatus.CONFIRMED: frozenset({AlertStatus.RESOLVED}),
     AlertStatus.RESOLVED: frozenset(),
     AlertStatus.FALSE_POSITIVE: frozenset(),
 }

@@ -109,7 +109,9 @@ def build_app(settings: Any, extra_commands: Sequence[CommandFactory] = ()) -> A
     control = Control(settings, extra_commands=extra_commands)
     users = open_users(settings)
     pool = pool_client(settings)
-    return create_app(Services(settings, control, users, pool))
+    app = create_app(Services(settings, control, users, pool))
+    from acm_module.web.console import mount; mount(app, settings)  # noqa: E702, I001
+    return app
 
 
 def web_main(settings: Any, extra_commands: Sequence[CommandFactory] = ()) -> int:

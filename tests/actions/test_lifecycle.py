@@ -92,6 +92,9 @@ ALLOWED = [
     ("status", "NEW", "FALSE_POSITIVE"),
     ("status", "INVESTIGATING", "RESOLVED"),
     ("status", "INVESTIGATING", "FALSE_POSITIVE"),
+    ("status", "NEW", "CONFIRMED"),
+    ("status", "INVESTIGATING", "CONFIRMED"),
+    ("status", "CONFIRMED", "RESOLVED"),
 ]
 
 
@@ -99,8 +102,8 @@ ALLOWED = [
 def test_every_allowed_transition_has_its_audit_row(
         control: Control, database_url: str, how: str, start: str, target: str) -> None:
     aid = make_alert(database_url)
-    if start == "INVESTIGATING":
-        assert mi(control, "acm_alert_status", alert_id=aid, status="INVESTIGATING")["result"]
+    if start != "NEW":
+        assert mi(control, "acm_alert_status", alert_id=aid, status=start)["result"]
     before = audit_rows(database_url, aid)
     if how == "assign":
         r = mi(control, "acm_alert_assign", alert_id=aid, assignee="bob")
@@ -134,6 +137,8 @@ REFUSED = [
     ("RESOLVED", "INVESTIGATING"), ("RESOLVED", "FALSE_POSITIVE"), ("RESOLVED", "RESOLVED"),
     ("FALSE_POSITIVE", "RESOLVED"), ("FALSE_POSITIVE", "INVESTIGATING"),
     ("INVESTIGATING", "INVESTIGATING"), ("INVESTIGATING", "NEW"), ("NEW", "NEW"),
+    ("CONFIRMED", "INVESTIGATING"), ("CONFIRMED", "FALSE_POSITIVE"), ("CONFIRMED", "CONFIRMED"),
+    ("RESOLVED", "CONFIRMED"), ("FALSE_POSITIVE", "CONFIRMED"),
 ]
 
 

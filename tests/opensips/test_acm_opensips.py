@@ -279,7 +279,7 @@ def test_socket_rebuilt_after_timeout(make: Any, stub: StubService) -> None:
 
 @pytest.mark.timeout(10)
 def test_service_error_reply_counts_for_breaker(make: Any, stub: StubService) -> None:
-    stub.handler = lambda req: {"error": "store_unavailable", "message": "dragonfly down"}
+    stub.handler = lambda req: {"error": "store_error", "message": "NOSCRIPT"}
     log: list[str] = []
     m = make(stub.endpoint, timeout_ms=2000, breaker_failures=2, log=log)
     msg = FakeMsg()
@@ -288,7 +288,30 @@ def test_service_error_reply_counts_for_breaker(make: Any, stub: StubService) ->
     assert m.client.state == "closed"
     assert m.acm_check(FakeMsg()) == 2
     assert m.client.state == "open"
+    assert any("store_error" in line for line in log)
+
+
+@pytest.mark.timeout(10)
+def test_store_unavailable_keeps_the_breaker_closed(make: Any, stub: StubService) -> None:
+    # The pool answers at once while its store is down; an open breaker would keep calls
+    # unchecked for its cooldown after the store is back.
+    down = True
+    stub.handler = lambda req: ({"error": "store_unavailable", "message": "dragonfly down"}
+                                if down else {"verdict": "allow", "reason": "clean",
+                                              "distinct": 1})
+    log: list[str] = []
+    m = make(stub.endpoint, timeout_ms=2000, breaker_failures=2, log=log)
+    for _ in range(5):
+        msg = FakeMsg()
+        assert m.acm_check(msg) == 2
+        assert msg.vars["acm_reason"] == "service_error"
+        assert m.client.state == "closed"
+    assert m.client.stats.breaker_opened == 0
     assert any("store_unavailable" in line for line in log)
+    down = False
+    msg = FakeMsg()
+    assert m.acm_check(msg) == 1  # the first call after the store's return is checked
+    assert msg.vars["acm_reason"] == "clean"
 
 
 @pytest.mark.timeout(10)
