@@ -1,5 +1,5 @@
 -- acm decision script: one call per INVITE, one network round trip, atomic per B-number.
--- Runs after episode.lua (band, slide, episode, count_alert), which the loader puts first.
+-- Runs after episode.lua (slide, episode), which the loader puts first.
 -- Dragonfly-correct: every key touched is in KEYS, all share the hash tag of the B-number's
 -- partition ({acm.<p>}), no undeclared keys, only commands Dragonfly implements.
 --
@@ -54,9 +54,9 @@ else
   distinct, lo = slide(KEYS[1], ARGV[2], old, ARGV[4], ts, window, ARGV[11])
   if distinct >= tonumber(ARGV[6]) then
     verdict, reason = 'drop', 'masking'
-    local e = episode(KEYS[2], KEYS[3], KEYS[1], ts, window, lo, distinct, ARGV[9], ARGV[11])
+    local e = episode(KEYS[2], KEYS[3], KEYS[1], ts, window, lo, distinct, ARGV[9], ARGV[11],
+                      KEYS[7], '', true)
     alert_id, sev = e.id, e.sev
-    count_alert(KEYS[7], '', e, true)
     redis.call('XADD', KEYS[6], '*', 'k', 'a', 'al', alert_id, 'op', e.op, 'b', ARGV[3],
       'sv', sev, 'n', e.max, 'an', e.all, 't0', string.format('%.0f', e.first),
       't1', string.format('%.0f', e.last), 'ver', e.ver, 'wms', ARGV[5], 'blk', ARGV[15],

@@ -5,11 +5,6 @@
 -- concatenated script per rule and EVALSHA names that text. Keys are passed in by the
 -- caller: every key touched is still one of the script's declared KEYS (Dragonfly).
 
-local function band(n)
-  if n >= SEVERITY_CRITICAL then return 'CRITICAL'
-  elseif n >= SEVERITY_HIGH then return 'HIGH' else return 'LOW' end
-end
-
 -- Record `member` at ts_ms in the window ZSET `wkey`; return the distinct members within the
 -- window and the window's lower bound (string). `old` is the member's score before the call.
 local function slide(wkey, member, old, ts_ms, ts, window, ttl_ms)
@@ -26,11 +21,15 @@ local function slide(wkey, member, old, ts_ms, ts, window, ttl_ms)
 end
 
 -- Open the episode in HASH `ekey` (id new_id) or extend the open one; store its members (the
--- window's members since lo, in SET `mkey`). Returns a table: op ('open'|'update'), id, first,
--- last, max, ver, sev, prev_sev (the episode's severity before this call, nil on open),
--- window_members (this window's members) and all (every member of the episode, sorted, joined
--- by commas).
-local function episode(ekey, mkey, wkey, ts, window, lo, distinct, new_id, ttl_ms)
+-- window's members since lo, in SET `mkey`); count the change in the partition's counters HASH
+-- `ckey`, fields prefixed by `prefix`: opened per severity, updates and, when `esc`,
+-- escalations per severity (a fixed handful of fields, kept 30 days past the last alert).
+-- Returns a table: op ('open'|'update'), id, first, last, max, ver, sev, window_members (this
+-- window's members) and all (every member of the episode, sorted, joined by commas).
+-- One function rather than several: the store runs the prelude on every call, and each
+-- function it defines costs a closure each time.
+local function episode(ekey, mkey, wkey, ts, window, lo, distinct, new_id, ttl_ms,
+                       ckey, prefix, esc)
   local ep = redis.call('HMGET', ekey, 'id', 'first', 'last', 'max', 'ver', 'sev')
   local op, id, first, last, maxn, ver, prev_sev
   if (not ep[1]) or tonumber(ep[3]) < ts - window then
@@ -43,7 +42,16 @@ local function episode(ekey, mkey, wkey, ts, window, lo, distinct, new_id, ttl_m
     maxn = math.max(tonumber(ep[4]), distinct)
     ver = tonumber(ep[5]) + 1
   end
-  local sev = band(maxn)
+  local sev = 'LOW'
+  if maxn >= SEVERITY_CRITICAL then sev = 'CRITICAL'
+  elseif maxn >= SEVERITY_HIGH then sev = 'HIGH' end
+  if op == 'open' then
+    redis.call('HINCRBY', ckey, prefix .. 'open:' .. sev, 1)
+  else
+    redis.call('HINCRBY', ckey, prefix .. 'upd', 1)
+    if esc and sev ~= prev_sev then redis.call('HINCRBY', ckey, prefix .. 'esc:' .. sev, 1) end
+  end
+  redis.call('PEXPIRE', ckey, 2592000000)
   local members = redis.call('ZRANGEBYSCORE', wkey, lo, '+inf')
   for i = 1, #members, 500 do
     redis.call('SADD', mkey, unpack(members, i, math.min(i + 499, #members)))
@@ -55,21 +63,5 @@ local function episode(ekey, mkey, wkey, ts, window, lo, distinct, new_id, ttl_m
   local all = redis.call('SMEMBERS', mkey)
   table.sort(all)
   return {op = op, id = id, first = first, last = last, max = maxn, ver = ver, sev = sev,
-          prev_sev = prev_sev or false, window_members = members, all = table.concat(all, ',')}
+          window_members = members, all = table.concat(all, ',')}
 end
-
--- Count an alert change in the partition's counters HASH `ckey` (fields prefixed by `prefix`):
--- opened per severity, updates, and (when `esc`) escalations per severity. Kept 30 days past
--- the last alert: a fixed handful of fields per partition.
-local function count_alert(ckey, prefix, e, esc)
-  if e.op == 'open' then
-    redis.call('HINCRBY', ckey, prefix .. 'open:' .. e.sev, 1)
-  else
-    redis.call('HINCRBY', ckey, prefix .. 'upd', 1)
-    if esc and e.sev ~= e.prev_sev then
-      redis.call('HINCRBY', ckey, prefix .. 'esc:' .. e.sev, 1)
-    end
-  end
-  redis.call('PEXPIRE', ckey, 2592000000)
-end
-

@@ -21,8 +21,8 @@ end
 local distinct, lo = slide(KEYS[1], ARGV[3], old, ARGV[4], ts, window, ARGV[8])
 if distinct < tonumber(ARGV[6]) then return {distinct, '', ''} end
 
-local e = episode(KEYS[2], KEYS[3], KEYS[1], ts, window, lo, distinct, ARGV[7], ARGV[8])
-count_alert(KEYS[5], 'fo:', e, false)
+local e = episode(KEYS[2], KEYS[3], KEYS[1], ts, window, lo, distinct, ARGV[7], ARGV[8],
+                  KEYS[5], 'fo:', false)
 redis.call('XADD', KEYS[4], '*', 'k', 'a', 'al', e.id, 'op', e.op, 'typ', 'fanout',
   'a', ARGV[2], 'b', '', 'sv', e.sev, 'n', e.max, 'an', e.all,
   't0', string.format('%.0f', e.first), 't1', string.format('%.0f', e.last), 'ver', e.ver,
