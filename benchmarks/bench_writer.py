@@ -31,14 +31,14 @@ import psycopg  # noqa: E402
 from pgqdb import PostgresServer, QuestDBServer  # noqa: E402
 from servers import RedisServer, flush  # noqa: E402
 
-from acm_module.engine import hotpath  # noqa: E402
-from acm_module.persist.clickhouse import ClickHouseSink  # noqa: E402
-from acm_module.persist.migrate import migrate  # noqa: E402
-from acm_module.persist.pg import PostgresSink  # noqa: E402
-from acm_module.persist.questdb import QuestDB, QuestDBSink  # noqa: E402
-from acm_module.persist.writer import GROUP_PREFIX, Writer, WriterConfig  # noqa: E402
-from acm_module.store import keys  # noqa: E402
-from acm_module.store.conn import StoreConnection  # noqa: E402
+from acm_module.decide.engine import hotpath  # noqa: E402
+from acm_module.decide.store import keys  # noqa: E402
+from acm_module.decide.store.conn import StoreConnection  # noqa: E402
+from acm_module.write.clickhouse import ClickHouseSink  # noqa: E402
+from acm_module.write.migrate import migrate  # noqa: E402
+from acm_module.write.pg import PostgresSink  # noqa: E402
+from acm_module.write.questdb import QuestDB, QuestDBSink  # noqa: E402
+from acm_module.write.writer import GROUP_PREFIX, Writer, WriterConfig  # noqa: E402
 
 PARTITIONS = 16
 

@@ -46,7 +46,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from acm_module.client import CurveKeys
+from acm_module.decide.client import CurveKeys
 
 REPO = Path(__file__).resolve().parent.parent
 CTX = mp.get_context("fork")
@@ -277,7 +277,7 @@ def drive(endpoint: str, clients: int, seconds: float, rate: float = 0.0, b_pool
 
 def _die_with_parent() -> None:
     """Let a load or server process end with the bench, whatever ends the bench."""
-    from acm_module.server.proctitle import die_with_parent
+    from acm_module.decide.proctitle import die_with_parent
 
     die_with_parent(signal.SIGKILL, os.getppid())
 
@@ -362,7 +362,7 @@ def _zmtp_pool_worker(listen_fd: int, mode: str, ready: Any) -> None:
     service's transport ceiling: everything a worker does but the decision and the store).
     """
     _die_with_parent()
-    from acm_module.server.zmtp import ZmtpServer, split_envelope
+    from acm_module.decide.zmtp import ZmtpServer, split_envelope
 
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     srv = ZmtpServer(listen_fd, 1 << 16)
@@ -386,7 +386,7 @@ def _zmtp_pool_worker(listen_fd: int, mode: str, ready: Any) -> None:
 @contextlib.contextmanager
 def zmtp_pool(endpoint: str, workers: int, mode: str) -> Iterator[list[int]]:
     """Run `workers` reflect/echo workers on one shared listening socket; yield their pids."""
-    from acm_module.server.supervisor import listen_socket
+    from acm_module.decide.supervisor import listen_socket
 
     lsock = listen_socket(endpoint)
     try:
@@ -420,7 +420,7 @@ def _straightforward_worker(backend: str, store: str, sha: str, ready: Any) -> N
     s = ctx.socket(zmq.REP)
     s.connect(backend)
     ready.set()
-    from acm_module.engine.hotpath_py import decode_request, normalise, partition_of
+    from acm_module.decide.engine.hotpath_py import decode_request, normalise, partition_of
 
     n = 0
     while True:
@@ -477,8 +477,8 @@ def processes(specs: list[tuple[Callable[..., None], tuple]]) -> Iterator[list[i
 
 def evalsha_floor(store: str, seconds: float) -> array:
     """Time sequential EVALSHA round trips of decide.lua with the minimal RESP client."""
-    from acm_module.engine.hotpath_py import encode_command
-    from acm_module.store.conn import StoreConnection, load_script
+    from acm_module.decide.engine.hotpath_py import encode_command
+    from acm_module.decide.store.conn import StoreConnection, load_script
 
     c = StoreConnection(store, timeout=2.0)
     c.connect()
@@ -508,7 +508,7 @@ def evalsha_floor(store: str, seconds: float) -> array:
 
 def store_footprint(store: str, samples: int = 200) -> dict[str, float]:
     """Return the store's bytes per active B-number (window, episode, dedup keys), sampled."""
-    from acm_module.store.conn import StoreConnection
+    from acm_module.decide.store.conn import StoreConnection
 
     c = StoreConnection(store, timeout=5.0)
     c.connect()
@@ -686,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
                     phase("io_n", f"acm, worker_io={other}", io_ep, n, pids=pids,
                           spids=store_pids)
             if args.curve:
-                from acm_module.server.access import generate_keypair
+                from acm_module.decide.access import generate_keypair
 
                 public, secret = generate_keypair(Path(tmp) / "keys", "acm")
                 curve = CurveKeys.load(str(public))
@@ -699,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
                               spids=store_pids, curve=curve)
 
             if not args.skip_baseline:
-                from acm_module.store.conn import StoreConnection, load_script
+                from acm_module.decide.store.conn import StoreConnection, load_script
 
                 c = StoreConnection(store, timeout=2.0)
                 c.connect()
@@ -727,8 +727,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _in_worker_raw(store: str) -> dict[str, Any]:
     """Return the workers' merged histograms and counters as they are now."""
-    from acm_module.server import stats
-    from acm_module.store.conn import StoreConnection
+    from acm_module.decide import stats
+    from acm_module.decide.store.conn import StoreConnection
 
     c = StoreConnection(store, timeout=2.0)
     c.connect()
@@ -749,7 +749,7 @@ def _in_worker_raw(store: str) -> dict[str, Any]:
 
 def _in_worker_phase(store: str, before: dict[str, Any] | None = None) -> dict[str, Any]:
     """Return the in-worker figures of what happened since `before` (None: since start)."""
-    from acm_module.server import stats
+    from acm_module.decide import stats
 
     after = _in_worker_raw(store)
     if before is None:

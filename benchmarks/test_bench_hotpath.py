@@ -24,7 +24,7 @@ from types import ModuleType
 import msgpack
 import pytest
 
-IMPLS = {"cython": "acm_module._hotpath", "python": "acm_module.engine.hotpath_py"}
+IMPLS = {"cython": "acm_module._hotpath", "python": "acm_module.decide.engine.hotpath_py"}
 BASELINE = os.environ.get("ACM_BENCH_BASELINE", "")
 if BASELINE:
     IMPLS["baseline"] = BASELINE

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""The decision hot path, compiled: the twin of acm_module/engine/hotpath_py.py.
+"""The decision hot path, compiled: the twin of acm_module/decide/engine/hotpath_py.py.
 
 One extension module built from one .pyx per concept, as msgpack's _cmsgpack.pyx includes
 _packer.pyx and _unpacker.pyx: numbers.pyx (E.164, partitions), request.pyx (msgpack request
@@ -7,7 +7,7 @@ decoder, reply encoders), resp.pyx (the Redis protocol), decider.pyx (a batch). 
 C namespace, so the decider calls the decoder, the normaliser and the RESP writer as static C
 functions; cbuf.pxd holds the C helpers all of them cimport. The types both twins share
 (Request, RequestError, RespError, severities, the gateway context's interface) are pure Python,
-defined once in acm_module/engine/types.py.
+defined once in acm_module/core/types.py.
 
 Same public API, byte-for-byte the same outputs (replies, error codes and messages, RESP
 commands, counters). The pure-Python twin is the specification: where this code differs in
@@ -16,7 +16,7 @@ normalise() and parse_reply() themselves, or a `msgpack.packb` call) for inputs 
 handle, so the rare cases cannot drift.
 """
 
-from acm_module.engine.types import (
+from acm_module.core.types import (
     FIELDS,
     MAX_DEPTH,
     Incomplete,

@@ -1,7 +1,7 @@
 # Included by _hotpath.pyx: one extension module, one C namespace (see its docstring).
 """The decider, compiled: a batch of request frames in, one store round trip, replies out.
 
-The twin of acm_module/engine/decider_py.py. Per-request state lives in _Slot objects (a cdef
+The twin of acm_module/decide/engine/decider_py.py. Per-request state lives in _Slot objects (a cdef
 class extending the decoder's _Req) reused from batch to batch; the whole RESP pipeline of a
 batch is written into one reusable C buffer, with the arguments every EVALSHA of the batch
 shares encoded once.

@@ -1,7 +1,7 @@
 # Included by _hotpath.pyx: one extension module, one C namespace (see its docstring).
 """Request and reply frames, compiled: a strict msgpack subset decoder, reply encoders.
 
-The twin of acm_module/engine/request_py.py. The decoder parses straight from the frame's bytes
+The twin of acm_module/decide/engine/request_py.py. The decoder parses straight from the frame's bytes
 with C pointers and makes no Python object until the request is known to be valid; the reply
 maps are encoded by hand with msgpack.packb's smallest-encoding choices into one fresh bytes
 object, and left to packb() for inputs the hand encoder does not handle.

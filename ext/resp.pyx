@@ -1,7 +1,7 @@
 # Included by _hotpath.pyx: one extension module, one C namespace (see its docstring).
 """RESP (the Redis protocol), compiled: command encoder, reply parser.
 
-The twin of acm_module/engine/resp_py.py: commands written into a cbuf.pxd buffer, replies
+The twin of acm_module/decide/engine/resp_py.py: commands written into a cbuf.pxd buffer, replies
 parsed with C pointers; the twin's own parse_reply() for a negative position or a buffer that
 is neither bytes nor bytearray.
 """
@@ -152,7 +152,7 @@ cdef object _resp(object buf, const char* b, Py_ssize_t n, Py_ssize_t pos, Py_ss
 
 # The twin's own parse_reply() for a negative pos or a buffer that is neither bytes nor
 # bytearray, where Python's own indexing rules decide what happens.
-from acm_module.engine.resp_py import parse_reply as _parse_reply_py
+from acm_module.decide.engine.resp_py import parse_reply as _parse_reply_py
 
 
 def parse_reply(buf, Py_ssize_t pos):

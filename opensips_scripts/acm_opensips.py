@@ -614,7 +614,7 @@ def _timeval(seconds: float) -> bytes:
 def _properties(data: bytes) -> dict[bytes, bytes]:
     """Parse ZMTP metadata (name length byte, name, 4-byte value length, value).
 
-    The service's acm_module/server/zmtp.py has the same parser: this script runs inside
+    The service's acm_module/decide/zmtp.py has the same parser: this script runs inside
     OpenSIPS on the system Python, where acm_module is not installed.
     """
     out: dict[bytes, bytes] = {}

@@ -19,9 +19,9 @@ from servers import (
     redis_url_from_env,
 )
 
-from acm_module.client import Client
-from acm_module.engine import IMPLEMENTATION
-from acm_module.store.conn import StoreConnection
+from acm_module.decide.client import Client
+from acm_module.decide.engine import IMPLEMENTATION
+from acm_module.decide.store.conn import StoreConnection
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from acm_module.engine.hotpath_py import normalise, severity_of
+from acm_module.decide.engine.hotpath_py import normalise, severity_of
 
 
 @dataclass

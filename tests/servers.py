@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from acm_module.client import CurveKeys
-from acm_module.store.conn import StoreConnection
+from acm_module.decide.client import CurveKeys
+from acm_module.decide.store.conn import StoreConnection
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REPO = Path(__file__).resolve().parent.parent
@@ -156,7 +156,7 @@ class Service:
         return self
 
     def wait_ready(self, timeout: float = 15.0) -> None:
-        from acm_module.client import Client, ServiceTimeout
+        from acm_module.decide.client import Client, ServiceTimeout
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -350,8 +350,8 @@ class DelayProxy:
 
 def publish_registry(url: str, doc: dict, workers: int = 2, timeout: float = 15.0) -> int:
     """Publish a carrier registry and wait until every worker reports it in use."""
-    from acm_module.gateway import registry
-    from acm_module.server import stats as stats_mod
+    from acm_module.decide import stats as stats_mod
+    from acm_module.decide.gateway import registry
 
     conn = StoreConnection(url, timeout=2.0)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from acm_module import settings as settings_mod
+from acm_module.core import settings as settings_mod
 
 _RUNNER_SHARED = ("store", "partitions", "database_url", "window", "ncc_reporting",
                   "operator_code", "report_timezone", "log_level", "log_json")
@@ -57,7 +57,7 @@ def add_cli(subparsers: Any) -> None:
 def cmd_actions(args: argparse.Namespace) -> int:
     """Run the actions runner (or remove its group)."""
     from acm_module.actions.runner import actions_main, destroy_group
-    from acm_module.ops.logs import setup_logging
+    from acm_module.core.logs import setup_logging
 
     cli = {s.name: getattr(args, s.name, None) for s in settings_mod.SETTINGS}
     s = settings_mod.load(args.config, cli=cli)

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from acm_module.actions.errors import MIReplyError, MIUnavailable
-from acm_module.persist import records
-from acm_module.persist.records import AlertChange
-from acm_module.store.conn import StoreConnection
+from acm_module.core import records
+from acm_module.core.records import AlertChange
+from acm_module.decide.store.conn import StoreConnection
 
 log = logging.getLogger("acm.actions.disconnect")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from acm_module.errors import AcmError
+from acm_module.core.errors import AcmError
 
 
 class ActionError(AcmError):

@@ -3,7 +3,7 @@ CONFIRMED -> RESOLVED (domain.alerts.TRANSITIONS).
 
 State lives in fraud_alerts (status, assigned_to, resolved_at, notes; the writer never touches
 those columns). Each change is one transaction: the row is locked, the move is checked against
-acm_module.domain.alerts.TRANSITIONS, the row is updated and its audit_log row inserted; a
+acm_module.core.alerts.TRANSITIONS, the row is updated and its audit_log row inserted; a
 FALSE_POSITIVE with `whitelist` also upserts the B-number into `whitelist` (and audits that) in
 the same transaction. A refused change (an invalid transition, a final alert) is rolled back and
 audited with outcome `rejected`.
@@ -24,7 +24,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from acm_module.actions.errors import AlertNotFound, DatabaseUnavailable, InvalidTransition
-from acm_module.domain.alerts import TRANSITIONS, AlertStatus
+from acm_module.core.alerts import TRANSITIONS, AlertStatus
 
 _COLUMNS = ("alert_id, alert_type, severity, b_number, a_numbers, detection_window_ms, "
             "detected_at, last_detected_at, distinct_count, status, ncc_incident_id, "

@@ -28,7 +28,7 @@ from acm_module.control.audit import Caller
 from acm_module.control.commands import Command, Param
 from acm_module.control.jsonrpc import MIError, bad_params, param_bool, param_str
 from acm_module.control.repository import WhitelistEntry
-from acm_module.store import config as store_config
+from acm_module.decide.store import config as store_config
 
 
 def _p_uuid(v: Any) -> str:

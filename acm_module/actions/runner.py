@@ -44,19 +44,19 @@ from acm_module.actions.notify import Webhook, log_alert
 from acm_module.actions.trail import ActionAudit, Ledger, summary
 from acm_module.compliance import ncc
 from acm_module.core.backoff import Backoff
+from acm_module.core.errors import StoreError
 from acm_module.core.pg import close_quietly
-from acm_module.engine.types import SEVERITIES
-from acm_module.errors import StoreError
-from acm_module.persist.records import (
+from acm_module.core.records import (
     ALERT_TYPE_COLUMN,
     AlertChange,
     RecordError,
     fields,
     parse_alert,
 )
-from acm_module.store import config as store_config
-from acm_module.store import keys
-from acm_module.store.conn import StoreConnection
+from acm_module.core.types import SEVERITIES
+from acm_module.decide.store import config as store_config
+from acm_module.decide.store import keys
+from acm_module.decide.store.conn import StoreConnection
 
 log = logging.getLogger("acm.actions")
 
@@ -91,7 +91,7 @@ class RunnerConfig:
 
     @classmethod
     def from_settings(cls, s: Any) -> RunnerConfig:
-        """Build the config from resolved settings (acm_module.settings.Settings or a dict)."""
+        """Build the config from resolved settings (acm_module.core.settings.Settings or a dict)."""
         v = s if isinstance(s, dict) else s.values
         return cls(
             store_url=v["store"], partitions=v["partitions"],
@@ -341,7 +341,7 @@ def destroy_group(store_url: str, partitions: int) -> int:
 
 def actions_main(settings: Any) -> int:
     """Run the actions runner until SIGTERM/SIGINT (a supervisor sidecar or `acm actions`)."""
-    from acm_module.ops.logs import register_secret
+    from acm_module.core.logs import register_secret
 
     cfg = RunnerConfig.from_settings(settings)
     if cfg.webhook_secret:

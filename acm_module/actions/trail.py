@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 from acm_module.control.audit import AuditRecord, redact
 from acm_module.control.repository import StoreRepository
 from acm_module.core.pg import close_quietly
-from acm_module.store.conn import StoreConnection
+from acm_module.decide.store.conn import StoreConnection
 
 log = logging.getLogger("acm.actions")
 

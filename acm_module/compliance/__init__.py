@@ -1,1 +1,1 @@
-"""compliance."""
+"""Compliance: daily statistics from QuestDB and the NCC reports (`acm report`)."""

@@ -8,8 +8,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from acm_module import settings as settings_mod
-from acm_module.errors import ConfigError
+from acm_module.core import settings as settings_mod
+from acm_module.core.errors import ConfigError
 
 _SHARED = ("database_url", "questdb_url", "ncc_reporting", "operator_code", "report_timezone",
            "report_dir", "log_level", "log_json")
@@ -41,7 +41,7 @@ def cmd_report_daily(args: argparse.Namespace) -> int:
     import psycopg
 
     from acm_module.compliance import ncc, report, stats
-    from acm_module.ops.logs import setup_logging
+    from acm_module.core.logs import setup_logging
 
     s = settings_mod.load(args.config, cli={n: getattr(args, n, None) for n in _SHARED})
     setup_logging(s.log_level, s.log_json)

@@ -21,8 +21,8 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 
-from acm_module.persist.pg import INSERT_ALERT, alert_row
-from acm_module.persist.records import AlertChange
+from acm_module.core.records import AlertChange
+from acm_module.write.pg import INSERT_ALERT, alert_row
 
 _OPERATOR_RE = re.compile(r"^[A-Z0-9]{2,16}$")
 _ID_RE = re.compile(r"^NCC-([A-Z0-9]{2,16})-(\d{8})-(\d{5,})$")

@@ -37,8 +37,8 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 
-from acm_module.engine.types import SEVERITIES
-from acm_module.persist.records import ALERT_TYPE_COLUMN
+from acm_module.core.records import ALERT_TYPE_COLUMN
+from acm_module.core.types import SEVERITIES
 
 STATUSES = ("NEW", "INVESTIGATING", "CONFIRMED", "RESOLVED", "FALSE_POSITIVE")
 LIFECYCLE_ACTIONS = ("acm_alert_assign", "acm_alert_status", "acm_alert_note")
@@ -259,7 +259,7 @@ def _call_counts(questdb_url: str, start: datetime, end: datetime
     None when QuestDB is not configured."""
     if not questdb_url:
         return None, "unavailable: questdb_url is not set (call_events live in QuestDB)"
-    from acm_module.persist.questdb import QuestDB, parse_conf
+    from acm_module.write.questdb import QuestDB, parse_conf
 
     _, base, auth = parse_conf(questdb_url)
     q = QuestDB(base, auth)

@@ -19,7 +19,7 @@ import socket
 from dataclasses import dataclass
 
 from acm_module.control.jsonrpc import UNAUTHORIZED, MIError
-from acm_module.errors import ConfigError
+from acm_module.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

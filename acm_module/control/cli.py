@@ -199,7 +199,7 @@ def call(body: dict[str, Any], *, url: str | None = None, datagram: str | None =
 
 def cmd_mi(args: argparse.Namespace) -> int:
     """Run `acm mi`."""
-    from acm_module import settings as settings_mod
+    from acm_module.core import settings as settings_mod
 
     s = settings_mod.load(args.config)
     token = args.token if args.token is not None else (s.mi_token or None)

@@ -25,7 +25,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from acm_module import settings as settings_mod
 from acm_module.control import audit, jsonrpc, overrides
 from acm_module.control.audit import Caller, iso_ms
 from acm_module.control.auth import Authorizer
@@ -37,13 +36,14 @@ from acm_module.control.repository import (
     StoreRepository,
     WhitelistEntry,
 )
-from acm_module.engine import hotpath
-from acm_module.errors import ConfigError, StoreError
-from acm_module.gateway import registry
-from acm_module.ops.logs import apply_log_level
-from acm_module.server import stats as stats_mod
-from acm_module.store import config as store_config
-from acm_module.store.conn import StoreConnection
+from acm_module.core import settings as settings_mod
+from acm_module.core.errors import ConfigError, StoreError
+from acm_module.core.logs import apply_log_level
+from acm_module.decide import stats as stats_mod
+from acm_module.decide.engine import hotpath
+from acm_module.decide.gateway import registry
+from acm_module.decide.store import config as store_config
+from acm_module.decide.store.conn import StoreConnection
 
 log = logging.getLogger("acm.control")
 
@@ -186,11 +186,11 @@ def open_repository(settings: Any, conn: StoreConnection) -> ControlRepository:
     """Return the PostgreSQL repository when configured and installed, else the store one."""
     if getattr(settings, "database_url", ""):
         try:
-            from acm_module.persist.control_repo import (  # type: ignore[import-not-found]
+            from acm_module.control.pg_repository import (  # type: ignore[import-not-found]
                 PostgresControlRepository,
             )
         except ImportError:
-            log.warning("database_url is set but acm_module.persist.control_repo is not "
+            log.warning("database_url is set but acm_module.control.pg_repository is not "
                         "available: whitelist/audit/alerts use the store")
         else:
             repo: ControlRepository = PostgresControlRepository(settings)

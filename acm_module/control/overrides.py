@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from acm_module import settings as settings_mod
 from acm_module.control.audit import iso_ms
-from acm_module.errors import ConfigError
+from acm_module.core import settings as settings_mod
+from acm_module.core.errors import ConfigError
 
 log = logging.getLogger("acm.control")
 

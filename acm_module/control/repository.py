@@ -9,7 +9,7 @@ the carrier registry.
   `{acm.ctl}:registry`.
 - A PostgreSQL one (tables whitelist / audit_log / fraud_alerts, carriers / carrier_gateways /
   carrier_routes), provided by the persistence writer as
-  `acm_module.persist.control_repo.PostgresControlRepository(settings)`; the control plane
+  `acm_module.control.pg_repository.PostgresControlRepository(settings)`; the control plane
   (`commands.open_repository`) uses it when `database_url` is set and that module imports.
 
 The repository is the system of record only. The whitelist *markers* the decision script reads
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from acm_module.control.audit import AuditRecord, iso_ms
-from acm_module.engine import hotpath
-from acm_module.persist import records
-from acm_module.store import keys
-from acm_module.store.conn import StoreConnection
+from acm_module.core import records
+from acm_module.decide.engine import hotpath
+from acm_module.decide.store import keys
+from acm_module.decide.store.conn import StoreConnection
 
 WHITELIST_KEY = "{acm.ctl}:whitelist"
 AUDIT_STREAM = "{acm.ctl}:audit"

@@ -24,7 +24,7 @@ from typing import Any
 from acm_module.control import jsonrpc
 from acm_module.control.auth import Bind, check_boot, is_loopback, parse_bind
 from acm_module.control.commands import CommandFactory, Control
-from acm_module.errors import BOOT_ERROR, ConfigError
+from acm_module.core.errors import BOOT_ERROR, ConfigError
 
 log = logging.getLogger("acm.control")
 

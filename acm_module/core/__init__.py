@@ -1,5 +1,4 @@
-"""The bottom layer: small helpers every room uses (backoff, redaction, database plumbing).
-
-Imports nothing from acm_module outside core/, so any module may import it; settings, logging,
-errors, keys and the stream-record schema are to join it (issue #13).
+"""The bottom layer, with no I/O policy: settings (declared once), logging and redaction,
+errors, the shared hot-path types, the stream-record schema, the alert lifecycle, backoff and
+database plumbing. Imports nothing from acm_module outside core/, so every room may import it.
 """

@@ -1,6 +1,7 @@
 """PostgreSQL plumbing shared by the writer's sink, the control repository and the actions trail.
 
-Needs no psycopg import: what it does works on any DB-API connection.
+Imports psycopg only when asked for its error classes: close_quietly works on any DB-API
+connection.
 """
 
 from __future__ import annotations
@@ -14,3 +15,11 @@ def close_quietly(conn: Any) -> None:
     if conn is not None:
         with contextlib.suppress(Exception):  # closing a broken connection must not raise
             conn.close()
+
+
+def retryable_errors() -> tuple[type[BaseException], ...]:
+    """Return the psycopg errors that say the server or the link is in trouble, not the data."""
+    import psycopg
+
+    return (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.AdminShutdown,
+            psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected, OSError)

@@ -1,1 +1,1 @@
-"""Operations: Prometheus metrics, structured logs, replay and what-if tuning."""
+"""Operations: the Prometheus metrics sidecar, replay of recorded traffic and what-if tuning."""

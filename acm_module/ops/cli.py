@@ -8,9 +8,9 @@ import dataclasses
 import sys
 from typing import Any
 
-from acm_module import settings as settings_mod
+from acm_module.core import settings as settings_mod
+from acm_module.core.errors import ConfigError
 from acm_module.core.redaction import redact_url
-from acm_module.errors import ConfigError
 
 _DETECTION = ("threshold", "window", "block_ttl", "mode", "dedup_ttl", "default_country_code",
               "partitions")
@@ -113,7 +113,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     if args.once:
         sys.stdout.write(metrics.render_once(s.store, s.partitions).decode())
         return 0
-    from acm_module.ops.logs import setup_logging
+    from acm_module.core.logs import setup_logging
 
     setup_logging(s.log_level, s.log_json)
     return metrics.metrics_main(s)

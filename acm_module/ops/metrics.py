@@ -1,7 +1,7 @@
 """Prometheus metrics of the pool, built from what the workers and the writer publish in the store.
 
 Workers never touch prometheus_client: each one writes a JSON snapshot a second into
-`{acm.stats}:w` (acm_module/server/stats.py) and one collector, in one process, turns every
+`{acm.stats}:w` (acm_module/decide/stats.py) and one collector, in one process, turns every
 fresh snapshot into labelled series at scrape time. That is multiprocess-safe by construction
 (no shared mmap files, nothing to clean up when a worker dies) and sees every pool sharing the
 store. Counters are labelled per worker (`host`, `worker` = index): a respawned worker restarts
@@ -40,21 +40,21 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from acm_module.core.backoff import Backoff
-from acm_module.engine import hotpath
-from acm_module.engine.types import SEVERITIES
-from acm_module.errors import BOOT_ERROR, StoreError
-from acm_module.server import stats as stats_mod
-from acm_module.store import config as store_config
-from acm_module.store import keys
-from acm_module.store.conn import StoreConnection
+from acm_module.core.errors import BOOT_ERROR, StoreError
+from acm_module.core.types import SEVERITIES
+from acm_module.decide import stats as stats_mod
+from acm_module.decide.engine import hotpath
+from acm_module.decide.store import config as store_config
+from acm_module.decide.store import keys
+from acm_module.decide.store.conn import StoreConnection
 
 log = logging.getLogger("acm.metrics")
 
-WRITER_STATS_KEY = "{acm.stats}:writer"  # one JSON per writer (acm_module/persist/writer.py)
+WRITER_STATS_KEY = "{acm.stats}:writer"  # one JSON per writer (acm_module/write/writer.py)
 DLQ_KEY = "{acm.dlq}:s"
 WRITER_GROUP_PREFIX = "acm."  # the writer's consumer group of sink X is "acm.X"
 WRITER_FRESH_S = 10.0
-# The writers' view of every stream group (acm_module/persist/writer.py, Writer._report).
+# The writers' view of every stream group (acm_module/write/writer.py, Writer._report).
 GROUPS_KEY = "{acm.stats}:groups"
 TRIMMED_UNREAD_KEY = "{acm.stats}:trimmed_unread"
 GROUPS_FRESH_S = 60.0  # several trim intervals
@@ -226,7 +226,7 @@ class AlertScanner:
         _, values = store_config.read(self._conn)
         level = (values or {}).get("log_level")
         if level and level != self.log_level:
-            from acm_module.ops.logs import apply_log_level
+            from acm_module.core.logs import apply_log_level
 
             with contextlib.suppress(ValueError):
                 apply_log_level(level)

@@ -29,12 +29,12 @@ from urllib.parse import urlparse, urlunparse
 
 import msgpack
 
-from acm_module.engine import hotpath
-from acm_module.engine.types import SEVERITIES
-from acm_module.errors import AcmError, StoreError
-from acm_module.store import config as store_config
-from acm_module.store import keys
-from acm_module.store.conn import StoreConnection, load_script, script_sha
+from acm_module.core.errors import AcmError, StoreError
+from acm_module.core.types import SEVERITIES
+from acm_module.decide.engine import hotpath
+from acm_module.decide.store import config as store_config
+from acm_module.decide.store import keys
+from acm_module.decide.store.conn import StoreConnection, load_script, script_sha
 
 COLUMNS = ("call_id", "a_number", "b_number", "ts")
 BATCH = 64  # like the workers' max_batch

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
-from acm_module.errors import StoreError
+from acm_module.core.errors import StoreError
+from acm_module.decide.store.conn import StoreConnection
 from acm_module.ops.replay import (
     Call,
     Detection,
@@ -33,7 +34,6 @@ from acm_module.ops.replay import (
     Summary,
     run_replay,
 )
-from acm_module.store.conn import StoreConnection
 
 METRICS = (("alerts", "alerts"), ("dropped", "dropped calls"), ("b_numbers_hit", "B-numbers hit"))
 CSV_COLUMNS = ("threshold", "window", "calls", "alerts", "alerts_low", "alerts_high",

@@ -37,7 +37,7 @@ from acm_module.control.audit import Caller, iso_ms
 from acm_module.control.audit import record as audit_record
 from acm_module.control.jsonrpc import MIError
 from acm_module.control.repository import AlertQuery
-from acm_module.errors import StoreError
+from acm_module.core.errors import StoreError
 from acm_module.web import models as m
 from acm_module.web.decide import CurvePoolClient, PoolBusy, PoolClient, PoolTimeout
 from acm_module.web.security import (
@@ -750,7 +750,7 @@ def _alerts_router() -> APIRouter:
         post = status is not None or carrier is not None or severity is not None
         number = None
         if b_number is not None:
-            from acm_module.engine import hotpath
+            from acm_module.decide.engine import hotpath
 
             number = hotpath.normalise(b_number, svc.settings.default_country_code)
             if number is None:

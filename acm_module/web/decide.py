@@ -6,7 +6,7 @@ connections: a request is one write() and its reply one read on the event loop, 
 I/O thread to wake in between (through zmq.asyncio the libzmq hand-offs cost the web process
 more CPU than HTTP parsing; benchmarks/RESULTS.md §7). A few connections (the kernel spreads
 them over the workers) carry many requests at once: each request carries its id as a routing
-frame before the empty delimiter, which the worker echoes back (server/zmtp.split_envelope).
+frame before the empty delimiter, which the worker echoes back (decide/zmtp.split_envelope).
 Past `max_inflight` requests in flight a caller gets PoolBusy at once instead of queueing
 without limit; a lost connection fails its requests and is re-made with backoff.
 
@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import msgpack
 
-from acm_module.server.zmtp import GREETING, _command, _properties, encode_message
+from acm_module.decide.zmtp import GREETING, _command, _properties, encode_message
 
 log = logging.getLogger("acm.web")
 
@@ -234,7 +234,7 @@ class CurvePoolClient:
     def __init__(self, endpoint: str, curve: Any, sockets: int = 4, max_inflight: int = 1024,
                  timeout: float = 2.0) -> None:
         self.endpoint = endpoint
-        self.curve = curve  # acm_module.client.CurveKeys
+        self.curve = curve  # acm_module.decide.client.CurveKeys
         self.sockets = sockets
         self.timeout = timeout
         self._free = max_inflight
@@ -306,8 +306,8 @@ def pool_client(settings: Any) -> PoolClient | CurvePoolClient:
     if not getattr(settings, "curve_server_key", ""):
         return PoolClient(settings.endpoint, sockets=sockets,
                           max_inflight=settings.web_max_inflight)
-    from acm_module.client import CurveKeys
-    from acm_module.server.access import Access
+    from acm_module.decide.access import Access
+    from acm_module.decide.client import CurveKeys
 
     access = Access.from_settings(settings)
     assert access.server_public is not None and access.server_secret is not None

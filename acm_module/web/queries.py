@@ -9,9 +9,9 @@ from fastapi import Request
 
 from acm_module.control.audit import iso_ms
 from acm_module.control.repository import AlertQuery
-from acm_module.engine import hotpath
-from acm_module.persist import records
-from acm_module.store import keys
+from acm_module.core import records
+from acm_module.decide.engine import hotpath
+from acm_module.decide.store import keys
 from acm_module.web.security import ApiError, Principal
 
 _STREAM_SCAN = 5000  # decision records read back from the B-number's partition stream

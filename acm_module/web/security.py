@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from acm_module.control.auth import check_boot as _check_mi_boot
 from acm_module.control.auth import parse_bind
-from acm_module.errors import ConfigError
+from acm_module.core.errors import ConfigError
 
 ROLES = ("viewer", "analyst", "admin")
 _RANK = {r: i for i, r in enumerate(ROLES)}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from acm_module.control.auth import parse_bind
-from acm_module.errors import BOOT_ERROR, ConfigError, StoreError
+from acm_module.core.errors import BOOT_ERROR, ConfigError, StoreError
 from acm_module.web.security import Passwords, check_boot, new_password
 from acm_module.web.users import User, UserRepository, now_ms, open_users
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from acm_module.store.conn import StoreConnection
+from acm_module.decide.store.conn import StoreConnection
 
 T = TypeVar("T")
 
@@ -189,7 +189,7 @@ class PostgresUserRepository:
     name = "postgres"
 
     def __init__(self, database_url: str) -> None:
-        from acm_module.persist.control_repo import PostgresControlRepository
+        from acm_module.control.pg_repository import PostgresControlRepository
 
         # Its connection handling (lazy connect, one retry on a dropped link, StoreError).
         self._pg = PostgresControlRepository(_Url(database_url))
@@ -239,7 +239,7 @@ class PostgresUserRepository:
         return [_user_row(r) for r in rows]
 
     def token_put(self, rec: TokenRecord) -> None:
-        from acm_module.persist.control_repo import ms_to_dt
+        from acm_module.control.pg_repository import ms_to_dt
 
         self._run(lambda c: c.execute(
             "INSERT INTO web_tokens (token_hash, user_name, kind, name, created_at, expires_at)"
@@ -285,14 +285,14 @@ _T_COLS = "token_hash, user_name, kind, name, created_at, expires_at"
 
 
 def _user_row(r: tuple[Any, ...]) -> User:
-    from acm_module.persist.control_repo import _ms
+    from acm_module.control.pg_repository import _ms
 
     return User(name=r[0], role=r[1], password_hash=r[2], created_ms=_ms(r[3]),
                 disabled=bool(r[4]))
 
 
 def _token_row(r: tuple[Any, ...]) -> TokenRecord:
-    from acm_module.persist.control_repo import _ms
+    from acm_module.control.pg_repository import _ms
 
     return TokenRecord(hash=r[0], user=r[1], kind=r[2], name=r[3] or "", created_ms=_ms(r[4]),
                        expires_ms=None if r[5] is None else _ms(r[5]))

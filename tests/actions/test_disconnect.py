@@ -28,7 +28,7 @@ from acm_module.actions.errors import MIReplyError, MIUnavailable
 from acm_module.actions.notify import verify
 from acm_module.control.audit import AuditRecord
 from acm_module.control.repository import StoreRepository
-from acm_module.store.conn import StoreConnection
+from acm_module.decide.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 

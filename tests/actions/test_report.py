@@ -228,9 +228,9 @@ def test_chart_stacks_severities_per_hour() -> None:
 
 
 def _groups_ready(store_url: str) -> bool:
-    from acm_module.persist.writer import group_positions
-    from acm_module.store import keys
-    from acm_module.store.conn import StoreConnection
+    from acm_module.decide.store import keys
+    from acm_module.decide.store.conn import StoreConnection
+    from acm_module.write.writer import group_positions
 
     c = StoreConnection(store_url, timeout=2.0)
     try:
@@ -255,11 +255,11 @@ def test_calls_answered_store_unavailable_are_not_counted_as_checked(
     count the call as checked."""
     from servers import DelayProxy, running_service
 
-    from acm_module.client import Client
     from acm_module.compliance.report import summary_rows, to_html
     from acm_module.compliance.stats import compute
-    from acm_module.errors import StoreReplyError
-    from acm_module.persist.questdb import QuestDB
+    from acm_module.core.errors import StoreReplyError
+    from acm_module.decide.client import Client
+    from acm_module.write.questdb import QuestDB
 
     port = int(store_url.rsplit(":", 1)[1].split("/")[0])
     proxy = DelayProxy(port)

@@ -23,8 +23,8 @@ from streamrec import decision, fanout_alert, masking_alert, parsed, xadd
 
 from acm_module.compliance.report import carrier_columns
 from acm_module.compliance.stats import DROP_REASONS
-from acm_module.persist import records as rec
-from acm_module.persist.questdb import QuestDB
+from acm_module.core import records as rec
+from acm_module.write.questdb import QuestDB
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(150)]
 

@@ -11,7 +11,7 @@ import zmq
 from mi_helpers import MIService, free_udp_port, mi_error, wait_in_sync, wait_mi  # noqa: F401
 from servers import Service, free_port
 
-from acm_module.client import Client
+from acm_module.decide.client import Client
 
 
 @pytest.fixture

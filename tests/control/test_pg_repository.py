@@ -22,13 +22,12 @@ import pytest
 from opensips.mi import OpenSIPSMIException
 from servers import free_port
 
-from acm_module.control import jsonrpc
+from acm_module.control import jsonrpc, whitelist_sync
 from acm_module.control.audit import AuditRecord
+from acm_module.control.pg_repository import PostgresControlRepository
 from acm_module.control.repository import AlertQuery, WhitelistEntry
-from acm_module.persist import whitelist_sync
-from acm_module.persist.control_repo import PostgresControlRepository
-from acm_module.store import config as store_config
-from acm_module.store.conn import StoreConnection
+from acm_module.decide.store import config as store_config
+from acm_module.decide.store.conn import StoreConnection
 
 _PERSIST = Path(__file__).resolve().parent.parent / "persist"
 if str(_PERSIST) not in sys.path:

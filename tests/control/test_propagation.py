@@ -18,7 +18,7 @@ import pytest
 import zmq
 from mi_helpers import wait_in_sync
 
-from acm_module.client import Client, ServiceTimeout
+from acm_module.decide.client import Client, ServiceTimeout
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]
 

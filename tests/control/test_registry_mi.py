@@ -21,9 +21,9 @@ from test_mi import wait_for
 
 from acm_module.control import jsonrpc
 from acm_module.control.repository import REGISTRY_RECORD_KEY
-from acm_module.gateway import registry
-from acm_module.server import stats as stats_mod
-from acm_module.store.conn import StoreConnection
+from acm_module.decide import stats as stats_mod
+from acm_module.decide.gateway import registry
+from acm_module.decide.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 

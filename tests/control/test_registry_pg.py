@@ -17,11 +17,11 @@ from test_pg_repository import database_url, pg_server, rows  # noqa: F401 - fix
 from test_registry_mi import BAD, call_error, populate
 
 from acm_module.control import jsonrpc
-from acm_module.errors import StoreError
-from acm_module.gateway import registry
-from acm_module.persist.control_repo import PostgresControlRepository
-from acm_module.persist.migrate import MIGRATIONS_DIR
-from acm_module.store.conn import StoreConnection
+from acm_module.control.pg_repository import PostgresControlRepository
+from acm_module.core.errors import StoreError
+from acm_module.decide.gateway import registry
+from acm_module.decide.store.conn import StoreConnection
+from acm_module.write.migrate import MIGRATIONS_DIR
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 

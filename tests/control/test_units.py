@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from acm_module import settings as settings_mod
 from acm_module.control import jsonrpc, overrides
 from acm_module.control.auth import Authorizer, check_boot, is_loopback, parse_bind
 from acm_module.control.cli import build_request
-from acm_module.errors import ConfigError
+from acm_module.core import settings as settings_mod
+from acm_module.core.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -10,10 +10,10 @@ import msgpack
 import pytest
 from servers import flush
 
-from acm_module.client import Client
-from acm_module.store import config as store_config
-from acm_module.store import keys
-from acm_module.store.conn import StoreConnection
+from acm_module.decide.client import Client
+from acm_module.decide.store import config as store_config
+from acm_module.decide.store import keys
+from acm_module.decide.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(60)]
 
@@ -68,7 +68,7 @@ def test_seed_scenario_seven_callers_one_critical_alert(client: Client, service)
     assert sorted(last["an"].split(",")) == sorted(a_num(i) for i in range(7))
     # The partition's alert counters (what the metrics exporter reads) saw one HIGH alert open
     # and one escalation to CRITICAL.
-    from acm_module.engine import hotpath
+    from acm_module.decide.engine import hotpath
 
     conn = StoreConnection(service.store_url, timeout=2.0)
     try:

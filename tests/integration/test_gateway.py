@@ -14,10 +14,10 @@ import pytest
 from servers import publish_registry as publish
 from test_contract import a_num, alert_records, cid, decisions, stream_entries
 
-from acm_module.client import Client
-from acm_module.gateway import registry
-from acm_module.server import stats as stats_mod
-from acm_module.store.conn import StoreConnection
+from acm_module.decide import stats as stats_mod
+from acm_module.decide.client import Client
+from acm_module.decide.gateway import registry
+from acm_module.decide.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
@@ -208,7 +208,7 @@ def test_a_fanout_alert_for_one_a_number_calling_many_b_numbers(service_factory)
         assert (last["a"], last["b"], last["cr"], last["gw"]) == (sim, "", "igw", "igw-lag")
         assert sorted(last["an"].split(",")) == bs
         # The fan-out records live in the A-number's partition stream.
-        from acm_module.engine import hotpath
+        from acm_module.decide.engine import hotpath
 
         p = hotpath.partition_of(sim, 16)
         conn = StoreConnection(svc.store_url, timeout=2.0)

@@ -11,7 +11,7 @@ import time
 import pytest
 from servers import RedisServer, Service
 
-from acm_module.client import Client, ServiceTimeout
+from acm_module.decide.client import Client, ServiceTimeout
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
@@ -96,8 +96,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(service_factory, zc
 
 def test_a_worker_that_cannot_boot_stops_the_service_instead_of_respawning(store_url,
                                                                           tmp_path) -> None:
-    from acm_module.client import CurveKeys
-    from acm_module.server.access import generate_keypair
+    from acm_module.decide.access import generate_keypair
+    from acm_module.decide.client import CurveKeys
 
     public, secret = generate_keypair(tmp_path, "server")
     svc = Service(store_url, workers=1, args=["--curve-server-key", str(secret)],
@@ -164,8 +164,8 @@ def test_store_outage_gets_fast_errors_then_recovers(zctx) -> None:
 def test_slow_store_gets_errors_within_the_timeout_and_counts_them(redis_server, zctx) -> None:
     from servers import DelayProxy, flush
 
-    from acm_module.server import stats
-    from acm_module.store.conn import StoreConnection
+    from acm_module.decide import stats
+    from acm_module.decide.store.conn import StoreConnection
 
     flush(redis_server)
     proxy = DelayProxy(int(redis_server.rsplit(":", 1)[1].split("/")[0]))
@@ -283,7 +283,7 @@ def test_every_new_connection_is_answered_when_many_connect_at_once(store_url, z
 def test_the_listening_socket_is_non_blocking() -> None:
     import tempfile
 
-    from acm_module.server.supervisor import listen_socket
+    from acm_module.decide.supervisor import listen_socket
 
     with tempfile.TemporaryDirectory() as d:
         for endpoint in (f"ipc://{d}/l.sock", "tcp://127.0.0.1:0"):
@@ -305,8 +305,8 @@ def test_connections_made_all_at_once_at_start_spread_over_the_workers(store_url
     """
     from servers import free_port
 
-    from acm_module.server import stats as stats_mod
-    from acm_module.store.conn import StoreConnection
+    from acm_module.decide import stats as stats_mod
+    from acm_module.decide.store.conn import StoreConnection
 
     workers, clients, run_s = 2, 8, 3.0
     svc = Service(store_url, workers=workers)
@@ -418,8 +418,8 @@ def test_a_second_instance_never_steals_the_socket_of_a_running_one(store_url) -
 
 
 def test_an_ipc_endpoint_on_a_regular_file_is_refused_and_the_file_kept(tmp_path) -> None:
-    from acm_module.errors import ConfigError
-    from acm_module.server.supervisor import listen_socket
+    from acm_module.core.errors import ConfigError
+    from acm_module.decide.supervisor import listen_socket
 
     f = tmp_path / "not-a-socket"
     f.write_text("keep")

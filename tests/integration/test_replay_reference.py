@@ -8,9 +8,9 @@ import random
 import pytest
 from reference import Reference
 
-from acm_module.client import Client
-from acm_module.store import config as store_config
-from acm_module.store.conn import StoreConnection
+from acm_module.decide.client import Client
+from acm_module.decide.store import config as store_config
+from acm_module.decide.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]
 

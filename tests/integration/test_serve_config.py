@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from servers import REPO, RedisServer, Service, free_port, wait_port
 
-from acm_module.client import Client
+from acm_module.decide.client import Client
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(60)]
 
@@ -107,8 +107,8 @@ def test_every_documented_flag_is_accepted_by_the_commands_the_doc_names() -> No
     """The CLI-flag column of docs/SETTINGS.md names the commands; each of them parses it."""
     import argparse
 
-    from acm_module import settings
     from acm_module.cli import build_parser, flag_commands
+    from acm_module.core import settings
 
     commands = flag_commands()
     doc = (REPO / "docs" / "SETTINGS.md").read_text()

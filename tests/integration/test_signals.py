@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from servers import Service
 
-from acm_module.client import Client, ServiceTimeout
+from acm_module.decide.client import Client, ServiceTimeout
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from servers import DelayProxy, Service, flush
 
-from acm_module.client import Client
+from acm_module.decide.client import Client
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(60)]
 

@@ -4,7 +4,7 @@ What an OpenSIPS process depends on: a verdict over ipc:// and tcp://, the budge
 service stalls (and the late reply never read as the next call's), a verdict again after the
 service restarts (even on a connection kept from before), the breaker opening and closing, and
 a broken peer (oversize frame, closing mid-reply) costing one policy verdict, not the process.
-The broken peers are the service's own ZMTP server (acm_module/server/zmtp.py) made to misbehave.
+The broken peers are the service's own ZMTP server (acm_module/decide/zmtp.py) made to misbehave.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from fake_msg import FakeMsg
 from servers import Service, free_port
 from test_zmtp import EchoServer
 
-from acm_module.server import zmtp
-from acm_module.server.zmtp import ZmtpServer, encode_message
+from acm_module.decide import zmtp
+from acm_module.decide.zmtp import ZmtpServer, encode_message
 
 ALLOW = msgpack.packb({"verdict": "allow", "reason": "ok", "distinct": 1})
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from servers import REPO, unavailable
 
-from acm_module import settings
+from acm_module.core import settings
+from acm_module.decide import stats as stats_mod
+from acm_module.decide.store import config as store_config
+from acm_module.decide.store.conn import StoreConnection
 from acm_module.ops import metrics
-from acm_module.server import stats as stats_mod
-from acm_module.store import config as store_config
-from acm_module.store.conn import StoreConnection
 
 pytestmark = pytest.mark.timeout(30)
 

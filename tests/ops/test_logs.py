@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 from servers import Service, free_port, unavailable, wait_port
 
-from acm_module.ops import logs
+from acm_module.core import logs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -71,7 +71,7 @@ def test_secrets_are_redacted_in_every_shape() -> None:
 
 
 def test_a_url_password_is_masked_whole_in_logs_errors_and_acm_settings() -> None:
-    from acm_module.store.conn import safe_url
+    from acm_module.decide.store.conn import safe_url
 
     raw = "redis://admin:p@ss-w0rd@store.example:6379/0"
     for shown in (logs.redact(f"connect {raw} failed"), safe_url(raw)):
@@ -129,7 +129,7 @@ def test_live_service_json_logs_never_show_the_store_password(zctx) -> None:
         svc.start()
         proc.terminate()  # the workers now log store failures, URL included
         proc.wait(5)
-        from acm_module.client import Client
+        from acm_module.decide.client import Client
 
         c = Client(svc.endpoint, timeout=2.0, context=zctx)
         try:
@@ -152,13 +152,13 @@ def test_live_service_json_logs_never_show_the_store_password(zctx) -> None:
             records.append(json.loads(line))
         except ValueError:
             pytest.fail(f"not a JSON log line (acm serve must log through "
-                        f"acm_module.ops.logs.setup_logging when log_json is on): {line!r}")
+                        f"acm_module.core.logs.setup_logging when log_json is on): {line!r}")
     assert any(r["level"] == "WARNING" and "store" in r["msg"] for r in records)
     assert {r["pid"] for r in records} >= {records[0]["pid"]}
 
 
-# Every spelling the normaliser accepts (acm_module/engine/hotpath_py.py normalise), each with
-# the digits that must not survive in a log line above DEBUG.
+# Every spelling the normaliser accepts (acm_module/decide/engine/hotpath_py.py normalise), each
+# with the digits that must not survive in a log line above DEBUG.
 NUMBER_SPELLINGS = [
     "+2348031234567", "2348031234567", "08031234567", "002348031234567",
     "+234 803 123 4567", "+234-803-123-4567", "+234.803.123.4567", "+234 (803) 123-4567",
@@ -170,8 +170,8 @@ NUMBER_SPELLINGS = [
 
 
 def test_every_accepted_number_spelling_is_masked_and_identifiers_are_not() -> None:
-    from acm_module.engine import hotpath
-    from acm_module.store.keys import alert_prefix
+    from acm_module.decide.engine import hotpath
+    from acm_module.decide.store.keys import alert_prefix
 
     for raw in NUMBER_SPELLINGS:
         e164 = hotpath.normalise(raw, "234")

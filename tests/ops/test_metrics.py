@@ -23,11 +23,11 @@ from servers import (
     wait_port,
 )
 
-from acm_module.client import Client
+from acm_module.decide import stats as stats_mod
+from acm_module.decide.client import Client
+from acm_module.decide.store import keys
+from acm_module.decide.store.conn import StoreConnection
 from acm_module.ops import metrics
-from acm_module.server import stats as stats_mod
-from acm_module.store import keys
-from acm_module.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 

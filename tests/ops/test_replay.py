@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from servers import REPO
 
+from acm_module.decide.store.conn import StoreConnection
 from acm_module.ops import replay, whatif
-from acm_module.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]
 

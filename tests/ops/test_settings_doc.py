@@ -8,8 +8,8 @@ import sys
 import pytest
 from servers import REPO
 
-from acm_module import settings
 from acm_module.cli import flag_commands
+from acm_module.core import settings
 
 pytestmark = pytest.mark.timeout(30)
 

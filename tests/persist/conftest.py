@@ -15,8 +15,8 @@ import psycopg
 import pytest
 from pgqdb import PostgresServer, QuestDBServer, WriterProcess
 
-from acm_module.persist.migrate import migrate
-from acm_module.persist.questdb import QuestDB
+from acm_module.write.migrate import migrate
+from acm_module.write.questdb import QuestDB
 
 _dbs = itertools.count()
 

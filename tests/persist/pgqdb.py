@@ -20,11 +20,11 @@ from typing import Any
 
 from servers import REPO, free_port, unavailable, wait_port
 
-from acm_module.engine import hotpath
-from acm_module.persist.questdb import QuestDB
-from acm_module.persist.writer import GROUP_PREFIX, StreamConnection, group_positions
-from acm_module.store import keys
-from acm_module.store.conn import StoreConnection
+from acm_module.decide.engine import hotpath
+from acm_module.decide.store import keys
+from acm_module.decide.store.conn import StoreConnection
+from acm_module.write.questdb import QuestDB
+from acm_module.write.writer import GROUP_PREFIX, StreamConnection, group_positions
 
 PG_BIN = Path(os.environ.get("ACM_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 ALL_SINKS = ["pg", "questdb", "clickhouse"]

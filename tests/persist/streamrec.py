@@ -10,11 +10,11 @@ from collections.abc import Iterable, Mapping
 
 from pgqdb import stream_records
 
-from acm_module.engine import hotpath
-from acm_module.persist import records as rec
-from acm_module.persist.writer import DLQ_KEY
-from acm_module.store import keys
-from acm_module.store.conn import StoreConnection
+from acm_module.core import records as rec
+from acm_module.decide.engine import hotpath
+from acm_module.decide.store import keys
+from acm_module.decide.store.conn import StoreConnection
+from acm_module.write.writer import DLQ_KEY
 
 PARTITIONS = 16
 Record = tuple[str, dict[str, str]]  # (stream key, fields)

@@ -26,11 +26,11 @@ from pgqdb import (
 )
 from streamrec import dead_letters, decision, fanout_alert, masking_alert, parsed, xadd
 
-from acm_module.persist import records as rec
-from acm_module.persist.base import SinkUnavailable
-from acm_module.persist.migrate import MIGRATIONS_DIR, migrate
-from acm_module.persist.pg import PostgresSink
-from acm_module.persist.questdb import QuestDB
+from acm_module.core import records as rec
+from acm_module.write.base import SinkUnavailable
+from acm_module.write.migrate import MIGRATIONS_DIR, migrate
+from acm_module.write.pg import PostgresSink
+from acm_module.write.questdb import QuestDB
 
 T0 = 1_800_500_000_000
 C1, G1, G1B = "glo-ig", "glo-lag-1", "glo-lag-2"

@@ -21,7 +21,7 @@ from pgqdb import a_num, b_num, ch_query
 from servers import REPO
 from streamrec import Record, fanout_alert, masking_alert
 
-from acm_module.persist import records as rec
+from acm_module.core import records as rec
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 
@@ -35,8 +35,8 @@ Key = tuple[str, str, str, str]  # (date, carrier_id, alert_type, severity)
 # stdin (JSON: a list of lists of k=a fields), print the per-carrier and daily figures.
 CHILD = """
 import json, sys
-from acm_module.persist import records as rec
-from acm_module.persist.clickhouse import ClickHouseSink
+from acm_module.core import records as rec
+from acm_module.write.clickhouse import ClickHouseSink
 batches = json.load(sys.stdin)
 s = ClickHouseSink(chdb_path=sys.argv[1])
 s.open()

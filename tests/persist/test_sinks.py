@@ -18,15 +18,15 @@ import pytest
 from pgqdb import ALL_SINKS, add_tap, ch_query, qdb_count, synthetic, writer_env
 from servers import REPO
 
-from acm_module.persist import whitelist_sync
-from acm_module.persist.clickhouse import ClickHouseSink
-from acm_module.persist.migrate import migrations
-from acm_module.persist.pg import PostgresSink
-from acm_module.persist.records import AlertChange
-from acm_module.persist.writer import GROUP_PREFIX
-from acm_module.store import config as store_config
-from acm_module.store import keys
-from acm_module.store.conn import StoreConnection
+from acm_module.control import whitelist_sync
+from acm_module.core.records import AlertChange
+from acm_module.decide.store import config as store_config
+from acm_module.decide.store import keys
+from acm_module.decide.store.conn import StoreConnection
+from acm_module.write.clickhouse import ClickHouseSink
+from acm_module.write.migrate import migrations
+from acm_module.write.pg import PostgresSink
+from acm_module.write.writer import GROUP_PREFIX
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
@@ -81,7 +81,7 @@ def test_clickhouse_replays_and_escalations_count_once(tmp_path: Any) -> None:
     code = f"""
 import sys
 sys.path.insert(0, {str(REPO)!r})
-from acm_module.persist.clickhouse import ClickHouseSink
+from acm_module.write.clickhouse import ClickHouseSink
 from test_sinks import change
 a, b = "{uuid.uuid4()}", "{uuid.uuid4()}"
 s = ClickHouseSink(chdb_path={path!r})

@@ -32,12 +32,12 @@ from pgqdb import (
 )
 from streamrec import dead_letters
 
-from acm_module.client import Client
-from acm_module.persist.questdb import QuestDB
-from acm_module.persist.records import FRAUD_REASONS
-from acm_module.persist.writer import GROUP_PREFIX, group_positions, writer_stats
-from acm_module.store import keys
-from acm_module.store.conn import StoreConnection
+from acm_module.core.records import FRAUD_REASONS
+from acm_module.decide.client import Client
+from acm_module.decide.store import keys
+from acm_module.decide.store.conn import StoreConnection
+from acm_module.write.questdb import QuestDB
+from acm_module.write.writer import GROUP_PREFIX, group_positions, writer_stats
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 

@@ -25,7 +25,7 @@ import pytest
 import zmq
 from servers import REPO, Service, free_port
 
-from acm_module.client import Client, CurveKeys
+from acm_module.decide.client import Client, CurveKeys
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
@@ -42,7 +42,7 @@ def acm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """server.key(_secret), client.key(_secret), and clients/ holding client.key only."""
-    from acm_module.server.access import generate_keypair  # what `acm keys generate` runs
+    from acm_module.decide.access import generate_keypair  # what `acm keys generate` runs
 
     d = tmp_path_factory.mktemp("keys")
     for name in ("server", "client", "stranger"):

@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 from servers import RedisServer, Service, wait_port
 
-from acm_module.client import Client, ServiceTimeout
-from acm_module.server import stats
-from acm_module.store.conn import StoreConnection
+from acm_module.decide import stats
+from acm_module.decide.client import Client, ServiceTimeout
+from acm_module.decide.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 

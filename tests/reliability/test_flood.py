@@ -26,10 +26,10 @@ import pytest
 import zmq
 from servers import Service
 
-from acm_module.client import Client, ServiceTimeout
-from acm_module.server import stats
-from acm_module.server.zmtp import GREETING, encode_message
-from acm_module.store.conn import StoreConnection
+from acm_module.decide import stats
+from acm_module.decide.client import Client, ServiceTimeout
+from acm_module.decide.store.conn import StoreConnection
+from acm_module.decide.zmtp import GREETING, encode_message
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 

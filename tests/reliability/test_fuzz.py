@@ -23,11 +23,11 @@ import pytest
 import zmq
 from servers import Service, flush
 
-from acm_module.client import Client
-from acm_module.engine import IMPLEMENTATION
-from acm_module.engine import hotpath_py as ref
-from acm_module.server import stats
-from acm_module.store.conn import StoreConnection
+from acm_module.decide import stats
+from acm_module.decide.client import Client
+from acm_module.decide.engine import IMPLEMENTATION
+from acm_module.decide.engine import hotpath_py as ref
+from acm_module.decide.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]
 

@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 from servers import Service, proc_usage
 
-from acm_module import settings as settings_mod
 from acm_module.control import jsonrpc
+from acm_module.core import settings as settings_mod
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(240)]
 

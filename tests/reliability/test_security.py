@@ -32,9 +32,9 @@ import msgpack
 import pytest
 from servers import RedisServer, Service, free_port
 
-from acm_module.client import Client
 from acm_module.control import jsonrpc
-from acm_module.store.conn import StoreConnection
+from acm_module.decide.client import Client
+from acm_module.decide.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
@@ -233,7 +233,7 @@ def test_no_password_or_call_records_in_logs_at_default_level(zctx) -> None:  # 
 
 def _secret_env() -> dict[str, str]:
     """A distinctive value for every secret-looking setting, and credentials in every URL."""
-    from acm_module import settings as settings_mod
+    from acm_module.core import settings as settings_mod
 
     env = {}
     for st in settings_mod.SETTINGS:

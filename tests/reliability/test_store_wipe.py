@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from servers import RedisServer, Service, wait_port
 
-from acm_module.client import Client
-from acm_module.store.conn import StoreConnection
+from acm_module.decide.client import Client
+from acm_module.decide.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 

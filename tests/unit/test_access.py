@@ -6,9 +6,9 @@ import socket
 
 import pytest
 
-from acm_module.server.access import Access, is_exposed
-from acm_module.server.supervisor import bound_endpoint
-from acm_module.settings import parse_networks
+from acm_module.core.settings import parse_networks
+from acm_module.decide.access import Access, is_exposed
+from acm_module.decide.supervisor import bound_endpoint
 
 
 @pytest.mark.parametrize(("endpoint", "exposed"), [
@@ -51,7 +51,7 @@ def test_the_zap_handler_admits_only_what_the_rules_allow() -> None:
     import zmq
     from zmq.utils import z85
 
-    from acm_module.server.access import ZapHandler
+    from acm_module.decide.access import ZapHandler
 
     client_pub, _ = zmq.curve_keypair()
     stranger_pub, _ = zmq.curve_keypair()

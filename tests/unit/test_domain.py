@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from acm_module.domain.alerts import TRANSITIONS, AlertStatus
-from acm_module.engine import hotpath
-from acm_module.engine.types import severity_of
+from acm_module.core.alerts import TRANSITIONS, AlertStatus
+from acm_module.core.types import severity_of
+from acm_module.decide.engine import hotpath
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from acm_module.gateway.context import GatewayContext
+from acm_module.decide.gateway.context import GatewayContext
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from acm_module import settings
-from acm_module.errors import ConfigError
+from acm_module.core import settings
+from acm_module.core.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(10)
 

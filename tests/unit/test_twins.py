@@ -21,8 +21,9 @@ import msgpack
 import pytest
 
 from acm_module import _hotpath as cy
-from acm_module.engine import decider_py, hotpath_py, numbers_py, request_py, resp_py, types
-from acm_module.engine import hotpath_py as py
+from acm_module.core import types
+from acm_module.decide.engine import decider_py, hotpath_py, numbers_py, request_py, resp_py
+from acm_module.decide.engine import hotpath_py as py
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -67,7 +68,7 @@ def test_every_public_function_of_every_concept_is_fuzzed() -> None:
 
 
 def test_the_twins_share_one_definition_of_each_type() -> None:
-    """Request, RequestError, RespError, Incomplete, FIELDS, severities: engine/types.py's."""
+    """Request, RequestError, RespError, Incomplete, FIELDS, severities: core/types.py's."""
     for name in ("Request", "RequestError", "RespError", "Incomplete", "FIELDS", "MAX_DEPTH",
                  "severity_of"):
         assert getattr(cy, name) is getattr(types, name), name
@@ -87,7 +88,7 @@ def test_the_twins_share_one_definition_of_each_type() -> None:
 
 
 def test_the_gateway_context_implements_the_declared_interface() -> None:
-    from acm_module.gateway.context import GatewayContext
+    from acm_module.decide.gateway.context import GatewayContext
 
     ctx = GatewayContext(_REGISTRY, fanout_threshold=2, rl_sha="r" * 40, fanout_sha="f" * 40)
     assert isinstance(ctx, types.GatewayContext)
@@ -853,7 +854,7 @@ def _side_reply(mod: Any, rnd: random.Random, kind: str) -> Any:
 
 @pytest.mark.parametrize("fanout", [0, 4])
 def test_decider_with_gateway_context_matches_the_twin(fanout: int) -> None:
-    from acm_module.gateway.context import GatewayContext
+    from acm_module.decide.gateway.context import GatewayContext
 
     rnd = random.Random(77 + fanout)
     ds = (_make(py), _make(cy))

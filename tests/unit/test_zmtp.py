@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import zmq
 
-from acm_module.server.supervisor import listen_socket
-from acm_module.server.zmtp import (
+from acm_module.decide.supervisor import listen_socket
+from acm_module.decide.zmtp import (
     GREETING,
     IN_HWM,
     MAX_PENDING_OUT,
@@ -259,8 +259,8 @@ def test_a_peer_that_goes_away_mid_batch_costs_nothing(server: EchoServer,
 
 _FD_SERVER = r"""
 import os, resource, sys, time
-from acm_module.server.supervisor import listen_socket
-from acm_module.server.zmtp import ZmtpServer
+from acm_module.decide.supervisor import listen_socket
+from acm_module.decide.zmtp import ZmtpServer
 path = sys.argv[1]
 lsock = listen_socket("ipc://" + path)
 srv = ZmtpServer(os.dup(lsock.fileno()), 1024)

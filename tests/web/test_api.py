@@ -16,9 +16,9 @@ import pytest
 from conftest import BOOT_TOKEN, PASSWORD, ROLES, Web, running_web
 from servers import REPO, RedisServer, flush, free_port
 
-from acm_module.engine import hotpath
-from acm_module.store import keys
-from acm_module.store.conn import StoreConnection
+from acm_module.decide.engine import hotpath
+from acm_module.decide.store import keys
+from acm_module.decide.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
@@ -644,8 +644,8 @@ def test_a_store_outage_gets_503_at_once_and_the_api_recovers_with_the_store() -
 @pytest.mark.parametrize("restricted", [False, True], ids=["any-client-key", "client-keys"])
 def test_events_reach_a_pool_whose_endpoint_speaks_curve(store_url: str, tmp_path: Any,
                                                          restricted: bool) -> None:
-    from acm_module.client import CurveKeys
-    from acm_module.server.access import generate_keypair
+    from acm_module.decide.access import generate_keypair
+    from acm_module.decide.client import CurveKeys
 
     generate_keypair(tmp_path, "server")
     generate_keypair(tmp_path, "opensips")

@@ -30,7 +30,7 @@ from servers import unavailable
 from test_api import fresh_b
 from test_api_pg import wait_row
 
-from acm_module.client import Client
+from acm_module.decide.client import Client
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 

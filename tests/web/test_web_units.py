@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from acm_module.errors import ConfigError
-from acm_module.ops.logs import secrets_of
+from acm_module.core.errors import ConfigError
+from acm_module.core.logs import secrets_of
 from acm_module.web.security import Passwords, check_boot, new_token, token_hash
 
 pytestmark = pytest.mark.timeout(30)

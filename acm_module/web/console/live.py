@@ -26,11 +26,11 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from acm_module.control.repository import _alert_view
-from acm_module.engine import hotpath
-from acm_module.errors import StoreError
-from acm_module.persist import records
-from acm_module.store import keys
-from acm_module.store.conn import StoreConnection
+from acm_module.core import records
+from acm_module.core.errors import StoreError
+from acm_module.decide.engine import hotpath
+from acm_module.decide.store import keys
+from acm_module.decide.store.conn import StoreConnection
 
 log = logging.getLogger("acm.web.console")
 

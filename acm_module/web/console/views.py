@@ -31,10 +31,10 @@ from fastapi.responses import (
 )
 from fastapi.routing import APIRoute
 
-from acm_module import settings as settings_mod
-from acm_module.domain.alerts import TRANSITIONS, AlertStatus
-from acm_module.engine import hotpath
-from acm_module.gateway import registry as gw_registry
+from acm_module.core import settings as settings_mod
+from acm_module.core.alerts import TRANSITIONS, AlertStatus
+from acm_module.decide.engine import hotpath
+from acm_module.decide.gateway import registry as gw_registry
 from acm_module.web.api import API, CSRF_HEADER, SESSION_COOKIE, csrf_of
 from acm_module.web.console import charts, live
 from acm_module.web.console.assets import Assets

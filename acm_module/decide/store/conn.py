@@ -1,0 +1,278 @@
+"""A minimal blocking RESP connection: one pipelined write, one read loop, nothing else.
+
+redis-py spends tens of microseconds per command in Python; the hot path sends a whole batch as
+one buffer and parses the replies with the compiled parser.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from acm_module.core.errors import ConfigError, StoreError, StoreReplyError
+from acm_module.core.redaction import redact_url
+from acm_module.core.settings import STORE_SCHEMES
+from acm_module.core.types import SEVERITY_CRITICAL, SEVERITY_HIGH
+from acm_module.decide.engine import hotpath
+
+LUA_DIR = Path(__file__).with_name("lua")
+# Scripts that run after episode.lua, the window/episode/severity logic they share.
+_EPISODE_SCRIPTS = frozenset({"decide", "fanout"})
+
+
+@functools.cache
+def load_script(name: str) -> str:
+    """Return the text the store runs for a bundled Lua script (EVALSHA names its SHA-1).
+
+    decide and fanout get the severity bands of engine.types and episode.lua in front, so the
+    episode logic is written once and the bands are the ones Python uses.
+    """
+    source = (LUA_DIR / f"{name}.lua").read_text()
+    if name in _EPISODE_SCRIPTS:
+        bands = (f"local SEVERITY_HIGH, SEVERITY_CRITICAL = {SEVERITY_HIGH}, "
+                 f"{SEVERITY_CRITICAL}\n")
+        source = bands + (LUA_DIR / "episode.lua").read_text() + source
+    return source
+
+
+def script_sha(source: str) -> str:
+    """Return the SHA-1 the store names a script by (what SCRIPT LOAD returns)."""
+    return hashlib.sha1(source.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StoreAddress:
+    """Where a store URL points (redis://[user:pass@]host:port/db or unix:///path)."""
+
+    unix: bool
+    path: str
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    db: int
+
+    def open(self, connect_timeout: float, url: str) -> socket.socket:
+        """Connect a socket to the store (TCP_NODELAY on TCP). Raises StoreError."""
+        try:
+            if self.unix:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(connect_timeout)
+                s.connect(self.path)
+            else:
+                s = socket.create_connection((self.host, self.port), connect_timeout)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as e:
+            raise StoreError(f"cannot connect to store {safe_url(url)}: {e}") from e
+        return s
+
+    def login(self) -> list[list[str | int]]:
+        """Return the commands a new connection sends first (AUTH, SELECT as the URL says)."""
+        out: list[list[str | int]] = []
+        if self.password:
+            out.append(["AUTH", self.username, self.password] if self.username
+                       else ["AUTH", self.password])
+        if self.db:
+            out.append(["SELECT", self.db])
+        return out
+
+
+def parse_url(url: str) -> StoreAddress:
+    """Parse a store URL. Raises StoreError for an unsupported scheme."""
+    u = urlparse(url)
+    if u.scheme not in STORE_SCHEMES:
+        raise StoreError(f"unsupported store URL scheme {u.scheme!r} (redis:// or unix://)")
+    unix = u.scheme == "unix"
+    db = "" if unix else u.path.strip("/")
+    return StoreAddress(unix, u.path, u.hostname or "127.0.0.1", u.port or 6379,
+                        unquote(u.username) if u.username else None,
+                        unquote(u.password) if u.password else None, int(db) if db else 0)
+
+
+# Error replies that mean the URL's credentials or database are wrong: no retry can fix them.
+_REFUSALS = (
+    ("WRONGPASS", "the store refused the user name or password"),
+    ("NOAUTH", "the store requires a password and the URL has none"),
+    ("ERR AUTH", "the URL has a password but the store has none configured"),
+    ("ERR Client sent AUTH", "the URL has a password but the store has none configured"),
+    ("ERR invalid password", "the store refused the password"),
+    ("ERR DB index", "the store has no such database"),
+)
+
+
+def login_refusal(e: BaseException) -> str | None:
+    """Say why the store refused to log in (a wrong password...), or None for anything else."""
+    if not isinstance(e, StoreReplyError):
+        return None
+    for prefix, why in _REFUSALS:
+        if e.message.startswith(prefix):
+            return f"{why} ({e.message.split(' ', 1)[0]})"
+    return None
+
+
+def safe_url(url: str) -> str:
+    """Return a store URL without its password, for logs."""
+    return redact_url(url)
+
+
+class StoreConnection:
+    """One connection to a Redis-protocol server (DragonflyDB, Redis, Valkey)."""
+
+    def __init__(self, url: str, timeout: float = 0.02, connect_timeout: float = 1.0) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._sock: socket.socket | None = None
+        self._buf = bytearray()
+        self._applied = -1.0
+        self._address = parse_url(url)
+
+    # -- connection management -------------------------------------------------------------
+    def connect(self) -> None:
+        """Open the connection (AUTH/SELECT as the URL says). Raises StoreError."""
+        self.close()
+        self._sock = self._address.open(self.connect_timeout, self.url)
+        self._apply_timeout()
+        self._buf.clear()
+        for cmd in self._address.login():
+            self.call(*cmd)
+
+    @property
+    def connected(self) -> bool:
+        """Say whether a socket is open."""
+        return self._sock is not None
+
+    def close(self) -> None:
+        """Close the socket, if open."""
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+                self._buf.clear()
+
+    def check_login(self) -> None:
+        """Connect, log in and PING once, then close.
+
+        Raises ConfigError when the store refuses the URL's credentials or database (a retry
+        cannot fix that), StoreError when it is unreachable or failing.
+        """
+        try:
+            self.connect()
+            self.call("PING")
+        except StoreError as e:
+            why = login_refusal(e)
+            if why is not None:
+                raise ConfigError(f"store {self.safe_url()}: {why}") from e
+            raise
+        finally:
+            self.close()
+
+    def safe_url(self) -> str:
+        """Return the URL without its password, for logs."""
+        return safe_url(self.url)
+
+    def set_timeout(self, timeout: float) -> None:
+        """Change the per-round-trip timeout."""
+        self.timeout = timeout
+        if self._sock is not None:
+            self._apply_timeout()
+
+    def _apply_timeout(self, timeout: float | None = None) -> None:
+        # Kernel timeouts on a blocking socket: Python's timeout mode would add a poll()
+        # before every send and recv, two system calls per round trip on the hot path.
+        assert self._sock is not None
+        t = self.timeout if timeout is None else timeout
+        tv = struct.pack("ll", int(t), int((t - int(t)) * 1e6) or (0 if int(t) else 1))
+        self._sock.settimeout(None)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        self._applied = t
+
+    # -- I/O -------------------------------------------------------------------------------
+    def round_trip(self, payload: bytes, n: int, timeout: float | None = None) -> list:
+        """Send payload (n pipelined commands) and return their n replies.
+
+        Error replies come back in the list as RespError; a broken or slow connection raises
+        StoreError and is closed (the caller reconnects).
+        """
+        if self._sock is None:
+            self.connect()
+        sock = self._sock
+        assert sock is not None
+        budget = self.timeout if timeout is None else timeout
+        if budget != self._applied:
+            self._apply_timeout(budget)
+        deadline = time.monotonic() + budget
+        try:
+            sock.sendall(payload)
+            out: list = []
+            buf = self._buf
+            pos = 0
+            while len(out) < n:
+                if pos < len(buf):
+                    try:
+                        v, pos = hotpath.parse_reply(buf, pos)
+                        out.append(v)
+                        continue
+                    except hotpath.Incomplete:
+                        pass
+                if time.monotonic() >= deadline:
+                    raise TimeoutError("store round trip timed out")
+                try:
+                    chunk = sock.recv(1 << 16)
+                except BlockingIOError:  # SO_RCVTIMEO expired
+                    raise TimeoutError("store round trip timed out") from None
+                if not chunk:
+                    raise ConnectionError("store closed the connection")
+                del buf[:pos]
+                pos = 0
+                buf += chunk
+            del buf[:pos]
+            return out
+        except (OSError, ValueError) as e:
+            self.close()
+            raise StoreError(f"store {self.safe_url()}: {e}") from e
+
+    def call(self, *args: bytes | str | int, timeout: float | None = None) -> object:
+        """Run one command; raise StoreReplyError for an error reply."""
+        self._drop_if_closed()
+        # The connection's own timeout: a worker's is the hot path's store budget, so neither a
+        # reconnect's SCRIPT LOAD nor housekeeping can stall its clients longer than a decision.
+        (reply,) = self.round_trip(hotpath.encode_command(*args), 1,
+                                   timeout if timeout is not None else self.timeout)
+        if isinstance(reply, hotpath.RespError):
+            raise StoreReplyError(reply.message)
+        return reply
+
+    def _drop_if_closed(self) -> None:
+        """Close a connection the server has closed while it sat idle (a store restart).
+
+        Without this the first command after a restart fails with "store closed the
+        connection" although the store is back. Only call() checks (one non-blocking peek):
+        the hot path's round_trip() stays at two system calls.
+        """
+        s = self._sock
+        if s is None:
+            return
+        try:
+            data = s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return  # open, nothing pending: the normal case
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.close()
+
+    def script_load(self, source: str) -> str:
+        """Load a Lua script and return its SHA1."""
+        sha = self.call("SCRIPT", "LOAD", source)
+        assert isinstance(sha, bytes)
+        return sha.decode()

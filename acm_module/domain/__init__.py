@@ -1,1 +1,0 @@
-"""The alert lifecycle (AlertStatus and its TRANSITIONS), used by actions.lifecycle."""
