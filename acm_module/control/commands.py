@@ -42,7 +42,7 @@ from acm_module.gateway import registry
 from acm_module.ops.logs import apply_log_level
 from acm_module.server import stats as stats_mod
 from acm_module.store import config as store_config
-from acm_module.store.conn import StoreConnection
+from acm_module.store.cluster import StoreClient
 
 log = logging.getLogger("acm.control")
 
@@ -158,11 +158,11 @@ class Control:
 
     def __init__(self, settings: Any, repo: ControlRepository | None = None) -> None:
         self.settings = settings
-        self.conn = StoreConnection(settings.store, timeout=1.0, connect_timeout=1.0)
+        self.conn = StoreClient(settings.store, timeout=1.0, connect_timeout=1.0)
         self.repo = repo if repo is not None else open_repository(settings, self.conn)
         self.auth = Authorizer(settings.mi_token or "")
         self.overrides_path = overrides.overrides_path(settings)
-        # Commands are rare; one lock serialises store access (StoreConnection is not
+        # Commands are rare; one lock serialises store access (StoreClient is not
         # thread-safe) and makes each read-modify-write atomic within this process.
         self._lock = threading.RLock()
         self.commands: dict[str, Command] = {c.name: c for c in self._declare()}
@@ -804,7 +804,7 @@ def _split_carriers(decisions: dict[str, int]) -> tuple[dict[str, int], dict[str
     return plain, dict(sorted(carriers.items()))
 
 
-def _sibling_booted(conn: StoreConnection) -> bool:
+def _sibling_booted(conn: StoreClient) -> bool:
     """Say whether a worker of our own supervisor (same parent pid) has published stats."""
     ppid = os.getppid()
     for snap in stats_mod.read_all(conn):

@@ -29,7 +29,7 @@ from acm_module.control.audit import AuditRecord, iso_ms
 from acm_module.engine import hotpath
 from acm_module.persist import records
 from acm_module.store import keys
-from acm_module.store.conn import StoreConnection
+from acm_module.store.cluster import StoreClient
 
 log = logging.getLogger("acm.control")
 
@@ -115,7 +115,7 @@ class StoreRepository:
 
     name = "store"
 
-    def __init__(self, conn: StoreConnection, partitions: int) -> None:
+    def __init__(self, conn: StoreClient, partitions: int) -> None:
         self.conn = conn
         self.partitions = partitions
 
@@ -275,7 +275,7 @@ def _alert_view(a: records.AlertChange) -> dict[str, Any]:
     }
 
 
-def open_repository(settings: Any, conn: StoreConnection) -> ControlRepository:
+def open_repository(settings: Any, conn: StoreClient) -> ControlRepository:
     """Return the PostgreSQL repository when configured and installed, else the store one."""
     if getattr(settings, "database_url", ""):
         try:

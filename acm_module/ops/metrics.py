@@ -43,7 +43,7 @@ from acm_module.errors import StoreError
 from acm_module.server import stats as stats_mod
 from acm_module.store import config as store_config
 from acm_module.store import keys
-from acm_module.store.conn import StoreConnection
+from acm_module.store.cluster import StoreClient
 
 log = logging.getLogger("acm.metrics")
 
@@ -132,7 +132,7 @@ class AlertScanner:
         self._ids: dict[str, str] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._conn = StoreConnection(store_url, timeout=2.0)
+        self._conn = StoreClient(store_url, timeout=2.0)
         self._thread = threading.Thread(target=self._run, name="alert-scanner", daemon=True)
         self._cfg_next = 0.0
 
@@ -244,7 +244,7 @@ class PoolCollector(Collector):
         self.partitions = partitions
         self.scanner = scanner
         self.fresh_s = fresh_s
-        self._conn = StoreConnection(store_url, timeout=2.0)
+        self._conn = StoreClient(store_url, timeout=2.0)
         self._lock = threading.Lock()  # one scrape at a time on the one connection
         self._pids: dict[tuple[str, str], int] = {}
         self._restarts: dict[tuple[str, str], int] = {}

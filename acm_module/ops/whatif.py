@@ -33,7 +33,7 @@ from acm_module.ops.replay import (
     Summary,
     run_replay,
 )
-from acm_module.store.conn import StoreConnection
+from acm_module.store.cluster import StoreClient
 
 METRICS = (("alerts", "alerts"), ("dropped", "dropped calls"), ("b_numbers_hit", "B-numbers hit"))
 CSV_COLUMNS = ("threshold", "window", "calls", "alerts", "alerts_low", "alerts_high",
@@ -88,7 +88,7 @@ def cell_detection(base: Detection, threshold: int, window: float) -> Detection:
 def _run_cells(calls: Sequence[Call], base: Detection, todo: list[tuple[int, int, float]],
                store: ScratchStore, db_offset: int, report: Any) -> None:
     """Run cells one after the other on one database; report ("cell"|"progress"|"error", ...)."""
-    conn = StoreConnection(store.db_url(db_offset), timeout=30.0, connect_timeout=5.0)
+    conn = StoreClient(store.db_url(db_offset), timeout=30.0, connect_timeout=5.0)
     try:
         conn.connect()
         for index, t, w in todo:

@@ -127,7 +127,7 @@ def _whitelist_syncer(v: dict[str, Any]) -> Any:
     import psycopg
 
     from acm_module.persist import whitelist_sync
-    from acm_module.store.conn import StoreConnection
+    from acm_module.store.cluster import StoreClient
 
     state: dict[str, Any] = {}
 
@@ -136,7 +136,7 @@ def _whitelist_syncer(v: dict[str, Any]) -> Any:
             if state.get("db") is None or state["db"].closed:
                 state["db"] = psycopg.connect(v["database_url"], connect_timeout=5)
             if state.get("store") is None:
-                state["store"] = StoreConnection(v["store"], timeout=5.0)
+                state["store"] = StoreClient(v["store"], timeout=5.0)
             whitelist_sync.reconcile(state["db"], state["store"], v["partitions"],
                                      v["default_country_code"])
         except Exception:
@@ -168,10 +168,10 @@ def cmd_writer_stats(args: argparse.Namespace) -> int:
     import json
 
     from acm_module.persist.writer import writer_stats
-    from acm_module.store.conn import StoreConnection
+    from acm_module.store.cluster import StoreClient
 
     v = resolve(args)
-    c = StoreConnection(v["store"], timeout=5.0)
+    c = StoreClient(v["store"], timeout=5.0)
     try:
         json.dump(writer_stats(c, v["partitions"]), sys.stdout, indent=2)
     finally:

@@ -25,6 +25,7 @@ from acm_module.persist.base import Sink, SinkRejected, SinkUnavailable
 from acm_module.persist.records import FRAUD_REASONS, AlertChange, Decision
 from acm_module.persist.streamconn import StreamConnection
 from acm_module.server import stats as stats_mod
+from acm_module.store.cluster import StoreClient
 
 log = logging.getLogger("acm.persist.questdb")
 
@@ -220,7 +221,7 @@ class QuestDBSink(Sink):
             raise SinkUnavailable(f"questdb: {e}") from e
         self._sender = sender
         if self.store_url:
-            self._store = StreamConnection(self.store_url, timeout=5.0)
+            self._store = StoreClient(self.store_url, timeout=5.0, conn_class=StreamConnection)
             self._latency = LatencyIndex(self._store)
 
     def _latencies(self, decisions: list[Decision]) -> tuple[dict[int, int], set[int]]:

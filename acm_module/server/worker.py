@@ -21,7 +21,8 @@ from acm_module.ops.logs import apply_log_level
 from acm_module.server import stats as stats_mod
 from acm_module.server.zmtp import IN_HWM, Balance, ZmtpServer, split_envelope
 from acm_module.store import config as store_config
-from acm_module.store.conn import StoreConnection, load_script
+from acm_module.store.cluster import StoreClient
+from acm_module.store.conn import load_script
 
 log = logging.getLogger("acm.worker")
 
@@ -84,7 +85,7 @@ class Worker:
             self.io = ZmtpServer(self.listen_fd, max_frame, balance)
         # A reconnect must not hold the worker for long either: a black-holed store costs at
         # most 100 ms per attempt (attempts back off up to 1 s), a healthy one connects in <1 ms.
-        self.store = StoreConnection(s.store, timeout=s.store_timeout_ms / 1000.0,
+        self.store = StoreClient(s.store, timeout=s.store_timeout_ms / 1000.0,
                                      connect_timeout=max(s.store_timeout_ms / 1000.0, 0.1))
         self.script_source = load_script("decide")
         self.sha = _sha1(self.script_source)

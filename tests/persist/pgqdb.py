@@ -24,7 +24,7 @@ from acm_module.engine import hotpath
 from acm_module.persist.questdb import QuestDB
 from acm_module.persist.writer import GROUP_PREFIX, StreamConnection, group_positions
 from acm_module.store import keys
-from acm_module.store.conn import StoreConnection
+from acm_module.store.cluster import StoreClient as StoreConnection
 
 PG_BIN = Path(os.environ.get("ACM_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 ALL_SINKS = ["pg", "questdb", "clickhouse"]
