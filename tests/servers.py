@@ -358,6 +358,10 @@ class RedisCluster:
         self.ports = free_cluster_ports(masters * (1 + replicas))
         self.dir = tempfile.mkdtemp(prefix="acm-cluster-")
         self.procs: dict[int, subprocess.Popen] = {}
+        self.stopped: set[int] = set()  # SIGSTOPped: alive but not answering
+
+    def _live(self) -> list[int]:
+        return [p for p, pr in self.procs.items() if pr.poll() is None and p not in self.stopped]
 
     def url(self, i: int = 0) -> str:
         """Return the URL of node i (any node is a valid seed)."""
@@ -378,7 +382,7 @@ class RedisCluster:
              "--cluster-config-file", f"{d}/nodes.conf",
              "--cluster-node-timeout", str(self.node_timeout_ms),
              "--cluster-replica-validity-factor", "0", "--cluster-require-full-coverage", "no",
-             "--cluster-allow-reads-when-down", "no"],
+             "--cluster-allow-reads-when-down", "no", "--repl-diskless-sync-delay", "0"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def start(self) -> RedisCluster:
@@ -412,12 +416,36 @@ class RedisCluster:
         """Wait until every running node says cluster_state:ok and agrees on the masters."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            live = [p for p, pr in self.procs.items() if pr.poll() is None]
+            live = self._live()
             if all("cluster_state:ok" in self.redis(p, "CLUSTER", "INFO") for p in live) \
-                    and len({self._masters_seen(p) for p in live}) == 1:
+                    and len({self._masters_seen(p) for p in live}) == 1 \
+                    and all(self._in_sync(p) for p in live):
                 return
             time.sleep(0.1)
         raise AssertionError(f"cluster not ok within {timeout}s")
+
+    def wait_replicated(self, timeout: float = 10.0) -> None:
+        """Wait until every replica has every write its master has (replication is async)."""
+        import re
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = True
+            for p in self.master_ports():
+                info = self.redis(p, "INFO", "replication")
+                m = re.search(r"master_repl_offset:(\d+)", info)
+                offs = [int(x) for x in re.findall(r"slave\d+:.*offset=(\d+)", info)]
+                if m is None or not offs or min(offs) < int(m.group(1)):
+                    done = False
+            if done:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"replicas did not catch up within {timeout}s")
+
+    def _in_sync(self, port: int) -> bool:
+        """Say whether a node is a master or a replica whose initial sync is done."""
+        info = self.redis(port, "INFO", "replication")
+        return "role:master" in info or "master_link_status:up" in info
 
     def _masters_seen(self, port: int) -> str:
         lines = self.redis(port, "CLUSTER", "NODES").splitlines()
@@ -426,15 +454,31 @@ class RedisCluster:
 
     def master_ports(self) -> list[int]:
         """Return the ports of the current masters (as the first live node sees them)."""
-        live = next(p for p, pr in self.procs.items() if pr.poll() is None)
+        live = self._live()[0]
         return sorted(int(m.rsplit(":", 1)[1]) for m in self._masters_seen(live).split(","))
 
     def stop_node(self, port: int, sig: int = signal.SIGKILL) -> None:
         pr = self.procs.get(port)
         if pr is not None and pr.poll() is None:
             pr.send_signal(sig)
+            if sig == signal.SIGSTOP:
+                self.stopped.add(port)
             if sig in (signal.SIGKILL, signal.SIGTERM):
                 pr.wait(5)
+
+    def restore(self) -> None:
+        """Restart every node a test stopped (it rejoins, as a replica) and wait until ok."""
+        for port, pr in list(self.procs.items()):
+            if pr.poll() is None and port not in self.stopped:
+                continue
+            if pr.poll() is None:
+                pr.kill()
+                pr.wait(5)
+            self.stopped.discard(port)
+            self.start_node(port)
+            if not wait_port(port):
+                raise AssertionError(f"cluster node {port} did not restart")
+        self.wait_ok()
 
     def cleanup(self) -> None:
         for pr in self.procs.values():

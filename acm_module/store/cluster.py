@@ -125,7 +125,10 @@ class StoreClient:
         Raises StoreError (the last seed's) when none does.
         """
         err: StoreError | None = None
-        for addr in self._seeds:
+        # The URL's seeds first, then every master of the last map: a cluster whose seed died
+        # is still found through the nodes it had.
+        known = [self._seeds[0].at(*hp) for hp in self._masters]
+        for addr in [*self._seeds, *(a for a in known if a not in self._seeds)]:
             c = self._conn(addr)
             try:
                 c.connect()
@@ -379,8 +382,9 @@ def _read_map(c: Any) -> list[tuple[list[tuple[int, int]], tuple[str, int]]] | N
 
     CLUSTER SHARDS (Redis 7, Dragonfly), else CLUSTER SLOTS. Raises StoreError.
     """
+    # Bounded like a connect: a worker's reconnect must not hold its clients much longer.
     r = _bytes(c.round_trip(hotpath.encode_command("CLUSTER", "SHARDS"), 1,
-                            max(c.timeout, 1.0))[0])
+                            c.connect_timeout)[0])
     if isinstance(r, hotpath.RespError):
         msg = r.message.lower()
         if "disabled" in msg or "not enabled" in msg or "cluster mode" in msg \
@@ -405,7 +409,7 @@ def _read_map(c: Any) -> list[tuple[list[tuple[int, int]], tuple[str, int]]] | N
 
 def _read_slots(c: Any) -> list[tuple[list[tuple[int, int]], tuple[str, int]]] | None:
     r = _bytes(c.round_trip(hotpath.encode_command("CLUSTER", "SLOTS"), 1,
-                            max(c.timeout, 1.0))[0])
+                            c.connect_timeout)[0])
     if isinstance(r, hotpath.RespError):
         return None  # no cluster support: a standalone server
     by_master: dict[tuple[str, int], list[tuple[int, int]]] = {}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,3 +73,72 @@ def test_two_nodes_with_different_seeds_decide_as_one(empty_cluster: RedisCluste
     assert len(ref.alerts) >= 10
     sizes = {p: int(cl.redis(p, "DBSIZE").strip()) for p in cl.master_ports()}
     assert all(v > 0 for v in sizes.values()), sizes
+
+
+def _b(i: int) -> str:
+    return f"+2348{i:09d}"
+
+
+def _a(i: int) -> str:
+    return f"+2347{i:09d}"
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_failover_under_load(empty_cluster: RedisCluster, zctx: zmq.Context, how: str) -> None:
+    """A master dies (SIGKILL) or hangs (SIGSTOP) under load; its replica takes over. Every
+    request is answered within the store timeout (a verdict or store_unavailable), service
+    resumes after the switch, and what was decided before it is still counted after it."""
+    cl = empty_cluster
+    victim = cl.master_ports()[1]
+    seed = next(p for p in cl.master_ports() if p != victim)
+    timeout_ms = 200
+    node = Service(f"redis://127.0.0.1:{seed}/0",
+                   extra_env={"ACM_STORE_TIMEOUT_MS": str(timeout_ms), "ACM_THRESHOLD": "50",
+                              # State lives 2 windows: long enough for a slow failover.
+                              "ACM_WINDOW": "60"})
+    c = None
+    try:
+        node.start()
+        c = Client(node.endpoint, timeout=5.0, context=zctx)
+        bs = 64  # B-numbers over every partition, so every master holds some
+        ts = 1_800_000_000.0
+        for i in range(bs):
+            for j in range(3):
+                assert c.decide(f"pre{i}.{j}", _a(i * 10 + j), _b(i), ts=ts)["distinct"] == j + 1
+        # Replication is asynchronous: the contract covers what reached the replica.
+        cl.wait_replicated()
+        slowest = 0.0
+        codes: list[tuple[float, str]] = []
+        t0 = time.monotonic()
+        killed_at = 0.0
+        k = 0
+        while True:
+            now = time.monotonic() - t0
+            if not killed_at and now > 0.5:
+                cl.stop_node(victim, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+                killed_at = now
+            if killed_at and now > 2.0 and victim not in cl.master_ports() \
+                    and len(codes) > 20 and all(x == "ok" for _, x in codes[-20:]):
+                break
+            assert now < 30, "no recovery within 30 s"
+            s = time.monotonic()
+            r = c.decide(f"load{k}", _a(100000 + k), _b(1000 + k % 97), ts=ts + 1 + k * 1e-3)
+            slowest = max(slowest, time.monotonic() - s)
+            codes.append((now, "ok" if "verdict" in r else r.get("error", "?")))
+            k += 1
+        print(f"failover {how}: {len(codes)} requests in {codes[-1][0] - killed_at:.2f}s "
+              f"after the {how}, slowest {slowest:.3f}s, "
+              f"store_unavailable {sum(x != 'ok' for _, x in codes)}")
+        assert {x for _, x in codes} <= {"ok", "store_unavailable"}
+        assert any(x == "store_unavailable" for _, x in codes)  # the switch was seen
+        # Nothing waits beyond the store timeout (plus reconnect work and a loaded machine).
+        assert slowest < timeout_ms / 1000.0 * 3 + 0.5, slowest
+        # What was decided before the switch is still there: a 4th caller is the 4th.
+        for i in range(bs):
+            r = c.decide(f"post{i}", _a(i * 10 + 9), _b(i), ts=ts + 2)
+            assert r.get("distinct") == 4, (i, r)
+    finally:
+        if c is not None:
+            c.close()
+        node.cleanup()
+        cl.restore()
