@@ -1,4 +1,8 @@
-"""Build the compiled hot path; a failed compile fails the install (no silent slow fallback)."""
+"""Build the compiled hot path; a failed compile fails the install (no silent slow fallback).
+
+ext/_hotpath.pyx is the one extension module; it includes ext/<concept>.pyx and cimports
+ext/cbuf.pxd, which cythonize tracks as its dependencies.
+"""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup

@@ -8,12 +8,31 @@ import sys
 from acm_module import settings as settings_mod
 from acm_module.errors import ConfigError
 
+# The settings `acm serve` uses: its own, the detection rules, and its MI control plane's.
+SERVE_SECTIONS = frozenset({"service", "detection", "control"})
 
-def _add_setting_flags(p: argparse.ArgumentParser, section: str | None = None) -> None:
+
+def _add_setting_flags(p: argparse.ArgumentParser, sections: frozenset[str]) -> None:
     for s in settings_mod.SETTINGS:
-        if s.cli is None or (section is not None and s.section not in (section, "detection")):
-            continue
-        p.add_argument(s.cli, dest=s.name, default=None, help=f"{s.description} [{s.name}]")
+        if s.cli is not None and s.section in sections:
+            p.add_argument(s.cli, dest=s.name, default=None, help=f"{s.description} [{s.name}]")
+
+
+def flag_commands() -> dict[str, list[str]]:
+    """Return every option flag of `acm` with the (sub)commands that accept it."""
+    out: dict[str, list[str]] = {}
+
+    def walk(name: str, parser: argparse.ArgumentParser) -> None:
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub, sp in a.choices.items():
+                    walk(f"{name} {sub}".strip(), sp)
+            elif name:
+                for opt in a.option_strings:
+                    out.setdefault(opt, []).append(name)
+
+    walk("", build_parser())
+    return {k: sorted(set(v)) for k, v in out.items()}
 
 
 def _load(args: argparse.Namespace) -> settings_mod.Settings:
@@ -33,11 +52,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from acm_module.control.overrides import apply_overrides
     from acm_module.server.supervisor import Supervisor
 
-    s = _load(args)
+    def resolve() -> settings_mod.Settings:
+        s = _load(args)
+        # MI changes persisted in state_dir win over the file/env, so a restart keeps them.
+        apply_overrides(s)
+        return s
+
+    s = resolve()
     setup_logging(s.log_level, s.log_json)
-    # MI changes persisted in state_dir win over the file/env, so a restart keeps them.
-    apply_overrides(s)
-    return Supervisor(s).run()
+    # SIGHUP reloads the same way: file and environment again, the same flags, the overrides.
+    return Supervisor(s, reload=resolve).run()
 
 
 _URL_SETTINGS = ("database_url", "store", "questdb_url", "clickhouse_url")
@@ -46,7 +70,7 @@ _URL_SETTINGS = ("database_url", "store", "questdb_url", "clickhouse_url")
 def cmd_settings(args: argparse.Namespace) -> int:
     """Print the settings reference, or the resolved values."""
     if args.markdown:
-        sys.stdout.write(settings_mod.markdown_table())
+        sys.stdout.write(settings_mod.markdown_table(flag_commands()))
         return 0
     s = _load(args)
     for name in sorted(s.values):
@@ -73,17 +97,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    """Write a CurveZMQ key pair; print where, and the public key."""
+    from acm_module.server.access import generate_keypair
+
+    try:
+        public, secret = generate_keypair(args.dir, args.name, force=args.force)
+    except (OSError, RuntimeError) as e:
+        print(f"acm keys generate: {e}", file=sys.stderr)
+        return 2
+    print(f"public key (give it to the other side): {public}")
+    print(f"secret key (keep it here, mode 0600):   {secret}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of `acm`."""
     p = argparse.ArgumentParser(prog="acm", description="Anti-call-masking detection service")
     p.add_argument("--config", "-c", default=None, help="TOML config file (or ACM_CONFIG)")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the decision worker pool")
-    _add_setting_flags(serve, "service")
+    _add_setting_flags(serve, SERVE_SECTIONS)
     serve.set_defaults(func=cmd_serve)
     st = sub.add_parser("settings", help="show settings")
     st.add_argument("--markdown", action="store_true", help="print the reference table")
     st.set_defaults(func=cmd_settings)
+    keys = sub.add_parser("keys", help="CurveZMQ keys of the request endpoint")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    gen = keys_sub.add_parser(
+        "generate", help="write NAME.key (public) and NAME.key_secret (0600)",
+        description="Write a CurveZMQ key pair: NAME.key holds the public key (for the other "
+                    "side: the service's goes to every client's curve_server_key, a client's "
+                    "into the service's curve_client_keys directory), NAME.key_secret both keys "
+                    "(mode 0600; the service's goes to curve_server_key, a client's to its "
+                    "curve_client_key). See docs/PRODUCTION.md.")
+    gen.add_argument("--dir", default=".", help="directory to write into (default: .)")
+    gen.add_argument("--name", default="acm", help="file name without extension (default: acm)")
+    gen.add_argument("--force", action="store_true", help="replace existing files")
+    gen.set_defaults(func=cmd_keys_generate)
     bench = sub.add_parser("bench", help="end-to-end load test (see benchmarks/)",
                            add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)

@@ -2,10 +2,44 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import zmq
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """A CurveZMQ client's keys: the service's public key and this client's pair."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def load(cls, server_key_file: str, client_key_file: str | None = None) -> CurveKeys:
+        """Read the service's public key file and this client's .key_secret file.
+
+        Without a client file the pair is made up on the spot: enough when the service does
+        not restrict client keys (curve_client_keys). Raises OSError or ValueError.
+        """
+        from zmq.auth.certs import load_certificate
+
+        server, _ = load_certificate(server_key_file)
+        if client_key_file:
+            public, secret = load_certificate(client_key_file)
+            if secret is None:
+                raise ValueError(f"{client_key_file} holds no secret key")
+        else:
+            public, secret = zmq.curve_keypair()
+        return cls(server, public, secret)
+
+    def apply(self, sock: zmq.Socket) -> None:
+        """Make sock a CURVE client of the service (before connect)."""
+        sock.setsockopt(zmq.CURVE_SERVERKEY, self.server_public)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
 
 
 class ServiceTimeout(TimeoutError):
@@ -15,9 +49,10 @@ class ServiceTimeout(TimeoutError):
 class Client:
     """One REQ socket to the service; rebuilt after a timeout (a REQ socket is stuck after one)."""
 
-    def __init__(self, endpoint: str, timeout: float = 1.0, context: zmq.Context | None = None
-                 ) -> None:
+    def __init__(self, endpoint: str, timeout: float = 1.0, context: zmq.Context | None = None,
+                 curve: CurveKeys | None = None) -> None:
         self.endpoint = endpoint
+        self.curve = curve
         self.timeout_ms = int(timeout * 1000)
         self._own_ctx = context is None
         self.ctx = context or zmq.Context()
@@ -27,6 +62,8 @@ class Client:
     def _connect(self) -> None:
         s = self.ctx.socket(zmq.REQ)
         s.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.apply(s)
         s.connect(self.endpoint)
         self.sock = s
 

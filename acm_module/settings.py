@@ -6,12 +6,14 @@ The docs table (`acm settings --markdown`) is generated from these declarations.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from acm_module.errors import ConfigError
 
@@ -47,6 +49,45 @@ def _range(lo: float, hi: float) -> Validator:
 def _endpoint(v: Any) -> None:
     if not (v.startswith("ipc://") or v.startswith("tcp://")):
         raise ValueError("must start with ipc:// or tcp://")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """Parse comma-separated addresses/CIDRs. Raises ValueError naming the bad one."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if item:
+            try:
+                out.append(ipaddress.ip_network(item, strict=False))
+            except ValueError as e:
+                raise ValueError(f"{item!r} is not an address or network") from e
+    return tuple(out)
+
+
+def _networks(v: Any) -> None:
+    parse_networks(v)
+
+
+STORE_SCHEMES = ("redis", "rediss", "unix", "dragonfly")
+
+
+def _store_url(v: Any) -> None:
+    if not v:
+        return  # an embedded store
+    u = urlparse(v)
+    if u.scheme not in STORE_SCHEMES:
+        raise ValueError("must be a redis[s]://[user:password@]host:port[,host:port...]/db "
+                         "or unix:///path URL")
+    for hp in u.netloc.rpartition("@")[2].split(","):  # several seeds of one cluster
+        port = hp.rpartition("]")[2].rpartition(":")[2] if ":" in hp else ""
+        if port and not (port.isdigit() and int(port) <= 65535):
+            raise ValueError(f"port {port!r} is not a number in 0..65535")
+    db = "" if u.scheme == "unix" else u.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError("the database after the last / must be a number")
 
 
 @dataclass(frozen=True)
@@ -164,9 +205,12 @@ SETTINGS: tuple[Setting, ...] = (
             env=("ACM_ENDPOINT",), cli="--endpoint", validator=_endpoint),
     Setting("workers", int, _DEFAULT_WORKERS, "Worker processes (default: number of cores).",
             env=("ACM_WORKERS",), cli="--workers", validator=_range(1, 256)),
+    Setting("max_workers", int, max(64, _DEFAULT_WORKERS),
+            "Most workers SIGTTIN grows the pool to (SIGTTOU stops at 1); at least `workers`.",
+            env=("ACM_MAX_WORKERS",), cli="--max-workers", validator=_range(1, 256)),
     Setting("store", str, "",
             "Redis-protocol store URL (DragonflyDB); empty starts an embedded server.",
-            env=("DRAGONFLY_URL", "ACM_STORE_URL"), cli="--store"),
+            env=("DRAGONFLY_URL", "ACM_STORE_URL"), cli="--store", validator=_store_url),
     Setting("partitions", int, 16,
             "Key partitions (hash tags) and durable streams; fixed for a deployment.",
             env=("ACM_PARTITIONS",), cli="--partitions", validator=_range(1, 1024)),
@@ -191,6 +235,23 @@ SETTINGS: tuple[Setting, ...] = (
             validator=_one_of("DEBUG", "INFO", "WARNING", "ERROR"), runtime=True),
     Setting("log_json", bool, False, "Structured JSON logs.", env=("ACM_LOG_JSON",),
             cli="--log-json"),
+    Setting("curve_server_key", str, "",
+            "CurveZMQ key pair file of the request endpoint (the .key_secret of `acm keys "
+            "generate`); set: every client must speak CURVE with its public key, and workers "
+            "use libzmq I/O.",
+            env=("ACM_CURVE_SERVER_KEY",), cli="--curve-server-key"),
+    Setting("curve_client_keys", str, "",
+            "Directory of the public keys (*.key) of the clients allowed in with CURVE; empty: "
+            "any client that has the server's public key.",
+            env=("ACM_CURVE_CLIENT_KEYS",), cli="--curve-client-keys"),
+    Setting("allow_networks", str, "",
+            "Client addresses/networks allowed to connect to a tcp:// endpoint, comma-separated "
+            "(e.g. 10.1.0.0/24, 192.0.2.7); empty: any.",
+            env=("ACM_ALLOW_NETWORKS",), cli="--allow-networks", validator=_networks),
+    Setting("allow_insecure_tcp", bool, False,
+            "Serve a tcp:// endpoint bound beyond loopback with neither CURVE nor allow_networks "
+            "(a WARNING at every start).",
+            env=("ACM_ALLOW_INSECURE_TCP",), cli="--allow-insecure-tcp"),
     Setting("ipc_mode", int, 0o660, "Permissions of the ipc socket file (octal, e.g. 0660).",
             env=("ACM_IPC_MODE",), validator=_range(0, 0o777), octal=True),
     # --- control plane (MI) ---
@@ -339,7 +400,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
     Raises ConfigError on syntax errors or unknown settings.
     """
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start})") from e
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from e
     flat: dict[str, Any] = {}
@@ -386,6 +450,9 @@ def load(
         values[name] = BY_NAME[name].parse(raw)
         source[name] = "cli"
     validate_combination(values)
+    if values["workers"] > values["max_workers"]:
+        raise ConfigError(f"workers ({values['workers']}) must not exceed max_workers "
+                          f"({values['max_workers']})")
     return Settings(values=values, source=source, config_file=path)
 
 
@@ -396,19 +463,28 @@ def validate_combination(values: Mapping[str, Any]) -> None:
                           f"the window ({values['window']:g})")
 
 
-def markdown_table() -> str:
-    """Render the settings reference as a Markdown table."""
+def markdown_table(commands: Mapping[str, list[str]] | None = None) -> str:
+    """Render the settings reference as a Markdown table.
+
+    commands maps a CLI flag to the `acm` commands that accept it (`acm_module.cli.
+    flag_commands()`), so the table says where each flag works.
+    """
     rows = [
-        "| setting | type | default | env | CLI flag | runtime (MI) | description |",
+        "| setting | type | default | env | CLI flag (commands) | runtime (MI) | description |",
         "|---|---|---|---|---|---|---|",
     ]
     for s in SETTINGS:
-        default = "number of cores" if s.name == "workers" else repr(s.default)
+        default = {"workers": "number of cores", "max_workers": "max(64, number of cores)"
+                   }.get(s.name, repr(s.default))
         if s.name == "ipc_mode":
             default = oct(s.default)
+        flag = "-"
+        if s.cli:
+            where = (commands or {}).get(s.cli)
+            flag = f"`{s.cli}`" + (f" ({', '.join(where)})" if where else "")
         rows.append(
             f"| `{s.name}` | {s.type.__name__} | `{default}` | "
-            f"{', '.join(f'`{e}`' for e in s.env) or '-'} | {f'`{s.cli}`' if s.cli else '-'} | "
+            f"{', '.join(f'`{e}`' for e in s.env) or '-'} | {flag} | "
             f"{'yes' if s.runtime else 'no'} | {s.description} |"
         )
     return "\n".join(rows) + "\n"

@@ -39,6 +39,8 @@ from typing import Any
 import msgpack
 import zmq
 
+from acm_module.client import CurveKeys
+
 REPO = Path(__file__).resolve().parent.parent
 CTX = mp.get_context("fork")
 
@@ -82,14 +84,21 @@ def _request(i: int, rng: random.Random, b_pool: int) -> bytes:
                           "b": f"+23480{rng.randrange(b_pool):08d}"})
 
 
+def _req_socket(ctx: zmq.Context, endpoint: str, curve: CurveKeys | None) -> zmq.Socket:
+    s = ctx.socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve.apply(s)
+    s.connect(endpoint)
+    return s
+
+
 def _client_proc(endpoint: str, seconds: float, rate: float, b_pool: int, start: Any,
-                 out: Any, warmup: int) -> None:
+                 out: Any, warmup: int, curve: CurveKeys | None = None) -> None:
     """One OpenSIPS-like client: a REQ socket, one request in flight."""
     _die_with_parent()
     ctx = zmq.Context()
-    s = ctx.socket(zmq.REQ)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(endpoint)
+    s = _req_socket(ctx, endpoint, curve)
     rng = random.Random(os.getpid())
     lat = array("q")
     errors = 0
@@ -120,9 +129,7 @@ def _client_proc(endpoint: str, seconds: float, rate: float, b_pool: int, start:
             if not s.poll(2000):
                 errors += 1
                 s.close(linger=0)
-                s = ctx.socket(zmq.REQ)
-                s.setsockopt(zmq.LINGER, 0)
-                s.connect(endpoint)
+                s = _req_socket(ctx, endpoint, curve)
                 continue
             reply = s.recv()
             lat.append(time.perf_counter_ns() - t0)
@@ -136,13 +143,15 @@ def _client_proc(endpoint: str, seconds: float, rate: float, b_pool: int, start:
 
 
 def drive(endpoint: str, clients: int, seconds: float, rate: float = 0.0, b_pool: int = 10**6,
-          warmup: int = 200, progress: Callable[[str], None] | None = None) -> tuple[array, int]:
+          warmup: int = 200, progress: Callable[[str], None] | None = None,
+          curve: CurveKeys | None = None) -> tuple[array, int]:
     """Run `clients` client processes for `seconds`; return (latencies in ns, errors)."""
     start = CTX.Event()
     out: Any = CTX.Queue()
     per_client_rate = rate / clients if rate else 0.0
     procs = [CTX.Process(target=_client_proc,
-                         args=(endpoint, seconds, per_client_rate, b_pool, start, out, warmup))
+                         args=(endpoint, seconds, per_client_rate, b_pool, start, out, warmup,
+                               curve))
              for _ in range(clients)]
     for p in procs:
         p.start()
@@ -204,8 +213,8 @@ def redis_server(url: str | None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def acm_service(store: str, workers: int, endpoint: str, env: dict[str, str] | None = None
-                ) -> Iterator[subprocess.Popen]:
+def acm_service(store: str, workers: int, endpoint: str, env: dict[str, str] | None = None,
+                curve: CurveKeys | None = None) -> Iterator[subprocess.Popen]:
     """Run `acm serve` until the block ends."""
     e = {**os.environ, "ACM_MI_HTTP": "", "ACM_MI_DATAGRAM": "", "ACM_METRICS_HTTP": "",
          "ACM_LOG_LEVEL": "WARNING", "ACM_STATE_DIR": tempfile.mkdtemp(prefix="acm-bench-st-"),
@@ -214,7 +223,7 @@ def acm_service(store: str, workers: int, endpoint: str, env: dict[str, str] | N
                           str(workers), "--store", store, "--endpoint", endpoint], env=e,
                          cwd=REPO)
     try:
-        _wait_ready(endpoint)
+        _wait_ready(endpoint, curve=curve)
         yield p
     finally:
         p.send_signal(signal.SIGTERM)
@@ -224,14 +233,12 @@ def acm_service(store: str, workers: int, endpoint: str, env: dict[str, str] | N
             p.kill()
 
 
-def _wait_ready(endpoint: str, timeout: float = 20.0) -> None:
+def _wait_ready(endpoint: str, timeout: float = 20.0, curve: CurveKeys | None = None) -> None:
     ctx = zmq.Context()
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            s = ctx.socket(zmq.REQ)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(endpoint)
+            s = _req_socket(ctx, endpoint, curve)
             s.send(msgpack.packb({"call_id": "probe", "a": "x", "b": "y"}))
             ok = s.poll(300)
             s.close(linger=0)
@@ -407,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the straightforward design")
     ap.add_argument("--compare-io", action="store_true",
                     help="also run the service with the other worker_io (zmtp/libzmq)")
+    ap.add_argument("--curve", action="store_true",
+                    help="also run the service with CurveZMQ (keys made for the run; its "
+                         "workers use libzmq I/O) and its clients with the keys")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
 
@@ -478,6 +488,19 @@ def main(argv: list[str] | None = None) -> int:
                     lat, err = drive(io_ep, args.clients, args.seconds, progress=say)
                     results["io_n"] = Result.of(f"acm, worker_io={other}", args.clients,
                                                 args.seconds, lat, err)
+            if args.curve:
+                from acm_module.server.access import generate_keypair
+
+                public, secret = generate_keypair(Path(tmp) / "keys", "acm")
+                curve = CurveKeys.load(str(public))
+                cv_ep = ep("acm-curve")
+                with acm_service(store, args.workers, cv_ep,
+                                 {"ACM_CURVE_SERVER_KEY": str(secret)}, curve=curve):
+                    for key, n in (("io_curve_1", 1), ("io_curve_n", args.clients)):
+                        say(f"acm (CURVE, libzmq I/O): {n} client(s)")
+                        lat, err = drive(cv_ep, n, args.seconds, progress=say, curve=curve)
+                        results[key] = Result.of("acm, CURVE (libzmq I/O)", n, args.seconds,
+                                                 lat, err)
 
             if not args.skip_baseline:
                 from acm_module.store.conn import StoreConnection, load_script
@@ -569,6 +592,10 @@ def render(results: dict[str, Result], meta: dict[str, Any]) -> str:
         en = results.get("floor_echo_n")
         if en and r.clients > 1 and key.startswith(("acm", "sf", "io")):
             ratio.append(f"{r.rate / en.rate:.2f}x echo-pool rate")
+        plain = results.get("acm_1" if r.clients == 1 else "acm_n")
+        if key.startswith("io_curve") and plain and plain.rate:
+            ratio.append(f"{r.rate / plain.rate:.2f}x acm (no CURVE) rate, "
+                         f"p50 {r.p50 / plain.p50:.2f}x")
         base = sf[1] if r.clients == 1 else sf[0]
         if base and key.startswith(("acm", "io")) and base.rate:
             ratio.append(f"{r.rate / base.rate:.2f}x straightforward rate, "

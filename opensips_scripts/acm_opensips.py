@@ -24,6 +24,10 @@ Settings (defaults < config file < environment), see `SETTINGS`:
     ACM_BREAKER_COOLDOWN_MS    1000    first open period; doubles per failed trial
     ACM_BREAKER_MAX_COOLDOWN_MS 30000  cap of the open period
     ACM_LOG_INTERVAL_S         10      at most one log line per kind of trouble per interval
+    ACM_CURVE_SERVER_KEY       (none)  the service's public key file (its NAME.key from
+                               `acm keys generate`): set, the socket speaks CurveZMQ
+    ACM_CURVE_CLIENT_KEY       (none)  this client's NAME.key_secret (needed when the service
+                               lists authorised client keys); unset, a fresh pair per start
     ACM_OPENSIPS_CONFIG        /etc/acm/acm_opensips.conf  (``key = value`` lines, keys as
                                above without the ACM_ prefix, lower case; optional file)
 """
@@ -124,6 +128,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Longest open period of the breaker."),
     Setting("log_interval_s", float, 10.0, "ACM_LOG_INTERVAL_S", None,
             "At most one log line per kind of trouble and process in this interval."),
+    Setting("curve_server_key", str, "", "ACM_CURVE_SERVER_KEY", None,
+            "The service's CurveZMQ public key file; set, requests go over CURVE."),
+    Setting("curve_client_key", str, "", "ACM_CURVE_CLIENT_KEY", None,
+            "This client's CurveZMQ .key_secret file; unset, a pair is made at start."),
 )
 
 
@@ -138,6 +146,8 @@ class Config:
     breaker_cooldown_ms: float = 1000.0
     breaker_max_cooldown_ms: float = 30000.0
     log_interval_s: float = 10.0
+    curve_server_key: str = ""
+    curve_client_key: str = ""
 
     @classmethod
     def load(cls, path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -170,7 +180,31 @@ class Config:
         cfg = cls(**values)
         if cfg.breaker_max_cooldown_ms < cfg.breaker_cooldown_ms:
             raise ConfigError("acm setting breaker_max_cooldown_ms is below breaker_cooldown_ms")
+        if cfg.curve_client_key and not cfg.curve_server_key:
+            raise ConfigError("acm setting curve_client_key needs curve_server_key")
+        cfg.curve_keys()  # an unreadable key file stops OpenSIPS at start, not every call
         return cfg
+
+    def curve_keys(self) -> tuple[bytes, bytes, bytes] | None:
+        """Return (server public, client public, client secret), or None without CURVE.
+
+        Raises ConfigError when a key file cannot be read.
+        """
+        if not self.curve_server_key:
+            return None
+        from zmq.auth.certs import load_certificate
+
+        try:
+            server, _ = load_certificate(self.curve_server_key)
+            if self.curve_client_key:
+                public, secret = load_certificate(self.curve_client_key)
+                if secret is None:
+                    raise ValueError("no secret-key (give the .key_secret file)")
+            else:
+                public, secret = zmq.curve_keypair()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"acm CURVE key: {e}") from e
+        return server, public, secret
 
 
 def _read_conf(path: str) -> dict[str, str]:
@@ -307,6 +341,7 @@ class AcmClient:
         self._getpid = getpid
         self._log = log or RateLimitedLog(self.config.log_interval_s, clock=clock)
         self._policy_verdict = "allow" if self.config.fail_policy == "open" else "drop"
+        self._curve = self.config.curve_keys()
         self._pid: int | None = None
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._sock: zmq.Socket[bytes] | None = None
@@ -441,6 +476,11 @@ class AcmClient:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.config.timeout_ms)))
+            if self._curve is not None:
+                server, public, secret = self._curve
+                sock.setsockopt(zmq.CURVE_SERVERKEY, server)
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
             sock.connect(self.config.endpoint)
         except zmq.ZMQError:
             sock.close(linger=0)

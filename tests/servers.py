@@ -14,11 +14,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from acm_module.client import CurveKeys
 from acm_module.store.conn import StoreConnection
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -52,7 +53,8 @@ def wait_port(port: int, timeout: float = 10.0) -> bool:
 class RedisServer:
     """A temporary redis-server (stand-in for DragonflyDB) that tests may stop and restart."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
+        self.password = password  # requirepass, and in the URL
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             unavailable("redis-server is not installed (apt-get install redis-server)")
@@ -62,13 +64,15 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         assert self.binary
+        auth = ["--requirepass", self.password] if self.password else []
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--databases", "16"],
+             "--appendonly", "no", "--dir", self.dir, "--databases", "16", *auth],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if not wait_port(self.port):
             self.stop()
@@ -108,9 +112,15 @@ class Service:
     """`acm serve` run as a real subprocess, the way an operator runs it."""
 
     def __init__(self, store_url: str, workers: int = 2, extra_env: dict[str, str] | None = None,
-                 args: list[str] | None = None) -> None:
+                 args: list[str] | None = None, bind: str | None = None,
+                 curve: CurveKeys | None = None) -> None:
         self.dir = tempfile.mkdtemp(prefix="acm-svc-")
-        self.endpoint = f"ipc://{self.dir}/acm.sock"
+        # bind: a tcp:// endpoint to bind instead of the ipc one (0.0.0.0 is reached through
+        # 127.0.0.1); curve: the keys the readiness probe uses.
+        self.bind = bind
+        self.endpoint = (bind or f"ipc://{self.dir}/acm.sock").replace(
+            "0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
+        self.curve = curve
         self.store_url = store_url
         self.workers = workers
         # Every service gets its own ports and state dir, so services of different tests never
@@ -125,12 +135,15 @@ class Service:
                     # tests that exercise the timeout set their own.
                     "ACM_STORE_TIMEOUT_MS": "1000", **(extra_env or {})}
         self.args = args or []
+        self.pre_args: list[str] = []  # before `serve`: --config FILE
         self.proc: subprocess.Popen | None = None
         self.log = Path(self.dir) / "serve.log"
 
     def start(self, wait: bool = True) -> Service:
-        cmd = [sys.executable, "-m", "acm_module.cli", "serve", "--workers", str(self.workers),
-               "--store", self.store_url, "--endpoint", self.endpoint, *self.args]
+        # workers=0: no --workers flag, so a config file's value applies (and reloads).
+        workers = ["--workers", str(self.workers)] if self.workers else []
+        cmd = [sys.executable, "-m", "acm_module.cli", *self.pre_args, "serve", *workers,
+               "--store", self.store_url, "--endpoint", self.bind or self.endpoint, *self.args]
         self._logf = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._logf, stderr=self._logf,
                                      cwd=REPO)
@@ -146,7 +159,7 @@ class Service:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"acm serve exited {self.proc.returncode}:\n{self.read_log()}")
             if not self.endpoint.startswith("ipc://") or os.path.exists(self.endpoint[6:]):
-                c = Client(self.endpoint, timeout=0.5)
+                c = Client(self.endpoint, timeout=0.5, curve=self.curve)
                 try:
                     r = c.request({"call_id": "ready-probe", "a": "x", "b": "y"})
                     if r.get("reason") == "invalid_b":
@@ -165,6 +178,21 @@ class Service:
         host, _, port = mi.rpartition(":")
         if host in ("127.0.0.1", "localhost") and port.isdigit():
             wait_port(int(port), max(0.1, deadline - time.monotonic()))
+
+    def wait_for(self, cond: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+        """Wait until cond() holds; raise with the log if the service exits or time is up."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"acm serve exited {self.proc.returncode}:\n{self.read_log()}")
+            time.sleep(0.05)
+        raise RuntimeError(f"{what or 'condition'} not met within {timeout}s:\n{self.read_log()}")
+
+    def wait_log(self, text: str, timeout: float = 15.0) -> None:
+        """Wait until the service's log holds text."""
+        self.wait_for(lambda: text in self.read_log(), timeout, f"{text!r} in the log")
 
     def worker_pids(self) -> list[int]:
         assert self.proc is not None

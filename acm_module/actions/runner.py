@@ -43,6 +43,7 @@ from acm_module.actions.disconnect import (
 from acm_module.actions.notify import Webhook, log_alert
 from acm_module.actions.trail import ActionAudit, Ledger, summary
 from acm_module.compliance import ncc
+from acm_module.engine.types import SEVERITIES
 from acm_module.errors import StoreError
 from acm_module.persist.records import ALERT_TYPE_COLUMN, AlertChange, RecordError, parse_alert
 from acm_module.store import config as store_config
@@ -52,7 +53,7 @@ from acm_module.store.cluster import StoreClient
 log = logging.getLogger("acm.actions")
 
 GROUP = "actions"
-_RANK = {"LOW": 0, "HIGH": 1, "CRITICAL": 2}
+_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
 
 @dataclass

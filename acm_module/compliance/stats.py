@@ -37,9 +37,9 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 
+from acm_module.engine.types import SEVERITIES
 from acm_module.persist.records import ALERT_TYPE_COLUMN
 
-SEVERITIES = ("LOW", "HIGH", "CRITICAL")
 STATUSES = ("NEW", "INVESTIGATING", "RESOLVED", "FALSE_POSITIVE")
 LIFECYCLE_ACTIONS = ("acm_alert_assign", "acm_alert_status", "acm_alert_note")
 ALERT_TYPES = tuple(ALERT_TYPE_COLUMN)  # masking, fanout

@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from acm_module.engine.types import severity_of
+
 
 class Severity(enum.StrEnum):
     """Severity of a masking alert, by distinct A-numbers: <5 LOW, 5-6 HIGH, >=7 CRITICAL."""
@@ -17,11 +19,7 @@ class Severity(enum.StrEnum):
     @classmethod
     def of(cls, distinct: int) -> Severity:
         """Return the band of a distinct A-number count."""
-        if distinct >= 7:
-            return cls.CRITICAL
-        if distinct >= 5:
-            return cls.HIGH
-        return cls.LOW
+        return cls(severity_of(distinct))
 
 
 class AlertStatus(enum.StrEnum):

@@ -1,7 +1,8 @@
 """The decision engine: the compiled hot path, or its pure-Python twin when ACM_PUREPYTHON=1.
 
-A missing compiled module is an install error, not a reason to run slowly: without
-ACM_PUREPYTHON=1 the import fails loudly.
+Both twins have the same API (engine/hotpath_py.py lists it) and share the types of
+engine/types.py. A missing compiled module is an install error, not a reason to run slowly:
+without ACM_PUREPYTHON=1 the import fails loudly.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The gateway context on the hot path: attribution, the CLI-origin rule, rate limits, fan-out.
 
-Shared by both hot-path twins (ext/_hotpath.pyx and engine/hotpath_py.py), which call it per
-request only while a registry is loaded or fan-out is on; without either the decider skips it
-and behaves exactly as before. Everything here is pure computation plus command encoding: the
+Shared by both hot-path twins (ext/decider.pyx and engine/decider_py.py), which see it through
+the interface acm_module.engine.types.GatewayContext declares and call it per request only
+while a registry is loaded or fan-out is on; without either the decider skips it and behaves
+exactly as before. Everything here is pure computation plus command encoding: the
 worker owns the I/O. See docs/GATEWAY.md.
 """
 

@@ -39,6 +39,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from acm_module.engine import hotpath
+from acm_module.engine.types import SEVERITIES
 from acm_module.errors import StoreError
 from acm_module.server import stats as stats_mod
 from acm_module.store import config as store_config
@@ -56,7 +57,6 @@ WRITER_FRESH_S = 10.0
 GROUPS_KEY = "{acm.stats}:groups"
 TRIMMED_UNREAD_KEY = "{acm.stats}:trimmed_unread"
 GROUPS_FRESH_S = 60.0  # several trim intervals
-SEVERITIES = ("LOW", "HIGH", "CRITICAL")
 _SCAN_IDLE_S = 1.0
 
 # Prometheus bucket bounds: every half octave from 8 us to ~1.05 s. Each is exactly a boundary

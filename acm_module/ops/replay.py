@@ -31,6 +31,7 @@ from urllib.parse import urlparse, urlunparse
 import msgpack
 
 from acm_module.engine import hotpath
+from acm_module.engine.types import SEVERITIES
 from acm_module.errors import AcmError, StoreError
 from acm_module.store import config as store_config
 from acm_module.store import keys
@@ -40,7 +41,7 @@ from acm_module.store.conn import load_script
 COLUMNS = ("call_id", "a_number", "b_number", "ts")
 BATCH = 64  # like the workers' max_batch
 _TRIM_EVERY = 20_000  # calls between stream trims (the replay store keeps no history)
-_SEV_RANK = {"": -1, "LOW": 0, "HIGH": 1, "CRITICAL": 2}
+_SEV_RANK = {"": -1} | {s: i for i, s in enumerate(SEVERITIES)}
 
 
 class ReplayError(AcmError, ValueError):
@@ -240,7 +241,7 @@ class Summary:
 
     def alerts_by_severity(self) -> dict[str, int]:
         c = Counter(a["severity"] for a in self.alerts.values())
-        return {s: c.get(s, 0) for s in ("LOW", "HIGH", "CRITICAL")}
+        return {s: c.get(s, 0) for s in SEVERITIES}
 
     def b_hit(self) -> int:
         return len({a["b"] for a in self.alerts.values()})

@@ -10,6 +10,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from acm_module.engine.types import SEVERITIES
 from acm_module.errors import AcmError
 
 VERDICTS = frozenset({"allow", "drop"})
@@ -18,7 +19,6 @@ REASONS = frozenset({"clean", "masking", "whitelisted", "blocked", "invalid_b", 
 # Reasons that mean the call is fraud (call_events.fraud_detected). A rate-limited call is not:
 # the limit is about capacity. A national CLI on an international route is masking by definition.
 FRAUD_REASONS = frozenset({"masking", "blocked", "national_cli_on_international_route"})
-SEVERITIES = frozenset({"LOW", "HIGH", "CRITICAL"})
 ALERT_OPS = frozenset({"open", "update"})
 MODES = frozenset({"block", "monitor"})
 ALERT_TYPES = ("masking", "fanout")  # the stream's `typ` (docs/GATEWAY.md)

@@ -22,13 +22,17 @@ import stat
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from acm_module.errors import ConfigError
+from acm_module.errors import ConfigError, StoreError
+from acm_module.ops.logs import apply_log_level
+from acm_module.server.access import prepare as prepare_access
 from acm_module.server.proctitle import die_with_parent, set_name
 from acm_module.server.worker import WORKER_BOOT_ERROR, worker_main
+from acm_module.store.conn import StoreConnection
 
 log = logging.getLogger("acm.supervisor")
 
@@ -99,24 +103,85 @@ def _clear_stale_socket(path: Path) -> None:
                       "(stop it first, or choose another endpoint)")
 
 
+def open_listener(endpoint: str, ipc_mode: int = 0o660) -> socket.socket:
+    """Return listen_socket(endpoint); raise ConfigError saying why it cannot listen."""
+    try:
+        return listen_socket(endpoint, ipc_mode)
+    except OSError as e:
+        why = e.strerror or str(e)
+        if e.filename:
+            why = f"{why}: {e.filename}"
+        raise ConfigError(f"endpoint {endpoint}: cannot listen ({why})") from e
+
+
+def check_store(url: str) -> None:
+    """Log in to the store once before serving.
+
+    Raises ConfigError when it refuses the credentials (a wrong password is no outage: no retry
+    fixes it); a store that is merely down is logged and served as store_unavailable until it
+    is back.
+    """
+    try:
+        StoreConnection(url, timeout=2.0, connect_timeout=2.0).check_login()
+    except StoreError as e:
+        log.warning("store not answering at start (%s); answering store_unavailable until "
+                    "it does", e)
+
+
 def bound_endpoint(endpoint: str, sock: socket.socket) -> str:
     """Return the endpoint with the port the kernel picked (tcp://host:0)."""
     if endpoint.startswith("tcp://"):
         port = sock.getsockname()[1]
-        u = urlparse(endpoint)
-        return f"tcp://{u.hostname}:{port}"
+        host = urlparse(endpoint).hostname or ""
+        return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
     return endpoint
 
 
-class Supervisor:
-    """Run and watch the worker pool."""
+class _InUse:
+    """The load array as a worker sees it: the slots in use only (a shared high-water mark).
 
-    def __init__(self, settings: Any) -> None:
+    The arrays hold 2 x max_workers slots (a reload's old and new workers overlap), but a ZMTP
+    worker's balance check runs on every poll while it is not accepting: it must loop over the
+    live pool, not over every slot.
+    """
+
+    def __init__(self, array: Any, used: Any) -> None:
+        self.array = array
+        self.used = used  # multiprocessing.RawValue("i"): highest slot in use + 1
+
+    def __len__(self) -> int:
+        return self.used.value
+
+    def __getitem__(self, i: int) -> int:
+        return self.array[i]
+
+    def __setitem__(self, i: int, value: int) -> None:
+        self.array[i] = value
+
+
+class Supervisor:
+    """Run and watch the worker pool.
+
+    Signals (queued by the handlers, dispatched by the loop, as gunicorn's arbiter does):
+    TERM/INT drain and stop; TTIN/TTOU add/remove one worker within 1..max_workers; HUP reloads
+    the settings (`reload` is handed in by the CLI) and rolls the workers: new ones start on
+    the new settings, the old ones are retired once the new ones serve (or after
+    graceful_timeout); an invalid new config is logged and the old one kept.
+    """
+
+    def __init__(self, settings: Any, reload: Callable[[], Any] | None = None) -> None:
         self.settings = settings
+        self.reload = reload
         self.workers: dict[int, int] = {}  # pid -> index
+        self.slots: dict[int, int] = {}  # pid -> heartbeat slot
+        self.spawned_at: dict[int, float] = {}  # pid -> when it was forked
         self.started: dict[int, float] = {}  # index -> start time
         self.quick_deaths: dict[int, int] = {}
         self.respawn_at: dict[int, float] = {}
+        self.retiring: dict[int, float] = {}  # pid -> SIGKILL deadline (stopped on purpose)
+        self.old: set[int] = set()  # a HUP's previous workers, retired once the new ones serve
+        self.roll_deadline = 0.0
+        self.previous: tuple[Any, str] | None = None  # (settings, boot id) before a HUP
         self.boot_id = uuid.uuid4().hex
         self.pid = os.getpid()
         self._signals: list[int] = []
@@ -135,31 +200,18 @@ class Supervisor:
             os.write(self._wake_w, b".")
 
     def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; return the exit code."""
+        """Serve until SIGTERM/SIGINT; return the exit code. Raises ConfigError before serving."""
         s = self.settings
-        # The endpoint first: a refused one (in use by another instance) starts nothing.
-        self.listener = listen_socket(s.endpoint, s.ipc_mode)
-        if not s.store:
-            self._start_embedded_store()
+        prepare_access(s)
+        self.configured_endpoint = s.endpoint
+        self.listener = open_listener(s.endpoint, s.ipc_mode)
         self.endpoint = bound_endpoint(s.endpoint, self.listener)
-        s.values["endpoint"] = self.endpoint
-        self.heartbeat = multiprocessing.RawArray("d", s.workers)
-        # Each worker's connection count, beside its heartbeat: workers spread connections by it.
-        self.load = multiprocessing.RawArray("i", len(self.heartbeat))
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
-                    signal.SIGTTIN, signal.SIGTTOU):
-            signal.signal(sig, self._queue_signal)
-        log.info("acm serving on %s with %d workers, store %s", self.endpoint, s.workers,
-                 _safe(s.store))
-        for i in range(s.workers):
-            self._spawn(i)
-        self._register_sidecars()
-        for name in self.sidecars:
-            self._spawn_sidecar(name)
         try:
-            return self._loop()
+            if s.store:
+                check_store(s.store)
+            else:
+                self._start_embedded_store()
+            return self._serve()
         finally:
             self._stop_workers(graceful=True)
             self.listener.close()
@@ -168,6 +220,28 @@ class Supervisor:
                     os.unlink(self.endpoint[len("ipc://"):])
             if self.embedded is not None:
                 self.embedded.stop()
+
+    def _serve(self) -> int:
+        s = self.settings
+        s.values["endpoint"] = self.endpoint
+        # Two slots per possible worker: during a HUP roll old and new workers overlap.
+        self.heartbeat = multiprocessing.RawArray("d", 2 * s.max_workers)
+        # Each worker's connection count, beside its heartbeat: workers spread connections by it.
+        self.load = multiprocessing.RawArray("i", len(self.heartbeat))
+        self.used = multiprocessing.RawValue("i", 0)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
+                    signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, self._queue_signal)
+        log.info("acm serving on %s with %d workers (max %d), store %s", self.endpoint,
+                 s.workers, s.max_workers, _safe(s.store))
+        for i in range(s.workers):
+            self._spawn(i)
+        self._register_sidecars()
+        for name in self.sidecars:
+            self._spawn_sidecar(name)
+        return self._loop()
 
     def _loop(self) -> int:
         while True:
@@ -179,17 +253,19 @@ class Supervisor:
                 if sig == signal.SIGCHLD:
                     self._reap()
                 elif sig == signal.SIGHUP:
-                    log.info("SIGHUP: config is reloaded through the control plane (acm_reload)")
+                    self._handle_hup()
                 elif sig == signal.SIGTTIN:
-                    self._resize(self.settings.workers + 1)
+                    self._resize(+1)
                 elif sig == signal.SIGTTOU:
-                    self._resize(max(1, self.settings.workers - 1))
+                    self._resize(-1)
             if self._halt:
                 log.error("halting: %s", self._halt)
                 return WORKER_BOOT_ERROR
             self._reap()
             self._respawn_due()
             self._check_heartbeats()
+            self._advance_roll()
+            self._kill_overdue()
             with contextlib.suppress(InterruptedError):
                 r, _, _ = select.select([self._wake_r], [], [], 0.25)
                 if r:
@@ -197,8 +273,12 @@ class Supervisor:
 
     # -- workers -----------------------------------------------------------------------------
     def _spawn(self, index: int) -> None:
-        self.heartbeat[index] = time.monotonic()
-        self.load[index] = 0  # a new worker holds nothing: its siblings leave it the next ones
+        used = set(self.slots.values())
+        slot = next(i for i in range(len(self.heartbeat)) if i not in used)
+        now = time.monotonic()
+        self.heartbeat[slot] = now
+        self.load[slot] = 0  # a new worker holds nothing: its siblings leave it the next ones
+        self.used.value = max(self.used.value, slot + 1)
         pid = os.fork()
         if pid == 0:  # child
             code = 1
@@ -211,7 +291,7 @@ class Supervisor:
                 set_name(f"acm-worker-{index}")
                 die_with_parent(signal.SIGTERM, self.pid)
                 code = worker_main(self.settings, self.listener.fileno(), index, self.boot_id,
-                                   self.heartbeat, self.load)
+                                   self.heartbeat, _InUse(self.load, self.used), slot)
             except BaseException:
                 log.exception("worker %d crashed", index)
             finally:
@@ -219,7 +299,9 @@ class Supervisor:
                 sys.stderr.flush()
                 os._exit(code)
         self.workers[pid] = index
-        self.started[index] = time.monotonic()
+        self.slots[pid] = slot
+        self.spawned_at[pid] = now
+        self.started[index] = now
         log.debug("spawned worker %d pid %d", index, pid)
 
     def _register_sidecars(self) -> None:
@@ -265,10 +347,13 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            code = os.waitstatus_to_exitcode(status)
             name = self.sidecar_pids.pop(pid, None)
             if name is not None:
-                code = os.waitstatus_to_exitcode(status)
-                if code == WORKER_BOOT_ERROR and name in CRITICAL_SIDECARS:
+                if pid in self.retiring:  # stopped by a HUP: back at once on the new settings
+                    del self.retiring[pid]
+                    self.sidecar_respawn[name] = time.monotonic()
+                elif code == WORKER_BOOT_ERROR and name in CRITICAL_SIDECARS:
                     self._halt = f"{name} process failed to boot"
                 elif code == WORKER_BOOT_ERROR:
                     # Calls keep flowing without metrics; retry, slowly, until the port is free.
@@ -279,9 +364,26 @@ class Supervisor:
                     self.sidecar_respawn[name] = time.monotonic() + 0.5
                 continue
             index = self.workers.pop(pid, None)
+            slot = self.slots.pop(pid, None)
+            self.spawned_at.pop(pid, None)
+            if slot is not None:  # gone: it holds no connections, its siblings must not wait
+                self.load[slot] = -1
+                self.heartbeat[slot] = 0.0
+                self.used.value = max(self.slots.values(), default=-1) + 1
             if index is None:
                 continue
-            code = os.waitstatus_to_exitcode(status)
+            if pid in self.retiring or pid in self.old:
+                self.retiring.pop(pid, None)
+                log.info("worker %d (pid %d) retired (exit %s)", index, pid, code)
+                if pid in self.old:
+                    self.old.discard(pid)
+                    if not self.old:
+                        log.info("SIGHUP: reload done, %d workers on the new config",
+                                 len(self.workers))
+                continue
+            if code == WORKER_BOOT_ERROR and self.old:
+                self._abort_roll(f"new worker {index} failed to boot")
+                continue
             if code == WORKER_BOOT_ERROR:
                 self._halt = f"worker {index} failed to boot (exit {code}); not respawning"
                 continue
@@ -299,7 +401,8 @@ class Supervisor:
         for name, at in list(self.sidecar_respawn.items()):
             if at <= now:
                 del self.sidecar_respawn[name]
-                self._spawn_sidecar(name)
+                if name in self.sidecars:  # a reload may have turned it off
+                    self._spawn_sidecar(name)
         for index, at in list(self.respawn_at.items()):
             if at <= now:
                 del self.respawn_at[index]
@@ -309,26 +412,146 @@ class Supervisor:
 
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
-        for pid, index in list(self.workers.items()):
-            if now - self.heartbeat[index] > HEARTBEAT_TIMEOUT:
-                log.error("worker %d (pid %d) is stuck; killing it", index, pid)
+        for pid, slot in list(self.slots.items()):
+            if now - self.heartbeat[slot] > HEARTBEAT_TIMEOUT:
+                log.error("worker %d (pid %d) is stuck; killing it", self.workers[pid], pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                self.heartbeat[index] = now
+                self.heartbeat[slot] = now
 
-    def _resize(self, n: int) -> None:
-        old = self.settings.workers
-        if n == old or n > len(self.heartbeat):
+    def _retire(self, pid: int) -> None:
+        """Stop a worker on purpose: SIGTERM now, SIGKILL after graceful_timeout."""
+        self.retiring[pid] = time.monotonic() + self.settings.graceful_timeout + 1.0
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+    def _kill_overdue(self) -> None:
+        now = time.monotonic()
+        for pid, deadline in list(self.retiring.items()):
+            if now > deadline:
+                log.warning("pid %d did not stop within graceful_timeout; killing it", pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self.retiring[pid] = now + 5.0
+
+    def _resize(self, step: int) -> None:
+        """Add (+1, SIGTTIN) or remove (-1, SIGTTOU) one worker, within 1..max_workers."""
+        s = self.settings
+        old = s.workers
+        if self.old:
+            log.warning("%s ignored: a reload is rolling the workers",
+                        "SIGTTIN" if step > 0 else "SIGTTOU")
             return
-        self.settings.values["workers"] = n
+        n = old + step
+        if not 1 <= n <= s.max_workers:
+            log.warning("%s ignored: workers stay %d (limits 1..%d, max_workers)",
+                        "SIGTTIN" if step > 0 else "SIGTTOU", old, s.max_workers)
+            return
+        s.values["workers"] = n
+        log.info("%s: workers %d -> %d", "SIGTTIN" if step > 0 else "SIGTTOU", old, n)
         if n > old:
-            for i in range(old, n):
-                self._spawn(i)
-        else:
-            for pid, index in list(self.workers.items()):
-                if index >= n:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGTERM)
+            self._spawn(old)
+            return
+        self.respawn_at.pop(n, None)
+        for pid, index in list(self.workers.items()):
+            if index >= n and pid not in self.retiring:
+                log.info("retiring worker %d (pid %d)", index, pid)
+                self._retire(pid)
+
+    # -- SIGHUP: reload and roll -------------------------------------------------------------
+    def _handle_hup(self) -> None:
+        if self.reload is None:
+            log.warning("SIGHUP ignored: no config to reload")
+            return
+        if self.old:
+            log.warning("SIGHUP ignored: the previous reload is still rolling the workers")
+            return
+        try:
+            new = self._reloaded()
+        except ConfigError as e:
+            log.error("SIGHUP: new config invalid, keeping the running one: %s", e)
+            return
+        except Exception:  # the supervisor must outlive any reload
+            log.exception("SIGHUP: reload failed, keeping the running one")
+            return
+        log.info("SIGHUP: config reloaded; starting %d workers on it, retiring %d",
+                 new.workers, len(self.workers))
+        self.previous = (self.settings, self.boot_id)
+        self.settings = new
+        apply_log_level(new.log_level)
+        # A new boot id: the first new worker publishes the reloaded detection values as the
+        # live config, as a restart would (MI overrides are part of them).
+        self.boot_id = uuid.uuid4().hex
+        self.old = set(self.workers)
+        self.respawn_at.clear()
+        self.roll_deadline = time.monotonic() + new.graceful_timeout
+        for i in range(new.workers):
+            self._spawn(i)
+        self._restart_sidecars()
+
+    def _restart_sidecars(self) -> None:
+        """Bring the sidecars back on the current settings (each once the old one stopped and
+        freed its port)."""
+        running = set(self.sidecar_pids.values())
+        for pid in list(self.sidecar_pids):
+            self._retire(pid)
+        self.sidecars.clear()
+        self._register_sidecars()
+        for name in self.sidecars:
+            if name not in running:
+                self._spawn_sidecar(name)
+
+    def _reloaded(self) -> Any:
+        """Return the reloaded settings, checked like a start's. Raises ConfigError."""
+        assert self.reload is not None
+        new = self.reload()
+        for name in ("endpoint", "ipc_mode"):
+            kept = self.configured_endpoint if name == "endpoint" else self.settings.ipc_mode
+            if new.values[name] != kept:
+                log.warning("SIGHUP: %s changed to %r; that needs a restart, keeping %r", name,
+                            new.values[name], kept)
+                new.values[name] = kept
+        prepare_access(new)
+        new.values["endpoint"] = self.endpoint
+        if not new.store and self.embedded is not None:
+            new.values["store"] = self.settings.store
+        elif new.store != self.settings.store:
+            check_store(new.store)
+        started_max = len(self.heartbeat) // 2
+        if new.max_workers > started_max:
+            raise ConfigError(f"max_workers: {new.max_workers} is above the {started_max} this "
+                              "supervisor started with; that needs a restart")
+        return new
+
+    def _advance_roll(self) -> None:
+        """Retire a reload's old workers once every new one serves, or at the deadline."""
+        if not self.old or all(pid in self.retiring for pid in self.old):
+            return
+        new = [pid for pid in self.workers if pid not in self.old]
+        # A worker beats once it has booted and serves; its slot holds its fork time until then.
+        ready = len(new) >= self.settings.workers and all(
+            self.heartbeat[self.slots[pid]] > self.spawned_at[pid] for pid in new)
+        if ready or time.monotonic() > self.roll_deadline:
+            if not ready:
+                log.warning("SIGHUP: new workers not all serving after graceful_timeout; "
+                            "retiring the old ones anyway")
+            for pid in self.old:
+                if pid not in self.retiring:
+                    self._retire(pid)
+
+    def _abort_roll(self, why: str) -> None:
+        """A new worker cannot boot: stop the new ones, keep the old ones and their config."""
+        log.error("SIGHUP: %s; keeping the running workers and config", why)
+        assert self.previous is not None
+        for pid in list(self.workers):
+            if pid not in self.old:
+                self._retire(pid)
+        self.settings, self.boot_id = self.previous
+        apply_log_level(self.settings.log_level)
+        # Old workers already told to stop are respawned on the old config when they exit.
+        self.retiring = {p: d for p, d in self.retiring.items() if p not in self.old}
+        self.old = set()
+        self._restart_sidecars()
 
     def _stop_workers(self, graceful: bool) -> None:
         self.workers.update({pid: -1 for pid in self.sidecar_pids})

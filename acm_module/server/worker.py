@@ -19,6 +19,7 @@ from acm_module.gateway import registry
 from acm_module.gateway.context import GatewayContext
 from acm_module.ops.logs import apply_log_level
 from acm_module.server import stats as stats_mod
+from acm_module.server.access import Access, apply_access
 from acm_module.server.zmtp import IN_HWM, Balance, ZmtpServer, split_envelope
 from acm_module.store import config as store_config
 from acm_module.store.cluster import StoreClient
@@ -41,10 +42,13 @@ class Worker:
     """One decision worker bound to a shared listening socket."""
 
     def __init__(self, settings: Any, listen_fd: int, index: int, boot_id: str,
-                 heartbeat: Any = None, load: Any = None) -> None:
+                 heartbeat: Any = None, load: Any = None, slot: int | None = None) -> None:
         self.settings = settings
         self.listen_fd = listen_fd
         self.index = index
+        # Its place in the heartbeat and load arrays: the supervisor's, as old and new workers
+        # of a reload overlap (the index alone would collide); the index when run alone.
+        self.slot = index if slot is None else slot
         self.boot_id = boot_id
         self.heartbeat = heartbeat
         self.load = load  # the pool's connection counts (shared memory), to spread connections
@@ -76,13 +80,15 @@ class Worker:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         s = self.settings
         max_frame = s.max_request_bytes * 4 + 1024
+        access = Access.from_settings(s)
         if s.worker_io == "libzmq":
-            self.io: Any = _LibzmqIO(s.endpoint, self.listen_fd, max_frame)
+            self.io: Any = _LibzmqIO(s.endpoint, self.listen_fd, max_frame, access)
         else:
             balance = None
             if self.load is not None and self.heartbeat is not None:
-                balance = Balance(self.load, self.heartbeat, self.index)
-            self.io = ZmtpServer(self.listen_fd, max_frame, balance)
+                balance = Balance(self.load, self.heartbeat, self.slot)
+            self.io = ZmtpServer(self.listen_fd, max_frame, balance,
+                                 admit=access.admit_peer if access.networks else None)
         # A reconnect must not hold the worker for long either: a black-holed store costs at
         # most 100 ms per attempt (attempts back off up to 1 s), a healthy one connects in <1 ms.
         self.store = StoreClient(s.store, timeout=s.store_timeout_ms / 1000.0,
@@ -167,7 +173,7 @@ class Worker:
 
     def _beat(self) -> None:
         if self.heartbeat is not None:
-            self.heartbeat[self.index] = time.monotonic()
+            self.heartbeat[self.slot] = time.monotonic()
 
     # -- the hot loop ------------------------------------------------------------------------
     def _serve_batch(self) -> int:
@@ -427,7 +433,8 @@ class _LibzmqIO:
     STALL_S = 1.0  # a peer whose replies do not fit is skipped this long, then tried again
     MAX_STALLED = 4096
 
-    def __init__(self, endpoint: str, listen_fd: int, max_frame: int) -> None:
+    def __init__(self, endpoint: str, listen_fd: int, max_frame: int,
+                 access: Access | None = None) -> None:
         self.ctx = zmq.Context(io_threads=1)
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.USE_FD, listen_fd)
@@ -436,6 +443,8 @@ class _LibzmqIO:
         self.sock.setsockopt(zmq.RCVHWM, IN_HWM)
         self.sock.setsockopt(zmq.SNDHWM, IN_HWM)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # Before bind: no connection may be accepted before its checks are in place.
+        self.zap = apply_access(self.ctx, self.sock, access) if access else None
         self.sock.bind(endpoint)
         self.rx_ns = 0
         self.stalled: dict[bytes, float] = {}  # routing id -> skip its requests until then
@@ -483,6 +492,8 @@ class _LibzmqIO:
 
     def close(self) -> None:
         self.sock.close(linger=1000)
+        if self.zap is not None:
+            self.zap.close()
         self.ctx.term()
 
 
@@ -493,9 +504,9 @@ def _sha1(source: str) -> str:
 
 
 def worker_main(settings: Any, listen_fd: int, index: int, boot_id: str,
-                heartbeat: Any = None, load: Any = None) -> int:
+                heartbeat: Any = None, load: Any = None, slot: int | None = None) -> int:
     """Entry point of a forked worker; return its exit code."""
-    w = Worker(settings, listen_fd, index, boot_id, heartbeat, load)
+    w = Worker(settings, listen_fd, index, boot_id, heartbeat, load, slot)
     try:
         w.boot()
     except Exception:

@@ -27,6 +27,7 @@ import select
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 GREETING = (b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL" + b"\x00" * 16
@@ -129,8 +130,10 @@ class Balance:
 class ZmtpServer:
     """Accept and serve ZMTP peers on a (shared, non-blocking) listening socket."""
 
-    def __init__(self, listen_fd: int, max_frame: int, balance: Balance | None = None) -> None:
+    def __init__(self, listen_fd: int, max_frame: int, balance: Balance | None = None,
+                 admit: Callable[[Any], bool] | None = None) -> None:
         self.listen = socket.socket(fileno=listen_fd)
+        self.admit = admit  # given the peer address, says whether to serve it (allow_networks)
         self.listen.setblocking(False)
         self.max_frame = max_frame
         self.balance = balance
@@ -202,7 +205,7 @@ class ZmtpServer:
     def _accept(self) -> None:
         for _ in range(64):
             try:
-                s, _ = self.listen.accept()
+                s, addr = self.listen.accept()
             except (BlockingIOError, InterruptedError):
                 return  # another worker took it
             except OSError as e:
@@ -216,6 +219,9 @@ class ZmtpServer:
                 if e.errno in (errno.ECONNABORTED, errno.EPERM):
                     continue
                 raise
+            if self.admit is not None and not self.admit(addr):
+                s.close()  # before the greeting: a refused peer learns nothing
+                continue
             s.setblocking(False)
             if s.family in (socket.AF_INET, socket.AF_INET6):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

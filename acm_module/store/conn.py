@@ -15,7 +15,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 from acm_module.engine import hotpath
-from acm_module.errors import StoreError, StoreReplyError
+from acm_module.errors import ConfigError, StoreError, StoreReplyError
+from acm_module.settings import STORE_SCHEMES
 
 LUA_DIR = Path(__file__).with_name("lua")
 
@@ -91,7 +92,7 @@ def parse_seeds(url: str) -> list[StoreAddress]:
     Raises StoreError for an unsupported scheme or a malformed address.
     """
     u = urlparse(url)
-    if u.scheme not in ("redis", "rediss", "unix", "dragonfly"):
+    if u.scheme not in STORE_SCHEMES:
         raise StoreError(f"unsupported store URL scheme {u.scheme!r} "
                          "(redis://, rediss:// or unix://)")
     if u.scheme == "unix":
@@ -123,6 +124,27 @@ def parse_seeds(url: str) -> list[StoreAddress]:
 def parse_url(url: str) -> StoreAddress:
     """Parse a store URL into its first address. Raises StoreError (see parse_seeds)."""
     return parse_seeds(url)[0]
+
+
+# Error replies that mean the URL's credentials or database are wrong: no retry can fix them.
+_REFUSALS = (
+    ("WRONGPASS", "the store refused the user name or password"),
+    ("NOAUTH", "the store requires a password and the URL has none"),
+    ("ERR AUTH", "the URL has a password but the store has none configured"),
+    ("ERR Client sent AUTH", "the URL has a password but the store has none configured"),
+    ("ERR invalid password", "the store refused the password"),
+    ("ERR DB index", "the store has no such database"),
+)
+
+
+def login_refusal(e: BaseException) -> str | None:
+    """Say why the store refused to log in (a wrong password...), or None for anything else."""
+    if not isinstance(e, StoreReplyError):
+        return None
+    for prefix, why in _REFUSALS:
+        if e.message.startswith(prefix):
+            return f"{why} ({e.message.split(' ', 1)[0]})"
+    return None
 
 
 def safe_url(url: str) -> str:
@@ -170,6 +192,23 @@ class StoreConnection:
             finally:
                 self._sock = None
                 self._buf.clear()
+
+    def check_login(self) -> None:
+        """Connect, log in and PING once, then close.
+
+        Raises ConfigError when the store refuses the URL's credentials or database (a retry
+        cannot fix that), StoreError when it is unreachable or failing.
+        """
+        try:
+            self.connect()
+            self.call("PING")
+        except StoreError as e:
+            why = login_refusal(e)
+            if why is not None:
+                raise ConfigError(f"store {self.safe_url()}: {why}") from e
+            raise
+        finally:
+            self.close()
 
     def safe_url(self) -> str:
         """Return the URL without its password, for logs."""

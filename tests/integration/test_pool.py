@@ -94,16 +94,24 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(service_factory, zc
         assert not os.path.exists(svc.endpoint[len("ipc://"):])
 
 
-def test_a_worker_that_cannot_boot_stops_the_service_instead_of_respawning(store_url) -> None:
-    svc = Service("http://not-a-store:1", workers=2)
+def test_a_worker_that_cannot_boot_stops_the_service_instead_of_respawning(store_url,
+                                                                          tmp_path) -> None:
+    from acm_module.client import CurveKeys
+    from acm_module.server.access import generate_keypair
+
+    public, secret = generate_keypair(tmp_path, "server")
+    svc = Service(store_url, workers=1, args=["--curve-server-key", str(secret)],
+                  curve=CurveKeys.load(str(public)))
     try:
-        svc.start(wait=False)
+        svc.start()
+        secret.unlink()  # its key file gone, a new worker cannot boot
+        os.kill(svc.worker_pids()[0], signal.SIGKILL)
         assert svc.proc is not None
         code = svc.proc.wait(20)
         assert code == 3
         log = svc.read_log()
-        assert "failed to boot" in log
-        assert "respawning in" not in log
+        assert log.count("failed to boot") == 2, log  # the worker's line and the halt's
+        assert "not respawning" in log
     finally:
         svc.cleanup()
 

@@ -37,12 +37,12 @@ def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
 def test_acm_bench_reports_every_phase(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     p = _run([sys.executable, "-m", "acm_module.cli", "bench", "--seconds", "0.5", "--clients",
-              "2", "--workers", "1", "--compare-io", "--json", str(out)], 200)
+              "2", "--workers", "1", "--compare-io", "--curve", "--json", str(out)], 200)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     data = json.loads(out.read_text())
     phases = data["results"]
     assert set(phases) == {"floor_echo_1", "floor_echo_n", "floor_evalsha_1", "acm_1", "acm_n",
-                           "io_1", "io_n", "sf_1", "sf_n"}
+                           "io_1", "io_n", "io_curve_1", "io_curve_n", "sf_1", "sf_n"}
     for name, r in phases.items():
         assert r["rate"] > 0 and r["errors"] == 0, (name, r)
         assert 0 < r["p50"] <= r["p99"] <= r["p999"], (name, r)
@@ -51,7 +51,8 @@ def test_acm_bench_reports_every_phase(tmp_path: Path) -> None:
         assert meta[key]["requests"] > 0 and meta[key]["batches"] > 0
     assert meta["store"]["bytes_per_active_b"] > 0
     assert len(phases["acm_n"]["extra"]["worker_rss_kib"]) == 1
-    for line in ("floor (1 client)", "x floor", "x straightforward rate", "in-worker, acm phase"):
+    for line in ("floor (1 client)", "x floor", "x straightforward rate", "in-worker, acm phase",
+                 "x acm (no CURVE) rate"):
         assert line in p.stdout, p.stdout
 
 

@@ -22,7 +22,6 @@ import os
 import re
 import socket
 import stat
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -31,7 +30,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from servers import RedisServer, Service, free_port, unavailable, wait_port
+from servers import RedisServer, Service, free_port
 
 from acm_module.client import Client
 from acm_module.control import jsonrpc
@@ -111,25 +110,6 @@ def live_config(svc: Service) -> tuple[int, dict[str, Any]]:
     return cfg["generation"], cfg["live"]
 
 
-class PasswordRedis(RedisServer):
-    """redis-server with `requirepass`."""
-
-    def start(self) -> PasswordRedis:
-        assert self.binary
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--requirepass", PASSWORD],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not wait_port(self.port):
-            self.stop()
-            unavailable(f"redis-server did not start on port {self.port}")
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
-
-
 @pytest.fixture(scope="module")
 def mi_svc(module_redis: str) -> Iterator[Service]:
     """One service (1 worker, MI on loopback) for the control-plane tests of this module."""
@@ -179,7 +159,7 @@ def test_acm_ipc_mode_is_octal_and_never_wider_than_asked(store_url: str, raw: s
 
 # -- logs at the default level -------------------------------------------------------------
 def test_no_password_or_call_records_in_logs_at_default_level(zctx) -> None:  # type: ignore[no-untyped-def]
-    srv = PasswordRedis().start()
+    srv = RedisServer(password=PASSWORD).start()
     svc = Service(srv.url, workers=2, extra_env={"ACM_LOG_LEVEL": "INFO"})
     b_num = "+2348059876543"
     a_nums = [f"+23480312345{i:02d}" for i in range(8)]

@@ -1,0 +1,143 @@
+"""Signals to a real `acm serve`, as an operator sends them.
+
+- SIGTTIN adds a worker up to max_workers, SIGTTOU removes one down to 1; a removed worker is
+  retired (no respawn, no "respawning" line) and each step is logged.
+- SIGHUP reloads the config file and rolls the workers: new ones start on the new config, the
+  old ones are retired once the new ones serve; requests keep being answered meanwhile. An
+  invalid new config is logged and the running one kept.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from servers import Service
+
+from acm_module.client import Client, ServiceTimeout
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
+
+
+def signal_service(svc: Service, sig: int) -> None:
+    assert svc.proc is not None
+    svc.proc.send_signal(sig)
+
+
+def test_ttin_grows_to_max_workers_and_ttou_retires_down_to_one(store_url: str) -> None:
+    svc = Service(store_url, workers=1, args=["--max-workers", "3"])
+    try:
+        svc.start()
+        first = svc.worker_pids()
+        assert len(first) == 1
+        for n in (2, 3):
+            signal_service(svc, signal.SIGTTIN)
+            svc.wait_for(lambda n=n: len(svc.worker_pids()) == n)
+        signal_service(svc, signal.SIGTTIN)  # beyond max_workers: refused, said so
+        svc.wait_log("SIGTTIN ignored")
+        assert len(svc.worker_pids()) == 3
+        with Client(svc.endpoint, timeout=5) as c:  # the grown pool serves
+            for i in range(6):
+                assert c.decide(f"grow-{i}", f"+23480300000{i:02d}", "+2348039990001")
+        for n in (2, 1):
+            signal_service(svc, signal.SIGTTOU)
+            svc.wait_for(lambda n=n: len(svc.worker_pids()) == n)
+        signal_service(svc, signal.SIGTTOU)  # below 1: refused
+        svc.wait_log("SIGTTOU ignored")
+        time.sleep(0.5)  # a wrongful respawn would show by now
+        log = svc.read_log()
+        assert svc.worker_pids() == first, log
+        assert "respawning" not in log
+        assert log.count("retired") == 2, log
+        for line in ("SIGTTIN: workers 1 -> 2", "SIGTTIN: workers 2 -> 3",
+                     "SIGTTOU: workers 3 -> 2", "SIGTTOU: workers 2 -> 1"):
+            assert line in log
+        with Client(svc.endpoint, timeout=5) as c:
+            assert c.decide("after-shrink", "+2348030000099", "+2348039990002")["verdict"]
+    finally:
+        svc.cleanup()
+
+
+def three_callers_dropped(c: Client, tag: str) -> bool:
+    """Three distinct callers to one B: the third is dropped only with threshold <= 3."""
+    b = f"+234803{abs(hash(tag)) % 10**7:07d}"
+    verdicts = [c.decide(f"{tag}-{i}", f"+23480311{i:05d}", b)["verdict"] for i in range(3)]
+    return verdicts[-1] == "drop"
+
+
+def test_sighup_reloads_the_file_and_rolls_every_worker_while_serving(store_url: str,
+                                                                      tmp_path: Path) -> None:
+    cfg = tmp_path / "acm.toml"
+    cfg.write_text("[service]\nworkers = 1\n[detection]\nthreshold = 5\n")
+    svc = Service(store_url, workers=0)
+    svc.pre_args = ["--config", str(cfg)]
+    stop = threading.Event()
+    answered, lost = [0], [0]
+
+    def load() -> None:  # one OpenSIPS-like client, one request in flight, all along
+        with Client(svc.endpoint, timeout=2.0) as c:
+            i = 0
+            while not stop.is_set():
+                try:
+                    c.decide(f"roll-{i}", "+2348030000001", f"+2348038{i:06d}")
+                    answered[0] += 1
+                except ServiceTimeout:
+                    lost[0] += 1
+                i += 1
+
+    try:
+        svc.start()
+        old = svc.worker_pids()
+        assert len(old) == 1
+        with Client(svc.endpoint, timeout=5) as c:
+            assert not three_callers_dropped(c, "before")
+        t = threading.Thread(target=load, daemon=True)
+        t.start()
+        time.sleep(0.3)
+        cfg.write_text("[service]\nworkers = 2\n[detection]\nthreshold = 3\n")
+        signal_service(svc, signal.SIGHUP)
+        svc.wait_log("reload done")
+        before_end = answered[0]
+        svc.wait_for(lambda: answered[0] > before_end + 20, what="answers after the roll")
+        stop.set()
+        t.join(10)
+        new = svc.worker_pids()
+        log = svc.read_log()
+        assert len(new) == 2 and not set(new) & set(old), log
+        assert "respawning" not in log
+        assert before_end > 0
+        # At most the one request in flight when its retired worker closed the connection
+        # (ZeroMQ has no "go away": the client times out and applies its fail policy).
+        assert lost[0] <= 1, f"{lost[0]} requests lost during the roll"
+        with Client(svc.endpoint, timeout=5) as c:
+            assert three_callers_dropped(c, "after")  # the file's new threshold is live
+    finally:
+        stop.set()
+        svc.cleanup()
+
+
+@pytest.mark.parametrize("bad", ["[detection]\nthreshold = 'many'\n",
+                                 "[service]\nworkers = 1\nnot toml at all\n",
+                                 "[service]\ncurve_server_key = '/nonexistent/acm.key_secret'\n"],
+                         ids=["bad-value", "bad-syntax", "missing-key-file"])
+def test_sighup_with_an_invalid_config_keeps_the_running_one(store_url: str, tmp_path: Path,
+                                                             bad: str) -> None:
+    cfg = tmp_path / "acm.toml"
+    cfg.write_text("[detection]\nthreshold = 3\n")
+    svc = Service(store_url, workers=1)
+    svc.pre_args = ["--config", str(cfg)]
+    try:
+        svc.start()
+        pids = svc.worker_pids()
+        cfg.write_text(bad)
+        signal_service(svc, signal.SIGHUP)
+        svc.wait_log("keeping the running one")
+        time.sleep(0.3)
+        assert svc.worker_pids() == pids, svc.read_log()
+        with Client(svc.endpoint, timeout=5) as c:
+            assert three_callers_dropped(c, "kept")  # still threshold 3
+    finally:
+        svc.cleanup()
