@@ -13,6 +13,7 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from servers import (
+    RedisCluster,
     RedisServer,
     Service,
     flush,
@@ -21,6 +22,7 @@ from servers import (
 
 from acm_module.client import Client
 from acm_module.engine import IMPLEMENTATION
+from acm_module.store.cluster import StoreClient
 from acm_module.store.conn import StoreConnection
 
 
@@ -122,3 +124,29 @@ def service_factory(store_url: str, zctx: zmq.Context):
             svc.cleanup()
 
     return start
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster of 3 masters and 3 replicas, stopped after the session."""
+    c = RedisCluster(masters=3, replicas=1).start()
+    try:
+        yield c
+    finally:
+        c.cleanup()
+
+
+@pytest.fixture
+def empty_cluster(cluster: RedisCluster) -> Iterator[RedisCluster]:
+    """The session's cluster, whole again and with every master emptied, before and after."""
+    def flush() -> None:
+        cluster.restore()  # nodes a test stopped rejoin (as replicas)
+        s = StoreClient(cluster.seeds_url, timeout=5.0)
+        try:
+            s.connect()
+            s.on_each_master("FLUSHALL")
+        finally:
+            s.close()
+    flush()
+    yield cluster
+    flush()

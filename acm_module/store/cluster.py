@@ -12,7 +12,8 @@ which after a failover names the promoted replica.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from acm_module.engine import hotpath
@@ -99,28 +100,40 @@ class StoreClient:
 
     # -- connection management -------------------------------------------------------------
     def connect(self) -> None:
-        """Connect to the first seed that answers; detect standalone vs cluster.
+        """Connect through the first seed that answers; detect standalone vs cluster.
 
-        Raises StoreError when no seed answers.
+        In a cluster every master of the seed's map must connect, else the next seed's map is
+        tried: during a failover some nodes still name the old master. Raises StoreError when
+        no seed gives a map whose masters all answer.
         """
         self.close()
         self._single = None
-        c, addr, shards = self._first_seed()
-        if shards is None:
-            self.cluster = False
-            self._single = c
-            # Standalone: the connection's own methods, no routing in between.
-            self.round_trip = c.round_trip  # type: ignore[method-assign]
-            return
-        self.cluster = True
-        self.__dict__.pop("round_trip", None)
-        self._nodes[(addr.host, addr.port)] = c
-        self._apply_map(shards, addr)
-        for host_port in self._masters:
-            self._node(host_port)
+        err: StoreError | None = None
+        give_up = time.monotonic() + self.connect_timeout
+        for c, addr, shards in self._seed_maps():
+            if shards is None:
+                self.cluster = False
+                self._single = c
+                # Standalone: the connection's own methods, no routing in between.
+                self.round_trip = c.round_trip  # type: ignore[method-assign]
+                return
+            self.cluster = True
+            self.__dict__.pop("round_trip", None)
+            self._nodes[(addr.host, addr.port)] = c
+            self._apply_map(shards, addr)
+            try:
+                for host_port in self._masters:
+                    self._node(host_port)
+                return
+            except StoreError as e:
+                err = e
+                self.close()
+                if time.monotonic() > give_up:
+                    break  # a caller waits for this: try again on its next attempt
+        raise err or StoreError(f"store {self.safe_url()}: no seed answered")
 
-    def _first_seed(self) -> tuple[Any, StoreAddress, list | None]:
-        """Return (connection, address, slot map or None) of the first seed that answers.
+    def _seed_maps(self) -> Iterator[tuple[Any, StoreAddress, list | None]]:
+        """Yield (connection, address, slot map or None) of every seed that answers.
 
         Raises StoreError (the last seed's) when none does.
         """
@@ -128,16 +141,21 @@ class StoreClient:
         # The URL's seeds first, then every master of the last map: a cluster whose seed died
         # is still found through the nodes it had.
         known = [self._seeds[0].at(*hp) for hp in self._masters]
+        answered = False
         for addr in [*self._seeds, *(a for a in known if a not in self._seeds)]:
             c = self._conn(addr)
             try:
                 c.connect()
-                return c, addr, _read_map(c)
+                shards = _read_map(c)
             except StoreError as e:
                 c.close()
                 err = e
-        assert err is not None
-        raise err
+                continue
+            answered = True
+            yield c, addr, shards
+        if not answered:
+            assert err is not None
+            raise err
 
     def _conn(self, addr: StoreAddress) -> StoreConnection:
         return self._conn_class(self.url, self.timeout, self.connect_timeout, address=addr)
@@ -183,11 +201,11 @@ class StoreClient:
             if shards is not None:
                 self._apply_map(shards, self._seeds[0])
                 return
-        c, addr, shards = self._first_seed()
-        c.close()
-        if shards is not None:
-            self._apply_map(shards, addr)
-            return
+        for c, addr, shards in self._seed_maps():
+            c.close()
+            if shards is not None:
+                self._apply_map(shards, addr)
+                return
         raise err or StoreError(f"store {self.safe_url()}: no node gave the slot map")
 
     @property

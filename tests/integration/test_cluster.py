@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,37 +13,11 @@ from reference import Reference, mismatches
 from servers import RedisCluster, Service
 
 from acm_module.client import Client
-from acm_module.store.cluster import StoreClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_replay_reference import make_events
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    """A Redis Cluster of 3 masters and 3 replicas, stopped after the module."""
-    c = RedisCluster(masters=3, replicas=1).start()
-    try:
-        yield c
-    finally:
-        c.cleanup()
-
-
-@pytest.fixture
-def empty_cluster(cluster: RedisCluster) -> Iterator[RedisCluster]:
-    """The module's cluster with every master emptied before and after the test."""
-    def flush() -> None:
-        s = StoreClient(cluster.url(0), timeout=5.0)
-        try:
-            s.connect()
-            s.on_each_master("FLUSHALL")
-        finally:
-            s.close()
-    flush()
-    yield cluster
-    flush()
 
 
 def test_two_nodes_with_different_seeds_decide_as_one(empty_cluster: RedisCluster,

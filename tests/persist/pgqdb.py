@@ -226,7 +226,8 @@ def add_tap(store_url: str, partitions: int = 16) -> None:
 
 def stream_records(store_url: str, partitions: int = 16) -> list[tuple[str, str, dict[str, str]]]:
     """Return (stream, id, fields) of every record still in the partition streams."""
-    c = StreamConnection(store_url, timeout=10.0)  # hiredis: replies of thousands of entries
+    # hiredis: replies of thousands of entries
+    c = StoreConnection(store_url, timeout=10.0, conn_class=StreamConnection)
     out = []
     try:
         for s in keys.streams(partitions):
