@@ -121,7 +121,7 @@ class Setting:
                 value = _coerce(self.type, raw)
             if self.validator is not None:
                 self.validator(value)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:  # Overflow: a 400-digit float
             shown = repr(raw)
             if len(shown) > 60:  # an error must not echo a 30 KB value into replies and logs
                 shown = shown[:57] + "..."
@@ -214,7 +214,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("partitions", int, 16,
             "Key partitions (hash tags) and durable streams; fixed for a deployment.",
             env=("ACM_PARTITIONS",), cli="--partitions", validator=_range(1, 1024)),
-    Setting("store_timeout_ms", float, 20.0, "Worker's timeout for one store round trip.",
+    Setting("store_timeout_ms", float, 40.0,
+            "Worker's budget for a batch's store round trip, counted from the batch's "
+            "arrival; keep it under the OpenSIPS client's ACM_TIMEOUT_MS (50) by the reply's "
+            "way back.",
             env=("ACM_STORE_TIMEOUT_MS",), cli="--store-timeout-ms", validator=_range(1, 10000),
             runtime=True),
     Setting("max_batch", int, 64, "Most requests a worker decides in one store round trip.",
@@ -261,6 +264,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("mi_datagram", str, "127.0.0.1:8898",
             "MI JSON-RPC over UDP datagrams host:port; empty disables.",
             env=("ACM_MI_DATAGRAM",), cli="--mi-datagram", section="control"),
+    Setting("mi_http_timeout", float, 10.0,
+            "Seconds an MI HTTP connection has to deliver one whole request (also the idle "
+            "keep-alive limit); then it is closed.",
+            env=("ACM_MI_HTTP_TIMEOUT",), validator=_range(0.1, 3600), section="control"),
+    Setting("mi_http_max_connections", int, 64,
+            "MI HTTP connections served at once; a new one closes the oldest that has not "
+            "delivered its request, or gets 503 when all are busy.",
+            env=("ACM_MI_HTTP_MAX_CONNECTIONS",), validator=_range(1, 10_000),
+            section="control"),
     Setting("mi_token", str, "",
             "Admin token for MI; required when MI binds a non-loopback address.",
             env=("ACM_MI_TOKEN",), cli="--mi-token", section="control"),

@@ -1,16 +1,23 @@
 """`acm bench`: the end-to-end load tool.
 
-Starts a store (redis-server, unless --store is given) and the service, then drives client
-processes that behave like OpenSIPS processes (one REQ socket each, one request in flight):
-closed loop (as fast as answers come) and open loop (requests scheduled at a fixed rate, latency
-counted from the scheduled time so a stall is not hidden). In the same run it measures
+Starts a store (redis-server, unless --store is given) and the service, then drives logical
+clients that behave like OpenSIPS processes (one connection each, one request in flight; a few
+load processes pipeline many of them, benchmarks/zmtp_client.py, so the tool costs little
+next to what it measures): closed loop (as fast as answers come) and open loop (requests
+scheduled at a fixed rate, latency counted from the scheduled time so a stall is not hidden).
+In the same run it measures
 
-* the floor: a bare ZeroMQ echo round trip over the same transport, plus a bare EVALSHA round
-  trip of the same decide.lua with a minimal client;
+* the load tool's own ceiling: the same clients against a reflector that only sends each frame
+  back (workers on the same shared listening socket, nothing decoded);
+* the echo pool: the same workers decoding each request and encoding a reply with msgpack, no
+  store (the transport's ceiling for the service);
+* the floor of one call: a reflector round trip plus a bare EVALSHA of the same decide.lua;
 * the straightforward design: a `zmq.proxy` in front of REP workers that call the script through
   redis-py, one request at a time;
 
-and prints every figure with its ratio to both. JSON results go to --json.
+and the server CPU per request (workers + store, from /proc) and the load processes' CPU, so a
+phase whose clients were the bottleneck is reported as such instead of as a service figure.
+JSON results go to --json.
 """
 
 from __future__ import annotations
@@ -47,9 +54,12 @@ CTX = mp.get_context("fork")
 
 # -- measurement -------------------------------------------------------------------------------
 
+CLIENT_BOUND_UTIL = 0.9  # load processes busy this share of the phase: they set the pace
+
+
 @dataclass
 class Result:
-    """Latencies (microseconds) and throughput of one measured phase."""
+    """Latencies (microseconds), throughput and CPU of one measured phase."""
 
     name: str
     clients: int
@@ -61,7 +71,25 @@ class Result:
     p999: float = 0.0
     mean: float = 0.0
     rate: float = 0.0
+    unavailable: int = 0  # store_unavailable replies
+    server_cpu_us: float | None = None  # per reply, workers + store (None: not measurable)
+    store_cpu_us: float | None = None  # the store's part of it (None: not measured)
+    client_cpu_us: float = 0.0  # per reply, the load processes
+    client_util: float = 0.0  # busy share of the load processes over the phase (1 = pegged)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def client_bound(self) -> bool:
+        """Say whether the load processes, not the server, set this phase's pace.
+
+        They do when they were busy nearly all the time (a request was always waiting on them),
+        or, in a closed loop sharing the CPUs with the server, when they spent more CPU per
+        request than the server did (they took the larger share of the machine).
+        """
+        if self.client_util >= CLIENT_BOUND_UTIL:
+            return True
+        return (not self.extra.get("paced") and self.server_cpu_us is not None
+                and self.client_cpu_us > self.server_cpu_us)
 
     @classmethod
     def of(cls, name: str, clients: int, seconds: float, lat_ns: array, errors: int,
@@ -74,7 +102,18 @@ class Result:
 
         return cls(name, clients, seconds, n, errors, pct(0.5), pct(0.99), pct(0.999),
                    (sum(lat) / n / 1000.0) if n else 0.0, n / seconds if seconds else 0.0,
-                   extra)
+                   extra=extra)
+
+
+def cpu_ns(pids: list[int]) -> int:
+    """Return the CPU time (ns) the processes and all their threads have run so far."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+    return total
 
 
 def _request(i: int, rng: random.Random, b_pool: int) -> bytes:
@@ -93,15 +132,18 @@ def _req_socket(ctx: zmq.Context, endpoint: str, curve: CurveKeys | None) -> zmq
     return s
 
 
-def _client_proc(endpoint: str, seconds: float, rate: float, b_pool: int, start: Any,
-                 out: Any, warmup: int, curve: CurveKeys | None = None) -> None:
-    """One OpenSIPS-like client: a REQ socket, one request in flight."""
+def _req_client_proc(endpoint: str, seconds: float, rate: float, b_pool: int, warmup: int,
+                     start: Any, out: Any, curve: CurveKeys | None = None) -> None:
+    """One process per client with a pyzmq REQ socket (--client-kind req: the old load tool;
+    CurveZMQ phases, which the ZMTP clients do not speak)."""
     _die_with_parent()
     ctx = zmq.Context()
     s = _req_socket(ctx, endpoint, curve)
     rng = random.Random(os.getpid())
     lat = array("q")
-    errors = 0
+    errors = unavailable = timeouts = 0
+    codes: dict[str, int] = {}
+    cpu0 = w0 = 0.0
     try:
         for i in range(warmup):
             s.send(_request(-1 - i, rng, b_pool))
@@ -110,6 +152,7 @@ def _client_proc(endpoint: str, seconds: float, rate: float, b_pool: int, start:
                 return
             s.recv()
         start.wait()
+        cpu0, w0 = time.process_time(), time.perf_counter()
         t_end = time.perf_counter_ns() + int(seconds * 1e9)
         interval = int(1e9 / rate) if rate > 0 else 0
         next_at = time.perf_counter_ns()
@@ -128,6 +171,7 @@ def _client_proc(endpoint: str, seconds: float, rate: float, b_pool: int, start:
             s.send(_request(i, rng, b_pool))
             if not s.poll(2000):
                 errors += 1
+                timeouts += 1
                 s.close(linger=0)
                 s = _req_socket(ctx, endpoint, curve)
                 continue
@@ -135,43 +179,100 @@ def _client_proc(endpoint: str, seconds: float, rate: float, b_pool: int, start:
             lat.append(time.perf_counter_ns() - t0)
             if b"error" in reply[:8]:
                 errors += 1
+                code = str(msgpack.unpackb(reply).get("error"))
+                codes[code] = codes.get(code, 0) + 1
+                unavailable += code == "store_unavailable"
             i += 1
     finally:
         s.close(linger=0)
         ctx.term()
-        out.put((lat.tobytes(), errors))
+        out.put((lat.tobytes(), errors, unavailable, timeouts,
+                 time.process_time() - cpu0 if w0 else 0.0,
+                 time.perf_counter() - w0 if w0 else 0.0, codes))
 
 
 def drive(endpoint: str, clients: int, seconds: float, rate: float = 0.0, b_pool: int = 10**6,
           warmup: int = 200, progress: Callable[[str], None] | None = None,
-          curve: CurveKeys | None = None) -> tuple[array, int]:
-    """Run `clients` client processes for `seconds`; return (latencies in ns, errors)."""
+          procs: int = 1, kind: str = "zmtp", server_pids: list[int] | None = None,
+          store_pids: list[int] | None = None, name: str = "",
+          curve: CurveKeys | None = None) -> Result:
+    """Run `clients` logical clients for `seconds` and return the phase's Result.
+
+    kind "zmtp": `procs` load processes pipeline the clients (benchmarks/zmtp_client.py);
+    kind "req": one process per client with a pyzmq REQ socket. Server CPU is measured over
+    `server_pids` (the workers) and `store_pids` when given. With `curve` the clients are
+    REQ processes with those keys (the ZMTP clients speak the NULL mechanism only).
+    """
+    from benchmarks import zmtp_client
+
     start = CTX.Event()
     out: Any = CTX.Queue()
-    per_client_rate = rate / clients if rate else 0.0
-    procs = [CTX.Process(target=_client_proc,
-                         args=(endpoint, seconds, per_client_rate, b_pool, start, out, warmup,
-                               curve))
-             for _ in range(clients)]
-    for p in procs:
+    if curve is not None:
+        kind = "req"
+    if kind == "req":
+        per_rate = rate / clients if rate else 0.0
+        workers = [CTX.Process(target=_req_client_proc,
+                               args=(endpoint, seconds, per_rate, b_pool, warmup, start, out,
+                                     curve))
+                   for _ in range(clients)]
+    else:
+        procs = max(1, min(procs, clients))
+        split = [clients // procs + (i < clients % procs) for i in range(procs)]
+        workers = [CTX.Process(target=zmtp_client.client_proc,
+                               args=(endpoint, n, seconds, rate * n / clients, b_pool, warmup,
+                                     start, out))
+                   for n in split]
+    for p in workers:
         p.start()
-    time.sleep(0.3 + 0.02 * clients)
+    time.sleep(0.3 + (0.02 * clients if kind == "req" else 0.05 * len(workers)))
+    pids, spids = server_pids or [], store_pids or []
+    srv0, st0 = cpu_ns(pids), cpu_ns(spids)
     start.set()
     t0 = time.monotonic()
-    while progress and time.monotonic() - t0 < seconds:
-        progress(f"{time.monotonic() - t0:4.1f}/{seconds:.0f}s")
-        time.sleep(0.5)
+    while time.monotonic() - t0 < seconds:
+        if progress:
+            progress(f"{name}: {time.monotonic() - t0:4.1f}/{seconds:.0f}s")
+        time.sleep(min(0.5, max(0.0, seconds - (time.monotonic() - t0))))
+    srv_ns, st_ns = cpu_ns(pids) - srv0, cpu_ns(spids) - st0
     lat = array("q")
-    errors = 0
-    for _ in procs:
-        raw, err = out.get(timeout=seconds + 60)
+    errors = unavailable = timeouts = 0
+    codes: dict[str, int] = {}
+    cpu_s = wall_s = 0.0
+    failure: Exception | None = None
+    for _ in workers:
+        got = out.get(timeout=seconds + 60)
+        if isinstance(got, Exception):
+            failure = got
+            continue
+        raw, err, unav, tmo, c_s, w_s, cds = got
+        for k, v in cds.items():
+            codes[k] = codes.get(k, 0) + v
         chunk = array("q")
         chunk.frombytes(raw)
         lat.extend(chunk)
         errors += err
-    for p in procs:
+        unavailable += unav
+        timeouts += tmo
+        cpu_s += c_s
+        wall_s = max(wall_s, w_s)
+    for p in workers:
         p.join(10)
-    return lat, errors
+    if failure is not None:
+        raise RuntimeError(f"{name}: a load process failed: {failure!r}") from failure
+    r = Result.of(name or endpoint, clients, seconds, lat, errors)
+    r.unavailable = unavailable
+    r.extra["timeouts"] = timeouts
+    r.extra["error_codes"] = codes
+    r.extra["load_processes"] = len(workers)
+    if r.count:
+        r.client_cpu_us = cpu_s * 1e6 / r.count
+        r.server_cpu_us = (srv_ns + st_ns) / 1000.0 / r.count if pids else None
+        r.store_cpu_us = st_ns / 1000.0 / r.count if spids else None
+    # Busy share of the CPUs the load processes could use (one each, at most the machine's).
+    usable = min(len(workers), os.cpu_count() or 1)
+    r.client_util = cpu_s / (wall_s * usable) if wall_s else 0.0
+    r.extra["paced"] = rate
+    return r
 
 
 def _die_with_parent() -> None:
@@ -190,22 +291,24 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def redis_server(url: str | None) -> Iterator[str]:
-    """Yield a store URL: the given one, or a temporary redis-server's."""
+def redis_server(url: str | None) -> Iterator[tuple[str, int | None]]:
+    """Yield (store URL, its pid): the given URL (pid None), or a temporary redis-server's."""
     if url:
-        yield url
+        yield url, None
         return
     port = _free_port()
     d = tempfile.mkdtemp(prefix="acm-bench-redis-")
+    # Its own session (and so its own scheduler autogroup): its priority can be set apart.
     p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
                           "--save", "", "--appendonly", "no", "--dir", d],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
     try:
         for _ in range(200):
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
                 break
             time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield f"redis://127.0.0.1:{port}/0", p.pid
     finally:
         p.terminate()
         p.wait(10)
@@ -214,14 +317,15 @@ def redis_server(url: str | None) -> Iterator[str]:
 
 @contextlib.contextmanager
 def acm_service(store: str, workers: int, endpoint: str, env: dict[str, str] | None = None,
+                src: Path = REPO, new_session: bool = False,
                 curve: CurveKeys | None = None) -> Iterator[subprocess.Popen]:
-    """Run `acm serve` until the block ends."""
+    """Run `acm serve` (from the checkout `src`; in its own session) until the block ends."""
     e = {**os.environ, "ACM_MI_HTTP": "", "ACM_MI_DATAGRAM": "", "ACM_METRICS_HTTP": "",
          "ACM_LOG_LEVEL": "WARNING", "ACM_STATE_DIR": tempfile.mkdtemp(prefix="acm-bench-st-"),
          **(env or {})}
     p = subprocess.Popen([sys.executable, "-m", "acm_module.cli", "serve", "--workers",
                           str(workers), "--store", store, "--endpoint", endpoint], env=e,
-                         cwd=REPO)
+                         cwd=src, start_new_session=new_session)
     try:
         _wait_ready(endpoint, curve=curve)
         yield p
@@ -249,15 +353,60 @@ def _wait_ready(endpoint: str, timeout: float = 20.0, curve: CurveKeys | None = 
         ctx.term()
 
 
-def _echo_proc(endpoint: str, ready: Any) -> None:
+def _zmtp_pool_worker(listen_fd: int, mode: str, ready: Any) -> None:
+    """Serve the shared listening socket as a worker does: reflect frames, or echo with msgpack.
+
+    mode "reflect": each request frame goes back as it came (the load tool's ceiling).
+    mode "echo": each request is decoded and a reply of a decision's shape encoded (the
+    service's transport ceiling: everything a worker does but the decision and the store).
+    """
     _die_with_parent()
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.ROUTER)
-    s.bind(endpoint)
-    ready.set()
+    from acm_module.server.zmtp import ZmtpServer, split_envelope
+
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    srv = ZmtpServer(listen_fd, 1 << 16)
+    ready.set()
+    unpackb, packb = msgpack.unpackb, msgpack.packb
+    echo = mode == "echo"
     while True:
-        s.send_multipart(s.recv_multipart())
+        if not srv.poll(1.0):
+            continue
+        for conn, frames in srv.take(256):
+            env, body = split_envelope(frames)
+            if body is None:
+                continue
+            if echo:
+                req = unpackb(body)
+                body = packb({"verdict": "allow", "reason": "clean", "distinct": len(req)})
+            srv.reply(conn, env, body)
+        srv.flush()
+
+
+@contextlib.contextmanager
+def zmtp_pool(endpoint: str, workers: int, mode: str) -> Iterator[list[int]]:
+    """Run `workers` reflect/echo workers on one shared listening socket; yield their pids."""
+    from acm_module.server.supervisor import listen_socket
+
+    lsock = listen_socket(endpoint)
+    try:
+        with processes([(_zmtp_pool_worker, (lsock.fileno(), mode))
+                        for _ in range(workers)]) as pids:
+            yield pids
+    finally:
+        lsock.close()
+
+
+def _rep_echo_worker(backend: str, ready: Any) -> None:
+    """A REP worker behind zmq.proxy that decodes and encodes with msgpack, no store."""
+    _die_with_parent()
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.REP)
+    s.connect(backend)
+    ready.set()
+    while True:
+        req = msgpack.unpackb(s.recv())
+        s.send(msgpack.packb({"verdict": "allow", "reason": "clean", "distinct": len(req)}))
 
 
 def _straightforward_worker(backend: str, store: str, sha: str, ready: Any) -> None:
@@ -303,8 +452,11 @@ def _proxy_proc(front: str, back: str, ready: Any) -> None:
 
 
 @contextlib.contextmanager
-def processes(specs: list[tuple[Callable[..., None], tuple]]) -> Iterator[None]:
-    """Start processes that signal readiness through their last argument; kill them after."""
+def processes(specs: list[tuple[Callable[..., None], tuple]]) -> Iterator[list[int]]:
+    """Start processes that signal readiness through their last argument; kill them after.
+
+    Yields their pids.
+    """
     procs = []
     try:
         for target, args in specs:
@@ -314,7 +466,7 @@ def processes(specs: list[tuple[Callable[..., None], tuple]]) -> Iterator[None]:
             if not ev.wait(10):
                 raise RuntimeError(f"{target.__name__} did not start")
             procs.append(p)
-        yield
+        yield [p.pid for p in procs if p.pid is not None]
     finally:
         for p in procs:
             p.terminate()
@@ -383,14 +535,21 @@ def store_footprint(store: str, samples: int = 200) -> dict[str, float]:
         c.close()
 
 
-def worker_rss_kib(service_pid: int) -> list[int]:
-    """Return the resident set size of each worker of a service."""
+def worker_pids(service_pid: int) -> list[int]:
+    """Return the pids of a service's decision workers."""
     out = subprocess.run(["pgrep", "-P", str(service_pid)], capture_output=True, text=True)
-    rss = []
+    pids = []
     for pid in out.stdout.split():
         with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
-            if not f.read().startswith("acm-worker"):
-                continue
+            if f.read().startswith("acm-worker"):
+                pids.append(int(pid))
+    return pids
+
+
+def worker_rss_kib(service_pid: int) -> list[int]:
+    """Return the resident set size of each worker of a service."""
+    rss = []
+    for pid in worker_pids(service_pid):
         with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
@@ -403,17 +562,28 @@ def worker_rss_kib(service_pid: int) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print/write the results."""
     ap = argparse.ArgumentParser(prog="acm bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--store", help="use this store URL instead of a temporary redis-server")
+    ap.add_argument("--store", help="use this store URL instead of a temporary redis-server "
+                    "(its CPU is then not counted in the server CPU per request)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--clients", type=int, default=16, help="logical clients (connections)")
+    ap.add_argument("--load-procs", type=int, default=1,
+                    help="processes the logical clients are spread over (--client-kind zmtp)")
+    ap.add_argument("--client-kind", choices=("zmtp", "req"), default="zmtp",
+                    help="zmtp: pipelined ZMTP clients; req: one pyzmq REQ process per client")
     ap.add_argument("--seconds", type=float, default=10.0, help="per measured phase")
+    ap.add_argument("--paced", type=float, default=1000.0,
+                    help="open-loop rate (requests/s) of the paced phases; 0 = skip them")
     ap.add_argument("--rate", type=float, default=0.0,
-                    help="open-loop rate (decisions/s) for an extra phase; 0 = skip")
+                    help="open-loop rate (decisions/s) for an extra acm phase; 0 = skip")
     ap.add_argument("--transport", choices=("ipc", "tcp"), default="ipc")
     ap.add_argument("--skip-baseline", action="store_true",
                     help="skip the straightforward design")
     ap.add_argument("--compare-io", action="store_true",
                     help="also run the service with the other worker_io (zmtp/libzmq)")
+    ap.add_argument("--compare-clients", action="store_true",
+                    help="also measure the other client kind's ceiling against the reflector")
+    ap.add_argument("--compare-proxy-echo", action="store_true",
+                    help="also measure an echo pool behind zmq.proxy (REP workers, msgpack)")
     ap.add_argument("--curve", action="store_true",
                     help="also run the service with CurveZMQ (keys made for the run; its "
                          "workers use libzmq I/O) and its clients with the keys")
@@ -430,64 +600,90 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"\r\033[K{msg}")
         sys.stderr.flush()
 
+    n = args.clients
     results: dict[str, Result] = {}
+
+    def phase(key: str, name: str, endpoint: str, clients: int, rate: float = 0.0,
+              pids: list[int] | None = None, spids: list[int] | None = None,
+              kind: str = args.client_kind, curve: CurveKeys | None = None) -> Result:
+        r = drive(endpoint, clients, args.seconds, rate=rate, progress=say,
+                  procs=args.load_procs, kind=kind, server_pids=pids, store_pids=spids,
+                  name=name, curve=curve)
+        results[key] = r
+        return r
+
     meta: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
         "python": platform.python_version(), "transport": args.transport,
-        "workers": args.workers, "clients": args.clients, "seconds": args.seconds,
+        "workers": args.workers, "clients": n, "seconds": args.seconds,
+        "client_kind": args.client_kind, "load_procs": args.load_procs,
+        "paced": args.paced,
         "hot_path": (os.environ.get("ACM_PUREPYTHON", "") in ("", "0") and "cython") or "python",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": os.getloadavg(),
     }
     try:
-        with redis_server(args.store) as store:
-            say("floor: ZeroMQ echo, 1 client")
+        with redis_server(args.store) as (store, store_pid):
+            store_pids = [store_pid] if store_pid else []
+            meta["store_cpu_counted"] = bool(store_pids)
+            refl = ep("reflect")
+            with zmtp_pool(refl, args.workers, "reflect") as pids:
+                phase("reflect_1", "load tool ceiling: reflector", refl,
+                      1, pids=pids)
+                phase("reflect_n", "load tool ceiling: reflector", refl,
+                      n, pids=pids)
+                if args.compare_clients:
+                    other = "req" if args.client_kind == "zmtp" else "zmtp"
+                    phase("reflect_n_other", f"reflector, {other} clients",
+                          refl, n, pids=pids, kind=other)
             echo = ep("echo")
-            with processes([(_echo_proc, (echo,))]):
-                lat, err = drive(echo, 1, args.seconds, progress=say)
-                results["floor_echo_1"] = Result.of("floor: zmq echo", 1, args.seconds, lat, err)
-                say(f"floor: ZeroMQ echo, {args.clients} clients")
-                lat, err = drive(echo, args.clients, args.seconds, progress=say)
-                results["floor_echo_n"] = Result.of("floor: zmq echo", args.clients,
-                                                    args.seconds, lat, err)
-            say("floor: EVALSHA decide.lua, minimal client")
-            lat = evalsha_floor(store, args.seconds)
-            results["floor_evalsha_1"] = Result.of("floor: EVALSHA", 1, args.seconds, lat, 0)
+            with zmtp_pool(echo, args.workers, "echo") as pids:
+                phase("echo_n", "echo pool (msgpack, no store)", echo, n,
+                      pids=pids)
+                if args.paced:
+                    phase("echo_paced", f"echo pool, paced {args.paced:.0f}/s",
+                          echo, n, rate=args.paced, pids=pids)
+            if args.compare_proxy_echo:
+                front, back = ep("pe-front"), ep("pe-back")
+                with processes([(_proxy_proc, (front, back))] + [
+                        (_rep_echo_worker, (back,)) for _ in range(args.workers)]) as pids:
+                    phase("proxy_echo_n", "echo pool via zmq.proxy + REP", front, n,
+                          pids=pids)
 
             acm_ep = ep("acm")
             with acm_service(store, args.workers, acm_ep) as svc:
-                say("acm: 1 client, sequential")
+                pids, spids = worker_pids(svc.pid), store_pids
+                if args.paced:
+                    # First, on a store holding no earlier phase's keys: their expiry would be
+                    # charged to this phase's requests.
+                    phase("acm_paced", f"acm, paced {args.paced:.0f}/s", acm_ep, n,
+                          rate=args.paced, pids=pids, spids=spids)
                 before = _in_worker_raw(store)
-                lat, err = drive(acm_ep, 1, args.seconds, progress=say)
-                results["acm_1"] = Result.of("acm", 1, args.seconds, lat, err)
+                phase("acm_1", "acm", acm_ep, 1, pids=pids, spids=spids)
                 meta["in_worker_1"] = _in_worker_phase(store, before)
-                say(f"acm: {args.clients} clients, closed loop")
                 before = _in_worker_raw(store)
-                lat, err = drive(acm_ep, args.clients, args.seconds, progress=say)
-                rss = worker_rss_kib(svc.pid)
-                results["acm_n"] = Result.of("acm", args.clients, args.seconds, lat, err,
-                                             worker_rss_kib=rss)
+                r = phase("acm_n", "acm", acm_ep, n, pids=pids, spids=spids)
+                r.extra["worker_rss_kib"] = worker_rss_kib(svc.pid)
                 meta["in_worker_n"] = _in_worker_phase(store, before)
                 if args.rate:
-                    say(f"acm: open loop at {args.rate:.0f}/s")
-                    lat, err = drive(acm_ep, args.clients, args.seconds, rate=args.rate,
-                                     progress=say)
-                    results["acm_open"] = Result.of(f"acm open loop {args.rate:.0f}/s",
-                                                    args.clients, args.seconds, lat, err)
+                    phase("acm_open", f"acm open loop {args.rate:.0f}/s", acm_ep, n,
+                          rate=args.rate, pids=pids, spids=spids)
                 meta["in_worker"] = _in_worker_phase(store)  # every acm phase so far
             meta["store"] = store_footprint(store)
+            # After the service: the keys this floor leaves expire within the next phases, and
+            # their expiry would be charged to the service's requests.
+            say("floor: EVALSHA decide.lua, minimal client")
+            lat = evalsha_floor(store, args.seconds)
+            results["floor_evalsha_1"] = Result.of("floor: EVALSHA", 1, args.seconds, lat, 0)
             if args.compare_io:
                 # The same service with the other worker I/O, for the ratio of the two.
                 other = "libzmq" if os.environ.get("ACM_WORKER_IO", "zmtp") == "zmtp" else "zmtp"
                 io_ep = ep("acm-io")
-                with acm_service(store, args.workers, io_ep, {"ACM_WORKER_IO": other}):
-                    say(f"acm (worker_io={other}): 1 client")
-                    lat, err = drive(io_ep, 1, args.seconds, progress=say)
-                    results["io_1"] = Result.of(f"acm, worker_io={other}", 1, args.seconds,
-                                                lat, err)
-                    say(f"acm (worker_io={other}): {args.clients} clients")
-                    lat, err = drive(io_ep, args.clients, args.seconds, progress=say)
-                    results["io_n"] = Result.of(f"acm, worker_io={other}", args.clients,
-                                                args.seconds, lat, err)
+                with acm_service(store, args.workers, io_ep, {"ACM_WORKER_IO": other}) as svc:
+                    pids = worker_pids(svc.pid)
+                    phase("io_1", f"acm, worker_io={other}", io_ep, 1, pids=pids,
+                          spids=store_pids)
+                    phase("io_n", f"acm, worker_io={other}", io_ep, n, pids=pids,
+                          spids=store_pids)
             if args.curve:
                 from acm_module.server.access import generate_keypair
 
@@ -495,12 +691,11 @@ def main(argv: list[str] | None = None) -> int:
                 curve = CurveKeys.load(str(public))
                 cv_ep = ep("acm-curve")
                 with acm_service(store, args.workers, cv_ep,
-                                 {"ACM_CURVE_SERVER_KEY": str(secret)}, curve=curve):
-                    for key, n in (("io_curve_1", 1), ("io_curve_n", args.clients)):
-                        say(f"acm (CURVE, libzmq I/O): {n} client(s)")
-                        lat, err = drive(cv_ep, n, args.seconds, progress=say, curve=curve)
-                        results[key] = Result.of("acm, CURVE (libzmq I/O)", n, args.seconds,
-                                                 lat, err)
+                                 {"ACM_CURVE_SERVER_KEY": str(secret)}, curve=curve) as svc:
+                    pids = worker_pids(svc.pid)
+                    for key, c in (("io_curve_1", 1), ("io_curve_n", n)):
+                        phase(key, "acm, CURVE (libzmq I/O)", cv_ep, c, pids=pids,
+                              spids=store_pids, curve=curve)
 
             if not args.skip_baseline:
                 from acm_module.store.conn import StoreConnection, load_script
@@ -512,22 +707,20 @@ def main(argv: list[str] | None = None) -> int:
                 front, back = ep("sf-front"), ep("sf-back")
                 with processes([(_proxy_proc, (front, back))] + [
                         (_straightforward_worker, (back, store, sha))
-                        for _ in range(args.workers)]):
-                    say("straightforward: 1 client")
-                    lat, err = drive(front, 1, args.seconds, progress=say)
-                    results["sf_1"] = Result.of("straightforward", 1, args.seconds, lat, err)
-                    say(f"straightforward: {args.clients} clients")
-                    lat, err = drive(front, args.clients, args.seconds, progress=say)
-                    results["sf_n"] = Result.of("straightforward", args.clients, args.seconds,
-                                                lat, err)
+                        for _ in range(args.workers)]) as pids:
+                    phase("sf_1", "straightforward", front, 1, pids=pids, spids=store_pids)
+                    phase("sf_n", "straightforward", front, n, pids=pids, spids=store_pids)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         say("")
+    meta["loadavg_end"] = os.getloadavg()
     report = render(results, meta)
     print(report)
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"meta": meta, "results": {k: asdict(v) for k, v in results.items()}}, indent=2))
+            {"meta": meta, "results": {k: {**asdict(v), "client_bound": v.client_bound}
+                                       for k, v in results.items()},
+             "targets": targets(results)}, indent=2))
     return 0
 
 
@@ -570,38 +763,117 @@ def _in_worker_phase(store: str, before: dict[str, Any] | None = None) -> dict[s
     return out
 
 
+def targets(results: dict[str, Result]) -> list[dict[str, Any]]:
+    """Judge issue #15's targets for the pool alone; each with the phases it rests on.
+
+    A target is `valid` only when none of its service phases was client-bound (the reflector
+    is the load tool's ceiling: bound by the tool by definition).
+    """
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, keys: tuple[str, ...], value: Callable[[], float], limit: float,
+            at_most: bool) -> None:
+        rs = [results.get(k) for k in keys]
+        if any(r is None or not r.count for r in rs):
+            return
+        v = value()
+        out.append({"target": name, "value": round(v, 3), "limit": limit,
+                    "met": v <= limit if at_most else v >= limit,
+                    "valid": not any(r.client_bound for k, r in zip(keys, rs, strict=True)
+                                     if r is not None and not k.startswith("reflect")),
+                    "phases": list(keys)})
+
+    r = results.get
+    add("N clients: acm decisions/s / echo pool replies/s", ("acm_n", "echo_n"),
+        lambda: r("acm_n").rate / r("echo_n").rate, 0.9, False)
+    add("N clients: acm p99 (us)", ("acm_n",), lambda: r("acm_n").p99, 2000.0, True)
+    for key, label in (("n", "saturation"), ("paced", "paced")):
+        add(f"server CPU per decision / echo pool's per reply, {label}",
+            (f"acm_{key}", f"echo_{key}"),
+            lambda k=key: (r(f"acm_{k}").server_cpu_us or 0) / (r(f"echo_{k}").server_cpu_us
+                                                                 or float("inf")),
+            1.3, True)
+    add("N clients: acm decisions/s / zmq.proxy echo pool's (the issue's first echo pool)",
+        ("acm_n", "proxy_echo_n"), lambda: r("acm_n").rate / r("proxy_echo_n").rate, 0.9,
+        False)
+    add("server CPU per decision / zmq.proxy echo pool's per reply, saturation",
+        ("acm_n", "proxy_echo_n"),
+        lambda: (r("acm_n").server_cpu_us or 0) / (r("proxy_echo_n").server_cpu_us
+                                                   or float("inf")), 1.3, True)
+    add("1 client: acm p50 / floor p50", ("acm_1", "reflect_1", "floor_evalsha_1"),
+        lambda: r("acm_1").p50 / (r("reflect_1").p50 + r("floor_evalsha_1").p50), 1.25, True)
+    add("1 client: acm p99 / floor p99", ("acm_1", "reflect_1", "floor_evalsha_1"),
+        lambda: r("acm_1").p99 / (r("reflect_1").p99 + r("floor_evalsha_1").p99), 1.5, True)
+    return out
+
+
 def render(results: dict[str, Result], meta: dict[str, Any]) -> str:
-    """Render the results as a table with ratios to the floor and the straightforward design."""
+    """Render the results: every figure with the load tool's ceiling, ratios and targets."""
+    la0, la1 = meta.get("loadavg_start", (0, 0, 0)), meta.get("loadavg_end", (0, 0, 0))
     lines = [f"acm bench — {meta['machine']}, python {meta['python']}, hot path "
              f"{meta['hot_path']}, {meta['workers']} workers, {meta['transport']}, "
-             f"{meta['seconds']:.0f} s per phase, {meta['date']}", ""]
-    e1, ev = results.get("floor_echo_1"), results.get("floor_evalsha_1")
+             f"{meta['client_kind']} clients over {meta['load_procs']} load process(es), "
+             f"{meta['seconds']:.0f} s per phase, {meta['date']}, load average "
+             f"{la0[0]:.2f} at start, {la1[0]:.2f} at end", ""]
+    e1, ev = results.get("reflect_1"), results.get("floor_evalsha_1")
     floor = None
     if e1 and ev:
         floor = (e1.p50 + ev.p50, e1.p99 + ev.p99)
-        lines.append(f"floor (1 client) = zmq echo + EVALSHA: p50 {floor[0]:.0f} us, "
+        lines.append(f"floor (1 client) = reflector round trip + EVALSHA: p50 {floor[0]:.0f} us, "
                      f"p99 {floor[1]:.0f} us")
-    hdr = (f"{'phase':32} {'clients':>7} {'decisions/s':>12} {'p50 us':>8} {'p99 us':>8} "
-           f"{'p99.9 us':>9} {'errors':>6}  ratios")
-    lines += [hdr, "-" * len(hdr)]
+    if not meta.get("store_cpu_counted", True):
+        lines.append("server CPU counts the workers only (--store given: the store's pid is "
+                     "not known here)")
+    hdr = (f"{'phase':32} {'clients':>7} {'req/s':>8} {'p50 us':>7} {'p99 us':>7} "
+           f"{'p99.9':>7} {'errors':>6} {'srv cpu':>8} {'store':>6} {'tool cpu':>8} {'tool':>5} "
+           f"{'tool ceiling':>12}  ratios")
+    sub = (f"{'':32} {'':>7} {'':>8} {'':>7} {'':>7} {'':>7} {'':>6} {'us/req':>8} "
+           f"{'of it':>6} {'us/req':>8} {'busy':>5} {'req/s':>12}")
+    lines += [hdr, sub, "-" * len(hdr)]
+    echo_by = {"n": results.get("echo_n"), "paced": results.get("echo_paced")}
     sf = {1: results.get("sf_1"), 0: results.get("sf_n")}
     for key, r in results.items():
-        ratio = []
-        if floor and r.clients == 1 and key.startswith(("acm", "sf", "io")):
-            ratio.append(f"p50 {r.p50 / floor[0]:.2f}x / p99 {r.p99 / floor[1]:.2f}x floor")
-        en = results.get("floor_echo_n")
-        if en and r.clients > 1 and key.startswith(("acm", "sf", "io")):
-            ratio.append(f"{r.rate / en.rate:.2f}x echo-pool rate")
+        ceiling = results.get("reflect_1" if r.clients == 1 else "reflect_n")
+        ratio: list[str] = []
+        service = key.startswith(("acm", "sf", "io"))
+        if r.client_bound and not key.startswith("reflect"):
+            ratio.append("CLIENT-BOUND: the load tool set this pace, not a service figure")
+        elif service:
+            if floor and r.clients == 1:
+                ratio.append(f"p50 {r.p50 / floor[0]:.2f}x / p99 {r.p99 / floor[1]:.2f}x floor")
+            en = echo_by["paced" if r.extra.get("paced") else "n"]
+            if en and r.clients > 1 and en.rate and not r.extra.get("paced"):
+                ratio.append(f"{r.rate / en.rate:.2f}x echo-pool rate")
+            if en and r.clients > 1 and r.server_cpu_us and en.server_cpu_us:
+                ratio.append(f"cpu {r.server_cpu_us / en.server_cpu_us:.2f}x echo pool")
+            base = sf[1] if r.clients == 1 else sf[0]
+            if base and key.startswith(("acm", "io")) and base.rate and \
+                    not r.extra.get("paced"):
+                ratio.append(f"{r.rate / base.rate:.2f}x straightforward rate, "
+                             f"p99 {r.p99 / base.p99:.2f}x")
         plain = results.get("acm_1" if r.clients == 1 else "acm_n")
         if key.startswith("io_curve") and plain and plain.rate:
+            # REQ clients against ZMTP ones: the server CPU ratio is the like-for-like one.
             ratio.append(f"{r.rate / plain.rate:.2f}x acm (no CURVE) rate, "
                          f"p50 {r.p50 / plain.p50:.2f}x")
-        base = sf[1] if r.clients == 1 else sf[0]
-        if base and key.startswith(("acm", "io")) and base.rate:
-            ratio.append(f"{r.rate / base.rate:.2f}x straightforward rate, "
-                         f"p99 {r.p99 / base.p99:.2f}x")
-        lines.append(f"{r.name:32} {r.clients:>7} {r.rate:>12,.0f} {r.p50:>8.0f} {r.p99:>8.0f} "
-                     f"{r.p999:>9.0f} {r.errors:>6}  {'; '.join(ratio)}")
+            if r.server_cpu_us and plain.server_cpu_us:
+                ratio.append(f"cpu {r.server_cpu_us / plain.server_cpu_us:.2f}x acm (no CURVE)")
+        if ceiling and ceiling.rate and not r.extra.get("paced") and \
+                not key.startswith(("reflect_1", "reflect_n", "floor")):
+            ratio.append(f"{r.rate / ceiling.rate:.2f}x tool ceiling")
+        srv = f"{r.server_cpu_us:8.1f}" if r.server_cpu_us is not None else f"{'-':>8}"
+        srv += f" {r.store_cpu_us:6.1f}" if r.store_cpu_us is not None else f" {'-':>6}"
+        ceil = f"{ceiling.rate:12,.0f}" if ceiling else f"{'-':>12}"
+        lines.append(f"{r.name[:32]:32} {r.clients:>7} {r.rate:>8,.0f} {r.p50:>7.0f} "
+                     f"{r.p99:>7.0f} {r.p999:>7.0f} {r.errors:>6} {srv} {r.client_cpu_us:8.1f} "
+                     f"{r.client_util:5.2f} {ceil}  {'; '.join(ratio)}")
+    tg = targets(results)
+    if tg:
+        lines += ["", "targets (issue #15, the pool alone):"]
+        for t in tg:
+            state = ("met" if t["met"] else "NOT met") if t["valid"] else \
+                "not judged: a phase was client-bound"
+            lines.append(f"  {t['target']}: {t['value']:g} (limit {t['limit']:g}) — {state}")
     iw = meta.get("in_worker")
     if iw:
         lines.append("")

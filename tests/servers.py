@@ -131,7 +131,7 @@ class Service:
         self.env = {**os.environ, "ACM_MI_HTTP": self.mi_http,
                     "ACM_MI_DATAGRAM": self.mi_datagram, "ACM_METRICS_HTTP": self.metrics_http,
                     "ACM_STATE_DIR": f"{self.dir}/state",
-                    # A loaded CI machine can stall a store round trip past the production 20 ms;
+                    # A loaded CI machine can stall a store round trip past the production 40 ms;
                     # tests that exercise the timeout set their own.
                     "ACM_STORE_TIMEOUT_MS": "1000", **(extra_env or {})}
         self.args = args or []
@@ -207,6 +207,17 @@ class Service:
                 continue
         return sorted(pids)
 
+    def child_pid(self, comm: str) -> int:
+        """Return the pid of the supervisor's child named `comm` (e.g. "acm-control")."""
+        assert self.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
+                             text=True)
+        for x in out.stdout.split():
+            with contextlib.suppress(OSError), open(f"/proc/{x}/comm") as f:
+                if f.read().strip() == comm:
+                    return int(x)
+        raise AssertionError(f"no {comm} process under the supervisor")
+
     def read_log(self) -> str:
         try:
             return self.log.read_text(errors="replace")
@@ -242,6 +253,14 @@ def running_service(store_url: str, **kw: object) -> Iterator[Service]:
         yield svc
     finally:
         svc.cleanup()
+
+
+def proc_usage(pid: int) -> dict[str, int]:
+    """Return a process's threads, RSS (kB) and open descriptors, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    return {"threads": int(status["Threads"]), "rss_kb": int(status["VmRSS"].split()[0]),
+            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
 class DelayProxy:

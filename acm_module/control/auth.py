@@ -6,7 +6,9 @@ Rules:
 - Any other bind (0.0.0.0, a LAN address, a name that is not loopback) refuses to start
   without `mi_token`, and its admin commands need that token: HTTP `Authorization: Bearer
   <token>` or a `token` parameter (datagram: the `token` parameter only).
-- Read-only commands (listing, stats, config) never need the token.
+- Read-only commands (listing, stats, config) need no token, except on an exposed datagram
+  bind: UDP source addresses can be forged, so there every command needs the token and
+  whoever lacks it gets at most a reply no larger than the request (server.py).
 """
 
 from __future__ import annotations
@@ -91,12 +93,21 @@ class Authorizer:
     def __init__(self, token: str) -> None:
         self._token = token.encode()
 
-    def check(self, *, admin: bool, loopback_bind: bool, presented: str | None) -> str:
-        """Return the caller's role ("admin" or "read"). Raises MIError(-32001)."""
+    def check(self, *, admin: bool, loopback_bind: bool, presented: str | None,
+              token_always: bool = False) -> str:
+        """Return the caller's role ("admin" or "read"). Raises MIError(-32001).
+
+        token_always: every command needs the token (an exposed datagram bind, where a
+        forged source address would otherwise turn read-only replies into amplification)."""
         if presented is not None:
-            if not self._token or not hmac.compare_digest(presented.encode(), self._token):
+            # surrogatepass: a lone surrogate ("\ud800") is a wrong token, not an exception.
+            if not self._token or not hmac.compare_digest(
+                    presented.encode("utf-8", "surrogatepass"), self._token):
                 raise MIError(UNAUTHORIZED, "invalid MI token")
             return "admin"
+        if token_always:
+            raise MIError(UNAUTHORIZED, "this endpoint needs the MI token for every command "
+                                        "(a token parameter)")
         if not admin:
             return "read"
         if loopback_bind:

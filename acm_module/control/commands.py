@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -54,39 +55,53 @@ _URL_SETTINGS = ("store", "database_url", "questdb_url", "clickhouse_url")
 
 
 # -- parameter parsing ---------------------------------------------------------------------
+_MAX_INT = 2**53  # no MI integer is larger; JSON numbers beyond it are not exact anyway
+_MAX_TIME_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z
+
+
 def _p_int(v: Any) -> int:
-    if isinstance(v, bool):
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
         raise ValueError("must be an integer")
-    if isinstance(v, float) and not v.is_integer():
+    if isinstance(v, float) and not v.is_integer():  # NaN and infinities are not integers
         raise ValueError("must be an integer")
     try:
-        return int(v)
-    except (TypeError, ValueError) as e:
+        n = int(v)
+    except (TypeError, ValueError, OverflowError) as e:
         raise ValueError("must be an integer") from e
+    if abs(n) > _MAX_INT:
+        raise ValueError(f"must be an integer within ±{_MAX_INT}")
+    return n
 
 
 def _p_time_ms(v: Any) -> int:
     """Parse epoch seconds or ISO 8601 (naive = UTC) into epoch milliseconds."""
-    if isinstance(v, bool):
-        raise ValueError("must be epoch seconds or an ISO 8601 time")
-    if isinstance(v, int | float):
-        return int(float(v) * 1000)
-    s = str(v).strip()
+    what = "must be epoch seconds or an ISO 8601 time, from 1970 to 9999"
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
+        raise ValueError(what)
     try:
-        return int(float(s) * 1000)
+        secs: float | None = float(v)
+    except OverflowError as e:  # an integer beyond any float
+        raise ValueError(what) from e
     except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(s)
-    except ValueError as e:
-        raise ValueError("must be epoch seconds or an ISO 8601 time") from e
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
+        secs = None
+    if secs is not None:
+        ms = secs * 1000
+    else:
+        try:
+            dt = datetime.fromisoformat(jsonrpc.valid_text(str(v).strip()))
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=UTC)
+            ms = dt.timestamp() * 1000
+        except (ValueError, OverflowError, OSError) as e:  # 0001-01-01 with a +hh offset
+            raise ValueError(what) from e
+    # Before 1970 is no time of this service's (and a negative stream id to the store).
+    if not (math.isfinite(ms) and 0 <= ms <= _MAX_TIME_MS):
+        raise ValueError(what)
+    return int(ms)
 
 
 def _p_severity(v: Any) -> str:
-    s = str(v).strip().upper()
+    s = param_str(v).strip().upper()
     if s not in SEVERITIES:
         raise ValueError(f"must be one of {', '.join(SEVERITIES)}")
     return s
@@ -119,12 +134,15 @@ def _p_rule(v: Any) -> str | None:
 
 
 def _p_float(v: Any) -> float:
-    if isinstance(v, bool):
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
         raise ValueError("must be a number")
     try:
-        return float(v)
-    except (TypeError, ValueError) as e:
+        f = float(v)
+    except (TypeError, ValueError, OverflowError) as e:
         raise ValueError("must be a number") from e
+    if not math.isfinite(f):
+        raise ValueError("must be a finite number")
+    return f
 
 
 @dataclass(frozen=True)
@@ -152,12 +170,26 @@ class Command:
 _NUMBER = "number"
 
 
+@dataclass(frozen=True)
+class Reply:
+    """The encoded response to one request (None for a notification), and whether the caller
+    presented the right token (the datagram endpoint caps what it sends to anyone else)."""
+
+    body: bytes | None
+    authenticated: bool = False
+
+
 # -- the control plane ---------------------------------------------------------------------
 class Control:
     """The state behind the MI endpoint: one store connection, one repository, one lock."""
 
-    def __init__(self, settings: Any, repo: ControlRepository | None = None) -> None:
+    def __init__(self, settings: Any, repo: ControlRepository | None = None,
+                 boot_id: str = "") -> None:
         self.settings = settings
+        self.boot_id = boot_id  # the supervisor's: a restored config carries it
+        # The live config as last read from or written to the store: what goes back when the
+        # store loses it.
+        self._last_live: dict[str, Any] | None = None
         self.conn = StoreClient(settings.store, timeout=1.0, connect_timeout=1.0)
         self.repo = repo if repo is not None else open_repository(settings, self.conn)
         self.auth = Authorizer(settings.mi_token or "")
@@ -177,38 +209,55 @@ class Control:
 
     # -- protocol --------------------------------------------------------------------------
     def dispatch(self, raw: bytes, *, via: str, loopback_bind: bool,
-                 bearer: str | None = None) -> bytes | None:
+                 bearer: str | None = None, token_always: bool = False) -> bytes | None:
         """Run one JSON-RPC request; return the encoded response (None for a notification)."""
+        return self.handle(raw, via=via, loopback_bind=loopback_bind, bearer=bearer,
+                           token_always=token_always).body
+
+    def handle(self, raw: bytes, *, via: str, loopback_bind: bool, bearer: str | None = None,
+               token_always: bool = False) -> Reply:
+        """Run one JSON-RPC request; return its response and whether the caller proved the
+        token. token_always: every command needs the token (an exposed datagram bind)."""
         try:
             req = jsonrpc.parse(raw)
         except MIError as e:
-            return jsonrpc.error(jsonrpc.error_id(e), e)
+            return Reply(jsonrpc.error(jsonrpc.error_id(e), e))
+        seen: dict[str, bool] = {}
         try:
             value = self.execute(req.method, req.params, via=via, loopback_bind=loopback_bind,
-                                 bearer=bearer)
-        except MIError as e:
+                                 bearer=bearer, token_always=token_always, seen=seen)
+        except Exception as e:  # whatever went wrong, the caller gets its one reply
+            if not isinstance(e, MIError):
+                log.exception("MI %s from %s failed", req.method[:64], via)
+                e = MIError(jsonrpc.INTERNAL_ERROR, f"internal error: {type(e).__name__}")
             if req.is_notification:
-                log.warning("MI notification %s from %s failed: %s", req.method, via, e.message)
-                return None
-            return jsonrpc.error(req.id, e)
+                log.warning("MI notification %s from %s failed: %s", req.method[:64], via,
+                            e.message)
+                return Reply(None, seen.get("token", False))
+            return Reply(jsonrpc.error(req.id, e), seen.get("token", False))
         if req.is_notification:
-            return None
-        return jsonrpc.result(req.id, value)
+            return Reply(None, seen.get("token", False))
+        return Reply(jsonrpc.result(req.id, value), seen.get("token", False))
 
     def execute(self, method: str, params: dict[str, Any] | list[Any], *, via: str,
-                loopback_bind: bool, bearer: str | None = None) -> Any:
-        """Authorise and run one command; return its result. Raises MIError."""
+                loopback_bind: bool, bearer: str | None = None, token_always: bool = False,
+                seen: dict[str, bool] | None = None) -> Any:
+        """Authorise and run one command; return its result. Raises MIError.
+
+        seen["token"] is set when the caller presented the right token."""
         cmd = self.commands.get(method)
         if cmd is None:
             raise MIError(jsonrpc.METHOD_NOT_FOUND,
-                          f"unknown method {method!r}; `which` lists the commands")
+                          f"unknown method {_shown(method)}; `which` lists the commands")
         named = _named(cmd, params)
         token = named.pop("token", None)
         actor = named.pop("actor", None)
         presented = bearer if bearer is not None else (
             None if token is None else str(token))
         role = self.auth.check(admin=cmd.admin, loopback_bind=loopback_bind,
-                               presented=presented)
+                               presented=presented, token_always=token_always)
+        if seen is not None:
+            seen["token"] = presented is not None
         caller = Caller(actor=_clean_actor(actor, role, presented is not None), via=via,
                         role=role)
         args = _bind(cmd, named)
@@ -332,15 +381,22 @@ class Control:
         """Handle E_ACM_RELOAD: settings → acm_set; nothing (or reset=…) → acm_reload."""
         # `opensips-cli -x mi raise_event E_ACM_RELOAD '{"threshold": 7}'` passes the JSON
         # object as one unnamed string parameter: {"": "{\"threshold\": 7}"}.
+        # OpenSIPS 3.6 hands the same parameter on as ["{...}"] about a third of the time
+        # (_named turns that into the same {"": ...}).
         if set(raw) == {""}:
             try:
-                inner = json.loads(raw.pop("")) if isinstance(raw.get(""), str) else None
-            except ValueError as e:
-                raise MIError(jsonrpc.INVALID_PARAMS, f"event params are not JSON: {e}") from e
+                inner = json.loads(raw.pop(""), object_pairs_hook=jsonrpc.unique_keys,
+                                   parse_int=jsonrpc.parse_int) \
+                    if isinstance(raw.get(""), str) else None
+            except (ValueError, RecursionError) as e:
+                raise bad_params(f"event params are not JSON: {str(e)[:200]}") from e
             if not isinstance(inner, dict):
-                raise MIError(jsonrpc.INVALID_PARAMS, "event params must be a JSON object")
+                raise bad_params("event params must be a JSON object")
             raw = inner
-        reset = param_bool(raw.pop("reset", False))
+        try:
+            reset = param_bool(raw.pop("reset", False))
+        except ValueError as e:
+            raise bad_params(f"reset: {e}") from e
         if not raw:
             return self.acm_reload(caller, reset=reset, action=EVENT_RELOAD)
         return self.publish(_parse_settings(raw), caller, EVENT_RELOAD)
@@ -391,7 +447,7 @@ class Control:
         """Publish changes as a new config generation (CAS, retried); persist; audit."""
         for attempt in range(_CAS_ATTEMPTS):
             gen, live = store_config.read(self.conn)
-            base = {**self.settings.detection(), **(live or {})}
+            base = live if live is not None else self.desired_config()
             merged = {**base, **changes}
             try:
                 settings_mod.validate_combination(merged)
@@ -408,11 +464,15 @@ class Control:
             time.sleep(random.uniform(0.001, 0.005 * (attempt + 1)))
         else:
             raise MIError(jsonrpc.CONFLICT, "config changed concurrently too often; retry")
+        self._last_live = merged
         result: dict[str, Any] = {"generation": new_gen, "changed": changed, "values": merged}
         if "log_level" in changed:
             apply_log_level(merged["log_level"])
         if persist:
-            result["persisted"] = self._persist(changes, caller)
+            # A value already in force is no change: it is neither pinned as an override nor
+            # audited (a script re-applying its settings leaves no trace and pins nothing).
+            result["persisted"] = bool(changed) and self._persist(
+                {k: changes[k] for k in changed}, caller)
         if changed:
             try:
                 rec = audit.record(
@@ -440,6 +500,43 @@ class Control:
             log.error("cannot persist overrides to %s: %s", self.overrides_path, e)
             return False
         return True
+
+    def desired_config(self) -> dict[str, Any]:
+        """Return the config the store should hold: the last live one this process saw, else
+        the settings it started with and the saved MI overrides on top."""
+        if self._last_live is not None:
+            return dict(self._last_live)
+        try:
+            saved = overrides.read_overrides(self.overrides_path)
+        except ConfigError as e:
+            log.error("%s", e)
+            saved = {}
+        return {**self.settings.detection(), **saved}
+
+    def restore_config(self) -> int:
+        """Put the live config back if the store has none (flushed, restarted empty); return
+        the new generation, or 0 when the store had one. Raises StoreError."""
+        with self._lock:
+            gen, live, boot, src = store_config.read_origin(self.conn)
+            if live is not None:
+                if (src == "boot" and self.boot_id and boot == self.boot_id
+                        and self._last_live is not None and live != self._last_live):
+                    # A worker of this boot (re)started into the wiped store before this
+                    # check and published its start-up settings over what MI had set.
+                    new_gen = store_config.compare_and_set(self.conn, gen, self._last_live)
+                    if new_gen > 0:
+                        log.warning("a worker republished its start-up settings over the live "
+                                    "config; restored it as generation %d", new_gen)
+                        return new_gen
+                self._last_live = live
+                return 0
+            values = self.desired_config()
+            gen = store_config.restore(self.conn, values, self.boot_id)
+            if gen:
+                self._last_live = values
+                log.warning("the store had no live config: restored it as generation %d (%s)",
+                            gen, ", ".join(f"{k}={v!r}" for k, v in sorted(values.items())))
+            return gen
 
     def acm_get_config(self, caller: Caller) -> dict[str, Any]:
         """Return the live config, its generation, the overrides and every setting's source."""
@@ -868,9 +965,15 @@ def _named(cmd: Command, params: dict[str, Any] | list[Any]) -> dict[str, Any]:
     """Turn positional params into named ones (name=value items, else declaration order)."""
     if isinstance(params, dict):
         return dict(params)
+    if cmd.name == EVENT_RELOAD and len(params) == 1 and isinstance(params[0], str) \
+            and params[0].lstrip().startswith(("{", "[")):
+        return {"": params[0]}  # raise_event's nameless JSON parameter, array form
     pairs = bool(params) and all(isinstance(p, str) and "=" in p for p in params)
     if cmd.settings_params or pairs:
-        return dict(_split_pair(p) for p in params)
+        named = dict(_split_pair(p) for p in params)
+        if len(named) != len(params):
+            raise bad_params("a parameter is given more than once")
+        return named
     if len(params) > len(cmd.params):
         raise bad_params(f"{cmd.name} takes at most {len(cmd.params)} positional params")
     return {p.name: v for p, v in zip(cmd.params, params, strict=False)}
@@ -900,17 +1003,24 @@ def _bind(cmd: Command, named: dict[str, Any]) -> dict[str, Any]:
             continue
         try:
             args[p.name] = p.parse(raw)
-        except ValueError as e:
-            raise bad_params(f"{p.name}: {e} (got {raw!r})") from e
+        except (ValueError, TypeError, OverflowError) as e:
+            raise bad_params(f"{p.name}: {e} (got {_shown(raw)})") from e
     return args
 
 
+def _shown(raw: Any) -> str:
+    """Return a value's repr for an error message, cut short (an error must not echo 30 KB)."""
+    shown = repr(raw)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
 def _number(name: str, raw: Any, cmd: Command) -> str:
-    if not isinstance(raw, str | int) or isinstance(raw, bool):
-        raise bad_params(f"{name}: must be a phone number (got {raw!r})")
+    if not isinstance(raw, str | int) or isinstance(raw, bool) or (
+            isinstance(raw, str) and not raw.isprintable()):
+        raise bad_params(f"{name}: must be a phone number (got {_shown(raw)})")
     owner = getattr(cmd.handler, "__self__", None)
     cc = owner.settings.default_country_code if owner is not None else "234"
     n = hotpath.normalise(str(raw), cc)
     if n is None:
-        raise bad_params(f"{name}: {raw!r} is not a phone number")
+        raise bad_params(f"{name}: {_shown(raw)} is not a phone number")
     return n

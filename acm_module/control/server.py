@@ -8,13 +8,16 @@ threads, the store connection) is created in this process.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
 import socket
 import socketserver
+import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 from acm_module.control import jsonrpc
@@ -27,7 +30,9 @@ log = logging.getLogger("acm.control")
 BOOT_ERROR = 3  # the supervisor stops instead of respawning
 MAX_DATAGRAM_REPLY = 32768  # python-opensips reads replies with a 32 KiB buffer by default
 MI_PATHS = ("/mi", "/mi/", "/json", "/json/")
+MAX_DISCARD = 1 << 20  # an oversize body up to this size is read (and dropped) before the 413
 REGISTRY_WATCH_S = 5.0  # how often the control process checks the store still has the registry
+CONFIG_WATCH_S = 1.0  # ... and the live config (one HMGET)
 
 
 # -- HTTP ----------------------------------------------------------------------------------
@@ -35,6 +40,18 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "acm-mi"
     protocol_version = "HTTP/1.1"
     server: Any
+
+    def setup(self) -> None:
+        self.timeout = self.server.conns.timeout_s  # each recv(); the deadline bounds the sum
+        if self.request.family != socket.AF_UNIX:
+            # Headers and body leave in two writes: without this, Nagle holds the body until
+            # the client's delayed ACK, 40 ms on every reply.
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().setup()
+
+    def handle_one_request(self) -> None:
+        self.server.conns.reading(self.connection)
+        super().handle_one_request()
 
     def do_POST(self) -> None:
         if self.path.split("?", 1)[0] not in MI_PATHS:
@@ -50,11 +67,21 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if length < 0 or length > jsonrpc.MAX_REQUEST_BYTES:
             self.close_connection = True
+            if length <= MAX_DISCARD:
+                # Read what the client is sending before answering: closing on unread data
+                # makes the kernel reset the connection, and the client may never see the 413.
+                self.server.conns.reading(self.connection)
+                while length > 0 and (chunk := self.rfile.read(min(length, 65536))):
+                    length -= len(chunk)
             self._send(413, jsonrpc.error(None, jsonrpc.MIError(
                 jsonrpc.INVALID_REQUEST,
                 f"request larger than {jsonrpc.MAX_REQUEST_BYTES} bytes")))
             return
         body = self.rfile.read(length)
+        if len(body) < length:
+            self.close_connection = True  # closed or timed out mid-body: nobody to answer
+            return
+        self.server.conns.busy(self.connection)
         bearer = None
         auth = self.headers.get("Authorization", "")
         if auth[:7].lower() == "bearer ":
@@ -81,6 +108,8 @@ class _Handler(BaseHTTPRequestHandler):
         if code >= 400:
             self.close_connection = True  # an unread body must not become the next request
         self.send_response(code)
+        if self.close_connection:  # say so, or a keep-alive client writes into a closed socket
+            self.send_header("Connection", "close")
         if body:
             self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -94,8 +123,107 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("http %s: " + format, self._peer(), *args)
 
 
-class _HTTPServer(ThreadingHTTPServer):
+class _Connections:
+    """The open connections of an HTTP endpoint: each has a deadline for its next request and
+    their number is bounded, so neither slow nor idle peers hold threads forever or keep the
+    operator out (one thread per connection, as http.server does, but never more than
+    `limit`)."""
+
+    def __init__(self, limit: int, timeout_s: float) -> None:
+        self.limit = limit
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        # socket -> monotonic deadline of the request it is reading; None while dispatching
+        self._open: dict[socket.socket, float | None] = {}
+        self.evicted = 0
+        self.refused = 0
+
+    def admit(self, sock: socket.socket) -> bool:
+        """Register a new connection; make room by closing the one reading the longest. Return
+        False when every slot is busy dispatching (the caller answers 503)."""
+        with self._lock:
+            if len(self._open) >= self.limit:
+                reading = [(d, s) for s, d in self._open.items() if d is not None]
+                if not reading:
+                    self.refused += 1
+                    return False
+                _, victim = min(reading, key=lambda x: x[0])
+                self._drop(victim)
+                self.evicted += 1
+            self._open[sock] = time.monotonic() + self.timeout_s
+            return True
+
+    def reading(self, sock: socket.socket) -> None:
+        """Start the deadline of the connection's next request."""
+        with self._lock:
+            if sock in self._open:
+                self._open[sock] = time.monotonic() + self.timeout_s
+
+    def busy(self, sock: socket.socket) -> None:
+        """The request is in: no deadline (and no eviction) while it is being answered."""
+        with self._lock:
+            if sock in self._open:
+                self._open[sock] = None
+
+    def closed(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.pop(sock, None)
+
+    def expire(self) -> int:
+        """Close every connection past its deadline; return how many."""
+        now = time.monotonic()
+        with self._lock:
+            late = [s for s, d in self._open.items() if d is not None and d <= now]
+            for s in late:
+                self._drop(s)
+        return len(late)
+
+    def _drop(self, sock: socket.socket) -> None:
+        # shutdown() wakes the thread blocked in recv(); it then closes and unregisters.
+        self._open.pop(sock, None)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+_BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+               b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
+
+
+class _BoundedThreadingMixIn(socketserver.ThreadingMixIn):
+    """Thread per connection, bounded and with deadlines (see _Connections)."""
+
     daemon_threads = True
+    block_on_close = False
+    request_queue_size = 128  # the listen backlog (socketserver's default is 5)
+    conns: _Connections
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.conns.admit(request):
+            body = jsonrpc.error(None, jsonrpc.MIError(
+                jsonrpc.BUSY, "MI busy: every connection is being answered; retry"))
+            with contextlib.suppress(OSError):
+                request.setblocking(False)
+                request.send(_BUSY_REPLY % (len(body), body))
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        self.conns.closed(request)
+        super().shutdown_request(request)  # type: ignore[misc]
+
+    def service_actions(self) -> None:
+        self.conns.expire()  # called by serve_forever() every poll interval
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        e = sys.exc_info()[1]
+        if isinstance(e, OSError):  # a peer that resets or missed its deadline: routine
+            log.debug("MI HTTP connection from %s ended: %s", client_address, e)
+        else:
+            log.error("MI HTTP connection from %s failed", client_address, exc_info=True)
+
+
+class _HTTPServer(_BoundedThreadingMixIn, HTTPServer):
     allow_reuse_address = True
     control: Control
     loopback: bool
@@ -105,8 +233,7 @@ class _HTTP6Server(_HTTPServer):
     address_family = socket.AF_INET6
 
 
-class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+class _UnixHTTPServer(_BoundedThreadingMixIn, socketserver.UnixStreamServer):
     control: Control
     loopback: bool = True
 
@@ -114,11 +241,21 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
 def _http_server(bind: Bind, control: Control) -> Any:
     if bind.unix_path is not None:
         _unlink_stale(bind.unix_path)
-        srv: Any = _UnixHTTPServer(bind.unix_path, _Handler)
-        os.chmod(bind.unix_path, 0o660)
+        srv: Any = _UnixHTTPServer(bind.unix_path, _Handler, bind_and_activate=False)
     else:
         cls = _HTTP6Server if ":" in bind.host else _HTTPServer
-        srv = cls((bind.host, bind.port), _Handler)
+        srv = cls((bind.host, bind.port), _Handler, bind_and_activate=False)
+    # Before the bind: a server that cannot bind still has them, to close.
+    srv.conns = _Connections(control.settings.mi_http_max_connections,
+                             control.settings.mi_http_timeout)
+    try:
+        srv.server_bind()
+        srv.server_activate()
+    except BaseException:
+        srv.server_close()
+        raise
+    if bind.unix_path is not None:
+        os.chmod(bind.unix_path, 0o660)
     srv.control = control
     srv.loopback = is_loopback(bind)
     return srv
@@ -143,6 +280,7 @@ class DatagramServer:
             self.sock.bind((bind.host, bind.port))
         self.sock.settimeout(0.2)
         self._stop = threading.Event()
+        self.unanswered = 0  # requests without the token too short for any reply (exposed)
 
     @property
     def address(self) -> Any:
@@ -164,12 +302,25 @@ class DatagramServer:
     def _handle(self, data: bytes, peer: Any) -> None:
         via = f"datagram:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "datagram:unix"
         try:
-            reply = self.control.dispatch(data, via=via, loopback_bind=self.loopback)
+            # Exposed: every command needs the token (a forged source must not get answers).
+            r = self.control.handle(data, via=via, loopback_bind=self.loopback,
+                                    token_always=not self.loopback)
         except Exception:  # never let one datagram stop the endpoint
             log.exception("datagram from %s failed", via)
             return
+        reply = r.body
         if reply is None or not peer:
             return  # a notification (OpenSIPS events), or an unbound unix sender
+        if not self.loopback and not r.authenticated and len(reply) > len(data):
+            # No amplification towards a forged source: without the token, never more bytes
+            # back than came in. The short form keeps the code; a request shorter than even
+            # that gets no reply.
+            reply = _short_error(reply)
+            if reply is None or len(reply) > len(data):
+                self.unanswered += 1
+                log.debug("datagram from %s: no reply (no token, request of %d bytes)",
+                          via, len(data))
+                return
         if len(reply) > MAX_DATAGRAM_REPLY:
             rid = _request_id(data)
             reply = jsonrpc.error(rid, jsonrpc.MIError(
@@ -190,6 +341,17 @@ class DatagramServer:
         if self.bind.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.bind.unix_path)
+
+
+def _short_error(reply: bytes) -> bytes | None:
+    """Return an error reply cut to its code and a one-word message (None if not an error)."""
+    try:
+        rep = json.loads(reply)
+        code = int(rep["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    word = "unauthorized" if code == jsonrpc.UNAUTHORIZED else "error"
+    return jsonrpc.error(rep.get("id"), jsonrpc.MIError(code, word))
 
 
 def _request_id(data: bytes) -> Any:
@@ -214,14 +376,15 @@ def _unlink_stale(path: str) -> None:
 class ControlServer:
     """Both transports and the Control behind them; start() binds, stop() closes."""
 
-    def __init__(self, settings: Any, control: Control | None = None) -> None:
+    def __init__(self, settings: Any, control: Control | None = None, boot_id: str = ""
+                 ) -> None:
         self.settings = settings
         self.http_bind = parse_bind(settings.mi_http, "mi_http") if settings.mi_http else None
         self.dgram_bind = (parse_bind(settings.mi_datagram, "mi_datagram")
                            if settings.mi_datagram else None)
         binds = [b for b in (self.http_bind, self.dgram_bind) if b is not None]
         check_boot(binds, settings.mi_token or "")
-        self.control = control or Control(settings)
+        self.control = control or Control(settings, boot_id=boot_id)
         self.http: Any = None
         self.dgram: DatagramServer | None = None
         self.stop_event = threading.Event()
@@ -247,6 +410,7 @@ class ControlServer:
                      "" if self.dgram.loopback else ", admin token required")
         self._thread("mi-boot", self._boot_tasks)
         self._thread("mi-registry", self._registry_watch)
+        self._thread("mi-config", self._config_watch)
 
     def _thread(self, name: str, target: Any) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -281,6 +445,21 @@ class ControlServer:
             # Soon again while the first publish fails (a database still starting).
             self.stop_event.wait(1.0 if 0 < failures < 10 else REGISTRY_WATCH_S)
 
+    def _config_watch(self) -> None:
+        """Put the live config (with the MI overrides) back whenever the store has lost it.
+
+        The first look comes a period after start-up, when the workers of this boot have
+        published theirs."""
+        failing = False
+        while not self.stop_event.wait(CONFIG_WATCH_S):
+            try:
+                self.control.restore_config()
+                failing = False
+            except Exception as e:
+                if not failing:
+                    log.warning("live config not checked: %s (retrying)", e)
+                failing = True
+
     def stop(self) -> None:
         """Stop serving, close every socket and the store connection."""
         self.stop_event.set()
@@ -302,8 +481,10 @@ class ControlServer:
         self.control.close()
 
 
-def control_main(settings: Any) -> int:
-    """Entry point of the forked control process; return its exit code (3 = boot failure)."""
+def control_main(settings: Any, boot_id: str = "") -> int:
+    """Entry point of the forked control process; return its exit code (3 = boot failure).
+
+    boot_id: the supervisor's, put back with a restored live config."""
     stop = threading.Event()
 
     def on_term(signum: int, frame: Any) -> None:
@@ -313,7 +494,7 @@ def control_main(settings: Any) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor owns Ctrl-C
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        srv = ControlServer(settings)
+        srv = ControlServer(settings, boot_id=boot_id)
     except ConfigError as e:
         log.error("MI control plane: %s", e)
         return BOOT_ERROR

@@ -350,6 +350,10 @@ class PoolCollector(Collector):
             "acm_errors", "Requests answered with an error, by kind (bad_request, bad_frame, "
             "store_unavailable, store_error), and failed side checks (rate_error: a rate-limit "
             "check that failed open; fanout_error).", labels=[*lw, "kind"])
+        unchecked = CounterMetricFamily(
+            "acm_unchecked_calls", "Calls answered without a check, which the client lets "
+            "through on its fail policy, by kind: store_unavailable (store down or slower than "
+            "the worker's store budget), store_error, internal.", labels=[*lw, "kind"])
         failures = CounterMetricFamily("acm_store_failures",
                                        "Store connection failures and timeouts.", labels=lw)
         connected = GaugeMetricFamily("acm_worker_store_connected",
@@ -382,6 +386,8 @@ class PoolCollector(Collector):
                      "fanout_error": _num(d.get("fanout_error"))}
             for kind, v in kinds.items():
                 errors.add_metric([*lv, kind], v)
+            for kind, v in stats_mod.unchecked(snap).items():
+                unchecked.add_metric([*lv, kind], float(v))
             dups.add_metric(lv, _num(d.get("dup")))
             for key, v in sorted(d.items()):
                 key = str(key)
@@ -399,7 +405,7 @@ class PoolCollector(Collector):
                 buckets, est_sum, _ = prometheus_buckets(sparse)
                 fam.add_metric(lv, buckets, est_sum)
         yield from (workers, started, restarts, requests, batches, decisions, per_carrier, dups,
-                    errors, failures, connected, gen, total_h, service_h)
+                    errors, unchecked, failures, connected, gen, total_h, service_h)
 
     def _config_metrics(self, raw: Any) -> Iterator[Metric]:
         gen = GaugeMetricFamily("acm_config_generation",

@@ -86,6 +86,7 @@ class WorkerStats:
     batches: int = 0
     bad_frames: int = 0
     store_failures: int = 0
+    internal_errors: int = 0  # requests answered "internal" (a batch that raised)
     config_generation: int = 0
     registry_version: int = 0  # carrier registry in use (docs/GATEWAY.md)
     store_up: bool = False
@@ -106,7 +107,8 @@ class WorkerStats:
             "index": self.index, "pid": self.pid, "host": socket.gethostname(),
             "started": self.started, "updated": time.time(), "requests": self.requests,
             "batches": self.batches, "bad_frames": self.bad_frames,
-            "store_failures": self.store_failures, "store_up": self.store_up,
+            "store_failures": self.store_failures, "internal_errors": self.internal_errors,
+            "store_up": self.store_up,
             "config_generation": self.config_generation, "connections": self.connections,
             "registry_version": self.registry_version, "decisions": dict(self.decisions),
             "service_us": self.service_us.to_sparse(), "total_us": self.total_us.to_sparse(),
@@ -135,6 +137,26 @@ def read_all(conn: Any, fresh_s: float = FRESH_S) -> list[dict[str, Any]]:
     return sorted(out, key=lambda s: (s["host"], s["index"], s["pid"]))
 
 
+UNCHECKED_KINDS = ("store_unavailable", "store_error", "internal")
+
+
+def unchecked(snap: dict[str, Any]) -> dict[str, int]:
+    """Return a snapshot's calls answered without a check, by kind.
+
+    Each went through on the client's fail policy: the store was down or slower than the
+    worker's store budget (store_unavailable), the store refused the script (store_error), or
+    the batch raised (internal).
+    """
+    d = snap.get("decisions") if isinstance(snap.get("decisions"), dict) else {}
+
+    def count(v: Any) -> int:  # snapshots are read defensively: a non-number counts 0
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+    return {"store_unavailable": count(d.get("store_unavailable")),
+            "store_error": count(d.get("store_error")),
+            "internal": count(snap.get("internal_errors"))}
+
+
 def summarize(snaps: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge worker snapshots into totals with latency percentiles."""
     decisions: dict[str, int] = {}
@@ -150,6 +172,7 @@ def summarize(snaps: list[dict[str, Any]]) -> dict[str, Any]:
         "requests": sum(s["requests"] for s in snaps),
         "batches": sum(s["batches"] for s in snaps),
         "store_failures": sum(s["store_failures"] for s in snaps),
+        "unchecked": sum(sum(unchecked(s).values()) for s in snaps),
         "bad_frames": sum(s["bad_frames"] for s in snaps),
         "decisions": decisions,
         "service_us": {f"p{p}": service.percentile(p) for p in (50, 90, 99, 99.9)},

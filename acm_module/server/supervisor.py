@@ -12,6 +12,7 @@ ZeroMQ context and no store connection exist in this process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -312,7 +313,7 @@ class Supervisor:
             except ImportError:
                 log.warning("MI control plane not available in this build")
             else:
-                self.sidecars["control"] = control_main
+                self.sidecars["control"] = functools.partial(control_main, boot_id=self.boot_id)
         if s.metrics_http:
             from acm_module.ops.metrics import metrics_main
             self.sidecars["metrics"] = metrics_main

@@ -30,6 +30,7 @@ log = logging.getLogger("acm.worker")
 WORKER_BOOT_ERROR = 3  # exit code: the supervisor stops instead of respawning in a loop
 LATENCY_STREAM = "{acm.lat}:s"
 DRAIN_WINDOW_S = 0.1  # after SIGTERM, keep answering stragglers this long
+BUDGET_STEP_S = 0.005  # a batch's store budget shrinks in these steps (see _store_budget)
 
 
 def alert_prefix() -> str:
@@ -63,8 +64,11 @@ class Worker:
         self._unanswered: list[int] = []
         self._store_down_until = 0.0
         self._backoff = 0.05
+        self._failures_in_row = 0
+        self._rx_ns = 0  # when the batch being decided arrived (perf_counter_ns)
         self._cfg_next = 0.0
-        self._cfg_gen = -1
+        self._cfg_applied: tuple[int, dict[str, Any] | None] = (-1, None)  # or last refused
+        self._boot_published = False
         self._gw_ver = -1
         self._gw_doc: dict[str, Any] = dict(registry.EMPTY)
         self._rules: dict[str, Any] = {}
@@ -180,7 +184,7 @@ class Worker:
         """Answer every request queued (up to max_batch); return how many there were."""
         io = self.io
         t0 = time.perf_counter_ns()  # the requests are in memory: the service starts here
-        t_rx = io.rx_ns or t0  # when poll() saw them arrive, before reading them
+        t_rx = self._rx_ns = io.rx_ns or t0  # when poll() saw them arrive, before reading
         cpu0 = time.thread_time_ns()
         peers: list[tuple[Any, list[bytes]]] = []
         frames: list[bytes] = []
@@ -206,6 +210,7 @@ class Worker:
             # A worker never dies from a request: answer the batch with an error (the client
             # applies its policy) and go on serving.
             log.exception("worker %d: batch of %d failed", self.index, len(frames))
+            self.stats.internal_errors += len(frames)
             self.store.close()
             err = hotpath.encode_error("internal", "internal error; see the service log")
             replies = [err] * len(frames)
@@ -241,18 +246,20 @@ class Worker:
                 # records, so they take one round trip first (the whole batch's, pipelined).
                 rl_payload, rl_n = d.rate_pipeline()
                 if rl_n:
-                    d.rate_finish(self.store.round_trip(rl_payload, rl_n))
+                    d.rate_finish(self.store.round_trip(
+                        rl_payload, rl_n, self._store_budget(time.perf_counter_ns())))
             payload, n = d.pipeline()
             marked = len(self._unanswered)
             lat = self._latency_record()
             sent = bool(n)
             t1 = time.perf_counter_ns()
+            budget = self._store_budget(t1)
             if lat:
-                replies = self.store.round_trip(lat + payload, n + 1)[1:]
+                replies = self.store.round_trip(lat + payload, n + 1, budget)[1:]
                 # Delivered: a mark is dropped only once a round trip carrying it succeeded.
                 del self._unanswered[:marked]
             else:
-                replies = self.store.round_trip(payload, n) if n else []
+                replies = self.store.round_trip(payload, n, budget) if n else []
             # Only the wait counts as store time; building the pipeline is service time.
             self._store_time_ns = time.perf_counter_ns() - t1
         except StoreError as e:
@@ -261,6 +268,7 @@ class Worker:
             self._store_failed(e)
             return d.fail("store_unavailable", "detection store unavailable")
         self._backoff = 0.05
+        self._failures_in_row = 0
         out = d.finish(replies)
         if d.noscript:
             self._reload_script()
@@ -268,6 +276,17 @@ class Worker:
         if todo:
             self._write_blocks(todo)
         return out
+
+    def _store_budget(self, now_ns: int) -> float:
+        """Return the store timeout of this batch's round trip: what is left of store_timeout_ms
+        since the batch arrived, so the reply still reaches the client within its own budget.
+
+        Time spent before the round trip is taken off in whole BUDGET_STEP_S steps (at most one
+        step late): the socket's timeout then changes, at two system calls, only for a batch
+        that started late, not for every batch.
+        """
+        late = int((now_ns - self._rx_ns) / 1e9 / BUDGET_STEP_S) * BUDGET_STEP_S
+        return max(BUDGET_STEP_S, self.store.timeout - late)
 
     def _latency_record(self) -> bytes:
         """Return the XADD of the latencies measured since the last round trip (or b'').
@@ -295,7 +314,12 @@ class Worker:
         self.store.script_load(self.script_source)
         for src in self.side_scripts.values():
             self.store.script_load(src)
-        store_config.init_boot(self.store, self.boot_id, self.settings.detection())
+        if not self._boot_published:
+            # Once per process: on a reconnect the store may have come back empty, and the
+            # boot settings would overwrite what MI changed since (the control plane restores
+            # the live config instead; this worker keeps deciding with what it holds).
+            store_config.init_boot(self.store, self.boot_id, self.settings.detection())
+            self._boot_published = True
 
     def _try_store(self) -> None:
         try:
@@ -307,6 +331,14 @@ class Worker:
     def _store_failed(self, e: Exception) -> None:
         self.stats.store_failures += 1
         self.store.close()
+        self._failures_in_row += 1
+        if self._failures_in_row == 1 and isinstance(e.__cause__, TimeoutError):
+            # One slow round trip on a live store (a busy machine, a stalled store thread): the
+            # next batch reconnects at once. Backing off here would answer every request of the
+            # back-off period store_unavailable, each a call let through unchecked. A store
+            # that is really gone fails again at once (refused) or times out again: back-off.
+            log.info("worker %d: store round trip timed out: %s (reconnecting)", self.index, e)
+            return
         now = time.monotonic()
         if now >= self._store_down_until:
             log.warning("worker %d: store failure: %s (retry in %.2fs)", self.index, e,
@@ -346,6 +378,7 @@ class Worker:
         try:
             # One round trip for both: the live config and the registry's version.
             r = self.store.round_trip(store_config.READ_COMMAND + registry.VERSION_COMMAND, 2)
+            self._failures_in_row = 0
             gen, values = store_config.parse_read(r[0])
             gw_ver = registry.parse_version(r[1])
             if gw_ver != self._gw_ver:
@@ -353,8 +386,11 @@ class Worker:
         except StoreError as e:
             self._store_failed(e)
             return
-        if gen == self._cfg_gen or values is None:
+        # No config (the store lost it): keep the one in force until it is restored. Content
+        # counts as well as the generation, so a config is never skipped for its number alone.
+        if values is None or (gen, values) == self._cfg_applied:
             return
+        self._cfg_applied = (gen, values)
         try:
             self.decider.configure(**{k: values[k] for k in store_config.DECIDER_KEYS})
             if "store_timeout_ms" in values:
@@ -368,7 +404,6 @@ class Worker:
         except (KeyError, ValueError, TypeError) as e:
             log.error("worker %d: ignoring invalid config generation %s: %s", self.index, gen, e)
             return
-        self._cfg_gen = gen
         self.stats.config_generation = gen
         log.debug("worker %d: config generation %d applied", self.index, gen)
 

@@ -1,7 +1,9 @@
 """Shared state outside the per-B-number script: live detection config, blocks, whitelist.
 
 Keys (each group has its own hash tag, so every multi-key command stays in one slot):
-  {acm.cfg}:detect      HASH  live detection config + `gen` (workers poll it) + `boot`
+  {acm.cfg}:detect      HASH  live detection config + `gen` (workers poll it) + `boot` +
+                              `src` (boot, mi, restore); `gen` >= the publisher's clock in
+                              ms, never reissued
   {acm.<p>}:k           HASH  A-number -> "expiry_ms|alert_id|severity": the block list, one
                               copy per partition so decide.lua checks it in its own slot
   {acm.<p>}:wl:<b>      STRING whitelist marker of B-number b (value: reason), TTL = expiry
@@ -10,6 +12,7 @@ Keys (each group has its own hash tag, so every multi-key command stays in one s
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from acm_module.engine import hotpath
@@ -23,21 +26,43 @@ _TYPES = {"threshold": int, "window": float, "mode": str, "dedup_ttl": float,
           "block_ttl": float, "store_timeout_ms": float, "log_level": str,
           "cli_origin_rule": str, "fanout_threshold": int, "fanout_window": float}
 
+# A generation is at least the publisher's clock in ms (as the carrier registry's version), so a
+# store that lost its data (FLUSHALL, a restart without persistence, a new Dragonfly) never
+# hands out a generation a worker already holds for another config.
+_NEXT_GEN = """
+local function next_gen(now)
+  local gen = math.max(tonumber(redis.call('HGET', KEYS[1], 'gen') or '0') + 1, tonumber(now))
+  redis.call('HSET', KEYS[1], 'gen', string.format('%.0f', gen))
+  return gen
+end
+"""
+
 # Publish a config once per supervisor boot: the first worker of a new boot writes its settings
-# and bumps the generation; the others of the same boot find their boot id and leave it.
-_INIT_BOOT = """
+# and moves the generation on; the others of the same boot find their boot id and leave it.
+_INIT_BOOT = _NEXT_GEN + """
 if redis.call('HGET', KEYS[1], 'boot') == ARGV[1] then return 0 end
-local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
-redis.call('HSET', KEYS[1], 'boot', ARGV[1], 'values', ARGV[2])
+local gen = next_gen(ARGV[3])
+redis.call('HSET', KEYS[1], 'boot', ARGV[1], 'values', ARGV[2], 'src', 'boot')
 return gen
 """
 
 # Replace the config only if it is still the generation the writer read (no lost update).
-_SET_IF_GEN = """
+_SET_IF_GEN = _NEXT_GEN + """
 local gen = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
 if gen ~= tonumber(ARGV[1]) then return -1 end
-gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
-redis.call('HSET', KEYS[1], 'values', ARGV[2])
+gen = next_gen(ARGV[3])
+redis.call('HSET', KEYS[1], 'values', ARGV[2], 'src', 'mi')
+return gen
+"""
+
+# Put a config back into a store that has none (it lost its data); 0 if one is there. The
+# boot id goes back too, so a worker of the same boot that (re)starts does not publish its
+# boot settings over the restored config.
+_RESTORE = _NEXT_GEN + """
+if redis.call('HEXISTS', KEYS[1], 'values') == 1 then return 0 end
+local gen = next_gen(ARGV[3])
+redis.call('HSET', KEYS[1], 'values', ARGV[2], 'src', 'restore')
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'boot', ARGV[1]) end
 return gen
 """
 
@@ -70,9 +95,22 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
     return {k: _TYPES[k](v) for k, v in values.items() if k in _TYPES}
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 def init_boot(conn: StoreClient, boot_id: str, values: dict[str, Any]) -> int:
-    """Publish `values` as the live config unless this boot already did. Return the generation."""
-    r = conn.call("EVAL", _INIT_BOOT, 1, CONFIG_KEY, boot_id, json.dumps(values, sort_keys=True))
+    """Publish `values` as the live config unless this boot already did. Return the generation
+    (0 when this boot had published)."""
+    r = conn.call("EVAL", _INIT_BOOT, 1, CONFIG_KEY, boot_id, json.dumps(values, sort_keys=True),
+                  _now_ms())
+    return int(r)  # type: ignore[arg-type]
+
+
+def restore(conn: StoreClient, values: dict[str, Any], boot_id: str = "") -> int:
+    """Publish `values` if the store has no live config; return the generation, 0 if it had."""
+    r = conn.call("EVAL", _RESTORE, 1, CONFIG_KEY, boot_id, json.dumps(values, sort_keys=True),
+                  _now_ms())
     return int(r)  # type: ignore[arg-type]
 
 
@@ -82,6 +120,16 @@ READ_COMMAND = hotpath.encode_command("HMGET", CONFIG_KEY, "gen", "values")
 def read(conn: StoreClient) -> tuple[int, dict[str, Any] | None]:
     """Return (generation, config values) of the live config; (0, None) if none is published."""
     return parse_read(conn.call("HMGET", CONFIG_KEY, "gen", "values"))
+
+
+def read_origin(conn: StoreClient) -> tuple[int, dict[str, Any] | None, str, str]:
+    """Return (generation, values, boot id, source) of the live config; the source is "boot"
+    (a worker's start-up settings), "mi" (a change) or "restore" ("" when unknown)."""
+    r = conn.call("HMGET", CONFIG_KEY, "gen", "values", "boot", "src")
+    assert isinstance(r, list)
+    gen, values = parse_read(r[:2])
+    boot, src = (b.decode() if isinstance(b, bytes) else "" for b in r[2:])
+    return gen, values, boot, src
 
 
 def parse_read(r: Any) -> tuple[int, dict[str, Any] | None]:
@@ -97,7 +145,7 @@ def parse_read(r: Any) -> tuple[int, dict[str, Any] | None]:
 def compare_and_set(conn: StoreClient, expected_gen: int, values: dict[str, Any]) -> int:
     """Replace the live config if it is still at expected_gen; return the new gen, or -1."""
     r = conn.call("EVAL", _SET_IF_GEN, 1, CONFIG_KEY, expected_gen,
-                  json.dumps(values, sort_keys=True))
+                  json.dumps(values, sort_keys=True), _now_ms())
     return int(r)  # type: ignore[arg-type]
 
 

@@ -49,7 +49,7 @@ def test_both_transports_read_and_change_the_config(mi_factory) -> None:  # type
         assert cfg["settings"]["mi_token"] == ""
         r = http.execute("acm_set", {"threshold": 7})
         assert r["changed"] == {"threshold": {"old": 5, "new": 7}}
-        assert r["generation"] == cfg["generation"] + 1 and r["persisted"] is True
+        assert r["generation"] > cfg["generation"] and r["persisted"] is True
         assert dgram.execute("acm_get_config")["live"]["threshold"] == 7
         r = dgram.execute("acm_set", {"window": "2.5", "mode": "monitor"})
         assert set(r["changed"]) == {"window", "mode"}
@@ -108,6 +108,23 @@ def test_change_is_in_the_audit_trail(mi_factory) -> None:  # type: ignore[no-un
         with pytest.raises(OpenSIPSMIException):
             http.execute("acm_set", {"threshold": 0})
         assert http.execute("acm_audit_list")["count"] == 1
+
+
+def test_a_value_already_in_force_is_neither_pinned_nor_audited(mi_factory) -> None:  # type: ignore[no-untyped-def]
+    with mi_factory() as (mi, _):
+        http = mi.http()
+        gen = mi.generation()
+        r = http.execute("acm_set", {"threshold": 5, "mode": "block"})  # the defaults
+        assert (r["changed"], r["persisted"], r["generation"]) == ({}, False, gen)
+        assert http.execute("acm_get_config")["overrides"] == {}
+        assert not (mi.state_dir / "overrides.json").exists()
+        assert http.execute("acm_audit_list")["count"] == 0
+        # Only what changes is pinned and audited.
+        r = http.execute("acm_set", {"threshold": 6, "mode": "block"})
+        assert r["changed"] == {"threshold": {"old": 5, "new": 6}}
+        assert http.execute("acm_get_config")["overrides"] == {"threshold": 6}
+        recs = http.execute("acm_audit_list")["records"]
+        assert [(x["old"], x["new"]) for x in recs] == [({"threshold": 5}, {"threshold": 6})]
 
 
 def test_monitor_mode_switched_by_mi_detects_but_allows(mi_factory) -> None:  # type: ignore[no-untyped-def]
@@ -235,14 +252,19 @@ def test_token_enforced_on_exposed_binds(mi_factory) -> None:  # type: ignore[no
     env = {"ACM_MI_TOKEN": TOKEN}
     with mi_factory(env=env, http_host="0.0.0.0", dgram_host="0.0.0.0") as (mi, _):
         http, dgram = mi.http(), mi.datagram()
-        # Read-only commands need no admin rights.
+        # Read-only commands need no admin rights over HTTP; over exposed datagrams every
+        # command needs the token (forged sources, issue 12 item 3).
         assert http.execute("acm_get_config")["settings"]["mi_token"] == "***"
-        assert dgram.execute("acm_stats")["total"]["workers"] >= 0
-        for client in (http, dgram):
-            for params in ({"threshold": 7}, {"threshold": 7, "token": "wrong-token"}):
-                with pytest.raises(OpenSIPSMIException) as e:
-                    client.execute("acm_set", params)
-                assert mi_error(e.value)[0] == jsonrpc.UNAUTHORIZED
+        assert dgram.execute("acm_stats", {"token": TOKEN})["total"]["workers"] >= 0
+        for params in ({"threshold": 7}, {"threshold": 7, "token": "wrong-token"}):
+            with pytest.raises(OpenSIPSMIException) as e:
+                http.execute("acm_set", params)
+            assert mi_error(e.value)[0] == jsonrpc.UNAUTHORIZED
+            # over a datagram: "unauthorized", or no reply when the request is shorter
+            body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "acm_set",
+                               "params": params}).encode()
+            r = mi.send_datagram(body, wait=0.5)
+            assert r is None or r["error"]["code"] == jsonrpc.UNAUTHORIZED
         assert mi.live()["threshold"] == 5
         assert http.execute("acm_set", {"threshold": 7, "token": TOKEN})["generation"]
         assert dgram.execute("acm_set", {"threshold": 6, "token": TOKEN})["generation"]

@@ -26,6 +26,15 @@ pytestmark = pytest.mark.timeout(30)
     (b'{"jsonrpc":"2.0","id":1,"method":"which","params":5}', jsonrpc.INVALID_REQUEST),
     (b'{"jsonrpc":"2.0","id":true,"method":"which"}', jsonrpc.INVALID_REQUEST),
     (b" " * (jsonrpc.MAX_REQUEST_BYTES + 1), jsonrpc.INVALID_REQUEST),
+    # a duplicate key anywhere, as the request decoder refuses duplicate fields
+    (b'{"jsonrpc":"2.0","id":1,"method":"which","method":"acm_reload"}',
+     jsonrpc.INVALID_REQUEST),
+    (b'{"jsonrpc":"2.0","id":1,"method":"acm_set","params":{"a":{"b":1,"b":2}}}',
+     jsonrpc.INVALID_REQUEST),
+    # ids JSON cannot echo: past Python's int digit limit, not finite
+    (b'{"jsonrpc":"2.0","id":' + b"9" * 5000 + b',"method":"which"}', jsonrpc.INVALID_REQUEST),
+    (b'{"jsonrpc":"2.0","id":1e400,"method":"which"}', jsonrpc.INVALID_REQUEST),
+    (b'{"jsonrpc":"2.0","id":NaN,"method":"which"}', jsonrpc.INVALID_REQUEST),
 ])
 def test_bad_requests_are_rejected_with_their_code(raw: bytes, code: int) -> None:
     with pytest.raises(jsonrpc.MIError) as e:
@@ -42,6 +51,19 @@ def test_requests_and_notifications() -> None:
     assert n.is_notification and n.params == {}
     assert json.loads(jsonrpc.result("7", {"a": 1})) == {"jsonrpc": "2.0", "result": {"a": 1},
                                                          "id": "7"}
+
+
+def test_huge_integers_parse_to_a_value_no_parameter_accepts() -> None:
+    r = jsonrpc.parse(b'{"jsonrpc":"2.0","id":1,"method":"acm_set","params":{"threshold":'
+                      + b"9" * 5000 + b"}}")
+    huge = r.params["threshold"]  # type: ignore[call-overload]
+    assert isinstance(huge, jsonrpc.HugeInt) and str(huge) == "<an integer of 5000 digits>"
+    with pytest.raises(ValueError):
+        jsonrpc.param_str(huge)
+    with pytest.raises(ValueError):
+        jsonrpc.param_str("\ud800")
+    # Replies are strict JSON (no NaN), and always one reply.
+    assert json.loads(jsonrpc.result(1, float("nan")))["error"]["code"] == jsonrpc.INTERNAL_ERROR
 
 
 def test_bind_parsing_and_loopback() -> None:
@@ -81,6 +103,9 @@ def test_authorizer_roles() -> None:
         assert e.value.code == jsonrpc.UNAUTHORIZED
     with pytest.raises(jsonrpc.MIError):  # a wrong token is wrong even where none is needed
         a.check(admin=False, loopback_bind=True, presented="wrong")
+    with pytest.raises(jsonrpc.MIError) as e:  # not text at all: wrong, not an exception
+        a.check(admin=False, loopback_bind=True, presented="\ud800")
+    assert e.value.code == jsonrpc.UNAUTHORIZED
 
 
 def test_overrides_round_trip_and_apply(tmp_path: Path) -> None:
@@ -108,3 +133,30 @@ def test_cli_builds_named_or_positional_params() -> None:
     assert build_request("acm_unblock", ["+2348031234567"])["params"] == ["+2348031234567"]
     assert "params" not in build_request("acm_stats", [])
     assert build_request("acm_stats", [], actor="ops")["params"] == {"actor": "ops"}
+
+
+def test_connection_slots_evict_the_oldest_unfinished_and_refuse_when_all_are_busy() -> None:
+    import socket
+    import time
+
+    from acm_module.control.server import _Connections
+
+    conns = _Connections(limit=2, timeout_s=0.2)
+    pairs = [socket.socketpair() for _ in range(4)]
+    try:
+        a, b, c, d = (p[0] for p in pairs)
+        assert conns.admit(a) and conns.admit(b)
+        assert conns.admit(c) and conns.evicted == 1  # a read the longest: closed for c
+        assert pairs[0][1].recv(1) == b""  # the peer of a sees the end
+        conns.busy(b)
+        conns.busy(c)
+        assert not conns.admit(d) and conns.refused == 1  # every slot answering: 503
+        conns.reading(c)
+        time.sleep(0.25)
+        assert conns.expire() == 1 and pairs[2][1].recv(1) == b""  # c missed its deadline
+        conns.closed(b)
+        assert conns.admit(d)
+    finally:
+        for x, y in pairs:
+            x.close()
+            y.close()

@@ -37,23 +37,68 @@ def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
 def test_acm_bench_reports_every_phase(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     p = _run([sys.executable, "-m", "acm_module.cli", "bench", "--seconds", "0.5", "--clients",
-              "2", "--workers", "1", "--compare-io", "--curve", "--json", str(out)], 200)
+              "2", "--workers", "1", "--compare-io", "--compare-proxy-echo", "--curve",
+              "--json", str(out)], 200)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     data = json.loads(out.read_text())
     phases = data["results"]
-    assert set(phases) == {"floor_echo_1", "floor_echo_n", "floor_evalsha_1", "acm_1", "acm_n",
-                           "io_1", "io_n", "io_curve_1", "io_curve_n", "sf_1", "sf_n"}
+    assert set(phases) == {"reflect_1", "reflect_n", "echo_n", "echo_paced", "proxy_echo_n",
+                           "floor_evalsha_1", "acm_paced", "acm_1", "acm_n", "io_1", "io_n",
+                           "io_curve_1", "io_curve_n", "sf_1", "sf_n"}
     for name, r in phases.items():
-        assert r["rate"] > 0 and r["errors"] == 0, (name, r)
+        # A store round trip past its budget on a loaded machine is the service's answer, not a
+        # broken kit; any other error is.
+        codes = r["extra"].get("error_codes") or {}
+        assert r["rate"] > 0 and set(codes) <= {"store_unavailable"}, (name, r["extra"])
+        assert r["errors"] == sum(codes.values()) + r["extra"].get("timeouts", 0), (name, r)
+        assert r["extra"].get("timeouts", 0) == 0, (name, r)
         assert 0 < r["p50"] <= r["p99"] <= r["p999"], (name, r)
+        if name != "floor_evalsha_1":
+            # Every figure comes with what it cost the server and the load tool.
+            assert r["server_cpu_us"] > 0 and r["client_cpu_us"] > 0, (name, r)
+    for name in ("acm_1", "acm_n", "acm_paced", "sf_n"):
+        assert 0 < phases[name]["store_cpu_us"] < phases[name]["server_cpu_us"], name
+    assert phases["acm_paced"]["extra"]["paced"] == 1000
     meta = data["meta"]
     for key in ("in_worker_1", "in_worker_n"):
         assert meta[key]["requests"] > 0 and meta[key]["batches"] > 0
     assert meta["store"]["bytes_per_active_b"] > 0
     assert len(phases["acm_n"]["extra"]["worker_rss_kib"]) == 1
+    assert {t["phases"][0] for t in data["targets"]} == {"acm_n", "acm_paced", "acm_1"}
     for line in ("floor (1 client)", "x floor", "x straightforward rate", "in-worker, acm phase",
+                 "tool ceiling", "x echo-pool rate", "targets (issue #15",
                  "x acm (no CURVE) rate"):
         assert line in p.stdout, p.stdout
+
+
+def test_a_phase_the_load_tool_limited_is_not_reported_as_a_service_figure() -> None:
+    from array import array
+
+    from benchmarks.loadtool import Result, render, targets
+
+    def phase(name: str, clients: int, rate_lat_us: float, srv: float, tool: float,
+              util: float) -> Result:
+        r = Result.of(name, clients, 1.0, array("q", [int(rate_lat_us * 1000)] * 1000), 0)
+        r.server_cpu_us, r.client_cpu_us, r.client_util = srv, tool, util
+        return r
+
+    results = {"reflect_1": phase("reflector", 1, 20, 5, 6, 0.5),
+               "reflect_n": phase("reflector", 16, 30, 5, 6, 0.95),
+               "echo_n": phase("echo pool", 16, 40, 6, 6.5, 0.95),  # the tool was pegged
+               "acm_n": phase("acm", 16, 60, 30, 7, 0.3)}
+    assert results["echo_n"].client_bound and not results["acm_n"].client_bound
+    # A closed loop where the tool costs more per request than the server: the tool's pace.
+    assert phase("acm", 16, 60, 30, 31, 0.5).client_bound
+    text = render(results, {"machine": "m", "python": "3", "hot_path": "cython", "workers": 2,
+                            "transport": "ipc", "client_kind": "zmtp", "load_procs": 1,
+                            "seconds": 1.0, "date": "d", "clients": 16})
+    echo_line = next(x for x in text.splitlines() if x.startswith("echo pool"))
+    assert "CLIENT-BOUND" in echo_line and "tool ceiling" in echo_line
+    acm_line = next(x for x in text.splitlines() if x.split()[:2] == ["acm", "16"])
+    assert "echo-pool rate" in acm_line  # the ratio is printed, but judged invalid below
+    judged = [t for t in targets(results) if t["phases"] == ["acm_n", "echo_n"]]
+    assert len(judged) == 2 and not any(t["valid"] for t in judged)  # rate and CPU
+    assert "not judged: a phase was client-bound" in text
 
 
 def test_the_hot_path_benchmark_suite_runs() -> None:

@@ -137,3 +137,38 @@ def test_production_guide_covers_the_essentials() -> None:
                    "--cache_mode=false", "script_name", "ACM_TIMEOUT_MS", "ACM_FAIL_POLICY",
                    "children", "acm replay"):
         assert needle in text, needle
+
+
+def test_prometheus_alerts_on_unchecked_calls(store_url: str) -> None:
+    prom = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    assert isinstance(prom, dict)
+    assert prom["rule_files"] == ["/etc/prometheus/acm-alerts.yml"]
+    compose = load_yaml(DEPLOY / "compose.yaml")
+    assert isinstance(compose, dict)
+    assert ("./prometheus/acm-alerts.yml:/etc/prometheus/acm-alerts.yml:ro"
+            in compose["services"]["prometheus"]["volumes"])
+    doc = load_yaml(DEPLOY / "prometheus" / "acm-alerts.yml")
+    assert isinstance(doc, dict)
+    rules = [r for g in doc["groups"] for r in g["rules"]]
+    by_name = {r["alert"]: r for r in rules}
+    assert {"AcmUncheckedCalls", "AcmUncheckedCallsHigh"} <= set(by_name)
+    for r in rules:
+        assert r["labels"]["severity"] in ("warning", "critical")
+        assert r["annotations"]["summary"] and r["annotations"]["description"]
+        assert re.fullmatch(r"\d+[smh]", r["for"]), r["for"]
+        assert r["expr"].count("(") == r["expr"].count(")"), r["expr"]
+    # The alert reads the unchecked-call counter against all requests, at the 0.01 % target.
+    expr = by_name["AcmUncheckedCalls"]["expr"]
+    assert "acm_unchecked_calls_total" in expr and "acm_requests_total" in expr
+    assert re.search(r">\s*0\.0001\b", expr), expr
+    used = {m for r in rules for m in re.findall(r"\bacm_[a-z0-9_]+", r["expr"])}
+    names = exposed_names(store_url)
+    assert used - names == set(), f"alert rules query unknown metrics: {used - names}"
+
+
+def test_the_call_path_outranks_the_writer_for_the_cpu() -> None:
+    # Measured (benchmarks/RESULTS.md, co-located load): a busy writer and its sinks on the
+    # same host stall the call path unless it runs at a higher priority.
+    serve, writer = unit("acm-serve.service")["Service"], unit("acm-writer.service")["Service"]
+    assert int(serve["Nice"]) < 0 < int(writer["Nice"])  # within a unit / without cgroups
+    assert int(serve["CPUWeight"]) > 100 > int(writer["CPUWeight"])  # between units

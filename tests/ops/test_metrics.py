@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 
 import msgpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import free_port, publish_registry, wait_port
+from servers import (
+    DelayProxy,
+    RedisServer,
+    Service,
+    flush,
+    free_port,
+    publish_registry,
+    wait_port,
+)
 
+from acm_module.client import Client
 from acm_module.ops import metrics
 from acm_module.server import stats as stats_mod
 from acm_module.store import keys
@@ -171,8 +182,6 @@ def test_live_pool_metrics_equal_what_was_sent(service_factory) -> None:
 
 
 def test_store_down_is_reported_not_raised() -> None:
-    from servers import RedisServer
-
     srv = RedisServer().start()
     url = srv.url
     srv.cleanup()  # nothing listens there any more
@@ -237,3 +246,84 @@ def test_per_carrier_decisions_and_fanout_alerts_are_exported(service_factory) -
     assert decisions(after)[("allow", "clean")] == 5
     assert total(after, "acm_fanout_alerts_total", severity="LOW") == 1
     assert total(after, "acm_alerts_total") == 0
+
+
+def _unchecked_until(port: int, want: int, timeout: float = 10.0) -> Samples:
+    """Scrape until the pool's unchecked-call counter reaches `want` (workers publish each s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = scrape(port)
+        if total(s, "acm_unchecked_calls_total") >= want or time.monotonic() > deadline:
+            return s
+        time.sleep(0.2)
+
+
+def _until_checked(client, b: str) -> int:
+    """Call until one gets a verdict (the store is back); return how many were unchecked."""
+    unchecked = 0
+    deadline = time.monotonic() + 10
+    while "verdict" not in (r := client.decide(cid(), "+2348031000200", b, ts=5.0)):
+        assert r["error"] == "store_unavailable", r
+        unchecked += 1
+        assert time.monotonic() < deadline, "the pool did not come back with the store"
+        time.sleep(0.01)
+    return unchecked
+
+
+@contextlib.contextmanager
+def metered_pool(store_url: str, zctx, env: dict[str, str] | None = None
+                 ) -> Iterator[tuple[int, Client]]:
+    """One worker with its metrics sidecar; yield (metrics port, a client that got a verdict)."""
+    port = free_port()
+    svc = Service(store_url, workers=1,
+                  extra_env={"ACM_METRICS_HTTP": f"127.0.0.1:{port}", **(env or {})})
+    c = None
+    try:
+        svc.start()
+        assert wait_port(port), svc.read_log()
+        c = Client(svc.endpoint, timeout=5.0, context=zctx)
+        assert c.decide(cid(), "+2348031000100", B, ts=1.0)["reason"] == "clean"
+        yield port, c
+    finally:
+        if c is not None:
+            c.close()
+        svc.cleanup()
+
+
+def test_unchecked_calls_are_exported_when_the_store_stops(zctx) -> None:
+    srv = RedisServer().start()
+    try:
+        with metered_pool(srv.url, zctx) as (port, c):
+            assert total(settle(port), "acm_unchecked_calls_total") == 0
+            srv.stop()  # the store is gone: answered at once, each call let through unchecked
+            for _ in range(5):
+                assert c.decide(cid(), "+2348031000100", B, ts=2.0)["error"] == \
+                    "store_unavailable"
+            srv.start()
+            unchecked = 5 + _until_checked(c, B)
+            after = _unchecked_until(port, unchecked)
+    finally:
+        srv.cleanup()
+    assert total(after, "acm_unchecked_calls_total", kind="store_unavailable") == unchecked
+    assert total(after, "acm_unchecked_calls_total", kind="store_error") == 0
+    assert total(after, "acm_unchecked_calls_total", kind="internal") == 0
+    assert total(after, "acm_unchecked_calls_total") == total(
+        after, "acm_errors_total", kind="store_unavailable")
+
+
+def test_unchecked_calls_are_exported_when_the_store_is_slow(redis_server, zctx) -> None:
+    flush(redis_server)
+    proxy = DelayProxy(int(redis_server.rsplit(":", 1)[1].split("/")[0]))
+    try:
+        with metered_pool(proxy.url, zctx, {"ACM_STORE_TIMEOUT_MS": "30"}) as (port, c):
+            proxy.delay = 0.2  # the store answers, far too late for the worker's 30 ms
+            for _ in range(3):
+                assert c.decide(cid(), "+2348031000100", B, ts=2.0)["error"] == \
+                    "store_unavailable"
+            proxy.delay = 0.0
+            unchecked = 3 + _until_checked(c, B)
+            after = _unchecked_until(port, unchecked)
+    finally:
+        proxy.close()
+    assert total(after, "acm_unchecked_calls_total", kind="store_unavailable") == unchecked
+    assert total(after, "acm_store_failures_total") >= 1

@@ -568,16 +568,22 @@ def test_exposed_bind_admin_commands_need_the_token_read_only_ones_do_not(
         assert all(re.search(r"_(list|show|get_config|stats)$|^which$", n)
                    for n in read_only), sorted(read_only)
         gen, live = live_config(svc)
-        for via in ("http", "datagram"):
-            for name in sorted(commands):
-                params = MINIMAL.get(name, {})
-                rep = call(svc, name, params, via=via)
-                if name in admin:
-                    assert rep.get("error", {}).get("code") == jsonrpc.UNAUTHORIZED, (name, rep)
-                else:  # runs (or needs a parameter), never asks for the token
-                    assert "result" in rep or rep["error"]["code"] != jsonrpc.UNAUTHORIZED, (
-                        via, name, rep)
-                # A wrong token is refused even for a read-only command.
+        for name in sorted(commands):
+            params = MINIMAL.get(name, {})
+            rep = call(svc, name, params)
+            if name in admin:
+                assert rep.get("error", {}).get("code") == jsonrpc.UNAUTHORIZED, (name, rep)
+            else:  # runs (or needs a parameter), never asks for the token
+                assert "result" in rep or rep["error"]["code"] != jsonrpc.UNAUTHORIZED, (
+                    name, rep)
+            # Over an exposed datagram bind every command needs the token: "unauthorized"
+            # (no larger than the request), or no reply at all.
+            body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": name,
+                               "params": params}).encode()
+            rep = mi_dgram(svc, body, wait=0.5)
+            assert rep is None or rep["error"]["code"] == jsonrpc.UNAUTHORIZED, (name, rep)
+            # A wrong token is refused even for a read-only command.
+            for via in ("http", "datagram"):
                 rep = call(svc, name, params, via=via, token="wrong-token-0123456789abcdef")
                 assert rep.get("error", {}).get("code") == jsonrpc.UNAUTHORIZED, (name, rep)
         assert live_config(svc) == (gen, live)
@@ -592,6 +598,52 @@ def test_exposed_bind_admin_commands_need_the_token_read_only_ones_do_not(
         log = svc.read_log()
         assert TOKEN not in log and "wrong-token" not in log
         print(f"MI exposed bind: {len(admin)} admin commands refused without/with a wrong "
-              f"token over HTTP and datagrams, {len(read_only)} read-only commands open")
+              f"token over HTTP and datagrams, {len(read_only)} read-only commands open "
+              f"over HTTP only")
+    finally:
+        svc.cleanup()
+
+
+def test_exposed_datagram_bind_never_answers_more_than_it_was_sent(store_url: str) -> None:
+    """UDP sources can be forged: without the token, no command on an exposed datagram bind
+    answers with more bytes than the request had (issue 12 item 3: `which` answered 60 B
+    with 3,860 B, `acm_get_config` 69 B with 3,218 B)."""
+    dgram_port = free_port()
+    svc = Service(store_url, workers=1, extra_env={
+        "ACM_MI_DATAGRAM": f"0.0.0.0:{dgram_port}", "ACM_MI_TOKEN": TOKEN})
+    svc.mi_datagram = f"127.0.0.1:{dgram_port}"
+    try:
+        svc.start()
+        wait_mi(svc)  # over HTTP on loopback
+        commands = sorted(result(call(svc, "which")))
+        ratios, answered = [], 0
+        for name in commands:
+            for params in ({}, MINIMAL.get(name, {}), {"token": "x" * 40}, {"token": None},
+                           {"limit": 10_000, "scan": 10_000}):
+                for rid in (1, "r" * 200):
+                    body = json.dumps({"jsonrpc": "2.0", "id": rid, "method": name,
+                                       "params": params}, separators=(",", ":")).encode()
+                    host, port = svc.mi_datagram.rsplit(":", 1)
+                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                        s.settimeout(0.3)
+                        s.sendto(body, (host, int(port)))
+                        try:
+                            reply = s.recv(65535)
+                        except TimeoutError:
+                            continue
+                    answered += 1
+                    ratios.append(len(reply) / len(body))
+                    assert json.loads(reply)["error"]["code"] in (
+                        jsonrpc.UNAUTHORIZED, jsonrpc.INVALID_PARAMS,
+                        jsonrpc.METHOD_NOT_FOUND), reply
+        assert ratios and max(ratios) <= 1.0, max(ratios)
+        # With the token the same endpoint answers in full.
+        rep = call(svc, "which", {}, via="datagram", token=TOKEN)
+        assert len(json.dumps(result(rep))) > 3000
+        cfg = call(svc, "acm_get_config", {}, via="datagram", token=TOKEN)
+        assert result(cfg)["live"]["threshold"] == 5
+        print(f"MI exposed datagram bind: {len(commands)} commands x 10 bodies without the "
+              f"token, {answered} answered (short errors), largest reply/request "
+              f"{max(ratios):.2f}")
     finally:
         svc.cleanup()
