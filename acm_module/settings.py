@@ -277,7 +277,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Admin token for MI; required when MI binds a non-loopback address.",
             env=("ACM_MI_TOKEN",), cli="--mi-token", section="control"),
     Setting("state_dir", str, "/tmp/acm/state",
-            "Directory for runtime overrides (MI changes that survive restarts).",
+            "Local state directory. MI overrides no longer live here (they are the "
+            "deployment's, in the store); an old overrides.json is reported and ignored.",
             env=("ACM_STATE_DIR",), cli="--state-dir", section="control"),
     # --- persistence (writer) ---
     Setting("database_url", str, "", "YugabyteDB/PostgreSQL URL (alerts, whitelist, audit).",

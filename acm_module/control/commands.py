@@ -193,7 +193,9 @@ class Control:
         self.conn = StoreClient(settings.store, timeout=1.0, connect_timeout=1.0)
         self.repo = repo if repo is not None else open_repository(settings, self.conn)
         self.auth = Authorizer(settings.mi_token or "")
-        self.overrides_path = overrides.overrides_path(settings)
+        # The deployment's overrides as last read or written: what goes back when the store
+        # loses them (None: not known yet).
+        self._saved: dict[str, Any] | None = None
         # Commands are rare; one lock serialises store access (StoreClient is not
         # thread-safe) and makes each read-modify-write atomic within this process.
         self._lock = threading.RLock()
@@ -413,7 +415,7 @@ class Control:
                               f"config file {path} is gone; old config kept")
             path = None
         try:
-            previous: Any = overrides.read_overrides(self.overrides_path)
+            previous: Any = self.saved_overrides()
         except ConfigError as e:
             if not reset:
                 raise MIError(jsonrpc.CONFIG_INVALID, f"{e}; old config kept") from e
@@ -425,7 +427,7 @@ class Control:
             settings_mod.validate_combination(values)
         except ConfigError as e:
             raise MIError(jsonrpc.CONFIG_INVALID, f"{e}; old config kept") from e
-        if reset and overrides.delete_overrides(self.overrides_path):
+        if reset and self._delete_overrides():
             audit.record(self.repo, caller, action, "overrides", previous, None)
         out = self.publish(values, caller, action, persist=False)
         skip = {"endpoint", "store", "workers"}
@@ -491,15 +493,33 @@ class Control:
     def _persist(self, changes: dict[str, Any], caller: Caller) -> bool:
         try:
             try:
-                saved = overrides.read_overrides(self.overrides_path)
+                saved = self.saved_overrides()
             except ConfigError as e:
-                log.error("replacing unreadable override file: %s", e)
+                log.error("replacing unreadable overrides: %s", e)
                 saved = {}
-            overrides.write_overrides(self.overrides_path, saved | changes, str(caller))
-        except OSError as e:
-            log.error("cannot persist overrides to %s: %s", self.overrides_path, e)
+            overrides.write_overrides(self.conn, saved | changes, str(caller))
+            self._saved = saved | changes
+        except StoreError as e:
+            log.error("cannot persist overrides to %s: %s", overrides.OVERRIDES_KEY, e)
             return False
         return True
+
+    def saved_overrides(self) -> dict[str, Any]:
+        """Return the deployment's MI overrides; put back the last known ones if the store lost
+        them (a wipe). Raises ConfigError (unreadable), StoreError."""
+        with self._lock:
+            saved = overrides.read_overrides(self.conn)
+            if not saved and self._saved:
+                overrides.write_overrides(self.conn, self._saved, "restore")
+                log.warning("the store had no MI overrides: restored %s", self._saved)
+                return dict(self._saved)
+            self._saved = saved
+            return saved
+
+    def _delete_overrides(self) -> bool:
+        with self._lock:
+            self._saved = {}
+            return overrides.delete_overrides(self.conn)
 
     def desired_config(self) -> dict[str, Any]:
         """Return the config the store should hold: the last live one this process saw, else
@@ -507,10 +527,10 @@ class Control:
         if self._last_live is not None:
             return dict(self._last_live)
         try:
-            saved = overrides.read_overrides(self.overrides_path)
-        except ConfigError as e:
+            saved = self.saved_overrides()
+        except (ConfigError, StoreError) as e:
             log.error("%s", e)
-            saved = {}
+            saved = dict(self._saved or {})
         return {**self.settings.detection(), **saved}
 
     def restore_config(self) -> int:
@@ -542,7 +562,7 @@ class Control:
         """Return the live config, its generation, the overrides and every setting's source."""
         gen, live = store_config.read(self.conn)
         try:
-            saved: dict[str, Any] | str = overrides.read_overrides(self.overrides_path)
+            saved: dict[str, Any] | str = self.saved_overrides()
         except ConfigError as e:
             saved = f"unreadable: {e}"
         s = self.settings
@@ -550,7 +570,7 @@ class Control:
             "generation": gen,
             "live": live,
             "overrides": saved,
-            "overrides_file": str(self.overrides_path),
+            "overrides_key": overrides.OVERRIDES_KEY,
             "settings": {n: _redact_setting(n, v) for n, v in sorted(s.values.items())},
             "sources": dict(sorted(s.source.items())),
             "runtime": sorted(settings_mod.RUNTIME),
@@ -576,8 +596,19 @@ class Control:
             })
         total = stats_mod.summarize(snaps)
         total["decisions"], carriers = _split_carriers(total["decisions"])
+        # Per node (one `acm serve` of the deployment): does every worker apply the live config?
+        nodes: dict[str, dict[str, Any]] = {}
+        for snap, w in zip(snaps, workers, strict=True):
+            n = nodes.setdefault(snap["node"], {"node": snap["node"], "host": snap["host"],
+                                                "workers": 0, "config_generations": set()})
+            n["workers"] += 1
+            n["config_generations"].add(w["config_generation"])
+        for n in nodes.values():
+            n["config_generations"] = sorted(n["config_generations"])
+            n["in_sync"] = n["config_generations"] == [gen]
         return {"generation": gen,
                 "in_sync": bool(snaps) and all(w["config_generation"] == gen for w in workers),
+                "nodes": sorted(nodes.values(), key=lambda n: n["node"]),
                 "total": total, "workers": workers, "carriers": carriers}
 
     # -- whitelist -------------------------------------------------------------------------
@@ -854,8 +885,8 @@ class Control:
         config is in the store), then publishes the difference once.
         """
         try:
-            saved = overrides.read_overrides(self.overrides_path)
-        except ConfigError as e:
+            saved = self.saved_overrides()
+        except (ConfigError, StoreError) as e:
             log.error("%s", e)
             return
         if not saved:

@@ -15,7 +15,8 @@ from mi_helpers import free_udp_port, mi_error, wait_in_sync
 from opensips.mi import OpenSIPSMIException
 from servers import REPO, Service, free_port
 
-from acm_module.control import jsonrpc
+from acm_module.control import jsonrpc, overrides
+from acm_module.store.cluster import StoreClient
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
@@ -117,7 +118,7 @@ def test_a_value_already_in_force_is_neither_pinned_nor_audited(mi_factory) -> N
         r = http.execute("acm_set", {"threshold": 5, "mode": "block"})  # the defaults
         assert (r["changed"], r["persisted"], r["generation"]) == ({}, False, gen)
         assert http.execute("acm_get_config")["overrides"] == {}
-        assert not (mi.state_dir / "overrides.json").exists()
+        assert _store_get(mi.svc.store_url, overrides.OVERRIDES_KEY) is None
         assert http.execute("acm_audit_list")["count"] == 0
         # Only what changes is pinned and audited.
         r = http.execute("acm_set", {"threshold": 6, "mode": "block"})
@@ -287,7 +288,7 @@ def test_changes_survive_a_restart(mi_factory, tmp_path: Path) -> None:  # type:
     state = tmp_path / "keep"
     with mi_factory(state_dir=state) as (mi, _):
         mi.http().execute("acm_set", {"threshold": 3, "mode": "monitor"})
-    saved = json.loads((state / "overrides.json").read_text())
+    saved = json.loads(_store_get(mi.svc.store_url, overrides.OVERRIDES_KEY))
     assert saved["values"] == {"threshold": 3, "mode": "monitor"}
     with mi_factory(state_dir=state) as (mi, client):
         wait_for(lambda: (mi.live()["threshold"], mi.live()["mode"]) == (3, "monitor"),
@@ -319,3 +320,11 @@ def test_acm_mi_command_line(mi_factory) -> None:  # type: ignore[no-untyped-def
         assert r.returncode == 0 and json.loads(r.stdout)["live"]["threshold"] == 7
         rec = mi.http().execute("acm_audit_list")["records"][0]
         assert rec["actor"] != "anonymous"  # acm mi sends the login name
+
+
+def _store_get(url: str, key: str) -> bytes | None:
+    c = StoreClient(url, timeout=2.0)
+    try:
+        return c.call("GET", key)  # type: ignore[return-value]
+    finally:
+        c.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,51 @@ def test_failover_under_load(empty_cluster: RedisCluster, zctx: zmq.Context, how
             c.close()
         node.cleanup()
         cl.restore()
+
+
+def _mi(svc: Service, cmd: str, params: dict | None = None) -> dict:
+    from opensips.mi import OpenSIPSMI
+
+    return OpenSIPSMI(conn="http", url=f"http://{svc.mi_http}/mi").execute(cmd, params or {})
+
+
+def _wait(pred: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_one_live_config_for_the_deployment(empty_cluster: RedisCluster) -> None:
+    """An MI change on one node is the live config of every node; a node that joins later (on
+    another host's state_dir) applies it instead of its own file; acm_stats says per node
+    whether it applies the current generation."""
+    cl = empty_cluster
+    a = Service(cl.url(0))
+    b = Service(cl.url(1))
+    c = Service(cl.url(2))
+    try:
+        a.start()
+        b.start()
+        r = _mi(a, "acm_set", {"threshold": 3, "mode": "monitor"})
+        assert r["changed"] and r["persisted"]
+        got = _mi(b, "acm_get_config")
+        assert (got["live"]["threshold"], got["live"]["mode"]) == (3, "monitor")
+        assert got["overrides"] == {"threshold": 3, "mode": "monitor"}
+        # A change through the other node is the deployment's too.
+        _mi(b, "acm_set", {"threshold": 4})
+        assert _mi(a, "acm_get_config")["overrides"] == {"threshold": 4, "mode": "monitor"}
+        c.start()  # joins with its own (default) settings and an empty state_dir
+        for svc in (a, b, c):
+            _wait(lambda s=svc: (lambda g: (g["live"]["threshold"], g["live"]["mode"])
+                                 == (4, "monitor"))(_mi(s, "acm_get_config")),
+                  "the joining node did not keep the deployment's config")
+        def all_in_sync() -> bool:
+            st = _mi(c, "acm_stats")
+            return len(st["nodes"]) == 3 and all(n["in_sync"] for n in st["nodes"])
+        _wait(all_in_sync, "not every node applies the live generation")
+        st = _mi(a, "acm_stats")
+        assert {n["workers"] for n in st["nodes"]} == {2}
+    finally:
+        for svc in (a, b, c):
+            svc.cleanup()
