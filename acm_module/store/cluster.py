@@ -65,7 +65,7 @@ def command_key(args: list) -> bytes | None:
     if name in (b"XREADGROUP", b"XREAD"):
         i = [a.upper() for a in args].index(b"STREAMS")
         return args[i + 1]
-    if name in (b"XGROUP", b"XINFO", b"OBJECT"):
+    if name in (b"XGROUP", b"XINFO", b"OBJECT", b"MEMORY"):
         return args[2] if len(args) > 2 else None
     if name in _EVERY_MASTER or name in _ANY_NODE or name == b"SCAN" or len(args) < 2:
         return None
@@ -284,13 +284,20 @@ class StoreClient:
             if not self.cluster:
                 return self.round_trip(payload, n, timeout)
         budget = self.timeout if timeout is None else timeout
-        cmds = _split(payload, n)
+        cmds: list[tuple[list, int, int]] | None = None
         try:
-            groups: dict[tuple[str, int], list[int]] = {}
-            for i, (args, _, _) in enumerate(cmds):
-                groups.setdefault(self._route(args), []).append(i)
-            out: list = [None] * n
-            self._exchange(payload, cmds, groups, out, budget, asking=False)
+            if len(self._masters) == 1:
+                # One master owns every slot: the payload goes as it is, nothing to split
+                # unless a reply redirects (a slot moved since).
+                out = self._node(self._masters[0]).round_trip(payload, n, budget)
+            else:
+                cmds = _split(payload, n)
+                groups: dict[tuple[str, int], list[int]] = {}
+                route = self._route
+                for i, (args, _, _) in enumerate(cmds):
+                    groups.setdefault(route(args), []).append(i)
+                out = [None] * n
+                self._exchange(payload, cmds, groups, out, budget, asking=False)
             for _ in range(MAX_REDIRECTS):
                 moved: dict[tuple[str, int], list[int]] = {}
                 ask: dict[tuple[str, int], list[int]] = {}
@@ -303,6 +310,8 @@ class StoreClient:
                 if not moved and not ask:
                     break
                 self.redirects += 1
+                if cmds is None:
+                    cmds = _split(payload, n)
                 if moved:
                     self.reload_map()
                     self._exchange(payload, cmds, moved, out, budget, asking=False)
@@ -314,7 +323,10 @@ class StoreClient:
             raise
 
     def _route(self, args: list) -> tuple[str, int]:
-        key = command_key(args)
+        name = args[0]
+        # The hot path's commands first, without the general lookup.
+        key = args[3] if name == b"EVALSHA" and args[2] != b"0" else args[1] \
+            if name == b"XADD" else command_key(args)
         if key is None:
             return self._masters[0]
         s = key.find(b"{")

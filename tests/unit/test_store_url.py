@@ -46,4 +46,5 @@ def test_command_key_finds_the_routing_key() -> None:
                         b">"]) == b"{acm.2}:s"
     assert command_key([b"XGROUP", b"CREATE", b"{acm.4}:s", b"g", b"0"]) == b"{acm.4}:s"
     assert command_key([b"SCRIPT", b"LOAD", b"x"]) is None
+    assert command_key([b"MEMORY", b"USAGE", b"{acm.5}:w:x"]) == b"{acm.5}:w:x"
     assert command_key([b"HGET", b"{acm.cfg}:detect", b"gen"]) == b"{acm.cfg}:detect"
