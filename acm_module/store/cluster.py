@@ -23,7 +23,7 @@ from acm_module.store.conn import StoreAddress, StoreConnection, parse_seeds, sa
 log = logging.getLogger("acm.store")
 
 SLOTS = 16384
-MAX_REDIRECTS = 5
+MAX_REDIRECTS = 8
 
 # Commands without a key: sent to every master (script cache, flushes) or to any one.
 _EVERY_MASTER = {b"SCRIPT", b"FLUSHDB", b"FLUSHALL"}
@@ -241,6 +241,13 @@ class StoreClient:
             return [(a.host, a.port)]
         return list(self._masters)
 
+    def master_of_slot(self, slot: int) -> tuple[str, int]:
+        """Return (host, port) of the master owning a slot, as the last map says."""
+        hp = self._slot_node[slot]
+        if hp is None:
+            raise StoreError(f"store {self.safe_url()}: slot {slot} has no master")
+        return hp
+
     def on_each_master(self, *args: bytes | str | int, timeout: float | None = None) -> list:
         """Run one command on every master (the one server when standalone); return replies."""
         if not self.cluster:
@@ -298,17 +305,36 @@ class StoreClient:
                     groups.setdefault(route(args), []).append(i)
                 out = [None] * n
                 self._exchange(payload, cmds, groups, out, budget, asking=False)
-            for _ in range(MAX_REDIRECTS):
+            give_up = time.monotonic() + budget
+            redirects = 0
+            while redirects < MAX_REDIRECTS:
                 moved: dict[tuple[str, int], list[int]] = {}
                 ask: dict[tuple[str, int], list[int]] = {}
+                retry: dict[tuple[str, int], list[int]] = {}
                 for i, r in enumerate(out):
-                    if isinstance(r, hotpath.RespError) and r.message[:4] in ("MOVE", "ASK "):
+                    if not isinstance(r, hotpath.RespError):
+                        continue
+                    if r.message[:4] in ("MOVE", "ASK "):
                         kind, _, target = r.message.split(" ", 2)
                         h, _, p = target.rpartition(":")
                         (moved if kind == "MOVED" else ask).setdefault(
                             (h or self._seeds[0].host, int(p)), []).append(i)
-                if not moved and not ask:
+                    elif r.message.startswith("TRYAGAIN"):
+                        # A slot being migrated holds some of a script's keys: again shortly.
+                        if cmds is None:
+                            cmds = _split(payload, n)
+                        retry.setdefault(self._route(cmds[i][0]), []).append(i)
+                if not moved and not ask and not retry:
                     break
+                if retry:
+                    # Until the keys are all on one side, within the round trip's budget (the
+                    # request then gets the TRYAGAIN as its store_error).
+                    if time.monotonic() + 0.002 >= give_up:
+                        break
+                    time.sleep(0.002)
+                    self._exchange(payload, cmds, retry, out, budget, asking=False)
+                    continue
+                redirects += 1
                 self.redirects += 1
                 if cmds is None:
                     cmds = _split(payload, n)
