@@ -245,3 +245,42 @@ def test_slot_migration_under_load(empty_cluster: RedisCluster, zctx: zmq.Contex
     assert bad[:3] == [], [(x[0], x[5], x[6]) for x in bad[:3]]
     assert moved[0] > 0 and _slot_owner(cl, slot) == dst
     assert len(tryagain) < len(events) // 10, len(tryagain)
+
+
+def test_twins_fuzzed_against_each_other_on_a_cluster(empty_cluster: RedisCluster) -> None:
+    """The same fuzzed batches, decided by the compiled hot path and by its pure-Python twin,
+    each from an empty cluster through the cluster client: the same replies, batch by batch."""
+    import random
+
+    from acm_module import _hotpath as cy
+    from acm_module.engine import hotpath_py as py
+    from acm_module.store.cluster import StoreClient
+    from acm_module.store.conn import load_script
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
+    from test_twins import NOW, _frames, _good_frame
+
+    rnd = random.Random(14)
+    gen = _frames(rnd)
+    batches = [[(_good_frame(rnd) if rnd.random() < 0.85 else next(gen)[0])
+                for _ in range(rnd.randint(1, 16))] for _ in range(200)]
+    outs = []
+    for mod in (cy, py):
+        s = StoreClient(empty_cluster.seeds_url, timeout=5.0)
+        try:
+            s.connect()
+            s.on_each_master("FLUSHALL")
+            sha = s.script_load(load_script("decide"))
+            d = mod.Decider(decide_sha=sha, alert_prefix="0123abcd-0000-4000-8000",
+                            threshold=3)
+            got = []
+            for k, frames in enumerate(batches):
+                d.begin(frames, NOW + k * 50, (NOW + k * 50) * 1000)
+                payload, n = d.pipeline()
+                got.append(d.finish(s.round_trip(payload, n) if n else []))
+            outs.append((got, dict(d.counts)))
+        finally:
+            s.close()
+    assert outs[0] == outs[1]
+    counts = outs[0][1]
+    assert counts.get("drop:masking", 0) > 0 and counts.get("allow:clean", 0) > 100
