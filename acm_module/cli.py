@@ -59,6 +59,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return s
 
     s = resolve()
+    from acm_module.web.security import check_boot as check_web
+    check_web(s.web_http, s.api_token)  # an exposed API without auth: exit 2 before anything
     setup_logging(s.log_level, s.log_json)
     # SIGHUP reloads the same way: file and environment again, the same flags, the overrides.
     return Supervisor(s, reload=resolve).run()
@@ -75,7 +77,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
     s = _load(args)
     for name in sorted(s.values):
         value = s.values[name]
-        secret = name in ("mi_token", "webhook_secret")
+        secret = "token" in name or "secret" in name
         url_with_password = name in _URL_SETTINGS and "@" in str(value)
         if value and (secret or url_with_password):
             value = "***"

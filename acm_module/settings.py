@@ -378,6 +378,24 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds between whitelist reconciles (database -> store markers); 0 disables.",
             env=("ACM_WHITELIST_SYNC_INTERVAL",), cli="--whitelist-sync-interval",
             section="writer"),
+    # --- REST API and console ---
+    Setting("web_http", str, "127.0.0.1:8080",
+            "REST API (/api/v1) and web console host:port; empty disables. A non-loopback "
+            "address requires api_token.",
+            env=("ACM_WEB_HTTP",), cli="--web-http", section="service"),
+    Setting("api_token", str, "",
+            "Bootstrap admin bearer token of the REST API (automation; at least 16 "
+            "characters); required when web_http binds a non-loopback address.",
+            env=("ACM_API_TOKEN",), cli="--api-token", section="service"),
+    Setting("web_max_inflight", int, 1024,
+            "Most call events the REST API has in flight to the worker pool at once; more "
+            "are answered 503 at once.",
+            env=("ACM_WEB_MAX_INFLIGHT",), cli="--web-max-inflight",
+            validator=_range(1, 100000), section="service"),
+    Setting("web_session_ttl", float, 43200.0,
+            "Seconds a console login (session cookie or login token) stays valid.",
+            env=("ACM_WEB_SESSION_TTL",), cli="--web-session-ttl", validator=_range(60, 30 * 86400),
+            section="service"),
     # --- operations ---
     Setting("metrics_http", str, "127.0.0.1:9464",
             "Prometheus metrics endpoint host:port (GET /metrics); empty disables.",

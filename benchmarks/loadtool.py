@@ -322,6 +322,7 @@ def acm_service(store: str, workers: int, endpoint: str, env: dict[str, str] | N
                 curve: CurveKeys | None = None) -> Iterator[subprocess.Popen]:
     """Run `acm serve` (from the checkout `src`; in its own session) until the block ends."""
     e = {**os.environ, "ACM_MI_HTTP": "", "ACM_MI_DATAGRAM": "", "ACM_METRICS_HTTP": "",
+         "ACM_WEB_HTTP": "",
          "ACM_LOG_LEVEL": "WARNING", "ACM_STATE_DIR": tempfile.mkdtemp(prefix="acm-bench-st-"),
          **(env or {})}
     p = subprocess.Popen([sys.executable, "-m", "acm_module.cli", "serve", "--workers",

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(redis-server postgresql sip-tester python3-zmq python3-msgpack
-              python3-venv python3-dev build-essential openjdk-17-jre-headless maven)
+              python3-venv python3-dev build-essential openjdk-17-jre-headless maven wrk)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -30,7 +30,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel "Cython>=3.0"
 # Editable install: builds ext/_hotpath.pyx into acm_module/ in place (no silent fallback).
-.venv/bin/python -m pip install -q --no-build-isolation -e ".[writer,control,test]"
+.venv/bin/python -m pip install -q --no-build-isolation -e ".[writer,control,web,test]"
 
 if [ -x scripts/fetch-questdb.sh ]; then
   scripts/fetch-questdb.sh

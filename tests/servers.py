@@ -130,10 +130,14 @@ class Service:
         self.metrics_http = f"127.0.0.1:{free_port()}"
         self.env = {**os.environ, "ACM_MI_HTTP": self.mi_http,
                     "ACM_MI_DATAGRAM": self.mi_datagram, "ACM_METRICS_HTTP": self.metrics_http,
+                    # The REST API process is off unless a test turns it on (tests/web): it
+                    # costs a second of CPU to start and holds connections to the pool.
+                    "ACM_WEB_HTTP": "",
                     "ACM_STATE_DIR": f"{self.dir}/state",
                     # A loaded CI machine can stall a store round trip past the production 40 ms;
                     # tests that exercise the timeout set their own.
                     "ACM_STORE_TIMEOUT_MS": "1000", **(extra_env or {})}
+        self.web_http = self.env["ACM_WEB_HTTP"]
         self.args = args or []
         self.pre_args: list[str] = []  # before `serve`: --config FILE
         self.proc: subprocess.Popen | None = None

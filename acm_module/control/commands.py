@@ -262,6 +262,14 @@ class Control:
             seen["token"] = presented is not None
         caller = Caller(actor=_clean_actor(actor, role, presented is not None), via=via,
                         role=role)
+        return self.invoke(caller, method, named)
+
+    def invoke(self, caller: Caller, method: str, named: dict[str, Any]) -> Any:
+        """Run one command for a caller already authorised (MI, or the REST API with its own
+        users); return its result. Raises MIError."""
+        cmd = self.commands.get(method)
+        if cmd is None:
+            raise MIError(jsonrpc.METHOD_NOT_FOUND, f"unknown method {method!r}")
         args = _bind(cmd, named)
         try:
             with self._lock:

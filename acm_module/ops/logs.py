@@ -40,7 +40,7 @@ MASK = "***"
 NUMBER_FIELDS = frozenset({"a", "b", "a_number", "b_number", "caller", "called"})
 # Settings whose values are secrets or URLs that may carry one.
 SECRET_SETTINGS = ("store", "database_url", "questdb_url", "clickhouse_url", "mi_token",
-                   "webhook_secret")
+                   "webhook_secret", "api_token")
 
 _URL_PASSWORD = re.compile(r"(?P<pre>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:)[^\s@]+@")
 _KEY_VALUE = re.compile(
@@ -83,7 +83,7 @@ def secrets_of(values: Mapping[str, Any]) -> list[str]:
         else:
             for m in _KEY_VALUE.finditer(v):
                 out.append(m.group("val"))
-            if name == "mi_token":
+            if name in ("mi_token", "api_token"):
                 out.append(v)
     return out
 

@@ -317,6 +317,13 @@ class Supervisor:
         if s.metrics_http:
             from acm_module.ops.metrics import metrics_main
             self.sidecars["metrics"] = metrics_main
+        if getattr(s, "web_http", ""):
+            try:
+                from acm_module.web.server import web_main
+            except ImportError as e:  # the `web` extra is not installed
+                log.warning("REST API not available in this build (%s)", e)
+            else:
+                self.sidecars["web"] = web_main
 
     def _spawn_sidecar(self, name: str) -> None:
         pid = os.fork()

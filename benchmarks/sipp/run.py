@@ -276,7 +276,7 @@ def main() -> int:
     version = subprocess.run([bin_, "-V"], capture_output=True, text=True).stdout.splitlines()[0]
     log(f"{version}; modules {modules}")
 
-    env = dict(os.environ, ACM_MI_HTTP="", ACM_MI_DATAGRAM="", ACM_METRICS_HTTP="",
+    env = dict(os.environ, ACM_MI_HTTP="", ACM_MI_DATAGRAM="", ACM_METRICS_HTTP="", ACM_WEB_HTTP="",
                ACM_STATE_DIR=str(tmp / "state"))
     (tmp / "state").mkdir()
 

@@ -84,6 +84,7 @@ def test_compose_stack_is_complete_and_dragonfly_correct() -> None:
     assert services["acm-serve"]["command"] == ["acm", "serve"]
     assert "acm writer" in " ".join(services["acm-writer"]["command"])
     assert services["acm-serve"]["environment"]["ACM_MI_TOKEN"]  # MI binds 0.0.0.0 there
+    assert services["acm-serve"]["environment"]["ACM_API_TOKEN"]  # and so does the API
     for f in ("prometheus/prometheus.yml", "grafana/provisioning/dashboards/acm.yaml",
               "grafana/provisioning/datasources/prometheus.yaml"):
         assert isinstance(load_yaml(DEPLOY / f), dict), f

@@ -1,0 +1,106 @@
+"""Reads the API composes from several sources: an alert's detail, the daily report's figures."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+from fastapi import Request
+
+from acm_module.control.audit import iso_ms
+from acm_module.control.repository import AlertQuery
+from acm_module.engine import hotpath
+from acm_module.store import keys
+from acm_module.web.security import Principal
+
+_STREAM_SCAN = 5000  # decision records read back from the B-number's partition stream
+_CALLS_MAX = 500
+
+
+def _api_error(status: int, code: str, message: str) -> Exception:
+    from acm_module.web.api import ApiError
+
+    return ApiError(status, code, message)
+
+
+def find_alert(svc: Any, p: Principal, request: Request, alert_id: str) -> dict[str, Any]:
+    """Return the alert: its fraud_alerts row (database), else its latest stream record."""
+    if svc.settings.database_url:
+        row: dict[str, Any] = svc.run(p, request, "acm_alert_show", alert_id=alert_id)
+        row.setdefault("a_number_count", len(row.get("a_numbers") or []))
+        row.setdefault("last_detection_at", row.get("last_detected_at"))
+        for key, at in (("first_detection_ms", "detected_at"),
+                        ("last_detection_ms", "last_detection_at")):
+            if row.get(at):
+                row[key] = int(datetime.fromisoformat(row[at]).timestamp() * 1000)
+        return row
+    with svc.control._lock:
+        alerts = svc.control.repo.alert_list(AlertQuery(limit=10_000, scan=_STREAM_SCAN))
+    for a in alerts:
+        if a["alert_id"] == alert_id:
+            a.setdefault("status", "NEW")
+            return dict(a)
+    raise _api_error(404, "not_found", f"alert {alert_id} not found")
+
+
+def alert_calls(svc: Any, alert: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the calls to the alert's B-number during its episode (from one window before
+    its first detection to its last) still in the partition stream, oldest first."""
+    b_number, alert_id = alert["b_number"], alert["alert_id"]
+    first = int(alert.get("first_detection_ms") or 0) - int(
+        alert.get("detection_window_ms") or 0)
+    last = int(alert.get("last_detection_ms") or 0)
+    part = hotpath.partition_of(b_number, svc.settings.partitions)
+    with svc.control._lock:
+        raw = svc.control.conn.call("XREVRANGE", keys.stream(part), "+", "-", "COUNT",
+                                    _STREAM_SCAN)
+    calls = []
+    for _rid, flat in raw:
+        f = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+        if f.get("k") != "d" or f.get("b") != b_number:
+            continue
+        if f.get("al") != alert_id and not first <= int(f["ts"]) <= last:
+            continue
+        calls.append({"call_id": f["id"], "a_number": f["a"], "at": iso_ms(int(f["ts"])),
+                      "ts_ms": int(f["ts"]), "verdict": f["v"], "reason": f["r"],
+                      "distinct": int(f["n"]), "carrier_id": f.get("cr", ""),
+                      "gateway_id": f.get("gw", "")})
+        if len(calls) >= _CALLS_MAX:
+            break
+    calls.sort(key=lambda c: (c["ts_ms"], c["call_id"]))
+    return calls
+
+
+def alert_detail(svc: Any, p: Principal, request: Request, alert_id: str) -> dict[str, Any]:
+    """Return an alert with its calls, a timeline and the actions taken on it."""
+    alert = find_alert(svc, p, request, alert_id)
+    calls = alert_calls(svc, alert) if alert.get("b_number") else []
+    with svc.control._lock:
+        recs = svc.control.repo.audit_list(limit=500, target=alert_id)
+    actions = [r.to_json() for r in reversed(recs)]
+    timeline: list[dict[str, Any]] = [
+        {"at": c["at"], "kind": "call", "a_number": c["a_number"], "distinct": c["distinct"],
+         "verdict": c["verdict"]} for c in calls]
+    timeline += [{"at": a["at"], "kind": "action", "action": a["action"], "actor": a["actor"]}
+                 for a in actions]
+    timeline.sort(key=lambda e: e["at"] or "")
+    notes = [n for n in (alert.get("notes") or "").splitlines() if n.strip()]
+    return {"alert": alert, "calls": calls, "timeline": timeline, "actions": actions,
+            "notes": notes}
+
+
+def daily_stats(svc: Any, day: date) -> Any:
+    """Compute a day's report statistics (needs database_url). Raises ApiError."""
+    s = svc.settings
+    if not s.database_url:
+        raise _api_error(503, "not_configured", "daily reports need database_url")
+    import psycopg
+
+    from acm_module.compliance import stats
+
+    try:
+        with psycopg.connect(s.database_url, connect_timeout=5) as conn:
+            return stats.compute(conn, day, s.report_timezone, s.operator_code, s.questdb_url)
+    except psycopg.Error as e:
+        raise _api_error(503, "unavailable",
+                         f"database error: {type(e).__name__}".splitlines()[0]) from e
