@@ -41,6 +41,21 @@ def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
             "store_bytes": doc["meta"].get("store_footprint")}
 
 
+def stream_bytes(url: str, partitions: int = 16) -> float:
+    """Return the partition streams' bytes per record (MEMORY USAGE ... SAMPLES 0 / XLEN)."""
+    c = StoreClient(url, timeout=30.0)
+    try:
+        c.connect()
+        total = n = 0
+        for p in range(partitions):
+            k = "{acm.%d}:s" % p
+            total += int(c.call("MEMORY", "USAGE", k, "SAMPLES", "0") or 0)  # type: ignore[arg-type]
+            n += int(c.call("XLEN", k))  # type: ignore[arg-type]
+        return round(total / n, 1) if n else 0.0
+    finally:
+        c.close()
+
+
 def spread(url: str) -> dict[str, int]:
     """Return keys per master (DBSIZE) after a bench."""
     c = StoreClient(url, timeout=5.0)
@@ -72,6 +87,7 @@ def main() -> int:
     std = RedisServer().start()
     try:
         out["runs"]["standalone"] = bench(std.url, args)
+        out["stream_bytes_per_decision"] = stream_bytes(std.url)
     finally:
         std.cleanup()
     for m in (1, 3):
@@ -91,6 +107,7 @@ def main() -> int:
         print(f"{name:14} {n['rate']:9,.0f} {n['p99']:9,.0f} {n['server_cpu_us']:10.1f} "
               f"{ratio:8.2f}x {one['rate']:8,.0f} {one['p99']:9,.0f}  "
               f"{list(r.get('keys_per_master', {}).values())}")
+    print(f"\nstream bytes per decision record: {out['stream_bytes_per_decision']}")
     print("\npartitions per master (slots split evenly in order), max/mean:")
     for m in (3, 6, 12):
         for p in (16, 64, 128, 256):

@@ -193,7 +193,9 @@ def _migrate_slot(cl: RedisCluster, slot: int, src: int, dst: int, done: list[in
         cl.redis(src, "MIGRATE", "127.0.0.1", str(dst), "", "0", "5000", "KEYS", *keys)
         done[0] += len(keys)
         time.sleep(0.01)  # keep the slot half-moved for a while: requests meet ASK
-    for p in cl.master_ports():
+    # The importing node first (as redis-cli does): else the source sends MOVED to a node that
+    # still imports the slot and sends MOVED back.
+    for p in [dst, src, *(p for p in cl.master_ports() if p not in (src, dst))]:
         cl.redis(p, "CLUSTER", "SETSLOT", str(slot), "NODE", did)
 
 
