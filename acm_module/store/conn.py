@@ -319,7 +319,9 @@ class StoreConnection:
         if s is None:
             return
         try:
-            data = s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            # The plain socket's recv: a TLS socket refuses flags, and a peek only asks
+            # whether the peer closed (pending TLS records count as open).
+            data = socket.socket.recv(s, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return  # open, nothing pending: the normal case
         except OSError:

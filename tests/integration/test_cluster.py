@@ -286,3 +286,63 @@ def test_twins_fuzzed_against_each_other_on_a_cluster(empty_cluster: RedisCluste
     assert outs[0] == outs[1]
     counts = outs[0][1]
     assert counts.get("drop:masking", 0) > 0 and counts.get("allow:clean", 0) > 100
+
+
+def test_tls_and_an_acl_user(tmp_path: Path, zctx: zmq.Context) -> None:
+    """`rediss://user:password@host:port/0?ssl_ca_certs=...` (a managed Redis): acm serve logs
+    in over TLS as an ACL user and decides; a store whose certificate it cannot verify is not
+    used (store_unavailable)."""
+    import shutil
+    import subprocess
+
+    from servers import free_port, unavailable, wait_port
+
+    from acm_module.store.cluster import StoreClient
+
+    if shutil.which("openssl") is None:
+        unavailable("openssl is not installed (needed to make a test certificate)")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"), "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    port = free_port()
+    srv = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(tmp_path / "cert.pem"), "--tls-key-file",
+         str(tmp_path / "key.pem"), "--tls-auth-clients", "no", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nodes: list[Service] = []
+    c = None
+    try:
+        assert wait_port(port)
+        ca = f"ssl_ca_certs={tmp_path / 'cert.pem'}"
+        admin = StoreClient(f"rediss://127.0.0.1:{port}/0?{ca}", timeout=2.0)
+        admin.call("ACL", "SETUSER", "acm", "on", ">s3cr#t", "~*", "&*", "+@all")
+        admin.call("ACL", "SETUSER", "default", "off")
+        admin.close()
+        good = Service(f"rediss://acm:s3cr%23t@127.0.0.1:{port}/0?{ca}")
+        nodes.append(good)
+        good.start()
+        c = Client(good.endpoint, timeout=5.0, context=zctx)
+        ts = 1_800_000_000.0
+        got = [c.decide(f"t{i}", _a(i), _b(1), ts=ts + i * 0.1)["distinct"] for i in range(3)]
+        assert got == [1, 2, 3]
+        assert "s3cr" not in good.read_log()
+        c.close()
+        # Without the CA the certificate does not verify: no decision, store_unavailable.
+        bad = Service(f"rediss://acm:s3cr%23t@127.0.0.1:{port}/0")
+        nodes.append(bad)
+        bad.start(wait=False)
+        c = Client(bad.endpoint, timeout=5.0, context=zctx)
+        _wait(lambda: Path(bad.endpoint[6:]).exists(), "no endpoint")
+        r = c.decide("t-bad", _a(9), _b(1), ts=ts + 1)
+        assert r.get("error") == "store_unavailable", r
+        assert "CERTIFICATE_VERIFY_FAILED" in bad.read_log()
+    finally:
+        if c is not None:
+            c.close()
+        for n in nodes:
+            n.cleanup()
+        srv.kill()
+        srv.wait(5)
