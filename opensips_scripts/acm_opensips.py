@@ -24,6 +24,9 @@ Settings (defaults < config file < environment), see `SETTINGS`:
     ACM_BREAKER_COOLDOWN_MS    1000    first open period; doubles per failed trial
     ACM_BREAKER_MAX_COOLDOWN_MS 30000  cap of the open period
     ACM_LOG_INTERVAL_S         10      at most one log line per kind of trouble per interval
+    ACM_TRANSPORT              zmtp    zmtp = speak ZMTP 3 on a blocking unix/TCP socket from
+                                       this process; libzmq = a pyzmq REQ socket (its I/O
+                                       thread costs two thread wake-ups per call)
     ACM_CURVE_SERVER_KEY       (none)  the service's public key file (its NAME.key from
                                `acm keys generate`): set, the socket speaks CurveZMQ
     ACM_CURVE_CLIENT_KEY       (none)  this client's NAME.key_secret (needed when the service
@@ -36,6 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import struct
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -70,6 +75,10 @@ REQUEST_ERRORS = frozenset({
     "bad_value", "missing_field", "too_large",
 })
 
+# The pool answers this at once while its store is down or slow; the call gets the policy
+# verdict, but the breaker stays closed (see AcmClient._check).
+STORE_UNAVAILABLE = "store_unavailable"
+
 # Field limits of the service (bytes of UTF-8); longer values are cut here so that a crafted
 # Call-ID or From cannot turn a call into a refused request, i.e. into the policy verdict.
 _MAX_BYTES = {"call_id": 256, "a": 256, "b": 256, "src_ip": 64, "trunk": 128}
@@ -95,6 +104,11 @@ def _positive(v: float) -> None:
 def _policy(v: str) -> None:
     if v not in ("open", "closed"):
         raise ValueError("must be 'open' or 'closed'")
+
+
+def _transport(v: str) -> None:
+    if v not in ("zmtp", "libzmq"):
+        raise ValueError("must be 'zmtp' or 'libzmq'")
 
 
 def _endpoint(v: str) -> None:
@@ -128,6 +142,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Longest open period of the breaker."),
     Setting("log_interval_s", float, 10.0, "ACM_LOG_INTERVAL_S", None,
             "At most one log line per kind of trouble and process in this interval."),
+    Setting("transport", str, "zmtp", "ACM_TRANSPORT", _transport,
+            "zmtp = this process speaks ZMTP 3 on a blocking socket (no libzmq I/O thread); "
+            "libzmq = a pyzmq REQ socket."),
     Setting("curve_server_key", str, "", "ACM_CURVE_SERVER_KEY", None,
             "The service's CurveZMQ public key file; set, requests go over CURVE."),
     Setting("curve_client_key", str, "", "ACM_CURVE_CLIENT_KEY", None,
@@ -146,6 +163,7 @@ class Config:
     breaker_cooldown_ms: float = 1000.0
     breaker_max_cooldown_ms: float = 30000.0
     log_interval_s: float = 10.0
+    transport: str = "zmtp"
     curve_server_key: str = ""
     curve_client_key: str = ""
 
@@ -171,7 +189,7 @@ class Config:
                 continue
             text = raw[s.name].strip()
             try:
-                v = s.type(text.lower() if s.name == "fail_policy" else text)
+                v = s.type(text.lower() if s.name in ("fail_policy", "transport") else text)
                 if s.validator is not None:
                     s.validator(v)
             except ValueError as e:
@@ -275,9 +293,12 @@ class RateLimitedLog:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """A decision for one call; `policy` is True when it came from the fail policy."""
+class Verdict(NamedTuple):
+    """A decision for one call; `policy` is True when it came from the fail policy.
+
+    A NamedTuple: built on every call, and a frozen dataclass's __init__ costs several times
+    a tuple's.
+    """
 
     verdict: str
     reason: str
@@ -321,15 +342,409 @@ class Stats:
     breaker_opened: int = 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Transports: how one request reaches the service and its reply comes back
+# ---------------------------------------------------------------------------------------------
+
+
+class _Stale(Exception):
+    """A kept connection turned out closed before any reply byte came back."""
+
+
+# ZMTP 3.0 (RFC 23/ZMTP): greeting with the NULL mechanism, then READY with our socket type.
+_GREETING = (b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL" + b"\x00" * 16
+             + b"\x00" + b"\x00" * 31)
+_READY_REQ = b"\x04\x19\x05READY\x0bSocket-Type\x00\x00\x00\x03REQ"
+_PEER_TYPES = (b"ROUTER", b"REP")
+_DELIMITER = b"\x01\x00"      # the empty frame a REQ puts before the body (MORE flag)
+_SHORT_REPLY = _DELIMITER + b"\x00"  # ... then a last frame of fewer than 256 bytes
+_MAX_REPLY = 64 * 1024        # bytes in one reply frame; a verdict is ~100
+_RECV_BYTES = 8192
+_SLACK_S = 0.001              # SO_RCVTIMEO is re-set only when the budget moved more than this
+
+
+class _ZmtpReq:
+    """A ZMTP 3 REQ peer on a blocking unix/TCP socket, driven by the calling process itself.
+
+    libzmq carries every message through its I/O thread: the request wakes that thread, the
+    reply wakes it and then the caller, so a call costs the OpenSIPS process two thread
+    wake-ups (and their eventfd and epoll calls) on top of its socket I/O. Here the process
+    writes the request and sleeps in recv() until the reply is there. The wire is what a libzmq
+    REQ socket sends (NULL mechanism, Socket-Type REQ, [empty delimiter, body]), so the service,
+    or any ROUTER/REP, sees no difference.
+    """
+
+    def __init__(self, config: Config, stats: Stats) -> None:
+        self.endpoint = config.endpoint
+        self.timeout_ms = config.timeout_ms
+        self.stats = stats
+        self.sock: socket.socket | None = None
+        self._rcvtimeo = 0.0
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is kept for the next request."""
+        return self.sock is not None
+
+    def request(self, payload: bytes, deadline: float, clock: Callable[[], float]) -> bytes:
+        """Send one request and return its reply body. Raises _Unavailable."""
+        n = len(payload)
+        msg = _DELIMITER + (b"\x00" + bytes((n,)) if n < 256
+                            else b"\x02" + n.to_bytes(8, "big")) + payload
+        kept = self.sock is not None
+        if not kept:
+            self._connect(deadline, clock)
+        try:
+            return self._exchange(msg, deadline, clock)
+        except _Stale as e:
+            # The service closed the kept connection while it was idle (restart, worker
+            # replaced): once more on a new one. Harmless if it did get the request: the
+            # service answers a repeated Call-ID with the same verdict.
+            self.discard()
+            if not kept:
+                raise _Unavailable(f"connection closed by the service ({e})") from None
+        self._connect(deadline, clock)
+        try:
+            return self._exchange(msg, deadline, clock)
+        except _Stale as e:
+            self.discard()
+            raise _Unavailable(f"connection closed by the service ({e})") from None
+
+    def _connect(self, deadline: float, clock: Callable[[], float]) -> None:
+        remaining = deadline - clock()
+        if remaining <= 0:
+            raise _Unavailable(f"timeout after {self.timeout_ms:g} ms")
+        ep = self.endpoint
+        try:
+            if ep.startswith("ipc://"):
+                path = ep[6:]
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                addr: Any = "\0" + path[1:] if path.startswith("@") else path
+            else:
+                host, _, port = ep[6:].rpartition(":")
+                host = host.strip("[]")
+                fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+                s = socket.socket(fam, socket.SOCK_STREAM)
+                addr = (host, int(port))
+        except (OSError, ValueError) as e:
+            raise _Unavailable(f"bad endpoint {ep!r}: {e}") from None
+        try:
+            s.settimeout(remaining)
+            try:
+                s.connect(addr)
+            except OSError as e:
+                raise _Unavailable(f"not connected: {e.strerror or e}") from None
+            if s.family != socket.AF_UNIX:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(_GREETING + _READY_REQ)
+            self._handshake(s, deadline, clock)
+            s.settimeout(None)  # blocking; SO_RCVTIMEO/SO_SNDTIMEO bound each call instead
+            budget = self.timeout_ms / 1000.0
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(budget))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(budget))
+            self._rcvtimeo = budget
+        except _Unavailable:
+            s.close()
+            raise
+        except (OSError, ValueError) as e:
+            s.close()
+            raise _Unavailable(f"handshake failed: {e}") from None
+        self.sock = s
+        self.stats.sockets_built += 1
+
+    def _handshake(self, s: socket.socket, deadline: float, clock: Callable[[], float]) -> None:
+        """Read the peer's greeting and READY; raise ValueError unless it is a ROUTER/REP."""
+        buf = b""
+        while True:
+            if len(buf) >= 66:
+                if buf[0] != 0xFF or not buf[9] & 1 or buf[10] < 3 or buf[12:17] != b"NULL\x00":
+                    raise ValueError("the peer is not a ZMTP 3 peer with the NULL mechanism")
+                flags = buf[64]
+                if flags not in (0x04, 0x06):
+                    raise ValueError("the peer sent no READY command")
+                if flags == 0x04:
+                    start, size = 66, buf[65]
+                elif len(buf) >= 73:
+                    start, size = 73, int.from_bytes(buf[65:73], "big")
+                else:
+                    start, size = 0, 0
+                if start and size > 4096:
+                    raise ValueError("oversize READY command")
+                if start and len(buf) >= start + size:
+                    body = buf[start:start + size]
+                    if body[:6] != b"\x05READY":
+                        raise ValueError("the peer sent no READY command")
+                    kind = _properties(body[6:]).get(b"Socket-Type")
+                    if kind not in _PEER_TYPES:
+                        raise ValueError(f"peer socket type {kind!r} cannot answer a REQ")
+                    if len(buf) > start + size:
+                        raise ValueError("the peer sent a message before any request")
+                    return
+            remaining = deadline - clock()
+            if remaining <= 0:
+                raise _Unavailable(f"timeout after {self.timeout_ms:g} ms (handshake)")
+            s.settimeout(remaining)
+            try:
+                data = s.recv(_RECV_BYTES)
+            except TimeoutError:
+                raise _Unavailable(f"timeout after {self.timeout_ms:g} ms (handshake)") from None
+            if not data:
+                raise ValueError("connection closed during the handshake")
+            buf += data
+
+    def _exchange(self, msg: bytes, deadline: float, clock: Callable[[], float]) -> bytes:
+        sock = self.sock
+        assert sock is not None
+        try:
+            sock.sendall(msg, socket.MSG_NOSIGNAL)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise _Stale(e.strerror) from None
+        except OSError as e:  # BlockingIOError: SO_SNDTIMEO expired (the service stopped reading)
+            self.discard()
+            raise _Unavailable(f"send failed: {e.strerror or e}") from None
+        self.stats.sent += 1
+        buf = self._recv(sock, deadline, clock, False)
+        if len(buf) > 4 and buf[:3] == _SHORT_REPLY and len(buf) == 4 + buf[3]:
+            return buf[4:]  # the usual reply: [empty, body < 256 bytes] in one read
+        frames: list[bytes] = []
+        while True:
+            # Parse what is there: [empty delimiter, body], commands (PING) in between.
+            pos, n = 0, len(buf)
+            while n - pos >= 2:
+                flags = buf[pos]
+                if flags & 0x02:
+                    if n - pos < 9:
+                        break
+                    size = int.from_bytes(buf[pos + 1:pos + 9], "big")
+                    start = pos + 9
+                else:
+                    size = buf[pos + 1]
+                    start = pos + 2
+                if flags & 0xF8 or size > _MAX_REPLY:
+                    self.discard()
+                    raise _Unavailable(f"bad reply frame (flags {flags:#x}, {size} bytes)")
+                if start + size > n:
+                    break
+                frame = buf[start:start + size]
+                pos = start + size
+                if flags & 0x04:
+                    self._command(frame)
+                    continue
+                frames.append(frame)
+                if flags & 0x01:
+                    if len(frames) > 2:
+                        break  # judged below
+                    continue
+                if len(frames) != 2 or frames[0] != b"" or pos != n:
+                    # not [b"", body], or bytes beyond the reply: the stream cannot be trusted
+                    self.discard()
+                    if len(frames) == 2 and frames[0] == b"":
+                        return frames[1]
+                    raise _Unavailable("malformed reply envelope")
+                return frames[1]
+            if len(frames) > 2:
+                self.discard()
+                raise _Unavailable("malformed reply envelope")
+            buf = buf[pos:]
+            buf += self._recv(sock, deadline, clock, bool(buf or frames))
+
+    def _recv(self, sock: socket.socket, deadline: float, clock: Callable[[], float],
+              partial: bool) -> bytes:
+        """Read what the service sent within the budget; `partial`: part of a reply is in."""
+        remaining = deadline - clock()
+        if remaining <= 0:
+            self.discard()  # the late reply must not be read as the next call's
+            raise _Unavailable(f"timeout after {self.timeout_ms:g} ms")
+        if abs(remaining - self._rcvtimeo) > _SLACK_S:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(remaining))
+            self._rcvtimeo = remaining
+        try:
+            data = sock.recv(_RECV_BYTES)
+        except BlockingIOError:  # SO_RCVTIMEO expired
+            self.discard()
+            raise _Unavailable(f"timeout after {self.timeout_ms:g} ms") from None
+        except ConnectionResetError as e:
+            if partial:
+                self.discard()
+                raise _Unavailable("connection reset mid-reply") from None
+            raise _Stale(e.strerror) from None
+        except OSError as e:
+            self.discard()
+            raise _Unavailable(f"recv failed: {e.strerror or e}") from None
+        if not data:
+            if partial:
+                self.discard()
+                raise _Unavailable("connection closed mid-reply")
+            raise _Stale("connection closed")
+        return data
+
+    def _command(self, body: bytes) -> None:
+        """Answer PING with PONG (RFC 37); ignore other commands."""
+        if body[:5] == b"\x04PING" and self.sock is not None:
+            ctx = body[7:23]  # after the 2-byte TTL, up to 16 bytes of context
+            pong = b"\x04PONG" + ctx
+            with contextlib.suppress(OSError):
+                self.sock.sendall(b"\x04" + bytes((len(pong),)) + pong, socket.MSG_NOSIGNAL)
+
+    def discard(self) -> None:
+        """Close the connection; the next request opens a new one."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            self.stats.sockets_discarded += 1
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def forget(self) -> None:
+        """In a forked child: close this process's copy of the parent's descriptor."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()  # close(2) only: the parent's connection stays up
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.discard()
+
+
+def _timeval(seconds: float) -> bytes:
+    us = max(1000, int(seconds * 1e6))
+    return struct.pack("ll", us // 1_000_000, us % 1_000_000)
+
+
+def _properties(data: bytes) -> dict[bytes, bytes]:
+    """Parse ZMTP metadata (name length byte, name, 4-byte value length, value).
+
+    The service's acm_module/server/zmtp.py has the same parser: this script runs inside
+    OpenSIPS on the system Python, where acm_module is not installed.
+    """
+    out: dict[bytes, bytes] = {}
+    pos, n = 0, len(data)
+    while pos < n:
+        nl = data[pos]
+        name = data[pos + 1:pos + 1 + nl]
+        pos += 1 + nl
+        if pos + 4 > n:
+            raise ValueError("truncated ZMTP property")
+        vl = int.from_bytes(data[pos:pos + 4], "big")
+        pos += 4
+        if pos + vl > n:
+            raise ValueError("truncated ZMTP property")
+        out[name] = data[pos:pos + vl]
+        pos += vl
+    return out
+
+
+class _LibzmqReq:
+    """A libzmq REQ socket (pyzmq): the transport for what libzmq alone provides (CurveZMQ)."""
+
+    def __init__(self, config: Config, stats: Stats,
+                 curve: tuple[bytes, bytes, bytes] | None = None) -> None:
+        self.endpoint = config.endpoint
+        self.timeout_ms = config.timeout_ms
+        self.stats = stats
+        self.curve = curve
+        self.ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self.sock: zmq.Socket[bytes] | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether a socket is kept for the next request."""
+        return self.sock is not None
+
+    def request(self, payload: bytes, deadline: float, clock: Callable[[], float]) -> bytes:
+        """Send one request and return its reply body. Raises _Unavailable."""
+        sock = self._socket()
+        try:
+            # IMMEDIATE + SNDTIMEO: blocks only until a connection exists (or the budget ends),
+            # so nothing is queued towards a service that is not there.
+            sock.send(payload, copy=True)
+        except zmq.Again as e:
+            # The REQ socket stays usable: nothing was sent.
+            raise _Unavailable("not connected") from e
+        except zmq.ZMQError as e:
+            self.discard()
+            raise _Unavailable(f"send failed: {e}") from e
+        self.stats.sent += 1
+        remaining_ms = max(0, int((deadline - clock()) * 1000.0 + 0.999))
+        try:
+            if sock.poll(remaining_ms, zmq.POLLIN):
+                return sock.recv(zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            self.discard()
+            raise _Unavailable(f"recv failed: {e}") from e
+        # A REQ socket waiting for a reply cannot send again: throw it away.
+        self.discard()
+        raise _Unavailable(f"timeout after {self.timeout_ms:g} ms")
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        if self.sock is not None:
+            return self.sock
+        if self.ctx is None:
+            self.ctx = zmq.Context(io_threads=1)
+        sock = self.ctx.socket(zmq.REQ)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout_ms)))
+            if self.curve is not None:
+                server, public, secret = self.curve
+                sock.setsockopt(zmq.CURVE_SERVERKEY, server)
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            sock.connect(self.endpoint)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
+        self.sock = sock
+        self.stats.sockets_built += 1
+        return sock
+
+    def discard(self) -> None:
+        """Close the socket (linger 0); the next request builds a new one."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            self.stats.sockets_discarded += 1
+            with contextlib.suppress(zmq.ZMQError):
+                sock.close(linger=0)
+
+    def forget(self) -> None:
+        """In a forked child: drop the parent's context and socket without closing them.
+
+        libzmq's I/O threads did not survive fork; pyzmq skips zmq_close/zmq_ctx_term for
+        objects created in another pid, and closing could touch the parent's state.
+        """
+        self.sock = None
+        self.ctx = None
+
+    def close(self) -> None:
+        """Close the socket and the context."""
+        self.discard()
+        if self.ctx is not None:
+            self.ctx.term()
+        self.ctx = None
+
+
+_Transport = _ZmtpReq | _LibzmqReq
+
+
+def _make_transport(config: Config, stats: Stats,
+                    curve: tuple[bytes, bytes, bytes] | None) -> _Transport:
+    """Pick the transport: ZMTP spoken here (NULL mechanism only), libzmq when asked or when
+    CurveZMQ keys are set."""
+    if config.transport == "libzmq" or curve is not None:
+        return _LibzmqReq(config, stats, curve)
+    return _ZmtpReq(config, stats)
+
+
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 
 class AcmClient:
-    """Send decision requests over a ZeroMQ REQ socket, with a timeout and a circuit breaker.
+    """Send decision requests as a ZeroMQ REQ peer, with a timeout and a circuit breaker.
 
-    One instance per OpenSIPS process in effect: the context and socket are created lazily
-    and rebuilt whenever os.getpid() changes, because the object itself is created before
-    OpenSIPS forks. Not thread-safe (OpenSIPS workers are single-threaded).
+    One instance per OpenSIPS process in effect: the connection is made lazily and rebuilt
+    whenever os.getpid() changes, because the object itself is created before OpenSIPS forks.
+    Not thread-safe (OpenSIPS workers are single-threaded).
     """
 
     def __init__(self, config: Config | None = None, *,
@@ -343,8 +758,7 @@ class AcmClient:
         self._policy_verdict = "allow" if self.config.fail_policy == "open" else "drop"
         self._curve = self.config.curve_keys()
         self._pid: int | None = None
-        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
-        self._sock: zmq.Socket[bytes] | None = None
+        self._transport: _Transport | None = None
         self.rank: int | None = None
         self.stats = Stats()
         self.state = CLOSED
@@ -362,26 +776,25 @@ class AcmClient:
         pid = self._getpid()
         if pid == self._pid:
             return
-        # The parent's context and socket are useless here (libzmq's I/O threads did not
-        # survive fork); drop them without closing: pyzmq skips zmq_close/zmq_ctx_term for
-        # objects created in another pid, and closing could touch the parent's state.
-        self._sock = None
-        self._ctx = None
+        # The parent's connection is the parent's: a reply to this process could land there.
+        if self._transport is not None:
+            self._transport.forget()
         self._pid = pid
         self.stats = Stats()
+        self._transport = _make_transport(self.config, self.stats, self._curve)
         self.state = CLOSED
         self._failures = 0
         self._cooldown_s = self.config.breaker_cooldown_ms / 1000.0
         self._open_until = 0.0
 
     def close(self) -> None:
-        """Close the socket and context of this process (linger 0)."""
-        if self._pid == self._getpid():
-            self._discard_socket()
-            if self._ctx is not None:
-                self._ctx.term()
-        self._sock = None
-        self._ctx = None
+        """Close this process's connection to the service."""
+        t, self._transport = self._transport, None
+        if t is not None:
+            if self._pid == self._getpid():
+                t.close()
+            else:
+                t.forget()
 
     # -- the call -----------------------------------------------------------------------
     def policy(self, reason: str) -> Verdict:
@@ -432,6 +845,13 @@ class AcmClient:
                 self._succeeded()
                 self._log(f"refused:{e.code}", f"request refused by the service: {e.code}: "
                           f"{e.message} (call_id={req['call_id']!r})")
+            elif e.code == STORE_UNAVAILABLE:
+                # The service is alive and said so at once: opening the breaker would save
+                # nothing but would keep every call unchecked for its cooldown after the store
+                # is back (1 s, doubling to 30 s), where the pool recovers in tens of ms.
+                self.stats.service_errors += 1
+                self._succeeded()
+                self._log(f"error:{e.code}", f"service error {e.code}: {e.message}")
             else:
                 self.stats.service_errors += 1
                 self._failed(f"error:{e.code}", f"service error {e.code}: {e.message}")
@@ -443,58 +863,13 @@ class AcmClient:
     def _roundtrip(self, payload: bytes, start: float) -> bytes:
         """Send one request and wait for its reply within the budget. Raises _Unavailable."""
         deadline = start + self.config.timeout_ms / 1000.0
-        sock = self._socket()
-        try:
-            # IMMEDIATE + SNDTIMEO: blocks only until a connection exists (or the budget ends),
-            # so nothing is queued towards a service that is not there.
-            sock.send(payload, copy=True)
-        except zmq.Again as e:
-            # The REQ socket stays usable: nothing was sent.
-            raise _Unavailable("not connected") from e
-        except zmq.ZMQError as e:
-            self._discard_socket()
-            raise _Unavailable(f"send failed: {e}") from e
-        self.stats.sent += 1
-        remaining_ms = max(0, int((deadline - self._clock()) * 1000.0 + 0.999))
-        try:
-            if sock.poll(remaining_ms, zmq.POLLIN):
-                return sock.recv(zmq.NOBLOCK)
-        except zmq.ZMQError as e:
-            self._discard_socket()
-            raise _Unavailable(f"recv failed: {e}") from e
-        # A REQ socket waiting for a reply cannot send again: throw it away.
-        self._discard_socket()
-        raise _Unavailable(f"timeout after {self.config.timeout_ms:g} ms")
-
-    def _socket(self) -> zmq.Socket[bytes]:
-        if self._sock is not None:
-            return self._sock
-        if self._ctx is None:
-            self._ctx = zmq.Context(io_threads=1)
-        sock = self._ctx.socket(zmq.REQ)
-        try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.config.timeout_ms)))
-            if self._curve is not None:
-                server, public, secret = self._curve
-                sock.setsockopt(zmq.CURVE_SERVERKEY, server)
-                sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
-                sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-            sock.connect(self.config.endpoint)
-        except zmq.ZMQError:
-            sock.close(linger=0)
-            raise
-        self._sock = sock
-        self.stats.sockets_built += 1
-        return sock
+        if self._transport is None:
+            self._transport = _make_transport(self.config, self.stats, self._curve)
+        return self._transport.request(payload, deadline, self._clock)
 
     def _discard_socket(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            self.stats.sockets_discarded += 1
-            with contextlib.suppress(zmq.ZMQError):
-                sock.close(linger=0)
+        if self._transport is not None:
+            self._transport.discard()
 
     # -- breaker ------------------------------------------------------------------------
     def _succeeded(self) -> None:
@@ -524,6 +899,8 @@ class AcmClient:
 
 def _clip(value: str, name: str) -> str:
     """Return `value` as valid UTF-8 of at most the service's byte limit for `name`."""
+    if type(value) is str and value.isascii() and len(value) <= _MAX_BYTES[name]:
+        return value  # the usual case: one byte per character, nothing to cut
     data = str(value).encode("utf-8", "replace")  # lone surrogates become '?'
     return data[:_MAX_BYTES[name]].decode("utf-8", "ignore")
 
@@ -627,16 +1004,19 @@ def _pv(msg: Any, spec: str) -> str:
     return str(v)
 
 
+_VAR_NAMES = ("$var(acm_verdict)", "$var(acm_reason)", "$var(acm_alert_id)",
+              "$var(acm_severity)", "$var(acm_distinct)")
+
+
 def _set_vars(client: AcmClient, msg: Any, v: Verdict) -> None:
-    for name, value in (("acm_verdict", v.verdict), ("acm_reason", v.reason),
-                        ("acm_alert_id", v.alert_id), ("acm_severity", v.severity),
-                        ("acm_distinct", str(v.distinct))):
+    for name, value in zip(_VAR_NAMES, (v.verdict, v.reason, v.alert_id, v.severity,
+                                        str(v.distinct)), strict=True):
         try:
             # set_pseudoVar() takes str values without NUL only and returns None even when
             # it fails (then with a Python error set: SystemError here, caught below).
-            msg.set_pseudoVar(f"$var({name})", value.replace("\x00", ""))
+            msg.set_pseudoVar(name, value.replace("\x00", "") if "\x00" in value else value)
         except Exception as e:
-            _safe_log(client, "set_var", f"cannot set $var({name}): {e!r}")
+            _safe_log(client, "set_var", f"cannot set {name}: {e!r}")
 
 
 def _set_policy_log(module: Module, msg: Any, v: Verdict) -> None:

@@ -1,30 +1,47 @@
 #!/usr/bin/env python3
-"""SIPp load through a real OpenSIPS, with and without the acm check.
+"""SIPp load through a real OpenSIPS, with and without the acm check, in one command.
 
 Starts (all on 127.0.0.1, free ports picked at run time, everything in one temp dir):
-  redis-server (--save '' --appendonly no), ``acm serve`` on an ipc:// socket,
-  a SIPp UAS (uas.xml), and for every (rate, mode) an OpenSIPS running
-  opensips_scripts/opensips.cfg adapted like /tmp/acmverify/mkcfg.sh did: only the module path,
-  the script path, logging to stderr and the listening ports change; mode "off" additionally
-  sets ``$var(acm_enabled) = 0`` (the cfg's own switch: route(acm_check) is skipped).
-Then drives the SIPp UAC (uac.xml) at a fixed rate for SECONDS seconds and reports, per run:
-  CPS achieved, successful/failed calls, INVITE->200 response time (SIPp -trace_rtt, ms),
-  OpenSIPS CPU per call (utime+stime of every OpenSIPS process, /proc before/after),
-  and for the "acm" mode the CPU of acm serve + redis and the verdict health
-  (OpenSIPS log lines "no verdict"/"ACM: drop", redis DBSIZE growth = one dedup key per call).
+  redis-server (--save '' --appendonly no), ``acm serve`` on an ipc:// socket, a SIPp UAS
+  (uas.xml), and one OpenSIPS per mode, all up for the whole run, running
+  opensips_scripts/opensips.cfg with only the module path, the script path, logging to stderr
+  and the listening ports changed; mode "off" additionally sets ``$var(acm_enabled) = 0`` (the
+  cfg's own switch: route(acm_check) is skipped); mode "acm-libzmq" (any "acm-<transport>")
+  is the check on with ACM_TRANSPORT=<transport> in OpenSIPS's environment.
+Then, for every rate, REPEAT runs per mode, the modes alternating (on/off/on/off... under the
+same background load of a shared machine), each driving the SIPp UAC (uac.xml) at a fixed rate
+for SECONDS seconds. Per run:
+  * calls, failed calls (and how many were SIPp aborting on a 180 that arrived after the 200),
+    CPS achieved;
+  * INVITE -> final response p50/p90/p99 from kernel timestamps of the UAC's packets on `lo`
+    (WireTimer; SIPp's own -trace_rtt is kept but moves in 4 ms steps on this kind of VM);
+  * per process tree (OpenSIPS, acm serve, redis, SIPp UAS): CPU (utime+stime) per call,
+    wake-ups (voluntary context switches, all threads) per call, the busiest processes;
+  * the load tool's own CPU (SIPp UAC + this driver) per call and its share of one core;
+  * requests served by each acm worker (its stats hash in redis);
+  * calls let through unchecked ("ACM: no verdict" cfg lines), errors in the OpenSIPS log.
+RAMP steps every mode up through the given rates until it fails calls: the highest rate with
+0 failed calls per mode and their ratio. PERF=1 adds one run per mode under `perf record -g`
+and `perf stat --per-thread` on every OpenSIPS process (not counted in the figures).
 
 Environment:
   OPENSIPS_BIN      (required) operator-provided opensips binary
   OPENSIPS_MODULES  module dir (default: <bin>/../lib64/opensips/modules or ../lib/...)
-  RATES             call rates, space separated (default "100 300")
-  SECONDS           seconds of load per run (default 20)
-  MODES             default "acm off"
+  RATES             call rates of the main runs, space separated (default "300")
+  SECONDS           seconds of load per main run (default 20)
+  REPEAT            main runs per rate and mode (default 2)
+  MODES             default "acm off"; e.g. "acm off acm-libzmq"
+  RAMP              rates of the ramp, ascending (default: none), RAMP_SECONDS per step (10)
+  PERF=1            perf record/stat runs (needs linux-perf)
+  WIRE=0            no packet capture (it needs root: AF_PACKET)
+  ACM_*             passed to acm serve and to every OpenSIPS (e.g. ACM_STORE_TIMEOUT_MS)
   ACM_BIN           default: `acm` next to this Python, else on PATH
   SIPP, REDIS_SERVER  binaries (default sipp, redis-server)
   OPENSIPS_MEM      "-m 1024 -M 64" by default
-  GATEWAY_CPS=N     in "acm" runs, register SIPp's address as a carrier gateway limited to N
-                    calls/s (docs/GATEWAY.md): calls above it get 503 with Retry-After
-  KEEP=1            keep the temp dir (logs, stat files)
+  GATEWAY_CPS=N     register SIPp's address as a carrier gateway limited to N calls/s
+                    (docs/GATEWAY.md): calls above it get 503 with Retry-After
+  IDLE_SECONDS      idle measurement before the runs (default 5)
+  KEEP=1            keep the temp dir (logs, stat files, perf data)
   JSON_OUT          also write the results as JSON here
 
 Usage: OPENSIPS_BIN=/opt/opensips/sbin/opensips python3 benchmarks/sipp/run.py
@@ -35,12 +52,15 @@ import csv
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -149,9 +169,9 @@ def udp_listening(port: int) -> bool:
         return any(line.split()[1].endswith(hexport) for line in f.readlines()[1:])
 
 
-def tree_cpu(root: int) -> tuple[float, int]:
-    """utime+stime (s) of root and all its descendants (threads included), and their count."""
-    stats = {}
+def proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, utime+stime ticks) of every process (a thread group counts once)."""
+    out = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -160,16 +180,182 @@ def tree_cpu(root: int) -> tuple[float, int]:
         except OSError:
             continue
         rest = raw[raw.rindex(")") + 2:].split()
-        stats[int(d)] = (int(rest[1]), int(rest[11]) + int(rest[12]))  # ppid, utime+stime
-    members = {root} if root in stats else set()
+        out[int(d)] = (int(rest[1]), int(rest[11]) + int(rest[12]))
+    return out
+
+
+def tree_members(table: dict[int, tuple[int, int]], root: int) -> set[int]:
+    """root and all its descendants."""
+    members = {root} if root in table else set()
     grew = True
     while grew:
         grew = False
-        for pid, (ppid, _) in stats.items():
+        for pid, (ppid, _) in table.items():
             if ppid in members and pid not in members:
                 members.add(pid)
                 grew = True
-    return sum(stats[p][1] for p in members) / TICK, len(members)
+    return members
+
+
+def switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches summed over the threads of pid.
+
+    A voluntary switch is a thread going to sleep to wait (and being woken again): the
+    wake-ups a call costs.
+    """
+    vol = invol = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0, 0
+    for tid in tids:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches"):
+                vol += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches"):
+                invol += int(line.split()[1])
+    return vol, invol
+
+
+def snapshot(roots: dict[str, int]) -> dict[str, dict]:
+    """CPU seconds, context switches and per-process CPU of each named process tree."""
+    table = proc_table()
+    out = {}
+    for name, root in roots.items():
+        members = tree_members(table, root)
+        per = {p: table[p][1] / TICK for p in members}
+        sw = [switches(p) for p in members]
+        out[name] = {"cpu": sum(per.values()), "vcs": sum(v for v, _ in sw),
+                     "ivcs": sum(i for _, i in sw), "procs": len(members), "per_pid": per}
+    return out
+
+
+def snapshot_delta(a: dict, b: dict, calls: int) -> dict:
+    """Per tree: CPU µs per call, wake-ups (voluntary switches) per call, busiest processes."""
+    out = {}
+    n = max(calls, 1)
+    for name in b:
+        x, y = a[name], b[name]
+        per = sorted(((round((y["per_pid"][p] - x["per_pid"].get(p, 0.0)) / n * 1e6, 1), p)
+                      for p in y["per_pid"]), reverse=True)
+        out[name] = {"cpu_us_per_call": round((y["cpu"] - x["cpu"]) / n * 1e6, 1),
+                     "wakeups_per_call": round((y["vcs"] - x["vcs"]) / n, 2),
+                     "preempted_per_call": round((y["ivcs"] - x["ivcs"]) / n, 2),
+                     "procs": y["procs"],
+                     "top_procs_us_per_call": [[p, us] for us, p in per[:6] if us > 0]}
+    return out
+
+
+def worker_requests(redis_port: int) -> dict[int, int]:
+    """Requests served so far by each acm worker (index -> count), from the stats hash."""
+    s = socket.create_connection(("127.0.0.1", redis_port), timeout=2)
+    try:
+        key = b"{acm.stats}:w"   # acm_module/server/stats.py STATS_KEY
+        s.sendall(b"*2\r\n$7\r\nHGETALL\r\n$%d\r\n%s\r\n" % (len(key), key))
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            if data.startswith(b"*") and _resp_complete(data):
+                break
+    finally:
+        s.close()
+    out: dict[int, int] = {}
+    for m in re.finditer(rb'\{"index":(\d+),"pid":\d+,[^\r]*?"requests":(\d+)', data):
+        out[int(m.group(1))] = out.get(int(m.group(1)), 0) + int(m.group(2))
+    return out
+
+
+def _resp_complete(data: bytes) -> bool:
+    """Whether a RESP array of bulk strings is complete."""
+    lines = data.split(b"\r\n")
+    try:
+        n = int(lines[0][1:])
+    except ValueError:
+        return False
+    pos = len(lines[0]) + 2
+    for _ in range(max(n, 0)):
+        end = data.find(b"\r\n", pos)
+        if end < 0:
+            return False
+        size = int(data[pos + 1:end])
+        pos = end + 2 + size + 2
+        if pos > len(data):
+            return False
+    return True
+
+
+class WireTimer:
+    """INVITE -> final response as the UAC's socket sees them, from kernel timestamps.
+
+    SIPp's -trace_rtt moves in its scheduler's steps (4 ms on this kind of VM), too coarse for
+    a p99 compared in fractions of a millisecond. This reads the UAC's UDP packets on `lo`
+    with an AF_PACKET socket (a BPF filter keeps only the UAC's port, incoming copies only)
+    and pairs each call's first INVITE with its first final response by Call-ID.
+    """
+
+    def __init__(self, port: int) -> None:
+        import ctypes
+
+        self.port = port
+        insns = [(0x30, 0, 0, 9), (0x15, 0, 10, 17), (0x28, 0, 0, 6), (0x45, 8, 0, 0x1FFF),
+                 (0xB1, 0, 0, 0), (0x48, 0, 0, 0), (0x15, 2, 0, port), (0x48, 0, 0, 2),
+                 (0x15, 0, 3, port), (0x20, 0, 0, 0xFFFFF004), (0x15, 1, 0, 4),
+                 (0x06, 0, 0, 0x40000), (0x06, 0, 0, 0)]
+        self._prog = ctypes.create_string_buffer(
+            b"".join(struct.pack("HBBI", *i) for i in insns))
+        fprog = struct.pack("HL", len(insns), ctypes.addressof(self._prog))
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+        self.sock.setsockopt(socket.SOL_SOCKET, 26, fprog)  # SO_ATTACH_FILTER
+        self.sock.setsockopt(socket.SOL_SOCKET, 35, 1)  # SO_TIMESTAMPNS
+        self.sock.bind(("lo", 0x0800))
+        self.sock.settimeout(0.2)
+        self.sent: dict[bytes, float] = {}
+        self.rtt_ms: list[float] = []
+        self.packets = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        cid = re.compile(rb"\r\n(?:Call-ID|i)\s*:\s*(\S+)", re.IGNORECASE)
+        while not self._stop.is_set():
+            try:
+                data, anc, _, _ = self.sock.recvmsg(65535, 64)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            ts = next((struct.unpack("ll", d[:16]) for lvl, typ, d in anc
+                       if lvl == socket.SOL_SOCKET and typ == 35), None)
+            if ts is None:
+                continue
+            self.packets += 1
+            t = ts[0] + ts[1] / 1e9
+            body = data[(data[0] & 0x0F) * 4 + 8:]
+            m = cid.search(body)
+            if m is None:
+                continue
+            if body.startswith(b"INVITE "):
+                self.sent.setdefault(m.group(1), t)
+            elif body.startswith(b"SIP/2.0 ") and body[8:11] >= b"200" and b" INVITE" in (
+                    body[body.find(b"CSeq:"):body.find(b"\r\n", body.find(b"CSeq:"))]):
+                t0 = self.sent.pop(m.group(1), None)
+                if t0 is not None:
+                    self.rtt_ms.append((t - t0) * 1e3)
+
+    def stop(self) -> list[float]:
+        """Stop capturing; return the INVITE -> final response times in ms."""
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+        return self.rtt_ms
 
 
 def make_cfg(dst: Path, modules: str, ports: dict, enabled: bool) -> Path:
@@ -193,7 +379,7 @@ def make_cfg(dst: Path, modules: str, ports: dict, enabled: bool) -> Path:
         text, n = re.subn(pat, lambda _m, r=rep: r, text)
         if n != 1:
             raise RuntimeError(f"cfg substitution {pat!r} matched {n} times (expected 1)")
-    out = dst / f"opensips_{'acm' if enabled else 'off'}.cfg"
+    out = dst / "opensips.cfg"
     out.write_text(text)
     return out
 
@@ -241,6 +427,29 @@ def pct(vals: list[float], q: float) -> float:
     return vals[min(len(vals) - 1, int(q * len(vals)))]
 
 
+def start_opensips(bin_: str, modules: str, mem: list[str], mode: str, endpoint: str,
+                   extra_env: dict[str, str]) -> tuple[subprocess.Popen, dict]:
+    """Start one OpenSIPS with the repo cfg (check on or off); return it and its ports."""
+    assert tmp is not None
+    run = tmp / f"opensips_{mode}"
+    run.mkdir()
+    ports = {"sip": free_port(udp_too=True), "http": free_port(),
+             "mi": free_port(udp_too=True), "ev": free_port(udp_too=True)}
+    cfg = make_cfg(run, modules, ports, mode.startswith("acm"))
+    oenv = dict(os.environ, **extra_env, ACM_ENDPOINT=endpoint, ACM_OPENSIPS_CONFIG="")
+    if mode.startswith("acm-"):   # e.g. acm-libzmq: the check on, with that client transport
+        oenv["ACM_TRANSPORT"] = mode[4:]
+    chk = subprocess.run([bin_, "-C", "-f", str(cfg), *mem], capture_output=True, text=True,
+                         env=oenv)
+    if "config file ok" not in chk.stdout + chk.stderr:
+        raise RuntimeError(f"cfg check failed:\n{chk.stderr[-2000:]}")
+    osips = start([bin_, "-f", str(cfg), *mem, "-F"], f"opensips_{mode}", env=oenv, cwd=run)
+    wait_for(lambda: udp_listening(ports["sip"]) or osips.poll() is not None, "opensips")
+    if osips.poll() is not None:
+        raise RuntimeError(f"opensips exited; see {tmp}/opensips_{mode}.log")
+    return osips, ports
+
+
 def main() -> int:
     global tmp
     bin_ = os.environ.get("OPENSIPS_BIN")
@@ -258,8 +467,11 @@ def main() -> int:
     if not modules or not Path(modules, "python.so").exists():
         print("set OPENSIPS_MODULES to the directory holding python.so", file=sys.stderr)
         return 2
-    rates = [int(r) for r in os.environ.get("RATES", "100 300").split()]
+    rates = [int(r) for r in os.environ.get("RATES", "300").split()]
     seconds = int(os.environ.get("SECONDS", "20"))
+    repeat = int(os.environ.get("REPEAT", "2"))
+    ramp = [int(r) for r in os.environ.get("RAMP", "").split()]
+    ramp_seconds = int(os.environ.get("RAMP_SECONDS", "10"))
     modes = os.environ.get("MODES", "acm off").split()
     sipp = os.environ.get("SIPP", "sipp")
     redis_bin = os.environ.get("REDIS_SERVER", "redis-server")
@@ -268,13 +480,23 @@ def main() -> int:
         else shutil.which("acm") or "acm")
     mem = os.environ.get("OPENSIPS_MEM", "-m 1024 -M 64").split()
     gateway_cps = int(os.environ.get("GATEWAY_CPS", "0"))
+    perf = os.environ.get("PERF") == "1"
+    wire = os.environ.get("WIRE", "1") == "1"
+    client_env = {k: v for k, v in os.environ.items()
+                  if k.startswith("ACM_") and k not in ("ACM_ENDPOINT", "ACM_OPENSIPS_CONFIG")}
 
     tmp = Path(tempfile.mkdtemp(prefix="acm-sipp-"))
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, on_signal)
     log(f"work dir {tmp}")
     version = subprocess.run([bin_, "-V"], capture_output=True, text=True).stdout.splitlines()[0]
-    log(f"{version}; modules {modules}")
+    machine = {"opensips": version, "nproc": os.cpu_count(), "kernel": os.uname().release,
+               "loadavg_start": os.getloadavg(),
+               "cpu": next((ln.split(":", 1)[1].strip() for ln in
+                            Path("/proc/cpuinfo").read_text().splitlines()
+                            if ln.startswith("model name")), "?")}
+    log(f"{version}; modules {modules}; {machine['cpu']} x{machine['nproc']}; "
+        f"loadavg {machine['loadavg_start']}")
 
     env = dict(os.environ, ACM_MI_HTTP="", ACM_MI_DATAGRAM="", ACM_METRICS_HTTP="", ACM_WEB_HTTP="",
                ACM_STATE_DIR=str(tmp / "state"))
@@ -298,139 +520,275 @@ def main() -> int:
     # scenarios are copied so that SIPp's trace files land in the temp dir, not in the repo
     for x in ("uac.xml", "uas.xml"):
         shutil.copy(HERE / x, tmp / x)
-    start([sipp, "-sf", str(tmp / "uas.xml"), "-i", "127.0.0.1", "-p", str(uas_port),
-           "-nostdin", "-max_socket", "2048"], "uas", cwd=tmp)
+    uas = start([sipp, "-sf", str(tmp / "uas.xml"), "-i", "127.0.0.1", "-p", str(uas_port),
+                 "-nostdin", "-max_socket", "2048"], "uas", cwd=tmp)
     wait_for(lambda: udp_listening(uas_port), "SIPp UAS")
 
-    results = []
+    # One OpenSIPS per mode for the whole run, both up at once, so that the modes alternate
+    # run by run under the same background load of this shared machine.
+    instances = {m: start_opensips(bin_, modules, mem, m, f"ipc://{sock}", client_env)
+                 for m in modes}
+    time.sleep(1.0)
     offset = 0
-    for rate in rates:
-        for mode in modes:
-            enabled = mode == "acm"
-            run = tmp / f"r{rate}_{mode}"
-            run.mkdir()
-            ports = {"sip": free_port(udp_too=True), "http": free_port(),
-                     "mi": free_port(udp_too=True), "ev": free_port(udp_too=True)}
-            cfg = make_cfg(run, modules, ports, enabled)
-            oenv = dict(os.environ, ACM_ENDPOINT=f"ipc://{sock}", ACM_OPENSIPS_CONFIG="")
-            chk = subprocess.run([bin_, "-C", "-f", str(cfg), *mem], capture_output=True, text=True,
-                                 env=oenv)
-            if "config file ok" not in chk.stdout + chk.stderr:
-                raise RuntimeError(f"cfg check failed:\n{chk.stderr[-2000:]}")
-            osips = start([bin_, "-f", str(cfg), *mem, "-F"], f"opensips_r{rate}_{mode}",
-                          env=oenv, cwd=run)
-            sip_port = ports["sip"]
-            wait_for(lambda p=osips, sp=sip_port: udp_listening(sp) or p.poll() is not None,
-                     "opensips")
-            if osips.poll() is not None:
-                raise RuntimeError(f"opensips exited; see {tmp}/opensips_r{rate}_{mode}.log")
-            time.sleep(1.0)
 
-            calls = rate * seconds
-            warm = 40
-            inf = run / "numbers.csv"
-            with open(inf, "w") as f:   # distinct A and distinct B on every call, every run
-                f.write("SEQUENTIAL\n")
-                for i in range(offset, offset + warm + calls + 10):
-                    f.write(f"2348{i:09d};2349{i:09d}\n")
-            offset += warm + calls + 10
+    def numbers(run: Path, n: int) -> Path:
+        nonlocal offset
+        inf = run / "numbers.csv"
+        with open(inf, "w") as f:   # distinct A and distinct B on every call, every run
+            f.write("SEQUENTIAL\n")
+            for i in range(offset, offset + n + 10):
+                f.write(f"2348{i:09d};2349{i:09d}\n")
+        offset += n + 10
+        return inf
 
-            shutil.copy(HERE / "uac.xml", run / "uac.xml")
-            base = [sipp, f"127.0.0.1:{uas_port}", "-rsa", f"127.0.0.1:{ports['sip']}",
-                    "-sf", str(run / "uac.xml"), "-inf", str(inf), "-i", "127.0.0.1",
-                    "-p", str(free_port(udp_too=True)), "-nostdin", "-max_socket", "2048"]
-            # warm-up (not measured): every OpenSIPS worker opens its ZeroMQ socket
-            subprocess.run([*base, "-m", str(warm), "-r", "20", "-timeout", "30",
-                            "-timeout_error"], cwd=run, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-            # idle baseline: CPU the processes burn with no calls (timers, polling)
-            IDLE = float(os.environ.get("IDLE_SECONDS", "5"))
-            i0 = (tree_cpu(osips.pid)[0], tree_cpu(acm.pid)[0], tree_cpu(redis.pid)[0])
-            time.sleep(IDLE)
-            i1 = (tree_cpu(osips.pid)[0], tree_cpu(acm.pid)[0], tree_cpu(redis.pid)[0])
-            idle_rate = [(b - a) / IDLE for a, b in zip(i0, i1, strict=True)]
-            if gateway_cps and mode == "acm":
-                # SIPp's calls reach OpenSIPS from 127.0.0.1: register it as a carrier's
-                # gateway with a rate limit (docs/GATEWAY.md); the workers pick it up in 50 ms.
-                publish_gateway(rport, gateway_cps)
-                time.sleep(0.5)
-            dbsize0 = int(redis_cmd(rport, "DBSIZE").lstrip(":"))
-            o0, nproc = tree_cpu(osips.pid)
-            a0, _ = tree_cpu(acm.pid)
-            r0, _ = tree_cpu(redis.pid)
-            t0 = time.monotonic()
-            uac = subprocess.run([*base, "-m", str(calls), "-r", str(rate),
-                                         "-l", str(max(2 * rate, 100)),
-                                         "-timeout", str(seconds + 40), "-timeout_error",
-                                         "-trace_stat", "-stf", str(run / "stat.csv"), "-fd", "1",
-                                         "-trace_rtt", "-rtt_freq", "1", "-trace_err"],
-                                 cwd=run, capture_output=True, text=True)
-            wall = time.monotonic() - t0
-            o1, _ = tree_cpu(osips.pid)
-            a1, _ = tree_cpu(acm.pid)
-            r1, _ = tree_cpu(redis.pid)
-            dbsize1 = int(redis_cmd(rport, "DBSIZE").lstrip(":"))
+    def uac_cmd(run: Path, mode: str, calls: int, rate: int, port: int) -> list[str]:
+        shutil.copy(HERE / "uac.xml", run / "uac.xml")
+        return [sipp, f"127.0.0.1:{uas_port}", "-rsa",
+                f"127.0.0.1:{instances[mode][1]['sip']}", "-sf", str(run / "uac.xml"),
+                "-inf", str(numbers(run, calls)), "-i", "127.0.0.1", "-p", str(port),
+                "-nostdin", "-max_socket", "2048", "-m", str(calls), "-r", str(rate)]
+
+    # warm-up (not measured): every OpenSIPS worker opens its connection to acm
+    for mode in modes:
+        run = tmp / f"warm_{mode}"
+        run.mkdir()
+        subprocess.run([*uac_cmd(run, mode, 80, 40, free_port(udp_too=True)), "-timeout", "30",
+                        "-timeout_error"], cwd=run, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    # idle baseline: CPU the processes burn with no calls (timers, polling)
+    idle_s = float(os.environ.get("IDLE_SECONDS", "5"))
+    roots = {"opensips_" + m: instances[m][0].pid for m in modes}
+    roots.update(acm=acm.pid, redis=redis.pid, sipp_uas=uas.pid)
+    i0 = snapshot(roots)
+    time.sleep(idle_s)
+    i1 = snapshot(roots)
+    idle_ms_per_s = {k: round((i1[k]["cpu"] - i0[k]["cpu"]) / idle_s * 1e3, 1) for k in roots}
+    log(f"idle CPU ms/s: {idle_ms_per_s}")
+    if gateway_cps and "acm" in modes:
+        # SIPp's calls reach OpenSIPS from 127.0.0.1: register it as a carrier's
+        # gateway with a rate limit (docs/GATEWAY.md); the workers pick it up in 50 ms.
+        publish_gateway(rport, gateway_cps)
+        time.sleep(0.5)
+
+    def one_run(kind: str, rate: int, mode: str, secs: int, n: int,
+                with_perf: bool = False) -> dict:
+        run = tmp / f"{kind}_r{rate}_{mode}_{n}"
+        run.mkdir()
+        calls = rate * secs
+        port = free_port(udp_too=True)
+        cmd = [*uac_cmd(run, mode, calls, rate, port), "-l", str(max(2 * rate, 100)),
+               "-timeout", str(secs + 40), "-timeout_error", "-trace_stat", "-stf",
+               str(run / "stat.csv"), "-fd", "1", "-trace_rtt", "-rtt_freq", "1", "-trace_err"]
+        osips = instances[mode][0]
+        olog_path = tmp / f"opensips_{mode}.log"
+        log_at = olog_path.stat().st_size
+        timer = None
+        if wire:
+            try:
+                timer = WireTimer(port)
+            except PermissionError:
+                log("no packet capture (AF_PACKET needs root): INVITE->final from SIPp only")
+        dbsize0 = int(redis_cmd(rport, "DBSIZE").lstrip(":"))
+        w0 = worker_requests(rport)
+        load0 = os.getloadavg()
+        perf_procs: list[subprocess.Popen] = []
+        if with_perf:
+            pids = sorted(tree_members(proc_table(), osips.pid))
+            perf_procs.append(subprocess.Popen(
+                ["perf", "record", "-F", "999", "-g", "-o", str(run / "perf.data"), "-p",
+                 ",".join(map(str, pids))], stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
+            perf_procs.append(subprocess.Popen(
+                ["perf", "stat", "-e", "task-clock,context-switches,cpu-migrations,page-faults",
+                 "--per-thread", "-o", str(run / "perf_stat.txt"), "-p",
+                 ",".join(map(str, pids))], stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
             time.sleep(0.5)
-            stop(osips)
-            olog = (tmp / f"opensips_r{rate}_{mode}.log").read_text(errors="replace")
+        s0 = snapshot(roots)
+        u0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.monotonic()
+        uac = subprocess.run(cmd, cwd=run, capture_output=True, text=True)
+        wall = time.monotonic() - t0
+        u1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        s1 = snapshot(roots)
+        for p in perf_procs:
+            p.send_signal(signal.SIGINT)
+            p.wait(30)
+        rtts_wire = timer.stop() if timer else []
+        time.sleep(1.2)   # the workers publish their counters once a second
+        w1 = worker_requests(rport)
+        dbsize1 = int(redis_cmd(rport, "DBSIZE").lstrip(":"))
+        with open(olog_path, "rb") as f:
+            f.seek(log_at)
+            olog = f.read().decode(errors="replace")
+        st = parse_stat(run / "stat.csv")
+        rtts, stamps = [], []
+        for p in run.glob("*_rtt.csv"):
+            with open(p) as f:
+                next(f, None)
+                for line in f:
+                    if line.count(";") >= 2:
+                        stamps.append(float(line.split(";")[0]))
+                        rtts.append(float(line.split(";")[1]))
+        span = (max(stamps) - min(stamps)) / 1000 if len(stamps) > 1 else 0
+        breakdown = snapshot_delta(s0, s1, st["outgoing"])
+        final = rtts_wire or rtts   # SIPp's 200s only, in its coarse steps, without capture
+        errs = "".join(p.read_text(errors="replace") for p in run.glob("*_errors.log"))
+        # the load tool: the UAC SIPp (a waited-for child) plus this driver (the wire timer)
+        tool_s = sum(b.ru_utime + b.ru_stime - a.ru_utime - a.ru_stime
+                     for a, b in zip(u0, u1, strict=True))
+        mine = {"cpu_us_per_call": round(tool_s / max(st["outgoing"], 1) * 1e6, 1),
+                "cpu_share_of_one_core": round(tool_s / wall, 2)}
+        name = "opensips_" + mode
+        res = {
+            "kind": kind, "rate": rate, "mode": mode, "seconds": secs, "sipp_rc": uac.returncode,
+            **st, "wall_s": round(wall, 2), "loadavg": [round(x, 2) for x in load0],
+            # rate of answered INVITEs: 200s received per second, first to last
+            "cps_achieved": round((len(stamps) - 1) / span, 1) if span else 0,
+            "rt_ms_sipp": {"n": len(rtts), "avg": round(sum(rtts) / len(rtts), 2) if rtts else None,
+                           "p50": pct(rtts, .5), "p99": pct(rtts, .99),
+                           "max": max(rtts) if rtts else None},
+            "invite_final_ms": {"n": len(final), "source": "wire" if rtts_wire else "sipp",
+                                "p50": round(pct(final, .5), 3),
+                                "p90": round(pct(final, .9), 3),
+                                "p99": round(pct(final, .99), 3),
+                                "max": round(max(final), 3) if final else None},
+            "opensips": breakdown[name],
+            "acm": breakdown["acm"], "redis": breakdown["redis"],
+            "sipp_uas": breakdown["sipp_uas"], "load_tool_uac_and_driver": mine,
+            "all_us_per_call": round(breakdown[name]["cpu_us_per_call"]
+                                     + breakdown["acm"]["cpu_us_per_call"]
+                                     + breakdown["redis"]["cpu_us_per_call"], 1),
+            "worker_requests": {str(k): w1.get(k, 0) - w0.get(k, 0) for k in sorted(w1)},
+            "redis_keys_added": dbsize1 - dbsize0,
+            # calls SIPp aborted because the UAS's 180 arrived after its 200 (two OpenSIPS
+            # workers relayed them), with or without the check (RESULTS.md §6b)
+            "failed_late_180": len(re.findall(r"while pausing.*\n?.*180 Ringing|"
+                                              r"received 'SIP/2.0 180", errs)),
+            # calls let through unchecked (timeout, service error, open breaker): one cfg line each
+            "log_no_verdict": olog.count("ACM: no verdict for"),
+            "log_acm_drop": olog.count("ACM: drop"),
+            "log_rate_limited": olog.count("reason=rate_limited"),
+            "log_errors": len(re.findall(r"ERROR|Traceback", olog)),
+            "gateway_cps": gateway_cps if mode.startswith("acm") else 0,
+        }
+        if with_perf:
+            rep = subprocess.run(["perf", "report", "-i", str(run / "perf.data"), "--stdio",
+                                  "--no-children", "--sort", "dso,sym", "--percent-limit",
+                                  "0.7", "-g", "none"], capture_output=True, text=True)
+            (run / "perf_report.txt").write_text(rep.stdout)
+            res["perf_dir"] = str(run)
+        log(json.dumps(res))
+        return res
 
-            st = parse_stat(run / "stat.csv")
-            rtts, stamps = [], []
-            for p in run.glob("*_rtt.csv"):
-                with open(p) as f:
-                    next(f, None)
-                    for line in f:
-                        if line.count(";") >= 2:
-                            stamps.append(float(line.split(";")[0]))
-                            rtts.append(float(line.split(";")[1]))
-            span = (max(stamps) - min(stamps)) / 1000 if len(stamps) > 1 else 0
-            res = {
-                "rate": rate, "mode": mode, "seconds": seconds, "sipp_rc": uac.returncode,
-                **st, "wall_s": round(wall, 2),
-                # rate of answered INVITEs: 200s received per second, first to last
-                "cps_achieved": round((len(stamps) - 1) / span, 1) if span else 0,
-                "rt_ms": {"n": len(rtts), "avg": round(sum(rtts) / len(rtts), 2) if rtts else None,
-                          "p50": pct(rtts, .5), "p90": pct(rtts, .9), "p99": pct(rtts, .99),
-                          "max": max(rtts) if rtts else None},
-                "opensips_procs": nproc,
-                "opensips_cpu_s": round(o1 - o0, 2),
-                "idle_cpu_ms_per_s": [round(x * 1e3, 1) for x in idle_rate],  # opensips, acm, redis
-                "opensips_cpu_us_per_call": round((o1 - o0) / max(st["outgoing"], 1) * 1e6, 1),
-                "opensips_net_cpu_us_per_call": round(
-                    (o1 - o0 - idle_rate[0] * wall) / max(st["outgoing"], 1) * 1e6, 1),
-                "acm_cpu_us_per_call": round((a1 - a0) / max(st["outgoing"], 1) * 1e6, 1),
-                "acm_net_cpu_us_per_call": round(
-                    (a1 - a0 - idle_rate[1] * wall) / max(st["outgoing"], 1) * 1e6, 1),
-                "redis_cpu_us_per_call": round((r1 - r0) / max(st["outgoing"], 1) * 1e6, 1),
-                "redis_keys_added": dbsize1 - dbsize0,
-                "log_no_verdict": olog.count("no verdict"),
-                "log_acm_drop": olog.count("ACM: drop"),
-                "log_rate_limited": olog.count("reason=rate_limited"),
-                "gateway_cps": gateway_cps if mode == "acm" else 0,
-                "log_errors": len(re.findall(r"ERROR|Traceback", olog)),
-            }
-            results.append(res)
-            log(json.dumps(res))
+    results = []
+    for rate in rates:
+        for n in range(repeat):
+            for mode in (modes if n % 2 == 0 else modes[::-1]):
+                results.append(one_run("main", rate, mode, seconds, n))
+    # highest rate with 0 failed calls: both modes step up together until each fails
+    alive = list(modes)
+    for rate in ramp:
+        for mode in list(alive):
+            r = one_run("ramp", rate, mode, ramp_seconds, 0)
+            results.append(r)
+            if _failed(r) or r["cps_achieved"] < 0.97 * rate:
+                alive.remove(mode)
+        if not alive:
+            break
+    if perf and rates:
+        for mode in modes:
+            results.append(one_run("perf", rates[0], mode, min(seconds, 10), 0, with_perf=True))
 
-    # summary table
-    print()
-    print("| rate | acm check | calls | CPS achieved | successful | failed | retrans | "
-          "INVITE→200 ms avg / p50 / p90 / p99 / max | OpenSIPS CPU µs/call (minus idle) | "
-          "acm serve CPU µs/call (minus idle) | redis CPU µs/call | no-verdict / drop log lines |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        rt = r["rt_ms"]
-        print(f"| {r['rate']} | {'on' if r['mode'] == 'acm' else 'off'} | {r['outgoing']} | "
-              f"{r['cps_achieved']} | {r['successful']} | {r['failed']} | {r['retransmissions']} | "
-              f"{rt['avg']} / {rt['p50']:g} / {rt['p90']:g} / {rt['p99']:g} / {rt['max']:g} | "
-              f"{r['opensips_cpu_us_per_call']:,.0f} ({r['opensips_net_cpu_us_per_call']:,.0f}) | "
-              f"{r['acm_cpu_us_per_call']:,.0f} ({r['acm_net_cpu_us_per_call']:,.0f}) | "
-              f"{r['redis_cpu_us_per_call']:,.0f} | {r['log_no_verdict']} / {r['log_acm_drop']} |")
-    print(f"\n{version}")
+    summary = summarize(results, modes)
+    print_tables(results, summary, machine, idle_ms_per_s)
     if os.environ.get("JSON_OUT"):
         Path(os.environ["JSON_OUT"]).write_text(json.dumps(
-            {"opensips": version, "results": results}, indent=2))
+            {"machine": machine, "idle_cpu_ms_per_s": idle_ms_per_s, "results": results,
+             "summary": summary}, indent=2))
     return 0
+
+
+def _failed(r: dict) -> int:
+    """Failed calls, not counting SIPp's late-180 aborts (the 200 was received)."""
+    return r["failed"] - r["failed_late_180"]
+
+
+def summarize(results: list[dict], modes: list[str]) -> dict:
+    """Ratios on/off per rate (medians over the repeats) and the highest 0-failure rates."""
+    out: dict = {"highest_rate_0_failed": {}}
+    for mode in modes:
+        ok = 0
+        for r in sorted((r for r in results if r["mode"] == mode and r["kind"] != "perf"),
+                        key=lambda r: r["rate"]):
+            if _failed(r):
+                break
+            ok = r["rate"]
+        out["highest_rate_0_failed"][mode] = ok
+    hi = out["highest_rate_0_failed"]
+    for on_mode in (m for m in modes if m.startswith("acm")):
+        if "off" not in modes:
+            break
+        key = f"{on_mode}_vs_off"
+        out[key] = {"highest_rate_ratio": round(hi[on_mode] / hi["off"], 2) if hi["off"] else None}
+        for rate in sorted({r["rate"] for r in results if r["kind"] == "main"}):
+            on = [r for r in results if r["kind"] == "main" and r["rate"] == rate
+                  and r["mode"] == on_mode]
+            off = [r for r in results if r["kind"] == "main" and r["rate"] == rate
+                   and r["mode"] == "off"]
+            if not on or not off:
+                continue
+            o_on = _median(on, lambda r: r["opensips"]["cpu_us_per_call"])
+            o_off = _median(off, lambda r: r["opensips"]["cpu_us_per_call"])
+            out[key][f"rate_{rate}"] = {
+                "opensips_cpu_ratio": round(o_on / o_off, 2) if o_off else None,
+                "opensips_cpu_ratio_per_pair": [
+                    round(a["opensips"]["cpu_us_per_call"] / b["opensips"]["cpu_us_per_call"], 2)
+                    for a, b in zip(on, off, strict=False)],
+                "all_added_us_per_call": round(_median(on, lambda r: r["all_us_per_call"])
+                                               - _median(off, lambda r: r["all_us_per_call"]), 1),
+                "p99_invite_final_added_ms": round(
+                    _median(on, lambda r: r["invite_final_ms"]["p99"])
+                    - _median(off, lambda r: r["invite_final_ms"]["p99"]), 3),
+                "wakeups_added_per_call": round(
+                    _median(on, _wakeups) - _median(off, _wakeups), 2),
+                "unchecked_calls": [r["log_no_verdict"] for r in on],
+            }
+    return out
+
+
+def _median(rs: list[dict], f) -> float:
+    v = sorted(f(r) for r in rs)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def _wakeups(r: dict) -> float:
+    return sum(r[k]["wakeups_per_call"] for k in ("opensips", "acm", "redis"))
+
+
+def print_tables(results: list[dict], summary: dict, machine: dict, idle: dict) -> None:
+    print()
+    print("| run | rate | mode | calls | CPS achieved | failed (late 180) | "
+          "INVITE→final ms p50 / p99 (wire) | SIPp rtt p99 | "
+          "CPU µs/call OpenSIPS / acm serve / redis = all | "
+          "wake-ups/call OpenSIPS / acm / redis | SIPp UAC+driver / UAS µs/call | "
+          "requests per acm worker | loadavg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        w = r["invite_final_ms"]
+        print(f"| {r['kind']} | {r['rate']} | {r['mode']} | "
+              f"{r['outgoing']} | {r['cps_achieved']} | {r['failed']} ({r['failed_late_180']}) | "
+              f"{w['p50']:.2f} / {w['p99']:.2f} | {r['rt_ms_sipp']['p99']:g} | "
+              f"{r['opensips']['cpu_us_per_call']:,.0f} / {r['acm']['cpu_us_per_call']:,.0f} / "
+              f"{r['redis']['cpu_us_per_call']:,.0f} = {r['all_us_per_call']:,.0f} | "
+              f"{r['opensips']['wakeups_per_call']:.1f} / {r['acm']['wakeups_per_call']:.1f} / "
+              f"{r['redis']['wakeups_per_call']:.1f} | "
+              f"{r['load_tool_uac_and_driver']['cpu_us_per_call']:,.0f} / "
+              f"{r['sipp_uas']['cpu_us_per_call']:,.0f} | "
+              f"{'/'.join(map(str, r['worker_requests'].values()))} | {r['loadavg'][0]} |")
+    print(f"\nidle CPU ms/s: {idle}")
+    print(f"summary: {json.dumps(summary)}")
+    print(f"\n{machine}")
 
 
 if __name__ == "__main__":

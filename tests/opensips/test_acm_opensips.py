@@ -1,8 +1,10 @@
 """Client behaviour of opensips_scripts/acm_opensips.py against a stub ZeroMQ service.
 
 The script is loaded the way the OpenSIPS python module loads it: import the file by its base
-name, call mod_init(), then child_init(rank), then the method with a msg object. The stub
-replies with canned frames (or not at all); the real service is exercised by the e2e suite.
+name, call mod_init(), then child_init(rank), then the method with a msg object. The stub is a
+libzmq ROUTER replying with canned frames (or not at all); every client test runs with both
+transports (ZMTP spoken by the script, and a pyzmq REQ socket), so the ZMTP one is checked
+against libzmq itself. The real service: test_zmtp_client.py and the e2e suite.
 """
 
 from __future__ import annotations
@@ -125,14 +127,21 @@ class Clock:
         return self.now
 
 
+@pytest.fixture(params=["zmtp", "libzmq"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """The client transport under test."""
+    return str(request.param)
+
+
 @pytest.fixture
-def make(acm: ModuleType) -> Iterator[Callable[..., Any]]:
+def make(acm: ModuleType, transport: str) -> Iterator[Callable[..., Any]]:
     """Build Module objects around AcmClients; close every client's socket on teardown."""
     made: list[Any] = []
 
     def _make(endpoint: str, *, clock: Callable[[], float] = time.monotonic,
               getpid: Callable[[], int] = os.getpid, log: list[str] | None = None,
               **settings: Any) -> Any:
+        settings.setdefault("transport", transport)
         cfg = acm.Config(endpoint=endpoint, **settings)
         lines = log if log is not None else []
         client = acm.AcmClient(cfg, clock=clock, getpid=getpid,
@@ -161,9 +170,9 @@ def test_loads_like_opensips(acm: ModuleType, stub: StubService,
     monkeypatch.setenv("ACM_OPENSIPS_CONFIG", "")
     handler = acm.mod_init()
     try:
-        assert handler.client._sock is None, "mod_init must not create sockets (pre-fork)"
+        assert handler.client._transport is None, "mod_init must not create sockets (pre-fork)"
         assert handler.child_init(1) == 0
-        assert handler.client._sock is None
+        assert not handler.client._transport.connected
         msg = FakeMsg()
         rc = handler.acm_check(msg)
         assert rc == 1 and type(rc) is int
@@ -255,8 +264,8 @@ def test_socket_rebuilt_after_timeout(make: Any, stub: StubService) -> None:
     m = make(stub.endpoint, timeout_ms=100)
     assert m.acm_check(FakeMsg({"$ci": "first"})) == 2
     first = m.client.stats.sockets_built
-    assert m.client.stats.sockets_discarded == 1 and m.client._sock is None
-    m.client.config = type(m.client.config)(endpoint=stub.endpoint, timeout_ms=2000)
+    assert m.client.stats.sockets_discarded == 1 and not m.client._transport.connected
+    m.client.config = dataclasses.replace(m.client.config, timeout_ms=2000)
     msg = FakeMsg({"$ci": "second"})
     assert m.acm_check(msg) == -1, "a REQ socket left waiting would raise EFSM here"
     assert m.client.stats.sockets_built == first + 1
@@ -270,7 +279,7 @@ def test_socket_rebuilt_after_timeout(make: Any, stub: StubService) -> None:
 
 @pytest.mark.timeout(10)
 def test_service_error_reply_counts_for_breaker(make: Any, stub: StubService) -> None:
-    stub.handler = lambda req: {"error": "store_unavailable", "message": "dragonfly down"}
+    stub.handler = lambda req: {"error": "store_error", "message": "NOSCRIPT"}
     log: list[str] = []
     m = make(stub.endpoint, timeout_ms=2000, breaker_failures=2, log=log)
     msg = FakeMsg()
@@ -279,7 +288,30 @@ def test_service_error_reply_counts_for_breaker(make: Any, stub: StubService) ->
     assert m.client.state == "closed"
     assert m.acm_check(FakeMsg()) == 2
     assert m.client.state == "open"
+    assert any("store_error" in line for line in log)
+
+
+@pytest.mark.timeout(10)
+def test_store_unavailable_keeps_the_breaker_closed(make: Any, stub: StubService) -> None:
+    # The pool answers at once while its store is down; an open breaker would keep calls
+    # unchecked for its cooldown after the store is back.
+    down = True
+    stub.handler = lambda req: ({"error": "store_unavailable", "message": "dragonfly down"}
+                                if down else {"verdict": "allow", "reason": "clean",
+                                              "distinct": 1})
+    log: list[str] = []
+    m = make(stub.endpoint, timeout_ms=2000, breaker_failures=2, log=log)
+    for _ in range(5):
+        msg = FakeMsg()
+        assert m.acm_check(msg) == 2
+        assert msg.vars["acm_reason"] == "service_error"
+        assert m.client.state == "closed"
+    assert m.client.stats.breaker_opened == 0
     assert any("store_unavailable" in line for line in log)
+    down = False
+    msg = FakeMsg()
+    assert m.acm_check(msg) == 1  # the first call after the store's return is checked
+    assert msg.vars["acm_reason"] == "clean"
 
 
 @pytest.mark.timeout(10)
@@ -319,7 +351,7 @@ def _forbid_io(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("socket I/O while the breaker is open")
 
     monkeypatch.setattr(client, "_roundtrip", boom)
-    monkeypatch.setattr(client, "_socket", boom)
+    monkeypatch.setattr(client._transport, "request", boom)
 
 
 @pytest.mark.timeout(10)
@@ -371,8 +403,7 @@ def test_half_open_trial_recovers(make: Any, stub: StubService) -> None:
     stub.wait_received(2)
 
     stub.handler = lambda req: DROP
-    m.client.config = type(m.client.config)(endpoint=stub.endpoint, timeout_ms=2000,
-                                            breaker_failures=2)
+    m.client.config = dataclasses.replace(m.client.config, timeout_ms=2000)
     clock.now += 1.0  # cool-down over: the next call is the trial
     msg = FakeMsg({"$ci": "trial"})
     assert m.acm_check(msg) == -1
@@ -407,21 +438,24 @@ def test_failed_trial_reopens_with_doubling_cooldown(make: Any, stub: StubServic
 
 
 @pytest.mark.timeout(10)
-def test_pid_change_builds_a_new_socket(make: Any, stub: StubService) -> None:
+def test_pid_change_builds_a_new_socket(make: Any, stub: StubService, transport: str) -> None:
     pid = [100]
     m = make(stub.endpoint, timeout_ms=2000, getpid=lambda: pid[0])
     assert m.child_init(1) == 0
     assert m.acm_check(FakeMsg()) == 1
-    old_sock, old_ctx = m.client._sock, m.client._ctx
+    old = m.client._transport
+    old_sock, old_ctx = old.sock, getattr(old, "ctx", None)
     try:
         pid[0] = 101  # as if OpenSIPS forked after the first use
         assert m.acm_check(FakeMsg()) == 1
-        assert m.client._sock is not old_sock and m.client._ctx is not old_ctx
-        assert not old_sock.closed, "the parent's socket is not closed from the child"
+        assert m.client._transport is not old and m.client._transport.sock is not old_sock
         assert m.client.stats.sockets_built == 1
+        if transport == "libzmq":
+            assert not old_sock.closed, "the parent's socket is not closed from the child"
     finally:
-        old_sock.close(linger=0)
-        old_ctx.term()
+        if transport == "libzmq":
+            old_sock.close(linger=0)
+            old_ctx.term()
 
 
 @pytest.mark.timeout(10)
@@ -520,6 +554,9 @@ def test_config_file_then_env(acm: ModuleType, tmp_path: Path) -> None:
         acm.Config.load("", {"ACM_FAIL_POLICY": "sometimes"})
     with pytest.raises(acm.ConfigError):
         acm.Config.load("", {"ACM_TIMEOUT_MS": "-1"})
+    assert acm.Config.load("", {"ACM_TRANSPORT": "LibZMQ"}).transport == "libzmq"
+    with pytest.raises(acm.ConfigError):
+        acm.Config.load("", {"ACM_TRANSPORT": "http"})
     conf.write_text("timeout = 80\n")
     with pytest.raises(acm.ConfigError):
         acm.Config.load(str(conf), {})
@@ -569,6 +606,8 @@ def test_the_cfg_logs_a_fail_policy_call_once_per_interval(
     assert later[0].vars["acm_log_held"] == "299"
     # A verdict of the service is not a fail-policy call: the cfg logs drops as before.
     stub.handler = lambda req: DROP
+    # (the trial reconnects: on a loaded machine that can take more than 30 ms)
+    m.client.config = dataclasses.replace(m.client.config, timeout_ms=2000)
     clock.now += 60.0
     ok = FakeMsg()
     assert m.acm_check(ok) == -1 and "acm_log" not in ok.vars

@@ -7,7 +7,8 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import zmq
@@ -26,10 +27,16 @@ from acm_module.server.zmtp import (
 pytestmark = pytest.mark.timeout(30)
 
 
-class EchoServer:
-    """A ZmtpServer in a thread that answers every good message with b"re:" + body."""
+Answer = Callable[[ZmtpServer, Any, list[bytes], bytes | None], None]
 
-    def __init__(self, endpoint: str, max_frame: int = 1024) -> None:
+
+class EchoServer:
+    """A ZmtpServer in a thread that answers every good message with b"re:" + body.
+
+    `answer(server, peer, envelope, body)`, when given, replies instead (or misbehaves).
+    """
+
+    def __init__(self, endpoint: str, max_frame: int = 1024, answer: Answer | None = None) -> None:
         self.lsock = listen_socket(endpoint)
         self.endpoint = endpoint
         if endpoint.startswith("tcp://"):
@@ -37,6 +44,8 @@ class EchoServer:
         self.srv = ZmtpServer(os.dup(self.lsock.fileno()), max_frame)
         self.stop = threading.Event()
         self.bad = 0
+        self.requests = 0
+        self.answer = answer
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -46,7 +55,10 @@ class EchoServer:
                 continue
             for peer, frames in self.srv.take(64):
                 env, body = split_envelope(frames)
-                if body is None:
+                self.requests += 1
+                if self.answer is not None:
+                    self.answer(self.srv, peer, env, body)
+                elif body is None:
                     self.bad += 1
                     self.srv.reply(peer, env, b"bad")
                 else:
