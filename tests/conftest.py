@@ -23,7 +23,6 @@ from servers import (
 from acm_module.client import Client
 from acm_module.engine import IMPLEMENTATION
 from acm_module.store.cluster import StoreClient
-from acm_module.store.conn import StoreConnection
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -53,9 +52,9 @@ def store_url(redis_server: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def store(store_url: str) -> Iterator[StoreConnection]:
-    """A raw connection to the (empty) store."""
-    c = StoreConnection(store_url, timeout=2.0)
+def store(store_url: str) -> Iterator[StoreClient]:
+    """A connection to the (empty) store, as acm opens one (StoreClient)."""
+    c = StoreClient(store_url, timeout=2.0)
     c.connect()
     try:
         yield c

@@ -400,6 +400,8 @@ class StoreClient:
     def scan_keys(self, pattern: str, count: int = 1000,
                   timeout: float | None = None) -> Iterable[bytes]:
         """Yield every key matching pattern, on every master."""
+        if self._single is None and not self._nodes:
+            self.connect()
         for hp in self.masters():
             conn = self._single if not self.cluster else self._node(hp)
             assert conn is not None

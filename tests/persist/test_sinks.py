@@ -26,6 +26,7 @@ from acm_module.persist.records import AlertChange
 from acm_module.persist.writer import GROUP_PREFIX
 from acm_module.store import config as store_config
 from acm_module.store import keys
+from acm_module.store.cluster import StoreClient
 from acm_module.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
@@ -111,7 +112,7 @@ print(rows, daily)
     assert [(r["severity"], int(r["n"])) for r in daily] == [("CRITICAL", 1), ("HIGH", 1)]
 
 
-def test_whitelist_reconcile_follows_the_table(database_url: str, store: StoreConnection) -> None:
+def test_whitelist_reconcile_follows_the_table(database_url: str, store: StoreClient) -> None:
     soon = datetime.now(UTC) + timedelta(hours=1)
     past = datetime.now(UTC) - timedelta(hours=1)
     with psycopg.connect(database_url) as db:
