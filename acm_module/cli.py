@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from acm_module import settings as settings_mod
+from acm_module.core.redaction import MASK, redact_url
 from acm_module.errors import ConfigError
+
+log = logging.getLogger("acm.supervisor")
 
 # The settings `acm serve` uses: its own, the detection rules, and its MI control plane's.
 SERVE_SECTIONS = frozenset({"service", "detection", "control"})
@@ -40,16 +47,10 @@ def _load(args: argparse.Namespace) -> settings_mod.Settings:
     return settings_mod.load(args.config, cli=cli)
 
 
-def setup_logging(level: str, json_logs: bool = False) -> None:
-    """Configure the root logger (text or JSON, secrets redacted)."""
-    from acm_module.ops.logs import setup_logging as _setup
-
-    _setup(level, json_logs)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the supervisor and its worker pool."""
     from acm_module.control.overrides import apply_overrides
+    from acm_module.ops.logs import setup_logging
     from acm_module.server.supervisor import Supervisor
 
     def resolve() -> settings_mod.Settings:
@@ -63,10 +64,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_web(s.web_http, s.api_token)  # an exposed API without auth: exit 2 before anything
     setup_logging(s.log_level, s.log_json)
     # SIGHUP reloads the same way: file and environment again, the same flags, the overrides.
-    return Supervisor(s, reload=resolve).run()
+    return Supervisor(s, reload=resolve, sidecars=serve_sidecars).run()
 
 
-_URL_SETTINGS = ("database_url", "store", "questdb_url", "clickhouse_url")
+def serve_sidecars(s: settings_mod.Settings, boot_id: str) -> dict[str, Callable[[Any], int]]:
+    """Return the processes `acm serve` runs beside its workers, as the settings ask: the MI
+    control plane (with the alert lifecycle commands of actions/), metrics, the REST API."""
+    from acm_module.actions.mi import lifecycle_commands
+
+    extra = (lifecycle_commands,)  # MI commands of other rooms, on every control plane
+    out: dict[str, Callable[[Any], int]] = {}
+    if s.mi_http or s.mi_datagram:
+        try:
+            from acm_module.control.server import control_main
+        except ImportError:
+            log.warning("MI control plane not available in this build")
+        else:
+            out["control"] = functools.partial(control_main, boot_id=boot_id,
+                                               extra_commands=extra)
+    if s.metrics_http:
+        from acm_module.ops.metrics import metrics_main
+
+        out["metrics"] = metrics_main
+    if getattr(s, "web_http", ""):
+        try:
+            from acm_module.web.server import web_main
+        except ImportError as e:  # the `web` extra is not installed
+            log.warning("REST API not available in this build (%s)", e)
+        else:
+            out["web"] = functools.partial(web_main, extra_commands=extra)
+    return out
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
@@ -77,26 +104,26 @@ def cmd_settings(args: argparse.Namespace) -> int:
     s = _load(args)
     for name in sorted(s.values):
         value = s.values[name]
-        secret = "token" in name or "secret" in name
-        url_with_password = name in _URL_SETTINGS and "@" in str(value)
-        if value and (secret or url_with_password):
-            value = "***"
+        if value and ("token" in name or "secret" in name):
+            value = MASK
+        elif isinstance(value, str):
+            value = redact_url(value)
         print(f"{name} = {value!r}  ({s.source[name]})")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the end-to-end load tool shipped in benchmarks/ of a source checkout."""
+    import runpy
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "loadtool.py").exists():
+    tool = Path(__file__).resolve().parent.parent / "benchmarks" / "loadtool.py"
+    if not tool.exists():
         print("acm bench: needs a source checkout (benchmarks/loadtool.py)", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(root))
-    from benchmarks.loadtool import main as bench_main
-
-    return bench_main(args.bench_args)
+    # Run the file as a script, not as a module of a package on sys.path: the tool lives beside
+    # acm_module, not in it, and needs nothing from benchmarks/ (its processes fork).
+    return runpy.run_path(str(tool), run_name="acm_bench")["main"](args.bench_args)
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:

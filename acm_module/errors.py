@@ -1,4 +1,9 @@
-"""Exceptions raised by acm, in one place."""
+"""Exceptions raised by acm, in one place, and the exit code of a process that cannot boot."""
+
+# A worker or sidecar that cannot start (bad address, refused credentials) exits with this, so
+# the supervisor stops (or retries later) instead of respawning it in a loop, as gunicorn's
+# WORKER_BOOT_ERROR.
+BOOT_ERROR = 3
 
 
 class AcmError(Exception):
@@ -19,7 +24,3 @@ class StoreReplyError(StoreError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-
-class ProtocolError(AcmError, ValueError):
-    """Bytes on a wire were not what the protocol allows."""

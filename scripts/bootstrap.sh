@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(redis-server postgresql sip-tester python3-zmq python3-msgpack
-              python3-venv python3-dev build-essential openjdk-17-jre-headless maven wrk)
+              python3-venv python3-dev build-essential openjdk-17-jre-headless maven wrk
+              chromium chromium-driver)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -36,8 +36,8 @@ def add_cli(subparsers: Any) -> None:
     assign.add_argument("--note", default=None)
     status = sub.add_parser("status", help="move an alert to a status")
     status.add_argument("alert_id")
-    status.add_argument("status", choices=["INVESTIGATING", "RESOLVED", "FALSE_POSITIVE"],
-                        type=str.upper)
+    status.add_argument("status", type=str.upper,
+                        choices=["INVESTIGATING", "CONFIRMED", "RESOLVED", "FALSE_POSITIVE"])
     status.add_argument("--note", default=None)
     status.add_argument("--whitelist", action="store_true",
                         help="with FALSE_POSITIVE: whitelist the B-number in the same step")
@@ -57,7 +57,7 @@ def add_cli(subparsers: Any) -> None:
 def cmd_actions(args: argparse.Namespace) -> int:
     """Run the actions runner (or remove its group)."""
     from acm_module.actions.runner import actions_main, destroy_group
-    from acm_module.cli import setup_logging
+    from acm_module.ops.logs import setup_logging
 
     cli = {s.name: getattr(args, s.name, None) for s in settings_mod.SETTINGS}
     s = settings_mod.load(args.config, cli=cli)

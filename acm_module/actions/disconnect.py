@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from acm_module.actions.errors import MIReplyError, MIUnavailable
+from acm_module.persist import records
 from acm_module.persist.records import AlertChange
 from acm_module.store.cluster import StoreClient
 
@@ -176,13 +177,18 @@ def find_attack_calls(conn: StoreClient, alert: AlertChange, *, page: int = 1000
         assert isinstance(raw, list)
         if not raw:
             break
-        for _eid, flat in raw:
+        for eid, flat in raw:
             scanned += 1
-            f = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
-            if (f.get("k") == "d" and f.get("b") == alert.b and f.get("v") == "allow"
-                    and f.get("r") == "clean" and f.get("a") in a_numbers
-                    and lo_ts <= int(f.get("ts") or 0) <= alert.last_ms):
-                found.setdefault(f["id"], AttackCall(f["id"], f["a"], int(f["ts"])))
+            f = records.fields(flat)
+            if f.get("k") != "d" or f.get("b") != alert.b:
+                continue
+            try:
+                d = records.parse_decision(f"{stream}/{eid.decode()}", f)
+            except records.RecordError:
+                continue  # poison: the writer dead-letters it
+            if (d.verdict == "allow" and d.reason == "clean" and d.a in a_numbers
+                    and lo_ts <= d.ts_ms <= alert.last_ms):
+                found.setdefault(d.call_id, AttackCall(d.call_id, d.a, d.ts_ms))
         last = raw[-1][0].decode()
         if entry_ms(last) < stop_ms or len(raw) < page:
             break

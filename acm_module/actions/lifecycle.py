@@ -1,4 +1,5 @@
-"""The alert lifecycle of the fraud team: NEW -> INVESTIGATING -> RESOLVED | FALSE_POSITIVE.
+"""The alert lifecycle of the fraud team: NEW -> INVESTIGATING -> CONFIRMED | FALSE_POSITIVE,
+CONFIRMED -> RESOLVED (domain.alerts.TRANSITIONS).
 
 State lives in fraud_alerts (status, assigned_to, resolved_at, notes; the writer never touches
 those columns). Each change is one transaction: the row is locked, the move is checked against

@@ -1,4 +1,5 @@
-"""MI commands of the alert lifecycle, registered on the control plane (`register(control)`).
+"""MI commands of the alert lifecycle, added to the control plane by cli.py
+(`Control(..., extra_commands=[lifecycle_commands])`).
 
 | command | admin | parameters |
 |---|---|---|
@@ -7,7 +8,7 @@
 | `acm_alert_status` | yes | `alert_id`, `status`, `note`?, `whitelist`? (bool), `reason`? |
 | `acm_alert_note` | yes | `alert_id`, `note` |
 
-`status` is INVESTIGATING, RESOLVED or FALSE_POSITIVE; `whitelist` goes only with
+`status` is INVESTIGATING, CONFIRMED, RESOLVED or FALSE_POSITIVE; `whitelist` goes only with
 FALSE_POSITIVE and also sets, at once, the whitelist marker the decision script reads; `reason`
 is the whitelist entry's. They need `database_url` (the alerts live in fraud_alerts).
 
@@ -76,7 +77,8 @@ class LifecycleCommands:
                     "Assign an alert (NEW becomes INVESTIGATING): alert_id, assignee, [note].",
                     (aid, Param("assignee", param_str, required=True), note)),
             Command("acm_alert_status", self.status, True,
-                    "Move an alert: alert_id, status (INVESTIGATING, RESOLVED, FALSE_POSITIVE), "
+                    "Move an alert: alert_id, status (INVESTIGATING, CONFIRMED, RESOLVED, "
+                    "FALSE_POSITIVE), "
                     "[note], [whitelist=true with FALSE_POSITIVE], [reason].",
                     (aid, Param("status", param_str, required=True), note,
                      Param("whitelist", param_bool, default=False), Param("reason", param_str))),
@@ -115,7 +117,6 @@ class LifecycleCommands:
         return out
 
 
-def register(control: Any) -> None:
-    """Add the lifecycle commands to a control plane (acm_module.control.commands.Control)."""
-    for cmd in LifecycleCommands(control).declare():
-        control.commands[cmd.name] = cmd
+def lifecycle_commands(control: Any) -> list[Command]:
+    """Return the lifecycle commands of a control plane (acm_module.control.commands.Control)."""
+    return LifecycleCommands(control).declare()

@@ -37,6 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from acm_module.core.backoff import Backoff
+
 log = logging.getLogger("acm.actions.notify")
 alert_log = logging.getLogger("acm.alerts")
 
@@ -134,13 +136,12 @@ class Webhook:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.stop = stop or threading.Event()
-        self._rng = rng or random.Random()
+        self._backoff = Backoff(backoff_base, backoff_max, rng)
         self._clock = clock
 
     def backoff(self, attempt: int) -> float:
         """Return the wait before retry `attempt` (1-based): equal jitter, capped."""
-        d = min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
-        return d / 2 + self._rng.uniform(0, d / 2)
+        return self._backoff.compute(attempt - 1)
 
     def deliver(self, event_id: str, payload: dict[str, Any]) -> DeliveryResult:
         """Send one event, retrying what is retryable; never raises."""

@@ -43,9 +43,17 @@ from acm_module.actions.disconnect import (
 from acm_module.actions.notify import Webhook, log_alert
 from acm_module.actions.trail import ActionAudit, Ledger, summary
 from acm_module.compliance import ncc
+from acm_module.core.backoff import Backoff
+from acm_module.core.pg import close_quietly
 from acm_module.engine.types import SEVERITIES
 from acm_module.errors import StoreError
-from acm_module.persist.records import ALERT_TYPE_COLUMN, AlertChange, RecordError, parse_alert
+from acm_module.persist.records import (
+    ALERT_TYPE_COLUMN,
+    AlertChange,
+    RecordError,
+    fields,
+    parse_alert,
+)
 from acm_module.store import config as store_config
 from acm_module.store import keys
 from acm_module.store.cluster import StoreClient
@@ -132,7 +140,7 @@ class ActionRunner:
         log.info("actions runner %s: disconnect %s, webhook %s, ncc %s", self.cfg.consumer,
                  "on" if self.disconnector else "off", "on" if self.webhook else "off",
                  "on" if self.cfg.ncc_reporting else "off")
-        backoff = 0.5
+        backoff = Backoff(0.5, 10.0)
         replay_pending = True
         while not self.stop.is_set():
             try:
@@ -143,24 +151,23 @@ class ActionRunner:
                 batch = self._read(">", block=True)
                 self._process(batch)
                 self._ack_old()
-                backoff = 0.5
+                backoff.reset()
             except StoreError as e:
-                log.warning("actions: store unavailable (%s); retry in %.1fs", e, backoff)
+                delay = backoff.next()
+                log.warning("actions: store unavailable (%s); retry in %.1fs", e, delay)
                 self.store.close()
                 replay_pending = True
                 self._held.clear()  # re-read as pending after reconnecting
-                if self.stop.wait(backoff):
+                if self.stop.wait(delay):
                     break
-                backoff = min(backoff * 2, 10.0)
         self.close()
         return 0
 
     def close(self) -> None:
         """Release connections (unacknowledged records stay pending for the next start)."""
         self.audit.close()
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        close_quietly(self._db)
+        self._db = None
         self.store.close()
 
     def _ensure_groups(self) -> None:
@@ -198,9 +205,7 @@ class ActionRunner:
             for eid, flat in entries:
                 if flat is None:
                     continue  # pending entry trimmed away
-                out.append((stream.decode(), eid.decode(),
-                            {flat[i].decode(): flat[i + 1].decode()
-                             for i in range(0, len(flat), 2)}))
+                out.append((stream.decode(), eid.decode(), fields(flat)))
         return out
 
     def _process(self, entries: list[tuple[str, str, dict[str, str]]]) -> None:
@@ -292,7 +297,7 @@ class ActionRunner:
                                                  self.cfg.report_timezone)
                 break
             except psycopg.OperationalError:
-                self._db.close()
+                close_quietly(self._db)
                 self._db = None
                 if attempt == 2:
                     raise

@@ -23,6 +23,7 @@ from psycopg.types.json import Jsonb
 
 from acm_module.control.audit import AuditRecord, redact
 from acm_module.control.repository import StoreRepository
+from acm_module.core.pg import close_quietly
 from acm_module.store.cluster import StoreClient
 
 log = logging.getLogger("acm.actions")
@@ -83,12 +84,8 @@ class ActionAudit:
 
     def close(self) -> None:
         """Close the database connection (the store connection belongs to the caller)."""
-        if self._db is not None:
-            try:
-                self._db.close()
-            except Exception:  # closing a broken connection must not raise
-                pass
-            self._db = None
+        close_quietly(self._db)
+        self._db = None
 
 
 class Ledger:

@@ -40,8 +40,8 @@ def cmd_report_daily(args: argparse.Namespace) -> int:
     """Write the daily report; print the paths. Exit 2 on a configuration error."""
     import psycopg
 
-    from acm_module.cli import setup_logging
     from acm_module.compliance import ncc, report, stats
+    from acm_module.ops.logs import setup_logging
 
     s = settings_mod.load(args.config, cli={n: getattr(args, n, None) for n in _SHARED})
     setup_logging(s.log_level, s.log_json)

@@ -40,7 +40,7 @@ import psycopg
 from acm_module.engine.types import SEVERITIES
 from acm_module.persist.records import ALERT_TYPE_COLUMN
 
-STATUSES = ("NEW", "INVESTIGATING", "RESOLVED", "FALSE_POSITIVE")
+STATUSES = ("NEW", "INVESTIGATING", "CONFIRMED", "RESOLVED", "FALSE_POSITIVE")
 LIFECYCLE_ACTIONS = ("acm_alert_assign", "acm_alert_status", "acm_alert_note")
 ALERT_TYPES = tuple(ALERT_TYPE_COLUMN)  # masking, fanout
 # The reasons a call can be dropped for (docs/GATEWAY.md); each carrier row shows all of them.

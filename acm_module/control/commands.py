@@ -19,7 +19,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,8 +34,8 @@ from acm_module.control.repository import (
     SEVERITIES,
     AlertQuery,
     ControlRepository,
+    StoreRepository,
     WhitelistEntry,
-    open_repository,
 )
 from acm_module.engine import hotpath
 from acm_module.errors import ConfigError, StoreError
@@ -167,6 +167,9 @@ class Command:
     settings_params: bool = False  # takes setting=value pairs (acm_set, E_ACM_RELOAD)
 
 
+# Declares commands another room adds to a control plane (given the Control they run on).
+CommandFactory = Callable[["Control"], Iterable[Command]]
+
 _NUMBER = "number"
 
 
@@ -179,12 +182,30 @@ class Reply:
     authenticated: bool = False
 
 
+def open_repository(settings: Any, conn: StoreClient) -> ControlRepository:
+    """Return the PostgreSQL repository when configured and installed, else the store one."""
+    if getattr(settings, "database_url", ""):
+        try:
+            from acm_module.persist.control_repo import (  # type: ignore[import-not-found]
+                PostgresControlRepository,
+            )
+        except ImportError:
+            log.warning("database_url is set but acm_module.persist.control_repo is not "
+                        "available: whitelist/audit/alerts use the store")
+        else:
+            repo: ControlRepository = PostgresControlRepository(settings)
+            return repo
+    return StoreRepository(conn, settings.partitions)
+
+
 # -- the control plane ---------------------------------------------------------------------
 class Control:
     """The state behind the MI endpoint: one store connection, one repository, one lock."""
 
     def __init__(self, settings: Any, repo: ControlRepository | None = None,
-                 boot_id: str = "") -> None:
+                 boot_id: str = "", extra_commands: Sequence[CommandFactory] = ()) -> None:
+        """extra_commands: what other rooms add (the alert lifecycle of actions/), each called
+        with this control plane; cli.py hands them in, so this module imports none of them."""
         self.settings = settings
         self.boot_id = boot_id  # the supervisor's: a restored config carries it
         # The live config as last read from or written to the store: what goes back when the
@@ -200,7 +221,8 @@ class Control:
         # thread-safe) and makes each read-modify-write atomic within this process.
         self._lock = threading.RLock()
         self.commands: dict[str, Command] = {c.name: c for c in self._declare()}
-        from acm_module.actions.mi import register; register(self)  # noqa: E702, I001
+        for factory in extra_commands:
+            self.commands.update((c.name, c) for c in factory(self))
 
     def close(self) -> None:
         """Close the repository and the store connection."""

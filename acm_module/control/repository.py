@@ -9,8 +9,8 @@ the carrier registry.
   `{acm.ctl}:registry`.
 - A PostgreSQL one (tables whitelist / audit_log / fraud_alerts, carriers / carrier_gateways /
   carrier_routes), provided by the persistence writer as
-  `acm_module.persist.control_repo.PostgresControlRepository(settings)`; it is used when
-  `database_url` is set and that module imports.
+  `acm_module.persist.control_repo.PostgresControlRepository(settings)`; the control plane
+  (`commands.open_repository`) uses it when `database_url` is set and that module imports.
 
 The repository is the system of record only. The whitelist *markers* the decision script reads
 (`{acm.<p>}:wl:<b>`) and the published registry (`{acm.cfg}:gw`) are desired state that the
@@ -20,7 +20,6 @@ control plane always writes to the store itself, whichever repository is in use.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -30,8 +29,6 @@ from acm_module.engine import hotpath
 from acm_module.persist import records
 from acm_module.store import keys
 from acm_module.store.cluster import StoreClient
-
-log = logging.getLogger("acm.control")
 
 WHITELIST_KEY = "{acm.ctl}:whitelist"
 AUDIT_STREAM = "{acm.ctl}:audit"
@@ -172,7 +169,7 @@ class StoreRepository:
         assert isinstance(raw, list)
         out: list[AuditRecord] = []
         for rid, flat in raw:
-            f = _fields(flat)
+            f = records.fields(flat)
             if (action is not None and f["action"] != action) or (
                     target is not None and f["target"] != target):
                 continue
@@ -194,7 +191,7 @@ class StoreRepository:
             raw = self.conn.call("XREVRANGE", stream, "+", "-", "COUNT", query.scan)
             assert isinstance(raw, list)
             for rid, flat in raw:
-                f = _fields(flat)
+                f = records.fields(flat)
                 if f.get("k") != "a":
                     continue
                 try:  # the writer's parser: one reading of a record everywhere
@@ -237,10 +234,6 @@ class StoreRepository:
         self.conn.close()
 
 
-def _fields(flat: list[bytes]) -> dict[str, str]:
-    return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
-
-
 def _entry(b_number: str, raw: Any) -> WhitelistEntry:
     d = json.loads(raw)
     return WhitelistEntry(b_number=b_number, reason=d.get("reason", ""),
@@ -274,18 +267,3 @@ def _alert_view(a: records.AlertChange) -> dict[str, Any]:
         "source": "store",
     }
 
-
-def open_repository(settings: Any, conn: StoreClient) -> ControlRepository:
-    """Return the PostgreSQL repository when configured and installed, else the store one."""
-    if getattr(settings, "database_url", ""):
-        try:
-            from acm_module.persist.control_repo import (  # type: ignore[import-not-found]
-                PostgresControlRepository,
-            )
-        except ImportError:
-            log.warning("database_url is set but acm_module.persist.control_repo is not "
-                        "available: whitelist/audit/alerts use the store")
-        else:
-            repo: ControlRepository = PostgresControlRepository(settings)
-            return repo
-    return StoreRepository(conn, settings.partitions)

@@ -17,17 +17,17 @@ import socketserver
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 from acm_module.control import jsonrpc
 from acm_module.control.auth import Bind, check_boot, is_loopback, parse_bind
-from acm_module.control.commands import Control
-from acm_module.errors import ConfigError
+from acm_module.control.commands import CommandFactory, Control
+from acm_module.errors import BOOT_ERROR, ConfigError
 
 log = logging.getLogger("acm.control")
 
-BOOT_ERROR = 3  # the supervisor stops instead of respawning
 MAX_DATAGRAM_REPLY = 32768  # python-opensips reads replies with a 32 KiB buffer by default
 MI_PATHS = ("/mi", "/mi/", "/json", "/json/")
 MAX_DISCARD = 1 << 20  # an oversize body up to this size is read (and dropped) before the 413
@@ -376,15 +376,16 @@ def _unlink_stale(path: str) -> None:
 class ControlServer:
     """Both transports and the Control behind them; start() binds, stop() closes."""
 
-    def __init__(self, settings: Any, control: Control | None = None, boot_id: str = ""
-                 ) -> None:
+    def __init__(self, settings: Any, control: Control | None = None, boot_id: str = "",
+                 extra_commands: Sequence[CommandFactory] = ()) -> None:
         self.settings = settings
         self.http_bind = parse_bind(settings.mi_http, "mi_http") if settings.mi_http else None
         self.dgram_bind = (parse_bind(settings.mi_datagram, "mi_datagram")
                            if settings.mi_datagram else None)
         binds = [b for b in (self.http_bind, self.dgram_bind) if b is not None]
         check_boot(binds, settings.mi_token or "")
-        self.control = control or Control(settings, boot_id=boot_id)
+        self.control = control or Control(settings, boot_id=boot_id,
+                                          extra_commands=extra_commands)
         self.http: Any = None
         self.dgram: DatagramServer | None = None
         self.stop_event = threading.Event()
@@ -481,10 +482,12 @@ class ControlServer:
         self.control.close()
 
 
-def control_main(settings: Any, boot_id: str = "") -> int:
+def control_main(settings: Any, boot_id: str = "",
+                 extra_commands: Sequence[CommandFactory] = ()) -> int:
     """Entry point of the forked control process; return its exit code (3 = boot failure).
 
-    boot_id: the supervisor's, put back with a restored live config."""
+    boot_id: the supervisor's, put back with a restored live config; extra_commands: the
+    commands other rooms add (cli.py hands in the alert lifecycle's)."""
     stop = threading.Event()
 
     def on_term(signum: int, frame: Any) -> None:
@@ -494,7 +497,7 @@ def control_main(settings: Any, boot_id: str = "") -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor owns Ctrl-C
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        srv = ControlServer(settings, boot_id=boot_id)
+        srv = ControlServer(settings, boot_id=boot_id, extra_commands=extra_commands)
     except ConfigError as e:
         log.error("MI control plane: %s", e)
         return BOOT_ERROR

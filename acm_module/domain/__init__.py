@@ -1,1 +1,1 @@
-"""domain."""
+"""The alert lifecycle (AlertStatus and its TRANSITIONS), used by actions.lifecycle."""

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from acm_module import settings as settings_mod
+from acm_module.core.redaction import redact_url
 from acm_module.errors import ConfigError
 
 _DETECTION = ("threshold", "window", "block_ttl", "mode", "dedup_ttl", "default_country_code",
@@ -47,7 +48,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         windows = whatif.parse_list(args.windows or str(det.window), float, "windows")
         # Never the production store of the settings: only an explicit --store is used.
         with replay.ScratchStore(args.store, flush=args.flush) as store:
-            where = "embedded valkey" if store.embedded else _safe(store.url)
+            where = "embedded valkey" if store.embedded else redact_url(store.url)
             if grid:
                 cells = whatif.run_grid(calls, det, thresholds, windows, store, jobs=args.jobs,
                                         progress=args.progress)
@@ -116,12 +117,6 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
     setup_logging(s.log_level, s.log_json)
     return metrics.metrics_main(s)
-
-
-def _safe(url: str) -> str:
-    from acm_module.ops.logs import redact
-
-    return redact(url)
 
 
 def add_cli(sub: Any) -> None:

@@ -35,14 +35,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 from urllib.parse import unquote, urlparse
 
+from acm_module.core.redaction import MASK, redact_url
+
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-MASK = "***"
 NUMBER_FIELDS = frozenset({"a", "b", "a_number", "b_number", "caller", "called"})
 # Settings whose values are secrets or URLs that may carry one.
 SECRET_SETTINGS = ("store", "database_url", "questdb_url", "clickhouse_url", "mi_token",
                    "webhook_secret", "api_token")
 
-_URL_PASSWORD = re.compile(r"(?P<pre>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:)[^\s@]+@")
 _KEY_VALUE = re.compile(
     r"(?P<key>\b(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|mi_token"
     r"|auth_token)\b[\"']?\s*[=:]\s*[\"']?)(?P<val>[^\s\"',;&}]+)", re.IGNORECASE)
@@ -90,7 +90,7 @@ def secrets_of(values: Mapping[str, Any]) -> list[str]:
 
 def redact(text: str, mask_numbers: bool = False) -> str:
     """Return text with secrets (and, if asked, phone numbers) masked."""
-    text = _URL_PASSWORD.sub(lambda m: m.group("pre") + MASK + "@", text)
+    text = redact_url(text)
     text = _KEY_VALUE.sub(lambda m: m.group("key") + MASK, text)
     text = _BEARER.sub(lambda m: m.group("key") + MASK, text)
     with _secrets_lock:
@@ -291,6 +291,3 @@ def apply_log_level(level: str) -> str:
     if old != name:
         logging.getLogger("acm.logs").info("log level %s -> %s", old, name)
     return old
-
-
-set_level = apply_log_level

@@ -8,8 +8,9 @@ store. Counters are labelled per worker (`host`, `worker` = index): a respawned 
 its counters at zero, which Prometheus reads as a counter reset, whereas a sum over workers would
 drop when a worker goes away and fake a spike in rate().
 
-Alerts are counted from the partition streams: a background thread XREADs every `k=a` record
-from the ids the streams had when this process started (counters start at zero, as counters do).
+Alert counts come from the counters decide.lua and fanout.lua keep in each partition
+(`{acm.<p>}:n`, alerts opened and escalated per severity, updates): a background thread reads
+those few small hashes every second, whatever the call rate, and they survive exporter restarts.
 
 `metrics_main(settings)` is the supervisor's sidecar entry point (`metrics_http`, default
 127.0.0.1:9464; exit 3 when it cannot bind, so a misconfiguration stops the service loudly).
@@ -38,9 +39,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from acm_module.core.backoff import Backoff
 from acm_module.engine import hotpath
 from acm_module.engine.types import SEVERITIES
-from acm_module.errors import StoreError
+from acm_module.errors import BOOT_ERROR, StoreError
 from acm_module.server import stats as stats_mod
 from acm_module.store import config as store_config
 from acm_module.store import keys
@@ -48,7 +50,6 @@ from acm_module.store.cluster import StoreClient
 
 log = logging.getLogger("acm.metrics")
 
-BOOT_ERROR = 3  # the supervisor stops instead of respawning in a loop
 WRITER_STATS_KEY = "{acm.stats}:writer"  # one JSON per writer (acm_module/persist/writer.py)
 DLQ_KEY = "{acm.dlq}:s"
 WRITER_GROUP_PREFIX = "acm."  # the writer's consumer group of sink X is "acm.X"
@@ -114,13 +115,13 @@ class AlertScanner:
     """Read the alert counters of every partition, in a background thread.
 
     `opened[sev]` counts alerts opened at that severity; `escalated[sev]` counts updates that
-    raised an open alert to that severity. decide.lua keeps both in `{acm.<p>}:n`, so they
-    survive exporter restarts.
+    raised an open alert to that severity; `fanout_opened[sev]` fan-out alerts opened. The
+    scripts keep them in `{acm.<p>}:n`, so they survive exporter restarts.
     """
 
     def __init__(self, store_url: str, partitions: int, poll_s: float = _SCAN_IDLE_S) -> None:
         self.store_url = store_url
-        self.streams = keys.streams(partitions)
+        self.partitions = partitions
         self.poll_s = poll_s
         self.opened: dict[str, int] = dict.fromkeys(SEVERITIES, 0)
         self.escalated: dict[str, int] = dict.fromkeys(SEVERITIES, 0)
@@ -129,7 +130,7 @@ class AlertScanner:
         self.read = 0
         self.healthy = False
         self.log_level: str | None = None
-        self._ids: dict[str, str] | None = None
+        self._reachable = False  # the store answered once (prime)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._conn = StoreClient(store_url, timeout=2.0)
@@ -137,13 +138,13 @@ class AlertScanner:
         self._cfg_next = 0.0
 
     def prime(self) -> bool:
-        """Say whether the store answers (the counters need no starting point)."""
+        """Say whether the store answers (the counters need no starting point to read)."""
         try:
             self._conn.round_trip(hotpath.encode_command("PING"), 1, 2.0)
         except StoreError as e:
             log.warning("alert counter: store not reachable yet: %s", e)
             return False
-        self._ids = {}
+        self._reachable = True
         return True
 
     def start(self) -> None:
@@ -163,37 +164,36 @@ class AlertScanner:
                     "read": self.read, "healthy": self.healthy}
 
     def _run(self) -> None:
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         while not self._stop.is_set():
             try:
-                if self._ids is None and not self.prime():
+                if not self._reachable and not self.prime():
                     raise StoreError("store unreachable")
-                n = self.scan_once()
+                self.scan_once()
                 self._follow_log_level()
                 self.healthy = True
-                backoff = 0.1
-                if n == 0:
-                    self._stop.wait(self.poll_s)
+                backoff.reset()
+                self._stop.wait(self.poll_s)
             except StoreError as e:
                 self.healthy = False
-                log.debug("alert scanner: %s (retry in %.1fs)", e, backoff)
+                delay = backoff.next()
+                log.debug("alert scanner: %s (retry in %.1fs)", e, delay)
                 self._conn.close()
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                self._stop.wait(delay)
             except Exception:  # a bug here must not kill the exporter; it is logged loudly
-                log.exception("alert scanner failed; restarting from the current stream ends")
-                self._ids = None
+                log.exception("alert scanner failed; reading again in 1 s")
+                self._reachable = False
                 self._stop.wait(1.0)
 
-    def scan_once(self) -> int:
-        """Read every partition's alert counters (kept by decide.lua); return 1 when read.
+    def scan_once(self) -> None:
+        """Read every partition's alert counters in one round trip. Raises StoreError.
 
-        Reading 16 small hashes costs the same at any call rate, where following the streams
-        meant parsing every decision record.
+        A handful of small hashes cost the same at any call rate; the streams' records are not
+        read at all.
         """
         payload = b"".join(hotpath.encode_command("HGETALL", keys.counters(p))
-                           for p in range(len(self.streams)))
-        replies = self._conn.round_trip(payload, len(self.streams), 5.0)
+                           for p in range(self.partitions))
+        replies = self._conn.round_trip(payload, self.partitions, 5.0)
         opened = dict.fromkeys(SEVERITIES, 0)
         escalated = dict.fromkeys(SEVERITIES, 0)
         updates = 0
@@ -216,7 +216,6 @@ class AlertScanner:
             self.opened, self.escalated, self.updates = opened, escalated, updates
             self.fanout_opened = fanout
             self.read += 1
-        return 0  # idle wait between reads
 
     def _follow_log_level(self) -> None:
         """Apply the live config's log_level (MI acm_log_level) to this process, once a second."""
@@ -564,7 +563,7 @@ class PoolCollector(Collector):
                                    "Reads of the per-partition alert counters.")
         read.add_metric([], float(snap["read"]))
         healthy = GaugeMetricFamily("acm_alert_scanner_up",
-                                    "1 when the alert counter is reading the streams.")
+                                    "1 when the alert counters are being read.")
         healthy.add_metric([], 1.0 if snap["healthy"] else 0.0)
         yield from (opened, esc, fanout, updates, read, healthy)
 
@@ -626,7 +625,7 @@ def metrics_main(settings: Any) -> int:
         log.error("metrics: %s", e)
         return BOOT_ERROR
     scanner = AlertScanner(settings.store, settings.partitions)
-    scanner.prime()  # counters start at the streams' current ends; retried in the thread
+    scanner.prime()  # the store may not be up yet: the thread retries
     registry, collector = build_registry(settings.store, settings.partitions, scanner)
     try:
         server, _thread = start_http_server(port, host, registry)

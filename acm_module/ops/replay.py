@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
-import hashlib
 import sys
 import time
 from collections import Counter
@@ -36,7 +35,7 @@ from acm_module.errors import AcmError, StoreError
 from acm_module.store import config as store_config
 from acm_module.store import keys
 from acm_module.store.cluster import StoreClient
-from acm_module.store.conn import load_script
+from acm_module.store.conn import load_script, script_sha
 
 COLUMNS = ("call_id", "a_number", "b_number", "ts")
 BATCH = 64  # like the workers' max_batch
@@ -177,18 +176,16 @@ class Engine:
     """Decide calls with the workers' Decider and decide.lua over one store connection."""
 
     def __init__(self, conn: StoreClient, det: Detection) -> None:
-        from acm_module.server.worker import alert_prefix
-
         self.conn = conn
         self.det = det
         source = load_script("decide")
-        sha = hashlib.sha1(source.encode()).hexdigest()
+        sha = script_sha(source)
         if conn.script_load(source) != sha:
             raise ReplayError("the store returned an unexpected script SHA")
         self.decider = hotpath.Decider(
             decide_sha=sha, threshold=det.threshold, window=det.window, mode=det.mode,
             dedup_ttl=det.dedup_ttl, block_ttl=det.block_ttl, country_code=det.country_code,
-            partitions=det.partitions, max_request_bytes=4096, alert_prefix=alert_prefix())
+            partitions=det.partitions, max_request_bytes=4096, alert_prefix=keys.alert_prefix())
         self.batch = 1 if det.block_ttl > 0 else BATCH
         self._since_trim = 0
 

@@ -92,7 +92,7 @@ def build_sinks(v: dict[str, Any]) -> list[Any]:
 
 def cmd_writer(args: argparse.Namespace) -> int:
     """Run the persistence writer until SIGTERM."""
-    from acm_module.cli import setup_logging
+    from acm_module.ops.logs import setup_logging
     from acm_module.persist.writer import ProcessPerSink, Writer, WriterConfig
 
     v = resolve(args)
@@ -151,7 +151,7 @@ def _whitelist_syncer(v: dict[str, Any]) -> Any:
 
 def cmd_db_migrate(args: argparse.Namespace) -> int:
     """Apply pending database migrations."""
-    from acm_module.cli import setup_logging
+    from acm_module.ops.logs import setup_logging
     from acm_module.persist.migrate import migrate
 
     v = resolve(args)

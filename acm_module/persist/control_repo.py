@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from acm_module.control.audit import AuditRecord, iso_ms
 from acm_module.control.repository import SEVERITIES, AlertQuery, WhitelistEntry
+from acm_module.core.pg import close_quietly
 from acm_module.errors import StoreError
 
 if TYPE_CHECKING:
@@ -114,12 +115,8 @@ class PostgresControlRepository:
         return self._conn
 
     def _drop(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:  # closing a broken connection must not raise
-                pass
-            self._conn = None
+        close_quietly(self._conn)
+        self._conn = None
 
     def _run(self, fn: Callable[[psycopg.Connection], T]) -> T:
         """Run fn on the connection, once more on a fresh one if the link failed.

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 import psycopg
 
+from acm_module.core.pg import close_quietly
 from acm_module.persist.base import Sink, SinkRejected, SinkUnavailable
 from acm_module.persist.records import ALERT_TYPE_COLUMN, AlertChange, Decision, latest_versions
 
@@ -103,12 +104,8 @@ class PostgresSink(Sink):
             raise SinkRejected(f"postgres: {type(e).__name__}: {_first_line(e)}") from e
 
     def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:  # closing a broken connection must not raise
-                pass
-            self._conn = None
+        close_quietly(self._conn)
+        self._conn = None
 
 
 def _first_line(e: BaseException) -> str:

@@ -139,6 +139,11 @@ def _attr_id(f: dict[str, str], name: str) -> str:
     return v
 
 
+def fields(flat: list[bytes]) -> dict[str, str]:
+    """Return a stream entry's flat [name, value, ...] list as a dict of strings."""
+    return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat) - 1, 2)}
+
+
 def parse_decision(sid: str, f: dict[str, str]) -> Decision:
     """Return the Decision of a `k=d` record's fields. Raises RecordError."""
     # The writer parses every decision: one pass with direct lookups, helpers only on error.

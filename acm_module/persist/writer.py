@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import signal
 import socket
 import threading
@@ -40,6 +39,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from acm_module.core.backoff import Backoff
 from acm_module.engine import hotpath
 from acm_module.errors import StoreError, StoreReplyError
 from acm_module.persist import records as rec
@@ -109,25 +109,6 @@ class SinkStats:
     last_error: str = ""
     last_ok: float = 0.0
     reclaimed: int = 0
-
-
-class Backoff:
-    """Jittered exponential backoff ("equal jitter": half fixed, half random)."""
-
-    def __init__(self, base: float, cap: float, rng: random.Random | None = None) -> None:
-        self.base = base
-        self.cap = cap
-        self.failures = 0
-        self._rng = rng or random.Random()
-
-    def next(self) -> float:
-        """Return the delay before the next attempt and count a failure."""
-        d = min(self.cap, self.base * (2 ** min(self.failures, 30)))
-        self.failures += 1
-        return d / 2 + self._rng.uniform(0, d / 2)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 Entry = tuple[str, str, "dict[str, str] | None"]  # (stream, entry id, fields or None if deleted)

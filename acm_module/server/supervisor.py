@@ -12,7 +12,6 @@ ZeroMQ context and no store connection exist in this process.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import multiprocessing
 import os
@@ -28,11 +27,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from acm_module.errors import ConfigError, StoreError
+from acm_module.core.redaction import redact_url
+from acm_module.errors import BOOT_ERROR, ConfigError, StoreError
 from acm_module.ops.logs import apply_log_level
 from acm_module.server.access import prepare as prepare_access
 from acm_module.server.proctitle import die_with_parent, set_name
-from acm_module.server.worker import WORKER_BOOT_ERROR, worker_main
+from acm_module.server.worker import worker_main
 from acm_module.store.conn import StoreConnection
 
 log = logging.getLogger("acm.supervisor")
@@ -41,6 +41,8 @@ HEARTBEAT_TIMEOUT = 10.0  # seconds without a beat before a worker is considered
 # A sidecar whose boot failure stops the service: MI refuses to run unauthenticated on an
 # exposed address, and running without the control plane the operator asked for is worse.
 CRITICAL_SIDECARS = frozenset({"control"})
+# settings, boot id -> {sidecar name: entry point taking the settings, returning an exit code}
+SidecarPlan = Callable[[Any, str], dict[str, Callable[[Any], int]]]
 
 
 def listen_socket(endpoint: str, ipc_mode: int = 0o660) -> socket.socket:
@@ -170,9 +172,13 @@ class Supervisor:
     graceful_timeout); an invalid new config is logged and the old one kept.
     """
 
-    def __init__(self, settings: Any, reload: Callable[[], Any] | None = None) -> None:
+    def __init__(self, settings: Any, reload: Callable[[], Any] | None = None,
+                 sidecars: SidecarPlan | None = None) -> None:
         self.settings = settings
         self.reload = reload
+        # Which processes run beside the workers for given settings and boot id (the MI control
+        # plane, metrics, the REST API): cli.py decides, so this module imports none of them.
+        self.plan_sidecars: SidecarPlan = sidecars or (lambda settings, boot_id: {})
         self.workers: dict[int, int] = {}  # pid -> index
         self.slots: dict[int, int] = {}  # pid -> heartbeat slot
         self.spawned_at: dict[int, float] = {}  # pid -> when it was forked
@@ -190,7 +196,7 @@ class Supervisor:
         self.embedded: Any = None
         self.respawns = 0
         # Processes beside the workers (the MI control plane...): name -> entry point.
-        self.sidecars: dict[str, Any] = {}
+        self.sidecars: dict[str, Callable[[Any], int]] = {}
         self.sidecar_pids: dict[int, str] = {}
         self.sidecar_respawn: dict[str, float] = {}
 
@@ -236,7 +242,7 @@ class Supervisor:
                     signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, self._queue_signal)
         log.info("acm serving on %s with %d workers (max %d), store %s", self.endpoint,
-                 s.workers, s.max_workers, _safe(s.store))
+                 s.workers, s.max_workers, redact_url(s.store))
         for i in range(s.workers):
             self._spawn(i)
         self._register_sidecars()
@@ -261,7 +267,7 @@ class Supervisor:
                     self._resize(-1)
             if self._halt:
                 log.error("halting: %s", self._halt)
-                return WORKER_BOOT_ERROR
+                return BOOT_ERROR
             self._reap()
             self._respawn_due()
             self._check_heartbeats()
@@ -280,25 +286,10 @@ class Supervisor:
         self.heartbeat[slot] = now
         self.load[slot] = 0  # a new worker holds nothing: its siblings leave it the next ones
         self.used.value = max(self.used.value, slot + 1)
-        pid = os.fork()
-        if pid == 0:  # child
-            code = 1
-            try:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
-                            signal.SIGTTIN, signal.SIGTTOU):
-                    signal.signal(sig, signal.SIG_DFL)
-                os.close(self._wake_r)
-                os.close(self._wake_w)
-                set_name(f"acm-worker-{index}")
-                die_with_parent(signal.SIGTERM, self.pid)
-                code = worker_main(self.settings, self.listener.fileno(), index, self.boot_id,
-                                   self.heartbeat, _InUse(self.load, self.used), slot)
-            except BaseException:
-                log.exception("worker %d crashed", index)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+        pid = self._fork(
+            f"worker {index}", f"acm-worker-{index}", lambda: worker_main(
+                self.settings, self.listener.fileno(), index, self.boot_id, self.heartbeat,
+                _InUse(self.load, self.used), slot))
         self.workers[pid] = index
         self.slots[pid] = slot
         self.spawned_at[pid] = now
@@ -306,46 +297,40 @@ class Supervisor:
         log.debug("spawned worker %d pid %d", index, pid)
 
     def _register_sidecars(self) -> None:
-        s = self.settings
-        if s.mi_http or s.mi_datagram:
-            try:
-                from acm_module.control.server import control_main
-            except ImportError:
-                log.warning("MI control plane not available in this build")
-            else:
-                self.sidecars["control"] = functools.partial(control_main, boot_id=self.boot_id)
-        if s.metrics_http:
-            from acm_module.ops.metrics import metrics_main
-            self.sidecars["metrics"] = metrics_main
-        if getattr(s, "web_http", ""):
-            try:
-                from acm_module.web.server import web_main
-            except ImportError as e:  # the `web` extra is not installed
-                log.warning("REST API not available in this build (%s)", e)
-            else:
-                self.sidecars["web"] = web_main
+        self.sidecars.update(self.plan_sidecars(self.settings, self.boot_id))
 
     def _spawn_sidecar(self, name: str) -> None:
+        def run() -> int:
+            self.listener.close()  # only the workers serve the endpoint
+            return self.sidecars[name](self.settings)
+
+        self.sidecar_pids[self._fork(f"{name} process", f"acm-{name}", run)] = name
+
+    def _fork(self, what: str, title: str, run: Callable[[], int]) -> int:
+        """Fork a child that runs `run` and exits with its code; return the child's pid.
+
+        The child takes back the default signal handlers, closes the wake pipe, shows `title`
+        in ps and dies with the supervisor; an exception is logged and exits 1.
+        """
         pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
-                            signal.SIGTTIN, signal.SIGTTOU):
-                    signal.signal(sig, signal.SIG_DFL)
-                os.close(self._wake_r)
-                os.close(self._wake_w)
-                self.listener.close()
-                set_name(f"acm-{name}")
-                die_with_parent(signal.SIGTERM, self.pid)
-                code = self.sidecars[name](self.settings)
-            except BaseException:
-                log.exception("%s process crashed", name)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        self.sidecar_pids[pid] = name
+        if pid:
+            return pid
+        code = 1
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
+                        signal.SIGTTIN, signal.SIGTTOU):
+                signal.signal(sig, signal.SIG_DFL)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            set_name(title)
+            die_with_parent(signal.SIGTERM, self.pid)
+            code = run()
+        except BaseException:
+            log.exception("%s crashed", what)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
     def _reap(self) -> None:
         while True:
@@ -361,9 +346,9 @@ class Supervisor:
                 if pid in self.retiring:  # stopped by a HUP: back at once on the new settings
                     del self.retiring[pid]
                     self.sidecar_respawn[name] = time.monotonic()
-                elif code == WORKER_BOOT_ERROR and name in CRITICAL_SIDECARS:
+                elif code == BOOT_ERROR and name in CRITICAL_SIDECARS:
                     self._halt = f"{name} process failed to boot"
-                elif code == WORKER_BOOT_ERROR:
+                elif code == BOOT_ERROR:
                     # Calls keep flowing without metrics; retry, slowly, until the port is free.
                     log.error("%s process failed to boot; retrying in 10s", name)
                     self.sidecar_respawn[name] = time.monotonic() + 10.0
@@ -389,10 +374,10 @@ class Supervisor:
                         log.info("SIGHUP: reload done, %d workers on the new config",
                                  len(self.workers))
                 continue
-            if code == WORKER_BOOT_ERROR and self.old:
+            if code == BOOT_ERROR and self.old:
                 self._abort_roll(f"new worker {index} failed to boot")
                 continue
-            if code == WORKER_BOOT_ERROR:
+            if code == BOOT_ERROR:
                 self._halt = f"worker {index} failed to boot (exit {code}); not respawning"
                 continue
             lived = time.monotonic() - self.started.get(index, 0.0)
@@ -594,7 +579,4 @@ class Supervisor:
         log.info("no store configured: started embedded Valkey on port %d", self.embedded.port)
 
 
-def _safe(url: str) -> str:
-    u = urlparse(url)
-    return url.replace(f":{u.password}@", ":***@") if u.password else url
 

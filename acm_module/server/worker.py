@@ -13,8 +13,9 @@ from typing import Any
 
 import zmq
 
+from acm_module.core.backoff import Backoff
 from acm_module.engine import IMPLEMENTATION, hotpath
-from acm_module.errors import StoreError
+from acm_module.errors import BOOT_ERROR, StoreError
 from acm_module.gateway import registry
 from acm_module.gateway.context import GatewayContext
 from acm_module.ops.logs import apply_log_level
@@ -22,21 +23,15 @@ from acm_module.server import stats as stats_mod
 from acm_module.server.access import Access, apply_access
 from acm_module.server.zmtp import IN_HWM, Balance, ZmtpServer, split_envelope
 from acm_module.store import config as store_config
+from acm_module.store import keys
 from acm_module.store.cluster import StoreClient
-from acm_module.store.conn import load_script
+from acm_module.store.conn import load_script, script_sha
 
 log = logging.getLogger("acm.worker")
 
-WORKER_BOOT_ERROR = 3  # exit code: the supervisor stops instead of respawning in a loop
 LATENCY_STREAM = "{acm.lat}:s"
 DRAIN_WINDOW_S = 0.1  # after SIGTERM, keep answering stragglers this long
 BUDGET_STEP_S = 0.005  # a batch's store budget shrinks in these steps (see _store_budget)
-
-
-def alert_prefix() -> str:
-    """Return a random UUIDv4 prefix; alert ids are this plus a 12-hex-digit counter."""
-    h = os.urandom(10).hex()
-    return f"{h[0:8]}-{h[8:12]}-4{h[12:15]}-{'89ab'[int(h[15], 16) & 3]}{h[16:19]}"
 
 
 class Worker:
@@ -63,7 +58,8 @@ class Worker:
         # may still run them and record decisions nobody was told about (see decide()).
         self._unanswered: list[int] = []
         self._store_down_until = 0.0
-        self._backoff = 0.05
+        # Capped low so the pool is back within a second or two of the store's return.
+        self._backoff = Backoff(0.05, 1.0)
         self._failures_in_row = 0
         self._rx_ns = 0  # when the batch being decided arrived (perf_counter_ns)
         self._cfg_next = 0.0
@@ -98,16 +94,16 @@ class Worker:
         self.store = StoreClient(s.store, timeout=s.store_timeout_ms / 1000.0,
                                      connect_timeout=max(s.store_timeout_ms / 1000.0, 0.1))
         self.script_source = load_script("decide")
-        self.sha = _sha1(self.script_source)
+        self.sha = script_sha(self.script_source)
         # The gateway context's scripts, loaded with decide.lua; called only while in use.
         self.side_scripts = {name: load_script(name) for name in ("ratelimit", "fanout")}
-        self.side_shas = {name: _sha1(src) for name, src in self.side_scripts.items()}
+        self.side_shas = {name: script_sha(src) for name, src in self.side_scripts.items()}
         self._rules = {k: getattr(s, k) for k in _RULE_KEYS}
         self.decider = hotpath.Decider(
             decide_sha=self.sha, threshold=s.threshold, window=s.window, mode=s.mode,
             dedup_ttl=s.dedup_ttl, block_ttl=s.block_ttl,
             country_code=s.default_country_code, partitions=s.partitions,
-            max_request_bytes=s.max_request_bytes, alert_prefix=alert_prefix())
+            max_request_bytes=s.max_request_bytes, alert_prefix=keys.alert_prefix())
         self._try_store()
         log.info("worker %d up (pid %d, %s hot path)", self.index, os.getpid(), IMPLEMENTATION)
 
@@ -267,7 +263,7 @@ class Worker:
                 self._unanswered.append(rx_us)
             self._store_failed(e)
             return d.fail("store_unavailable", "detection store unavailable")
-        self._backoff = 0.05
+        self._backoff.reset()
         self._failures_in_row = 0
         out = d.finish(replies)
         if d.noscript:
@@ -340,12 +336,10 @@ class Worker:
             log.info("worker %d: store round trip timed out: %s (reconnecting)", self.index, e)
             return
         now = time.monotonic()
+        delay = self._backoff.next()
         if now >= self._store_down_until:
-            log.warning("worker %d: store failure: %s (retry in %.2fs)", self.index, e,
-                        self._backoff)
-        self._store_down_until = now + self._backoff
-        # Capped low so the pool is back within a second or two of the store's return.
-        self._backoff = min(self._backoff * 2, 1.0)
+            log.warning("worker %d: store failure: %s (retry in %.2fs)", self.index, e, delay)
+        self._store_down_until = now + delay
 
     def _reload_script(self) -> None:
         try:
@@ -532,12 +526,6 @@ class _LibzmqIO:
         self.ctx.term()
 
 
-def _sha1(source: str) -> str:
-    import hashlib
-
-    return hashlib.sha1(source.encode()).hexdigest()
-
-
 def worker_main(settings: Any, listen_fd: int, index: int, boot_id: str,
                 heartbeat: Any = None, load: Any = None, slot: int | None = None) -> int:
     """Entry point of a forked worker; return its exit code."""
@@ -546,7 +534,7 @@ def worker_main(settings: Any, listen_fd: int, index: int, boot_id: str,
         w.boot()
     except Exception:
         log.exception("worker %d failed to boot", index)
-        return WORKER_BOOT_ERROR
+        return BOOT_ERROR
     try:
         if os.environ.get("ACM_PROFILE"):
             import cProfile

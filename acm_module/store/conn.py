@@ -6,6 +6,8 @@ one buffer and parses the replies with the compiled parser.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import socket
 import ssl
 import struct
@@ -14,16 +16,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
+from acm_module.core.redaction import redact_url
 from acm_module.engine import hotpath
+from acm_module.engine.types import SEVERITY_CRITICAL, SEVERITY_HIGH
 from acm_module.errors import ConfigError, StoreError, StoreReplyError
 from acm_module.settings import STORE_SCHEMES
 
 LUA_DIR = Path(__file__).with_name("lua")
+# Scripts that run after episode.lua, the window/episode/severity logic they share.
+_EPISODE_SCRIPTS = frozenset({"decide", "fanout"})
 
 
+@functools.cache
 def load_script(name: str) -> str:
-    """Return the source of a bundled Lua script."""
-    return (LUA_DIR / f"{name}.lua").read_text()
+    """Return the text the store runs for a bundled Lua script (EVALSHA names its SHA-1).
+
+    decide and fanout get the severity bands of engine.types and episode.lua in front, so the
+    episode logic is written once and the bands are the ones Python uses.
+    """
+    source = (LUA_DIR / f"{name}.lua").read_text()
+    if name in _EPISODE_SCRIPTS:
+        bands = (f"local SEVERITY_HIGH, SEVERITY_CRITICAL = {SEVERITY_HIGH}, "
+                 f"{SEVERITY_CRITICAL}\n")
+        source = bands + (LUA_DIR / "episode.lua").read_text() + source
+    return source
+
+
+def script_sha(source: str) -> str:
+    """Return the SHA-1 the store names a script by (what SCRIPT LOAD returns)."""
+    return hashlib.sha1(source.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -149,11 +170,7 @@ def login_refusal(e: BaseException) -> str | None:
 
 def safe_url(url: str) -> str:
     """Return a store URL without its password, for logs."""
-    u = urlparse(url)
-    userinfo, at, _ = u.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return url.replace(userinfo + "@", userinfo.partition(":")[0] + ":***@", 1)
+    return redact_url(url)
 
 
 class StoreConnection:

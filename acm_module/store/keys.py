@@ -6,6 +6,8 @@ atomic step. (A tag per B-number itself would put the stream in another slot.)
 
 from __future__ import annotations
 
+import os
+
 from acm_module.engine import hotpath
 
 
@@ -39,3 +41,9 @@ def for_b(b_number: str, partitions: int) -> dict[str, str]:
     t = tag(hotpath.partition_of(b_number, partitions))
     return {"window": t + "w:" + b_number, "episode": t + "e:" + b_number,
             "members": t + "ea:" + b_number, "whitelist": t + "wl:" + b_number}
+
+
+def alert_prefix() -> str:
+    """Return a random UUIDv4 prefix; alert ids are this plus a 12-hex-digit counter."""
+    h = os.urandom(10).hex()
+    return f"{h[0:8]}-{h[8:12]}-4{h[12:15]}-{'89ab'[int(h[15], 16) & 3]}{h[16:19]}"

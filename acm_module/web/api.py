@@ -42,6 +42,7 @@ from acm_module.web import models as m
 from acm_module.web.decide import CurvePoolClient, PoolBusy, PoolClient, PoolTimeout
 from acm_module.web.security import (
     BOOTSTRAP_ACTOR,
+    ApiError,
     Passwords,
     Principal,
     new_token,
@@ -71,14 +72,6 @@ _SECURITY_HEADERS = [
      b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
      b"object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"),
 ]
-
-
-class ApiError(Exception):
-    """An error answered as {code, message} with an HTTP status."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 def _err(status: int, code: str, message: str) -> JSONResponse:

@@ -10,17 +10,12 @@ from fastapi import Request
 from acm_module.control.audit import iso_ms
 from acm_module.control.repository import AlertQuery
 from acm_module.engine import hotpath
+from acm_module.persist import records
 from acm_module.store import keys
-from acm_module.web.security import Principal
+from acm_module.web.security import ApiError, Principal
 
 _STREAM_SCAN = 5000  # decision records read back from the B-number's partition stream
 _CALLS_MAX = 500
-
-
-def _api_error(status: int, code: str, message: str) -> Exception:
-    from acm_module.web.api import ApiError
-
-    return ApiError(status, code, message)
 
 
 def find_alert(svc: Any, p: Principal, request: Request, alert_id: str) -> dict[str, Any]:
@@ -40,7 +35,7 @@ def find_alert(svc: Any, p: Principal, request: Request, alert_id: str) -> dict[
         if a["alert_id"] == alert_id:
             a.setdefault("status", "NEW")
             return dict(a)
-    raise _api_error(404, "not_found", f"alert {alert_id} not found")
+    raise ApiError(404, "not_found", f"alert {alert_id} not found")
 
 
 def alert_calls(svc: Any, alert: dict[str, Any]) -> list[dict[str, Any]]:
@@ -55,16 +50,21 @@ def alert_calls(svc: Any, alert: dict[str, Any]) -> list[dict[str, Any]]:
         raw = svc.control.conn.call("XREVRANGE", keys.stream(part), "+", "-", "COUNT",
                                     _STREAM_SCAN)
     calls = []
-    for _rid, flat in raw:
-        f = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+    stream = keys.stream(part)
+    for rid, flat in raw:
+        f = records.fields(flat)
         if f.get("k") != "d" or f.get("b") != b_number:
             continue
-        if f.get("al") != alert_id and not first <= int(f["ts"]) <= last:
+        try:
+            d = records.parse_decision(f"{stream}/{rid.decode()}", f)
+        except records.RecordError:
+            continue  # poison: the writer dead-letters it
+        if d.alert_id != alert_id and not first <= d.ts_ms <= last:
             continue
-        calls.append({"call_id": f["id"], "a_number": f["a"], "at": iso_ms(int(f["ts"])),
-                      "ts_ms": int(f["ts"]), "verdict": f["v"], "reason": f["r"],
-                      "distinct": int(f["n"]), "carrier_id": f.get("cr", ""),
-                      "gateway_id": f.get("gw", "")})
+        calls.append({"call_id": d.call_id, "a_number": d.a, "at": iso_ms(d.ts_ms),
+                      "ts_ms": d.ts_ms, "verdict": d.verdict, "reason": d.reason,
+                      "distinct": d.distinct, "carrier_id": d.carrier_id,
+                      "gateway_id": d.gateway_id})
         if len(calls) >= _CALLS_MAX:
             break
     calls.sort(key=lambda c: (c["ts_ms"], c["call_id"]))
@@ -93,7 +93,7 @@ def daily_stats(svc: Any, day: date) -> Any:
     """Compute a day's report statistics (needs database_url). Raises ApiError."""
     s = svc.settings
     if not s.database_url:
-        raise _api_error(503, "not_configured", "daily reports need database_url")
+        raise ApiError(503, "not_configured", "daily reports need database_url")
     import psycopg
 
     from acm_module.compliance import stats
@@ -102,5 +102,5 @@ def daily_stats(svc: Any, day: date) -> Any:
         with psycopg.connect(s.database_url, connect_timeout=5) as conn:
             return stats.compute(conn, day, s.report_timezone, s.operator_code, s.questdb_url)
     except psycopg.Error as e:
-        raise _api_error(503, "unavailable",
+        raise ApiError(503, "unavailable",
                          f"database error: {type(e).__name__}".splitlines()[0]) from e

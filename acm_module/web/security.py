@@ -26,6 +26,14 @@ MIN_PASSWORD = 10  # models.UserCreate / UserUpdate enforce it
 BOOTSTRAP_ACTOR = "api-token"
 
 
+class ApiError(Exception):
+    """An error answered as {code, message} with an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
 @dataclass(frozen=True)
 class Principal:
     """An authenticated caller: the audit trail's actor and what it may do."""

@@ -16,17 +16,20 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from acm_module.control.auth import parse_bind
-from acm_module.errors import ConfigError, StoreError
+from acm_module.errors import BOOT_ERROR, ConfigError, StoreError
 from acm_module.web.security import Passwords, check_boot, new_password
 from acm_module.web.users import User, UserRepository, now_ms, open_users
 
+if TYPE_CHECKING:
+    from acm_module.control.commands import CommandFactory
+
 log = logging.getLogger("acm.web")
 
-BOOT_ERROR = 3  # the supervisor retries later instead of respawning at once
 BOOTSTRAP_USER = "admin"
 BOOTSTRAP_FILE = "web-bootstrap.json"
 MAX_CONCURRENCY = 2048
@@ -95,19 +98,23 @@ def listen(web_http: str) -> socket.socket:
     return s
 
 
-def build_app(settings: Any) -> Any:
-    """Return the ASGI app with its services (control plane, users, pool client)."""
+def build_app(settings: Any, extra_commands: Sequence[CommandFactory] = ()) -> Any:
+    """Return the ASGI app with its services (control plane, users, pool client).
+
+    extra_commands: added to its control plane (cli.py hands in the alert lifecycle's)."""
     from acm_module.control.commands import Control
     from acm_module.web.api import Services, create_app
     from acm_module.web.decide import pool_client
 
-    control = Control(settings)
+    control = Control(settings, extra_commands=extra_commands)
     users = open_users(settings)
     pool = pool_client(settings)
-    return create_app(Services(settings, control, users, pool))
+    app = create_app(Services(settings, control, users, pool))
+    from acm_module.web.console import mount; mount(app, settings)  # noqa: E702, I001
+    return app
 
 
-def web_main(settings: Any) -> int:
+def web_main(settings: Any, extra_commands: Sequence[CommandFactory] = ()) -> int:
     """Entry point of the forked web process; return its exit code (3 = boot failure)."""
     import uvicorn
 
@@ -123,7 +130,7 @@ def web_main(settings: Any) -> int:
     except OSError as e:
         log.error("web: cannot listen on %s: %s", settings.web_http, e)
         return BOOT_ERROR
-    app = build_app(settings)
+    app = build_app(settings, extra_commands)
     svc = app.state.services
     stop = threading.Event()
     if not settings.api_token:  # with api_token the operator holds an admin credential already

@@ -17,6 +17,7 @@ import pytest
 from servers import REPO
 
 from acm_module import settings as settings_mod
+from acm_module.actions.mi import lifecycle_commands
 from acm_module.control.commands import Control
 from acm_module.control.jsonrpc import INVALID_PARAMS, NOT_FOUND
 from acm_module.persist.pg import PostgresSink
@@ -50,7 +51,7 @@ def make_alert(database_url: str, b: str | None = None, severity: str = "HIGH") 
 def control(store_url: str, database_url: str, tmp_path: Any) -> Iterator[Control]:
     s = settings_mod.load(None, env={}, cli={"store": store_url, "database_url": database_url,
                                              "state_dir": str(tmp_path)})
-    c = Control(s)
+    c = Control(s, extra_commands=[lifecycle_commands])
     try:
         yield c
     finally:
@@ -91,6 +92,9 @@ ALLOWED = [
     ("status", "NEW", "FALSE_POSITIVE"),
     ("status", "INVESTIGATING", "RESOLVED"),
     ("status", "INVESTIGATING", "FALSE_POSITIVE"),
+    ("status", "NEW", "CONFIRMED"),
+    ("status", "INVESTIGATING", "CONFIRMED"),
+    ("status", "CONFIRMED", "RESOLVED"),
 ]
 
 
@@ -98,8 +102,8 @@ ALLOWED = [
 def test_every_allowed_transition_has_its_audit_row(
         control: Control, database_url: str, how: str, start: str, target: str) -> None:
     aid = make_alert(database_url)
-    if start == "INVESTIGATING":
-        assert mi(control, "acm_alert_status", alert_id=aid, status="INVESTIGATING")["result"]
+    if start != "NEW":
+        assert mi(control, "acm_alert_status", alert_id=aid, status=start)["result"]
     before = audit_rows(database_url, aid)
     if how == "assign":
         r = mi(control, "acm_alert_assign", alert_id=aid, assignee="bob")
@@ -133,6 +137,8 @@ REFUSED = [
     ("RESOLVED", "INVESTIGATING"), ("RESOLVED", "FALSE_POSITIVE"), ("RESOLVED", "RESOLVED"),
     ("FALSE_POSITIVE", "RESOLVED"), ("FALSE_POSITIVE", "INVESTIGATING"),
     ("INVESTIGATING", "INVESTIGATING"), ("INVESTIGATING", "NEW"), ("NEW", "NEW"),
+    ("CONFIRMED", "INVESTIGATING"), ("CONFIRMED", "FALSE_POSITIVE"), ("CONFIRMED", "CONFIRMED"),
+    ("RESOLVED", "CONFIRMED"), ("FALSE_POSITIVE", "CONFIRMED"),
 ]
 
 

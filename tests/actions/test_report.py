@@ -166,8 +166,8 @@ def test_daily_report_equals_the_stored_alerts(
                                          for s in ("LOW", "HIGH", "CRITICAL")}
     assert out["distinct_a_numbers"] == len(a_numbers) == len({a for row in db for a in row[2]})
     assert out["distinct_b_numbers"] == 7
-    assert out["alerts_by_status"] == {"NEW": 4, "INVESTIGATING": 0, "RESOLVED": 2,
-                                       "FALSE_POSITIVE": 1}
+    assert out["alerts_by_status"] == {"NEW": 4, "INVESTIGATING": 0, "CONFIRMED": 0,
+                                       "RESOLVED": 2, "FALSE_POSITIVE": 1}
     # ... and the stream's own account of them.
     per_hour = {h["hour"]: {s: h[s] for s in ("LOW", "HIGH", "CRITICAL")}
                 for h in out["alerts_per_hour"]}

@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 
@@ -68,6 +70,21 @@ def test_secrets_are_redacted_in_every_shape() -> None:
         assert expected in logs.redact(raw), raw
 
 
+def test_a_url_password_is_masked_whole_in_logs_errors_and_acm_settings() -> None:
+    from acm_module.store.conn import safe_url
+
+    raw = "redis://admin:p@ss-w0rd@store.example:6379/0"
+    for shown in (logs.redact(f"connect {raw} failed"), safe_url(raw)):
+        assert "p@ss" not in shown and "ss-w0rd" not in shown, shown
+        assert "redis://admin:***@store.example:6379/0" in shown, shown
+    env = {**os.environ, "ACM_STORE_URL": raw}
+    r = subprocess.run([sys.executable, "-m", "acm_module.cli", "settings"], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("store = "))
+    assert "ss-w0rd" not in line and "store.example:6379" in line, line
+
+
 def test_phone_numbers_only_at_debug(capture: io.StringIO) -> None:
     log = logging.getLogger("acm.test")
     logs.apply_log_level("DEBUG")
@@ -90,7 +107,7 @@ def test_apply_log_level_at_runtime(capture: io.StringIO) -> None:
     assert [x["msg"] for x in lines(capture) if x["logger"] == "acm.test"] == ["shown"]
     with pytest.raises(ValueError):
         logs.apply_log_level("LOUD")
-    assert logs.set_level("INFO") == "WARNING"
+    assert logs.apply_log_level("INFO") == "WARNING"
 
 
 @pytest.mark.server
@@ -154,7 +171,7 @@ NUMBER_SPELLINGS = [
 
 def test_every_accepted_number_spelling_is_masked_and_identifiers_are_not() -> None:
     from acm_module.engine import hotpath
-    from acm_module.server.worker import alert_prefix
+    from acm_module.store.keys import alert_prefix
 
     for raw in NUMBER_SPELLINGS:
         e164 = hotpath.normalise(raw, "234")

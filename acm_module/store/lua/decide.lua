@@ -1,4 +1,5 @@
 -- acm decision script: one call per INVITE, one network round trip, atomic per B-number.
+-- Runs after episode.lua (slide, episode), which the loader puts first.
 -- Dragonfly-correct: every key touched is in KEYS, all share the hash tag of the B-number's
 -- partition ({acm.<p>}), no undeclared keys, only commands Dragonfly implements.
 --
@@ -32,10 +33,6 @@ local window = tonumber(ARGV[5])
 local verdict, reason, distinct, alert_id, sev = 'allow', 'clean', 0, '', ''
 local to_block = {}
 
-local function band(n)
-  if n >= 7 then return 'CRITICAL' elseif n >= 5 then return 'HIGH' else return 'LOW' end
-end
-
 local pre_v, pre_r = string.match(ARGV[8], '^(%a+)|(.+)$')
 local whitelisted = pre_v ~= 'drop' and redis.call('EXISTS', KEYS[4]) == 1
 local bexp, bal, bsv
@@ -53,53 +50,18 @@ elseif bexp and tonumber(bexp) > ts then
   verdict, reason, alert_id, sev = 'drop', 'blocked', bal, bsv
 else
   local old = redis.call('ZSCORE', KEYS[1], ARGV[2])
-  if (not old) or tonumber(old) < ts then
-    redis.call('ZADD', KEYS[1], ARGV[4], ARGV[2])
-  end
-  -- An in-order call can never count entries older than its own window; keeping two windows
-  -- tolerates calls that arrive up to one window out of order.
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.0f', ts - 2 * window))
-  local lo = string.format('%.0f', ts - window)
-  distinct = redis.call('ZCOUNT', KEYS[1], lo, '+inf')
-  redis.call('PEXPIRE', KEYS[1], ARGV[11])
+  local lo
+  distinct, lo = slide(KEYS[1], ARGV[2], old, ARGV[4], ts, window, ARGV[11])
   if distinct >= tonumber(ARGV[6]) then
     verdict, reason = 'drop', 'masking'
-    local ep = redis.call('HMGET', KEYS[2], 'id', 'first', 'last', 'max', 'ver', 'sev')
-    local op, first, last, maxn, ver
-    if (not ep[1]) or tonumber(ep[3]) < ts - window then
-      op, alert_id, first, last, maxn, ver = 'open', ARGV[9], ts, ts, distinct, 1
-      redis.call('DEL', KEYS[3])
-    else
-      op, alert_id = 'update', ep[1]
-      first = math.min(tonumber(ep[2]), ts)
-      last = math.max(tonumber(ep[3]), ts)
-      maxn = math.max(tonumber(ep[4]), distinct)
-      ver = tonumber(ep[5]) + 1
-    end
-    sev = band(maxn)
-    if op == 'open' then
-      redis.call('HINCRBY', KEYS[7], 'open:' .. sev, 1)
-    else
-      redis.call('HINCRBY', KEYS[7], 'upd', 1)
-      if sev ~= ep[6] then redis.call('HINCRBY', KEYS[7], 'esc:' .. sev, 1) end
-    end
-    -- Counters of a partition: a fixed handful of fields, kept 30 days past the last alert.
-    redis.call('PEXPIRE', KEYS[7], 2592000000)
-    local members = redis.call('ZRANGEBYSCORE', KEYS[1], lo, '+inf')
-    for i = 1, #members, 500 do
-      redis.call('SADD', KEYS[3], unpack(members, i, math.min(i + 499, #members)))
-    end
-    redis.call('HSET', KEYS[2], 'id', alert_id, 'first', string.format('%.0f', first),
-      'last', string.format('%.0f', last), 'max', maxn, 'sev', sev, 'ver', ver)
-    redis.call('PEXPIRE', KEYS[2], ARGV[11])
-    redis.call('PEXPIRE', KEYS[3], ARGV[11])
-    local all = redis.call('SMEMBERS', KEYS[3])
-    table.sort(all)
-    redis.call('XADD', KEYS[6], '*', 'k', 'a', 'al', alert_id, 'op', op, 'b', ARGV[3],
-      'sv', sev, 'n', maxn, 'an', table.concat(all, ','), 't0', string.format('%.0f', first),
-      't1', string.format('%.0f', last), 'ver', ver, 'wms', ARGV[5], 'blk', ARGV[15],
+    local e = episode(KEYS[2], KEYS[3], KEYS[1], ts, window, lo, distinct, ARGV[9], ARGV[11],
+                      KEYS[7], '', true)
+    alert_id, sev = e.id, e.sev
+    redis.call('XADD', KEYS[6], '*', 'k', 'a', 'al', alert_id, 'op', e.op, 'b', ARGV[3],
+      'sv', sev, 'n', e.max, 'an', e.all, 't0', string.format('%.0f', e.first),
+      't1', string.format('%.0f', e.last), 'ver', e.ver, 'wms', ARGV[5], 'blk', ARGV[15],
       'typ', 'masking', 'cr', ARGV[16], 'gw', ARGV[17])
-    if tonumber(ARGV[15]) > 0 then to_block = members end
+    if tonumber(ARGV[15]) > 0 then to_block = e.window_members end
   end
 end
 

@@ -1,6 +1,6 @@
 -- acm fan-out signal: one A-number calling many distinct B-numbers (a SIM-box CLI at work).
--- Same episode and severity logic as decide.lua, keyed by the A-number's partition: every key
--- is declared and shares the tag {acm.<p(A)>}.
+-- The episode and severity logic of decide.lua (episode.lua, which the loader puts first),
+-- keyed by the A-number's partition: every key is declared and shares the tag {acm.<p(A)>}.
 --
 -- KEYS[1] window  ZSET  B-number -> latest call ts (ms)
 -- KEYS[2] episode HASH  id, first, last, max, sev, ver of the open fan-out alert
@@ -18,50 +18,13 @@ if old and tonumber(old) == ts then
   -- The same call again (a retransmission): nothing changes.
   return {0, '', ''}
 end
-if (not old) or tonumber(old) < ts then
-  redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.0f', ts - 2 * window))
-local lo = string.format('%.0f', ts - window)
-local distinct = redis.call('ZCOUNT', KEYS[1], lo, '+inf')
-redis.call('PEXPIRE', KEYS[1], ARGV[8])
+local distinct, lo = slide(KEYS[1], ARGV[3], old, ARGV[4], ts, window, ARGV[8])
 if distinct < tonumber(ARGV[6]) then return {distinct, '', ''} end
 
-local function band(n)
-  if n >= 7 then return 'CRITICAL' elseif n >= 5 then return 'HIGH' else return 'LOW' end
-end
-
-local ep = redis.call('HMGET', KEYS[2], 'id', 'first', 'last', 'max', 'ver', 'sev')
-local op, alert_id, first, last, maxn, ver
-if (not ep[1]) or tonumber(ep[3]) < ts - window then
-  op, alert_id, first, last, maxn, ver = 'open', ARGV[7], ts, ts, distinct, 1
-  redis.call('DEL', KEYS[3])
-else
-  op, alert_id = 'update', ep[1]
-  first = math.min(tonumber(ep[2]), ts)
-  last = math.max(tonumber(ep[3]), ts)
-  maxn = math.max(tonumber(ep[4]), distinct)
-  ver = tonumber(ep[5]) + 1
-end
-local sev = band(maxn)
-if op == 'open' then
-  redis.call('HINCRBY', KEYS[5], 'fo:open:' .. sev, 1)
-else
-  redis.call('HINCRBY', KEYS[5], 'fo:upd', 1)
-end
-redis.call('PEXPIRE', KEYS[5], 2592000000)
-local members = redis.call('ZRANGEBYSCORE', KEYS[1], lo, '+inf')
-for i = 1, #members, 500 do
-  redis.call('SADD', KEYS[3], unpack(members, i, math.min(i + 499, #members)))
-end
-redis.call('HSET', KEYS[2], 'id', alert_id, 'first', string.format('%.0f', first),
-  'last', string.format('%.0f', last), 'max', maxn, 'sev', sev, 'ver', ver)
-redis.call('PEXPIRE', KEYS[2], ARGV[8])
-redis.call('PEXPIRE', KEYS[3], ARGV[8])
-local all = redis.call('SMEMBERS', KEYS[3])
-table.sort(all)
-redis.call('XADD', KEYS[4], '*', 'k', 'a', 'al', alert_id, 'op', op, 'typ', 'fanout',
-  'a', ARGV[2], 'b', '', 'sv', sev, 'n', maxn, 'an', table.concat(all, ','),
-  't0', string.format('%.0f', first), 't1', string.format('%.0f', last), 'ver', ver,
+local e = episode(KEYS[2], KEYS[3], KEYS[1], ts, window, lo, distinct, ARGV[7], ARGV[8],
+                  KEYS[5], 'fo:', false)
+redis.call('XADD', KEYS[4], '*', 'k', 'a', 'al', e.id, 'op', e.op, 'typ', 'fanout',
+  'a', ARGV[2], 'b', '', 'sv', e.sev, 'n', e.max, 'an', e.all,
+  't0', string.format('%.0f', e.first), 't1', string.format('%.0f', e.last), 'ver', e.ver,
   'wms', ARGV[5], 'blk', '0', 'cr', ARGV[9], 'gw', ARGV[10])
-return {distinct, alert_id, sev}
+return {distinct, e.id, e.sev}
