@@ -87,7 +87,8 @@ def apply_overrides(settings: Any) -> dict[str, Any]:
     try:
         values = read_overrides(conn)
     except StoreError as e:
-        log.warning("MI overrides not read (store: %s); the control plane applies them later", e)
+        # The supervisor says the store is down (check_store); nothing more to say here.
+        log.debug("MI overrides not read (store: %s); the control plane applies them later", e)
         return {}
     finally:
         conn.close()
