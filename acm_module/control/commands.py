@@ -95,7 +95,7 @@ def _p_time_ms(v: Any) -> int:
         except (ValueError, OverflowError, OSError) as e:  # 0001-01-01 with a +hh offset
             raise ValueError(what) from e
     # Before 1970 is no time of this service's (and a negative stream id to the store).
-    if not (math.isfinite(ms) and 0 <= ms <= _MAX_TIME_MS):
+    if not (math.isfinite(ms) and 0 <= ms < _MAX_TIME_MS):
         raise ValueError(what)
     return int(ms)
 
@@ -657,6 +657,8 @@ class Control:
             if ttl <= 0:
                 raise bad_params("ttl: must be > 0 seconds")
             expires_at = now + ttl * 1000
+            if expires_at >= _MAX_TIME_MS:  # an expiry must have a date, or nothing lists it
+                raise bad_params("ttl: the expiry must fall before the year 10000")
         if expires_at is not None and expires_at <= now:
             raise bad_params(f"expires_at: {iso_ms(expires_at)} is in the past")
         entry = WhitelistEntry(b_number=number, reason=reason.strip(),

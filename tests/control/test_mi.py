@@ -173,6 +173,22 @@ def test_whitelist_add_list_remove(mi_factory) -> None:  # type: ignore[no-untyp
         assert "in the past" in mi_error(ex.value)[1]
 
 
+def test_a_whitelist_expiry_past_year_9999_is_refused_and_nothing_kept(mi_factory) -> None:  # type: ignore[no-untyped-def]
+    # Found by the MI fuzz: a ttl of a phone number's size (seconds) was stored, then every
+    # whitelist list, add and remove answered -32603 because the expiry had no date.
+    with mi_factory() as (mi, _):
+        http = mi.http()
+        for params in ({"ttl": 2348031234567}, {"expires_at": 253_402_300_800}):
+            with pytest.raises(OpenSIPSMIException) as ex:
+                http.execute("acm_whitelist_add", {"number": B, "reason": "x", **params})
+            assert mi_error(ex.value)[0] == jsonrpc.INVALID_PARAMS, params
+        assert http.execute("acm_whitelist_list")["count"] == 0
+        e = http.execute("acm_whitelist_add", {"number": B, "reason": "x",
+                                               "expires_at": "9999-12-31T00:00:00Z"})
+        assert e["expires_at"].startswith("9999-12-31")
+        assert http.execute("acm_whitelist_list")["count"] == 1
+
+
 def test_block_list_and_unblock(mi_factory) -> None:  # type: ignore[no-untyped-def]
     with mi_factory() as (mi, client):
         http = mi.http()
