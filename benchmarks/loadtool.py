@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -478,7 +479,8 @@ def processes(specs: list[tuple[Callable[..., None], tuple]]) -> Iterator[list[i
 def evalsha_floor(store: str, seconds: float) -> array:
     """Time sequential EVALSHA round trips of decide.lua with the minimal RESP client."""
     from acm_module.decide.engine.hotpath_py import encode_command
-    from acm_module.decide.store.conn import StoreConnection, load_script
+    from acm_module.decide.store.cluster import StoreClient as StoreConnection
+    from acm_module.decide.store.conn import load_script
 
     c = StoreConnection(store, timeout=2.0)
     c.connect()
@@ -508,17 +510,13 @@ def evalsha_floor(store: str, seconds: float) -> array:
 
 def store_footprint(store: str, samples: int = 200) -> dict[str, float]:
     """Return the store's bytes per active B-number (window, episode, dedup keys), sampled."""
-    from acm_module.decide.store.conn import StoreConnection
+    from acm_module.decide.store.cluster import StoreClient as StoreConnection
 
     c = StoreConnection(store, timeout=5.0)
     c.connect()
     try:
-        cursor, keys = b"0", []
-        while True:
-            cursor, batch = c.call("SCAN", cursor, "MATCH", "{acm.*}:w:*", "COUNT", 1000)
-            keys += batch
-            if cursor == b"0" or len(keys) >= samples:
-                break
+        # Every master's keys on a cluster (StoreClient.scan_keys).
+        keys = list(itertools.islice(c.scan_keys("{acm.*}:w:*"), samples))
         total_b, n = 0, 0
         for k in keys[:samples]:
             b = k.split(b":w:", 1)[1]
@@ -527,7 +525,7 @@ def store_footprint(store: str, samples: int = 200) -> dict[str, float]:
                 total_b += int(c.call("MEMORY", "USAGE", kk) or 0)
             n += 1
         # Dedup keys are per call, not per B: report them per call.
-        cursor, ckeys = c.call("SCAN", "0", "MATCH", "{acm.*}:c:*", "COUNT", 200)
+        ckeys = list(itertools.islice(c.scan_keys("{acm.*}:c:*", count=200), 100))
         per_call = [int(c.call("MEMORY", "USAGE", k) or 0) for k in ckeys[:100]]
         return {"bytes_per_active_b": round(total_b / n, 1) if n else 0.0,
                 "bytes_per_call_dedup": round(statistics.mean(per_call), 1) if per_call else 0,
@@ -699,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
                               spids=store_pids, curve=curve)
 
             if not args.skip_baseline:
-                from acm_module.decide.store.conn import StoreConnection, load_script
+                from acm_module.decide.store.cluster import StoreClient as StoreConnection
+                from acm_module.decide.store.conn import load_script
 
                 c = StoreConnection(store, timeout=2.0)
                 c.connect()
@@ -728,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
 def _in_worker_raw(store: str) -> dict[str, Any]:
     """Return the workers' merged histograms and counters as they are now."""
     from acm_module.decide import stats
-    from acm_module.decide.store.conn import StoreConnection
+    from acm_module.decide.store.cluster import StoreClient as StoreConnection
 
     c = StoreConnection(store, timeout=2.0)
     c.connect()

@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(redis-server postgresql sip-tester python3-zmq python3-msgpack
+# redis-tools: redis-cli forms the test Redis Cluster; openssl: the TLS store test's certificate.
+APT_PACKAGES=(redis-server redis-tools openssl postgresql sip-tester python3-zmq python3-msgpack
               python3-venv python3-dev build-essential openjdk-17-jre-headless maven wrk
               chromium chromium-driver)
 missing=()

@@ -13,6 +13,7 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from servers import (
+    RedisCluster,
     RedisServer,
     Service,
     flush,
@@ -21,7 +22,7 @@ from servers import (
 
 from acm_module.decide.client import Client
 from acm_module.decide.engine import IMPLEMENTATION
-from acm_module.decide.store.conn import StoreConnection
+from acm_module.decide.store.cluster import StoreClient
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -51,9 +52,9 @@ def store_url(redis_server: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def store(store_url: str) -> Iterator[StoreConnection]:
-    """A raw connection to the (empty) store."""
-    c = StoreConnection(store_url, timeout=2.0)
+def store(store_url: str) -> Iterator[StoreClient]:
+    """A connection to the (empty) store, as acm opens one (StoreClient)."""
+    c = StoreClient(store_url, timeout=2.0)
     c.connect()
     try:
         yield c
@@ -122,3 +123,29 @@ def service_factory(store_url: str, zctx: zmq.Context):
             svc.cleanup()
 
     return start
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster of 3 masters and 3 replicas, stopped after the session."""
+    c = RedisCluster(masters=3, replicas=1).start()
+    try:
+        yield c
+    finally:
+        c.cleanup()
+
+
+@pytest.fixture
+def empty_cluster(cluster: RedisCluster) -> Iterator[RedisCluster]:
+    """The session's cluster, whole again and with every master emptied, before and after."""
+    def flush() -> None:
+        cluster.restore()  # nodes a test stopped rejoin (as replicas)
+        s = StoreClient(cluster.seeds_url, timeout=5.0)
+        try:
+            s.connect()
+            s.on_each_master("FLUSHALL")
+        finally:
+            s.close()
+    flush()
+    yield cluster
+    flush()

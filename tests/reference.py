@@ -6,6 +6,7 @@ Written from the contract's rules, not from the Lua script, so the two can disag
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from acm_module.decide.engine.hotpath_py import normalise, severity_of
@@ -84,3 +85,25 @@ class Reference:
             reply = {**reply, "verdict": "allow"}
         self.replies[call_id] = reply
         return reply
+
+
+def mismatches(ref: Reference, events: list[tuple[str, str, str, float]],
+               decide: Callable[[int, str, str, str, float], dict],
+               undecided: Callable[[dict], bool] | None = None) -> list[tuple]:
+    """Send every event through decide(k, call_id, a, b, ts) and the reference; return the
+    events whose replies differ (alert ids compared by the order of their first reply).
+
+    A reply undecided(reply) says was never decided (an error the contract allows) is not
+    compared and not given to the reference either."""
+    alert_index: dict[str, int] = {}
+    out = []
+    for k, (call_id, a, b, ts) in enumerate(events):
+        got = decide(k, call_id, a, b, ts)
+        if undecided is not None and undecided(got):
+            continue
+        want = ref.decide(call_id, a, b, ts)
+        if "alert_id" in got:
+            got = {**got, "alert_id": alert_index.setdefault(got["alert_id"], len(alert_index))}
+        if got != want:
+            out.append((k, call_id, a, b, ts, got, want))
+    return out

@@ -365,3 +365,182 @@ def publish_registry(url: str, doc: dict, workers: int = 2, timeout: float = 15.
     finally:
         conn.close()
     raise AssertionError(f"workers did not apply registry version {ver} in {timeout}s")
+
+
+def free_cluster_ports(n: int) -> list[int]:
+    """Return n free loopback ports below 55,536 whose cluster bus port (+10,000) is free too."""
+    import random
+
+    out: list[int] = []
+    rng = random.Random()
+    while len(out) < n:
+        p = rng.randrange(20000, 55000)
+        if p in out or p + 10000 in out:
+            continue
+        ok = True
+        for q in (p, p + 10000):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", q))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            out.append(p)
+    return out
+
+
+class RedisCluster:
+    """A temporary Redis Cluster on loopback: `masters` masters, each with `replicas` replicas.
+
+    Each node is Debian's redis-server with --cluster-enabled yes; the cluster is formed by
+    `redis-cli --cluster create`. A low cluster-node-timeout makes a failover take about a
+    second. cleanup() stops every node, also after a failed test.
+    """
+
+    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+        self.binary = shutil.which("redis-server")
+        self.cli = shutil.which("redis-cli")
+        if self.binary is None or self.cli is None:
+            unavailable("redis-server/redis-cli are not installed (apt-get install redis-server)")
+        self.masters = masters
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.ports = free_cluster_ports(masters * (1 + replicas))
+        self.dir = tempfile.mkdtemp(prefix="acm-cluster-")
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.stopped: set[int] = set()  # SIGSTOPped: alive but not answering
+
+    def _live(self) -> list[int]:
+        return [p for p, pr in self.procs.items() if pr.poll() is None and p not in self.stopped]
+
+    def url(self, i: int = 0) -> str:
+        """Return the URL of node i (any node is a valid seed)."""
+        return f"redis://127.0.0.1:{self.ports[i]}/0"
+
+    @property
+    def seeds_url(self) -> str:
+        """Return a URL naming every node as a seed."""
+        return "redis://" + ",".join(f"127.0.0.1:{p}" for p in self.ports) + "/0"
+
+    def start_node(self, port: int) -> None:
+        assert self.binary
+        d = Path(self.dir) / str(port)
+        d.mkdir(exist_ok=True)
+        self.procs[port] = subprocess.Popen(
+            [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(d), "--cluster-enabled", "yes",
+             "--cluster-config-file", f"{d}/nodes.conf",
+             "--cluster-node-timeout", str(self.node_timeout_ms),
+             "--cluster-replica-validity-factor", "0", "--cluster-require-full-coverage", "no",
+             "--cluster-allow-reads-when-down", "no", "--repl-diskless-sync-delay", "0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start(self) -> RedisCluster:
+        try:
+            for p in self.ports:
+                self.start_node(p)
+            for p in self.ports:
+                if not wait_port(p):
+                    unavailable(f"redis-server (cluster node) did not start on port {p}")
+            assert self.cli
+            if self.masters == 1 and self.replicas == 0:
+                # redis-cli --cluster create wants 3 masters: one node takes every slot itself.
+                self.redis(self.ports[0], "CLUSTER", "ADDSLOTSRANGE", "0", "16383")
+                self.wait_ok()
+                return self
+            r = subprocess.run(
+                [self.cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                capture_output=True, text=True, timeout=60)
+            if r.returncode != 0:
+                unavailable(f"redis-cli --cluster create failed: {r.stdout}{r.stderr}")
+            self.wait_ok()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def redis(self, port: int, *args: str, timeout: float = 5.0) -> str:
+        """Run one redis-cli command against a node; return its output."""
+        assert self.cli
+        r = subprocess.run([self.cli, "-p", str(port), *args], capture_output=True, text=True,
+                           timeout=timeout)
+        return r.stdout
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Wait until every running node says cluster_state:ok and agrees on the masters."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            live = self._live()
+            if all("cluster_state:ok" in self.redis(p, "CLUSTER", "INFO") for p in live) \
+                    and len({self._masters_seen(p) for p in live}) == 1 \
+                    and all(self._in_sync(p) for p in live):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"cluster not ok within {timeout}s")
+
+    def wait_replicated(self, timeout: float = 10.0) -> None:
+        """Wait until every replica has every write its master has (replication is async)."""
+        import re
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = True
+            for p in self.master_ports():
+                info = self.redis(p, "INFO", "replication")
+                m = re.search(r"master_repl_offset:(\d+)", info)
+                offs = [int(x) for x in re.findall(r"slave\d+:.*offset=(\d+)", info)]
+                if m is None or not offs or min(offs) < int(m.group(1)):
+                    done = False
+            if done:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"replicas did not catch up within {timeout}s")
+
+    def _in_sync(self, port: int) -> bool:
+        """Say whether a node is a master or a replica whose initial sync is done."""
+        info = self.redis(port, "INFO", "replication")
+        return "role:master" in info or "master_link_status:up" in info
+
+    def _masters_seen(self, port: int) -> str:
+        lines = self.redis(port, "CLUSTER", "NODES").splitlines()
+        return ",".join(sorted(ln.split()[1].split("@")[0] for ln in lines
+                               if "master" in ln.split()[2] and "fail" not in ln.split()[2]))
+
+    def master_ports(self) -> list[int]:
+        """Return the ports of the current masters (as the first live node sees them)."""
+        live = self._live()[0]
+        return sorted(int(m.rsplit(":", 1)[1]) for m in self._masters_seen(live).split(","))
+
+    def stop_node(self, port: int, sig: int = signal.SIGKILL) -> None:
+        pr = self.procs.get(port)
+        if pr is not None and pr.poll() is None:
+            pr.send_signal(sig)
+            if sig == signal.SIGSTOP:
+                self.stopped.add(port)
+            if sig in (signal.SIGKILL, signal.SIGTERM):
+                pr.wait(5)
+
+    def restore(self) -> None:
+        """Restart every node a test stopped (it rejoins, as a replica) and wait until ok."""
+        for port, pr in list(self.procs.items()):
+            if pr.poll() is None and port not in self.stopped:
+                continue
+            if pr.poll() is None:
+                pr.kill()
+                pr.wait(5)
+            self.stopped.discard(port)
+            self.start_node(port)
+            if not wait_port(port):
+                raise AssertionError(f"cluster node {port} did not restart")
+        self.wait_ok()
+
+    def cleanup(self) -> None:
+        for pr in self.procs.values():
+            if pr.poll() is None:
+                pr.send_signal(signal.SIGCONT)
+                pr.kill()
+                pr.wait(5)
+        self.procs.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)

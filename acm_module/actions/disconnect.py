@@ -32,7 +32,7 @@ from typing import Any
 from acm_module.actions.errors import MIReplyError, MIUnavailable
 from acm_module.core import records
 from acm_module.core.records import AlertChange
-from acm_module.decide.store.conn import StoreConnection
+from acm_module.decide.store.cluster import StoreClient
 
 log = logging.getLogger("acm.actions.disconnect")
 
@@ -157,7 +157,7 @@ def entry_ms(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
-def find_attack_calls(conn: StoreConnection, alert: AlertChange, *, page: int = 1000,
+def find_attack_calls(conn: StoreClient, alert: AlertChange, *, page: int = 1000,
                       max_scan: int = 200_000, slack_ms: int = 30_000) -> list[AttackCall]:
     """Return the clean, allowed calls from the alert's A-numbers to its B-number in its window.
 

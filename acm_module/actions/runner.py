@@ -56,7 +56,7 @@ from acm_module.core.records import (
 from acm_module.core.types import SEVERITIES
 from acm_module.decide.store import config as store_config
 from acm_module.decide.store import keys
-from acm_module.decide.store.conn import StoreConnection
+from acm_module.decide.store.cluster import StoreClient
 
 log = logging.getLogger("acm.actions")
 
@@ -119,7 +119,7 @@ class ActionRunner:
         self.cfg = cfg
         self.stop = stop or threading.Event()
         self.streams = keys.streams(cfg.partitions)
-        self.store = StoreConnection(cfg.store_url, timeout=5.0, connect_timeout=2.0)
+        self.store = StoreClient(cfg.store_url, timeout=5.0, connect_timeout=2.0)
         self.audit = ActionAudit(self.store, cfg.partitions, cfg.database_url)
         self.ledger = Ledger(self.store)
         self.disconnector = (Disconnector(OpenSIPSMI(cfg.opensips_mi_url,
@@ -331,7 +331,7 @@ def alert_view(a: AlertChange) -> dict[str, Any]:
 
 def destroy_group(store_url: str, partitions: int) -> int:
     """Remove the runner's group from every stream; return how many existed."""
-    c = StoreConnection(store_url, timeout=5.0)
+    c = StoreClient(store_url, timeout=5.0)
     try:
         return sum(int(c.call("XGROUP", "DESTROY", s, GROUP) or 0)  # type: ignore[arg-type]
                    for s in keys.streams(partitions))

@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 from acm_module.control.audit import AuditRecord, redact
 from acm_module.control.repository import StoreRepository
 from acm_module.core.pg import close_quietly
-from acm_module.decide.store.conn import StoreConnection
+from acm_module.decide.store.cluster import StoreClient
 
 log = logging.getLogger("acm.actions")
 
@@ -40,7 +40,7 @@ VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id
 class ActionAudit:
     """Append action records to audit_log (or the store's audit stream)."""
 
-    def __init__(self, store: StoreConnection, partitions: int, database_url: str = "",
+    def __init__(self, store: StoreClient, partitions: int, database_url: str = "",
                  connect_timeout: float = 5.0) -> None:
         self.store_repo = StoreRepository(store, partitions)
         self.database_url = database_url
@@ -91,7 +91,7 @@ class ActionAudit:
 class Ledger:
     """What the runner has done per alert, in the store."""
 
-    def __init__(self, store: StoreConnection) -> None:
+    def __init__(self, store: StoreClient) -> None:
         self.store = store
 
     @staticmethod

@@ -43,7 +43,7 @@ from acm_module.decide import stats as stats_mod
 from acm_module.decide.engine import hotpath
 from acm_module.decide.gateway import registry
 from acm_module.decide.store import config as store_config
-from acm_module.decide.store.conn import StoreConnection
+from acm_module.decide.store.cluster import StoreClient
 
 log = logging.getLogger("acm.control")
 
@@ -95,7 +95,7 @@ def _p_time_ms(v: Any) -> int:
         except (ValueError, OverflowError, OSError) as e:  # 0001-01-01 with a +hh offset
             raise ValueError(what) from e
     # Before 1970 is no time of this service's (and a negative stream id to the store).
-    if not (math.isfinite(ms) and 0 <= ms <= _MAX_TIME_MS):
+    if not (math.isfinite(ms) and 0 <= ms < _MAX_TIME_MS):
         raise ValueError(what)
     return int(ms)
 
@@ -182,7 +182,7 @@ class Reply:
     authenticated: bool = False
 
 
-def open_repository(settings: Any, conn: StoreConnection) -> ControlRepository:
+def open_repository(settings: Any, conn: StoreClient) -> ControlRepository:
     """Return the PostgreSQL repository when configured and installed, else the store one."""
     if getattr(settings, "database_url", ""):
         try:
@@ -211,11 +211,13 @@ class Control:
         # The live config as last read from or written to the store: what goes back when the
         # store loses it.
         self._last_live: dict[str, Any] | None = None
-        self.conn = StoreConnection(settings.store, timeout=1.0, connect_timeout=1.0)
+        self.conn = StoreClient(settings.store, timeout=1.0, connect_timeout=1.0)
         self.repo = repo if repo is not None else open_repository(settings, self.conn)
         self.auth = Authorizer(settings.mi_token or "")
-        self.overrides_path = overrides.overrides_path(settings)
-        # Commands are rare; one lock serialises store access (StoreConnection is not
+        # The deployment's overrides as last read or written: what goes back when the store
+        # loses them (None: not known yet).
+        self._saved: dict[str, Any] | None = None
+        # Commands are rare; one lock serialises store access (StoreClient is not
         # thread-safe) and makes each read-modify-write atomic within this process.
         self._lock = threading.RLock()
         self.commands: dict[str, Command] = {c.name: c for c in self._declare()}
@@ -443,7 +445,7 @@ class Control:
                               f"config file {path} is gone; old config kept")
             path = None
         try:
-            previous: Any = overrides.read_overrides(self.overrides_path)
+            previous: Any = self.saved_overrides()
         except ConfigError as e:
             if not reset:
                 raise MIError(jsonrpc.CONFIG_INVALID, f"{e}; old config kept") from e
@@ -455,7 +457,7 @@ class Control:
             settings_mod.validate_combination(values)
         except ConfigError as e:
             raise MIError(jsonrpc.CONFIG_INVALID, f"{e}; old config kept") from e
-        if reset and overrides.delete_overrides(self.overrides_path):
+        if reset and self._delete_overrides():
             audit.record(self.repo, caller, action, "overrides", previous, None)
         out = self.publish(values, caller, action, persist=False)
         skip = {"endpoint", "store", "workers"}
@@ -521,15 +523,33 @@ class Control:
     def _persist(self, changes: dict[str, Any], caller: Caller) -> bool:
         try:
             try:
-                saved = overrides.read_overrides(self.overrides_path)
+                saved = self.saved_overrides()
             except ConfigError as e:
-                log.error("replacing unreadable override file: %s", e)
+                log.error("replacing unreadable overrides: %s", e)
                 saved = {}
-            overrides.write_overrides(self.overrides_path, saved | changes, str(caller))
-        except OSError as e:
-            log.error("cannot persist overrides to %s: %s", self.overrides_path, e)
+            overrides.write_overrides(self.conn, saved | changes, str(caller))
+            self._saved = saved | changes
+        except StoreError as e:
+            log.error("cannot persist overrides to %s: %s", overrides.OVERRIDES_KEY, e)
             return False
         return True
+
+    def saved_overrides(self) -> dict[str, Any]:
+        """Return the deployment's MI overrides; put back the last known ones if the store lost
+        them (a wipe). Raises ConfigError (unreadable), StoreError."""
+        with self._lock:
+            saved = overrides.read_overrides(self.conn)
+            if not saved and self._saved:
+                overrides.write_overrides(self.conn, self._saved, "restore")
+                log.warning("the store had no MI overrides: restored %s", self._saved)
+                return dict(self._saved)
+            self._saved = saved
+            return saved
+
+    def _delete_overrides(self) -> bool:
+        with self._lock:
+            self._saved = {}
+            return overrides.delete_overrides(self.conn)
 
     def desired_config(self) -> dict[str, Any]:
         """Return the config the store should hold: the last live one this process saw, else
@@ -537,10 +557,10 @@ class Control:
         if self._last_live is not None:
             return dict(self._last_live)
         try:
-            saved = overrides.read_overrides(self.overrides_path)
-        except ConfigError as e:
+            saved = self.saved_overrides()
+        except (ConfigError, StoreError) as e:
             log.error("%s", e)
-            saved = {}
+            saved = dict(self._saved or {})
         return {**self.settings.detection(), **saved}
 
     def restore_config(self) -> int:
@@ -572,7 +592,7 @@ class Control:
         """Return the live config, its generation, the overrides and every setting's source."""
         gen, live = store_config.read(self.conn)
         try:
-            saved: dict[str, Any] | str = overrides.read_overrides(self.overrides_path)
+            saved: dict[str, Any] | str = self.saved_overrides()
         except ConfigError as e:
             saved = f"unreadable: {e}"
         s = self.settings
@@ -580,7 +600,7 @@ class Control:
             "generation": gen,
             "live": live,
             "overrides": saved,
-            "overrides_file": str(self.overrides_path),
+            "overrides_key": overrides.OVERRIDES_KEY,
             "settings": {n: _redact_setting(n, v) for n, v in sorted(s.values.items())},
             "sources": dict(sorted(s.source.items())),
             "runtime": sorted(settings_mod.RUNTIME),
@@ -606,8 +626,19 @@ class Control:
             })
         total = stats_mod.summarize(snaps)
         total["decisions"], carriers = _split_carriers(total["decisions"])
+        # Per node (one `acm serve` of the deployment): does every worker apply the live config?
+        nodes: dict[str, dict[str, Any]] = {}
+        for snap, w in zip(snaps, workers, strict=True):
+            n = nodes.setdefault(snap["node"], {"node": snap["node"], "host": snap["host"],
+                                                "workers": 0, "config_generations": set()})
+            n["workers"] += 1
+            n["config_generations"].add(w["config_generation"])
+        for n in nodes.values():
+            n["config_generations"] = sorted(n["config_generations"])
+            n["in_sync"] = n["config_generations"] == [gen]
         return {"generation": gen,
                 "in_sync": bool(snaps) and all(w["config_generation"] == gen for w in workers),
+                "nodes": sorted(nodes.values(), key=lambda n: n["node"]),
                 "total": total, "workers": workers, "carriers": carriers}
 
     # -- whitelist -------------------------------------------------------------------------
@@ -626,6 +657,8 @@ class Control:
             if ttl <= 0:
                 raise bad_params("ttl: must be > 0 seconds")
             expires_at = now + ttl * 1000
+            if expires_at >= _MAX_TIME_MS:  # an expiry must have a date, or nothing lists it
+                raise bad_params("ttl: the expiry must fall before the year 10000")
         if expires_at is not None and expires_at <= now:
             raise bad_params(f"expires_at: {iso_ms(expires_at)} is in the past")
         entry = WhitelistEntry(b_number=number, reason=reason.strip(),
@@ -884,8 +917,8 @@ class Control:
         config is in the store), then publishes the difference once.
         """
         try:
-            saved = overrides.read_overrides(self.overrides_path)
-        except ConfigError as e:
+            saved = self.saved_overrides()
+        except (ConfigError, StoreError) as e:
             log.error("%s", e)
             return
         if not saved:
@@ -931,7 +964,7 @@ def _split_carriers(decisions: dict[str, int]) -> tuple[dict[str, int], dict[str
     return plain, dict(sorted(carriers.items()))
 
 
-def _sibling_booted(conn: StoreConnection) -> bool:
+def _sibling_booted(conn: StoreClient) -> bool:
     """Say whether a worker of our own supervisor (same parent pid) has published stats."""
     ppid = os.getppid()
     for snap in stats_mod.read_all(conn):

@@ -28,7 +28,7 @@ from acm_module.control.audit import AuditRecord, iso_ms
 from acm_module.core import records
 from acm_module.decide.engine import hotpath
 from acm_module.decide.store import keys
-from acm_module.decide.store.conn import StoreConnection
+from acm_module.decide.store.cluster import StoreClient
 
 WHITELIST_KEY = "{acm.ctl}:whitelist"
 AUDIT_STREAM = "{acm.ctl}:audit"
@@ -112,7 +112,7 @@ class StoreRepository:
 
     name = "store"
 
-    def __init__(self, conn: StoreConnection, partitions: int) -> None:
+    def __init__(self, conn: StoreClient, partitions: int) -> None:
         self.conn = conn
         self.partitions = partitions
 

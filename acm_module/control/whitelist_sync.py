@@ -17,7 +17,7 @@ from psycopg.types.json import Jsonb
 
 from acm_module.decide.engine import hotpath
 from acm_module.decide.store import config as store_config
-from acm_module.decide.store.conn import StoreConnection
+from acm_module.decide.store.cluster import StoreClient
 
 log = logging.getLogger("acm.whitelist")
 
@@ -40,26 +40,22 @@ class SyncResult:
     invalid: int
 
 
-def _markers(store: StoreConnection) -> dict[str, str]:
+def _markers(store: StoreClient) -> dict[str, str]:
     """Return {store key: reason} of every whitelist marker in the store."""
     out: dict[str, str] = {}
-    cursor = b"0"
-    while True:
-        r = store.call("SCAN", cursor, "MATCH", MARKER_PATTERN, "COUNT", 1000, timeout=5.0)
-        assert isinstance(r, list)
-        cursor, found = r[0], r[1]
-        if found:
-            # One pipelined GET per key: MGET across hash tags is cross-slot on a cluster.
-            vals = store.round_trip(b"".join(hotpath.encode_command("GET", k) for k in found),
-                                    len(found), 5.0)
-            for k, v in zip(found, vals, strict=True):
-                if isinstance(v, bytes):
-                    out[k.decode()] = v.decode(errors="replace")
-        if cursor in (b"0", 0, "0"):
-            return out
+    found = list(store.scan_keys(MARKER_PATTERN, timeout=5.0))  # every master's, on a cluster
+    for i in range(0, len(found), 1000):
+        chunk = found[i:i + 1000]
+        # One pipelined GET per key: MGET across hash tags is cross-slot on a cluster.
+        vals = store.round_trip(b"".join(hotpath.encode_command("GET", k) for k in chunk),
+                                len(chunk), 5.0)
+        for k, v in zip(chunk, vals, strict=True):
+            if isinstance(v, bytes):
+                out[k.decode()] = v.decode(errors="replace")
+    return out
 
 
-def reconcile(db: psycopg.Connection, store: StoreConnection, partitions: int,
+def reconcile(db: psycopg.Connection, store: StoreClient, partitions: int,
               country_code: str = "234") -> SyncResult:
     """Make the store's whitelist markers equal the whitelist table's active rows.
 
@@ -112,7 +108,7 @@ def audit(db: psycopg.Connection, actor: str, action: str, target: str,
                      None if new is None else Jsonb(new), outcome, details))
 
 
-def add(db: psycopg.Connection, store: StoreConnection | None, b_number: str, reason: str,
+def add(db: psycopg.Connection, store: StoreClient | None, b_number: str, reason: str,
         created_by: str, expires_at: datetime | None = None, partitions: int = 16,
         country_code: str = "234") -> str:
     """Whitelist a B-number: table row + audit row in one transaction, then the store marker.
@@ -143,7 +139,7 @@ def add(db: psycopg.Connection, store: StoreConnection | None, b_number: str, re
     return n
 
 
-def remove(db: psycopg.Connection, store: StoreConnection | None, b_number: str, actor: str,
+def remove(db: psycopg.Connection, store: StoreClient | None, b_number: str, actor: str,
            partitions: int = 16, country_code: str = "234") -> bool:
     """Remove a B-number from the whitelist (table, audit, store); return whether it was there."""
     n = hotpath.normalise(b_number, country_code) or b_number
@@ -169,10 +165,6 @@ def writer_jobs(v: dict[str, Any]) -> list[tuple[float, Any]]:
 
 
 def _syncer(v: dict[str, Any]) -> Any:
-    import psycopg
-
-    from acm_module.decide.store.conn import StoreConnection
-
     state: dict[str, Any] = {}
 
     def whitelist_sync_tick() -> None:
@@ -180,9 +172,8 @@ def _syncer(v: dict[str, Any]) -> Any:
             if state.get("db") is None or state["db"].closed:
                 state["db"] = psycopg.connect(v["database_url"], connect_timeout=5)
             if state.get("store") is None:
-                state["store"] = StoreConnection(v["store"], timeout=5.0)
-            reconcile(state["db"], state["store"], v["partitions"],
-                                     v["default_country_code"])
+                state["store"] = StoreClient(v["store"], timeout=5.0)
+            reconcile(state["db"], state["store"], v["partitions"], v["default_country_code"])
         except Exception:
             for k in ("db", "store"):
                 if state.get(k) is not None:

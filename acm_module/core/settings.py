@@ -71,7 +71,7 @@ def _networks(v: Any) -> None:
     parse_networks(v)
 
 
-STORE_SCHEMES = ("redis", "unix", "dragonfly")
+STORE_SCHEMES = ("redis", "rediss", "unix", "dragonfly")
 
 
 def _store_url(v: Any) -> None:
@@ -79,8 +79,12 @@ def _store_url(v: Any) -> None:
         return  # an embedded store
     u = urlparse(v)
     if u.scheme not in STORE_SCHEMES:
-        raise ValueError("must be a redis://[user:password@]host:port/db or unix:///path URL")
-    _ = u.port  # raises ValueError for a port that is not a number in 0..65535
+        raise ValueError("must be a redis[s]://[user:password@]host:port[,host:port...]/db "
+                         "or unix:///path URL")
+    for hp in u.netloc.rpartition("@")[2].split(","):  # several seeds of one cluster
+        port = hp.rpartition("]")[2].rpartition(":")[2] if ":" in hp else ""
+        if port and not (port.isdigit() and int(port) <= 65535):
+            raise ValueError(f"port {port!r} is not a number in 0..65535")
     db = "" if u.scheme == "unix" else u.path.strip("/")
     if db and not db.isdigit():
         raise ValueError("the database after the last / must be a number")
@@ -273,7 +277,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Admin token for MI; required when MI binds a non-loopback address.",
             env=("ACM_MI_TOKEN",), cli="--mi-token", section="control"),
     Setting("state_dir", str, "/tmp/acm/state",
-            "Directory for runtime overrides (MI changes that survive restarts).",
+            "Local state directory. MI overrides no longer live here (they are the "
+            "deployment's, in the store); an old overrides.json is reported and ignored.",
             env=("ACM_STATE_DIR",), cli="--state-dir", section="control"),
     # --- persistence (writer) ---
     Setting("database_url", str, "", "YugabyteDB/PostgreSQL URL (alerts, whitelist, audit).",

@@ -128,6 +128,9 @@ def read_all(conn: Any, fresh_s: float = FRESH_S) -> list[dict[str, Any]]:
     now = time.time()
     for i in range(0, len(raw), 2):
         snap = json.loads(raw[i + 1])
+        # The field is host/boot/index: one node (an `acm serve`) is one host/boot.
+        field = raw[i].decode() if isinstance(raw[i], bytes) else raw[i]
+        snap.setdefault("node", field.rpartition("/")[0])
         if now - snap["updated"] > fresh_s:
             stale.append(raw[i])
         else:

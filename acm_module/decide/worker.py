@@ -23,7 +23,8 @@ from acm_module.decide.gateway import registry
 from acm_module.decide.gateway.context import GatewayContext
 from acm_module.decide.store import config as store_config
 from acm_module.decide.store import keys
-from acm_module.decide.store.conn import StoreConnection, load_script, script_sha
+from acm_module.decide.store.cluster import StoreClient
+from acm_module.decide.store.conn import load_script, script_sha
 from acm_module.decide.zmtp import IN_HWM, Balance, ZmtpServer, split_envelope
 
 log = logging.getLogger("acm.worker")
@@ -90,7 +91,7 @@ class Worker:
                                  admit=access.admit_peer if access.networks else None)
         # A reconnect must not hold the worker for long either: a black-holed store costs at
         # most 100 ms per attempt (attempts back off up to 1 s), a healthy one connects in <1 ms.
-        self.store = StoreConnection(s.store, timeout=s.store_timeout_ms / 1000.0,
+        self.store = StoreClient(s.store, timeout=s.store_timeout_ms / 1000.0,
                                      connect_timeout=max(s.store_timeout_ms / 1000.0, 0.1))
         self.script_source = load_script("decide")
         self.sha = script_sha(self.script_source)

@@ -46,7 +46,7 @@ from acm_module.decide import stats as stats_mod
 from acm_module.decide.engine import hotpath
 from acm_module.decide.store import config as store_config
 from acm_module.decide.store import keys
-from acm_module.decide.store.conn import StoreConnection
+from acm_module.decide.store.cluster import StoreClient
 
 log = logging.getLogger("acm.metrics")
 
@@ -133,7 +133,7 @@ class AlertScanner:
         self._reachable = False  # the store answered once (prime)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._conn = StoreConnection(store_url, timeout=2.0)
+        self._conn = StoreClient(store_url, timeout=2.0)
         self._thread = threading.Thread(target=self._run, name="alert-scanner", daemon=True)
         self._cfg_next = 0.0
 
@@ -243,7 +243,7 @@ class PoolCollector(Collector):
         self.partitions = partitions
         self.scanner = scanner
         self.fresh_s = fresh_s
-        self._conn = StoreConnection(store_url, timeout=2.0)
+        self._conn = StoreClient(store_url, timeout=2.0)
         self._lock = threading.Lock()  # one scrape at a time on the one connection
         self._pids: dict[tuple[str, str], int] = {}
         self._restarts: dict[tuple[str, str], int] = {}

@@ -34,7 +34,8 @@ from acm_module.core.types import SEVERITIES
 from acm_module.decide.engine import hotpath
 from acm_module.decide.store import config as store_config
 from acm_module.decide.store import keys
-from acm_module.decide.store.conn import StoreConnection, load_script, script_sha
+from acm_module.decide.store.cluster import StoreClient
+from acm_module.decide.store.conn import load_script, script_sha
 
 COLUMNS = ("call_id", "a_number", "b_number", "ts")
 BATCH = 64  # like the workers' max_batch
@@ -147,7 +148,7 @@ class ScratchStore:
         base = int(u.path.strip("/") or 0)
         return urlunparse(u._replace(path=f"/{base + offset}"))
 
-    def prepare(self, conn: StoreConnection) -> None:
+    def prepare(self, conn: StoreClient) -> None:
         """Empty the database, or refuse one that holds keys when flushing was not allowed."""
         if not self.flush_allowed:
             n = conn.call("DBSIZE")
@@ -174,7 +175,7 @@ class ScratchStore:
 class Engine:
     """Decide calls with the workers' Decider and decide.lua over one store connection."""
 
-    def __init__(self, conn: StoreConnection, det: Detection) -> None:
+    def __init__(self, conn: StoreClient, det: Detection) -> None:
         self.conn = conn
         self.det = det
         source = load_script("decide")
@@ -349,7 +350,7 @@ def _batches(calls: Sequence[Call], size: int, realtime: bool, speed: float
         i = j
 
 
-def run_replay(calls: Sequence[Call], conn: StoreConnection, det: Detection, *,
+def run_replay(calls: Sequence[Call], conn: StoreClient, det: Detection, *,
                realtime: bool = False, speed: float = 1.0, progress: ProgressLike | None = None,
                on_reply: OnReply | None = None) -> Summary:
     """Decide every call in file order on an empty store; return the summary.
@@ -424,7 +425,7 @@ def replay_file(calls: Sequence[Call], det: Detection, store: ScratchStore, *,
                 realtime: bool = False, speed: float = 1.0, progress: bool | None = None,
                 on_reply: OnReply | None = None) -> Summary:
     """Replay calls on the scratch store (emptied first). Raises ReplayError, StoreError."""
-    conn = StoreConnection(store.url, timeout=30.0, connect_timeout=5.0)
+    conn = StoreClient(store.url, timeout=30.0, connect_timeout=5.0)
     bar = Progress(len(calls), "replay", enabled=progress)
     try:
         conn.connect()

@@ -24,7 +24,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from acm_module.core.errors import StoreError
-from acm_module.decide.store.conn import StoreConnection
+from acm_module.decide.store.cluster import StoreClient
 from acm_module.ops.replay import (
     Call,
     Detection,
@@ -88,7 +88,7 @@ def cell_detection(base: Detection, threshold: int, window: float) -> Detection:
 def _run_cells(calls: Sequence[Call], base: Detection, todo: list[tuple[int, int, float]],
                store: ScratchStore, db_offset: int, report: Any) -> None:
     """Run cells one after the other on one database; report ("cell"|"progress"|"error", ...)."""
-    conn = StoreConnection(store.db_url(db_offset), timeout=30.0, connect_timeout=5.0)
+    conn = StoreClient(store.db_url(db_offset), timeout=30.0, connect_timeout=5.0)
     try:
         conn.connect()
         for index, t, w in todo:

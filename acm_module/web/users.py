@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from acm_module.decide.store.conn import StoreConnection
+from acm_module.decide.store.cluster import StoreClient
 
 T = TypeVar("T")
 
@@ -85,7 +85,7 @@ class StoreUserRepository:
     name = "store"
 
     def __init__(self, url: str) -> None:
-        self.conn = StoreConnection(url, timeout=2.0, connect_timeout=2.0)
+        self.conn = StoreClient(url, timeout=2.0, connect_timeout=2.0)
         self._lock = threading.Lock()
 
     def _call(self, *args: Any) -> Any:

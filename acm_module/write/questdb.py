@@ -23,6 +23,7 @@ from questdb import QuestDBError, QuestDBServerRejectionError, Sender, Timestamp
 
 from acm_module.core.records import FRAUD_REASONS, AlertChange, Decision
 from acm_module.decide import stats as stats_mod
+from acm_module.decide.store.cluster import StoreClient
 from acm_module.write.base import Sink, SinkRejected, SinkUnavailable
 from acm_module.write.streamconn import StreamConnection
 
@@ -220,7 +221,7 @@ class QuestDBSink(Sink):
             raise SinkUnavailable(f"questdb: {e}") from e
         self._sender = sender
         if self.store_url:
-            self._store = StreamConnection(self.store_url, timeout=5.0)
+            self._store = StoreClient(self.store_url, timeout=5.0, conn_class=StreamConnection)
             self._latency = LatencyIndex(self._store)
 
     def _latencies(self, decisions: list[Decision]) -> tuple[dict[int, int], set[int]]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from acm_module.core.errors import StoreError, StoreReplyError
 from acm_module.decide.engine import hotpath
-from acm_module.decide.store.conn import parse_url, safe_url
+from acm_module.decide.store.conn import StoreAddress, parse_url, safe_url
 
 try:
     import hiredis
@@ -25,11 +25,12 @@ class StreamConnection:
     UTF-8 decoded str with hiredis, bytes without it: readers go through `_s`.
     """
 
-    def __init__(self, url: str, timeout: float = 5.0, connect_timeout: float = 2.0) -> None:
+    def __init__(self, url: str, timeout: float = 5.0, connect_timeout: float = 2.0,
+                 address: StoreAddress | None = None) -> None:
         self.url = url
         self.timeout = timeout
         self.connect_timeout = connect_timeout
-        self._address = parse_url(url)
+        self._address = address or parse_url(url)
         self._sock: socket.socket | None = None
         self._reader: Any = None
         self._buf = bytearray()
@@ -47,6 +48,15 @@ class StreamConnection:
         self._buf.clear()
         for cmd in self._address.login():
             self.call(*cmd)
+
+    @property
+    def connected(self) -> bool:
+        """Say whether a socket is open."""
+        return self._sock is not None
+
+    def set_timeout(self, timeout: float) -> None:
+        """Change the default round-trip timeout."""
+        self.timeout = timeout
 
     def close(self) -> None:
         """Close the socket, if open."""
@@ -71,6 +81,10 @@ class StreamConnection:
 
         Raises StoreError (and closes) on a broken or slow connection.
         """
+        return self.read(n, self.send(payload, timeout))
+
+    def send(self, payload: bytes, timeout: float | None = None) -> float:
+        """Send pipelined commands; return the deadline of their replies (for read())."""
         if self._sock is None:
             self.connect()
         sock = self._sock
@@ -79,6 +93,17 @@ class StreamConnection:
         try:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             sock.sendall(payload)
+        except OSError as e:
+            self.close()
+            raise StoreError(f"store {self.safe_url()}: {e}") from e
+        return deadline
+
+    def read(self, n: int, deadline: float) -> list:
+        """Read n replies sent before deadline (see round_trip()). Raises StoreError."""
+        sock = self._sock
+        if sock is None:
+            raise StoreError(f"store {self.safe_url()}: connection closed")
+        try:
             out: list = []
             while len(out) < n:
                 reply = self._next_reply()

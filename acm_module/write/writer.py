@@ -41,18 +41,20 @@ from typing import Any
 
 from acm_module.core import records as rec
 from acm_module.core.backoff import Backoff
-from acm_module.core.errors import StoreError
+from acm_module.core.errors import StoreError, StoreReplyError
 from acm_module.decide.engine import hotpath
 from acm_module.decide.store import keys
+from acm_module.decide.store.cluster import StoreClient
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.write.base import Sink, SinkRejected, SinkUnavailable
 from acm_module.write.streamconn import StreamConnection
 
-AnyConn = StoreConnection | StreamConnection
+AnyConn = StoreClient | StoreConnection | StreamConnection
 
 log = logging.getLogger("acm.writer")
 
 DLQ_KEY = "{acm.dlq}:s"
+CLUSTER_POLL_MS = 50  # on a cluster, the wait between empty reads (no BLOCK there)
 STATS_KEY = "{acm.stats}:writer"
 GROUPS_KEY = "{acm.stats}:groups"  # group -> JSON {idle_s, released, updated}
 # "<stream>|<group>" -> JSON [last delivered id, pending, since (unix s), released]
@@ -154,7 +156,7 @@ class SinkRunner:
         self.streams = keys.streams(cfg.partitions)
         self.stats = SinkStats()
         self.backoff = Backoff(cfg.backoff_base_s, cfg.backoff_max_s)
-        self.store = StreamConnection(cfg.store_url, timeout=5.0)
+        self.store = StoreClient(cfg.store_url, timeout=5.0, conn_class=StreamConnection)
         self.thread = threading.Thread(target=self.run, name=f"sink-{sink.name}", daemon=True)
         self._own_cursor: dict[str, str] | None = None  # own-pending scan; None when done
         self._claim_next = 0.0
@@ -276,10 +278,35 @@ class SinkRunner:
         if block:
             args += ["BLOCK", self.cfg.block_ms]
         args += ["STREAMS", *streams, *ids]
+        if self.store.cluster:
+            return self._xreadgroup_cluster(args, ids, streams, block)
         r = self.store.call(*args, timeout=self.cfg.block_ms / 1000.0 + 5.0)
         out: list[Entry] = []
         for stream, entries in r or []:  # type: ignore[union-attr]
             out += _decode_entries(_s(stream), entries)
+        return out
+
+    def _xreadgroup_cluster(self, args: list[str | int], ids: list[str], streams: list[str],
+                            block: bool) -> list[Entry]:
+        """Read every stream with its own XREADGROUP, all pipelined (one buffer per master).
+
+        A cluster refuses one command over streams of several slots (CROSSSLOT), and blocking
+        commands pipelined to one master would wait one after another: read without BLOCK
+        and, when nothing came, wait a short poll interval instead.
+        """
+        head = args[:args.index("STREAMS")]
+        if block:
+            head = head[:-2]  # drop BLOCK ms
+        cmds = b"".join(hotpath.encode_command(*head, "STREAMS", s, i)
+                        for s, i in zip(streams, ids, strict=True))
+        out: list[Entry] = []
+        for r in self.store.round_trip(cmds, len(streams), 5.0):
+            if isinstance(r, hotpath.RespError):
+                raise StoreReplyError(r.message)
+            for stream, entries in r or []:
+                out += _decode_entries(_s(stream), entries)
+        if not out and block:
+            self.stop.wait(min(self.cfg.block_ms, CLUSTER_POLL_MS) / 1000.0)
         return out
 
     def _read_own_pending(self) -> list[Entry]:
@@ -654,7 +681,7 @@ class Writer:
         self.cfg = cfg
         self.stop_event = threading.Event()
         self.runners = [SinkRunner(s, cfg, self.stop_event) for s in sinks]
-        self.store = StreamConnection(cfg.store_url, timeout=5.0)
+        self.store = StoreClient(cfg.store_url, timeout=5.0, conn_class=StreamConnection)
         self.periodic = list(periodic or [])  # (interval_s, fn): e.g. whitelist sync
         self.field = f"{socket.gethostname()}/{os.getpid()}"
         self._signals: list[int] = []

@@ -15,7 +15,8 @@ from mi_helpers import free_udp_port, mi_error, wait_in_sync
 from opensips.mi import OpenSIPSMIException
 from servers import REPO, Service, free_port
 
-from acm_module.control import jsonrpc
+from acm_module.control import jsonrpc, overrides
+from acm_module.decide.store.cluster import StoreClient
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
@@ -117,7 +118,7 @@ def test_a_value_already_in_force_is_neither_pinned_nor_audited(mi_factory) -> N
         r = http.execute("acm_set", {"threshold": 5, "mode": "block"})  # the defaults
         assert (r["changed"], r["persisted"], r["generation"]) == ({}, False, gen)
         assert http.execute("acm_get_config")["overrides"] == {}
-        assert not (mi.state_dir / "overrides.json").exists()
+        assert _store_get(mi.svc.store_url, overrides.OVERRIDES_KEY) is None
         assert http.execute("acm_audit_list")["count"] == 0
         # Only what changes is pinned and audited.
         r = http.execute("acm_set", {"threshold": 6, "mode": "block"})
@@ -170,6 +171,22 @@ def test_whitelist_add_list_remove(mi_factory) -> None:  # type: ignore[no-untyp
             http.execute("acm_whitelist_add", {"number": B, "reason": "x",
                                                "expires_at": "2020-01-01T00:00:00Z"})
         assert "in the past" in mi_error(ex.value)[1]
+
+
+def test_a_whitelist_expiry_past_year_9999_is_refused_and_nothing_kept(mi_factory) -> None:  # type: ignore[no-untyped-def]
+    # Found by the MI fuzz: a ttl of a phone number's size (seconds) was stored, then every
+    # whitelist list, add and remove answered -32603 because the expiry had no date.
+    with mi_factory() as (mi, _):
+        http = mi.http()
+        for params in ({"ttl": 2348031234567}, {"expires_at": 253_402_300_800}):
+            with pytest.raises(OpenSIPSMIException) as ex:
+                http.execute("acm_whitelist_add", {"number": B, "reason": "x", **params})
+            assert mi_error(ex.value)[0] == jsonrpc.INVALID_PARAMS, params
+        assert http.execute("acm_whitelist_list")["count"] == 0
+        e = http.execute("acm_whitelist_add", {"number": B, "reason": "x",
+                                               "expires_at": "9999-12-31T00:00:00Z"})
+        assert e["expires_at"].startswith("9999-12-31")
+        assert http.execute("acm_whitelist_list")["count"] == 1
 
 
 def test_block_list_and_unblock(mi_factory) -> None:  # type: ignore[no-untyped-def]
@@ -287,7 +304,7 @@ def test_changes_survive_a_restart(mi_factory, tmp_path: Path) -> None:  # type:
     state = tmp_path / "keep"
     with mi_factory(state_dir=state) as (mi, _):
         mi.http().execute("acm_set", {"threshold": 3, "mode": "monitor"})
-    saved = json.loads((state / "overrides.json").read_text())
+    saved = json.loads(_store_get(mi.svc.store_url, overrides.OVERRIDES_KEY))
     assert saved["values"] == {"threshold": 3, "mode": "monitor"}
     with mi_factory(state_dir=state) as (mi, client):
         wait_for(lambda: (mi.live()["threshold"], mi.live()["mode"]) == (3, "monitor"),
@@ -319,3 +336,11 @@ def test_acm_mi_command_line(mi_factory) -> None:  # type: ignore[no-untyped-def
         assert r.returncode == 0 and json.loads(r.stdout)["live"]["threshold"] == 7
         rec = mi.http().execute("acm_audit_list")["records"][0]
         assert rec["actor"] != "anonymous"  # acm mi sends the login name
+
+
+def _store_get(url: str, key: str) -> bytes | None:
+    c = StoreClient(url, timeout=2.0)
+    try:
+        return c.call("GET", key)  # type: ignore[return-value]
+    finally:
+        c.close()

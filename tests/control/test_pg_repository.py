@@ -27,6 +27,7 @@ from acm_module.control.audit import AuditRecord
 from acm_module.control.pg_repository import PostgresControlRepository
 from acm_module.control.repository import AlertQuery, WhitelistEntry
 from acm_module.decide.store import config as store_config
+from acm_module.decide.store.cluster import StoreClient
 from acm_module.decide.store.conn import StoreConnection
 
 _PERSIST = Path(__file__).resolve().parent.parent / "persist"
@@ -78,7 +79,7 @@ def marker(store_url: str, b: str) -> bytes | None:
 
 def reconcile(database_url: str, store_url: str) -> whitelist_sync.SyncResult:
     """Run the writer's whitelist reconcile once (table -> store markers)."""
-    store = StoreConnection(store_url, timeout=5.0)
+    store = StoreClient(store_url, timeout=5.0)
     try:
         with psycopg.connect(database_url, connect_timeout=5) as db:
             return whitelist_sync.reconcile(db, store, PARTITIONS)

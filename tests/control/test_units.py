@@ -108,24 +108,27 @@ def test_authorizer_roles() -> None:
     assert e.value.code == jsonrpc.UNAUTHORIZED
 
 
-def test_overrides_round_trip_and_apply(tmp_path: Path) -> None:
-    env = {"ACM_STATE_DIR": str(tmp_path), "ACM_DETECTION_THRESHOLD": "9"}
+def test_overrides_round_trip_and_apply(tmp_path: Path, store_url: str, store) -> None:  # type: ignore[no-untyped-def]
+    env = {"ACM_STATE_DIR": str(tmp_path), "ACM_DETECTION_THRESHOLD": "9",
+           "ACM_STORE_URL": store_url}
     s = settings_mod.load(None, env=env)
-    path = overrides.overrides_path(s)
+    # A host-local file of the old design is ignored: no silent inheritance between instances.
+    (tmp_path / overrides.LEGACY_FILENAME).write_text('{"values": {"threshold": 3}}')
     assert overrides.apply_overrides(s) == {}
-    overrides.write_overrides(path, {"threshold": 7, "mode": "monitor"}, "test")
+    overrides.write_overrides(store, {"threshold": 7, "mode": "monitor"}, "test")
     applied = overrides.apply_overrides(s)
     assert applied == {"threshold": 7, "mode": "monitor"}
     assert s.threshold == 7 and s.mode == "monitor"  # the override beats the environment
     assert s.source["threshold"].startswith("override:")
-    path.write_text('{"values": {"threshold": 1}}')
+    store.call("SET", overrides.OVERRIDES_KEY, '{"values": {"threshold": 1}}')
     with pytest.raises(ConfigError, match="threshold"):
         overrides.apply_overrides(s)
-    path.write_text("{broken")
+    store.call("SET", overrides.OVERRIDES_KEY, "{broken")
     with pytest.raises(ConfigError, match="not valid JSON"):
         overrides.apply_overrides(s)
-    path.write_text('{"values": {"workers": 3}}')  # not runtime: ignored
+    store.call("SET", overrides.OVERRIDES_KEY, '{"values": {"workers": 3}}')  # not runtime
     assert overrides.apply_overrides(s) == {}
+    assert overrides.delete_overrides(store) and not overrides.delete_overrides(store)
 
 
 def test_cli_builds_named_or_positional_params() -> None:

@@ -22,7 +22,7 @@ from servers import REPO, free_port, unavailable, wait_port
 
 from acm_module.decide.engine import hotpath
 from acm_module.decide.store import keys
-from acm_module.decide.store.conn import StoreConnection
+from acm_module.decide.store.cluster import StoreClient as StoreConnection
 from acm_module.write.questdb import QuestDB
 from acm_module.write.writer import GROUP_PREFIX, StreamConnection, group_positions
 
@@ -226,7 +226,8 @@ def add_tap(store_url: str, partitions: int = 16) -> None:
 
 def stream_records(store_url: str, partitions: int = 16) -> list[tuple[str, str, dict[str, str]]]:
     """Return (stream, id, fields) of every record still in the partition streams."""
-    c = StreamConnection(store_url, timeout=10.0)  # hiredis: replies of thousands of entries
+    # hiredis: replies of thousands of entries
+    c = StoreConnection(store_url, timeout=10.0, conn_class=StreamConnection)
     out = []
     try:
         for s in keys.streams(partitions):

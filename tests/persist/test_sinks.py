@@ -22,6 +22,7 @@ from acm_module.control import whitelist_sync
 from acm_module.core.records import AlertChange
 from acm_module.decide.store import config as store_config
 from acm_module.decide.store import keys
+from acm_module.decide.store.cluster import StoreClient
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.write.clickhouse import ClickHouseSink
 from acm_module.write.migrate import migrations
@@ -111,7 +112,7 @@ print(rows, daily)
     assert [(r["severity"], int(r["n"])) for r in daily] == [("CRITICAL", 1), ("HIGH", 1)]
 
 
-def test_whitelist_reconcile_follows_the_table(database_url: str, store: StoreConnection) -> None:
+def test_whitelist_reconcile_follows_the_table(database_url: str, store: StoreClient) -> None:
     soon = datetime.now(UTC) + timedelta(hours=1)
     past = datetime.now(UTC) - timedelta(hours=1)
     with psycopg.connect(database_url) as db:

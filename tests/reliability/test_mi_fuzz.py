@@ -13,6 +13,9 @@ the control process must neither die nor grow (threads, descriptors, RSS after a
 
 Runs on both hot paths: MI numbers go through the hot path's normalise(), so the MI code path
 is not twin-independent. `ACM_MI_FUZZ_SEED` replays a run; `ACM_MI_FUZZ_BODIES` sets the count.
+A run picks a fresh seed (printed), except under CI=true, where the seed is fixed so that a
+submission is judged on its own change and not on the seed it drew; explore locally with
+repeated runs and pin what they find as a test (as the year-9999 whitelist expiry was).
 """
 
 from __future__ import annotations
@@ -202,6 +205,9 @@ class _Http:
         self.conn.close()
 
 
+CI_SEED = 1111052332  # the seed that found the year-9999 whitelist expiry
+
+
 @pytest.fixture
 def svc(service_factory: Any) -> Iterator[Service]:
     with service_factory(workers=1) as (s, _):
@@ -209,7 +215,8 @@ def svc(service_factory: Any) -> Iterator[Service]:
 
 
 def test_mi_fuzz_every_body_one_reply_process_neither_dies_nor_grows(svc: Service) -> None:
-    seed = int(os.environ.get("ACM_MI_FUZZ_SEED", str(random.randrange(1 << 32))))
+    default = CI_SEED if os.environ.get("CI") == "true" else random.randrange(1 << 32)
+    seed = int(os.environ.get("ACM_MI_FUZZ_SEED", str(default)))
     rng = random.Random(seed)
     h = _Http(svc.mi_http)
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -228,6 +235,7 @@ def test_mi_fuzz_every_body_one_reply_process_neither_dies_nor_grows(svc: Servic
         commands = commands_of(json.loads(raw)["result"])
         pid = svc.child_pid("acm-control")
         codes: Counter[str] = Counter()
+        internal: list[bytes] = []  # bodies answered -32603: what a failure names
         reached: dict[str, int] = {}
         sent = {"http": 0, "datagram": 0}
         base: dict[str, int] = {}
@@ -258,6 +266,8 @@ def test_mi_fuzz_every_body_one_reply_process_neither_dies_nor_grows(svc: Servic
                 code = check_reply(raw, want, codes)
             except (AssertionError, ValueError) as e:
                 raise AssertionError(f"seed {seed} body {n} {data[:300]!r}: {e}") from e
+            if code in (jsonrpc.INTERNAL_ERROR, jsonrpc.STORE_UNAVAILABLE) and len(internal) < 5:
+                internal.append(data[:300])
             if method and code not in (jsonrpc.PARSE_ERROR, jsonrpc.INVALID_REQUEST):
                 reached[method] += 1
         took = time.monotonic() - t0
@@ -276,8 +286,9 @@ def test_mi_fuzz_every_body_one_reply_process_neither_dies_nor_grows(svc: Servic
               f"{WARMUP} bodies -> end: threads {base['threads']} -> {end['threads']}, fds "
               f"{base['fds']} -> {end['fds']}, RSS {base['rss_kb'] / 1024:.1f} -> "
               f"{end['rss_kb'] / 1024:.1f} MB")
-        assert codes[str(jsonrpc.INTERNAL_ERROR)] == 0, (seed, codes)
-        assert codes[str(jsonrpc.STORE_UNAVAILABLE)] == 0, (seed, codes)  # the store is up
+        assert codes[str(jsonrpc.INTERNAL_ERROR)] == 0, (seed, codes, internal)
+        # The store is up.
+        assert codes[str(jsonrpc.STORE_UNAVAILABLE)] == 0, (seed, codes, internal)
         # Every command had its parameters parsed (and refused or run) many times.
         assert set(reached) == set(commands) and min(reached.values()) >= 20, reached
         assert end["threads"] <= base["threads"] + 1 and end["fds"] <= base["fds"] + 1, (

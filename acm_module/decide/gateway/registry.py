@@ -14,7 +14,7 @@ from typing import Any
 
 from acm_module.core.errors import ConfigError, StoreReplyError
 from acm_module.decide.engine import hotpath
-from acm_module.decide.store.conn import StoreConnection
+from acm_module.decide.store.cluster import StoreClient
 
 REGISTRY_KEY = "{acm.cfg}:gw"
 
@@ -30,14 +30,14 @@ return ver
 """
 
 
-def publish(conn: StoreConnection, doc: dict[str, Any]) -> int:
+def publish(conn: StoreClient, doc: dict[str, Any]) -> int:
     """Publish a (validated) registry document; return its new version."""
     body = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     now_ms = int(time.time() * 1000)
     return int(conn.call("EVAL", _PUBLISH, 1, REGISTRY_KEY, body, now_ms))  # type: ignore[arg-type]
 
 
-def read(conn: StoreConnection) -> tuple[int, dict[str, Any]]:
+def read(conn: StoreClient) -> tuple[int, dict[str, Any]]:
     """Return (version, document); (0, EMPTY) when nothing was ever published."""
     r = conn.call("HMGET", REGISTRY_KEY, "ver", "doc")
     assert isinstance(r, list)
@@ -49,7 +49,7 @@ def read(conn: StoreConnection) -> tuple[int, dict[str, Any]]:
 VERSION_COMMAND = hotpath.encode_command("HGET", REGISTRY_KEY, "ver")
 
 
-def version(conn: StoreConnection) -> int:
+def version(conn: StoreClient) -> int:
     """Return the published version (0 when none)."""
     return parse_version(conn.call("HGET", REGISTRY_KEY, "ver"))
 

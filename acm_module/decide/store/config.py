@@ -18,7 +18,7 @@ from typing import Any
 from acm_module.core.errors import StoreReplyError
 from acm_module.decide.engine import hotpath
 from acm_module.decide.store import keys
-from acm_module.decide.store.conn import StoreConnection
+from acm_module.decide.store.cluster import StoreClient
 
 CONFIG_KEY = "{acm.cfg}:detect"
 DECIDER_KEYS = ("threshold", "window", "mode", "dedup_ttl", "block_ttl")
@@ -99,7 +99,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def init_boot(conn: StoreConnection, boot_id: str, values: dict[str, Any]) -> int:
+def init_boot(conn: StoreClient, boot_id: str, values: dict[str, Any]) -> int:
     """Publish `values` as the live config unless this boot already did. Return the generation
     (0 when this boot had published)."""
     r = conn.call("EVAL", _INIT_BOOT, 1, CONFIG_KEY, boot_id, json.dumps(values, sort_keys=True),
@@ -107,7 +107,7 @@ def init_boot(conn: StoreConnection, boot_id: str, values: dict[str, Any]) -> in
     return int(r)  # type: ignore[arg-type]
 
 
-def restore(conn: StoreConnection, values: dict[str, Any], boot_id: str = "") -> int:
+def restore(conn: StoreClient, values: dict[str, Any], boot_id: str = "") -> int:
     """Publish `values` if the store has no live config; return the generation, 0 if it had."""
     r = conn.call("EVAL", _RESTORE, 1, CONFIG_KEY, boot_id, json.dumps(values, sort_keys=True),
                   _now_ms())
@@ -117,12 +117,12 @@ def restore(conn: StoreConnection, values: dict[str, Any], boot_id: str = "") ->
 READ_COMMAND = hotpath.encode_command("HMGET", CONFIG_KEY, "gen", "values")
 
 
-def read(conn: StoreConnection) -> tuple[int, dict[str, Any] | None]:
+def read(conn: StoreClient) -> tuple[int, dict[str, Any] | None]:
     """Return (generation, config values) of the live config; (0, None) if none is published."""
     return parse_read(conn.call("HMGET", CONFIG_KEY, "gen", "values"))
 
 
-def read_origin(conn: StoreConnection) -> tuple[int, dict[str, Any] | None, str, str]:
+def read_origin(conn: StoreClient) -> tuple[int, dict[str, Any] | None, str, str]:
     """Return (generation, values, boot id, source) of the live config; the source is "boot"
     (a worker's start-up settings), "mi" (a change) or "restore" ("" when unknown)."""
     r = conn.call("HMGET", CONFIG_KEY, "gen", "values", "boot", "src")
@@ -142,14 +142,14 @@ def parse_read(r: Any) -> tuple[int, dict[str, Any] | None]:
     return int(r[0]), _coerce(json.loads(r[1]))
 
 
-def compare_and_set(conn: StoreConnection, expected_gen: int, values: dict[str, Any]) -> int:
+def compare_and_set(conn: StoreClient, expected_gen: int, values: dict[str, Any]) -> int:
     """Replace the live config if it is still at expected_gen; return the new gen, or -1."""
     r = conn.call("EVAL", _SET_IF_GEN, 1, CONFIG_KEY, expected_gen,
                   json.dumps(values, sort_keys=True), _now_ms())
     return int(r)  # type: ignore[arg-type]
 
 
-def write_blocks(conn: StoreConnection, todo: list[tuple[str, int, str, str]],
+def write_blocks(conn: StoreClient, todo: list[tuple[str, int, str, str]],
                  now_ms: int, partitions: int) -> None:
     """Block A-numbers: (a_number, expiry_ms, alert_id, severity), in every partition's copy.
 
@@ -169,7 +169,7 @@ def write_blocks(conn: StoreConnection, todo: list[tuple[str, int, str, str]],
             raise StoreReplyError(r.message)
 
 
-def list_blocks(conn: StoreConnection, partitions: int) -> list[dict[str, Any]]:
+def list_blocks(conn: StoreClient, partitions: int) -> list[dict[str, Any]]:
     """Return every block entry as {a_number, expires_ms, alert_id, severity}."""
     del partitions  # every partition holds the same list: read the first copy
     r = conn.call("HGETALL", keys.blocks(0))
@@ -182,7 +182,7 @@ def list_blocks(conn: StoreConnection, partitions: int) -> list[dict[str, Any]]:
     return sorted(out, key=lambda e: e["a_number"])
 
 
-def unblock(conn: StoreConnection, a_number: str, partitions: int) -> bool:
+def unblock(conn: StoreClient, a_number: str, partitions: int) -> bool:
     """Release one blocked A-number in every copy; return whether it was blocked."""
     payload = b"".join(hotpath.encode_command("HDEL", keys.blocks(p), a_number)
                        for p in range(partitions))
@@ -195,7 +195,7 @@ def whitelist_key(b_number: str, partitions: int) -> str:
     return keys.for_b(b_number, partitions)["whitelist"]
 
 
-def whitelist_set(conn: StoreConnection, b_number: str, partitions: int, reason: str,
+def whitelist_set(conn: StoreClient, b_number: str, partitions: int, reason: str,
                   ttl_ms: int | None = None) -> None:
     """Whitelist a normalised B-number in the store (ttl_ms: until it expires)."""
     key = whitelist_key(b_number, partitions)
@@ -205,6 +205,6 @@ def whitelist_set(conn: StoreConnection, b_number: str, partitions: int, reason:
         conn.call("SET", key, reason or "-")
 
 
-def whitelist_del(conn: StoreConnection, b_number: str, partitions: int) -> bool:
+def whitelist_del(conn: StoreClient, b_number: str, partitions: int) -> bool:
     """Remove a B-number's whitelist marker; return whether it existed."""
     return bool(conn.call("DEL", whitelist_key(b_number, partitions)))

@@ -9,11 +9,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from acm_module.core.errors import ConfigError, StoreError, StoreReplyError
 from acm_module.core.redaction import redact_url
@@ -48,7 +49,7 @@ def script_sha(source: str) -> str:
 
 @dataclass(frozen=True)
 class StoreAddress:
-    """Where a store URL points (redis://[user:pass@]host:port/db or unix:///path)."""
+    """Where a store URL points (redis[s]://[user:pass@]host:port/db or unix:///path)."""
 
     unix: bool
     path: str
@@ -57,9 +58,20 @@ class StoreAddress:
     username: str | None
     password: str | None
     db: int
+    tls: bool = False
+    tls_verify: bool = True
+    ca_certs: str | None = None
+
+    def at(self, host: str, port: int) -> StoreAddress:
+        """Return the same credentials and TLS settings for another node (a cluster's)."""
+        return StoreAddress(False, "", host, port, self.username, self.password, self.db,
+                            self.tls, self.tls_verify, self.ca_certs)
 
     def open(self, connect_timeout: float, url: str) -> socket.socket:
-        """Connect a socket to the store (TCP_NODELAY on TCP). Raises StoreError."""
+        """Connect a socket to the store (TCP_NODELAY on TCP, TLS for rediss://).
+
+        Raises StoreError.
+        """
         try:
             if self.unix:
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -68,9 +80,19 @@ class StoreAddress:
             else:
                 s = socket.create_connection((self.host, self.port), connect_timeout)
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as e:
-            raise StoreError(f"cannot connect to store {safe_url(url)}: {e}") from e
+                if self.tls:
+                    s = self._tls_context().wrap_socket(s, server_hostname=self.host)
+        except (OSError, ssl.SSLError) as e:
+            raise StoreError(f"cannot connect to store {safe_url(url)} "
+                             f"({self.host}:{self.port}): {e}") from e
         return s
+
+    def _tls_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.ca_certs)
+        if not self.tls_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
 
     def login(self) -> list[list[str | int]]:
         """Return the commands a new connection sends first (AUTH, SELECT as the URL says)."""
@@ -83,16 +105,46 @@ class StoreAddress:
         return out
 
 
-def parse_url(url: str) -> StoreAddress:
-    """Parse a store URL. Raises StoreError for an unsupported scheme."""
+def parse_seeds(url: str) -> list[StoreAddress]:
+    """Parse a store URL into its seed addresses (`redis://h1:6379,h2:6379/0` names two).
+
+    `rediss://` connects over TLS (query `ssl_cert_reqs=none` skips verification,
+    `ssl_ca_certs=PATH` names the CA file); `user:password@` logs in as an ACL user.
+    Raises StoreError for an unsupported scheme or a malformed address.
+    """
     u = urlparse(url)
     if u.scheme not in STORE_SCHEMES:
-        raise StoreError(f"unsupported store URL scheme {u.scheme!r} (redis:// or unix://)")
-    unix = u.scheme == "unix"
-    db = "" if unix else u.path.strip("/")
-    return StoreAddress(unix, u.path, u.hostname or "127.0.0.1", u.port or 6379,
-                        unquote(u.username) if u.username else None,
-                        unquote(u.password) if u.password else None, int(db) if db else 0)
+        raise StoreError(f"unsupported store URL scheme {u.scheme!r} "
+                         "(redis://, rediss:// or unix://)")
+    if u.scheme == "unix":
+        return [StoreAddress(True, u.path, "", 0, None, None, 0)]
+    userinfo, _, hosts = u.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    db = u.path.strip("/")
+    q = parse_qs(u.query)
+    verify = q.get("ssl_cert_reqs", ["required"])[0].lower() not in ("none", "optional")
+    out = []
+    for hp in hosts.split(","):
+        host, port = hp or "127.0.0.1", 6379
+        if hp.startswith("["):  # [ipv6]:port
+            host, _, rest = hp[1:].partition("]")
+            port = int(rest[1:]) if rest.startswith(":") else 6379
+        elif ":" in hp:
+            h, _, p = hp.rpartition(":")
+            try:
+                host, port = h, int(p)
+            except ValueError as e:
+                raise StoreError(f"bad port in store URL {safe_url(url)}") from e
+        out.append(StoreAddress(False, "", host, port, unquote(user) if user else None,
+                                unquote(password) if password else None,
+                                int(db) if db else 0, u.scheme == "rediss", verify,
+                                q.get("ssl_ca_certs", [None])[0]))
+    return out
+
+
+def parse_url(url: str) -> StoreAddress:
+    """Parse a store URL into its first address. Raises StoreError (see parse_seeds)."""
+    return parse_seeds(url)[0]
 
 
 # Error replies that mean the URL's credentials or database are wrong: no retry can fix them.
@@ -124,14 +176,15 @@ def safe_url(url: str) -> str:
 class StoreConnection:
     """One connection to a Redis-protocol server (DragonflyDB, Redis, Valkey)."""
 
-    def __init__(self, url: str, timeout: float = 0.02, connect_timeout: float = 1.0) -> None:
+    def __init__(self, url: str, timeout: float = 0.02, connect_timeout: float = 1.0,
+                 address: StoreAddress | None = None) -> None:
         self.url = url
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._sock: socket.socket | None = None
         self._buf = bytearray()
         self._applied = -1.0
-        self._address = parse_url(url)
+        self._address = address or parse_url(url)
 
     # -- connection management -------------------------------------------------------------
     def connect(self) -> None:
@@ -202,6 +255,13 @@ class StoreConnection:
         Error replies come back in the list as RespError; a broken or slow connection raises
         StoreError and is closed (the caller reconnects).
         """
+        return self.read(n, self.send(payload, timeout))
+
+    def send(self, payload: bytes, timeout: float | None = None) -> float:
+        """Send pipelined commands; return the deadline of their replies (for read()).
+
+        Raises StoreError (the connection is then closed).
+        """
         if self._sock is None:
             self.connect()
         sock = self._sock
@@ -209,9 +269,19 @@ class StoreConnection:
         budget = self.timeout if timeout is None else timeout
         if budget != self._applied:
             self._apply_timeout(budget)
-        deadline = time.monotonic() + budget
         try:
             sock.sendall(payload)
+        except OSError as e:
+            self.close()
+            raise StoreError(f"store {self.safe_url()}: {e}") from e
+        return time.monotonic() + budget
+
+    def read(self, n: int, deadline: float) -> list:
+        """Read n replies sent before deadline (see round_trip()). Raises StoreError."""
+        sock = self._sock
+        if sock is None:
+            raise StoreError(f"store {self.safe_url()}: connection closed")
+        try:
             out: list = []
             buf = self._buf
             pos = 0
@@ -223,8 +293,12 @@ class StoreConnection:
                         continue
                     except hotpath.Incomplete:
                         pass
-                if time.monotonic() >= deadline:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     raise TimeoutError("store round trip timed out")
+                if left < self._applied * 0.5:
+                    # Read after another node's replies (a cluster): wait only what is left.
+                    self._apply_timeout(left)
                 try:
                     chunk = sock.recv(1 << 16)
                 except BlockingIOError:  # SO_RCVTIMEO expired
@@ -262,7 +336,9 @@ class StoreConnection:
         if s is None:
             return
         try:
-            data = s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            # The plain socket's recv: a TLS socket refuses flags, and a peek only asks
+            # whether the peer closed (pending TLS records count as open).
+            data = socket.socket.recv(s, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return  # open, nothing pending: the normal case
         except OSError:

@@ -30,7 +30,7 @@ from acm_module.core import records
 from acm_module.core.errors import StoreError
 from acm_module.decide.engine import hotpath
 from acm_module.decide.store import keys
-from acm_module.decide.store.conn import StoreConnection
+from acm_module.decide.store.cluster import StoreClient
 
 log = logging.getLogger("acm.web.console")
 
@@ -56,7 +56,7 @@ class Feed:
         self._sent: dict[str, int] = {}  # alert id -> the version last sent
         self._subs: set[asyncio.Queue[dict[str, Any]]] = set()
         self._task: asyncio.Task[None] | None = None
-        self._conn: StoreConnection | None = None
+        self._conn: StoreClient | None = None
         self._counters: list[bytes | None] = [None] * partitions
         self._last_id: list[str | None] = [None] * partitions
         self._primed = asyncio.Event()
@@ -115,7 +115,7 @@ class Feed:
     def poll(self) -> list[dict[str, Any]]:
         """Return the alert changes since the previous poll, oldest first (blocking)."""
         if self._conn is None:
-            self._conn = StoreConnection(self.store_url, timeout=2.0, connect_timeout=2.0)
+            self._conn = StoreClient(self.store_url, timeout=2.0, connect_timeout=2.0)
         payload = b"".join(hotpath.encode_command("HGETALL", keys.counters(p))
                            for p in range(self.partitions))
         replies = self._conn.round_trip(payload, self.partitions, 2.0)
