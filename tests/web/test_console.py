@@ -79,6 +79,19 @@ def log_in(page: Any, base: str, user: str) -> None:
     page.wait_for_url(re.compile(r".*/alerts$"))
 
 
+@contextlib.contextmanager
+def live_queue(browser: Any, web: Web, user: str = "analyst") -> Iterator[Any]:
+    """Log a user in (a fresh desktop context, closed afterwards) and wait for the live queue."""
+    ctx = browser.new_context(viewport=DESKTOP)
+    try:
+        page = ctx.new_page()
+        log_in(page, web.url, user)
+        page.wait_for_selector("#live.on", timeout=10_000)
+        yield page
+    finally:
+        ctx.close()
+
+
 def no_horizontal_overflow(page: Any) -> None:
     width = page.evaluate("document.documentElement.scrollWidth")
     view = page.evaluate("document.documentElement.clientWidth")
@@ -112,11 +125,7 @@ def test_a_burst_appears_live_is_worked_false_positive_and_whitelisted(
         browser: Any, pg_console: Any) -> None:
     # The episode's calls stay in the stream for the whole test (the timeline reads them).
     web = pg_console(trim_interval=3600)
-    ctx = browser.new_context(viewport=DESKTOP)
-    try:
-        page = ctx.new_page()
-        log_in(page, web.url, "analyst")
-        page.wait_for_selector("#live.on", timeout=10_000)
+    with live_queue(browser, web) as page:
         page.evaluate("window.notReloaded = true")
 
         b = fresh_b()
@@ -172,8 +181,6 @@ def test_a_burst_appears_live_is_worked_false_positive_and_whitelisted(
         assert page.locator(".chart svg").count() == 3
         assert page.locator(".chart svg[aria-label*='FALSE_POSITIVE: 1']").count() == 1
         shot(page, "console-reports.png", full=True)
-    finally:
-        ctx.close()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from test_api import fresh_b
 from test_api_pg import wait_row
-from test_console import DESKTOP, browser, log_in, pg_console, zmq_burst
+from test_console import browser, live_queue, pg_console, zmq_burst
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 __all__ = ["browser", "pg_console"]  # fixtures, used by name
@@ -33,11 +33,7 @@ def mi(web: Any, method: str, **params: Any) -> dict[str, Any]:
 def test_a_lifecycle_change_made_through_mi_updates_an_open_queue(
         browser: Any, pg_console: Any) -> None:
     web = pg_console(trim_interval=3600)
-    ctx = browser.new_context(viewport=DESKTOP)
-    try:
-        page = ctx.new_page()
-        log_in(page, web.url, "analyst")
-        page.wait_for_selector("#live.on", timeout=10_000)
+    with live_queue(browser, web) as page:
         b = fresh_b()
         alert_id = zmq_burst(web.svc.endpoint, b, n=6)[-1]["alert_id"]
         row = page.locator(f'#queue tr[data-alert="{alert_id}"]')
@@ -64,5 +60,3 @@ def test_a_lifecycle_change_made_through_mi_updates_an_open_queue(
         mi(web, "acm_alert_status", alert_id=alert_id, status="RESOLVED")
         row.wait_for(state="detached", timeout=10_000)
         assert re.search(r"/alerts\?status=CONFIRMED$", page.url)
-    finally:
-        ctx.close()
