@@ -53,7 +53,7 @@ def alert_calls(svc: Any, alert: dict[str, Any]) -> tuple[list[dict[str, Any]], 
     last = int(alert.get("last_detection_ms") or 0)
     calls = {c["call_id"]: c for c in _stream_calls(svc, alert, first, last)}
     source, warning = "stream", None
-    if svc.settings.questdb_url:
+    if svc.settings.questdb_url and last > 0:  # bounds known: QuestDB scans only the episode
         try:
             stored = _questdb_calls(svc.settings.questdb_url, alert["b_number"], first, last)
         except (SinkUnavailable, SinkRejected, ValueError) as e:
@@ -62,6 +62,8 @@ def alert_calls(svc: Any, alert: dict[str, Any]) -> tuple[list[dict[str, Any]], 
             source = "questdb+stream"
             for c in stored:
                 calls.setdefault(c["call_id"], c)
+    elif svc.settings.questdb_url:
+        warning = "the alert has no detection times: calls from the stream only"
     out = sorted(calls.values(), key=lambda c: (c["ts_ms"], c["call_id"]))
     return out[-_CALLS_MAX:], source, warning
 
