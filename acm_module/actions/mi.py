@@ -14,6 +14,10 @@ is the whitelist entry's. They need `database_url` (the alerts live in fraud_ale
 
 Errors: -32602 bad parameters or an invalid transition (audited as `rejected`), -32004 unknown
 alert, -32000 database unavailable, -32002 no database configured.
+
+A committed assign or status change is also appended to the store's capped stream
+`{acm.ctl}:lifecycle` (alert id, B-number, severity, status, assignee): the consoles' live
+queues follow it, whichever client (console, REST API, MI, `acm alert`) made the change.
 """
 
 from __future__ import annotations
