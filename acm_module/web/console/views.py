@@ -652,7 +652,8 @@ def build_router(assets: Assets, feed: live.Feed, settings: Any) -> APIRouter:
     @r.get("/reports/{day}/{name}")
     async def report_file(request: Request, day: str, name: str) -> Response:
         fmt = {"alerts.csv": "csv", "summary.csv": "summary_csv",
-               "carriers.csv": "carriers_csv", "report.html": "html"}.get(name)
+               "carriers.csv": "carriers_csv", "report.html": "html",
+               "report.pdf": "pdf"}.get(name)
         if fmt is None:
             raise ApiFailed(404, "not_found", f"no report file {name!r}")
         api = Api(request)
