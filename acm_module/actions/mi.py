@@ -14,10 +14,15 @@ is the whitelist entry's. They need `database_url` (the alerts live in fraud_ale
 
 Errors: -32602 bad parameters or an invalid transition (audited as `rejected`), -32004 unknown
 alert, -32000 database unavailable, -32002 no database configured.
+
+A committed assign or status change is also appended to the store's capped stream
+`{acm.ctl}:lifecycle` (alert id, B-number, severity, status, assignee): the consoles' live
+queues follow it, whichever client (console, REST API, MI, `acm alert`) made the change.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
@@ -27,8 +32,16 @@ from acm_module.control import jsonrpc
 from acm_module.control.audit import Caller
 from acm_module.control.commands import Command, Param
 from acm_module.control.jsonrpc import MIError, bad_params, param_bool, param_str
-from acm_module.control.repository import WhitelistEntry
+from acm_module.control.repository import (
+    LIFECYCLE_FIELDS,
+    LIFECYCLE_MAXLEN,
+    LIFECYCLE_STREAM,
+    WhitelistEntry,
+)
+from acm_module.core.errors import StoreError
 from acm_module.decide.store import config as store_config
+
+log = logging.getLogger("acm.actions")
 
 
 def _p_uuid(v: Any) -> str:
@@ -66,6 +79,22 @@ class LifecycleCommands:
         except ValueError as e:
             raise bad_params(str(e)) from e
 
+    def _announce(self, alert: dict[str, Any]) -> None:
+        """Append a committed change to the lifecycle stream the consoles' live queues follow.
+
+        Best effort: the change is in fraud_alerts and the audit trail already; a store that
+        fails here costs the open queues a live update, not the caller its answer.
+        """
+        fields: list[Any] = []
+        for k in LIFECYCLE_FIELDS:
+            fields += [k, str(alert.get(k) or "")]
+        try:
+            self.control.conn.call("XADD", LIFECYCLE_STREAM, "MAXLEN", "~", LIFECYCLE_MAXLEN,
+                                   "*", *fields)
+        except (StoreError, OSError) as e:
+            log.warning("alert %s: live queues not told of its change: %s",
+                        alert.get("alert_id"), e)
+
     def declare(self) -> list[Command]:
         """Return the command declarations."""
         aid = Param("alert_id", _p_uuid, required=True)
@@ -93,6 +122,7 @@ class LifecycleCommands:
     def assign(self, caller: Caller, alert_id: str, assignee: str,
                note: str | None = None) -> dict[str, Any]:
         ch = self._run(lambda lc: lc.assign(alert_id, assignee, caller.actor, caller.via, note))
+        self._announce(ch.alert)
         return {**ch.alert, "audit_ids": ch.audit_ids}
 
     def note(self, caller: Caller, alert_id: str, note: str) -> dict[str, Any]:
@@ -103,6 +133,7 @@ class LifecycleCommands:
                whitelist: bool = False, reason: str | None = None) -> dict[str, Any]:
         ch = self._run(lambda lc: lc.set_status(alert_id, status, caller.actor, caller.via,
                                                 note, whitelist, reason))
+        self._announce(ch.alert)
         out = {**ch.alert, "audit_ids": ch.audit_ids}
         if ch.whitelisted is not None:
             wl = ch.whitelisted

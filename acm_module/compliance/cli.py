@@ -11,6 +11,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from acm_module.core import settings as settings_mod
 from acm_module.core.errors import ConfigError
 
+# --format -> the report.write() kinds it writes.
+FORMATS = {"json": ("json",), "csv": ("alerts_csv", "summary_csv", "carriers_csv"),
+           "html": ("html",), "pdf": ("pdf",)}
 _SHARED = ("database_url", "questdb_url", "ncc_reporting", "operator_code", "report_timezone",
            "report_dir", "log_level", "log_json")
 
@@ -19,14 +22,16 @@ def add_cli(subparsers: Any) -> None:
     """Register `acm report daily`."""
     p = subparsers.add_parser("report", help="compliance reports (NCC)")
     sub = p.add_subparsers(dest="report_command", required=True)
-    d = sub.add_parser("daily", help="write the daily report (JSON, CSV, HTML)",
+    d = sub.add_parser("daily", help="write the daily report (JSON, CSV, HTML, PDF)",
                        description="Compute one day's statistics from PostgreSQL (fraud_alerts, "
                                    "audit_log) and QuestDB (call_events) and write "
                                    "acm-daily-<date>.json, -alerts.csv, -summary.csv, "
-                                   "-carriers.csv, .html.")
+                                   "-carriers.csv, .html and .pdf (--format: only some).")
     d.add_argument("--date", default=None, metavar="YYYY-MM-DD",
                    help="the day, in report_timezone (default: yesterday)")
     d.add_argument("--out", default=None, help="output directory (default: report_dir)")
+    d.add_argument("--format", action="append", choices=sorted(FORMATS), default=None,
+                   help="write only this format (repeatable; default: all)")
     d.add_argument("--no-assign", action="store_true",
                    help="with ncc_reporting, do not give incident ids to alerts still lacking one")
     for name in _SHARED:
@@ -68,7 +73,8 @@ def cmd_report_daily(args: argparse.Namespace) -> int:
         print(f"acm report: database error: {type(e).__name__}: {e}".splitlines()[0],
               file=sys.stderr)
         return 1
-    paths = report.write(st, args.out or s.report_dir)
+    kinds = None if not args.format else {k for f in args.format for k in FORMATS[f]}
+    paths = report.write(st, args.out or s.report_dir, kinds)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

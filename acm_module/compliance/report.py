@@ -1,5 +1,6 @@
-"""Render the daily report: JSON (everything), CSV (the alerts, and the summary figures) and a
-one-page HTML report with an inline SVG chart of the day (alerts per hour by severity).
+"""Render the daily report: JSON (everything), CSV (the alerts, and the summary figures), a
+one-page HTML report with an inline SVG chart of the day (alerts per hour by severity) and the
+same report as a PDF document for the regulator (fpdf2, core fonts: no system packages).
 
 Files, in the output directory, for day D:
   acm-daily-D.json          the statistics and every alert (stats.DailyStats)
@@ -7,7 +8,8 @@ Files, in the output directory, for day D:
   acm-daily-D-summary.csv   metric,value rows of the headline figures
   acm-daily-D-carriers.csv  one row per carrier: calls decided, dropped by reason, alerts by
                             type and severity, distinct A-numbers (carrier "" = unattributed)
-  acm-daily-D.html          the one-page report (print it to PDF from a browser if needed)
+  acm-daily-D.html          the one-page report
+  acm-daily-D.pdf           the same report as an A4 document (figures, tables, chart)
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import html
 import io
 import json
 import os
+import unicodedata
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -152,15 +156,10 @@ def chart_svg(per_hour: list[dict[str, int]], width: int = 720, height: int = 22
     return "".join(parts)
 
 
-def to_html(s: DailyStats) -> str:
-    """Return the one-page HTML report."""
-    e = html.escape
-
-    def kv(rows: list[tuple[str, Any]]) -> str:
-        return "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in rows)
-
+def headline_rows(s: DailyStats) -> list[tuple[str, Any]]:
+    """Return the report's headline figures as (label, value) rows (HTML and PDF)."""
     ttr = s.time_to_resolve_s
-    headline = [("Alerts", s.alerts_total)] + [
+    return [("Alerts", s.alerts_total)] + [
         (f"{k.title()} severity", v) for k, v in s.alerts_by_severity.items()] + [
         (f"{TYPE_NAMES.get(k, k)} alerts", v) for k, v in s.alerts_by_type.items()] + [
         ("Distinct A-numbers involved", s.distinct_a_numbers),
@@ -173,14 +172,35 @@ def to_html(s: DailyStats) -> str:
                                       f"{s.alerts_by_status.get('FALSE_POSITIVE', 0)}"),
         ("Time to resolve (median / max)",
          "n/a" if not ttr["count"] else f"{_dur(ttr['median'])} / {_dur(ttr['max'])}")]
-    actions = [(f"{a}: {o}", n) for a, outs in sorted(s.actions.items())
-               for o, n in sorted(outs.items())] or [("none", 0)]
-    carrier_head = "".join(f"<th>{e(h)}</th>" for h in (
-        "Carrier", "Calls decided", "Dropped",
-        *(f"dropped: {r.replace('_', ' ')}" for r in DROP_REASONS),
-        *(f"{TYPE_NAMES.get(t, t)} alerts (LOW/HIGH/CRIT)" for t in ALERT_TYPES),
-        "A-numbers in alerts"))
-    carrier_rows = "".join(_carrier_tr(c) for c in s.carriers) or (
+
+
+def action_rows(s: DailyStats) -> list[tuple[str, Any]]:
+    """Return the actions taken as ("action: outcome", count) rows."""
+    return [(f"{a}: {o}", n) for a, outs in sorted(s.actions.items())
+            for o, n in sorted(outs.items())] or [("none", 0)]
+
+
+def carrier_headings() -> list[str]:
+    """Return the headings of the report's per-carrier table (carrier_cells order)."""
+    return ["Carrier", "Calls decided", "Dropped",
+            *(f"dropped: {r.replace('_', ' ')}" for r in DROP_REASONS),
+            *(f"{TYPE_NAMES.get(t, t)} alerts (LOW/HIGH/CRIT)" for t in ALERT_TYPES),
+            "A-numbers in alerts"]
+
+
+def to_html(s: DailyStats) -> str:
+    """Return the one-page HTML report."""
+    e = html.escape
+
+    def kv(rows: list[tuple[str, Any]]) -> str:
+        return "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in rows)
+
+    headline = headline_rows(s)
+    actions = action_rows(s)
+    carrier_head = "".join(f"<th>{e(h)}</th>" for h in carrier_headings())
+    carrier_rows = "".join(
+        "<tr>" + "".join(f"<td>{e(x)}</td>" for x in carrier_cells(c)) + "</tr>"
+        for c in s.carriers) or (
         f"<tr><td colspan='{len(DROP_REASONS) + 6}'>none</td></tr>")
     top = s.alerts[:40]
     alert_rows = "".join(
@@ -221,8 +241,8 @@ table {{ border-collapse: collapse; }} th, td {{ padding: 2px 6px; text-align: l
 """
 
 
-def _carrier_tr(c: dict[str, Any]) -> str:
-    """Return a carrier's HTML table row (alerts of a type as total (LOW/HIGH/CRITICAL))."""
+def carrier_cells(c: dict[str, Any]) -> list[str]:
+    """Return a carrier's table cells (alerts of a type as total (LOW/HIGH/CRITICAL))."""
     cells = carrier_values(c)
     name = c["carrier_id"] or UNATTRIBUTED
     n_calls = 3 + len(DROP_REASONS)
@@ -232,8 +252,129 @@ def _carrier_tr(c: dict[str, Any]) -> str:
         sev = c["alerts_by_type_severity"].get(t, {})
         types.append(f"{c['alerts_by_type'].get(t, 0)} "
                      f"({'/'.join(str(sev.get(v, 0)) for v in SEVERITIES)})")
-    return ("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in (
-        name, *calls, *types, c["distinct_a_numbers"])) + "</tr>")
+    return [name, *calls, *types, str(c["distinct_a_numbers"])]
+
+
+def _latin1(text: Any) -> str:
+    """Return text the PDF core fonts can show: Latin-1 kept, other letters without their
+    accents when that makes them Latin-1 (Ł -> L), anything else as "?"."""
+    out = []
+    for ch in str(text):
+        if ord(ch) < 256:
+            out.append(ch)
+            continue
+        base = unicodedata.normalize("NFKD", ch).encode("latin-1", "ignore").decode("latin-1")
+        out.append(base if base.strip() else "?")
+    return "".join(out)
+
+
+def _rgb(colour: str) -> tuple[int, int, int]:
+    return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
+
+
+def to_pdf(s: DailyStats) -> bytes:
+    """Return the report as an A4 PDF: title, headline figures, actions, alerts by severity,
+    a bar chart of alerts per hour, the per-carrier table and the first alerts."""
+    from fpdf import FPDF
+    from fpdf.fonts import FontFace
+
+    pdf = FPDF(orientation="P", unit="mm", format="A4")
+    pdf.set_margins(12, 12, 12)
+    pdf.set_auto_page_break(True, margin=12)
+    pdf.set_title(_latin1(f"Call masking daily report {s.date}"))
+    pdf.set_creator("acm")
+    pdf.add_page()
+    width = pdf.w - pdf.l_margin - pdf.r_margin
+
+    def line(text: Any, size: float = 9, style: str = "", h: float = 5) -> None:
+        pdf.set_font("Helvetica", style, size)
+        pdf.multi_cell(width, h, _latin1(text), new_x="LMARGIN", new_y="NEXT")
+
+    def heading(text: str) -> None:
+        pdf.ln(2)
+        line(text, 11, "B", 6)
+
+    def table(head: list[str], rows: list[list[Any]], widths: list[float],
+              size: float = 8) -> None:
+        pdf.set_font("Helvetica", "", size)
+        with pdf.table(width=sum(widths), col_widths=widths, align="LEFT", line_height=4,
+                       padding=0.8, text_align="LEFT", repeat_headings=1,
+                       headings_style=FontFace(emphasis="BOLD", fill_color=(235, 235, 235))
+                       ) as tbl:
+            for row in [head, *rows]:
+                cells = tbl.row()
+                for text in row:
+                    cells.cell(_latin1(text))
+
+    line("Call masking (CLI spoofing) daily report - " + s.date, 15, "B", 8)
+    line(f"Operator {s.operator_code or '-'} - day in {s.timezone} ({s.period_start} to "
+         f"{s.period_end}) - generated {s.generated_at} - calls dropped from "
+         f"{s.calls_dropped_source}", 8)
+    heading("The day")
+    table(["Figure", "Value"], [[k, v] for k, v in headline_rows(s)], [80, 40])
+    heading("Actions taken")
+    table(["Action: outcome", "Count"], [[k, v] for k, v in action_rows(s)], [80, 40])
+    heading("Alerts by severity")
+    sev_types = [[v, s.alerts_by_severity.get(v, 0),
+                  *(sum(c["alerts_by_type_severity"].get(t, {}).get(v, 0) for c in s.carriers)
+                    for t in ALERT_TYPES)] for v in SEVERITIES]
+    table(["Severity", "Alerts", *(f"{TYPE_NAMES.get(t, t)}" for t in ALERT_TYPES)],
+          sev_types, [30, 25, *([25] * len(ALERT_TYPES))])
+    heading("Alerts per hour by severity")
+    _pdf_chart(pdf, s.alerts_per_hour, width, 50)
+    heading("Per carrier")
+    head = carrier_headings()
+    n_other = len(head) - 1
+    table(head, [carrier_cells(c) for c in s.carriers] or [["none"] + [""] * n_other],
+          [width - 16 * n_other] + [16] * n_other, size=6.5)
+    top = s.alerts[:30]
+    heading("Alerts")
+    table(["NCC incident", "Detected (UTC)", "Type", "Severity", "B-number (fan-out: A)",
+           "A-numbers", "Carrier", "Status"],
+          [[a["ncc_incident_id"] or "-", a["detected_at"] or "", a["type"], a["severity"],
+            a["b_number"] or a["a_number"] or "", a["a_number_count"], a["carrier_id"] or "-",
+            a["status"]] for a in top], [34, 37, 14, 16, 30, 17, 22, 16], size=7)
+    if len(s.alerts) > len(top):
+        line(f"{len(s.alerts) - len(top)} more alert(s) in the CSV.", 8)
+    return bytes(pdf.output())
+
+
+def _pdf_chart(pdf: Any, per_hour: list[dict[str, int]], width: float, height: float) -> None:
+    """Draw the stacked bars of alerts per local hour by severity (as chart_svg) at the cursor."""
+    left, bottom = 10.0, 10.0
+    x0, y0 = pdf.l_margin + left, pdf.get_y()
+    plot_w, plot_h = width - left, height - bottom
+    peak = max([sum(h[v] for v in SEVERITIES) for h in per_hour] + [1])
+    step = max(1, -(-peak // 5))
+    ymax = step * -(-peak // step)
+    bw = plot_w / 24
+    pdf.set_font("Helvetica", "", 6)
+    pdf.set_draw_color(221, 221, 221)
+    for v in range(0, ymax + 1, step):
+        y = y0 + plot_h - plot_h * v / ymax
+        pdf.line(x0, y, x0 + plot_w, y)
+        pdf.text(x0 - 1 - pdf.get_string_width(str(v)), y + 1, str(v))
+    for h in per_hour:
+        x = x0 + h["hour"] * bw
+        y = y0 + plot_h
+        for v in SEVERITIES:
+            if h[v]:
+                bh = plot_h * h[v] / ymax
+                y -= bh
+                pdf.set_fill_color(*_rgb(COLOURS[v]))
+                pdf.rect(x + 0.5, y, bw - 1, bh, style="F")
+        if h["hour"] % 3 == 0:
+            pdf.text(x + bw / 2 - 1.5, y0 + plot_h + 3.5, f"{h['hour']:02d}")
+    pdf.set_draw_color(51, 51, 51)
+    pdf.line(x0, y0 + plot_h, x0 + plot_w, y0 + plot_h)
+    lx = x0
+    for v in SEVERITIES:
+        pdf.set_fill_color(*_rgb(COLOURS[v]))
+        pdf.rect(lx, y0 + height - 4, 3, 3, style="F")
+        pdf.text(lx + 4, y0 + height - 1.5, v)
+        lx += 25
+    pdf.set_draw_color(0, 0, 0)
+    pdf.set_y(y0 + height + 1)
 
 
 def _dur(seconds: Any) -> str:
@@ -241,18 +382,26 @@ def _dur(seconds: Any) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def write(s: DailyStats, out_dir: str | Path) -> dict[str, Path]:
-    """Write every report file (atomically: temp file + rename); return {kind: path}."""
+def write(s: DailyStats, out_dir: str | Path,
+          kinds: Collection[str] | None = None) -> dict[str, Path]:
+    """Write the report files of kinds (default every one; atomically: temp file + rename);
+    return {kind: path}."""
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     base = f"acm-daily-{s.date}"
-    files = {"json": (d / f"{base}.json", to_json(s)),
-             "alerts_csv": (d / f"{base}-alerts.csv", alerts_csv(s)),
-             "summary_csv": (d / f"{base}-summary.csv", summary_csv(s)),
-             "carriers_csv": (d / f"{base}-carriers.csv", carriers_csv(s)),
-             "html": (d / f"{base}.html", to_html(s))}
-    for path, text in files.values():
+    render: dict[str, tuple[str, Callable[[DailyStats], str | bytes]]] = {
+        "json": (".json", to_json), "alerts_csv": ("-alerts.csv", alerts_csv),
+        "summary_csv": ("-summary.csv", summary_csv),
+        "carriers_csv": ("-carriers.csv", carriers_csv), "html": (".html", to_html),
+        "pdf": (".pdf", to_pdf)}
+    files = {}
+    for kind, (suffix, fn) in render.items():
+        if kinds is not None and kind not in kinds:
+            continue
+        path = d / f"{base}{suffix}"
+        data = fn(s)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
         os.replace(tmp, path)
-    return {k: p for k, (p, _) in files.items()}
+        files[kind] = path
+    return files

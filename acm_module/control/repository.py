@@ -34,6 +34,12 @@ WHITELIST_KEY = "{acm.ctl}:whitelist"
 AUDIT_STREAM = "{acm.ctl}:audit"
 REGISTRY_RECORD_KEY = "{acm.ctl}:registry"
 AUDIT_MAXLEN = 100_000
+# Lifecycle changes (status, assignee) as they commit, for the consoles' live queues: a short
+# notification stream (the audit trail and fraud_alerts keep the record), read by every web
+# process's feed.
+LIFECYCLE_STREAM = "{acm.ctl}:lifecycle"
+LIFECYCLE_MAXLEN = 1000
+LIFECYCLE_FIELDS = ("alert_id", "b_number", "severity", "status", "assigned_to")
 SEVERITIES = ("LOW", "HIGH", "CRITICAL")
 
 

@@ -950,12 +950,13 @@ def _ops_router() -> APIRouter:
                        since=None if since is None else _ts_ms(since) / 1000.0, limit=limit)
 
     @r.get("/reports/daily/{day}", response_model=m.Result,
-           responses={200: {"content": {"text/csv": {}, "text/html": {}}}})
+           responses={200: {"content": {"text/csv": {}, "text/html": {},
+                                        "application/pdf": {}}}})
     def daily_report(day: date, p: Viewer, svc: Svc,
                      format: Annotated[str, Query(pattern="^(json|csv|summary_csv|"
-                                                  "carriers_csv|html)$")] = "json") -> Any:
+                                                  "carriers_csv|html|pdf)$")] = "json") -> Any:
         """The regulator's daily report of a day (report_timezone): JSON, CSV (alerts,
-        summary, carriers) or the one-page HTML."""
+        summary, carriers), the one-page HTML or the PDF document."""
         from acm_module.web import queries
 
         st = queries.daily_stats(svc, day)
@@ -965,6 +966,9 @@ def _ops_router() -> APIRouter:
             return st.to_json()
         if format == "html":
             return HTMLResponse(report.to_html(st))
+        if format == "pdf":
+            return Response(report.to_pdf(st), media_type="application/pdf", headers={
+                "Content-Disposition": f'attachment; filename="acm-daily-{day}.pdf"'})
         text = {"csv": report.alerts_csv, "summary_csv": report.summary_csv,
                 "carriers_csv": report.carriers_csv}[format](st)
         return PlainTextResponse(text, media_type="text/csv", headers={

@@ -191,7 +191,11 @@ class AuditEntry(_Open):
 
 class AlertDetail(_Open):
     alert: Alert
-    calls: list[AlertCall] = Field(description="the episode's calls still in the stream")
+    calls: list[AlertCall] = Field(description="the episode's calls (at most 500, the newest): "
+                                   "QuestDB's call_events merged with the stream")
+    calls_source: str = Field(description="where the calls were read: questdb+stream, or "
+                              "stream (no questdb_url, or QuestDB failed: see calls_warning)")
+    calls_warning: str | None = Field(None, description="why QuestDB was not read")
     timeline: list[dict[str, Any]] = Field(description="calls and lifecycle events by time")
     actions: list[AuditEntry] = Field(description="disconnects, notifications, blocks, NCC "
                                       "ids and lifecycle changes")

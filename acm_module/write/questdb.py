@@ -73,8 +73,18 @@ def parse_conf(questdb_url: str) -> tuple[str, str, dict[str, str]]:
     return conf, f"{scheme}://{params['addr']}", auth
 
 
+def literal(value: str) -> str:
+    """Return value as a QuestDB SQL string literal (/exec has no bind parameters).
+
+    Raises ValueError for a NUL character, which no literal can carry.
+    """
+    if "\x00" in value:
+        raise ValueError("a QuestDB string literal cannot hold NUL")
+    return "'" + value.replace("'", "''") + "'"
+
+
 class QuestDB:
-    """The HTTP SQL endpoint (/exec): DDL and the test/metrics queries."""
+    """The HTTP SQL endpoint (/exec): DDL and the reads (reports, the episode's calls, tests)."""
 
     def __init__(self, base_url: str, auth: dict[str, str] | None = None,
                  timeout: float = 10.0) -> None:

@@ -17,12 +17,13 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
+from pdfreport import assert_same_figures, pdf_text
 from pgqdb import add_tap, wait_drained
 from servers import REPO
 from streamrec import decision, fanout_alert, masking_alert, parsed, xadd
 
-from acm_module.compliance.report import carrier_columns
-from acm_module.compliance.stats import DROP_REASONS
+from acm_module.compliance.report import carrier_columns, to_pdf
+from acm_module.compliance.stats import DROP_REASONS, DailyStats
 from acm_module.core import records as rec
 from acm_module.write.questdb import QuestDB
 
@@ -250,6 +251,13 @@ def test_daily_report_per_carrier_equals_the_stored_data(
             in table)
     assert "<td>(unattributed)</td>" in table
 
+    # The PDF carries the same figures; a carrier named outside Latin-1 does not break it.
+    text = assert_same_figures((tmp_path / f"acm-daily-{DAY}.pdf").read_bytes(), out)
+    assert "(unattributed)" in text
+    named = DailyStats(**{**out, "carriers": [{**out["carriers"][0],
+                                               "carrier_id": "Śląsk-电信 Ελλάς"}]})
+    assert "Slask-?? ????? " in pdf_text(to_pdf(named))
+
 
 def test_report_without_questdb_has_alerts_per_carrier_and_no_call_counts(
         store_url: str, database_url: str, writer_factory: Any, tmp_path: Path) -> None:
@@ -275,3 +283,11 @@ def test_report_without_questdb_has_alerts_per_carrier_and_no_call_counts(
         rows = list(csv.DictReader(f))
     assert [x["calls_decided"] for x in rows] == ["", "", ""]
     assert "n/a" in (tmp_path / f"acm-daily-{DAY}.html").read_text()
+    # --format pdf writes only the PDF.
+    r = subprocess.run(
+        [sys.executable, "-m", "acm_module.cli", "report", "daily", "--date", DAY.isoformat(),
+         "--out", str(tmp_path / "pdf"), "--format", "pdf"], cwd=REPO, capture_output=True,
+        text=True, timeout=60, env={**env, "DATABASE_URL": database_url, "QUESTDB_URL": ""})
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in (tmp_path / "pdf").iterdir()] == [f"acm-daily-{DAY}.pdf"]
+    assert_same_figures((tmp_path / "pdf" / f"acm-daily-{DAY}.pdf").read_bytes(), out)

@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 import pytest
 from conftest import PASSWORD, Web, running_web
+from pdfreport import assert_same_figures
 from test_api import burst, fresh_b
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
@@ -103,7 +104,7 @@ def test_an_api_burst_reaches_the_writer_and_is_worked_through_its_lifecycle(
     assert r.status_code == 422
 
 
-def test_the_daily_report_in_json_csv_and_html(pg_web: Web) -> None:
+def test_the_daily_report_in_json_csv_html_and_pdf(pg_web: Web) -> None:
     b = fresh_b()
     aid = burst(pg_web.as_role("analyst"), b, 5)[-1]["detection_result"]["alert_id"]
     wait_row(pg_web.database_url, aid)  # type: ignore[attr-defined]
@@ -116,5 +117,11 @@ def test_the_daily_report_in_json_csv_and_html(pg_web: Web) -> None:
     assert csv.headers["content-type"].startswith("text/csv") and aid in csv.text
     html = v.get(f"/api/v1/reports/daily/{day}", params={"format": "html"})
     assert html.headers["content-type"].startswith("text/html") and "<svg" in html.text
-    assert v.get(f"/api/v1/reports/daily/{day}", params={"format": "pdf"}).status_code == 422
+    pdf = v.get(f"/api/v1/reports/daily/{day}", params={"format": "pdf"})
+    assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
+    assert pdf.headers["content-disposition"] == f'attachment; filename="acm-daily-{day}.pdf"'
+    assert_same_figures(pdf.content, j)
+    assert pg_web.client().get(f"/api/v1/reports/daily/{day}",
+                               params={"format": "pdf"}).status_code == 401
+    assert v.get(f"/api/v1/reports/daily/{day}", params={"format": "xls"}).status_code == 422
     assert v.get("/api/v1/reports/daily/2026-13-01").status_code == 422

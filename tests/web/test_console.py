@@ -18,14 +18,17 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
+from zoneinfo import ZoneInfo
 
 import httpx
 import psycopg
 import pytest
 from conftest import PASSWORD, Web, running_web
+from pdfreport import assert_same_figures
 from servers import unavailable
 from test_api import fresh_b
 from test_api_pg import wait_row
@@ -79,6 +82,19 @@ def log_in(page: Any, base: str, user: str) -> None:
     page.wait_for_url(re.compile(r".*/alerts$"))
 
 
+@contextlib.contextmanager
+def live_queue(browser: Any, web: Web, user: str = "analyst") -> Iterator[Any]:
+    """Log a user in (a fresh desktop context, closed afterwards) and wait for the live queue."""
+    ctx = browser.new_context(viewport=DESKTOP)
+    try:
+        page = ctx.new_page()
+        log_in(page, web.url, user)
+        page.wait_for_selector("#live.on", timeout=10_000)
+        yield page
+    finally:
+        ctx.close()
+
+
 def no_horizontal_overflow(page: Any) -> None:
     width = page.evaluate("document.documentElement.scrollWidth")
     view = page.evaluate("document.documentElement.clientWidth")
@@ -112,11 +128,7 @@ def test_a_burst_appears_live_is_worked_false_positive_and_whitelisted(
         browser: Any, pg_console: Any) -> None:
     # The episode's calls stay in the stream for the whole test (the timeline reads them).
     web = pg_console(trim_interval=3600)
-    ctx = browser.new_context(viewport=DESKTOP)
-    try:
-        page = ctx.new_page()
-        log_in(page, web.url, "analyst")
-        page.wait_for_selector("#live.on", timeout=10_000)
+    with live_queue(browser, web) as page:
         page.evaluate("window.notReloaded = true")
 
         b = fresh_b()
@@ -172,8 +184,6 @@ def test_a_burst_appears_live_is_worked_false_positive_and_whitelisted(
         assert page.locator(".chart svg").count() == 3
         assert page.locator(".chart svg[aria-label*='FALSE_POSITIVE: 1']").count() == 1
         shot(page, "console-reports.png", full=True)
-    finally:
-        ctx.close()
 
 
 @pytest.fixture
@@ -403,3 +413,19 @@ def test_an_analyst_releases_a_blocked_a_number(web: Web) -> None:
         assert audit and ",analyst," in audit[0] and a in audit[0]  # the console user acted
     finally:
         web.boot.patch("/api/v1/config", json={"block_ttl": 0})
+
+
+def test_the_reports_page_links_the_day_as_a_pdf(pg_console: Any) -> None:
+    web = pg_console(trim_interval=5)
+    alert_id = zmq_burst(web.svc.endpoint, fresh_b(), n=5)[-1]["alert_id"]
+    wait_row(web.database_url, alert_id)  # type: ignore[attr-defined]
+    day = datetime.now(ZoneInfo("Africa/Lagos")).date().isoformat()  # report_timezone
+    c = session(web, "viewer")
+    link = f"/reports/{day}/report.pdf"
+    assert f'href="{link}"' in c.get("/reports", params={"day": day}).text
+    r = c.get(link)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/pdf"
+    assert "attachment" in r.headers["content-disposition"]
+    report = web.as_role("viewer").get(f"/api/v1/reports/daily/{day}").json()
+    assert alert_id in [a["alert_id"] for a in report["alerts"]]
+    assert_same_figures(r.content, report)

@@ -12,6 +12,12 @@ counters moved but its stream no longer holds the alert record (trimmed between 
 this poll), the change is in the repository already — the writer trims nothing it has not
 written — so the poller reads the newest alerts there (`recent`) and sends those it has not
 sent yet.
+
+Lifecycle changes (status, assignee) made anywhere — this console, the REST API, MI, `acm alert`
+— are appended by the MI lifecycle commands to `{acm.ctl}:lifecycle` as they commit; the same
+round trip reads what was appended since the last tick, and each becomes a `lifecycle` event
+that updates the row of a queue showing the alert (or removes it from a queue filtered on a
+status it left).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from acm_module.control.repository import _alert_view
+from acm_module.control.repository import LIFECYCLE_STREAM, _alert_view
 from acm_module.core import records
 from acm_module.core.errors import StoreError
 from acm_module.decide.engine import hotpath
@@ -59,6 +65,7 @@ class Feed:
         self._conn: StoreClient | None = None
         self._counters: list[bytes | None] = [None] * partitions
         self._last_id: list[str | None] = [None] * partitions
+        self._life_last: str | None = None  # the lifecycle stream's last entry seen
         self._primed = asyncio.Event()
 
     # -- subscribers -----------------------------------------------------------------------
@@ -82,10 +89,11 @@ class Feed:
         self._subs.discard(q)
 
     def publish(self, alert: dict[str, Any]) -> None:
-        """Send one alert view to every subscriber (a lifecycle change made here, a poll)."""
-        if len(self._sent) > _SENT_MAX:
-            self._sent.clear()
-        self._sent[str(alert.get("alert_id"))] = int(alert.get("version") or 0)
+        """Send one alert view (or a lifecycle change: `event` lifecycle) to every subscriber."""
+        if alert.get("event") != "lifecycle":
+            if len(self._sent) > _SENT_MAX:
+                self._sent.clear()
+            self._sent[str(alert.get("alert_id"))] = int(alert.get("version") or 0)
         for q in list(self._subs):
             try:
                 q.put_nowait(alert)
@@ -113,15 +121,21 @@ class Feed:
             await asyncio.sleep(self.interval)
 
     def poll(self) -> list[dict[str, Any]]:
-        """Return the alert changes since the previous poll, oldest first (blocking)."""
+        """Return the alert and lifecycle changes since the previous poll, oldest first
+        (blocking)."""
         if self._conn is None:
             self._conn = StoreClient(self.store_url, timeout=2.0, connect_timeout=2.0)
         payload = b"".join(hotpath.encode_command("HGETALL", keys.counters(p))
                            for p in range(self.partitions))
-        replies = self._conn.round_trip(payload, self.partitions, 2.0)
+        # The lifecycle stream rides on the same round trip: only what is new since last tick.
+        life = self._life_last
+        payload += hotpath.encode_command(
+            *(("XREVRANGE", LIFECYCLE_STREAM, "+", "-", "COUNT", "1") if life is None else
+              ("XRANGE", LIFECYCLE_STREAM, "(" + life, "+", "COUNT", str(_SCAN))))
+        replies = self._conn.round_trip(payload, self.partitions + 1, 2.0)
         out: list[dict[str, Any]] = []
         trimmed = False
-        for p, reply in enumerate(replies):
+        for p, reply in enumerate(replies[:self.partitions]):
             stamp = b"|".join(sorted(reply)) if isinstance(reply, list) else b""
             first = self._counters[p] is None
             if stamp == self._counters[p]:
@@ -136,7 +150,18 @@ class Feed:
                     and self._sent.get(a["alert_id"], -1) < int(a.get("version") or 0)]
         for v in out:
             v["distinct"] = v.get("distinct_max") or v.get("a_number_count") or 0
-        return out
+        return out + self._lifecycle(replies[-1], baseline=life is None)
+
+    def _lifecycle(self, reply: Any, baseline: bool) -> list[dict[str, Any]]:
+        """Return the lifecycle changes of an XRANGE reply (none on the first look)."""
+        if not isinstance(reply, list) or not reply:
+            if baseline and isinstance(reply, list):
+                self._life_last = "0-0"  # an empty stream: everything appended is new
+            return []
+        self._life_last = reply[-1][0].decode() if not baseline else reply[0][0].decode()
+        if baseline:
+            return []
+        return [{**_fields(flat), "event": "lifecycle"} for _rid, flat in reply]
 
     def _read(self, p: int, baseline: bool) -> list[dict[str, Any]]:
         last = self._last_id[p]
@@ -207,7 +232,10 @@ async def sse(feed: Feed, q: asyncio.Queue[dict[str, Any]], filters: dict[str, s
                     return
                 yield b": keep-alive\n\n"
                 continue
-            if matches(alert, filters):
+            if alert.get("event") == "lifecycle":  # the page updates only rows it shows
+                body = json.dumps(_lifecycle_public(alert, filters), separators=(",", ":"))
+                yield f"event: lifecycle\ndata: {body}\n\n".encode()
+            elif matches(alert, filters):
                 body = json.dumps(_public(alert), separators=(",", ":"))
                 yield f"event: alert\ndata: {body}\n\n".encode()
     finally:
@@ -218,3 +246,12 @@ def _public(a: dict[str, Any]) -> dict[str, Any]:
     keep = ("alert_id", "b_number", "severity", "distinct", "status", "carrier_id",
             "assigned_to", "detected_at", "last_detection_at")
     return {k: a.get(k) for k in keep}
+
+
+def _lifecycle_public(change: dict[str, Any], filters: dict[str, str]) -> dict[str, Any]:
+    """Return what a queue needs of a lifecycle change: the new status and assignee, and
+    whether the alert left the status the queue is filtered on."""
+    status = change.get("status") or ""
+    return {"alert_id": change.get("alert_id"), "status": status,
+            "assigned_to": change.get("assigned_to") or None,
+            "left": bool(filters.get("status")) and status != filters.get("status")}

@@ -416,7 +416,9 @@ def build_router(assets: Assets, feed: live.Feed, settings: Any) -> APIRouter:
                    for x in d["actions"]]
         return page(request, "alert.html", user, title=f"Alert {a['b_number']}",
                     page="alerts", a={**a, "status": status, "notes": "\n".join(d["notes"])},
-                    calls=calls, dropped=sum(1 for c in calls if c["verdict"] == "drop"),
+                    calls=calls, calls_source=d.get("calls_source", "stream"),
+                    calls_warning=d.get("calls_warning"),
+                    dropped=sum(1 for c in calls if c["verdict"] == "drop"),
                     a_rows=_a_rows(a, calls), timeline=timeline, actions=actions,
                     whitelisted=wl, moves=moves if settings.database_url else [],
                     lifecycle=bool(settings.database_url), can_work=user.may("analyst"),
@@ -650,7 +652,8 @@ def build_router(assets: Assets, feed: live.Feed, settings: Any) -> APIRouter:
     @r.get("/reports/{day}/{name}")
     async def report_file(request: Request, day: str, name: str) -> Response:
         fmt = {"alerts.csv": "csv", "summary.csv": "summary_csv",
-               "carriers.csv": "carriers_csv", "report.html": "html"}.get(name)
+               "carriers.csv": "carriers_csv", "report.html": "html",
+               "report.pdf": "pdf"}.get(name)
         if fmt is None:
             raise ApiFailed(404, "not_found", f"no report file {name!r}")
         api = Api(request)

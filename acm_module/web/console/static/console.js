@@ -23,7 +23,7 @@
     return clock ? clock.format(d) : d.toISOString().replace("T", " ").slice(0, 19);
   }
 
-  function fillRow(tr, a) {
+  function fillRow(tr, a, fresh) {
     var td = tr.cells;
     tr.dataset.alert = a.alert_id;
     var link = td[0].querySelector("a");
@@ -32,9 +32,11 @@
     td[1].textContent = a.b_number;
     badge(td[2].querySelector(".badge"), "sev-", a.severity);
     td[3].textContent = String(a.distinct);
-    badge(td[4].querySelector(".badge"), "st-", a.status || "NEW");
+    // A detection record says nothing of the lifecycle: a known row keeps its status and
+    // assignee unless the event carries them.
+    if (a.status || fresh) badge(td[4].querySelector(".badge"), "st-", a.status || "NEW");
     td[5].textContent = a.carrier_id || "—";
-    td[6].textContent = a.assigned_to || "—";
+    if (a.assigned_to || fresh) td[6].textContent = a.assigned_to || "—";
   }
 
   function liveQueue() {
@@ -55,6 +57,7 @@
     es.addEventListener("alert", function (ev) {
       var a = JSON.parse(ev.data);
       var tr = body.querySelector('tr[data-alert="' + CSS.escape(a.alert_id) + '"]');
+      var fresh = !tr;
       if (!tr) {
         tr = tpl.content.firstElementChild.cloneNode(true);
         var empty = body.querySelector("tr.empty");
@@ -62,7 +65,18 @@
         body.insertBefore(tr, body.firstChild);
         if (document.hidden) { unseen += 1; document.title = "(" + unseen + ") " + title; }
       }
-      fillRow(tr, a);
+      fillRow(tr, a, fresh);
+      tr.classList.remove("fresh"); void tr.offsetWidth; tr.classList.add("fresh");
+    });
+    // A status or assignee changed anywhere (console, API, MI): update the row if shown, or
+    // drop it from a queue filtered on the status the alert left.
+    es.addEventListener("lifecycle", function (ev) {
+      var c = JSON.parse(ev.data);
+      var tr = body.querySelector('tr[data-alert="' + CSS.escape(c.alert_id) + '"]');
+      if (!tr) return;
+      if (c.left) { tr.remove(); return; }
+      if (c.status) badge(tr.cells[4].querySelector(".badge"), "st-", c.status);
+      tr.cells[6].textContent = c.assigned_to || "—";
       tr.classList.remove("fresh"); void tr.offsetWidth; tr.classList.add("fresh");
     });
     document.addEventListener("visibilitychange", function () {
