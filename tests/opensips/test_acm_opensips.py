@@ -400,7 +400,9 @@ def test_half_open_trial_recovers(make: Any, stub: StubService) -> None:
     m.acm_check(FakeMsg())
     m.acm_check(FakeMsg())
     assert m.client.state == "open"
-    stub.wait_received(2)
+    # The second request went out on a new socket within 30 ms, or (on a loaded box, before
+    # its connect completed) never: either way it was a failure for the breaker.
+    stub.wait_received(1)
 
     stub.handler = lambda req: DROP
     m.client.config = dataclasses.replace(m.client.config, timeout_ms=2000)
@@ -408,7 +410,7 @@ def test_half_open_trial_recovers(make: Any, stub: StubService) -> None:
     msg = FakeMsg({"$ci": "trial"})
     assert m.acm_check(msg) == -1
     assert m.client.state == "closed"
-    assert stub.received[-1]["call_id"] == "trial"
+    assert "trial" in [r["call_id"] for r in stub.received]
     assert m.acm_check(FakeMsg()) == -1
 
 
