@@ -31,8 +31,8 @@ import psycopg  # noqa: E402
 from pgqdb import PostgresServer, QuestDBServer  # noqa: E402
 from servers import RedisServer, flush  # noqa: E402
 
+from acm_module.core import keys  # noqa: E402
 from acm_module.decide.engine import hotpath  # noqa: E402
-from acm_module.decide.store import keys  # noqa: E402
 from acm_module.decide.store.conn import StoreConnection  # noqa: E402
 from acm_module.write.clickhouse import ClickHouseSink  # noqa: E402
 from acm_module.write.migrate import migrate  # noqa: E402

@@ -43,6 +43,7 @@ from acm_module.actions.disconnect import (
 from acm_module.actions.notify import Webhook, log_alert
 from acm_module.actions.trail import ActionAudit, Ledger, summary
 from acm_module.compliance import ncc
+from acm_module.core import keys
 from acm_module.core.backoff import Backoff
 from acm_module.core.errors import StoreError
 from acm_module.core.pg import close_quietly
@@ -55,7 +56,6 @@ from acm_module.core.records import (
 )
 from acm_module.core.types import SEVERITIES
 from acm_module.decide.store import config as store_config
-from acm_module.decide.store import keys
 from acm_module.decide.store.cluster import StoreClient
 
 log = logging.getLogger("acm.actions")

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from acm_module.control.audit import AuditRecord, iso_ms
-from acm_module.core import records
+from acm_module.core import keys, records
 from acm_module.decide.engine import hotpath
-from acm_module.decide.store import keys
 from acm_module.decide.store.cluster import StoreClient
 
 WHITELIST_KEY = "{acm.ctl}:whitelist"

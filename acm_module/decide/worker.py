@@ -13,6 +13,7 @@ from typing import Any
 
 import zmq
 
+from acm_module.core import keys
 from acm_module.core.backoff import Backoff
 from acm_module.core.errors import BOOT_ERROR, StoreError
 from acm_module.core.logs import apply_log_level
@@ -22,7 +23,6 @@ from acm_module.decide.engine import IMPLEMENTATION, hotpath
 from acm_module.decide.gateway import registry
 from acm_module.decide.gateway.context import GatewayContext
 from acm_module.decide.store import config as store_config
-from acm_module.decide.store import keys
 from acm_module.decide.store.cluster import StoreClient
 from acm_module.decide.store.conn import load_script, script_sha
 from acm_module.decide.zmtp import IN_HWM, Balance, ZmtpServer, split_envelope

@@ -39,13 +39,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from acm_module.core import keys
 from acm_module.core.backoff import Backoff
 from acm_module.core.errors import BOOT_ERROR, StoreError
 from acm_module.core.types import SEVERITIES
 from acm_module.decide import stats as stats_mod
 from acm_module.decide.engine import hotpath
 from acm_module.decide.store import config as store_config
-from acm_module.decide.store import keys
 from acm_module.decide.store.cluster import StoreClient
 
 log = logging.getLogger("acm.metrics")

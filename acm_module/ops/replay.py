@@ -29,11 +29,11 @@ from urllib.parse import urlparse, urlunparse
 
 import msgpack
 
+from acm_module.core import keys
 from acm_module.core.errors import AcmError, StoreError
 from acm_module.core.types import SEVERITIES
 from acm_module.decide.engine import hotpath
 from acm_module.decide.store import config as store_config
-from acm_module.decide.store import keys
 from acm_module.decide.store.cluster import StoreClient
 from acm_module.decide.store.conn import load_script, script_sha
 

@@ -9,9 +9,8 @@ from fastapi import Request
 
 from acm_module.control.audit import iso_ms
 from acm_module.control.repository import AlertQuery
-from acm_module.core import records
+from acm_module.core import keys, records
 from acm_module.decide.engine import hotpath
-from acm_module.decide.store import keys
 from acm_module.web.security import ApiError, Principal
 from acm_module.write.base import SinkRejected, SinkUnavailable
 

@@ -7,8 +7,8 @@ import time
 from typing import Any
 
 from acm_module.core.errors import StoreError, StoreReplyError
+from acm_module.core.storeurl import StoreAddress, parse_url, safe_url
 from acm_module.decide.engine import hotpath
-from acm_module.decide.store.conn import StoreAddress, parse_url, safe_url
 
 try:
     import hiredis

@@ -39,11 +39,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from acm_module.core import keys
 from acm_module.core import records as rec
 from acm_module.core.backoff import Backoff
 from acm_module.core.errors import StoreError, StoreReplyError
 from acm_module.decide.engine import hotpath
-from acm_module.decide.store import keys
 from acm_module.decide.store.cluster import StoreClient
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.write.base import Sink, SinkRejected, SinkUnavailable

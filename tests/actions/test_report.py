@@ -228,7 +228,7 @@ def test_chart_stacks_severities_per_hour() -> None:
 
 
 def _groups_ready(store_url: str) -> bool:
-    from acm_module.decide.store import keys
+    from acm_module.core import keys
     from acm_module.decide.store.conn import StoreConnection
     from acm_module.write.writer import group_positions
 

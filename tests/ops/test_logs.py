@@ -71,7 +71,7 @@ def test_secrets_are_redacted_in_every_shape() -> None:
 
 
 def test_a_url_password_is_masked_whole_in_logs_errors_and_acm_settings() -> None:
-    from acm_module.decide.store.conn import safe_url
+    from acm_module.core.storeurl import safe_url
 
     raw = "redis://admin:p@ss-w0rd@store.example:6379/0"
     for shown in (logs.redact(f"connect {raw} failed"), safe_url(raw)):
@@ -170,8 +170,8 @@ NUMBER_SPELLINGS = [
 
 
 def test_every_accepted_number_spelling_is_masked_and_identifiers_are_not() -> None:
+    from acm_module.core.keys import alert_prefix
     from acm_module.decide.engine import hotpath
-    from acm_module.decide.store.keys import alert_prefix
 
     for raw in NUMBER_SPELLINGS:
         e164 = hotpath.normalise(raw, "234")

@@ -23,9 +23,9 @@ from servers import (
     wait_port,
 )
 
+from acm_module.core import keys
 from acm_module.decide import stats as stats_mod
 from acm_module.decide.client import Client
-from acm_module.decide.store import keys
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.ops import metrics
 

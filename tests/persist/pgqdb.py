@@ -20,8 +20,8 @@ from typing import Any
 
 from servers import REPO, free_port, unavailable, wait_port
 
+from acm_module.core import keys
 from acm_module.decide.engine import hotpath
-from acm_module.decide.store import keys
 from acm_module.decide.store.cluster import StoreClient as StoreConnection
 from acm_module.write.questdb import QuestDB
 from acm_module.write.writer import GROUP_PREFIX, StreamConnection, group_positions

@@ -10,9 +10,9 @@ from collections.abc import Iterable, Mapping
 
 from pgqdb import stream_records
 
+from acm_module.core import keys
 from acm_module.core import records as rec
 from acm_module.decide.engine import hotpath
-from acm_module.decide.store import keys
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.write.writer import DLQ_KEY
 

@@ -19,9 +19,9 @@ from pgqdb import ALL_SINKS, add_tap, ch_query, qdb_count, synthetic, writer_env
 from servers import REPO
 
 from acm_module.control import whitelist_sync
+from acm_module.core import keys
 from acm_module.core.records import AlertChange
 from acm_module.decide.store import config as store_config
-from acm_module.decide.store import keys
 from acm_module.decide.store.cluster import StoreClient
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.write.clickhouse import ClickHouseSink

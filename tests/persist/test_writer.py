@@ -32,9 +32,9 @@ from pgqdb import (
 )
 from streamrec import dead_letters
 
+from acm_module.core import keys
 from acm_module.core.records import FRAUD_REASONS
 from acm_module.decide.client import Client
-from acm_module.decide.store import keys
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.write.questdb import QuestDB
 from acm_module.write.writer import GROUP_PREFIX, group_positions, writer_stats

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from acm_module.core.errors import StoreError
+from acm_module.core.storeurl import parse_seeds, safe_url
 from acm_module.decide.store.cluster import command_key, key_slot
-from acm_module.decide.store.conn import parse_seeds, safe_url
 
 
 def test_several_seeds_share_credentials_tls_and_db() -> None:

@@ -16,8 +16,8 @@ import pytest
 from conftest import BOOT_TOKEN, PASSWORD, ROLES, Web, running_web
 from servers import REPO, RedisServer, flush, free_port
 
+from acm_module.core import keys
 from acm_module.decide.engine import hotpath
-from acm_module.decide.store import keys
 from acm_module.decide.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]

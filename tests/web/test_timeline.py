@@ -21,9 +21,9 @@ from test_api import fresh_b
 from test_api_pg import wait_row
 from test_console import DESKTOP, browser, log_in, zmq_burst
 
+from acm_module.core import keys
 from acm_module.core.settings import BY_NAME
 from acm_module.decide.engine import hotpath
-from acm_module.decide.store import keys
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.write.base import SinkRejected
 from acm_module.write.questdb import QuestDB, literal

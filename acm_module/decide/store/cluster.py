@@ -17,8 +17,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from acm_module.core.errors import StoreError, StoreReplyError
+from acm_module.core.storeurl import StoreAddress, parse_seeds, safe_url
 from acm_module.decide.engine import hotpath
-from acm_module.decide.store.conn import StoreAddress, StoreConnection, parse_seeds, safe_url
+from acm_module.decide.store.conn import StoreConnection
 
 log = logging.getLogger("acm.store")
 

@@ -15,9 +15,9 @@ import json
 import time
 from typing import Any
 
+from acm_module.core import keys
 from acm_module.core.errors import StoreReplyError
 from acm_module.decide.engine import hotpath
-from acm_module.decide.store import keys
 from acm_module.decide.store.cluster import StoreClient
 
 CONFIG_KEY = "{acm.cfg}:detect"
@@ -192,7 +192,7 @@ def unblock(conn: StoreClient, a_number: str, partitions: int) -> bool:
 
 def whitelist_key(b_number: str, partitions: int) -> str:
     """Return the store key of a (normalised) B-number's whitelist marker."""
-    return keys.for_b(b_number, partitions)["whitelist"]
+    return keys.for_b(b_number, hotpath.partition_of(b_number, partitions))["whitelist"]
 
 
 def whitelist_set(conn: StoreClient, b_number: str, partitions: int, reason: str,

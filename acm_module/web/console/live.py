@@ -32,10 +32,9 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from acm_module.control.repository import LIFECYCLE_STREAM, _alert_view
-from acm_module.core import records
+from acm_module.core import keys, records
 from acm_module.core.errors import StoreError
 from acm_module.decide.engine import hotpath
-from acm_module.decide.store import keys
 from acm_module.decide.store.cluster import StoreClient
 
 log = logging.getLogger("acm.web.console")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 
-from acm_module.decide.engine import hotpath
-
 
 def tag(partition: int) -> str:
     """Return the key prefix of a partition, hash tag included."""
@@ -36,9 +34,10 @@ def streams(partitions: int) -> list[str]:
     return [stream(p) for p in range(partitions)]
 
 
-def for_b(b_number: str, partitions: int) -> dict[str, str]:
-    """Return the keys of a normalised B-number (window, episode, members, whitelist)."""
-    t = tag(hotpath.partition_of(b_number, partitions))
+def for_b(b_number: str, partition: int) -> dict[str, str]:
+    """Return the keys of a normalised B-number in its partition (window, episode, members,
+    whitelist); the partition is the engine's `partition_of(b_number, partitions)`."""
+    t = tag(partition)
     return {"window": t + "w:" + b_number, "episode": t + "e:" + b_number,
             "members": t + "ea:" + b_number, "whitelist": t + "wl:" + b_number}
 
