@@ -21,6 +21,7 @@ from typing import Any
 
 from questdb import QuestDBError, QuestDBServerRejectionError, Sender, TimestampMicros
 
+from acm_module.core.pg import close_quietly
 from acm_module.core.records import FRAUD_REASONS, AlertChange, Decision
 from acm_module.decide import stats as stats_mod
 from acm_module.decide.store.cluster import StoreClient
@@ -344,12 +345,8 @@ class QuestDBSink(Sink):
         sender.flush(buf)
 
     def close(self) -> None:
-        if self._sender is not None:
-            try:
-                self._sender.close()
-            except Exception:  # closing must not raise
-                pass
-            self._sender = None
+        close_quietly(self._sender)
+        self._sender = None
         if self._store is not None:
             self._store.close()
             self._store = None
