@@ -857,12 +857,6 @@ def _lists_router() -> APIRouter:
 
 
 # -- carriers, gateways, routes -------------------------------------------------------------------
-def _registry_list(svc: Services, kind: str) -> dict[str, Any]:
-    with svc.control._lock:
-        entries = svc.control.repo.registry_get()[kind]
-    return {"count": len(entries), kind: entries}
-
-
 def _registry_router() -> APIRouter:
     r = APIRouter(prefix=API, tags=["registry"])
 
@@ -895,7 +889,9 @@ def _registry_listing(r: APIRouter, kind: str) -> None:
     """Serve GET /<kind>s: the registry's entries of that kind."""
 
     def listing(p: Viewer, svc: Svc) -> Any:
-        return _registry_list(svc, f"{kind}s")
+        with svc.control._lock:
+            entries = svc.control.repo.registry_get()[f"{kind}s"]
+        return {"count": len(entries), f"{kind}s": entries}
 
     r.get(f"/{kind}s", response_model=m.Result, name=f"{kind}s",
           description=f"List {kind}s.")(listing)
