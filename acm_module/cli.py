@@ -69,7 +69,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def serve_sidecars(s: settings_mod.Settings, boot_id: str) -> dict[str, Callable[[Any], int]]:
     """Return the processes `acm serve` runs beside its workers, as the settings ask: the MI
-    control plane (with the alert lifecycle commands of actions/), metrics, the REST API."""
+    control plane (with the alert lifecycle commands of actions/), metrics, the REST API (with
+    the console of console/ mounted on it)."""
     from acm_module.actions.mi import lifecycle_commands
 
     extra = (lifecycle_commands,)  # MI commands of other rooms, on every control plane
@@ -88,11 +89,12 @@ def serve_sidecars(s: settings_mod.Settings, boot_id: str) -> dict[str, Callable
         out["metrics"] = metrics_main
     if getattr(s, "web_http", ""):
         try:
+            from acm_module.console import mount as console
             from acm_module.web.server import web_main
         except ImportError as e:  # the `web` extra is not installed
             log.warning("REST API not available in this build (%s)", e)
         else:
-            out["web"] = functools.partial(web_main, extra_commands=extra)
+            out["web"] = functools.partial(web_main, extra_commands=extra, mounts=(console,))
     return out
 
 

@@ -31,13 +31,13 @@ from fastapi.responses import (
 )
 from fastapi.routing import APIRoute
 
+from acm_module.console import charts, live
+from acm_module.console.assets import Assets
 from acm_module.core import settings as settings_mod
 from acm_module.core.alerts import TRANSITIONS, AlertStatus
 from acm_module.decide.engine import hotpath
 from acm_module.decide.gateway import registry as gw_registry
 from acm_module.web.api import API, CSRF_HEADER, SESSION_COOKIE, csrf_of
-from acm_module.web.console import charts, live
-from acm_module.web.console.assets import Assets
 from acm_module.web.security import same_secret
 
 LOGIN_CSRF_COOKIE = "acm_login_csrf"
