@@ -278,7 +278,7 @@ def drive(endpoint: str, clients: int, seconds: float, rate: float = 0.0, b_pool
 
 def _die_with_parent() -> None:
     """Let a load or server process end with the bench, whatever ends the bench."""
-    from acm_module.decide.proctitle import die_with_parent
+    from acm_module.core.arbiter import die_with_parent
 
     die_with_parent(signal.SIGKILL, os.getppid())
 
