@@ -49,14 +49,16 @@ def _load(args: argparse.Namespace) -> settings_mod.Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the supervisor and its worker pool."""
+    from acm_module.control.commands import open_repository
     from acm_module.control.overrides import apply_overrides
     from acm_module.core.logs import setup_logging
     from acm_module.decide.supervisor import Supervisor
 
     def resolve() -> settings_mod.Settings:
         s = _load(args)
-        # MI changes persisted in state_dir win over the file/env, so a restart keeps them.
-        apply_overrides(s)
+        # The deployment's MI overrides (repository or store) win over the file/env, so a
+        # restart keeps them and a node that joins applies them.
+        apply_overrides(s, open_repository)
         return s
 
     s = resolve()

@@ -1,14 +1,15 @@
 """Where the control plane keeps its records: whitelist entries, the audit trail, alert listings,
-the carrier registry.
+the carrier registry, the deployment's runtime overrides.
 
 `ControlRepository` is the seam. Two implementations:
 
 - `StoreRepository` (here, always available): whitelist entries in HASH `{acm.ctl}:whitelist`,
   the audit trail in STREAM `{acm.ctl}:audit`, alerts read back from the newest alert records
   (`k=a`) of the partitions' durable streams, the carrier registry document in HASH
-  `{acm.ctl}:registry`.
+  `{acm.ctl}:registry`, the runtime overrides in STRING `{acm.cfg}:overrides` (the store is
+  the deployment: its `deployment` argument is not used).
 - A PostgreSQL one (tables whitelist / audit_log / fraud_alerts, carriers / carrier_gateways /
-  carrier_routes), provided by the persistence writer as
+  carrier_routes, config_overrides: one row per deployment), provided by the persistence writer as
   `acm_module.control.pg_repository.PostgresControlRepository(settings)`; the control plane
   (`commands.open_repository`) uses it when `database_url` is set and that module imports.
 
@@ -20,6 +21,7 @@ control plane always writes to the store itself, whichever repository is in use.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -32,6 +34,7 @@ from acm_module.decide.store.cluster import StoreClient
 WHITELIST_KEY = "{acm.ctl}:whitelist"
 AUDIT_STREAM = "{acm.ctl}:audit"
 REGISTRY_RECORD_KEY = "{acm.ctl}:registry"
+OVERRIDES_KEY = "{acm.cfg}:overrides"
 AUDIT_MAXLEN = 100_000
 # Lifecycle changes (status, assignee) as they commit, for the consoles' live queues: a short
 # notification stream (the audit trail and fraud_alerts keep the record), read by every web
@@ -107,6 +110,15 @@ class ControlRepository(Protocol):
 
     def registry_put(self, doc: dict[str, Any]) -> None:
         """Replace the whole registry document (validated by the caller) in one step."""
+
+    def overrides_get(self, deployment: str) -> tuple[int, Any]:
+        """Return (generation, values as stored) of a deployment's runtime overrides; (0, {})
+        when none were ever written. The values are not validated (control.overrides does)."""
+
+    def overrides_put(self, deployment: str, expected: int, values: dict[str, Any],
+                      updated_by: str) -> int:
+        """Replace the overrides if they are still at generation `expected`; return the new
+        generation, or -1 when another change came first (read again, merge, retry)."""
 
     def close(self) -> None:
         """Release connections."""
@@ -235,8 +247,48 @@ class StoreRepository:
                        json.dumps(doc, sort_keys=True, separators=(",", ":")),
                        "updated", int(time.time() * 1000))
 
+    # -- runtime overrides -----------------------------------------------------------------
+    def overrides_get(self, deployment: str) -> tuple[int, Any]:
+        raw = self.conn.call("GET", OVERRIDES_KEY)
+        if raw is None:
+            return 0, {}
+        assert isinstance(raw, bytes)
+        try:
+            doc = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            doc = None
+        values = doc.get("values") if isinstance(doc, dict) else None
+        return _overrides_gen(raw), values
+
+    def overrides_put(self, deployment: str, expected: int, values: dict[str, Any],
+                      updated_by: str) -> int:
+        gen = expected + 1
+        doc = {"version": 1, "generation": gen, "updated_at": iso_ms(time.time() * 1000),
+               "updated_by": updated_by, "values": dict(sorted(values.items()))}
+        r = self.conn.call("EVAL", _OVERRIDES_CAS, 1, OVERRIDES_KEY, expected,
+                           json.dumps(doc, sort_keys=True))
+        return gen if r == 1 else -1
+
     def close(self) -> None:
         self.conn.close()
+
+
+# The overrides document is written here only, by json.dumps(sort_keys=True), so its top-level
+# "generation" is the first one in the text (before "values"). A document without one (written
+# before generations, or unreadable) is generation 0. No cjson: the same script runs anywhere.
+_GEN_RE = re.compile(rb'"generation": (\d+)')
+_OVERRIDES_CAS = """
+local cur = redis.call('GET', KEYS[1])
+local gen = cur and tonumber(string.match(cur, '"generation": (%d+)')) or 0
+if gen ~= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+def _overrides_gen(raw: bytes) -> int:
+    m = _GEN_RE.search(raw)
+    return int(m.group(1)) if m else 0
 
 
 def _entry(b_number: str, raw: Any) -> WhitelistEntry:

@@ -447,7 +447,8 @@ class ControlServer:
             self.stop_event.wait(1.0 if 0 < failures < 10 else REGISTRY_WATCH_S)
 
     def _config_watch(self) -> None:
-        """Put the live config (with the MI overrides) back whenever the store has lost it.
+        """Put the live config (with the MI overrides) back whenever the store has lost it;
+        write to the repository the changes made while it was down.
 
         The first look comes a period after start-up, when the workers of this boot have
         published theirs."""
@@ -455,6 +456,7 @@ class ControlServer:
         while not self.stop_event.wait(CONFIG_WATCH_S):
             try:
                 self.control.restore_config()
+                self.control.flush_pending()
                 failing = False
             except Exception as e:
                 if not failing:
