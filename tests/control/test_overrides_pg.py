@@ -10,10 +10,11 @@ from __future__ import annotations
 import threading
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from opensips.mi import OpenSIPSMI
-from servers import RedisServer, Service, flush
+from servers import DelayProxy, RedisServer, Service, flush, free_port
 from test_mi import wait_for
 from test_pg_repository import database_url, pg_server, rows  # noqa: F401 - fixtures
 
@@ -137,6 +138,27 @@ def test_concurrent_changes_on_two_nodes_lose_no_update(
     # Every change is audited, by the node that made it.
     audit = rows(database_url, "SELECT actor FROM audit_log WHERE action = 'acm_set'")
     assert sorted(x for (x,) in audit) == sorted(f"{n}{i}" for i in range(5) for n in "ab")
+
+
+def test_a_change_made_while_the_database_is_down_is_written_when_it_is_back(
+        services: list[Service], store_url: str, database_url: str) -> None:  # noqa: F811
+    u = urlsplit(database_url)
+    proxy = DelayProxy(free_port())  # to nothing: the database is down
+    try:
+        down = u._replace(netloc=f"{u.username}@127.0.0.1:{proxy.port}").geturl()
+        a = start(services, node(store_url, down))
+        r = mi(a, "acm_set", {"threshold": 3})  # settings do not wait for the database
+        assert r["changed"] == {"threshold": {"old": 5, "new": 3}} and r["persisted"] is False
+        assert live(a)[0] == 3
+        assert mi(a, "acm_get_config")["overrides"].startswith("unavailable: postgres")
+        assert rows(database_url, "SELECT count(*) FROM config_overrides") == [(0,)]
+        proxy.target_port = u.port  # the database is back
+        wait_for(lambda: rows(database_url, "SELECT generation, overrides FROM "
+                                            "config_overrides") == [(1, {"threshold": 3})],
+                 10, "the change written to the repository")
+        assert mi(a, "acm_get_config")["overrides"] == {"threshold": 3} and live(a)[0] == 3
+    finally:
+        proxy.close()
 
 
 def _set_at_once(go: threading.Barrier, errors: list[BaseException], svc: Service,
