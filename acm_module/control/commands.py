@@ -504,7 +504,10 @@ class Control:
         if persisted:
             # Two nodes changing at once may publish in the other order than they persisted:
             # the last to persist puts the overrides it wrote back on top.
-            new_gen = self._converge() or new_gen
+            try:
+                new_gen = self._converge() or new_gen
+            except (StoreError, ConfigError, MIError) as e:  # the change is live and saved
+                log.error("overrides not re-published after %s: %s", action, e)
         result: dict[str, Any] = {"generation": new_gen, "changed": changed, "values": merged}
         if persisted is not None:
             result["persisted"] = persisted
@@ -620,13 +623,18 @@ class Control:
         Raises StoreError."""
         with self._lock:
             saved = overrides.read_overrides(self.repo, self.deployment)
-            if saved.generation == 0 and not saved.values and not saved.error and self._saved:
-                gen = self.repo.overrides_put(self.deployment, 0, self._saved, "restore")
-                if gen != -1:
-                    log.warning("%s had no MI overrides: restored %s",
-                                overrides.location(self.repo, self.deployment), self._saved)
-                    return overrides.Saved(gen, dict(self._saved))
-                saved = overrides.read_overrides(self.repo, self.deployment)
+            if saved.generation == 0 and not saved.values and not saved.error:
+                # None ever written (or wiped): the ones this process knew, else those the
+                # store holds from before the deployment had a database.
+                known = self._saved or overrides.store_overrides(self.repo, self.conn)
+                if known:
+                    gen = self.repo.overrides_put(self.deployment, 0, known, "restore")
+                    if gen != -1:
+                        log.warning("%s had no MI overrides: restored %s",
+                                    overrides.location(self.repo, self.deployment), known)
+                        self._saved = dict(known)
+                        return overrides.Saved(gen, dict(known))
+                    saved = overrides.read_overrides(self.repo, self.deployment)
             if not saved.error:
                 self._saved = dict(saved.values)
             return saved
@@ -1007,6 +1015,7 @@ class Control:
         Waits until a worker of this supervisor has published its stats (so this boot's
         config is in the store), then publishes the difference once.
         """
+        failures = 0
         while True:
             try:
                 saved = self.saved_overrides()
@@ -1015,7 +1024,9 @@ class Control:
                 log.error("%s", e)
                 return
             except StoreError as e:  # the database may start after us: keep trying
-                log.warning("MI overrides not read: %s (retrying)", e)
+                if not failures:
+                    log.warning("MI overrides not read: %s (retrying)", e)
+                failures += 1
                 if stop.wait(1.0):
                     return
         if not saved:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from acm_module.control.repository import OVERRIDES_KEY, ControlRepository
+from acm_module.control.repository import OVERRIDES_KEY, ControlRepository, StoreRepository
 from acm_module.core import settings as settings_mod
 from acm_module.core.errors import ConfigError, StoreError
 from acm_module.decide.store.cluster import StoreClient
@@ -38,7 +38,7 @@ log = logging.getLogger("acm.control")
 LEGACY_FILENAME = "overrides.json"
 
 __all__ = ["LEGACY_FILENAME", "OVERRIDES_KEY", "Saved", "apply_overrides", "location",
-           "read_overrides"]
+           "read_overrides", "store_overrides"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,19 @@ def read_overrides(repo: ControlRepository, deployment: str) -> Saved:
     return Saved(gen, out)
 
 
+def store_overrides(repo: ControlRepository, conn: StoreClient) -> dict[str, Any]:
+    """Return the overrides the store holds when repo is another repository: those of a
+    deployment from before it had a database, which its repository starts from ({} when none or
+    unreadable). Raises StoreError."""
+    if repo.name == "store":
+        return {}
+    legacy = read_overrides(StoreRepository(conn, 1), "")
+    if legacy.values:
+        log.warning("taking the MI overrides of the store (%s) into the repository: %s",
+                    OVERRIDES_KEY, legacy.values)
+    return legacy.values
+
+
 def apply_overrides(settings: Any,
                     open_repository: Callable[[Any, StoreClient], ControlRepository]
                     ) -> dict[str, Any]:
@@ -105,7 +118,9 @@ def apply_overrides(settings: Any,
     repo = open_repository(settings, conn)
     where = location(repo, settings.deployment)
     try:
-        values = read_overrides(repo, settings.deployment).checked()
+        saved = read_overrides(repo, settings.deployment)
+        values = saved.checked() if saved.generation or saved.values or saved.error else (
+            store_overrides(repo, conn))
     except StoreError as e:
         # The supervisor says when the store is down (check_store); the database is ours.
         log.log(logging.WARNING if repo.name != "store" else logging.DEBUG,

@@ -456,11 +456,16 @@ class ControlServer:
         while not self.stop_event.wait(CONFIG_WATCH_S):
             try:
                 self.control.restore_config()
-                self.control.flush_pending()
                 failing = False
             except Exception as e:
                 if not failing:
                     log.warning("live config not checked: %s (retrying)", e)
+                failing = True
+            try:
+                self.control.flush_pending()
+            except Exception as e:
+                if not failing:
+                    log.warning("MI overrides not persisted yet: %s (retrying)", e)
                 failing = True
 
     def stop(self) -> None:

@@ -20,6 +20,8 @@ from test_pg_repository import database_url, pg_server, rows  # noqa: F401 - fix
 
 from acm_module.control.overrides import OVERRIDES_KEY
 from acm_module.control.pg_repository import PostgresControlRepository
+from acm_module.control.repository import StoreRepository
+from acm_module.decide.store.cluster import StoreClient
 from acm_module.decide.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]
@@ -159,6 +161,23 @@ def test_a_change_made_while_the_database_is_down_is_written_when_it_is_back(
         assert mi(a, "acm_get_config")["overrides"] == {"threshold": 3} and live(a)[0] == 3
     finally:
         proxy.close()
+
+
+def test_a_deployment_that_gets_a_database_keeps_its_overrides(
+        services: list[Service], store_url: str, database_url: str) -> None:  # noqa: F811
+    conn = StoreClient(store_url, timeout=2.0)
+    try:  # set through MI before the deployment had DATABASE_URL
+        assert StoreRepository(conn, 16).overrides_put("", 0, {"threshold": 3}, "old") == 1
+    finally:
+        conn.close()
+    a = start(services, node(store_url, database_url))
+    assert live(a)[0] == 3
+    wait_for(lambda: rows(database_url, "SELECT generation, overrides FROM config_overrides")
+             == [(1, {"threshold": 3})], 10, "the store's overrides taken into the repository")
+    # From then on the repository is the one: a reset there is not undone by the store's copy.
+    mi(a, "acm_reload", {"reset": True})
+    assert mi(a, "acm_get_config")["overrides"] == {} and live(a)[0] == 5
+    assert rows(database_url, "SELECT generation, overrides FROM config_overrides") == [(2, {})]
 
 
 def _set_at_once(go: threading.Barrier, errors: list[BaseException], svc: Service,
