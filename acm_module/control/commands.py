@@ -49,6 +49,8 @@ from acm_module.decide.store.cluster import StoreClient
 log = logging.getLogger("acm.control")
 
 EVENT_RELOAD = "E_ACM_RELOAD"
+# The deployment whose nodes use the store (the first node's `deployment` setting).
+DEPLOYMENT_KEY = "{acm.cfg}:deployment"
 _CAS_ATTEMPTS = 20
 _ACTOR_RE = re.compile(r"[^A-Za-z0-9_.@:+-]")
 _SECRET_SETTINGS = ("mi_token", "webhook_secret")
@@ -638,6 +640,20 @@ class Control:
             if not saved.error:
                 self._saved = dict(saved.values)
             return saved
+
+    def check_deployment(self) -> str:
+        """Name this node's deployment in the store unless another one is named there; return
+        the name the store holds (logged as an error when it is not ours: two deployments on
+        one store share one live config but not their overrides). Raises StoreError."""
+        with self._lock:
+            self.conn.call("SET", DEPLOYMENT_KEY, self.deployment, "NX")
+            raw = self.conn.call("GET", DEPLOYMENT_KEY)
+        owner = raw.decode(errors="replace") if isinstance(raw, bytes) else self.deployment
+        if owner != self.deployment:
+            log.error("this store belongs to deployment %r (%s), this node to %r: nodes that "
+                      "share a store share its live config; give them the same deployment "
+                      "setting", owner, DEPLOYMENT_KEY, self.deployment)
+        return owner
 
     def _reset_overrides(self, caller: Caller) -> bool:
         """Empty the deployment's overrides; return whether there were some. Raises

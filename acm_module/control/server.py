@@ -420,6 +420,10 @@ class ControlServer:
 
     def _boot_tasks(self) -> None:
         try:
+            self.control.check_deployment()
+        except Exception as e:
+            log.warning("deployment name not checked: %s", e)
+        try:
             n = self.control.resync_whitelist()
             if n:
                 log.info("re-asserted %d whitelist markers", n)

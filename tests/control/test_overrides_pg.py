@@ -103,12 +103,12 @@ def test_the_deployment_shares_its_overrides_through_the_repository(
         assert (cfg["live"]["threshold"], cfg["live"]["mode"]) == (4, "monitor")
         assert cfg["sources"]["threshold"].startswith("override:postgres:")
         c.stop()
-        # ... and one of another deployment does not.
-        flush(other.url)
+        # ... and one of another deployment does not (on that store, it says whose it is).
         d = start(services, node(other.url, database_url, deployment="ng-abuja"))
         cfg = mi(d, "acm_get_config")
         assert (cfg["live"]["threshold"], cfg["live"]["mode"]) == (5, "block")
         assert cfg["overrides"] == {} and cfg["overrides_generation"] == 0
+        d.wait_log("this store belongs to deployment 'ng-lagos'", timeout=10)
     finally:
         other.cleanup()
     assert "Traceback" not in a.read_log() + b.read_log()
