@@ -147,21 +147,29 @@ def test_concurrent_changes_on_two_nodes_lose_no_update(
 
 def test_a_change_made_while_the_database_is_down_is_written_when_it_is_back(
         services: list[Service], store_url: str, database_url: str) -> None:  # noqa: F811
+    repo = PostgresControlRepository(SimpleNamespace(database_url=database_url))
+    try:  # the deployment's overrides, set earlier
+        assert repo.overrides_put(DEPLOYMENT, 0, {"mode": "monitor"}, "earlier") == 1
+    finally:
+        repo.close()
     u = urlsplit(database_url)
     proxy = DelayProxy(free_port())  # to nothing: the database is down
     try:
         down = u._replace(netloc=f"{u.username}@127.0.0.1:{proxy.port}").geturl()
         a = start(services, node(store_url, down))
+        assert live(a) == (5, "block")  # started on its own settings
         r = mi(a, "acm_set", {"threshold": 3})  # settings do not wait for the database
         assert r["changed"] == {"threshold": {"old": 5, "new": 3}} and r["persisted"] is False
         assert live(a)[0] == 3
         assert mi(a, "acm_get_config")["overrides"].startswith("unavailable: postgres")
-        assert rows(database_url, "SELECT count(*) FROM config_overrides") == [(0,)]
         proxy.target_port = u.port  # the database is back
         wait_for(lambda: rows(database_url, "SELECT generation, overrides FROM "
-                                            "config_overrides") == [(1, {"threshold": 3})],
+                                            "config_overrides")
+                 == [(2, {"mode": "monitor", "threshold": 3})],
                  10, "the change written to the repository")
-        assert mi(a, "acm_get_config")["overrides"] == {"threshold": 3} and live(a)[0] == 3
+        # ... and the node applies the deployment's overrides it could not read at start.
+        wait_for(lambda: live(a) == (3, "monitor"), 10, "the overrides applied")
+        assert mi(a, "acm_get_config")["overrides"] == {"mode": "monitor", "threshold": 3}
     finally:
         proxy.close()
 
