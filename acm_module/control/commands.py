@@ -552,14 +552,18 @@ class Control:
         raise MIError(jsonrpc.CONFLICT, "config changed concurrently too often; retry")
 
     def _persist(self, changes: dict[str, Any], caller: Caller) -> bool:
-        """Merge changes into the deployment's overrides (compare-and-set, retried); return
-        False when the repository is down."""
+        """Merge changes into the deployment's overrides (compare-and-set, retried), with any
+        still pending; return False when the repository is down."""
+        pending = dict(self._pending)
         try:
-            self._write_overrides(lambda saved: saved | changes, str(caller))
+            self._write_overrides(lambda saved: saved | pending | changes, str(caller))
         except StoreError as e:
             log.error("cannot persist overrides to %s (written when it is back): %s",
                       overrides.location(self.repo, self.deployment), e)
             return False
+        for k in pending:  # written (a newer change of one of them stays pending)
+            if self._pending.get(k) == pending[k]:
+                del self._pending[k]
         return True
 
     def _write_overrides(self, edit: Callable[[dict[str, Any]], dict[str, Any]], by: str
