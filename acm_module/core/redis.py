@@ -84,12 +84,14 @@ class _StoreErrors:
     acm_url = ""
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
+        """Run one command (every redis-py method goes through here). Raises StoreError."""
         try:
             return super().execute_command(*args, **options)  # type: ignore[misc]
         except redis.RedisError as e:
             raise store_error(e, self.acm_url) from e
 
     def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        """Return redis-py's pipeline, whose execute() raises StoreError."""
         return _Pipeline(super().pipeline(*args, **kwargs), self.acm_url)  # type: ignore[misc]
 
 
@@ -99,6 +101,7 @@ class StoreRedis(_StoreErrors, redis.Redis):
 
 class StoreRedisCluster(_StoreErrors, RedisCluster):
     """redis-py's cluster client, raising StoreError."""
+
 
 # Error replies of a server that runs without cluster support (Redis, Valkey, Dragonfly).
 _NOT_CLUSTER = ("disabled", "not enabled", "cluster mode", "cluster support", "unknown command")
@@ -111,7 +114,8 @@ def _options(a: StoreAddress, timeout: float, connect_timeout: float,
         "socket_connect_timeout": connect_timeout, "decode_responses": decode_responses,
         # No retry of a command on one server: a reconnect after the server closed an idle
         # connection is the pool's (it checks a connection before lending it), and a retry
-        # would double the caller's timeout or run a write twice, as the worker's client never does.
+        # would double the caller's timeout or run a write twice (the worker's client never
+        # does either).
         "retry": Retry(NoBackoff(), 0),
         # RESP2, as the worker's client speaks: Redis before 6 has no HELLO, and replies are
         # parsed into the same shapes as StoreClient.execute_command's.
@@ -209,10 +213,17 @@ class LazyRedis:
         self._client: Client | None = None
 
     def get(self) -> Client:
-        """Return the client, opening it if needed. Raises StoreError, ConfigError."""
+        """Return the client, opening it if needed. Raises StoreError.
+
+        A refused login is a StoreError here too: a long-lived component retries it, as it did
+        any store failure, while the store's users are fixed.
+        """
         if self._client is None:
-            self._client = open_redis(self.url, timeout=self.timeout,
-                                      connect_timeout=self.connect_timeout)
+            try:
+                self._client = open_redis(self.url, timeout=self.timeout,
+                                          connect_timeout=self.connect_timeout)
+            except ConfigError as e:
+                raise StoreError(str(e)) from e
         return self._client
 
     def reset(self) -> None:

@@ -11,10 +11,11 @@ import pytest
 from servers import RedisCluster
 
 from acm_module.actions.runner import GROUP, ActionRunner, Ledger, RunnerConfig
-from acm_module.control.repository import StoreRepository
+from acm_module.control.repository import AlertQuery, StoreRepository
 from acm_module.core import keys
 from acm_module.core.redis import open_redis
 from acm_module.decide import stats
+from acm_module.decide.store.cluster import StoreClient
 from acm_module.ops.metrics import AlertScanner, PoolCollector
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(60)]
@@ -95,4 +96,26 @@ def test_metrics_read_every_partition_of_a_cluster(empty_cluster: RedisCluster) 
     finally:
         scanner.stop()
         collector.close()
+        r.close()
+
+
+def test_the_store_repository_lists_alerts_of_every_partition_with_either_client(
+        empty_cluster: RedisCluster) -> None:
+    """acm_alert_list on the store repository reads the 16 partition streams in one pipeline:
+    redis-py's cluster client and the worker's StoreClient (the control plane's today) list
+    the same 16 alerts."""
+    cl = empty_cluster
+    r = open_redis(cl.url(0), timeout=5.0)
+    s = StoreClient(cl.url(1), timeout=5.0)
+    try:
+        now_ms = int(time.time() * 1000)
+        alerts = [_alert(p, now_ms) for p in range(PARTITIONS)]
+        for p, f in enumerate(alerts):
+            r.xadd(keys.stream(p), f)
+        listed = [StoreRepository(c, PARTITIONS).alert_list(AlertQuery(limit=100))
+                  for c in (r, s)]
+        assert sorted(a["alert_id"] for a in listed[0]) == sorted(f["al"] for f in alerts)
+        assert listed[0] == listed[1]
+    finally:
+        s.close()
         r.close()
