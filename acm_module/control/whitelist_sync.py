@@ -18,7 +18,6 @@ from psycopg.types.json import Jsonb
 from acm_module.core.redis import open_redis
 from acm_module.decide.engine import hotpath
 from acm_module.decide.store import config as store_config
-from acm_module.decide.store.config import Store
 
 log = logging.getLogger("acm.whitelist")
 
@@ -41,7 +40,7 @@ class SyncResult:
     invalid: int
 
 
-def _markers(store: Store) -> dict[str, str]:
+def _markers(store: store_config.Store) -> dict[str, str]:
     """Return {store key: reason} of every whitelist marker in the store."""
     out: dict[str, str] = {}
     found = list(store.scan_iter(match=MARKER_PATTERN, count=1000))  # every master's
@@ -57,7 +56,7 @@ def _markers(store: Store) -> dict[str, str]:
     return out
 
 
-def reconcile(db: psycopg.Connection, store: Store, partitions: int,
+def reconcile(db: psycopg.Connection, store: store_config.Store, partitions: int,
               country_code: str = "234") -> SyncResult:
     """Make the store's whitelist markers equal the whitelist table's active rows.
 
@@ -112,7 +111,7 @@ def audit(db: psycopg.Connection, actor: str, action: str, target: str,
                      None if new is None else Jsonb(new), outcome, details))
 
 
-def add(db: psycopg.Connection, store: Store | None, b_number: str, reason: str,
+def add(db: psycopg.Connection, store: store_config.Store | None, b_number: str, reason: str,
         created_by: str, expires_at: datetime | None = None, partitions: int = 16,
         country_code: str = "234") -> str:
     """Whitelist a B-number: table row + audit row in one transaction, then the store marker.
@@ -143,7 +142,7 @@ def add(db: psycopg.Connection, store: Store | None, b_number: str, reason: str,
     return n
 
 
-def remove(db: psycopg.Connection, store: Store | None, b_number: str, actor: str,
+def remove(db: psycopg.Connection, store: store_config.Store | None, b_number: str, actor: str,
            partitions: int = 16, country_code: str = "234") -> bool:
     """Remove a B-number from the whitelist (table, audit, store); return whether it was there."""
     n = hotpath.normalise(b_number, country_code) or b_number
