@@ -89,8 +89,8 @@ class LifecycleCommands:
         for k in LIFECYCLE_FIELDS:
             fields += [k, str(alert.get(k) or "")]
         try:
-            self.control.conn.call("XADD", LIFECYCLE_STREAM, "MAXLEN", "~", LIFECYCLE_MAXLEN,
-                                   "*", *fields)
+            self.control.conn.execute_command("XADD", LIFECYCLE_STREAM, "MAXLEN", "~",
+                                              LIFECYCLE_MAXLEN, "*", *fields)
         except (StoreError, OSError) as e:
             log.warning("alert %s: live queues not told of its change: %s",
                         alert.get("alert_id"), e)

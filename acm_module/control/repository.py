@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 from acm_module.control.audit import AuditRecord, iso_ms
 from acm_module.core import keys, records
 from acm_module.decide.engine import hotpath
-from acm_module.decide.store.cluster import StoreClient
+from acm_module.decide.store.config import Store
 
 WHITELIST_KEY = "{acm.ctl}:whitelist"
 AUDIT_STREAM = "{acm.ctl}:audit"
@@ -125,22 +125,26 @@ class ControlRepository(Protocol):
 
 
 class StoreRepository:
-    """The repository on the Redis-protocol store; the caller serialises access to `conn`."""
+    """The repository on the Redis-protocol store; the caller serialises access to `conn`.
+
+    `conn` is redis-py's client (core.redis.open_redis) or the worker's StoreClient: only their
+    common interface is used (execute_command, pipeline).
+    """
 
     name = "store"
 
-    def __init__(self, conn: StoreClient, partitions: int) -> None:
+    def __init__(self, conn: Store, partitions: int) -> None:
         self.conn = conn
         self.partitions = partitions
 
     # -- whitelist -------------------------------------------------------------------------
     def whitelist_get(self, b_number: str) -> WhitelistEntry | None:
-        raw = self.conn.call("HGET", WHITELIST_KEY, b_number)
+        raw = self.conn.execute_command("HGET", WHITELIST_KEY, b_number)
         return _entry(b_number, raw) if raw is not None else None
 
     def whitelist_put(self, entry: WhitelistEntry) -> WhitelistEntry | None:
         old = self.whitelist_get(entry.b_number)
-        self.conn.call("HSET", WHITELIST_KEY, entry.b_number, json.dumps({
+        self.conn.execute_command("HSET", WHITELIST_KEY, entry.b_number, json.dumps({
             "reason": entry.reason, "created_by": entry.created_by,
             "created_at": entry.created_at_ms, "expires_at": entry.expires_at_ms}))
         return old
@@ -148,7 +152,7 @@ class StoreRepository:
     def whitelist_delete(self, b_number: str) -> WhitelistEntry | None:
         old = self.whitelist_get(b_number)
         if old is not None:
-            self.conn.call("HDEL", WHITELIST_KEY, b_number)
+            self.conn.execute_command("HDEL", WHITELIST_KEY, b_number)
         return old
 
     def whitelist_list(self, *, b_number: str | None = None, limit: int = 100,
@@ -157,19 +161,18 @@ class StoreRepository:
             e = self.whitelist_get(b_number)
             entries = [e] if e is not None else []
         else:
-            raw = self.conn.call("HGETALL", WHITELIST_KEY)
-            assert isinstance(raw, list)
-            entries = [_entry(raw[i].decode(), raw[i + 1]) for i in range(0, len(raw), 2)]
+            raw = self.conn.execute_command("HGETALL", WHITELIST_KEY)
+            entries = [_entry(b.decode(), v) for b, v in raw.items()]
         if now_ms is not None:
             expired = [e.b_number for e in entries if e.expired(now_ms)]
             if expired:  # the markers expired by TTL already; drop the records too
-                self.conn.call("HDEL", WHITELIST_KEY, *expired)
+                self.conn.execute_command("HDEL", WHITELIST_KEY, *expired)
             entries = [e for e in entries if not e.expired(now_ms)]
         return sorted(entries, key=lambda e: e.b_number)[:limit]
 
     # -- audit -----------------------------------------------------------------------------
     def audit_append(self, rec: AuditRecord) -> str:
-        rid = self.conn.call(
+        rid = self.conn.execute_command(
             "XADD", AUDIT_STREAM, "MAXLEN", "~", AUDIT_MAXLEN, "*",
             "ts", rec.ts_ms, "actor", rec.actor, "via", rec.via, "action", rec.action,
             "target", rec.target, "old", json.dumps(rec.old, default=str),
@@ -181,12 +184,12 @@ class StoreRepository:
                    action: str | None = None, target: str | None = None) -> list[AuditRecord]:
         start = f"{since_ms}-0" if since_ms is not None else "-"
         filtered = action is not None or target is not None
-        raw = self.conn.call("XREVRANGE", AUDIT_STREAM, "+", start, "COUNT",
-                             10_000 if filtered else limit)
+        raw = self.conn.execute_command("XREVRANGE", AUDIT_STREAM, "+", start, "COUNT",
+                                        10_000 if filtered else limit)
         assert isinstance(raw, list)
         out: list[AuditRecord] = []
-        for rid, flat in raw:
-            f = records.fields(flat)
+        for rid, entry in raw:
+            f = records.fields(entry)
             if (action is not None and f["action"] != action) or (
                     target is not None and f["target"] != target):
                 continue
@@ -203,12 +206,14 @@ class StoreRepository:
         latest: dict[str, records.AlertChange] = {}
         parts = (range(self.partitions) if query.b_number is None else
                  [hotpath.partition_of(query.b_number, self.partitions)])
+        # Every partition's newest records in one pipeline (one buffer per master in a cluster).
+        pipe = self.conn.pipeline(transaction=False)
         for p in parts:
+            pipe.execute_command("XREVRANGE", keys.stream(p), "+", "-", "COUNT", query.scan)
+        for p, raw in zip(parts, pipe.execute(), strict=True):
             stream = keys.stream(p)
-            raw = self.conn.call("XREVRANGE", stream, "+", "-", "COUNT", query.scan)
-            assert isinstance(raw, list)
-            for rid, flat in raw:
-                f = records.fields(flat)
+            for rid, entry in raw:
+                f = records.fields(entry)
                 if f.get("k") != "a":
                     continue
                 try:  # the writer's parser: one reading of a record everywhere
@@ -236,16 +241,16 @@ class StoreRepository:
 
     # -- carrier registry ------------------------------------------------------------------
     def registry_get(self) -> dict[str, Any]:
-        raw = self.conn.call("HGET", REGISTRY_RECORD_KEY, "doc")
+        raw = self.conn.execute_command("HGET", REGISTRY_RECORD_KEY, "doc")
         if raw is None:
             return {"carriers": [], "gateways": [], "routes": []}
         doc: dict[str, Any] = json.loads(raw)  # type: ignore[arg-type]
         return doc
 
     def registry_put(self, doc: dict[str, Any]) -> None:
-        self.conn.call("HSET", REGISTRY_RECORD_KEY, "doc",
-                       json.dumps(doc, sort_keys=True, separators=(",", ":")),
-                       "updated", int(time.time() * 1000))
+        self.conn.execute_command("HSET", REGISTRY_RECORD_KEY, "doc",
+                                  json.dumps(doc, sort_keys=True, separators=(",", ":")),
+                                  "updated", int(time.time() * 1000))
 
     # -- runtime overrides -----------------------------------------------------------------
     def overrides_get(self, deployment: str) -> tuple[int, Any]:

@@ -80,12 +80,12 @@ def _stream_calls(svc: Any, alert: dict[str, Any], first: int, last: int
     b_number, alert_id = alert["b_number"], alert["alert_id"]
     part = hotpath.partition_of(b_number, svc.settings.partitions)
     with svc.control._lock:
-        raw = svc.control.conn.call("XREVRANGE", keys.stream(part), "+", "-", "COUNT",
-                                    _STREAM_SCAN)
+        raw = svc.control.conn.execute_command("XREVRANGE", keys.stream(part), "+", "-",
+                                               "COUNT", _STREAM_SCAN)
     calls = []
     stream = keys.stream(part)
-    for rid, flat in raw:
-        f = records.fields(flat)
+    for rid, entry in raw:
+        f = records.fields(entry)
         if f.get("k") != "d" or f.get("b") != b_number:
             continue
         try:
