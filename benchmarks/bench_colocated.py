@@ -43,7 +43,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "persist"),
 
 from pgqdb import PostgresServer, QuestDBServer  # noqa: E402
 
-from acm_module.decide import stats as stats_mod  # noqa: E402
+from acm_module.core import stats as stats_mod  # noqa: E402
 from acm_module.decide.store.conn import StoreConnection  # noqa: E402
 from acm_module.write.migrate import migrate  # noqa: E402
 from benchmarks.loadtool import acm_service, cpu_ns, redis_server, worker_pids  # noqa: E402

@@ -38,8 +38,8 @@ from acm_module.control.repository import (
     LIFECYCLE_STREAM,
     WhitelistEntry,
 )
+from acm_module.core import liveconfig as store_config
 from acm_module.core.errors import StoreError
-from acm_module.decide.store import config as store_config
 
 log = logging.getLogger("acm.actions")
 

@@ -44,6 +44,7 @@ from acm_module.actions.notify import Webhook, log_alert
 from acm_module.actions.trail import ActionAudit, Ledger, summary
 from acm_module.compliance import ncc
 from acm_module.core import keys
+from acm_module.core import liveconfig as store_config
 from acm_module.core.backoff import Backoff
 from acm_module.core.errors import StoreError
 from acm_module.core.pg import close_quietly
@@ -56,7 +57,6 @@ from acm_module.core.records import (
 )
 from acm_module.core.redis import LazyRedis, open_redis, read_groups
 from acm_module.core.types import SEVERITIES
-from acm_module.decide.store import config as store_config
 
 log = logging.getLogger("acm.actions")
 

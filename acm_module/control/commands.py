@@ -37,13 +37,12 @@ from acm_module.control.repository import (
     StoreRepository,
     WhitelistEntry,
 )
+from acm_module.core import liveconfig as store_config
+from acm_module.core import numbers, registry
 from acm_module.core import settings as settings_mod
+from acm_module.core import stats as stats_mod
 from acm_module.core.errors import ConfigError, StoreError
 from acm_module.core.logs import apply_log_level
-from acm_module.decide import stats as stats_mod
-from acm_module.decide.engine import hotpath
-from acm_module.decide.gateway import registry
-from acm_module.decide.store import config as store_config
 from acm_module.decide.store.cluster import StoreClient
 
 log = logging.getLogger("acm.control")
@@ -1017,7 +1016,7 @@ class Control:
                        ) -> dict[str, Any]:
         """List audit records, newest first."""
         if target is not None:
-            target = hotpath.normalise(target, self.settings.default_country_code) or target
+            target = numbers.normalise(target, self.settings.default_country_code) or target
         recs = self.repo.audit_list(limit=limit, since_ms=since, action=action, target=target)
         return {"count": len(recs), "records": [r.to_json() for r in recs]}
 
@@ -1215,7 +1214,7 @@ def _number(name: str, raw: Any, cmd: Command) -> str:
         raise bad_params(f"{name}: must be a phone number (got {_shown(raw)})")
     owner = getattr(cmd.handler, "__self__", None)
     cc = owner.settings.default_country_code if owner is not None else "234"
-    n = hotpath.normalise(str(raw), cc)
+    n = numbers.normalise(str(raw), cc)
     if n is None:
         raise bad_params(f"{name}: {_shown(raw)} is not a phone number")
     return n

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from acm_module.control.audit import AuditRecord, iso_ms
-from acm_module.core import keys, records
-from acm_module.decide.engine import hotpath
-from acm_module.decide.store.config import Store
+from acm_module.core import keys, numbers, records
+from acm_module.core.liveconfig import Store
 
 WHITELIST_KEY = "{acm.ctl}:whitelist"
 AUDIT_STREAM = "{acm.ctl}:audit"
@@ -205,7 +204,7 @@ class StoreRepository:
     def alert_list(self, query: AlertQuery) -> list[dict[str, Any]]:
         latest: dict[str, records.AlertChange] = {}
         parts = (range(self.partitions) if query.b_number is None else
-                 [hotpath.partition_of(query.b_number, self.partitions)])
+                 [numbers.partition_of(query.b_number, self.partitions)])
         # Every partition's newest records in one pipeline (one buffer per master in a cluster).
         pipe = self.conn.pipeline(transaction=False)
         for p in parts:

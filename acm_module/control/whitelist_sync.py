@@ -15,9 +15,9 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from acm_module.core import liveconfig as store_config
+from acm_module.core import numbers
 from acm_module.core.redis import open_redis
-from acm_module.decide.engine import hotpath
-from acm_module.decide.store import config as store_config
 
 log = logging.getLogger("acm.whitelist")
 
@@ -70,7 +70,7 @@ def reconcile(db: psycopg.Connection, store: store_config.Store, partitions: int
     want: dict[str, tuple[str, int | None]] = {}
     invalid = 0
     for b, reason, _expires, ttl_ms in rows:
-        n = hotpath.normalise(b, country_code)
+        n = numbers.normalise(b, country_code)
         if n is None:
             invalid += 1
             log.warning("whitelist: %r is not a valid B-number; not loaded", b)
@@ -118,7 +118,7 @@ def add(db: psycopg.Connection, store: store_config.Store | None, b_number: str,
 
     Returns the normalised number. Raises ValueError for an invalid number, psycopg.Error.
     """
-    n = hotpath.normalise(b_number, country_code)
+    n = numbers.normalise(b_number, country_code)
     if n is None:
         raise ValueError(f"not a valid B-number: {b_number!r}")
     with db.transaction(), db.cursor() as cur:
@@ -145,7 +145,7 @@ def add(db: psycopg.Connection, store: store_config.Store | None, b_number: str,
 def remove(db: psycopg.Connection, store: store_config.Store | None, b_number: str, actor: str,
            partitions: int = 16, country_code: str = "234") -> bool:
     """Remove a B-number from the whitelist (table, audit, store); return whether it was there."""
-    n = hotpath.normalise(b_number, country_code) or b_number
+    n = numbers.normalise(b_number, country_code) or b_number
     with db.transaction(), db.cursor() as cur:
         cur.execute("DELETE FROM whitelist WHERE b_number = %s RETURNING reason", (n,))
         row = cur.fetchone()

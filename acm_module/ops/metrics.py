@@ -1,7 +1,7 @@
 """Prometheus metrics of the pool, built from what the workers and the writer publish in the store.
 
 Workers never touch prometheus_client: each one writes a JSON snapshot a second into
-`{acm.stats}:w` (acm_module/decide/stats.py) and one collector, in one process, turns every
+`{acm.stats}:w` (acm_module/core/stats.py) and one collector, in one process, turns every
 fresh snapshot into labelled series at scrape time. That is multiprocess-safe by construction
 (no shared mmap files, nothing to clean up when a worker dies) and sees every pool sharing the
 store. Counters are labelled per worker (`host`, `worker` = index): a respawned worker restarts
@@ -40,12 +40,12 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from acm_module.core import keys
+from acm_module.core import liveconfig as store_config
+from acm_module.core import stats as stats_mod
 from acm_module.core.backoff import Backoff
 from acm_module.core.errors import BOOT_ERROR, StoreError
 from acm_module.core.redis import LazyRedis
 from acm_module.core.types import SEVERITIES
-from acm_module.decide import stats as stats_mod
-from acm_module.decide.store import config as store_config
 
 log = logging.getLogger("acm.metrics")
 

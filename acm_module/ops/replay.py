@@ -30,12 +30,12 @@ from urllib.parse import urlparse, urlunparse
 import msgpack
 
 from acm_module.core import keys
+from acm_module.core import liveconfig as store_config
 from acm_module.core.errors import AcmError, ConfigError, StoreError
 from acm_module.core.redis import open_redis
 from acm_module.core.storeurl import safe_url
 from acm_module.core.types import SEVERITIES
 from acm_module.decide.engine import hotpath
-from acm_module.decide.store import config as store_config
 from acm_module.decide.store.cluster import StoreClient
 from acm_module.decide.store.conn import load_script, script_sha
 

@@ -37,6 +37,7 @@ from acm_module.control.audit import Caller, iso_ms
 from acm_module.control.audit import record as audit_record
 from acm_module.control.jsonrpc import MIError
 from acm_module.control.repository import AlertQuery
+from acm_module.core import numbers
 from acm_module.core.errors import StoreError
 from acm_module.web import models as m
 from acm_module.web.decide import CurvePoolClient, PoolBusy, PoolClient, PoolTimeout
@@ -754,9 +755,8 @@ def _alerts_router() -> APIRouter:
         post = status is not None or carrier is not None or severity is not None
         number = None
         if b_number is not None:
-            from acm_module.decide.engine import hotpath
 
-            number = hotpath.normalise(b_number, svc.settings.default_country_code)
+            number = numbers.normalise(b_number, svc.settings.default_country_code)
             if number is None:
                 raise ApiError(422, "bad_request", f"b_number: {b_number!r} is not a number")
         q = AlertQuery(b_number=number, min_severity=severity, since_ms=_ts_ms(since),

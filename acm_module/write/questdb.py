@@ -21,9 +21,9 @@ from typing import Any
 
 from questdb import QuestDBError, QuestDBServerRejectionError, Sender, TimestampMicros
 
+from acm_module.core import stats as stats_mod
 from acm_module.core.pg import close_quietly
 from acm_module.core.records import FRAUD_REASONS, AlertChange, Decision
-from acm_module.decide import stats as stats_mod
 from acm_module.decide.store.cluster import StoreClient
 from acm_module.write.base import Sink, SinkRejected, SinkUnavailable
 from acm_module.write.streamconn import StreamConnection

@@ -12,9 +12,8 @@ from servers import RedisCluster
 
 from acm_module.actions.runner import GROUP, ActionRunner, Ledger, RunnerConfig
 from acm_module.control.repository import AlertQuery, StoreRepository
-from acm_module.core import keys
+from acm_module.core import keys, stats
 from acm_module.core.redis import open_redis
-from acm_module.decide import stats
 from acm_module.decide.store.cluster import StoreClient
 from acm_module.ops.metrics import AlertScanner, PoolCollector
 

@@ -164,7 +164,7 @@ def test_store_outage_gets_fast_errors_then_recovers(zctx) -> None:
 def test_slow_store_gets_errors_within_the_timeout_and_counts_them(redis_server, zctx) -> None:
     from servers import DelayProxy, flush
 
-    from acm_module.decide import stats
+    from acm_module.core import stats
     from acm_module.decide.store.conn import StoreConnection
 
     flush(redis_server)
@@ -329,7 +329,7 @@ def test_connections_made_all_at_once_at_start_spread_over_the_workers(store_url
     """
     from servers import free_port
 
-    from acm_module.decide import stats as stats_mod
+    from acm_module.core import stats as stats_mod
     from acm_module.decide.store.conn import StoreConnection
 
     workers, clients, run_s = 2, 8, 3.0

@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, Protocol
 
-from acm_module.core import keys
+from acm_module.core import keys, numbers
 from acm_module.core.errors import StoreReplyError
-from acm_module.decide.engine import hotpath
-from acm_module.decide.store.cluster import StoreClient
+from acm_module.core.types import RespError
 
-if TYPE_CHECKING:
-    from acm_module.core.redis import Client
 
-# The worker's client or redis-py's (core.redis.open_redis): both have execute_command and
-# pipeline, and parse replies alike; both raise StoreError.
-Store: TypeAlias = "StoreClient | Client"
+class Store(Protocol):
+    """The worker's StoreClient or redis-py's client (core.redis.open_redis): both have
+    execute_command and pipeline, parse replies alike and raise StoreError."""
+
+    def execute_command(self, *args: Any, **options: Any) -> Any: ...
+
+    def pipeline(self, transaction: bool = True) -> Any: ...
 
 CONFIG_KEY = "{acm.cfg}:detect"
 DECIDER_KEYS = ("threshold", "window", "mode", "dedup_ttl", "block_ttl")
@@ -121,9 +122,6 @@ def restore(conn: Store, values: dict[str, Any], boot_id: str = "") -> int:
     return int(r)  # type: ignore[arg-type]
 
 
-READ_COMMAND = hotpath.encode_command("HMGET", CONFIG_KEY, "gen", "values")
-
-
 def read(conn: Store) -> tuple[int, dict[str, Any] | None]:
     """Return (generation, config values) of the live config; (0, None) if none is published."""
     return parse_read(conn.execute_command("HMGET", CONFIG_KEY, "gen", "values"))
@@ -140,8 +138,8 @@ def read_origin(conn: Store) -> tuple[int, dict[str, Any] | None, str, str]:
 
 
 def parse_read(r: Any) -> tuple[int, dict[str, Any] | None]:
-    """Parse the reply of READ_COMMAND (for callers that pipeline it with other reads)."""
-    if isinstance(r, hotpath.RespError):
+    """Parse the reply of `HMGET CONFIG_KEY gen values` (workers pipeline it with other reads)."""
+    if isinstance(r, RespError):
         raise StoreReplyError(r.message)
     if isinstance(r, StoreReplyError):  # a pipeline's error reply (raise_on_error=False)
         raise r
@@ -198,7 +196,7 @@ def unblock(conn: Store, a_number: str, partitions: int) -> bool:
 
 def whitelist_key(b_number: str, partitions: int) -> str:
     """Return the store key of a (normalised) B-number's whitelist marker."""
-    return keys.for_b(b_number, hotpath.partition_of(b_number, partitions))["whitelist"]
+    return keys.for_b(b_number, numbers.partition_of(b_number, partitions))["whitelist"]
 
 
 def whitelist_set(conn: Store, b_number: str, partitions: int, reason: str,

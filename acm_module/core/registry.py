@@ -13,8 +13,8 @@ import time
 from typing import Any
 
 from acm_module.core.errors import ConfigError, StoreReplyError
-from acm_module.decide.engine import hotpath
-from acm_module.decide.store.config import Store
+from acm_module.core.liveconfig import Store
+from acm_module.core.types import RespError
 
 REGISTRY_KEY = "{acm.cfg}:gw"
 
@@ -46,17 +46,14 @@ def read(conn: Store) -> tuple[int, dict[str, Any]]:
     return int(r[0]), json.loads(r[1])
 
 
-VERSION_COMMAND = hotpath.encode_command("HGET", REGISTRY_KEY, "ver")
-
-
 def version(conn: Store) -> int:
     """Return the published version (0 when none)."""
     return parse_version(conn.execute_command("HGET", REGISTRY_KEY, "ver"))
 
 
 def parse_version(r: Any) -> int:
-    """Parse the reply of VERSION_COMMAND (pipelined by the workers with their config poll)."""
-    if isinstance(r, hotpath.RespError):
+    """Parse the reply of `HGET REGISTRY_KEY ver` (workers pipeline it with their config poll)."""
+    if isinstance(r, RespError):
         raise StoreReplyError(r.message)
     return 0 if r is None else int(r)  # type: ignore[arg-type]
 
