@@ -18,6 +18,7 @@ from acm_module.control import jsonrpc
 from acm_module.control.jsonrpc import bad_params, param_str
 from acm_module.control.repository import SEVERITIES, ControlRepository, StoreRepository
 from acm_module.core import numbers, registry
+from acm_module.core import settings as settings_mod
 from acm_module.decide.store.cluster import StoreClient
 
 log = logging.getLogger("acm.control")
@@ -31,28 +32,14 @@ MAX_TIME_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z
 
 
 def p_int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int | float | str):
-        raise ValueError("must be an integer")
-    if isinstance(v, float) and not v.is_integer():  # NaN and infinities are not integers
-        raise ValueError("must be an integer")
-    try:
-        n = int(v)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ValueError("must be an integer") from e
+    n: int = settings_mod.coerce(int, v)  # the settings' integers: the same rules and words
     if abs(n) > MAX_INT:
         raise ValueError(f"must be an integer within ±{MAX_INT}")
     return n
 
 
 def p_float(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float | str):
-        raise ValueError("must be a number")
-    try:
-        f = float(v)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ValueError("must be a number") from e
-    if not math.isfinite(f):
-        raise ValueError("must be a finite number")
+    f: float = settings_mod.coerce(float, v)
     return f
 
 
