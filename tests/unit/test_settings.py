@@ -80,8 +80,8 @@ def test_numbers_are_refused_in_the_words_mi_uses(name: str, raw: object, messag
 
 
 def test_the_live_config_takes_the_declared_types() -> None:
-    from acm_module.decide.store import config as store_config
+    from acm_module.core import liveconfig
 
-    assert store_config.parse_read([b"1", b'{"threshold": "7", "window": 3, "mode": "monitor",'
-                                          b' "not_a_setting": 1}']) == (
+    assert liveconfig.parse_read([b"1", b'{"threshold": "7", "window": 3, "mode": "monitor",'
+                                        b' "not_a_setting": 1}']) == (
         1, {"threshold": 7, "window": 3.0, "mode": "monitor"})
