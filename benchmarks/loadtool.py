@@ -192,20 +192,24 @@ def _req_client_proc(endpoint: str, seconds: float, rate: float, b_pool: int, wa
                  time.perf_counter() - w0 if w0 else 0.0, codes))
 
 
-def drive(endpoint: str, clients: int, seconds: float, rate: float = 0.0, b_pool: int = 10**6,
-          warmup: int = 200, progress: Callable[[str], None] | None = None,
-          procs: int = 1, kind: str = "zmtp", server_pids: list[int] | None = None,
-          store_pids: list[int] | None = None, name: str = "",
-          curve: CurveKeys | None = None) -> Result:
+def drive(endpoint: str | list[str], clients: int, seconds: float, rate: float = 0.0,
+          b_pool: int = 10**6, warmup: int = 200,
+          progress: Callable[[str], None] | None = None, procs: int = 1, kind: str = "zmtp",
+          server_pids: list[int] | None = None, store_pids: list[int] | None = None,
+          name: str = "", curve: CurveKeys | None = None,
+          groups: dict[str, list[int]] | None = None) -> Result:
     """Run `clients` logical clients for `seconds` and return the phase's Result.
 
     kind "zmtp": `procs` load processes pipeline the clients (benchmarks/zmtp_client.py);
-    kind "req": one process per client with a pyzmq REQ socket. Server CPU is measured over
-    `server_pids` (the workers) and `store_pids` when given. With `curve` the clients are
-    REQ processes with those keys (the ZMTP clients speak the NULL mechanism only).
+    kind "req": one process per client with a pyzmq REQ socket. Several endpoints (several
+    `acm serve` nodes): the load processes (REQ clients) take them in turn, at least one each.
+    Server CPU is measured over `server_pids` (the workers) and `store_pids` when given, and
+    per reply of each process group in `groups` (in extra["cpu_us"]). With `curve` the clients
+    are REQ processes with those keys (the ZMTP clients speak the NULL mechanism only).
     """
     from benchmarks import zmtp_client
 
+    eps = [endpoint] if isinstance(endpoint, str) else list(endpoint)
     start = CTX.Event()
     out: Any = CTX.Queue()
     if curve is not None:
@@ -213,21 +217,23 @@ def drive(endpoint: str, clients: int, seconds: float, rate: float = 0.0, b_pool
     if kind == "req":
         per_rate = rate / clients if rate else 0.0
         workers = [CTX.Process(target=_req_client_proc,
-                               args=(endpoint, seconds, per_rate, b_pool, warmup, start, out,
-                                     curve))
-                   for _ in range(clients)]
+                               args=(eps[i % len(eps)], seconds, per_rate, b_pool, warmup,
+                                     start, out, curve))
+                   for i in range(clients)]
     else:
-        procs = max(1, min(procs, clients))
+        procs = max(1, len(eps), min(procs, clients))
         split = [clients // procs + (i < clients % procs) for i in range(procs)]
         workers = [CTX.Process(target=zmtp_client.client_proc,
-                               args=(endpoint, n, seconds, rate * n / clients, b_pool, warmup,
-                                     start, out))
-                   for n in split]
+                               args=(eps[i % len(eps)], n, seconds, rate * n / clients, b_pool,
+                                     warmup, start, out))
+                   for i, n in enumerate(split)]
     for p in workers:
         p.start()
     time.sleep(0.3 + (0.02 * clients if kind == "req" else 0.05 * len(workers)))
     pids, spids = server_pids or [], store_pids or []
+    groups = groups or {}
     srv0, st0 = cpu_ns(pids), cpu_ns(spids)
+    g0 = {g: cpu_ns(gp) for g, gp in groups.items()}
     start.set()
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
@@ -235,6 +241,7 @@ def drive(endpoint: str, clients: int, seconds: float, rate: float = 0.0, b_pool
             progress(f"{name}: {time.monotonic() - t0:4.1f}/{seconds:.0f}s")
         time.sleep(min(0.5, max(0.0, seconds - (time.monotonic() - t0))))
     srv_ns, st_ns = cpu_ns(pids) - srv0, cpu_ns(spids) - st0
+    g_ns = {g: cpu_ns(gp) - g0[g] for g, gp in groups.items()}
     lat = array("q")
     errors = unavailable = timeouts = 0
     codes: dict[str, int] = {}
@@ -260,7 +267,7 @@ def drive(endpoint: str, clients: int, seconds: float, rate: float = 0.0, b_pool
         p.join(10)
     if failure is not None:
         raise RuntimeError(f"{name}: a load process failed: {failure!r}") from failure
-    r = Result.of(name or endpoint, clients, seconds, lat, errors)
+    r = Result.of(name or ",".join(eps), clients, seconds, lat, errors)
     r.unavailable = unavailable
     r.extra["timeouts"] = timeouts
     r.extra["error_codes"] = codes
@@ -269,6 +276,7 @@ def drive(endpoint: str, clients: int, seconds: float, rate: float = 0.0, b_pool
         r.client_cpu_us = cpu_s * 1e6 / r.count
         r.server_cpu_us = (srv_ns + st_ns) / 1000.0 / r.count if pids else None
         r.store_cpu_us = st_ns / 1000.0 / r.count if spids else None
+        r.extra["cpu_us"] = {g: round(ns / 1000.0 / r.count, 2) for g, ns in g_ns.items()}
     # Busy share of the CPUs the load processes could use (one each, at most the machine's).
     usable = min(len(workers), os.cpu_count() or 1)
     r.client_util = cpu_s / (wall_s * usable) if wall_s else 0.0

@@ -1,0 +1,119 @@
+"""The same `acm bench` against two checkouts, interleaved (before, after, before, after, ...) in
+one session, with the ratios after/before of each pair.
+
+    .venv/bin/python benchmarks/ab_bench.py --before ../acm-before --after . --rounds 3 \\
+        -- --workers 2 --seconds 3 --skip-baseline
+
+Each checkout runs its own `acm bench` (benchmarks/loadtool.py of that checkout, which measures
+the load tool's ceiling in the same run) with its own interpreter (CHECKOUT/.venv/bin/python
+unless --before-python/--after-python say otherwise) and its own compiled hot path; the
+arguments after `--` go to both. A pair's ratio compares two runs a minute apart at most, so the
+neighbours' load changes less between them than across the session; the median of the pairs'
+ratios is the figure. ACM_PUREPYTHON from the environment chooses the twin for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+PHASES = ("reflect_n", "echo_n", "acm_1", "acm_n", "acm_paced")
+FIGURES = ("rate", "p50", "p99", "server_cpu_us", "store_cpu_us")
+
+
+def bench(checkout: Path, python: str, bench_args: list[str]) -> dict[str, Any]:
+    """Run one checkout's `acm bench`; return its JSON document."""
+    with tempfile.TemporaryDirectory(prefix="acm-ab-") as d:
+        out = Path(d) / "bench.json"
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # leave the checkout as it is
+        p = subprocess.run([python, "-m", "acm_module.cli", "bench", *bench_args, "--json",
+                            str(out)], cwd=checkout, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"acm bench in {checkout} exited {p.returncode}:\n"
+                               f"{p.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--before", required=True, type=Path, help="checkout A")
+    ap.add_argument("--after", required=True, type=Path, help="checkout B")
+    ap.add_argument("--before-python", default="")
+    ap.add_argument("--after-python", default="")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", default="")
+    ap.add_argument("bench_args", nargs=argparse.REMAINDER,
+                    help="after --: arguments of `acm bench` for both")
+    args = ap.parse_args()
+    bench_args = [a for a in args.bench_args if a != "--"]
+    sides = {}
+    for side in ("before", "after"):
+        co = getattr(args, side).resolve()
+        py = getattr(args, f"{side}_python") or str(co / ".venv" / "bin" / "python")
+        sides[side] = (co, py)
+    runs: list[dict[str, Any]] = []
+    for rnd in range(args.rounds):
+        for side, (co, py) in sides.items():
+            sys.stderr.write(f"round {rnd} {side}: acm bench {' '.join(bench_args)}\n")
+            doc = bench(co, py, bench_args)
+            runs.append({"round": rnd, "side": side, "meta": doc["meta"],
+                         "results": {k: v for k, v in doc["results"].items() if k in PHASES}})
+    print(report(runs, bench_args))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"bench_args": bench_args, "runs": runs},
+                                              indent=2))
+    return 0
+
+
+def report(runs: list[dict[str, Any]], bench_args: list[str]) -> str:
+    """Render every run's figures, then each pair's ratios after/before and their median."""
+    m = runs[0]["meta"]
+    lines = [f"acm bench {' '.join(bench_args)} — {m['machine']}, python {m['python']}, hot path "
+             f"{m['hot_path']}, {m['workers']} workers, {m['clients']} clients", "",
+             f"{'rnd':>3} {'side':6} {'phase':9} {'req/s':>8} {'p50 us':>7} {'p99 us':>7} "
+             f"{'srv cpu':>8} {'store':>6} {'ceiling':>8} {'load':>5}  flags"]
+    for r in runs:
+        ceiling = r["results"].get("reflect_n", {}).get("rate", 0)
+        la = r["meta"].get("loadavg_start", (0,))[0], r["meta"].get("loadavg_end", (0,))[0]
+        for k, ph in r["results"].items():
+            if k == "reflect_n":
+                continue
+            srv = ph.get("server_cpu_us") or 0.0
+            st = ph.get("store_cpu_us") or 0.0
+            flag = "CLIENT-BOUND" if ph.get("client_bound") else ""
+            lines.append(f"{r['round']:>3} {r['side']:6} {k:9} {ph['rate']:8,.0f} "
+                         f"{ph['p50']:7.0f} {ph['p99']:7.0f} {srv:8.1f} {st:6.1f} "
+                         f"{ceiling:8,.0f} {la[0]:2.0f}-{la[1]:<2.0f} {flag}")
+    lines += ["", "after / before, per pair (round), then the median:"]
+    pairs: dict[tuple[str, str], list[float]] = {}
+    for rnd in sorted({r["round"] for r in runs}):
+        b = next(r for r in runs if r["round"] == rnd and r["side"] == "before")
+        a = next(r for r in runs if r["round"] == rnd and r["side"] == "after")
+        for k in PHASES:
+            pa, pb = a["results"].get(k), b["results"].get(k)
+            if not pa or not pb:
+                continue
+            for f in FIGURES:
+                v = ratio(pa.get(f), pb.get(f))
+                if v is not None:
+                    pairs.setdefault((k, f), []).append(v)
+    for (k, f), vs in pairs.items():
+        lines.append(f"  {k:9} {f:14} {' '.join(f'{v:5.2f}' for v in vs)}   median "
+                     f"{statistics.median(vs):.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
