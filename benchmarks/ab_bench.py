@@ -1,5 +1,7 @@
-"""The same `acm bench` against two checkouts, interleaved (before, after, before, after, ...) in
-one session, with the ratios after/before of each pair.
+"""The same `acm bench` against two checkouts, interleaved in one session (before, after, after,
+before, before, after, ...: the order turns every round, so a steady rise or fall of the
+neighbours' load weighs on both sides alike over two rounds), with the ratios after/before of
+each round's pair.
 
     .venv/bin/python benchmarks/ab_bench.py --before ../acm-before --after . --rounds 3 \\
         -- --workers 2 --seconds 3 --skip-baseline
@@ -25,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 PHASES = ("reflect_n", "echo_n", "acm_1", "acm_n", "acm_paced")
-FIGURES = ("rate", "p50", "p99", "server_cpu_us", "store_cpu_us")
+FIGURES = ("rate", "p50", "p99", "server_cpu_us", "store_cpu_us", "worker_cpu_us",
+           "batch_cpu_p50_us", "mean_batch")
 
 
 def bench(checkout: Path, python: str, bench_args: list[str]) -> dict[str, Any]:
@@ -65,11 +68,20 @@ def main() -> int:
         sides[side] = (co, py)
     runs: list[dict[str, Any]] = []
     for rnd in range(args.rounds):
-        for side, (co, py) in sides.items():
+        order = list(sides.items()) if rnd % 2 == 0 else list(sides.items())[::-1]
+        for side, (co, py) in order:
             sys.stderr.write(f"round {rnd} {side}: acm bench {' '.join(bench_args)}\n")
             doc = bench(co, py, bench_args)
-            runs.append({"round": rnd, "side": side, "meta": doc["meta"],
-                         "results": {k: v for k, v in doc["results"].items() if k in PHASES}})
+            res = {k: v for k, v in doc["results"].items() if k in PHASES}
+            for v in res.values():
+                if v.get("server_cpu_us") is not None and v.get("store_cpu_us") is not None:
+                    v["worker_cpu_us"] = v["server_cpu_us"] - v["store_cpu_us"]
+            iw = doc["meta"].get("in_worker_n") or {}
+            if iw.get("batches") and "acm_n" in res:
+                # The hot path's own CPU (receive -> send, the store excluded), in the worker.
+                res["acm_n"]["batch_cpu_p50_us"] = iw["service_cpu_us"]["p50"]
+                res["acm_n"]["mean_batch"] = iw["requests"] / iw["batches"]
+            runs.append({"round": rnd, "side": side, "meta": doc["meta"], "results": res})
     print(report(runs, bench_args))
     if args.json:
         Path(args.json).write_text(json.dumps({"bench_args": bench_args, "runs": runs},
@@ -83,7 +95,7 @@ def report(runs: list[dict[str, Any]], bench_args: list[str]) -> str:
     lines = [f"acm bench {' '.join(bench_args)} — {m['machine']}, python {m['python']}, hot path "
              f"{m['hot_path']}, {m['workers']} workers, {m['clients']} clients", "",
              f"{'rnd':>3} {'side':6} {'phase':9} {'req/s':>8} {'p50 us':>7} {'p99 us':>7} "
-             f"{'srv cpu':>8} {'store':>6} {'ceiling':>8} {'load':>5}  flags"]
+             f"{'srv cpu':>8} {'store':>6} {'worker':>6} {'ceiling':>8} {'load':>5}  flags"]
     for r in runs:
         ceiling = r["results"].get("reflect_n", {}).get("rate", 0)
         la = r["meta"].get("loadavg_start", (0,))[0], r["meta"].get("loadavg_end", (0,))[0]
@@ -95,6 +107,7 @@ def report(runs: list[dict[str, Any]], bench_args: list[str]) -> str:
             flag = "CLIENT-BOUND" if ph.get("client_bound") else ""
             lines.append(f"{r['round']:>3} {r['side']:6} {k:9} {ph['rate']:8,.0f} "
                          f"{ph['p50']:7.0f} {ph['p99']:7.0f} {srv:8.1f} {st:6.1f} "
+                         f"{srv - st:6.1f} "
                          f"{ceiling:8,.0f} {la[0]:2.0f}-{la[1]:<2.0f} {flag}")
     lines += ["", "after / before, per pair (round), then the median:"]
     pairs: dict[tuple[str, str], list[float]] = {}
