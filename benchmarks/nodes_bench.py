@@ -111,11 +111,12 @@ def nodes(store: Store, count: int, workers: int, tmp: str) -> Iterator[list[tup
         yield out
 
 
-def cell(store: Store, layout: str, args: argparse.Namespace, tmp: str) -> dict[str, Any]:
+def cell(store: Store, layout: str, args: argparse.Namespace,
+         tmp: str) -> dict[str, Result]:
     """Measure one (store, layout) cell: a closed-loop and (--paced) an open-loop phase."""
     count, workers = (int(x) for x in layout.split("x"))
     store.flush()
-    out: dict[str, Any] = {}
+    out: dict[str, Result] = {}
     with nodes(store, count, workers, tmp) as ns:
         groups: dict[str, list[int]] = {"workers": [], "node other": [], "store": store.pids}
         for i, (_, pid) in enumerate(ns):
@@ -137,8 +138,12 @@ def cell(store: Store, layout: str, args: argparse.Namespace, tmp: str) -> dict[
 def row(r: Result, ceiling: Result | None) -> dict[str, Any]:
     """Return a phase's figures for the table and the JSON."""
     cpu = r.extra.get("cpu_us", {})
-    return {"rate": round(r.rate), "p50": round(r.p50), "p99": round(r.p99),
-            "errors": r.errors, "client_bound": r.client_bound,
+    # The cores every process of the cell ran on, on average: on a shared machine, what the
+    # neighbours left it (decisions/s follow it; the CPU per decision hardly does).
+    used = sum(v for k, v in cpu.items() if k in ("workers", "node other", "store"))
+    cores = (used + r.client_cpu_us) * r.count / r.seconds / 1e6
+    return {"cores": round(cores, 2), "rate": round(r.rate), "p50": round(r.p50),
+            "p99": round(r.p99), "errors": r.errors, "client_bound": r.client_bound,
             "tool_ceiling": round(ceiling.rate) if ceiling else None,
             "of_ceiling": round(r.rate / ceiling.rate, 2) if ceiling and ceiling.rate else None,
             "cpu_us": {**cpu, "tool": round(r.client_cpu_us, 2)},
@@ -173,13 +178,16 @@ def main() -> int:
             most = max(int(n) * int(w) for n, w in (x.split("x") for x in layouts))
             with zmtp_pool(ep, most, "reflect") as pids:
                 ceiling = drive(ep, args.clients, args.seconds, procs=args.load_procs,
-                                server_pids=pids, name="load tool ceiling: reflector")
+                                server_pids=pids, name="load tool ceiling: reflector",
+                                groups={"workers": pids})
+                ceiling.extra["loadavg"] = os.getloadavg()
             runs.append({"round": rnd, "store": "-", "layout": "reflector", "closed":
                          row(ceiling, None)})
             for st in stores:
                 for lay in layouts:
                     got = cell(st, lay, args, tmp)
                     runs.append({"round": rnd, "store": st.name, "layout": lay,
+                                 "seeds": st.seeds[:int(lay.split("x")[0])],
                                  **{k: row(v, ceiling) for k, v in got.items()},
                                  "raw": {k: asdict(v) for k, v in got.items()}})
     finally:
@@ -204,15 +212,16 @@ def report(runs: list[dict[str, Any]], meta: dict[str, Any], layouts: list[str])
              f"{meta['loadavg_end'][0]:.2f} at end", "",
              f"{'rnd':>3} {'store':10} {'layout':9} {'dec/s':>8} {'p50':>6} {'p99':>6} "
              f"{'ceiling':>8} {'of':>5} {'paced p99':>9} {'wrk':>6} {'node':>6} {'store':>6} "
-             f"{'tool':>6} {'load':>5}  flags",
+             f"{'tool':>6} {'cores':>5} {'load':>5}  flags",
              f"{'':>3} {'':10} {'':9} {'':>8} {'us':>6} {'us':>6} {'dec/s':>8} {'ceil':>5} "
-             f"{'us':>9} {'cpu us per decision':^27} {'avg':>5}"]
+             f"{'us':>9} {'cpu us per decision':^27} {'got':>5} {'avg':>5}"]
     for r in runs:
         c = r["closed"]
         if r["layout"] == "reflector":
             lines.append(f"{r['round']:>3} {'-':10} {'reflect':9} {c['rate']:8,} {c['p50']:6} "
                          f"{c['p99']:6} {'':>8} {'':>5} {'':>9} {'':>6} {'':>6} {'':>6} "
-                         f"{c['cpu_us']['tool']:6.1f} {'':>5}  load tool ceiling")
+                         f"{c['cpu_us']['tool']:6.1f} {c['cores']:5.2f} "
+                         f"{c['loadavg'][0] if c['loadavg'] else 0:5.1f}  load tool ceiling")
             continue
         cpu = c["cpu_us"]
         paced = r.get("paced")
@@ -227,7 +236,8 @@ def report(runs: list[dict[str, Any]], meta: dict[str, Any], layouts: list[str])
             f"{r['round']:>3} {r['store']:10} {r['layout']:9} {c['rate']:8,} {c['p50']:6} "
             f"{c['p99']:6} {c['tool_ceiling']:8,} {c['of_ceiling']:5.2f} "
             f"{paced['p99'] if paced else '-':>9} {cpu['workers']:6.1f} {cpu['node other']:6.1f} "
-            f"{cpu['store']:6.1f} {cpu['tool']:6.1f} {c['loadavg'][0]:5.1f}  {' '.join(flags)}")
+            f"{cpu['store']:6.1f} {cpu['tool']:6.1f} {c['cores']:5.2f} {c['loadavg'][0]:5.1f}  "
+            f"{' '.join(flags)}")
     lines += ["", f"ratios within each round, to layout {layouts[0]} on the same store "
               "(dec/s, p99, worker+store CPU per decision):"]
     for r in runs:
