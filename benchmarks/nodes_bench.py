@@ -7,7 +7,8 @@
 Every store is started first (Debian redis-server on loopback; the clusters without replicas,
 as in benchmarks/cluster_bench.py). Each round then measures the load tool's ceiling (the same
 clients and load processes against a reflector) and every (store, layout) cell in turn, so the
-cells of one round are A B A B under the same neighbours' load. A layout NxW is N nodes of W
+cells of one round are A B A B under the same neighbours' load (in reverse order every other
+round). A layout NxW is N nodes of W
 workers; with two nodes each is given a different seed node of the cluster (a cluster of one
 master has one node: both get it) and the load processes take the nodes in turn. Before each
 cell the store is flushed and the nodes start afresh.
@@ -183,13 +184,15 @@ def main() -> int:
                 ceiling.extra["loadavg"] = os.getloadavg()
             runs.append({"round": rnd, "store": "-", "layout": "reflector", "closed":
                          row(ceiling, None)})
-            for st in stores:
-                for lay in layouts:
-                    got = cell(st, lay, args, tmp)
-                    runs.append({"round": rnd, "store": st.name, "layout": lay,
-                                 "seeds": st.seeds[:int(lay.split("x")[0])],
-                                 **{k: row(v, ceiling) for k, v in got.items()},
-                                 "raw": {k: asdict(v) for k, v in got.items()}})
+            cells = [(st, lay) for st in stores for lay in layouts]
+            # The order turns every round: a steady change of the neighbours' load weighs on
+            # every cell alike over two rounds.
+            for st, lay in cells if rnd % 2 == 0 else cells[::-1]:
+                got = cell(st, lay, args, tmp)
+                runs.append({"round": rnd, "store": st.name, "layout": lay,
+                             "seeds": st.seeds[:int(lay.split("x")[0])],
+                             **{k: row(v, ceiling) for k, v in got.items()},
+                             "raw": {k: asdict(v) for k, v in got.items()}})
     finally:
         for st in stores:
             st.cleanup()
