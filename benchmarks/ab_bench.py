@@ -1,24 +1,25 @@
-"""The same `acm bench` against two checkouts, interleaved in one session (before, after, after,
-before, before, after, ...: the order turns every round, so a steady rise or fall of the
-neighbours' load weighs on both sides alike over two rounds), with the ratios after/before of
-each round's pair.
+"""The same `acm bench` against the service of two checkouts, interleaved in one session
+(before, after, after, before, before, after, ...: the order turns every round, so a steady rise
+or fall of the neighbours' load weighs on both sides alike over two rounds), with the ratios
+after/before of each round's pair.
 
-    .venv/bin/python benchmarks/ab_bench.py --before ../acm-before --after . --rounds 3 \\
+    .venv/bin/python benchmarks/ab_bench.py --before ../acm-before --after . --rounds 4 \\
         -- --workers 2 --seconds 3 --skip-baseline
 
-Each checkout runs its own `acm bench` (benchmarks/loadtool.py of that checkout, which measures
-the load tool's ceiling in the same run) with its own interpreter (CHECKOUT/.venv/bin/python
-unless --before-python/--after-python say otherwise) and its own compiled hot path; the
-arguments after `--` go to both. A pair's ratio compares two runs a minute apart at most, so the
-neighbours' load changes less between them than across the session; the median of the pairs'
-ratios is the figure. ACM_PUREPYTHON from the environment chooses the twin for both.
+The load tool is this checkout's `acm bench` for both sides (the same clients, reflector and
+echo pool, so the same ceiling, measured in every run); only its acm phases run the other
+checkout's `acm serve` (`acm bench --serve-from CHECKOUT`), with that checkout's interpreter
+(CHECKOUT/.venv/bin/python unless --before-python/--after-python say otherwise) and its own
+compiled hot path. The arguments after `--` go to both. A pair's ratio compares two runs a
+minute apart at most, so the neighbours' load changes less between them than across the
+session; the median of the pairs' ratios is the figure. ACM_PUREPYTHON from the environment
+chooses the twin for both.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -26,18 +27,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+REPO = Path(__file__).resolve().parent.parent
 PHASES = ("reflect_n", "echo_n", "acm_1", "acm_n", "acm_paced")
 FIGURES = ("rate", "p50", "p99", "server_cpu_us", "store_cpu_us", "worker_cpu_us",
            "batch_cpu_p50_us", "mean_batch")
 
 
 def bench(checkout: Path, python: str, bench_args: list[str]) -> dict[str, Any]:
-    """Run one checkout's `acm bench`; return its JSON document."""
+    """Run `acm bench` with the service of `checkout`; return its JSON document."""
     with tempfile.TemporaryDirectory(prefix="acm-ab-") as d:
         out = Path(d) / "bench.json"
-        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # leave the checkout as it is
-        p = subprocess.run([python, "-m", "acm_module.cli", "bench", *bench_args, "--json",
-                            str(out)], cwd=checkout, env=env, stdout=subprocess.DEVNULL,
+        p = subprocess.run([sys.executable, "-m", "acm_module.cli", "bench", "--serve-from",
+                            str(checkout), "--serve-python", python, *bench_args, "--json",
+                            str(out)], cwd=REPO, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
         if p.returncode != 0:
             raise RuntimeError(f"acm bench in {checkout} exited {p.returncode}:\n"
@@ -109,7 +111,9 @@ def report(runs: list[dict[str, Any]], bench_args: list[str]) -> str:
                          f"{ph['p50']:7.0f} {ph['p99']:7.0f} {srv:8.1f} {st:6.1f} "
                          f"{srv - st:6.1f} "
                          f"{ceiling:8,.0f} {la[0]:2.0f}-{la[1]:<2.0f} {flag}")
-    lines += ["", "after / before, per pair (round), then the median:"]
+    served = {r["side"]: r["meta"].get("served_from", "?") for r in runs}
+    lines += ["", f"service: before = {served.get('before')}, after = {served.get('after')}",
+              "after / before, per pair (round), then the median:"]
     pairs: dict[tuple[str, str], list[float]] = {}
     for rnd in sorted({r["round"] for r in runs}):
         b = next(r for r in runs if r["round"] == rnd and r["side"] == "before")

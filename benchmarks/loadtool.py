@@ -327,17 +327,26 @@ def redis_server(url: str | None) -> Iterator[tuple[str, int | None]]:
 @contextlib.contextmanager
 def acm_service(store: str, workers: int, endpoint: str, env: dict[str, str] | None = None,
                 src: Path = REPO, new_session: bool = False,
-                curve: CurveKeys | None = None) -> Iterator[subprocess.Popen]:
-    """Run `acm serve` (from the checkout `src`; in its own session) until the block ends."""
+                curve: CurveKeys | None = None,
+                python: str = sys.executable) -> Iterator[subprocess.Popen]:
+    """Run `acm serve` (from the checkout `src` with its interpreter `python`; in its own
+    session) until the block ends; yield once every worker serves."""
     e = {**os.environ, "ACM_MI_HTTP": "", "ACM_MI_DATAGRAM": "", "ACM_METRICS_HTTP": "",
          "ACM_WEB_HTTP": "",
          "ACM_LOG_LEVEL": "WARNING", "ACM_STATE_DIR": tempfile.mkdtemp(prefix="acm-bench-st-"),
          **(env or {})}
-    p = subprocess.Popen([sys.executable, "-m", "acm_module.cli", "serve", "--workers",
+    if Path(src).resolve() != REPO:
+        e["PYTHONDONTWRITEBYTECODE"] = "1"  # leave another checkout as it was
+    p = subprocess.Popen([python, "-m", "acm_module.cli", "serve", "--workers",
                           str(workers), "--store", store, "--endpoint", endpoint], env=e,
                          cwd=src, start_new_session=new_session)
     try:
         _wait_ready(endpoint, curve=curve)
+        # One worker answering is not all of them: a worker not yet named acm-worker would be
+        # missing from worker_pids(), and its CPU from the CPU per decision.
+        deadline = time.monotonic() + 20.0
+        while len(worker_pids(p.pid)) < workers and time.monotonic() < deadline:
+            time.sleep(0.05)
         yield p
     finally:
         p.send_signal(signal.SIGTERM)
@@ -542,6 +551,16 @@ def store_footprint(store: str, samples: int = 200) -> dict[str, float]:
         c.close()
 
 
+def _revision(checkout: Path) -> str:
+    """Return a checkout's commit (with "+dirty" when its tracked files differ from it)."""
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", "-C", str(checkout), *a], capture_output=True, text=True)
+        return r.stdout.strip()
+
+    rev = git("rev-parse", "--short", "HEAD") or "unknown"
+    return rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def worker_pids(service_pid: int) -> list[int]:
     """Return the pids of a service's decision workers."""
     out = subprocess.run(["pgrep", "-P", str(service_pid)], capture_output=True, text=True)
@@ -594,8 +613,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curve", action="store_true",
                     help="also run the service with CurveZMQ (keys made for the run; its "
                          "workers use libzmq I/O) and its clients with the keys")
+    ap.add_argument("--serve-from", type=Path, default=REPO,
+                    help="run the service (acm phases) from this checkout, with its "
+                         ".venv/bin/python unless --serve-python is given; everything else, "
+                         "the load tool and its ceiling included, from this one (before/after "
+                         "comparisons: benchmarks/ab_bench.py)")
+    ap.add_argument("--serve-python", default="")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
+    serve_src = args.serve_from.resolve()
+    serve_py = args.serve_python or (sys.executable if serve_src == REPO
+                                     else str(serve_src / ".venv" / "bin" / "python"))
+
+    def service(store: str, endpoint: str, env: dict[str, str] | None = None,
+                curve: CurveKeys | None = None) -> contextlib.AbstractContextManager:
+        return acm_service(store, args.workers, endpoint, env, src=serve_src, curve=curve,
+                           python=serve_py)
 
     tmp = tempfile.mkdtemp(prefix="acm-bench-")
 
@@ -627,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         "paced": args.paced,
         "hot_path": (os.environ.get("ACM_PUREPYTHON", "") in ("", "0") and "cython") or "python",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": os.getloadavg(),
+        "served_from": _revision(serve_src), "served_by": serve_py,
     }
     try:
         with redis_server(args.store) as (store, store_pid):
@@ -657,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
                           pids=pids)
 
             acm_ep = ep("acm")
-            with acm_service(store, args.workers, acm_ep) as svc:
+            with service(store, acm_ep) as svc:
                 pids, spids = worker_pids(svc.pid), store_pids
                 if args.paced:
                     # First, on a store holding no earlier phase's keys: their expiry would be
@@ -685,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
                 # The same service with the other worker I/O, for the ratio of the two.
                 other = "libzmq" if os.environ.get("ACM_WORKER_IO", "zmtp") == "zmtp" else "zmtp"
                 io_ep = ep("acm-io")
-                with acm_service(store, args.workers, io_ep, {"ACM_WORKER_IO": other}) as svc:
+                with service(store, io_ep, {"ACM_WORKER_IO": other}) as svc:
                     pids = worker_pids(svc.pid)
                     phase("io_1", f"acm, worker_io={other}", io_ep, 1, pids=pids,
                           spids=store_pids)
@@ -697,8 +731,8 @@ def main(argv: list[str] | None = None) -> int:
                 public, secret = generate_keypair(Path(tmp) / "keys", "acm")
                 curve = CurveKeys.load(str(public))
                 cv_ep = ep("acm-curve")
-                with acm_service(store, args.workers, cv_ep,
-                                 {"ACM_CURVE_SERVER_KEY": str(secret)}, curve=curve) as svc:
+                with service(store, cv_ep, {"ACM_CURVE_SERVER_KEY": str(secret)},
+                             curve=curve) as svc:
                     pids = worker_pids(svc.pid)
                     for key, c in (("io_curve_1", 1), ("io_curve_n", n)):
                         phase(key, "acm, CURVE (libzmq I/O)", cv_ep, c, pids=pids,
@@ -822,7 +856,8 @@ def render(results: dict[str, Result], meta: dict[str, Any]) -> str:
              f"{meta['hot_path']}, {meta['workers']} workers, {meta['transport']}, "
              f"{meta['client_kind']} clients over {meta['load_procs']} load process(es), "
              f"{meta['seconds']:.0f} s per phase, {meta['date']}, load average "
-             f"{la0[0]:.2f} at start, {la1[0]:.2f} at end", ""]
+             f"{la0[0]:.2f} at start, {la1[0]:.2f} at end, service from "
+             f"{meta.get('served_from', '?')}", ""]
     e1, ev = results.get("reflect_1"), results.get("floor_evalsha_1")
     floor = None
     if e1 and ev:
