@@ -19,15 +19,19 @@ chooses the twin for both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # benchmarks.loadtool, for --together
 PHASES = ("reflect_n", "echo_n", "acm_1", "acm_n", "acm_paced")
 FIGURES = ("rate", "p50", "p99", "server_cpu_us", "store_cpu_us", "worker_cpu_us",
            "batch_cpu_p50_us", "mean_batch")
@@ -47,6 +51,68 @@ def bench(checkout: Path, python: str, bench_args: list[str]) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
+def _requests(store: str) -> int:
+    """Return the decisions every worker of a store's service has counted so far."""
+    from acm_module.decide import stats
+    from acm_module.decide.store.cluster import StoreClient
+
+    c = StoreClient(store, timeout=2.0)
+    try:
+        c.connect()
+        time.sleep(1.1)  # workers publish once a second: let the last period land
+        return sum(s["requests"] for s in stats.read_all(c))
+    finally:
+        c.close()
+
+
+def together(sides: dict[str, tuple[Path, str]], args: argparse.Namespace) -> str:
+    """Run both services at once, each on its own redis-server, driven by the same load
+    processes (half the clients each); return the per-side CPU per decision and their ratios.
+
+    Both sides share every moment of the neighbours' load, so the ratio of their CPU per
+    decision in one phase is the comparison least disturbed by it.
+    """
+    from benchmarks.loadtool import acm_service, drive, redis_server, worker_pids
+
+    lines = [f"both services at once, {args.clients} clients over 2 load processes, "
+             f"{args.workers} workers each, {args.seconds:.0f} s per phase, {os.cpu_count()} "
+             f"CPUs, load average {os.getloadavg()[0]:.1f} at start", "",
+             f"{'rnd':>3} {'side':6} {'dec/s':>8} {'worker us/dec':>13} {'store us/dec':>12} "
+             f"{'load':>5}"]
+    ratios: dict[str, list[float]] = {"dec/s": [], "worker": [], "store": []}
+    with contextlib.ExitStack() as st:
+        svc: dict[str, tuple[str, str, int, int]] = {}
+        for side, (co, py) in sides.items():
+            store, spid = st.enter_context(redis_server(None))
+            ep = f"ipc://{st.enter_context(tempfile.TemporaryDirectory())}/{side}.sock"
+            p = st.enter_context(acm_service(store, args.workers, ep, src=co, python=py))
+            svc[side] = (ep, store, p.pid, spid or 0)
+        groups = {f"{s} {g}": (worker_pids(v[2]) if g == "workers" else [v[3]])
+                  for s, v in svc.items() for g in ("workers", "store")}
+        for rnd in range(args.rounds):
+            n0 = {s: _requests(v[1]) for s, v in svc.items()}
+            r = drive([v[0] for v in svc.values()], args.clients, args.seconds, procs=2,
+                      groups=groups, name=f"round {rnd}")
+            n = {s: _requests(v[1]) - n0[s] for s, v in svc.items()}
+            got: dict[str, dict[str, float]] = {}
+            for s in svc:
+                cpu = {g: r.extra["cpu_us"][f"{s} {g}"] * r.count / max(n[s], 1)
+                       for g in ("workers", "store")}
+                got[s] = {"dec/s": n[s] / args.seconds, "worker": cpu["workers"],
+                          "store": cpu["store"]}
+                lines.append(f"{rnd:>3} {s:6} {got[s]['dec/s']:8,.0f} "
+                             f"{got[s]['worker']:13.1f} {got[s]['store']:12.1f} "
+                             f"{os.getloadavg()[0]:5.1f}")
+            for k in ratios:
+                ratios[k].append(got["after"][k] / got["before"][k])
+    lines += ["", "after / before, per round, then the median (the stats count decisions "
+              "since the previous reading: a phase's warm-up requests are in it):"]
+    for k, vs in ratios.items():
+        lines.append(f"  {k:7} {' '.join(f'{v:5.2f}' for v in vs)}   median "
+                     f"{statistics.median(vs):.2f}")
+    return "\n".join(lines)
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
@@ -58,6 +124,12 @@ def main() -> int:
     ap.add_argument("--before-python", default="")
     ap.add_argument("--after-python", default="")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--together", action="store_true",
+                    help="instead: both services at once, each on its own store, driven by "
+                         "the same load processes; per-side CPU per decision")
+    ap.add_argument("--seconds", type=float, default=3.0, help="--together: per phase")
+    ap.add_argument("--clients", type=int, default=16, help="--together: both sides")
+    ap.add_argument("--workers", type=int, default=1, help="--together: per service")
     ap.add_argument("--json", default="")
     ap.add_argument("bench_args", nargs=argparse.REMAINDER,
                     help="after --: arguments of `acm bench` for both")
@@ -68,6 +140,9 @@ def main() -> int:
         co = getattr(args, side).resolve()
         py = getattr(args, f"{side}_python") or str(co / ".venv" / "bin" / "python")
         sides[side] = (co, py)
+    if args.together:
+        print(together(sides, args))
+        return 0
     runs: list[dict[str, Any]] = []
     for rnd in range(args.rounds):
         order = list(sides.items()) if rnd % 2 == 0 else list(sides.items())[::-1]
