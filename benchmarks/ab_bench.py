@@ -91,7 +91,10 @@ def together(sides: dict[str, tuple[Path, str]], args: argparse.Namespace) -> st
                   for s, v in svc.items() for g in ("workers", "store")}
         for rnd in range(args.rounds):
             n0 = {s: _requests(v[1]) for s, v in svc.items()}
-            r = drive([v[0] for v in svc.values()], args.clients, args.seconds, procs=2,
+            # Load process i drives endpoint i: swap them every round, so neither side always
+            # has the process that starts first.
+            eps = [v[0] for v in svc.values()]
+            r = drive(eps if rnd % 2 == 0 else eps[::-1], args.clients, args.seconds, procs=2,
                       groups=groups, name=f"round {rnd}")
             n = {s: _requests(v[1]) - n0[s] for s, v in svc.items()}
             got: dict[str, dict[str, float]] = {}
