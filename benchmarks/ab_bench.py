@@ -53,7 +53,7 @@ def bench(checkout: Path, python: str, bench_args: list[str]) -> dict[str, Any]:
 
 def _requests(store: str) -> int:
     """Return the decisions every worker of a store's service has counted so far."""
-    from acm_module.decide import stats
+    from acm_module.core import stats
     from acm_module.decide.store.cluster import StoreClient
 
     c = StoreClient(store, timeout=2.0)
