@@ -72,15 +72,21 @@ def together(sides: dict[str, tuple[Path, str]], args: argparse.Namespace) -> st
     Both sides share every moment of the neighbours' load, so the ratio of their CPU per
     decision in one phase is the comparison least disturbed by it.
     """
-    from benchmarks.loadtool import acm_service, drive, redis_server, worker_pids
+    from benchmarks.loadtool import acm_service, drive, redis_server, worker_pids, zmtp_pool
 
     lines = [f"both services at once, {args.clients} clients over 2 load processes, "
              f"{args.workers} workers each, {args.seconds:.0f} s per phase, {os.cpu_count()} "
              f"CPUs, load average {os.getloadavg()[0]:.1f} at start", "",
              f"{'rnd':>3} {'side':6} {'dec/s':>8} {'worker us/dec':>13} {'store us/dec':>12} "
-             f"{'load':>5}"]
+             f"{'load':>5}  both sides / tool ceiling"]
     ratios: dict[str, list[float]] = {"dec/s": [], "worker": [], "store": []}
     with contextlib.ExitStack() as st:
+        # The load tool's ceiling: the same clients and load processes against a reflector
+        # with as many workers as both services have.
+        ep = f"ipc://{st.enter_context(tempfile.TemporaryDirectory())}/reflect.sock"
+        with zmtp_pool(ep, 2 * args.workers, "reflect") as pids:
+            ceiling = drive(ep, args.clients, args.seconds, procs=2, server_pids=pids)
+        lines.insert(1, f"load tool ceiling (reflector, same clients): {ceiling.rate:,.0f} req/s")
         svc: dict[str, tuple[str, str, int, int]] = {}
         for side, (co, py) in sides.items():
             store, spid = st.enter_context(redis_server(None))
@@ -103,9 +109,10 @@ def together(sides: dict[str, tuple[Path, str]], args: argparse.Namespace) -> st
                        for g in ("workers", "store")}
                 got[s] = {"dec/s": n[s] / args.seconds, "worker": cpu["workers"],
                           "store": cpu["store"]}
+                bound = " CLIENT-BOUND" if r.client_bound else ""
                 lines.append(f"{rnd:>3} {s:6} {got[s]['dec/s']:8,.0f} "
                              f"{got[s]['worker']:13.1f} {got[s]['store']:12.1f} "
-                             f"{os.getloadavg()[0]:5.1f}")
+                             f"{os.getloadavg()[0]:5.1f}  {r.rate / ceiling.rate:.2f}{bound}")
             for k in ratios:
                 ratios[k].append(got["after"][k] / got["before"][k])
     lines += ["", "after / before, per round, then the median (the stats count decisions "
