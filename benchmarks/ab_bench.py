@@ -65,9 +65,11 @@ def _requests(store: str) -> int:
         c.close()
 
 
-def together(sides: dict[str, tuple[Path, str]], args: argparse.Namespace) -> str:
+def together(sides: dict[str, tuple[Path, str]],
+             args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """Run both services at once, each on its own redis-server, driven by the same load
-    processes (half the clients each); return the per-side CPU per decision and their ratios.
+    processes (half the clients each); return the per-side CPU per decision and their ratios,
+    as text and as data.
 
     Both sides share every moment of the neighbours' load, so the ratio of their CPU per
     decision in one phase is the comparison least disturbed by it.
@@ -88,6 +90,7 @@ def together(sides: dict[str, tuple[Path, str]], args: argparse.Namespace) -> st
             ceiling = drive(ep, args.clients, args.seconds, procs=2, server_pids=pids)
         lines.insert(1, f"load tool ceiling (reflector, same clients): {ceiling.rate:,.0f} req/s")
         svc: dict[str, tuple[str, str, int, int]] = {}
+        rounds: list[dict[str, Any]] = []
         for side, (co, py) in sides.items():
             store, spid = st.enter_context(redis_server(None))
             ep = f"ipc://{st.enter_context(tempfile.TemporaryDirectory())}/{side}.sock"
@@ -113,6 +116,8 @@ def together(sides: dict[str, tuple[Path, str]], args: argparse.Namespace) -> st
                 lines.append(f"{rnd:>3} {s:6} {got[s]['dec/s']:8,.0f} "
                              f"{got[s]['worker']:13.1f} {got[s]['store']:12.1f} "
                              f"{os.getloadavg()[0]:5.1f}  {r.rate / ceiling.rate:.2f}{bound}")
+            rounds.append({**got, "tool_ceiling": ceiling.rate, "rate": r.rate,
+                           "client_bound": r.client_bound, "loadavg": os.getloadavg()})
             for k in ratios:
                 ratios[k].append(got["after"][k] / got["before"][k])
     lines += ["", "after / before, per round, then the median (the stats count decisions "
@@ -120,7 +125,7 @@ def together(sides: dict[str, tuple[Path, str]], args: argparse.Namespace) -> st
     for k, vs in ratios.items():
         lines.append(f"  {k:7} {' '.join(f'{v:5.2f}' for v in vs)}   median "
                      f"{statistics.median(vs):.2f}")
-    return "\n".join(lines)
+    return "\n".join(lines), {"rounds": rounds, "ratios": ratios}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -151,7 +156,10 @@ def main() -> int:
         py = getattr(args, f"{side}_python") or str(co / ".venv" / "bin" / "python")
         sides[side] = (co, py)
     if args.together:
-        print(together(sides, args))
+        text, data = together(sides, args)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(json.dumps(data, indent=2))
         return 0
     runs: list[dict[str, Any]] = []
     for rnd in range(args.rounds):

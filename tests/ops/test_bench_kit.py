@@ -131,3 +131,22 @@ def test_nodes_bench_drives_two_nodes_seeded_with_different_cluster_nodes(
     w0, w1 = (two["closed"]["cpu_us"][f"node{i} workers"] for i in (0, 1))
     assert 0.25 < w0 / w1 < 4, (w0, w1)  # both nodes answered a share of the load
     assert "load tool ceiling" in p.stdout and "2x1 / 1x1" in p.stdout
+
+
+def test_ab_bench_measures_two_services_at_once_with_the_tool_ceiling(tmp_path: Path) -> None:
+    out = tmp_path / "ab.json"
+    # The same checkout on both sides: what is pinned is that each side is measured apart.
+    p = _run([sys.executable, "benchmarks/ab_bench.py", "--before", ".", "--after", ".",
+              "--before-python", sys.executable, "--after-python", sys.executable,
+              "--together", "--rounds", "2", "--seconds", "0.5", "--clients", "4",
+              "--json", str(out)], 200)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert len(data["rounds"]) == 2
+    for r in data["rounds"]:
+        assert r["tool_ceiling"] > r["rate"] > 0
+        for side in ("before", "after"):
+            # Each side decided and each side's CPU per decision was measured on its own.
+            assert r[side]["dec/s"] > 0 and r[side]["worker"] > 0 and r[side]["store"] > 0, r
+    assert all(len(v) == 2 for v in data["ratios"].values())
+    assert "load tool ceiling" in p.stdout and "median" in p.stdout
