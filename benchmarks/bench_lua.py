@@ -192,15 +192,18 @@ class Tally:
         self.cpu_ratio.append(got["now"][0] / got["before"][0])
         self.wall_ratio.append(got["now"][1] / got["before"][1])
 
-    def line(self, label: str) -> str:
+    def line(self, label: str, wall: bool = True) -> str:
         """Return the summary: median µs per side and median [IQR] of the pair ratios."""
         def q(xs: list[float]) -> str:
             a, m, b = statistics.quantiles(xs, n=4)
             return f"{m:.3f} [{a:.3f}-{b:.3f}]"
         med = statistics.median
-        return (f"{label:24} {med(self.cpu['now']):6.2f} {med(self.cpu['before']):6.2f}  "
-                f"{q(self.cpu_ratio):21} {med(self.wall['now']):6.2f} "
-                f"{med(self.wall['before']):6.2f}  {q(self.wall_ratio)}")
+        out = (f"{label:24} {med(self.cpu['now']):6.2f} {med(self.cpu['before']):6.2f}  "
+               f"{q(self.cpu_ratio):21}")
+        if wall:
+            out += (f" {med(self.wall['now']):6.2f} {med(self.wall['before']):6.2f}  "
+                    f"{q(self.wall_ratio)}")
+        return out
 
     def inside(self) -> list[str]:
         """Return, per side, the commands run inside the script: calls and µs per call."""
@@ -435,6 +438,43 @@ def run_workloads(store: Store, shas_by_script: dict[str, dict[str, str]], round
             print(acc.line(f"{name} {label}"))
 
 
+def run_paced(store: Store, shas: dict[str, str], rate: float, seconds: float,
+              block: int) -> None:
+    """Print the store's CPU per decision at a paced rate, now vs before.
+
+    One connection, one call at a time: between calls the store sleeps and other processes
+    take its caches, as at a few hundred calls per second through OpenSIPS. The versions
+    alternate every `block` calls; a block's CPU includes the store's idle work (its cron at
+    the default hz) in that time.
+    """
+    store.conn.call("CONFIG", "SET", "hz", "10")
+    calls = int(rate * seconds / 2)
+    print(f"\ndecide.lua paced: {rate:g} calls/s, one connection, {2 * calls} calls in "
+          f"alternating blocks of {block}\n{'':24} {'store CPU µs per call':^36}\n"
+          f"{'':24} {'now':>6} {'before':>6}  now/before [IQR]")
+    n = 0
+    for label, callers in (("no alert", 3), ("alerts", 9)):
+        store.prepare([])
+        acc = Tally()
+        t0 = time.monotonic()
+        k = 0
+        for j in range(calls // block):
+            got = {}
+            for side in SIDES if j % 2 == 0 else SIDES[::-1]:
+                c0 = cpu_ns([store.pid])
+                for _ in range(block):
+                    wait = t0 + k / rate - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                    k += 1
+                    store.conn.call("EVALSHA", shas[side], *_decide_call(TAG[side], n, callers))
+                    n += 1
+                got[side] = ((cpu_ns([store.pid]) - c0) / 1000 / block, 1.0, {})
+            acc.add(got, block)
+        print(acc.line(f"decide {label}", wall=False))
+    store.conn.call("CONFIG", "SET", "hz", "100")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--against", required=True, help="git revision to compare with")
@@ -444,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paths", action="store_true", help="decide.lua one path at a time")
     ap.add_argument("--check", type=int, default=3000, metavar="N",
                     help="first feed both versions N random calls and stop on a difference")
+    ap.add_argument("--paced", type=float, default=0, metavar="RATE",
+                    help="decide.lua at RATE calls/s, one call at a time (e.g. 300)")
+    ap.add_argument("--seconds", type=float, default=20, help="with --paced: per workload")
     ap.add_argument("--profile", action="store_true",
                     help="with --paths: the store commands each path runs inside the script")
     args = ap.parse_args(argv)
@@ -461,7 +504,9 @@ def main(argv: list[str] | None = None) -> int:
                 for name in ("decide", "fanout")}
         if args.check and check(store, shas, 1, args.check):
             return 1
-        if args.paths:
+        if args.paced:
+            run_paced(store, shas["decide"], args.paced, args.seconds, 50)
+        elif args.paths:
             run_paths(store, shas["decide"], args.rounds, args.calls, args.slices,
                       args.profile)
         else:
