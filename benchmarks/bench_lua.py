@@ -18,7 +18,8 @@ same random calls (`--check N`) and the run stops if a reply, a key, a TTL or a 
 differs.
 
     .venv/bin/python benchmarks/bench_lua.py --against main --paths --profile
-    .venv/bin/python benchmarks/bench_lua.py --against 1ec62e4
+    .venv/bin/python benchmarks/bench_lua.py --against main --check 0 --paced 300
+    .venv/bin/python benchmarks/bench_lua.py --against main --check 0 --ops
 """
 
 from __future__ import annotations
@@ -167,6 +168,12 @@ class Store:
             raise SystemExit(f"{keys} keys: the key table grew during the timing; fewer calls")
 
 
+def _quartiles(xs: list[float]) -> str:
+    """Return "median [first quartile-third quartile]"."""
+    a, m, b = statistics.quantiles(xs, n=4)
+    return f"{m:.3f} [{a:.3f}-{b:.3f}]"
+
+
 class Tally:
     """Per-slice figures of both sides: CPU and wall per call, their ratios, inner commands."""
 
@@ -192,18 +199,12 @@ class Tally:
         self.cpu_ratio.append(got["now"][0] / got["before"][0])
         self.wall_ratio.append(got["now"][1] / got["before"][1])
 
-    def line(self, label: str, wall: bool = True) -> str:
+    def line(self, label: str) -> str:
         """Return the summary: median µs per side and median [IQR] of the pair ratios."""
-        def q(xs: list[float]) -> str:
-            a, m, b = statistics.quantiles(xs, n=4)
-            return f"{m:.3f} [{a:.3f}-{b:.3f}]"
         med = statistics.median
-        out = (f"{label:24} {med(self.cpu['now']):6.2f} {med(self.cpu['before']):6.2f}  "
-               f"{q(self.cpu_ratio):21}")
-        if wall:
-            out += (f" {med(self.wall['now']):6.2f} {med(self.wall['before']):6.2f}  "
-                    f"{q(self.wall_ratio)}")
-        return out
+        return (f"{label:24} {med(self.cpu['now']):6.2f} {med(self.cpu['before']):6.2f}  "
+                f"{_quartiles(self.cpu_ratio):21} {med(self.wall['now']):6.2f} "
+                f"{med(self.wall['before']):6.2f}  {_quartiles(self.wall_ratio)}")
 
     def inside(self) -> list[str]:
         """Return, per side, the commands run inside the script: calls and µs per call."""
@@ -438,46 +439,126 @@ def run_workloads(store: Store, shas_by_script: dict[str, dict[str, str]], round
             print(acc.line(f"{name} {label}"))
 
 
+def _paced(store: Store, make: dict[str, Callable[[int], Cmd]], rate: float, calls: int,
+           block: int) -> dict[str, list[float]]:
+    """Run make's commands one at a time at `rate`, taking turns every `block` calls (the
+    first of each turn rotates); return each one's store CPU µs per call, block by block."""
+    out: dict[str, list[float]] = {label: [] for label in make}
+    order = list(make)
+    t0 = time.monotonic()
+    k = 0
+    for j in range(calls // block):
+        for label in order[j % len(order):] + order[:j % len(order)]:
+            c0 = cpu_ns([store.pid])
+            for _ in range(block):
+                wait = t0 + k / rate - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                store.conn.call(*make[label](k))
+                k += 1
+            out[label].append((cpu_ns([store.pid]) - c0) / 1000 / block)
+    return out
+
+
 def run_paced(store: Store, shas: dict[str, str], rate: float, seconds: float,
               block: int) -> None:
-    """Print the store's CPU per decision at a paced rate, now vs before.
+    """Print the store's CPU per decision at a paced rate, now vs before, and its floor.
 
     One connection, one call at a time: between calls the store sleeps and other processes
-    take its caches, as at a few hundred calls per second through OpenSIPS. The versions
-    alternate every `block` calls; a block's CPU includes the store's idle work (its cron at
-    the default hz) in that time.
+    take its caches, as at a few hundred calls per second through OpenSIPS. The versions take
+    turns every `block` calls; a block's CPU includes the store's idle work (its cron at the
+    default hz) in that time. The floor: a PING, and an EVALSHA of an empty script with
+    decide.lua's KEYS and ARGV, at the same rate.
     """
     store.conn.call("CONFIG", "SET", "hz", "10")
-    calls = int(rate * seconds / 2)
-    print(f"\ndecide.lua paced: {rate:g} calls/s, one connection, {2 * calls} calls in "
-          f"alternating blocks of {block}\n{'':24} {'store CPU µs per call':^36}\n"
+    calls = int(rate * seconds)
+    print(f"\ndecide.lua paced: {rate:g} calls/s, one connection, {calls} calls per row in "
+          f"blocks of {block} taking turns\n{'':24} {'store CPU µs per call':^36}\n"
           f"{'':24} {'now':>6} {'before':>6}  now/before [IQR]")
-    n = 0
     for label, callers in (("no alert", 3), ("alerts", 9)):
         store.prepare([])
-        acc = Tally()
-        t0 = time.monotonic()
-        k = 0
-        for j in range(calls // block):
-            got = {}
-            for side in SIDES if j % 2 == 0 else SIDES[::-1]:
-                c0 = cpu_ns([store.pid])
-                for _ in range(block):
-                    wait = t0 + k / rate - time.monotonic()
-                    if wait > 0:
-                        time.sleep(wait)
-                    k += 1
-                    store.conn.call("EVALSHA", shas[side], *_decide_call(TAG[side], n, callers))
-                    n += 1
-                got[side] = ((cpu_ns([store.pid]) - c0) / 1000 / block, 1.0, {})
-            acc.add(got, block)
-        print(acc.line(f"decide {label}", wall=False))
+        got = _paced(store, {side: lambda k, side=side, callers=callers: [
+            "EVALSHA", shas[side], *_decide_call(TAG[side], k, callers)] for side in SIDES},
+            rate, calls, block)
+        ratio = [x / y for x, y in zip(got["now"], got["before"], strict=True)]
+        print(f"{'decide ' + label:24} {statistics.median(got['now']):6.2f} "
+              f"{statistics.median(got['before']):6.2f}  {_quartiles(ratio)}")
+    store.prepare([])
+    empty = store.conn.call("SCRIPT", "LOAD", "return {}")
+    assert isinstance(empty, bytes)
+    floor = _paced(store, {
+        "PING": lambda k: ["PING"],
+        "EVALSHA, empty script": lambda k: ["EVALSHA", empty.decode(),
+                                            *_decide_call("F~", k, 3)]},
+        rate, calls, block)
+    for label, xs in floor.items():
+        print(f"{label:24} {statistics.median(xs):6.2f}")
     store.conn.call("CONFIG", "SET", "hz", "100")
+
+
+# What decide.lua does, one operation at a time: each runs OPS times in a loop inside one
+# script (KEYS/ARGV of a clean decision, its window holding one caller); "nothing" is the loop.
+OPS = 1000
+_OPS = {
+    "nothing": "x = i",
+    "string.format('%.0f')": "x = string.format('%.0f', ts - 2 * window)",
+    "tonumber": "x = tonumber(ARGV[4])",
+    "dedup value (5 pieces)": "x = 'allow' .. '|' .. 'clean' .. '|' .. i .. '|' .. '' .. '|' .. ''",
+    "reply table (7, nested)": "x = {'allow', 'clean', i, '', '', 0, {}}",
+    "GET (absent)": "x = redis.call('GET', KEYS[5])",
+    "EXISTS": "x = redis.call('EXISTS', KEYS[4])",
+    "HGET (absent)": "x = redis.call('HGET', KEYS[8], ARGV[2])",
+    "ZSCORE": "x = redis.call('ZSCORE', KEYS[1], ARGV[2])",
+    "ZADD GT": "x = redis.call('ZADD', KEYS[1], 'GT', ARGV[4], ARGV[2])",
+    "ZREMRANGEBYSCORE": "x = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. lo2)",
+    "ZCOUNT": "x = redis.call('ZCOUNT', KEYS[1], lo, '+inf')",
+    "PEXPIRE": "x = redis.call('PEXPIRE', KEYS[1], ARGV[11])",
+    "SET ... PX": "x = redis.call('SET', KEYS[5], 'allow|clean|1||', 'PX', ARGV[10])",
+    "XADD (decision record)": "x = redis.call('XADD', KEYS[6], '*', 'k', 'd', 'id', ARGV[1], "
+    "'a', ARGV[2], 'b', ARGV[3], 'ts', ARGV[4], 'v', 'allow', 'r', 'clean', 'n', 1, 'al', '', "
+    "'sv', '', 'ip', ARGV[12], 'tr', ARGV[13], 'rx', ARGV[14], 'md', ARGV[7], 'cr', ARGV[16], "
+    "'gw', ARGV[17])",
+}
+
+
+def run_ops(store: Store, rounds: int) -> None:
+    """Print the store CPU per operation decide.lua performs (hot: one script loops on it)."""
+    pre = ("local ts, window = tonumber(ARGV[4]), tonumber(ARGV[5]) local x "
+           "local lo, lo2 = string.format('%.0f', ts - window), "
+           "string.format('%.0f', ts - 2 * window)\n")
+    shas = {}
+    for name, op in _OPS.items():
+        sha = store.conn.call("SCRIPT", "LOAD", f"{pre}for i = 1, {OPS} do {op} end return {{}}")
+        assert isinstance(sha, bytes)
+        shas[name] = sha.decode()
+    cpu: dict[str, list[float]] = {name: [] for name in _OPS}
+    for r in range(rounds):
+        for name, sha in shas.items():
+            cmds = [["EVALSHA", sha, *decide_args("O~", f"+2348{r:03d}{i:06d}",
+                                                  "+2348031000000", f"o{i}", T0 + 100)]
+                    for i in range(20)]
+            store.prepare([["ZADD", c[3], T0, "+2348031000000"] for c in cmds])
+            cpu[name].append(store.timed(cmds)[0])
+    empty = store.conn.call("SCRIPT", "LOAD", "return {}")
+    assert isinstance(empty, bytes)
+    whole = []
+    for r in range(rounds):
+        store.prepare([])
+        whole.append(store.timed([["EVALSHA", empty.decode(), *decide_args(
+            "O~", f"+2348{r:03d}{i:06d}", "+2348031000000", f"o{i}", T0)] for i in range(1000)])[0])
+    base = statistics.median(cpu["nothing"])
+    print(f"\none operation of decide.lua, {OPS} times in one script, median of {rounds} "
+          f"rounds: store CPU ns per operation")
+    for name, xs in cpu.items():
+        if name != "nothing":
+            print(f"{name:26} {(statistics.median(xs) - base) * 1000 / OPS:7.0f}")
+    print(f"{'EVALSHA of an empty script with decide.lua KEYS and ARGV':58} "
+          f"{statistics.median(whole) * 1000:7.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--against", required=True, help="git revision to compare with")
+    ap.add_argument("--against", default="main", help="git revision to compare with")
     ap.add_argument("--rounds", type=int, default=4, help="prepared states per path/workload")
     ap.add_argument("--calls", type=int, default=1000, help="calls per version per round")
     ap.add_argument("--slices", type=int, default=10, help="alternating slices per round")
@@ -486,7 +567,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="first feed both versions N random calls and stop on a difference")
     ap.add_argument("--paced", type=float, default=0, metavar="RATE",
                     help="decide.lua at RATE calls/s, one call at a time (e.g. 300)")
-    ap.add_argument("--seconds", type=float, default=20, help="with --paced: per workload")
+    ap.add_argument("--seconds", type=float, default=20, help="with --paced: per row")
+    ap.add_argument("--block", type=int, default=50, help="with --paced: calls per turn")
+    ap.add_argument("--ops", action="store_true",
+                    help="the store CPU of each operation decide.lua performs")
     ap.add_argument("--profile", action="store_true",
                     help="with --paths: the store commands each path runs inside the script")
     args = ap.parse_args(argv)
@@ -504,8 +588,10 @@ def main(argv: list[str] | None = None) -> int:
                 for name in ("decide", "fanout")}
         if args.check and check(store, shas, 1, args.check):
             return 1
-        if args.paced:
-            run_paced(store, shas["decide"], args.paced, args.seconds, 50)
+        if args.ops:
+            run_ops(store, args.rounds)
+        elif args.paced:
+            run_paced(store, shas["decide"], args.paced, args.seconds, args.block)
         elif args.paths:
             run_paths(store, shas["decide"], args.rounds, args.calls, args.slices,
                       args.profile)
