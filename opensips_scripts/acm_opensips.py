@@ -7,8 +7,10 @@ Loaded by the OpenSIPS `python` module (3.x)::
 
 The module imports this file, calls the module-level `mod_init()` (the `mod_init_function`
 modparam) once in the attendant BEFORE it forks, keeps the object it returns, calls its
-`child_init(rank)` in every process, and runs `python_exec("acm_check"[, "trunk"])` as
-`Module.acm_check(msg[, trunk])`.
+`child_init(rank)` in every process, and runs `python_exec("acm_check_fields", FIELDS)` as
+`Module.acm_check_fields(msg, fields)` (one packed argument in, one packed `$var(acm)` out; see
+opensips.cfg), or the older `python_exec("acm_check"[, "trunk"])` as
+`Module.acm_check(msg[, trunk])` (four reads and five `$var` writes per call).
 
 Everything that talks to the service lives in `AcmClient`, which needs no OpenSIPS and is what
 the tests drive; `Module` only reads the SIP message and writes `$var`s.
@@ -757,6 +759,8 @@ class AcmClient:
         self._log = log or RateLimitedLog(self.config.log_interval_s, clock=clock)
         self._policy_verdict = "allow" if self.config.fail_policy == "open" else "drop"
         self._curve = self.config.curve_keys()
+        # msgpack.packb() builds a Packer (and mallocs its buffer) on every call
+        self._packer = msgpack.Packer()
         self._pid: int | None = None
         self._transport: _Transport | None = None
         self.rank: int | None = None
@@ -830,7 +834,7 @@ class AcmClient:
             req["src_ip"] = _clip(src_ip, "src_ip")
         if trunk:
             req["trunk"] = _clip(trunk, "trunk")
-        payload = msgpack.packb(req)
+        payload = self._packer.pack(req)
         try:
             raw = self._roundtrip(payload, now)
             verdict = _parse_reply(raw)
@@ -990,11 +994,95 @@ class Module:
                 _set_policy_log(self, msg, v)
             return _return_code(v)
         except BaseException as e:  # see class docstring
-            _safe_log(self.client, "acm_check", f"acm_check failed: {e!r}")
+            return self._last_resort(e)
+
+    def acm_check_fields(self, msg: Any, fields: str | None = None) -> int:
+        """Check a call whose fields come packed in `fields`; set $var(acm); return 1/2
+        (allow) or -1/-2 (drop).
+
+        `fields` is the expansion of FIELDS_FORMAT (opensips.cfg): Call-ID, From user, R-URI
+        user, source IP and trunk, each hex-encoded, joined by "00" (a NUL once decoded). One
+        argument expanded by OpenSIPS instead of four get_pseudoVar() calls (each parses its
+        format and allocates a 4 KB buffer), and hex keeps any byte of the message (a '|', an
+        invalid UTF-8 sequence) from breaking the packing or python_exec() itself. The result
+        is one $var(acm) (see `pack_result`) instead of five set_pseudoVar() calls.
+        """
+        try:
+            parts = _unpack_fields(fields)
+            if parts is None:
+                _safe_log(self.client, "fields", "python_exec argument is not the packed "
+                          "fields of opensips.cfg (FIELDS_FORMAT); verdict by fail policy")
+                v = self.client.policy("client_error")
+            else:
+                call_id, a, b, src_ip, trunk = parts
+                try:
+                    # the URI without a user part, as acm_check does (rare: one more read)
+                    a = a or _pv(msg, "$fu")
+                    b = b or _pv(msg, "$ru")
+                except Exception as e:
+                    _safe_log(self.client, "msg", f"cannot read the message: {e!r}")
+                v = self.client.check(call_id, a, b, src_ip or None, trunk or None)
+            held = self.policy_lines.due(f"{v.verdict}:{v.reason}") if v.policy else None
             try:
-                return _return_code(self.client.policy("client_error"))
-            except BaseException:
-                return RC_ALLOW_POLICY
+                msg.set_pseudoVar("$var(acm)", pack_result(v, held))
+            except Exception as e:
+                _safe_log(self.client, "set_var", f"cannot set $var(acm): {e!r}")
+            return _return_code(v)
+        except BaseException as e:  # see class docstring
+            return self._last_resort(e)
+
+    def _last_resort(self, e: BaseException) -> int:
+        _safe_log(self.client, "acm_check", f"acm_check failed: {e!r}")
+        try:
+            return _return_code(self.client.policy("client_error"))
+        except BaseException:
+            return RC_ALLOW_POLICY
+
+
+# What opensips.cfg passes to acm_check_fields (kept in step with it by the tests): each value
+# cut to the service's byte limit and hex-encoded, "00" between them.
+FIELDS_FORMAT = ("$(ci{s.substr,0,256}{s.encode.hexa})00$(fU{s.substr,0,256}{s.encode.hexa})00"
+                 "$(rU{s.substr,0,256}{s.encode.hexa})00$(si{s.encode.hexa})00"
+                 "$(var(acm_trunk){s.substr,0,128}{s.encode.hexa})")
+_N_FIELDS = 5
+_RESULT_SEP = "|"
+_N_RESULT = 7
+
+
+def _unpack_fields(fields: Any) -> list[str] | None:
+    """Return [call_id, a, b, src_ip, trunk] from the packed argument, or None if malformed.
+
+    A value OpenSIPS could not render (unset, or a transformation failing on an empty string)
+    prints as "<null>": empty here. Invalid UTF-8 becomes U+FFFD: the call is still checked.
+    """
+    if not isinstance(fields, str):
+        return None
+    try:
+        raw = bytes.fromhex(fields.replace(_PV_NULL, "") if "<" in fields else fields)
+    except ValueError:
+        return None
+    parts = raw.decode("utf-8", "replace").split("\x00")
+    # a NUL inside a value shows as an extra part: not trusted, policy verdict
+    return parts if len(parts) == _N_FIELDS else None
+
+
+def pack_result(v: Verdict, held: int | None) -> str:
+    """Return $var(acm): verdict|reason|alert_id|severity|distinct|log|log_held.
+
+    log is "1" when the cfg may log this fail-policy call (at most once per verdict, reason,
+    process and log interval), "0" when not, "" for a service verdict; log_held counts the
+    fail-policy calls of that kind not logged since the last line. A '|' or NUL in a value
+    the service sent becomes '_' so that the cfg's {s.select} finds each field.
+    """
+    if v.policy:
+        log, held_s = ("0", "0") if held is None else ("1", str(held))
+    else:
+        log = held_s = ""
+    values = (v.verdict, v.reason, v.alert_id, v.severity, str(v.distinct), log, held_s)
+    out = _RESULT_SEP.join(values)
+    if out.count(_RESULT_SEP) != _N_RESULT - 1 or "\x00" in out:
+        out = _RESULT_SEP.join(x.replace(_RESULT_SEP, "_").replace("\x00", "_") for x in values)
+    return out
 
 
 def _pv(msg: Any, spec: str) -> str:

@@ -30,7 +30,11 @@ Environment:
   RATES             call rates of the main runs, space separated (default "300")
   SECONDS           seconds of load per main run (default 20)
   REPEAT            main runs per rate and mode (default 2)
-  MODES             default "acm off"; e.g. "acm off acm-libzmq"
+  MODES             default "acm off"; e.g. "acm off acm-libzmq"; "acm_main=DIR" (a label
+                    starting with "acm" or "off", "=", a directory): the check on (off) with
+                    opensips.cfg and the *.py of DIR instead of opensips_scripts/, e.g. another
+                    commit's (`git archive main opensips_scripts | tar -x -C DIR`, then
+                    DIR/opensips_scripts); "acm_X" is compared with "off_X" when there is one
   RAMP              rates of the ramp, ascending (default: none), RAMP_SECONDS per step (10)
   PERF=1            perf record/stat runs (needs linux-perf)
   WIRE=0            no packet capture (it needs root: AF_PACKET)
@@ -358,10 +362,16 @@ class WireTimer:
         return self.rtt_ms
 
 
-def make_cfg(dst: Path, modules: str, ports: dict, enabled: bool) -> Path:
-    """The repo cfg with only paths/ports/logging substituted (mkcfg.sh logic), plus the switch."""
-    shutil.copy(SCRIPT, dst / "acm_opensips.py")
-    text = CFG.read_text()
+def make_cfg(dst: Path, modules: str, ports: dict, enabled: bool,
+             src: Path | None = None) -> Path:
+    """The repo cfg (or the one in `src`, with its *.py) with only paths/ports/logging
+    substituted, plus the switch."""
+    if src is None:
+        shutil.copy(SCRIPT, dst / "acm_opensips.py")
+    else:
+        for py in src.glob("*.py"):
+            shutil.copy(py, dst / py.name)
+    text = (CFG if src is None else src / "opensips.cfg").read_text()
     subs = [
         (r"/etc/opensips/acm_opensips\.py", str(dst / "acm_opensips.py")),
         (r"(?m)^stderror_enabled=no", "stderror_enabled=yes"),
@@ -428,16 +438,19 @@ def pct(vals: list[float], q: float) -> float:
 
 
 def start_opensips(bin_: str, modules: str, mem: list[str], mode: str, endpoint: str,
-                   extra_env: dict[str, str]) -> tuple[subprocess.Popen, dict]:
-    """Start one OpenSIPS with the repo cfg (check on or off); return it and its ports."""
+                   extra_env: dict[str, str],
+                   src: Path | None = None) -> tuple[subprocess.Popen, dict]:
+    """Start one OpenSIPS with the repo cfg, or the one in `src` (check on or off); return it
+    and its ports."""
     assert tmp is not None
     run = tmp / f"opensips_{mode}"
     run.mkdir()
     ports = {"sip": free_port(udp_too=True), "http": free_port(),
              "mi": free_port(udp_too=True), "ev": free_port(udp_too=True)}
-    cfg = make_cfg(run, modules, ports, mode.startswith("acm"))
+    cfg = make_cfg(run, modules, ports, mode.startswith("acm"), src)
     oenv = dict(os.environ, **extra_env, ACM_ENDPOINT=endpoint, ACM_OPENSIPS_CONFIG="")
-    if mode.startswith("acm-"):   # e.g. acm-libzmq: the check on, with that client transport
+    # e.g. acm-libzmq: the check on, with that client transport
+    if mode.startswith("acm-") and src is None:
         oenv["ACM_TRANSPORT"] = mode[4:]
     chk = subprocess.run([bin_, "-C", "-f", str(cfg), *mem], capture_output=True, text=True,
                          env=oenv)
@@ -472,7 +485,16 @@ def main() -> int:
     repeat = int(os.environ.get("REPEAT", "2"))
     ramp = [int(r) for r in os.environ.get("RAMP", "").split()]
     ramp_seconds = int(os.environ.get("RAMP_SECONDS", "10"))
-    modes = os.environ.get("MODES", "acm off").split()
+    modes, srcs = [], {}
+    for m in os.environ.get("MODES", "acm off").split():
+        label, sep, src = m.partition("=")
+        if sep:
+            if not label.startswith(("acm", "off")) or not Path(src, "opensips.cfg").exists():
+                print(f"mode {m!r}: want acm<label>=DIR or off<label>=DIR with "
+                      "DIR/opensips.cfg", file=sys.stderr)
+                return 2
+            srcs[label] = Path(src).resolve()
+        modes.append(label)
     sipp = os.environ.get("SIPP", "sipp")
     redis_bin = os.environ.get("REDIS_SERVER", "redis-server")
     acm_bin = os.environ.get("ACM_BIN") or (
@@ -526,7 +548,8 @@ def main() -> int:
 
     # One OpenSIPS per mode for the whole run, both up at once, so that the modes alternate
     # run by run under the same background load of this shared machine.
-    instances = {m: start_opensips(bin_, modules, mem, m, f"ipc://{sock}", client_env)
+    instances = {m: start_opensips(bin_, modules, mem, m, f"ipc://{sock}", client_env,
+                                   srcs.get(m))
                  for m in modes}
     time.sleep(1.0)
     offset = 0
@@ -727,15 +750,17 @@ def summarize(results: list[dict], modes: list[str]) -> dict:
         out["highest_rate_0_failed"][mode] = ok
     hi = out["highest_rate_0_failed"]
     for on_mode in (m for m in modes if m.startswith("acm")):
-        if "off" not in modes:
+        off_mode = "off" + on_mode[3:] if "off" + on_mode[3:] in modes else "off"
+        if off_mode not in modes:
             break
-        key = f"{on_mode}_vs_off"
-        out[key] = {"highest_rate_ratio": round(hi[on_mode] / hi["off"], 2) if hi["off"] else None}
+        key = f"{on_mode}_vs_{off_mode}"
+        out[key] = {"highest_rate_ratio": (round(hi[on_mode] / hi[off_mode], 2)
+                                           if hi[off_mode] else None)}
         for rate in sorted({r["rate"] for r in results if r["kind"] == "main"}):
             on = [r for r in results if r["kind"] == "main" and r["rate"] == rate
                   and r["mode"] == on_mode]
             off = [r for r in results if r["kind"] == "main" and r["rate"] == rate
-                   and r["mode"] == "off"]
+                   and r["mode"] == off_mode]
             if not on or not off:
                 continue
             o_on = _median(on, lambda r: r["opensips"]["cpu_us_per_call"])

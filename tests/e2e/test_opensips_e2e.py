@@ -70,6 +70,26 @@ def test_seed_scenario_through_acm_opensips(service, monkeypatch) -> None:
     assert again.vars["acm_distinct"] == "7"
 
 
+def test_seed_scenario_through_the_packed_call_of_opensips_cfg(service, monkeypatch) -> None:
+    """What opensips.cfg calls: python_exec("acm_check_fields", FIELDS) and $var(acm)."""
+    from servers import flush
+
+    flush(service.store_url)
+    mod = load_script(monkeypatch, service.endpoint)
+    handler = mod.mod_init()
+    assert handler.child_init(1) == 0
+    out = []
+    for i in range(7):
+        m = invite(f"packed-{i}@carrier", f"+23480310{i:05d}")
+        rc = handler.acm_check_fields(m, m.fields("IGW-1"))
+        out.append((rc, *m.vars["acm"].split("|")))
+    assert [x[:3] for x in out] == [(1, "allow", "clean")] * 4 + [(-1, "drop", "masking")] * 3
+    assert [x[5] for x in out] == ["1", "2", "3", "4", "5", "6", "7"]
+    assert len({x[3] for x in out[4:]}) == 1 and out[4][3]
+    assert out[-1][4] == "CRITICAL"
+    assert [x[6:] for x in out] == [("", "")] * 7  # no fail-policy call
+
+
 def test_forked_opensips_processes_each_get_their_own_socket(service, monkeypatch) -> None:
     from servers import flush
 

@@ -29,6 +29,24 @@ class FakeMsg:
         self.headers = headers or {}
         self.fail = set(fail)
         self.vars: dict[str, str] = {}
+        # values as raw octets (e.g. not UTF-8), seen only through fields()
+        self.raw: dict[str, bytes] = {}
+
+    def fields(self, trunk: str | bytes = "<null>") -> str:
+        """Return what opensips.cfg passes to acm_check_fields for this message, rendered
+        the way OpenSIPS 3.6 renders acm_opensips.FIELDS_FORMAT: each value cut to its
+        limit with {s.substr,0,N} (which fails on an empty value: "<null>"), then
+        {s.encode.hexa}; "00" between them. Values may be bytes (any octet of a message)."""
+        out = []
+        for spec, limit in (("$ci", 256), ("$fU", 256), ("$rU", 256), ("$si", 0),
+                            ("trunk", 128)):
+            v = trunk if spec == "trunk" else self.raw.get(spec, self.pvs.get(spec, "<null>"))
+            data = v if isinstance(v, bytes) else v.encode()
+            if data == b"<null>" or (limit and not data):
+                out.append("<null>")
+            else:
+                out.append((data[:limit] if limit else data).hex())
+        return "00".join(out)
 
     # -- methods ------------------------------------------------------------------------
     def get_pseudoVar(self, spec: str) -> str:

@@ -613,3 +613,153 @@ def test_the_cfg_logs_a_fail_policy_call_once_per_interval(
     clock.now += 60.0
     ok = FakeMsg()
     assert m.acm_check(ok) == -1 and "acm_log" not in ok.vars
+
+
+# ---------------------------------------------------------------------------------------------
+# acm_check_fields: the packed argument in, one packed $var(acm) out (what opensips.cfg calls)
+# ---------------------------------------------------------------------------------------------
+
+
+def _result(msg: FakeMsg) -> dict[str, str]:
+    """Split $var(acm) the way opensips.cfg does ({s.select,N,|})."""
+    assert set(msg.vars) == {"acm"}, "one set_pseudoVar per call"
+    keys = ("verdict", "reason", "alert_id", "severity", "distinct", "log", "log_held")
+    values = msg.vars["acm"].split("|")
+    assert len(values) == len(keys), msg.vars["acm"]
+    return dict(zip(keys, values, strict=True))
+
+
+class CountingMsg(FakeMsg):
+    """A FakeMsg counting the C-side calls python_exec's msg object would make."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.calls: list[str] = []
+
+    def get_pseudoVar(self, spec: str) -> str:
+        self.calls.append(f"get {spec}")
+        return super().get_pseudoVar(spec)
+
+    def set_pseudoVar(self, name: str, value: str) -> None:
+        self.calls.append(f"set {name}")
+        super().set_pseudoVar(name, value)
+
+
+@pytest.mark.timeout(10)
+def test_fields_allow_is_one_write_and_no_read(make: Any, stub: StubService) -> None:
+    m = make(stub.endpoint, timeout_ms=2000)
+    msg = CountingMsg()
+    rc = m.acm_check_fields(msg, msg.fields("trunk-7"))
+    assert rc == 1 and type(rc) is int
+    assert msg.calls == ["set $var(acm)"]
+    assert msg.vars["acm"] == "allow|ok|||1||"
+    assert stub.received == [{"call_id": "call-1@example", "a": "2348031234567",
+                              "b": "2348097654321", "src_ip": "10.0.0.1", "trunk": "trunk-7"}]
+
+
+@pytest.mark.timeout(10)
+def test_fields_drop_carries_alert_and_severity(make: Any, stub: StubService) -> None:
+    stub.handler = lambda req: DROP
+    m = make(stub.endpoint, timeout_ms=2000)
+    msg = FakeMsg()
+    assert m.acm_check_fields(msg, msg.fields()) == -1
+    assert _result(msg) == {"verdict": "drop", "reason": "masking", "alert_id": "al-42",
+                            "severity": "CRITICAL", "distinct": "7", "log": "",
+                            "log_held": ""}
+    assert "trunk" not in stub.received[0]
+
+
+@pytest.mark.timeout(10)
+def test_fields_any_octet_of_the_message_still_gets_a_checked_call(
+        make: Any, stub: StubService) -> None:
+    """A '|', a NUL-free odd byte or invalid UTF-8 in a header must not turn the call into a
+    policy verdict (with acm_check, a From user that is not UTF-8 made get_pseudoVar raise:
+    an unchecked call for whoever sends one)."""
+    m = make(stub.endpoint, timeout_ms=2000)
+    msg = FakeMsg({"$ci": "a|b 00<null>@x"})
+    msg.raw["$fU"] = b"23480\xff\xfe31"
+    assert m.acm_check_fields(msg, msg.fields("t|1")) == 1
+    assert stub.received == [{"call_id": "a|b 00<null>@x", "a": "23480\ufffd\ufffd31",
+                              "b": "2348097654321", "src_ip": "10.0.0.1", "trunk": "t|1"}]
+
+
+@pytest.mark.timeout(10)
+def test_fields_without_user_parts_fall_back_to_the_uris(make: Any, stub: StubService) -> None:
+    m = make(stub.endpoint, timeout_ms=2000)
+    msg = CountingMsg({"$fU": "", "$fu": "sip:anonymous.invalid", "$rU": "<null>",
+                       "$ru": "sip:gw.example"})
+    assert m.acm_check_fields(msg, msg.fields()) == 1
+    assert stub.received == [{"call_id": "call-1@example", "a": "sip:anonymous.invalid",
+                              "b": "sip:gw.example", "src_ip": "10.0.0.1"}]
+    assert msg.calls == ["get $fu", "get $ru", "set $var(acm)"]
+
+
+@pytest.mark.timeout(10)
+def test_fields_cut_by_the_cfg_are_sent_as_valid_utf8(make: Any, stub: StubService) -> None:
+    m = make(stub.endpoint, timeout_ms=2000)
+    msg = FakeMsg({"$ci": "x" * 1000, "$fU": "\u00e9" * 200})
+    assert m.acm_check_fields(msg, msg.fields("t" * 500)) == 1
+    req = stub.received[0]
+    assert req["call_id"] == "x" * 256 and req["trunk"] == "t" * 128
+    assert req["a"] == "\u00e9" * 128
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("fields", [None, "", "trunk-7", "zz00", "3100320033",
+                                    "31003200330034003500"])
+def test_fields_not_packed_by_the_cfg_get_the_policy_verdict(
+        make: Any, stub: StubService, fields: str | None) -> None:
+    """The old form (a plain trunk), odd hex, or a NUL inside a value (one field too many):
+    nothing is sent, the policy answers, one line is logged."""
+    lines: list[str] = []
+    m = make(stub.endpoint, timeout_ms=2000, fail_policy="closed", log=lines)
+    msg = FakeMsg()
+    assert m.acm_check_fields(msg, fields) == -2
+    assert _result(msg)["reason"] == "client_error"
+    assert stub.received == []
+    assert any("FIELDS_FORMAT" in x for x in lines), lines
+
+
+@pytest.mark.timeout(10)
+def test_fields_separator_in_a_service_value_cannot_shift_the_fields(
+        make: Any, stub: StubService) -> None:
+    stub.handler = lambda req: {**DROP, "reason": "a|b", "alert_id": "al\x00|7"}
+    m = make(stub.endpoint, timeout_ms=2000)
+    msg = FakeMsg()
+    assert m.acm_check_fields(msg, msg.fields()) == -1
+    r = _result(msg)
+    assert (r["verdict"], r["reason"], r["alert_id"], r["distinct"]) == ("drop", "a_b",
+                                                                          "al__7", "7")
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("policy, rc", [("open", 2), ("closed", -2)])
+def test_fields_policy_calls_are_logged_once_per_interval(
+        make: Any, stub: StubService, policy: str, rc: int) -> None:
+    """The log / log_held fields of $var(acm) are what the cfg reads as $var(acm_log) and
+    $var(acm_log_held)."""
+    stub.handler = lambda req: None
+    clock = Clock()
+    m = make(stub.endpoint, timeout_ms=30, breaker_failures=1, fail_policy=policy, clock=clock,
+             log_interval_s=10.0)
+    msgs = [FakeMsg() for _ in range(300)]
+    assert {m.acm_check_fields(x, x.fields()) for x in msgs} == {rc}
+    results = [_result(x) for x in msgs]
+    assert [r["log"] for r in results] == ["1"] + ["0"] * 299
+    assert results[0]["log_held"] == "0"
+    assert results[0]["reason"] == "service_unavailable"
+    clock.now += 10.0
+    later = FakeMsg()
+    m.acm_check_fields(later, later.fields())
+    assert (_result(later)["log"], _result(later)["log_held"]) == ("1", "299")
+
+
+@pytest.mark.timeout(10)
+def test_fields_returns_int_whatever_fails(make: Any, stub: StubService,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    m = make(stub.endpoint, timeout_ms=2000, fail_policy="closed")
+    msg = FakeMsg(fail=["set_pseudoVar", "get_pseudoVar"])
+    assert m.acm_check_fields(msg, msg.fields()) == 1  # the write failure is only logged
+    monkeypatch.setattr(m.client, "check", lambda *a: 1 / 0)
+    rc = m.acm_check_fields(FakeMsg(), FakeMsg().fields())
+    assert rc == -2 and type(rc) is int

@@ -71,6 +71,20 @@ def test_a_real_opensips_accepts_the_config(tmp_path: Path) -> None:
     assert r.returncode == 0 and "config file ok" in r.stderr, r.stderr[-3000:]
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop an OpenSIPS started in its own session, with all its processes."""
+    import os
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
 def _invite(i: int, port: int, sink: int) -> bytes:
     return (f"INVITE sip:+23480399{i:05d}@127.0.0.1:{sink} SIP/2.0\r\n"
             f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-acm-{i}\r\n"
@@ -83,7 +97,6 @@ def _invite(i: int, port: int, sink: int) -> bytes:
 
 def test_a_real_opensips_logs_an_outage_once_per_interval_not_per_call(tmp_path: Path) -> None:
     import os
-    import signal
     import socket
     import time
 
@@ -118,13 +131,7 @@ def test_a_real_opensips_logs_an_outage_once_per_interval_not_per_call(tmp_path:
             time.sleep(1 / 300)
         time.sleep(1.0)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        _stop(proc)
         log.close()
         ua.close()
         sink.close()
@@ -132,3 +139,151 @@ def test_a_real_opensips_logs_an_outage_once_per_interval_not_per_call(tmp_path:
     policy = [x for x in text.splitlines() if "allowed by fail policy" in x]
     # One line per UDP worker and interval (2 workers here), not one per call.
     assert 1 <= len(policy) <= 2, "\n".join(policy[:10])
+
+
+def test_the_cfg_passes_the_scripts_field_format_verbatim(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """route[acm_check] and acm_opensips.FIELDS_FORMAT must stay in step."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("acm_opensips_fmt", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)  # as an import would (dataclasses need it)
+    spec.loader.exec_module(mod)
+    assert f'python_exec("acm_check_fields", "{mod.FIELDS_FORMAT}");' in CFG.read_text()
+
+
+def _request(body: str, port: int, sink: int, *, call_id: bytes, from_user: bytes,
+             to_user: str, branch: str) -> bytes:
+    head = (f"INVITE sip:{to_user}@127.0.0.1:{sink} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-{branch}\r\n"
+            "Max-Forwards: 70\r\n").encode()
+    return (head + b"From: <sip:" + from_user + (b"@" if from_user else b"")
+            + b"127.0.0.1>;tag=" + branch.encode() + b"\r\n"
+            + f"To: <sip:{to_user}@127.0.0.1>\r\n".encode()
+            + b"Call-ID: " + call_id + b"\r\n"
+            + f"CSeq: 1 INVITE\r\nContact: <sip:a@127.0.0.1:{port}>\r\n"
+              f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+
+
+def test_a_real_opensips_sends_every_field_and_acts_on_the_packed_verdict(
+        tmp_path: Path) -> None:
+    """The cfg's packed argument rendered by OpenSIPS itself, and $var(acm) split by it:
+    the service sees each field (octets that are not UTF-8 and a '|' included, an empty From
+    user replaced by the From URI, a long Call-ID cut to 256 bytes); an allowed call is
+    relayed, a dropped one answered 603 with X-ACM-Reason, a rate-limited one 503."""
+    import os
+    import socket
+    import threading
+    import time
+
+    import msgpack
+    import zmq
+
+    binary = _opensips()
+    if binary is None:
+        pytest.skip("no OpenSIPS installed")
+    cfg, sip = _real_cfg(tmp_path, binary)
+    endpoint = f"ipc://{tmp_path}/acm.sock"
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+    received: list[dict] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if not router.poll(20):
+                continue
+            ident, _, body = router.recv_multipart()
+            req = msgpack.unpackb(body, raw=False)
+            received.append(req)
+            if "666" in req["b"]:
+                rep = {"verdict": "drop", "reason": "masking", "distinct": 7,
+                       "alert_id": "al-42", "severity": "CRITICAL"}
+            elif "503" in req["b"]:
+                rep = {"verdict": "drop", "reason": "rate_limited", "distinct": 0}
+            else:
+                rep = {"verdict": "allow", "reason": "clean", "distinct": 1}
+            router.send_multipart([ident, b"", msgpack.packb(rep)])
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    env = {**os.environ, "ACM_ENDPOINT": endpoint, "ACM_TIMEOUT_MS": "3000",
+           "ACM_OPENSIPS_CONFIG": str(tmp_path / "none.conf")}
+    log = open(tmp_path / "opensips.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([binary, "-F", "-f", str(cfg), "-m", "128", "-M", "16"],
+                            stdout=log, stderr=log, env=env, cwd=tmp_path,
+                            start_new_session=True)
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the next hop
+    sink.bind(("127.0.0.1", 0))
+    sink.settimeout(0.2)
+    ua = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    ua.bind(("127.0.0.1", 0))
+    ua.settimeout(0.2)
+    port, sink_port = ua.getsockname()[1], sink.getsockname()[1]
+
+    def call(n: int, *, call_id: bytes, from_user: bytes, to_user: str) -> tuple[bytes, bytes]:
+        """Send one INVITE until OpenSIPS answers or relays it: (final reply, relayed)."""
+        data = _request("", port, sink_port, call_id=call_id, from_user=from_user,
+                        to_user=to_user, branch=f"b{n}")
+        reply = relayed = b""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and proc.poll() is None:
+            ua.sendto(data, ("127.0.0.1", sip))
+            end = time.monotonic() + 0.5
+            mine = b"\r\nCall-ID: " + call_id[:200]  # tm retransmits earlier calls' INVITEs
+            while time.monotonic() < end and not (relayed or reply[8:9] in (b"5", b"6")):
+                try:
+                    got = ua.recv(65535)
+                    if mine in got and not got.startswith(b"SIP/2.0 100"):
+                        reply = got
+                except TimeoutError:
+                    pass
+                try:
+                    got = sink.recv(65535)
+                    if mine in got:
+                        relayed = got
+                except TimeoutError:
+                    pass
+            if relayed or reply:
+                return reply, relayed
+        raise AssertionError((tmp_path / "opensips.log").read_text(errors="replace")[-3000:])
+
+    try:
+        _, relayed = call(1, call_id=b"ok-1@t", from_user=b"2348031000001",
+                          to_user="2348099000001")
+        assert relayed.startswith(b"INVITE ")
+        reply, relayed = call(2, call_id=b"drop-1@t", from_user=b"2348031000002",
+                              to_user="2348099666002")
+        assert reply.startswith(b"SIP/2.0 603 Decline") and not relayed
+        assert b"X-ACM-Reason: masking; alert=al-42\r\n" in reply
+        reply, _ = call(3, call_id=b"rl-1@t", from_user=b"2348031000003",
+                        to_user="2348099503003")
+        assert reply.startswith(b"SIP/2.0 503 Rate Limited") and b"Retry-After: 1" in reply
+        _, relayed = call(4, call_id=b"odd|1@t", from_user=b"23480\xff\xfe31",
+                          to_user="2348099000004")
+        assert relayed.startswith(b"INVITE ")
+        _, relayed = call(5, call_id=b"x" * 1000, from_user=b"", to_user="2348099000005")
+        assert relayed.startswith(b"INVITE ")
+    finally:
+        _stop(proc)
+        log.close()
+        stop.set()
+        server.join(2)
+        router.close(linger=0)
+        ctx.term()
+        ua.close()
+        sink.close()
+    by_call = {r["call_id"]: r for r in received}
+    assert by_call["ok-1@t"] == {"call_id": "ok-1@t", "a": "2348031000001",
+                                 "b": "2348099000001", "src_ip": "127.0.0.1",
+                                 "trunk": "lo_trunk"}
+    assert by_call["odd|1@t"]["a"] == "23480\ufffd\ufffd31"
+    assert by_call["x" * 256]["a"] == "sip:127.0.0.1"
+    text = (tmp_path / "opensips.log").read_text(errors="replace")
+    assert "ACM: drop drop-1@t" in text and "alert=al-42 severity=CRITICAL distinct=7" in text
+    assert "python_exec failed" not in text and "Traceback" not in text
