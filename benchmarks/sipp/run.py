@@ -34,7 +34,9 @@ Environment:
                     starting with "acm" or "off", "=", a directory): the check on (off) with
                     opensips.cfg and the *.py of DIR instead of opensips_scripts/, e.g. another
                     commit's (`git archive main opensips_scripts | tar -x -C DIR`, then
-                    DIR/opensips_scripts); "acm_X" is compared with "off_X" when there is one
+                    DIR/opensips_scripts); "acm_X" is compared with "off_X" when there is one;
+                    "acm_noio": the check on with the script's round trip replaced by a canned
+                    allow (what the shim and the cfg cost without the I/O)
   RAMP              rates of the ramp, ascending (default: none), RAMP_SECONDS per step (10)
   PERF=1            perf record/stat runs (needs linux-perf)
   WIRE=0            no packet capture (it needs root: AF_PACKET)
@@ -42,6 +44,8 @@ Environment:
   ACM_BIN           default: `acm` next to this Python, else on PATH
   SIPP, REDIS_SERVER  binaries (default sipp, redis-server)
   OPENSIPS_MEM      "-m 1024 -M 64" by default
+  ONE_B=1           every call to one B-number (a distinct A each): past acm's threshold
+                    of distinct A-numbers the calls are dropped (603 with X-ACM-Reason)
   GATEWAY_CPS=N     register SIPp's address as a carrier gateway limited to N calls/s
                     (docs/GATEWAY.md): calls above it get 503 with Retry-After
   IDLE_SECONDS      idle measurement before the runs (default 5)
@@ -362,6 +366,20 @@ class WireTimer:
         return self.rtt_ms
 
 
+# mode acm_noio: the script as shipped, its round trip replaced by a canned reply
+NOIO_SHIM = """import msgpack
+import acm_opensips
+
+_REPLY = msgpack.packb({"verdict": "allow", "reason": "clean", "distinct": 1})
+
+
+def mod_init():
+    m = acm_opensips.mod_init()
+    m.client._roundtrip = lambda payload, start: _REPLY
+    return m
+"""
+
+
 def make_cfg(dst: Path, modules: str, ports: dict, enabled: bool,
              src: Path | None = None) -> Path:
     """The repo cfg (or the one in `src`, with its *.py) with only paths/ports/logging
@@ -372,8 +390,12 @@ def make_cfg(dst: Path, modules: str, ports: dict, enabled: bool,
         for py in src.glob("*.py"):
             shutil.copy(py, dst / py.name)
     text = (CFG if src is None else src / "opensips.cfg").read_text()
+    script = dst / "acm_opensips.py"
+    if dst.name == "opensips_acm_noio":
+        script = dst / "acm_noio.py"
+        script.write_text(NOIO_SHIM)
     subs = [
-        (r"/etc/opensips/acm_opensips\.py", str(dst / "acm_opensips.py")),
+        (r"/etc/opensips/acm_opensips\.py", str(script)),
         (r"(?m)^stderror_enabled=no", "stderror_enabled=yes"),
         (r"(?m)^syslog_enabled=yes", "syslog_enabled=no"),
         (r'(?m)^mpath="/usr/lib/x86_64-linux-gnu/opensips/modules/".*$', f'mpath="{modules}/"'),
@@ -502,6 +524,7 @@ def main() -> int:
         else shutil.which("acm") or "acm")
     mem = os.environ.get("OPENSIPS_MEM", "-m 1024 -M 64").split()
     gateway_cps = int(os.environ.get("GATEWAY_CPS", "0"))
+    one_b = os.environ.get("ONE_B") == "1"
     perf = os.environ.get("PERF") == "1"
     wire = os.environ.get("WIRE", "1") == "1"
     client_env = {k: v for k, v in os.environ.items()
@@ -560,7 +583,7 @@ def main() -> int:
         with open(inf, "w") as f:   # distinct A and distinct B on every call, every run
             f.write("SEQUENTIAL\n")
             for i in range(offset, offset + n + 10):
-                f.write(f"2348{i:09d};2349{i:09d}\n")
+                f.write(f"2348{i:09d};{'2349000000000' if one_b else f'2349{i:09d}'}\n")
         offset += n + 10
         return inf
 
