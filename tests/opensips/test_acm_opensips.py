@@ -763,3 +763,36 @@ def test_fields_returns_int_whatever_fails(make: Any, stub: StubService,
     monkeypatch.setattr(m.client, "check", lambda *a: 1 / 0)
     rc = m.acm_check_fields(FakeMsg(), FakeMsg().fields())
     assert rc == -2 and type(rc) is int
+
+
+@pytest.mark.timeout(10)
+def test_repeated_replies_are_decoded_once_and_the_cache_stays_bounded(
+        acm: ModuleType, make: Any, stub: StubService) -> None:
+    """Replies repeat byte for byte (allow, clean, distinct 1..n); their verdicts and results
+    are kept by body, at most _MAX_CACHED of each, never an alert's (its id is unique), and a
+    cached body never answers for another one."""
+    n = [0]
+
+    def distinct(req: dict[str, Any]) -> dict[str, Any]:
+        n[0] += 1
+        if n[0] % 3 == 0:
+            return {**DROP, "alert_id": f"al-{n[0]}"}
+        return {**ALLOW, "distinct": n[0]}
+
+    stub.handler = distinct
+    m = make(stub.endpoint, timeout_ms=2000)
+    for i in range(1, 601):
+        msg = FakeMsg({"$ci": f"c{i}"})
+        rc = m.acm_check_fields(msg, msg.fields())
+        if i % 3 == 0:
+            assert (rc, msg.vars["acm"]) == (-1, f"drop|masking|al-{i}|CRITICAL|7||")
+        else:
+            assert (rc, msg.vars["acm"]) == (1, f"allow|ok|||{i}||")
+        assert len(acm._REPLIES) <= acm._MAX_CACHED and len(acm._RESULTS) <= acm._MAX_CACHED
+    assert not any(v.alert_id for v in acm._REPLIES.values())
+    stub.handler = lambda req: ALLOW
+    first, again = FakeMsg({"$ci": "r1"}), FakeMsg({"$ci": "r2"})
+    assert m.acm_check_fields(first, first.fields()) == 1
+    assert msgpack.packb(ALLOW) in acm._REPLIES
+    assert m.acm_check_fields(again, again.fields()) == 1
+    assert again.vars == first.vars == {"acm": "allow|ok|||1||"}
