@@ -24,10 +24,11 @@ _NOT_CLUSTER = ("disabled", "not enabled", "cluster mode", "cluster support", "u
 
 
 def _options(a: StoreAddress, timeout: float, connect_timeout: float,
-             decode_responses: bool) -> dict[str, Any]:
+             decode_responses: bool, encoding_errors: str) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "username": a.username, "password": a.password, "socket_timeout": timeout,
         "socket_connect_timeout": connect_timeout, "decode_responses": decode_responses,
+        "encoding_errors": encoding_errors,
     }
     if a.tls:
         opts.update(ssl=True, ssl_cert_reqs="required" if a.tls_verify else "none",
@@ -47,15 +48,18 @@ def _is_cluster(r: redis.Redis) -> bool:
 
 
 def open_redis(url: str, *, timeout: float = 5.0, connect_timeout: float = 2.0,
-               decode_responses: bool = False) -> Client:
+               decode_responses: bool = False, encoding_errors: str = "strict") -> Client:
     """Return a connected redis-py client for a store URL: RedisCluster for a cluster, else Redis.
+
+    encoding_errors applies to decoded replies ("replace": a record with invalid UTF-8 still
+    reads, for the writer to dead-letter it, instead of failing the whole reply).
 
     Seeds are tried in order until one answers. Raises ConfigError when the store refuses the
     URL's credentials or database (no retry can fix that), StoreError when no seed answers.
     """
     seeds = parse_seeds(url)
     first = seeds[0]
-    opts = _options(first, timeout, connect_timeout, decode_responses)
+    opts = _options(first, timeout, connect_timeout, decode_responses, encoding_errors)
     if first.unix:
         return _checked(redis.Redis(unix_socket_path=first.path, db=first.db, **opts), url)
     err: Exception | None = None

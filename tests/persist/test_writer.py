@@ -37,6 +37,7 @@ from acm_module.core.records import FRAUD_REASONS
 from acm_module.decide.client import Client
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.write.questdb import QuestDB
+from acm_module.write.store import StreamStore
 from acm_module.write.writer import GROUP_PREFIX, group_positions, writer_stats
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
@@ -150,7 +151,7 @@ def test_rows_equal_decisions_and_alerts_one_for_one(
             names = {r[0] for r in q.rows("SELECT DISTINCT metric_name FROM detection_metrics")}
         assert want <= names
         # Backlog is visible and zero.
-        c = StoreConnection(store_url, timeout=5.0)
+        c = StreamStore(store_url)
         try:
             time.sleep(1.2)  # one stats interval
             st = writer_stats(c)
@@ -265,7 +266,7 @@ def test_sink_down_then_back_loses_nothing_and_others_go_on(
         drive(client, episodes=6, base_ts=1_800_400_000.0)
         # ClickHouse goes on while the other two are down; their backlog waits, visible.
         wait_drained(store_url, ["clickhouse"], writer=w)
-        c = StoreConnection(store_url, timeout=5.0)
+        c = StreamStore(store_url)
         try:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
@@ -334,7 +335,7 @@ def test_poisoned_records_are_dead_lettered_and_do_not_block(
 
 
 def _groups(store_url: str) -> set[str]:
-    c = StoreConnection(store_url, timeout=5.0)
+    c = StreamStore(store_url)
     try:
         return {g for s in keys.streams(16) for g in group_positions(c, s)}
     finally:
