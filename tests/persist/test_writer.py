@@ -301,6 +301,8 @@ def test_poisoned_records_are_dead_lettered_and_do_not_block(
                        "b", "+2348030000000", "sv", "HIGH", "n", "5", "an", "a,b", "t0", "1",
                        "t1", "1", "ver", "1", "wms", "5000", "blk", "0")
         bad_k = c.call("XADD", keys.stream(7), "*", "k", "zz", "junk", "1")
+        # Not UTF-8: read (bytes replaced) and dead-lettered, not a reply that fails each read.
+        bad_u = c.call("XADD", keys.stream(11), "*", "k", b"\xff", "junk", b"\xfe1")
         # Parses, but PostgreSQL refuses it (b_number is VARCHAR(20)): found by bisection.
         long_b = c.call("XADD", keys.stream(9), "*", "k", "a", "al", str(uuid.uuid4()),
                         "op", "open", "b", "+" + "9" * 30, "sv", "HIGH", "n", "5", "an", "x,y",
@@ -317,14 +319,16 @@ def test_poisoned_records_are_dead_lettered_and_do_not_block(
     a_key = (keys.stream(5), bad_a.decode())  # type: ignore[union-attr]
     k_key = (keys.stream(7), bad_k.decode())  # type: ignore[union-attr]
     r_key = (keys.stream(9), long_b.decode())  # type: ignore[union-attr]
+    u_key = (keys.stream(11), bad_u.decode())  # type: ignore[union-attr]
     by = {(d["stream"], d["id"], d["sink"]): d["reason"] for d in dlq}
     assert set(by) == {(*d_key, "questdb"), (*a_key, "pg"), (*a_key, "clickhouse"),
-                       *((*k_key, s) for s in ALL_SINKS), (*r_key, "pg")}
+                       *((*k_key, s) for s in ALL_SINKS), (*r_key, "pg"),
+                       *((*u_key, s) for s in ALL_SINKS)}
     assert "rejected by pg" in by[(*r_key, "pg")]
     assert "'ts'" in by[(*d_key, "questdb")]
     assert "UUID" in by[(*a_key, "pg")] and "UUID" in by[(*a_key, "clickhouse")]
     assert "unknown record kind" in by[(*k_key, "pg")]
-    assert {json.loads(d["record"])["k"] for d in dlq} == {"d", "a", "zz"}
+    assert {json.loads(d["record"])["k"] for d in dlq} == {"d", "a", "zz", "\ufffd"}
     with psycopg.connect(database_url) as db:
         assert db.execute("SELECT count(*) FROM fraud_alerts").fetchone()[0] == 8  # type: ignore[index]
     assert len(ch_query(chdb_path, "SELECT alert_id FROM acm.fraud_alerts_analytics FINAL")) == 9
