@@ -114,6 +114,15 @@ def _entries(stream: str, entries: Iterable[tuple[str, dict[str, str]]]) -> list
     return [(stream, eid, f or None) for eid, f in entries]
 
 
+def _read_reply(reply: Any) -> list[Entry]:
+    """Return the entries of a raw XREADGROUP reply (RESP2 list or RESP3 map of streams)."""
+    out: list[Entry] = []
+    for stream, entries in (reply.items() if isinstance(reply, dict) else reply or ()):
+        out += [(stream, eid, dict(zip(f[::2], f[1::2], strict=False)) if f else None)
+                for eid, f in entries]
+    return out
+
+
 def _hash(store: StreamStore, key: str) -> dict[str, str]:
     return store.call("HGETALL", key) or {}
 
@@ -262,17 +271,16 @@ class SinkRunner:
         return self._read_new()
 
     def _xreadgroup(self, ids: list[str], streams: list[str], block: bool) -> list[Entry]:
-        args: list[str | int] = ["XREADGROUP", "GROUP", self.group, self.cfg.consumer,
+        # "XREADGROUP GROUP" as the command name: redis-py sends it as two words and, knowing no
+        # reply callback by that name, hands back the raw reply, read here in one pass.
+        args: list[str | int] = ["XREADGROUP GROUP", self.group, self.cfg.consumer,
                                  "COUNT", self._count()]
         if block:
             args += ["BLOCK", self.cfg.block_ms]
         args += ["STREAMS", *streams, *ids]
         if self.store.cluster:
             return self._xreadgroup_cluster(args, ids, streams, block)
-        out: list[Entry] = []
-        for stream, entries in self.store.call(*args) or []:
-            out += _entries(stream, entries)
-        return out
+        return _read_reply(self.store.call(*args))
 
     def _xreadgroup_cluster(self, args: list[str | int], ids: list[str], streams: list[str],
                             block: bool) -> list[Entry]:
@@ -291,8 +299,7 @@ class SinkRunner:
         for r in replies:
             if isinstance(r, StoreReplyError):
                 raise r
-            for stream, entries in r or []:
-                out += _entries(stream, entries)
+            out += _read_reply(r)
         if not out and block:
             self.stop.wait(min(self.cfg.block_ms, CLUSTER_POLL_MS) / 1000.0)
         return out
