@@ -56,6 +56,16 @@ GROUPS_KEY = "{acm.stats}:groups"  # group -> JSON {idle_s, released, updated}
 IDLE_KEY = "{acm.stats}:idle"
 TRIMMED_UNREAD_KEY = "{acm.stats}:trimmed_unread"  # group -> records trimmed it never acked
 LOSS_LOG_EVERY_S = 60.0
+# Set each clock (field, expected, new) only if it still holds what this writer read: a refresh
+# must not undo a release another writer made after this one loaded the clocks.
+_CAS_CLOCKS = """
+for i = 1, #ARGV, 3 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+  end
+end
+return 0
+"""
 GROUP_PREFIX = "acm."
 FRESH_S = 10.0
 
@@ -562,15 +572,18 @@ class GroupWatch:
         self.max_idle_s = max_idle_s
         self._clock = clock
         self._shared: dict[str, list[Any]] = {}
+        self._raw: dict[str, str] = {}  # the clocks as loaded, for the compare-and-set
         self._writes: dict[str, list[Any]] = {}
+        self._refresh: dict[str, list[Any]] = {}  # clocks only restarted: compare-and-set
         self._seen: set[str] = set()
         self.newly_released: set[str] = set()  # groups this writer released in this pass
 
     def load(self, store: StreamStore) -> None:
         """Read the shared clocks; call once per pass, before observe()."""
-        self._shared, self._writes, self._seen = {}, {}, set()
+        self._shared, self._writes, self._refresh, self._seen = {}, {}, {}, set()
         self.newly_released = set()
-        for k, v in _hash(store, IDLE_KEY).items():
+        self._raw = _hash(store, IDLE_KEY)
+        for k, v in self._raw.items():
             try:
                 rec = json.loads(v)
             except (TypeError, ValueError):
@@ -591,8 +604,14 @@ class GroupWatch:
             same = rec is not None and rec[0] == ld and rec[1] == pending
             if (not same or g in attended
                     or (not rec[3] and not _has_backlog(store, stream, info))):  # type: ignore[index]
-                if not same or rec[3] or now - rec[2] > 1.0:  # type: ignore[index]
+                if not same:  # progress: whatever was stored
                     self._writes[key] = [ld, pending, now, False]
+                elif rec[3] or now - rec[2] > 1.0:  # type: ignore[index]
+                    # A group being read, or one with nothing to read: restart the clock. The
+                    # latter unless another writer has meanwhile released the group (it saw
+                    # the backlog this writer now sees trimmed).
+                    (self._writes if g in attended else self._refresh)[key] = [
+                        ld, pending, now, False]
                 out[g] = (0.0, False)
                 continue
             assert rec is not None
@@ -611,6 +630,10 @@ class GroupWatch:
         if self._writes:
             cmds.append(("HSET", IDLE_KEY, *[x for k, rec in self._writes.items()
                                              for x in (k, json.dumps(rec, separators=(",", ":")))]))
+        if self._refresh:
+            cmds.append(("EVAL", _CAS_CLOCKS, 1, IDLE_KEY, *[
+                x for k, rec in self._refresh.items()
+                for x in (k, self._raw[k], json.dumps(rec, separators=(",", ":")))]))
         gone = [k for k in self._shared if k not in self._seen]
         if gone:
             cmds.append(("HDEL", IDLE_KEY, *gone))
