@@ -49,14 +49,16 @@ def _load(args: argparse.Namespace) -> settings_mod.Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the supervisor and its worker pool."""
+    from acm_module.control.commands import open_repository
     from acm_module.control.overrides import apply_overrides
     from acm_module.core.logs import setup_logging
     from acm_module.decide.supervisor import Supervisor
 
     def resolve() -> settings_mod.Settings:
         s = _load(args)
-        # MI changes persisted in state_dir win over the file/env, so a restart keeps them.
-        apply_overrides(s)
+        # The deployment's MI overrides (repository or store) win over the file/env, so a
+        # restart keeps them and a node that joins applies them.
+        apply_overrides(s, open_repository)
         return s
 
     s = resolve()
@@ -69,7 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def serve_sidecars(s: settings_mod.Settings, boot_id: str) -> dict[str, Callable[[Any], int]]:
     """Return the processes `acm serve` runs beside its workers, as the settings ask: the MI
-    control plane (with the alert lifecycle commands of actions/), metrics, the REST API."""
+    control plane (with the alert lifecycle commands of actions/), metrics, the REST API (with
+    the console of console/ mounted on it)."""
     from acm_module.actions.mi import lifecycle_commands
 
     extra = (lifecycle_commands,)  # MI commands of other rooms, on every control plane
@@ -88,11 +91,12 @@ def serve_sidecars(s: settings_mod.Settings, boot_id: str) -> dict[str, Callable
         out["metrics"] = metrics_main
     if getattr(s, "web_http", ""):
         try:
+            from acm_module.console import mount as console
             from acm_module.web.server import web_main
         except ImportError as e:  # the `web` extra is not installed
             log.warning("REST API not available in this build (%s)", e)
         else:
-            out["web"] = functools.partial(web_main, extra_commands=extra)
+            out["web"] = functools.partial(web_main, extra_commands=extra, mounts=(console,))
     return out
 
 

@@ -43,7 +43,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "persist"),
 
 from pgqdb import PostgresServer, QuestDBServer  # noqa: E402
 
-from acm_module.decide import stats as stats_mod  # noqa: E402
+from acm_module.core import stats as stats_mod  # noqa: E402
 from acm_module.decide.store.conn import StoreConnection  # noqa: E402
 from acm_module.write.migrate import migrate  # noqa: E402
 from benchmarks.loadtool import acm_service, cpu_ns, redis_server, worker_pids  # noqa: E402
@@ -55,7 +55,7 @@ UNCHECKED_REASONS = ("service_unavailable", "service_error", "client_error")
 def _caller(endpoint: str, rate: float, seconds: float, warmup_s: float, seed: int,
             client_cfg: dict[str, Any], start: Any, out: Any) -> None:
     """One OpenSIPS process: AcmClient.check() paced at `rate`; report what came back."""
-    from acm_module.decide.proctitle import die_with_parent
+    from acm_module.core.arbiter import die_with_parent
 
     die_with_parent(signal.SIGKILL, os.getppid())
     os.setsid()  # an OpenSIPS process of its own: its own session and scheduler autogroup

@@ -278,7 +278,7 @@ def drive(endpoint: str, clients: int, seconds: float, rate: float = 0.0, b_pool
 
 def _die_with_parent() -> None:
     """Let a load or server process end with the bench, whatever ends the bench."""
-    from acm_module.decide.proctitle import die_with_parent
+    from acm_module.core.arbiter import die_with_parent
 
     die_with_parent(signal.SIGKILL, os.getppid())
 
@@ -726,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _in_worker_raw(store: str) -> dict[str, Any]:
     """Return the workers' merged histograms and counters as they are now."""
-    from acm_module.decide import stats
+    from acm_module.core import stats
     from acm_module.decide.store.cluster import StoreClient as StoreConnection
 
     c = StoreConnection(store, timeout=2.0)
@@ -748,7 +748,7 @@ def _in_worker_raw(store: str) -> dict[str, Any]:
 
 def _in_worker_phase(store: str, before: dict[str, Any] | None = None) -> dict[str, Any]:
     """Return the in-worker figures of what happened since `before` (None: since start)."""
-    from acm_module.decide import stats
+    from acm_module.core import stats
 
     after = _in_worker_raw(store)
     if before is None:

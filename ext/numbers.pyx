@@ -1,7 +1,7 @@
 # Included by _hotpath.pyx: one extension module, one C namespace (see its docstring).
 """Phone numbers, compiled: E.164 normalisation and the key partition (FNV-1a).
 
-The twin of acm_module/decide/engine/numbers_py.py: C char loops for ASCII input, the twin's own
+The twin of acm_module/core/numbers.py: C char loops for ASCII input, the twin's own
 normalise() for everything else.
 """
 
@@ -99,7 +99,7 @@ cdef object _norm_ascii(const char* s, Py_ssize_t n, const char* cc, Py_ssize_t 
 
 # The twin's own normalise() for non-ASCII or non-str input, where Unicode whitespace, case
 # mapping and error behaviour must match it exactly.
-from acm_module.decide.engine.numbers_py import normalise as _normalise_py
+from acm_module.core.numbers import normalise as _normalise_py
 
 
 cdef inline object _normalise(object raw, object cc):

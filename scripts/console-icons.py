@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Draw the console's app icons (PNG) into acm_module/web/console/static/icons/.
+"""Draw the console's app icons (PNG) into acm_module/console/static/icons/.
 
 The icon: many callers (A-numbers, left) converging on one called number (B, right) — call
 masking at a glance. Pure Python (zlib), so regenerating needs nothing installed; the PNGs are
@@ -14,7 +14,7 @@ import sys
 import zlib
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "acm_module/web/console/static/icons"
+OUT = Path(__file__).resolve().parent.parent / "acm_module/console/static/icons"
 BG = (15, 42, 74)       # navy
 LINE = (120, 160, 210)  # light blue
 A_DOT = (255, 255, 255)

@@ -63,6 +63,15 @@ def store(store_url: str) -> Iterator[StoreClient]:
 
 
 @pytest.fixture
+def services() -> Iterator[list[Service]]:
+    """`acm serve` processes a test starts (it appends them); every one stopped at teardown."""
+    started: list[Service] = []
+    yield started
+    for svc in started:
+        svc.cleanup()
+
+
+@pytest.fixture
 def zctx() -> Iterator[zmq.Context]:
     """A ZeroMQ context whose sockets are all closed with linger=0 at teardown."""
     ctx = zmq.Context()

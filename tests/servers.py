@@ -350,8 +350,8 @@ class DelayProxy:
 
 def publish_registry(url: str, doc: dict, workers: int = 2, timeout: float = 15.0) -> int:
     """Publish a carrier registry and wait until every worker reports it in use."""
-    from acm_module.decide import stats as stats_mod
-    from acm_module.decide.gateway import registry
+    from acm_module.core import registry
+    from acm_module.core import stats as stats_mod
 
     conn = StoreConnection(url, timeout=2.0)
     try:

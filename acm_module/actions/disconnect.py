@@ -32,7 +32,7 @@ from typing import Any
 from acm_module.actions.errors import MIReplyError, MIUnavailable
 from acm_module.core import records
 from acm_module.core.records import AlertChange
-from acm_module.decide.store.cluster import StoreClient
+from acm_module.core.redis import Client
 
 log = logging.getLogger("acm.actions.disconnect")
 
@@ -157,7 +157,7 @@ def entry_ms(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
-def find_attack_calls(conn: StoreClient, alert: AlertChange, *, page: int = 1000,
+def find_attack_calls(conn: Client, alert: AlertChange, *, page: int = 1000,
                       max_scan: int = 200_000, slack_ms: int = 30_000) -> list[AttackCall]:
     """Return the clean, allowed calls from the alert's A-numbers to its B-number in its window.
 
@@ -173,13 +173,12 @@ def find_attack_calls(conn: StoreClient, alert: AlertChange, *, page: int = 1000
     end = "(" + alert_entry
     scanned = 0
     while scanned < max_scan:
-        raw = conn.call("XREVRANGE", stream, end, "-", "COUNT", page, timeout=5.0)
-        assert isinstance(raw, list)
+        raw = conn.xrevrange(stream, end, "-", count=page)
         if not raw:
             break
-        for eid, flat in raw:
+        for eid, entry in raw:
             scanned += 1
-            f = records.fields(flat)
+            f = records.fields(entry)
             if f.get("k") != "d" or f.get("b") != alert.b:
                 continue
             try:

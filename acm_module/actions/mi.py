@@ -38,8 +38,8 @@ from acm_module.control.repository import (
     LIFECYCLE_STREAM,
     WhitelistEntry,
 )
+from acm_module.core import liveconfig as store_config
 from acm_module.core.errors import StoreError
-from acm_module.decide.store import config as store_config
 
 log = logging.getLogger("acm.actions")
 
@@ -89,8 +89,8 @@ class LifecycleCommands:
         for k in LIFECYCLE_FIELDS:
             fields += [k, str(alert.get(k) or "")]
         try:
-            self.control.conn.call("XADD", LIFECYCLE_STREAM, "MAXLEN", "~", LIFECYCLE_MAXLEN,
-                                   "*", *fields)
+            self.control.conn.execute_command("XADD", LIFECYCLE_STREAM, "MAXLEN", "~",
+                                              LIFECYCLE_MAXLEN, "*", *fields)
         except (StoreError, OSError) as e:
             log.warning("alert %s: live queues not told of its change: %s",
                         alert.get("alert_id"), e)

@@ -44,6 +44,7 @@ from acm_module.actions.notify import Webhook, log_alert
 from acm_module.actions.trail import ActionAudit, Ledger, summary
 from acm_module.compliance import ncc
 from acm_module.core import keys
+from acm_module.core import liveconfig as store_config
 from acm_module.core.backoff import Backoff
 from acm_module.core.errors import StoreError
 from acm_module.core.pg import close_quietly
@@ -54,9 +55,8 @@ from acm_module.core.records import (
     fields,
     parse_alert,
 )
+from acm_module.core.redis import LazyRedis, open_redis, read_groups
 from acm_module.core.types import SEVERITIES
-from acm_module.decide.store import config as store_config
-from acm_module.decide.store.cluster import StoreClient
 
 log = logging.getLogger("acm.actions")
 
@@ -119,7 +119,10 @@ class ActionRunner:
         self.cfg = cfg
         self.stop = stop or threading.Event()
         self.streams = keys.streams(cfg.partitions)
-        self.store = StoreClient(cfg.store_url, timeout=5.0, connect_timeout=2.0)
+        # Opened on first use (the runner starts while the store is down); its timeout covers a
+        # blocking read.
+        self.store = LazyRedis(cfg.store_url, timeout=cfg.block_ms / 1000.0 + 5.0,
+                               connect_timeout=2.0)
         self.audit = ActionAudit(self.store, cfg.partitions, cfg.database_url)
         self.ledger = Ledger(self.store)
         self.disconnector = (Disconnector(OpenSIPSMI(cfg.opensips_mi_url,
@@ -155,7 +158,7 @@ class ActionRunner:
             except StoreError as e:
                 delay = backoff.next()
                 log.warning("actions: store unavailable (%s); retry in %.1fs", e, delay)
-                self.store.close()
+                self.store.reset()
                 replay_pending = True
                 self._held.clear()  # re-read as pending after reconnecting
                 if self.stop.wait(delay):
@@ -168,15 +171,15 @@ class ActionRunner:
         self.audit.close()
         close_quietly(self._db)
         self._db = None
-        self.store.close()
+        self.store.reset()
 
     def _ensure_groups(self) -> None:
+        pipe = self.store.pipeline(transaction=False)
         for s in self.streams:
-            try:
-                self.store.call("XGROUP", "CREATE", s, GROUP, "0", "MKSTREAM")
-            except StoreError as e:
-                if "BUSYGROUP" not in str(e):
-                    raise
+            pipe.xgroup_create(s, GROUP, "0", mkstream=True)
+        for r in pipe.execute(raise_on_error=False):
+            if isinstance(r, StoreError) and "BUSYGROUP" not in str(r):
+                raise r
 
     def _drain_own_pending(self) -> None:
         """Re-handle what this consumer read but did not acknowledge before (a restart)."""
@@ -194,18 +197,14 @@ class ActionRunner:
 
     def _read_ids(self, ids: dict[str, str], block: bool = False
                   ) -> list[tuple[str, str, dict[str, str]]]:
-        args: list[str | int] = ["XREADGROUP", "GROUP", GROUP, self.cfg.consumer,
-                                 "COUNT", self.cfg.batch]
-        if block:
-            args += ["BLOCK", self.cfg.block_ms]
-        args += ["STREAMS", *ids.keys(), *ids.values()]
-        raw = self.store.call(*args, timeout=self.cfg.block_ms / 1000.0 + 5.0)
+        raw = read_groups(self.store.get(), GROUP, self.cfg.consumer, ids, self.cfg.batch,
+                          self.cfg.block_ms if block else None, self.stop.wait)
         out: list[tuple[str, str, dict[str, str]]] = []
-        for stream, entries in raw or []:  # type: ignore[union-attr]
-            for eid, flat in entries:
-                if flat is None:
+        for stream, entries in raw:
+            for eid, entry in entries:
+                if entry is None:
                     continue  # pending entry trimmed away
-                out.append((stream.decode(), eid.decode(), fields(flat)))
+                out.append((stream.decode(), eid.decode(), fields(entry)))
         return out
 
     def _process(self, entries: list[tuple[str, str, dict[str, str]]]) -> None:
@@ -225,8 +224,11 @@ class ActionRunner:
         while self._held and (everything or self._held[0][0] < limit):
             _, s, eid = self._held.popleft()
             by_stream.setdefault(s, []).append(eid)
-        for s, ids in by_stream.items():
-            self.store.call("XACK", s, GROUP, *ids)
+        if by_stream:
+            pipe = self.store.pipeline(transaction=False)
+            for s, ids in by_stream.items():
+                pipe.xack(s, GROUP, *ids)
+            pipe.execute()
 
     # -- one alert -------------------------------------------------------------------------
     def handle(self, alert: AlertChange) -> None:
@@ -331,10 +333,12 @@ def alert_view(a: AlertChange) -> dict[str, Any]:
 
 def destroy_group(store_url: str, partitions: int) -> int:
     """Remove the runner's group from every stream; return how many existed."""
-    c = StoreClient(store_url, timeout=5.0)
+    c = open_redis(store_url, timeout=5.0)
     try:
-        return sum(int(c.call("XGROUP", "DESTROY", s, GROUP) or 0)  # type: ignore[arg-type]
-                   for s in keys.streams(partitions))
+        pipe = c.pipeline(transaction=False)
+        for s in keys.streams(partitions):
+            pipe.xgroup_destroy(s, GROUP)
+        return sum(int(n or 0) for n in pipe.execute())
     finally:
         c.close()
 

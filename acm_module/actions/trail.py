@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 from acm_module.control.audit import AuditRecord, redact
 from acm_module.control.repository import StoreRepository
 from acm_module.core.pg import close_quietly
-from acm_module.decide.store.cluster import StoreClient
+from acm_module.core.redis import Client
 
 log = logging.getLogger("acm.actions")
 
@@ -40,7 +40,7 @@ VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id
 class ActionAudit:
     """Append action records to audit_log (or the store's audit stream)."""
 
-    def __init__(self, store: StoreClient, partitions: int, database_url: str = "",
+    def __init__(self, store: Client, partitions: int, database_url: str = "",
                  connect_timeout: float = 5.0) -> None:
         self.store_repo = StoreRepository(store, partitions)
         self.database_url = database_url
@@ -91,7 +91,7 @@ class ActionAudit:
 class Ledger:
     """What the runner has done per alert, in the store."""
 
-    def __init__(self, store: StoreClient) -> None:
+    def __init__(self, store: Client) -> None:
         self.store = store
 
     @staticmethod
@@ -100,24 +100,27 @@ class Ledger:
 
     def done(self, alert_id: str, trigger: str, action: str) -> str | None:
         """Return the recorded outcome of an action, or None if it was not done."""
-        r = self.store.call("HGET", self.key(alert_id), f"{trigger}:{action}")
+        r = self.store.hget(self.key(alert_id), f"{trigger}:{action}")
         return r.decode() if isinstance(r, bytes) else None
 
     def mark(self, alert_id: str, trigger: str, action: str, outcome: str) -> None:
         """Record that an action was done with this outcome."""
-        k = self.key(alert_id)
-        self.store.call("HSET", k, f"{trigger}:{action}", outcome)
-        self.store.call("PEXPIRE", k, LEDGER_TTL_MS)
+        self._set(alert_id, f"{trigger}:{action}", outcome)
 
     def severity(self, alert_id: str) -> str | None:
         """Return the highest severity acted on for an alert, or None."""
-        r = self.store.call("HGET", self.key(alert_id), "sev")
+        r = self.store.hget(self.key(alert_id), "sev")
         return r.decode() if isinstance(r, bytes) else None
 
     def set_severity(self, alert_id: str, severity: str) -> None:
+        self._set(alert_id, "sev", severity)
+
+    def _set(self, alert_id: str, name: str, value: str) -> None:
         k = self.key(alert_id)
-        self.store.call("HSET", k, "sev", severity)
-        self.store.call("PEXPIRE", k, LEDGER_TTL_MS)
+        pipe = self.store.pipeline(transaction=False)
+        pipe.hset(k, name, value)
+        pipe.pexpire(k, LEDGER_TTL_MS)
+        pipe.execute()
 
 
 def summary(d: dict[str, Any]) -> str:

@@ -1,8 +1,9 @@
 """MI command handlers: change the desired state in the store; the workers apply it.
 
-Settings changes are published as a new generation of the live config (compare-and-set, so two
-admins never lose each other's update); every worker picks it up within `config_poll_ms`. Every
-change is persisted to the override file and written to the audit trail.
+Settings changes are persisted as the deployment's overrides (in the repository: compare-and-set
+on their generation), published as a new generation of the live config (compare-and-set too), so
+two admins on two nodes never lose each other's update; every worker picks it up within
+`config_poll_ms`. Every change is written to the audit trail.
 
 `Control.dispatch(raw, ...)` is the whole protocol: bytes in, bytes (or None for a
 notification) out. The transports in server.py only move bytes.
@@ -36,18 +37,19 @@ from acm_module.control.repository import (
     StoreRepository,
     WhitelistEntry,
 )
+from acm_module.core import liveconfig as store_config
+from acm_module.core import numbers, registry
 from acm_module.core import settings as settings_mod
+from acm_module.core import stats as stats_mod
 from acm_module.core.errors import ConfigError, StoreError
 from acm_module.core.logs import apply_log_level
-from acm_module.decide import stats as stats_mod
-from acm_module.decide.engine import hotpath
-from acm_module.decide.gateway import registry
-from acm_module.decide.store import config as store_config
 from acm_module.decide.store.cluster import StoreClient
 
 log = logging.getLogger("acm.control")
 
 EVENT_RELOAD = "E_ACM_RELOAD"
+# The deployment whose nodes use the store (the first node's `deployment` setting).
+DEPLOYMENT_KEY = "{acm.cfg}:deployment"
 _CAS_ATTEMPTS = 20
 _ACTOR_RE = re.compile(r"[^A-Za-z0-9_.@:+-]")
 _SECRET_SETTINGS = ("mi_token", "webhook_secret")
@@ -214,9 +216,12 @@ class Control:
         self.conn = StoreClient(settings.store, timeout=1.0, connect_timeout=1.0)
         self.repo = repo if repo is not None else open_repository(settings, self.conn)
         self.auth = Authorizer(settings.mi_token or "")
+        self.deployment: str = settings.deployment
         # The deployment's overrides as last read or written: what goes back when the store
         # loses them (None: not known yet).
         self._saved: dict[str, Any] | None = None
+        # Changes made live while the repository was down, written to it when it is back.
+        self._pending: dict[str, Any] = {}
         # Commands are rare; one lock serialises store access (StoreClient is not
         # thread-safe) and makes each read-modify-write atomic within this process.
         self._lock = threading.RLock()
@@ -457,7 +462,7 @@ class Control:
             settings_mod.validate_combination(values)
         except ConfigError as e:
             raise MIError(jsonrpc.CONFIG_INVALID, f"{e}; old config kept") from e
-        if reset and self._delete_overrides():
+        if reset and self._reset_overrides(caller):
             audit.record(self.repo, caller, action, "overrides", previous, None)
         out = self.publish(values, caller, action, persist=False)
         skip = {"endpoint", "store", "workers"}
@@ -476,35 +481,39 @@ class Control:
 
     def publish(self, changes: dict[str, Any], caller: Caller, action: str,
                 persist: bool = True) -> dict[str, Any]:
-        """Publish changes as a new config generation (CAS, retried); persist; audit."""
-        for attempt in range(_CAS_ATTEMPTS):
-            gen, live = store_config.read(self.conn)
-            base = live if live is not None else self.desired_config()
-            merged = {**base, **changes}
+        """Persist changes as overrides (unless persist=False), publish them as a new config
+        generation (both compare-and-set, retried), audit."""
+        _, live = store_config.read(self.conn)
+        base = live if live is not None else self.desired_config()
+        try:
+            settings_mod.validate_combination({**base, **changes})
+        except ConfigError as e:
+            raise bad_params(f"{e}; old config kept") from e
+        # A value already in force is no change: it is neither pinned as an override nor
+        # audited (a script re-applying its settings leaves no trace and pins nothing).
+        changed = {k: {"old": base.get(k), "new": v} for k, v in changes.items()
+                   if base.get(k) != v}
+        persisted: bool | None = None
+        if persist:
+            # The overrides first: a node converging meanwhile publishes the new values, never
+            # takes them back.
+            persisted = bool(changed) and self._persist({k: changes[k] for k in changed},
+                                                        caller)
+        new_gen, merged = self._publish_live(changes)
+        if persisted is False and changed:  # live now; the repository gets it when it is back
+            self._pending |= {k: changes[k] for k in changed}
+        if persisted:
+            # Two nodes changing at once may publish in the other order than they persisted:
+            # the last to persist puts the overrides it wrote back on top.
             try:
-                settings_mod.validate_combination(merged)
-            except ConfigError as e:
-                raise bad_params(f"{e}; old config kept") from e
-            changed = {k: {"old": base.get(k), "new": v} for k, v in changes.items()
-                       if base.get(k) != v}
-            if not changed and live is not None:
-                new_gen = gen
-                break
-            new_gen = store_config.compare_and_set(self.conn, gen, merged)
-            if new_gen != -1:
-                break
-            time.sleep(random.uniform(0.001, 0.005 * (attempt + 1)))
-        else:
-            raise MIError(jsonrpc.CONFLICT, "config changed concurrently too often; retry")
-        self._last_live = merged
+                new_gen = self._converge() or new_gen
+            except (StoreError, ConfigError, MIError) as e:  # the change is live and saved
+                log.error("overrides not re-published after %s: %s", action, e)
         result: dict[str, Any] = {"generation": new_gen, "changed": changed, "values": merged}
+        if persisted is not None:
+            result["persisted"] = persisted
         if "log_level" in changed:
             apply_log_level(merged["log_level"])
-        if persist:
-            # A value already in force is no change: it is neither pinned as an override nor
-            # audited (a script re-applying its settings leaves no trace and pins nothing).
-            result["persisted"] = bool(changed) and self._persist(
-                {k: changes[k] for k in changed}, caller)
         if changed:
             try:
                 rec = audit.record(
@@ -520,48 +529,153 @@ class Control:
                      new_gen)
         return result
 
-    def _persist(self, changes: dict[str, Any], caller: Caller) -> bool:
-        try:
+    def _publish_live(self, changes: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Put changes into the live config (compare-and-set, retried); return its generation
+        and values. Raises MIError."""
+        for attempt in range(_CAS_ATTEMPTS):
+            gen, live = store_config.read(self.conn)
+            base = live if live is not None else self.desired_config()
+            merged = {**base, **changes}
             try:
-                saved = self.saved_overrides()
+                settings_mod.validate_combination(merged)
             except ConfigError as e:
-                log.error("replacing unreadable overrides: %s", e)
-                saved = {}
-            overrides.write_overrides(self.conn, saved | changes, str(caller))
-            self._saved = saved | changes
+                raise bad_params(f"{e}; old config kept") from e
+            if merged == base and live is not None:
+                self._last_live = merged
+                return gen, merged
+            new_gen = store_config.compare_and_set(self.conn, gen, merged)
+            if new_gen != -1:
+                self._last_live = merged
+                return new_gen, merged
+            _backoff(attempt)
+        raise MIError(jsonrpc.CONFLICT, "config changed concurrently too often; retry")
+
+    def _persist(self, changes: dict[str, Any], caller: Caller) -> bool:
+        """Merge changes into the deployment's overrides (compare-and-set, retried), with any
+        still pending; return False when the repository is down."""
+        pending = dict(self._pending)
+        try:
+            self._write_overrides(lambda saved: saved | pending | changes, str(caller))
         except StoreError as e:
-            log.error("cannot persist overrides to %s: %s", overrides.OVERRIDES_KEY, e)
+            log.error("cannot persist overrides to %s (written when it is back): %s",
+                      overrides.location(self.repo, self.deployment), e)
             return False
+        for k in pending:  # written (a newer change of one of them stays pending)
+            if self._pending.get(k) == pending[k]:
+                del self._pending[k]
         return True
 
-    def saved_overrides(self) -> dict[str, Any]:
-        """Return the deployment's MI overrides; put back the last known ones if the store lost
-        them (a wipe). Raises ConfigError (unreadable), StoreError."""
+    def _write_overrides(self, edit: Callable[[dict[str, Any]], dict[str, Any]], by: str
+                         ) -> bool:
+        """Replace the overrides with edit(current) by compare-and-set, retried; return
+        whether they changed. Raises StoreError, MIError (conflict)."""
+        for attempt in range(_CAS_ATTEMPTS):
+            saved = self._read_saved()
+            if saved.error:
+                log.error("replacing unreadable overrides: %s", saved.error)
+            new = edit({} if saved.error else saved.values)
+            if new == saved.values and not saved.error:
+                return False
+            if self.repo.overrides_put(self.deployment, saved.generation, new, by) != -1:
+                self._saved = new
+                return True
+            _backoff(attempt)
+        raise MIError(jsonrpc.CONFLICT, "overrides changed concurrently too often; retry")
+
+    def flush_pending(self) -> bool:
+        """Write the changes made while the repository was down, then publish the overrides
+        where the live config differs; return whether there were some. Raises StoreError."""
         with self._lock:
-            saved = overrides.read_overrides(self.conn)
-            if not saved and self._saved:
-                overrides.write_overrides(self.conn, self._saved, "restore")
-                log.warning("the store had no MI overrides: restored %s", self._saved)
-                return dict(self._saved)
-            self._saved = saved
+            if not self._pending:
+                return False
+            pending = dict(self._pending)
+            self._write_overrides(lambda saved: saved | pending, "acm:pending")
+            self._pending.clear()
+            log.info("persisted the overrides set while the repository was down: %s", pending)
+            self._converge()
+            return True
+
+    def _converge(self) -> int:
+        """Publish the saved overrides the live config lacks; return the new generation, 0
+        when it had them (or has no live config: restore_config's). Raises StoreError,
+        ConfigError, MIError (conflict)."""
+        for attempt in range(_CAS_ATTEMPTS):
+            # The live config before the overrides: a CAS on an older read fails, and the
+            # retry reads the overrides again.
+            gen, live = store_config.read(self.conn)
+            if live is None:
+                return 0
+            diff = {k: v for k, v in self.saved_overrides().items() if live.get(k) != v}
+            if not diff:
+                return 0
+            merged = {**live, **diff}
+            settings_mod.validate_combination(merged)
+            new_gen = store_config.compare_and_set(self.conn, gen, merged)
+            if new_gen != -1:
+                self._last_live = merged
+                log.info("published the deployment's overrides %s as generation %d", diff,
+                         new_gen)
+                return new_gen
+            _backoff(attempt)
+        raise MIError(jsonrpc.CONFLICT, "config changed concurrently too often; retry")
+
+    def saved_overrides(self) -> dict[str, Any]:
+        """Return the deployment's MI overrides. Raises ConfigError (unreadable), StoreError."""
+        return self._read_saved().checked()
+
+    def _read_saved(self) -> overrides.Saved:
+        """Read the overrides; put back the last known ones if they are gone (a store wipe).
+        Raises StoreError."""
+        with self._lock:
+            saved = overrides.read_overrides(self.repo, self.deployment)
+            if saved.generation == 0 and not saved.values and not saved.error:
+                # None ever written (or wiped): the ones this process knew, else those the
+                # store holds from before the deployment had a database.
+                known = self._saved or overrides.store_overrides(self.repo, self.conn)
+                if known:
+                    gen = self.repo.overrides_put(self.deployment, 0, known, "restore")
+                    if gen != -1:
+                        log.warning("%s had no MI overrides: restored %s",
+                                    overrides.location(self.repo, self.deployment), known)
+                        self._saved = dict(known)
+                        return overrides.Saved(gen, dict(known))
+                    saved = overrides.read_overrides(self.repo, self.deployment)
+            if not saved.error:
+                self._saved = dict(saved.values)
             return saved
 
-    def _delete_overrides(self) -> bool:
+    def check_deployment(self) -> str:
+        """Name this node's deployment in the store unless another one is named there; return
+        the name the store holds (logged as an error when it is not ours: two deployments on
+        one store share one live config but not their overrides). Raises StoreError."""
         with self._lock:
+            self.conn.call("SET", DEPLOYMENT_KEY, self.deployment, "NX")
+            raw = self.conn.call("GET", DEPLOYMENT_KEY)
+        owner = raw.decode(errors="replace") if isinstance(raw, bytes) else self.deployment
+        if owner != self.deployment:
+            log.error("this store belongs to deployment %r (%s), this node to %r: nodes that "
+                      "share a store share its live config; give them the same deployment "
+                      "setting", owner, DEPLOYMENT_KEY, self.deployment)
+        return owner
+
+    def _reset_overrides(self, caller: Caller) -> bool:
+        """Empty the deployment's overrides; return whether there were some. Raises
+        StoreError."""
+        with self._lock:
+            self._pending.clear()
             self._saved = {}
-            return overrides.delete_overrides(self.conn)
+            return self._write_overrides(lambda saved: {}, str(caller))
 
     def desired_config(self) -> dict[str, Any]:
-        """Return the config the store should hold: the last live one this process saw, else
-        the settings it started with and the saved MI overrides on top."""
-        if self._last_live is not None:
-            return dict(self._last_live)
+        """Return the config the store should hold: the last live one this process saw (else
+        the settings it started with) with the deployment's saved MI overrides on top."""
         try:
             saved = self.saved_overrides()
         except (ConfigError, StoreError) as e:
             log.error("%s", e)
             saved = dict(self._saved or {})
-        return {**self.settings.detection(), **saved}
+        base = self._last_live if self._last_live is not None else self.settings.detection()
+        return {**base, **saved, **self._pending}
 
     def restore_config(self) -> int:
         """Put the live config back if the store has none (flushed, restarted empty); return
@@ -591,16 +705,20 @@ class Control:
     def acm_get_config(self, caller: Caller) -> dict[str, Any]:
         """Return the live config, its generation, the overrides and every setting's source."""
         gen, live = store_config.read(self.conn)
+        saved: dict[str, Any] | str
         try:
-            saved: dict[str, Any] | str = self.saved_overrides()
-        except ConfigError as e:
-            saved = f"unreadable: {e}"
+            st = self._read_saved()
+            saved, ogen = (f"unreadable: {st.error}" if st.error else st.values), st.generation
+        except StoreError as e:  # settings do not need the database: say it is down
+            saved, ogen = f"unavailable: {e}", None
         s = self.settings
         return {
             "generation": gen,
             "live": live,
             "overrides": saved,
-            "overrides_key": overrides.OVERRIDES_KEY,
+            "overrides_generation": ogen,
+            "overrides_key": overrides.location(self.repo, self.deployment),
+            "deployment": self.deployment,
             "settings": {n: _redact_setting(n, v) for n, v in sorted(s.values.items())},
             "sources": dict(sorted(s.source.items())),
             "runtime": sorted(settings_mod.RUNTIME),
@@ -898,7 +1016,7 @@ class Control:
                        ) -> dict[str, Any]:
         """List audit records, newest first."""
         if target is not None:
-            target = hotpath.normalise(target, self.settings.default_country_code) or target
+            target = numbers.normalise(target, self.settings.default_country_code) or target
         recs = self.repo.audit_list(limit=limit, since_ms=since, action=action, target=target)
         return {"count": len(recs), "records": [r.to_json() for r in recs]}
 
@@ -916,11 +1034,20 @@ class Control:
         Waits until a worker of this supervisor has published its stats (so this boot's
         config is in the store), then publishes the difference once.
         """
-        try:
-            saved = self.saved_overrides()
-        except (ConfigError, StoreError) as e:
-            log.error("%s", e)
-            return
+        failures = 0
+        while True:
+            try:
+                saved = self.saved_overrides()
+                break
+            except ConfigError as e:
+                log.error("%s", e)
+                return
+            except StoreError as e:  # the database may start after us: keep trying
+                if not failures:
+                    log.warning("MI overrides not read: %s (retrying)", e)
+                failures += 1
+                if stop.wait(1.0):
+                    return
         if not saved:
             return
         deadline = time.monotonic() + wait_s
@@ -962,6 +1089,10 @@ def _split_carriers(decisions: dict[str, int]) -> tuple[dict[str, int], dict[str
         c[vr] = c.get(vr, 0) + n
         c["total"] += n
     return plain, dict(sorted(carriers.items()))
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(random.uniform(0.001, 0.005 * (attempt + 1)))
 
 
 def _sibling_booted(conn: StoreClient) -> bool:
@@ -1083,7 +1214,7 @@ def _number(name: str, raw: Any, cmd: Command) -> str:
         raise bad_params(f"{name}: must be a phone number (got {_shown(raw)})")
     owner = getattr(cmd.handler, "__self__", None)
     cc = owner.settings.default_country_code if owner is not None else "234"
-    n = hotpath.normalise(str(raw), cc)
+    n = numbers.normalise(str(raw), cc)
     if n is None:
         raise bad_params(f"{name}: {_shown(raw)} is not a phone number")
     return n

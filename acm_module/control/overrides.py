@@ -1,102 +1,139 @@
-"""Runtime overrides: the settings changed through MI, kept with the deployment's shared state
-(the store key `{acm.cfg}:overrides`), so every node of a deployment applies the same ones, a
-node that joins gets them, and a restart keeps them.
+"""Runtime overrides: the settings changed through MI, kept with the deployment's shared
+configuration, so every node of a deployment applies the same ones, a node that joins gets
+them, and a restart keeps them.
+
+Where they live is the control repository's (`ControlRepository.overrides_get/_put`): the
+`config_overrides` row of the `deployment` setting when `database_url` is set (migration 0007),
+else the store key `{acm.cfg}:overrides` (the store is then the deployment). Every write is a
+compare-and-set on the overrides' generation, so two nodes changing settings at once never lose
+an update. Workers never read them: the control plane publishes them into the live config
+(`{acm.cfg}:detect`), which is all the hot path reads.
 
 Precedence, lowest to highest: default < config file < environment < CLI flag < override. An MI
-change is the operator's latest word; `acm_reload reset=true` deletes them and hands control
+change is the operator's latest word; `acm_reload reset=true` empties them and hands control
 back to the config file and environment.
 
-`acm serve` must call `apply_overrides(settings)` after loading its settings and before starting
-workers, because each supervisor boot publishes its settings as the live config. Overrides used
-to live in a host-local file (`<state_dir>/overrides.json`): two nodes diverged and a new
-instance on the same host inherited another's; such a file is now reported and ignored.
+`acm serve` must call `apply_overrides(settings, open_repository)` after loading its settings
+and before starting workers, because each supervisor boot publishes its settings as the live
+config. Overrides used to live in a host-local file (`<state_dir>/overrides.json`): two nodes
+diverged and a new instance on the same host inherited another's; such a file is now reported
+and ignored.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from acm_module.control.audit import iso_ms
+from acm_module.control.repository import OVERRIDES_KEY, ControlRepository, StoreRepository
 from acm_module.core import settings as settings_mod
 from acm_module.core.errors import ConfigError, StoreError
 from acm_module.decide.store.cluster import StoreClient
 
 log = logging.getLogger("acm.control")
 
-OVERRIDES_KEY = "{acm.cfg}:overrides"
 LEGACY_FILENAME = "overrides.json"
-_VERSION = 1
+
+__all__ = ["LEGACY_FILENAME", "OVERRIDES_KEY", "Saved", "apply_overrides", "location",
+           "read_overrides", "store_overrides"]
 
 
-def read_overrides(conn: StoreClient) -> dict[str, Any]:
-    """Return the deployment's validated overrides ({} when there are none).
+@dataclass(frozen=True)
+class Saved:
+    """A deployment's overrides as read: their generation (0: never written), the validated
+    values, and why they are unreadable ("" when they are not)."""
 
-    Raises ConfigError for an unreadable document, StoreError when the store fails.
+    generation: int
+    values: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+    def checked(self) -> dict[str, Any]:
+        """Return the values. Raises ConfigError if the stored ones are unreadable."""
+        if self.error:
+            raise ConfigError(self.error)
+        return dict(self.values)
+
+
+def location(repo: ControlRepository, deployment: str) -> str:
+    """Say where a deployment's overrides live (for messages and acm_get_config)."""
+    if repo.name == "store":
+        return OVERRIDES_KEY
+    return f"{repo.name}:config_overrides[{deployment}]"
+
+
+def read_overrides(repo: ControlRepository, deployment: str) -> Saved:
+    """Return a deployment's overrides, validated. Raises StoreError when the repository fails.
+
+    Names that are not runtime settings are logged and ignored; an invalid value makes the
+    whole document unreadable (Saved.error), which acm_set replaces and acm_reload reports.
     """
-    raw = conn.call("GET", OVERRIDES_KEY)
-    if raw is None:
-        return {}
-    path = OVERRIDES_KEY
-    try:
-        doc = json.loads(raw)  # type: ignore[arg-type]
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e}); reset it (acm_reload reset=true)"
-                          ) from e
-    if not isinstance(doc, dict) or not isinstance(doc.get("values"), dict):
-        raise ConfigError(f"{path}: expected {{\"values\": {{...}}}}; reset it")
+    where = location(repo, deployment)
+    gen, raw = repo.overrides_get(deployment)
+    if not isinstance(raw, dict):
+        return Saved(gen, error=f"{where}: expected {{\"values\": {{...}}}} in JSON; reset it "
+                                "(acm_reload reset=true)")
     out: dict[str, Any] = {}
-    for name, value in doc["values"].items():
+    for name, value in raw.items():
         if name not in settings_mod.RUNTIME:
-            log.warning("%s: ignoring %r (not a runtime setting)", path, name)
+            log.warning("%s: ignoring %r (not a runtime setting)", where, name)
             continue
         try:
             out[name] = settings_mod.BY_NAME[name].parse(value)
         except ConfigError as e:
-            raise ConfigError(f"{path}: {e}; fix or delete it") from e
-    return out
+            return Saved(gen, error=f"{where}: {e}; fix or reset it")
+    return Saved(gen, out)
 
 
-def write_overrides(conn: StoreClient, values: dict[str, Any], updated_by: str) -> None:
-    """Replace the deployment's overrides (one SET). Raises StoreError."""
-    doc = {"version": _VERSION, "updated_at": iso_ms(time.time() * 1000),
-           "updated_by": updated_by, "values": dict(sorted(values.items()))}
-    conn.call("SET", OVERRIDES_KEY, json.dumps(doc, sort_keys=True))
+def store_overrides(repo: ControlRepository, conn: StoreClient) -> dict[str, Any]:
+    """Return the overrides the store holds when repo is another repository: those of a
+    deployment from before it had a database, which its repository starts from ({} when none or
+    unreadable). Raises StoreError."""
+    if repo.name == "store":
+        return {}
+    legacy = read_overrides(StoreRepository(conn, 1), "")
+    if legacy.values:
+        log.warning("taking the MI overrides of the store (%s) into the repository: %s",
+                    OVERRIDES_KEY, legacy.values)
+    return legacy.values
 
 
-def delete_overrides(conn: StoreClient) -> bool:
-    """Remove the deployment's overrides; return whether there were some. Raises StoreError."""
-    return bool(conn.call("DEL", OVERRIDES_KEY))
-
-
-def apply_overrides(settings: Any) -> dict[str, Any]:
+def apply_overrides(settings: Any,
+                    open_repository: Callable[[Any, StoreClient], ControlRepository]
+                    ) -> dict[str, Any]:
     """Put the deployment's MI overrides into resolved settings; return what was applied.
 
-    A store that does not answer leaves the settings as they are (the control plane publishes
-    the overrides once it does). Raises ConfigError if they are unreadable or the result is
-    inconsistent.
+    open_repository(settings, store connection) opens the control repository (cli.py hands in
+    control.commands.open_repository). A repository that does not answer leaves the settings
+    as they are (the control plane publishes the overrides once it does). Raises ConfigError
+    if they are unreadable or the result is inconsistent.
     """
     legacy = Path(settings.state_dir) / LEGACY_FILENAME
     if legacy.exists():
-        log.warning("%s: ignored; MI overrides now live with the deployment's store (%s)",
-                    legacy, OVERRIDES_KEY)
+        log.warning("%s: ignored; MI overrides now live with the deployment (%s)", legacy,
+                    "the repository" if settings.database_url else OVERRIDES_KEY)
     conn = StoreClient(settings.store, timeout=2.0, connect_timeout=2.0)
+    repo = open_repository(settings, conn)
+    where = location(repo, settings.deployment)
     try:
-        values = read_overrides(conn)
+        saved = read_overrides(repo, settings.deployment)
+        values = saved.checked() if saved.generation or saved.values or saved.error else (
+            store_overrides(repo, conn))
     except StoreError as e:
-        # The supervisor says the store is down (check_store); nothing more to say here.
-        log.debug("MI overrides not read (store: %s); the control plane applies them later", e)
+        # The supervisor says when the store is down (check_store); the database is ours.
+        log.log(logging.WARNING if repo.name != "store" else logging.DEBUG,
+                "MI overrides not read (%s); the control plane applies them later", e)
         return {}
     finally:
+        repo.close()
         conn.close()
     for name, value in values.items():
         if settings.values.get(name) != value and settings.source.get(name) != "default":
-            log.info("%s: %s=%r overrides %r from %s", OVERRIDES_KEY, name, value,
+            log.info("%s: %s=%r overrides %r from %s", where, name, value,
                      settings.values.get(name), settings.source.get(name))
         settings.values[name] = value
-        settings.source[name] = f"override:{OVERRIDES_KEY}"
+        settings.source[name] = f"override:{where}"
     settings_mod.validate_combination(settings.values)
     return values

@@ -1,6 +1,7 @@
 """The control plane's repository on PostgreSQL / YugabyteDB YSQL: tables whitelist, audit_log,
-fraud_alerts, and the carrier registry's carriers / carrier_gateways / carrier_routes (see
-acm_module/control/repository.py for the interface).
+fraud_alerts, the carrier registry's carriers / carrier_gateways / carrier_routes, and the
+deployments' runtime overrides, config_overrides (see acm_module/control/repository.py for the
+interface).
 
 The database is the system of record: a whitelist entry added over MI is a `whitelist` row, so
 the writer's reconcile (whitelist_sync.reconcile, table -> store markers) keeps its marker
@@ -61,6 +62,16 @@ RETURNING {_WL_COLUMNS}
 _AUDIT_INSERT = """
 INSERT INTO audit_log (at, actor, action, target, old, new, outcome, details)
 VALUES (%s, %s, %s, %s, %s, %s, 'ok', %s) RETURNING id
+"""
+
+_OVERRIDES_INSERT = """
+INSERT INTO config_overrides (deployment, generation, overrides, updated_by)
+VALUES (%s, 1, %s, %s) ON CONFLICT (deployment) DO NOTHING RETURNING generation
+"""
+_OVERRIDES_UPDATE = """
+UPDATE config_overrides SET generation = generation + 1, overrides = %s, updated_by = %s,
+    updated_at = NOW()
+WHERE deployment = %s AND generation = %s RETURNING generation
 """
 
 # The carrier registry (migration 0004): a row is updated (and its updated_at moved) only when
@@ -143,12 +154,16 @@ class PostgresControlRepository:
         raise AssertionError("unreachable")
 
     # -- whitelist -------------------------------------------------------------------------
-    def whitelist_get(self, b_number: str) -> WhitelistEntry | None:
-        def get(c: psycopg.Connection) -> WhitelistEntry | None:
-            row = c.execute(f"SELECT {_WL_COLUMNS} FROM whitelist WHERE b_number = %s",
-                            (b_number,)).fetchone()
+    def _one_entry(self, sql: str, b_number: str) -> WhitelistEntry | None:
+        """Run a statement on one B-number's row; return the row it read or removed."""
+        def one(c: psycopg.Connection) -> WhitelistEntry | None:
+            row = c.execute(sql, (b_number,)).fetchone()
             return None if row is None else _entry(row)
-        return self._run(get)
+        return self._run(one)
+
+    def whitelist_get(self, b_number: str) -> WhitelistEntry | None:
+        return self._one_entry(f"SELECT {_WL_COLUMNS} FROM whitelist WHERE b_number = %s",
+                               b_number)
 
     def whitelist_put(self, entry: WhitelistEntry) -> WhitelistEntry | None:
         """Insert or replace the row (no audit row: the control plane audits)."""
@@ -164,11 +179,8 @@ class PostgresControlRepository:
         return self._run(put)
 
     def whitelist_delete(self, b_number: str) -> WhitelistEntry | None:
-        def delete(c: psycopg.Connection) -> WhitelistEntry | None:
-            row = c.execute(f"DELETE FROM whitelist WHERE b_number = %s RETURNING {_WL_COLUMNS}",
-                            (b_number,)).fetchone()
-            return None if row is None else _entry(row)
-        return self._run(delete)
+        return self._one_entry(
+            f"DELETE FROM whitelist WHERE b_number = %s RETURNING {_WL_COLUMNS}", b_number)
 
     def whitelist_list(self, *, b_number: str | None = None, limit: int = 100,
                        now_ms: int | None = None) -> list[WhitelistEntry]:
@@ -280,6 +292,32 @@ class PostgresControlRepository:
                     cur.execute(f"DELETE FROM {table} WHERE NOT (id = ANY(%s::text[]))",
                                 (ids[kind],))
         self._run(put)
+
+    # -- runtime overrides (migration 0007) ------------------------------------------------
+    def overrides_get(self, deployment: str) -> tuple[int, Any]:
+        def get(c: psycopg.Connection) -> tuple[int, Any]:
+            row = c.execute("SELECT generation, overrides FROM config_overrides "
+                            "WHERE deployment = %s", (deployment,)).fetchone()
+            return (0, {}) if row is None else (int(row[0]), row[1])
+        return self._run(get)
+
+    def overrides_put(self, deployment: str, expected: int, values: dict[str, Any],
+                      updated_by: str) -> int:
+        """Compare-and-set on the generation: the first row of a deployment is inserted
+        (DO NOTHING when another node inserted it first), later ones updated only while the
+        generation is still `expected`. No lock is held between the read and this."""
+        params: tuple[Any, ...]
+        if expected == 0:
+            sql = _OVERRIDES_INSERT
+            params = (deployment, _jsonb(values), updated_by[:255])
+        else:
+            sql = _OVERRIDES_UPDATE
+            params = (_jsonb(values), updated_by[:255], deployment, expected)
+
+        def put(c: psycopg.Connection) -> int:
+            row = c.execute(sql, params).fetchone()
+            return -1 if row is None else int(row[0])
+        return self._run(put)
 
     def close(self) -> None:
         with self._lock:

@@ -1,14 +1,15 @@
 """Where the control plane keeps its records: whitelist entries, the audit trail, alert listings,
-the carrier registry.
+the carrier registry, the deployment's runtime overrides.
 
 `ControlRepository` is the seam. Two implementations:
 
 - `StoreRepository` (here, always available): whitelist entries in HASH `{acm.ctl}:whitelist`,
   the audit trail in STREAM `{acm.ctl}:audit`, alerts read back from the newest alert records
   (`k=a`) of the partitions' durable streams, the carrier registry document in HASH
-  `{acm.ctl}:registry`.
+  `{acm.ctl}:registry`, the runtime overrides in STRING `{acm.cfg}:overrides` (the store is
+  the deployment: its `deployment` argument is not used).
 - A PostgreSQL one (tables whitelist / audit_log / fraud_alerts, carriers / carrier_gateways /
-  carrier_routes), provided by the persistence writer as
+  carrier_routes, config_overrides: one row per deployment), provided by the persistence writer as
   `acm_module.control.pg_repository.PostgresControlRepository(settings)`; the control plane
   (`commands.open_repository`) uses it when `database_url` is set and that module imports.
 
@@ -20,18 +21,19 @@ control plane always writes to the store itself, whichever repository is in use.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from acm_module.control.audit import AuditRecord, iso_ms
-from acm_module.core import keys, records
-from acm_module.decide.engine import hotpath
-from acm_module.decide.store.cluster import StoreClient
+from acm_module.core import keys, numbers, records
+from acm_module.core.liveconfig import Store
 
 WHITELIST_KEY = "{acm.ctl}:whitelist"
 AUDIT_STREAM = "{acm.ctl}:audit"
 REGISTRY_RECORD_KEY = "{acm.ctl}:registry"
+OVERRIDES_KEY = "{acm.cfg}:overrides"
 AUDIT_MAXLEN = 100_000
 # Lifecycle changes (status, assignee) as they commit, for the consoles' live queues: a short
 # notification stream (the audit trail and fraud_alerts keep the record), read by every web
@@ -108,27 +110,40 @@ class ControlRepository(Protocol):
     def registry_put(self, doc: dict[str, Any]) -> None:
         """Replace the whole registry document (validated by the caller) in one step."""
 
+    def overrides_get(self, deployment: str) -> tuple[int, Any]:
+        """Return (generation, values as stored) of a deployment's runtime overrides; (0, {})
+        when none were ever written. The values are not validated (control.overrides does)."""
+
+    def overrides_put(self, deployment: str, expected: int, values: dict[str, Any],
+                      updated_by: str) -> int:
+        """Replace the overrides if they are still at generation `expected`; return the new
+        generation, or -1 when another change came first (read again, merge, retry)."""
+
     def close(self) -> None:
         """Release connections."""
 
 
 class StoreRepository:
-    """The repository on the Redis-protocol store; the caller serialises access to `conn`."""
+    """The repository on the Redis-protocol store; the caller serialises access to `conn`.
+
+    `conn` is redis-py's client (core.redis.open_redis) or the worker's StoreClient: only their
+    common interface is used (execute_command, pipeline).
+    """
 
     name = "store"
 
-    def __init__(self, conn: StoreClient, partitions: int) -> None:
+    def __init__(self, conn: Store, partitions: int) -> None:
         self.conn = conn
         self.partitions = partitions
 
     # -- whitelist -------------------------------------------------------------------------
     def whitelist_get(self, b_number: str) -> WhitelistEntry | None:
-        raw = self.conn.call("HGET", WHITELIST_KEY, b_number)
+        raw = self.conn.execute_command("HGET", WHITELIST_KEY, b_number)
         return _entry(b_number, raw) if raw is not None else None
 
     def whitelist_put(self, entry: WhitelistEntry) -> WhitelistEntry | None:
         old = self.whitelist_get(entry.b_number)
-        self.conn.call("HSET", WHITELIST_KEY, entry.b_number, json.dumps({
+        self.conn.execute_command("HSET", WHITELIST_KEY, entry.b_number, json.dumps({
             "reason": entry.reason, "created_by": entry.created_by,
             "created_at": entry.created_at_ms, "expires_at": entry.expires_at_ms}))
         return old
@@ -136,7 +151,7 @@ class StoreRepository:
     def whitelist_delete(self, b_number: str) -> WhitelistEntry | None:
         old = self.whitelist_get(b_number)
         if old is not None:
-            self.conn.call("HDEL", WHITELIST_KEY, b_number)
+            self.conn.execute_command("HDEL", WHITELIST_KEY, b_number)
         return old
 
     def whitelist_list(self, *, b_number: str | None = None, limit: int = 100,
@@ -145,19 +160,18 @@ class StoreRepository:
             e = self.whitelist_get(b_number)
             entries = [e] if e is not None else []
         else:
-            raw = self.conn.call("HGETALL", WHITELIST_KEY)
-            assert isinstance(raw, list)
-            entries = [_entry(raw[i].decode(), raw[i + 1]) for i in range(0, len(raw), 2)]
+            raw = self.conn.execute_command("HGETALL", WHITELIST_KEY)
+            entries = [_entry(b.decode(), v) for b, v in raw.items()]
         if now_ms is not None:
             expired = [e.b_number for e in entries if e.expired(now_ms)]
             if expired:  # the markers expired by TTL already; drop the records too
-                self.conn.call("HDEL", WHITELIST_KEY, *expired)
+                self.conn.execute_command("HDEL", WHITELIST_KEY, *expired)
             entries = [e for e in entries if not e.expired(now_ms)]
         return sorted(entries, key=lambda e: e.b_number)[:limit]
 
     # -- audit -----------------------------------------------------------------------------
     def audit_append(self, rec: AuditRecord) -> str:
-        rid = self.conn.call(
+        rid = self.conn.execute_command(
             "XADD", AUDIT_STREAM, "MAXLEN", "~", AUDIT_MAXLEN, "*",
             "ts", rec.ts_ms, "actor", rec.actor, "via", rec.via, "action", rec.action,
             "target", rec.target, "old", json.dumps(rec.old, default=str),
@@ -169,12 +183,12 @@ class StoreRepository:
                    action: str | None = None, target: str | None = None) -> list[AuditRecord]:
         start = f"{since_ms}-0" if since_ms is not None else "-"
         filtered = action is not None or target is not None
-        raw = self.conn.call("XREVRANGE", AUDIT_STREAM, "+", start, "COUNT",
-                             10_000 if filtered else limit)
+        raw = self.conn.execute_command("XREVRANGE", AUDIT_STREAM, "+", start, "COUNT",
+                                        10_000 if filtered else limit)
         assert isinstance(raw, list)
         out: list[AuditRecord] = []
-        for rid, flat in raw:
-            f = records.fields(flat)
+        for rid, entry in raw:
+            f = records.fields(entry)
             if (action is not None and f["action"] != action) or (
                     target is not None and f["target"] != target):
                 continue
@@ -190,13 +204,15 @@ class StoreRepository:
     def alert_list(self, query: AlertQuery) -> list[dict[str, Any]]:
         latest: dict[str, records.AlertChange] = {}
         parts = (range(self.partitions) if query.b_number is None else
-                 [hotpath.partition_of(query.b_number, self.partitions)])
+                 [numbers.partition_of(query.b_number, self.partitions)])
+        # Every partition's newest records in one pipeline (one buffer per master in a cluster).
+        pipe = self.conn.pipeline(transaction=False)
         for p in parts:
+            pipe.execute_command("XREVRANGE", keys.stream(p), "+", "-", "COUNT", query.scan)
+        for p, raw in zip(parts, pipe.execute(), strict=True):
             stream = keys.stream(p)
-            raw = self.conn.call("XREVRANGE", stream, "+", "-", "COUNT", query.scan)
-            assert isinstance(raw, list)
-            for rid, flat in raw:
-                f = records.fields(flat)
+            for rid, entry in raw:
+                f = records.fields(entry)
                 if f.get("k") != "a":
                     continue
                 try:  # the writer's parser: one reading of a record everywhere
@@ -224,19 +240,59 @@ class StoreRepository:
 
     # -- carrier registry ------------------------------------------------------------------
     def registry_get(self) -> dict[str, Any]:
-        raw = self.conn.call("HGET", REGISTRY_RECORD_KEY, "doc")
+        raw = self.conn.execute_command("HGET", REGISTRY_RECORD_KEY, "doc")
         if raw is None:
             return {"carriers": [], "gateways": [], "routes": []}
         doc: dict[str, Any] = json.loads(raw)  # type: ignore[arg-type]
         return doc
 
     def registry_put(self, doc: dict[str, Any]) -> None:
-        self.conn.call("HSET", REGISTRY_RECORD_KEY, "doc",
-                       json.dumps(doc, sort_keys=True, separators=(",", ":")),
-                       "updated", int(time.time() * 1000))
+        self.conn.execute_command("HSET", REGISTRY_RECORD_KEY, "doc",
+                                  json.dumps(doc, sort_keys=True, separators=(",", ":")),
+                                  "updated", int(time.time() * 1000))
+
+    # -- runtime overrides -----------------------------------------------------------------
+    def overrides_get(self, deployment: str) -> tuple[int, Any]:
+        raw = self.conn.call("GET", OVERRIDES_KEY)
+        if raw is None:
+            return 0, {}
+        assert isinstance(raw, bytes)
+        try:
+            doc = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            doc = None
+        values = doc.get("values") if isinstance(doc, dict) else None
+        return _overrides_gen(raw), values
+
+    def overrides_put(self, deployment: str, expected: int, values: dict[str, Any],
+                      updated_by: str) -> int:
+        gen = expected + 1
+        doc = {"version": 1, "generation": gen, "updated_at": iso_ms(time.time() * 1000),
+               "updated_by": updated_by, "values": dict(sorted(values.items()))}
+        r = self.conn.call("EVAL", _OVERRIDES_CAS, 1, OVERRIDES_KEY, expected,
+                           json.dumps(doc, sort_keys=True))
+        return gen if r == 1 else -1
 
     def close(self) -> None:
         self.conn.close()
+
+
+# The overrides document is written here only, by json.dumps(sort_keys=True), so its top-level
+# "generation" is the first one in the text (before "values"). A document without one (written
+# before generations, or unreadable) is generation 0. No cjson: the same script runs anywhere.
+_GEN_RE = re.compile(rb'"generation": (\d+)')
+_OVERRIDES_CAS = """
+local cur = redis.call('GET', KEYS[1])
+local gen = cur and tonumber(string.match(cur, '"generation": (%d+)')) or 0
+if gen ~= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+def _overrides_gen(raw: bytes) -> int:
+    m = _GEN_RE.search(raw)
+    return int(m.group(1)) if m else 0
 
 
 def _entry(b_number: str, raw: Any) -> WhitelistEntry:

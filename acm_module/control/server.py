@@ -420,6 +420,10 @@ class ControlServer:
 
     def _boot_tasks(self) -> None:
         try:
+            self.control.check_deployment()
+        except Exception as e:
+            log.warning("deployment name not checked: %s", e)
+        try:
             n = self.control.resync_whitelist()
             if n:
                 log.info("re-asserted %d whitelist markers", n)
@@ -447,7 +451,8 @@ class ControlServer:
             self.stop_event.wait(1.0 if 0 < failures < 10 else REGISTRY_WATCH_S)
 
     def _config_watch(self) -> None:
-        """Put the live config (with the MI overrides) back whenever the store has lost it.
+        """Put the live config (with the MI overrides) back whenever the store has lost it;
+        write to the repository the changes made while it was down.
 
         The first look comes a period after start-up, when the workers of this boot have
         published theirs."""
@@ -459,6 +464,12 @@ class ControlServer:
             except Exception as e:
                 if not failing:
                     log.warning("live config not checked: %s (retrying)", e)
+                failing = True
+            try:
+                self.control.flush_pending()
+            except Exception as e:
+                if not failing:
+                    log.warning("MI overrides not persisted yet: %s (retrying)", e)
                 failing = True
 
     def stop(self) -> None:

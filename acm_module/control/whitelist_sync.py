@@ -15,9 +15,9 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from acm_module.decide.engine import hotpath
-from acm_module.decide.store import config as store_config
-from acm_module.decide.store.cluster import StoreClient
+from acm_module.core import liveconfig as store_config
+from acm_module.core import numbers
+from acm_module.core.redis import open_redis
 
 log = logging.getLogger("acm.whitelist")
 
@@ -40,22 +40,23 @@ class SyncResult:
     invalid: int
 
 
-def _markers(store: StoreClient) -> dict[str, str]:
+def _markers(store: store_config.Store) -> dict[str, str]:
     """Return {store key: reason} of every whitelist marker in the store."""
     out: dict[str, str] = {}
-    found = list(store.scan_keys(MARKER_PATTERN, timeout=5.0))  # every master's, on a cluster
+    found = list(store.scan_iter(match=MARKER_PATTERN, count=1000))  # every master's
     for i in range(0, len(found), 1000):
         chunk = found[i:i + 1000]
         # One pipelined GET per key: MGET across hash tags is cross-slot on a cluster.
-        vals = store.round_trip(b"".join(hotpath.encode_command("GET", k) for k in chunk),
-                                len(chunk), 5.0)
-        for k, v in zip(chunk, vals, strict=True):
+        pipe = store.pipeline(transaction=False)
+        for k in chunk:
+            pipe.execute_command("GET", k)
+        for k, v in zip(chunk, pipe.execute(), strict=True):
             if isinstance(v, bytes):
                 out[k.decode()] = v.decode(errors="replace")
     return out
 
 
-def reconcile(db: psycopg.Connection, store: StoreClient, partitions: int,
+def reconcile(db: psycopg.Connection, store: store_config.Store, partitions: int,
               country_code: str = "234") -> SyncResult:
     """Make the store's whitelist markers equal the whitelist table's active rows.
 
@@ -69,7 +70,7 @@ def reconcile(db: psycopg.Connection, store: StoreClient, partitions: int,
     want: dict[str, tuple[str, int | None]] = {}
     invalid = 0
     for b, reason, _expires, ttl_ms in rows:
-        n = hotpath.normalise(b, country_code)
+        n = numbers.normalise(b, country_code)
         if n is None:
             invalid += 1
             log.warning("whitelist: %r is not a valid B-number; not loaded", b)
@@ -79,19 +80,21 @@ def reconcile(db: psycopg.Connection, store: StoreClient, partitions: int,
         want[store_config.whitelist_key(n, partitions)] = (reason or "-", ttl_ms)
     have = _markers(store)
     changed = 0
+    pipe = store.pipeline(transaction=False)
     for key, (reason, ttl_ms) in want.items():
         if have.get(key) == reason and ttl_ms is None:
             continue
         # A TTL is refreshed every time: the table's expiry may have moved.
         if ttl_ms:
-            store.call("SET", key, reason, "PX", int(ttl_ms), timeout=5.0)
+            pipe.execute_command("SET", key, reason, "PX", int(ttl_ms))
         else:
-            store.call("SET", key, reason, timeout=5.0)
+            pipe.execute_command("SET", key, reason)
         if have.get(key) != reason:
             changed += 1
     stale = [k for k in have if k not in want]
     for k in stale:
-        store.call("DEL", k, timeout=5.0)
+        pipe.execute_command("DEL", k)
+    pipe.execute()
     if changed or stale:
         log.info("whitelist: %d active, %d markers set, %d removed", len(want), changed,
                  len(stale))
@@ -108,14 +111,14 @@ def audit(db: psycopg.Connection, actor: str, action: str, target: str,
                      None if new is None else Jsonb(new), outcome, details))
 
 
-def add(db: psycopg.Connection, store: StoreClient | None, b_number: str, reason: str,
+def add(db: psycopg.Connection, store: store_config.Store | None, b_number: str, reason: str,
         created_by: str, expires_at: datetime | None = None, partitions: int = 16,
         country_code: str = "234") -> str:
     """Whitelist a B-number: table row + audit row in one transaction, then the store marker.
 
     Returns the normalised number. Raises ValueError for an invalid number, psycopg.Error.
     """
-    n = hotpath.normalise(b_number, country_code)
+    n = numbers.normalise(b_number, country_code)
     if n is None:
         raise ValueError(f"not a valid B-number: {b_number!r}")
     with db.transaction(), db.cursor() as cur:
@@ -139,10 +142,10 @@ def add(db: psycopg.Connection, store: StoreClient | None, b_number: str, reason
     return n
 
 
-def remove(db: psycopg.Connection, store: StoreClient | None, b_number: str, actor: str,
+def remove(db: psycopg.Connection, store: store_config.Store | None, b_number: str, actor: str,
            partitions: int = 16, country_code: str = "234") -> bool:
     """Remove a B-number from the whitelist (table, audit, store); return whether it was there."""
-    n = hotpath.normalise(b_number, country_code) or b_number
+    n = numbers.normalise(b_number, country_code) or b_number
     with db.transaction(), db.cursor() as cur:
         cur.execute("DELETE FROM whitelist WHERE b_number = %s RETURNING reason", (n,))
         row = cur.fetchone()
@@ -172,7 +175,7 @@ def _syncer(v: dict[str, Any]) -> Any:
             if state.get("db") is None or state["db"].closed:
                 state["db"] = psycopg.connect(v["database_url"], connect_timeout=5)
             if state.get("store") is None:
-                state["store"] = StoreClient(v["store"], timeout=5.0)
+                state["store"] = open_redis(v["store"], timeout=5.0)
             reconcile(state["db"], state["store"], v["partitions"], v["default_country_code"])
         except Exception:
             for k in ("db", "store"):

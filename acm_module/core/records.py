@@ -139,9 +139,12 @@ def _attr_id(f: dict[str, str], name: str) -> str:
     return v
 
 
-def fields(flat: list[bytes]) -> dict[str, str]:
-    """Return a stream entry's flat [name, value, ...] list as a dict of strings."""
-    return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat) - 1, 2)}
+def fields(raw: dict[bytes, bytes] | list[bytes]) -> dict[str, str]:
+    """Return a stream entry's fields (redis-py's dict, or the flat [name, value, ...] list of
+    a raw reply) as a dict of strings."""
+    if isinstance(raw, dict):
+        return {k.decode(): v.decode() for k, v in raw.items()}
+    return {raw[i].decode(): raw[i + 1].decode() for i in range(0, len(raw) - 1, 2)}
 
 
 def parse_decision(sid: str, f: dict[str, str]) -> Decision:

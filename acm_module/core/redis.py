@@ -5,19 +5,103 @@ metrics, actions, replay and the web API use redis-py, whose cluster client rout
 MOVED/ASK and refreshes its map on its own. `open_redis` reads the same URLs as the worker
 (seeds, `rediss://`, ACL users, `unix://`) and detects a cluster the same way: CLUSTER SHARDS or
 CLUSTER SLOTS answering on the first seed that answers.
+
+Its errors are the project's: a failing or unreachable store raises StoreError, an error reply
+StoreReplyError, as the worker's client does, so every caller keeps one `except StoreError`
+(and redacted URLs). They are redis-py's exceptions too, for code written against redis-py.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, TypeAlias
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
 
-from acm_module.core.errors import ConfigError, StoreError
+from acm_module.core.errors import ConfigError, StoreError, StoreReplyError
 from acm_module.core.storeurl import StoreAddress, parse_seeds, safe_url
 
 Client: TypeAlias = "redis.Redis | RedisCluster"
+
+
+class StoreReplyRedisError(StoreReplyError, redis.ResponseError):
+    """An error reply, as StoreReplyError and as redis-py's ResponseError."""
+
+
+class StoreTimeoutError(StoreError, redis.TimeoutError):
+    """A store slower than the client's timeout, as StoreError and as redis-py's."""
+
+
+class StoreDownError(StoreError, redis.ConnectionError):
+    """A store unreachable or failing, as StoreError and as redis-py's ConnectionError."""
+
+
+def store_error(e: redis.RedisError, url: str) -> StoreError:
+    """Return redis-py's error as the project's (the URL in the message without password)."""
+    if isinstance(e, StoreError):
+        return e
+    if isinstance(e, redis.ResponseError):
+        return StoreReplyRedisError(str(e))
+    if isinstance(e, redis.TimeoutError):
+        return StoreTimeoutError(f"store {safe_url(url)}: {e}")
+    return StoreDownError(f"store {safe_url(url)}: {e}")
+
+
+class _Pipeline:
+    """A redis-py pipeline whose errors are StoreError (see store_error)."""
+
+    def __init__(self, pipe: Any, url: str) -> None:
+        self._pipe = pipe
+        self._url = url
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    def __len__(self) -> int:
+        return len(self._pipe)
+
+    def __enter__(self) -> _Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pipe.reset()
+
+    def execute(self, raise_on_error: bool = True) -> list:
+        """Run the queued commands; error replies come back as StoreReplyError when not raised."""
+        try:
+            out = self._pipe.execute(raise_on_error=raise_on_error)
+        except redis.RedisError as e:
+            raise store_error(e, self._url) from e
+        return [store_error(r, self._url) if isinstance(r, redis.RedisError) else r for r in out]
+
+
+class _StoreErrors:
+    """Mixin of the clients open_redis returns: redis-py's errors raised as StoreError."""
+
+    acm_url = ""
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        """Run one command (every redis-py method goes through here). Raises StoreError."""
+        try:
+            return super().execute_command(*args, **options)  # type: ignore[misc]
+        except redis.RedisError as e:
+            raise store_error(e, self.acm_url) from e
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        """Return redis-py's pipeline, whose execute() raises StoreError."""
+        return _Pipeline(super().pipeline(*args, **kwargs), self.acm_url)  # type: ignore[misc]
+
+
+class StoreRedis(_StoreErrors, redis.Redis):
+    """redis-py's client for one standalone server, raising StoreError."""
+
+
+class StoreRedisCluster(_StoreErrors, RedisCluster):
+    """redis-py's cluster client, raising StoreError."""
+
 
 # Error replies of a server that runs without cluster support (Redis, Valkey, Dragonfly).
 _NOT_CLUSTER = ("disabled", "not enabled", "cluster mode", "cluster support", "unknown command")
@@ -29,6 +113,14 @@ def _options(a: StoreAddress, timeout: float, connect_timeout: float,
         "username": a.username, "password": a.password, "socket_timeout": timeout,
         "socket_connect_timeout": connect_timeout, "decode_responses": decode_responses,
         "encoding_errors": encoding_errors,
+        # No retry of a command on one server: a reconnect after the server closed an idle
+        # connection is the pool's (it checks a connection before lending it), and a retry
+        # would double the caller's timeout or run a write twice (the worker's client never
+        # does either).
+        "retry": Retry(NoBackoff(), 0),
+        # RESP2, as the worker's client speaks: Redis before 6 has no HELLO, and replies are
+        # parsed into the same shapes as StoreClient.execute_command's.
+        "protocol": 2,
     }
     if a.tls:
         opts.update(ssl=True, ssl_cert_reqs="required" if a.tls_verify else "none",
@@ -37,13 +129,15 @@ def _options(a: StoreAddress, timeout: float, connect_timeout: float,
 
 
 def _is_cluster(r: redis.Redis) -> bool:
+    # redis-py's own execute_command: its errors (a refused login) as redis-py raises them.
     try:
-        r.execute_command("CLUSTER", "SHARDS")
+        redis.Redis.execute_command(r, "CLUSTER", "SHARDS")
         return True
     except redis.ResponseError as e:
         if any(m in str(e).lower() for m in _NOT_CLUSTER):
             return False
-        r.execute_command("CLUSTER", "SLOTS")  # an older server: SLOTS answers, or raises
+        # An older server: SLOTS answers, or raises.
+        redis.Redis.execute_command(r, "CLUSTER", "SLOTS")
         return True
 
 
@@ -56,15 +150,17 @@ def open_redis(url: str, *, timeout: float = 5.0, connect_timeout: float = 2.0,
 
     Seeds are tried in order until one answers. Raises ConfigError when the store refuses the
     URL's credentials or database (no retry can fix that), StoreError when no seed answers.
+    The client raises StoreError (StoreReplyError for an error reply) from then on.
     """
     seeds = parse_seeds(url)
     first = seeds[0]
     opts = _options(first, timeout, connect_timeout, decode_responses, encoding_errors)
     if first.unix:
-        return _checked(redis.Redis(unix_socket_path=first.path, db=first.db, **opts), url)
+        return _checked(_tagged(StoreRedis(unix_socket_path=first.path, db=first.db, **opts),
+                                url), url)
     err: Exception | None = None
     for a in seeds:
-        r = redis.Redis(host=a.host, port=a.port, db=a.db, **opts)
+        r = _tagged(StoreRedis(host=a.host, port=a.port, db=a.db, **opts), url)
         try:
             cluster = _is_cluster(r)
         except redis.AuthenticationError as e:
@@ -83,14 +179,21 @@ def open_redis(url: str, *, timeout: float = 5.0, connect_timeout: float = 2.0,
         if not cluster:
             return r
         r.close()
-        return RedisCluster(startup_nodes=[ClusterNode(s.host, s.port) for s in seeds],
-                            **opts)
+        # Across nodes a retry is what follows a failover: the map is read again in between.
+        opts["retry"] = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), 3)
+        return _tagged(StoreRedisCluster(
+            startup_nodes=[ClusterNode(s.host, s.port) for s in seeds], **opts), url)
     raise StoreError(f"cannot connect to store {safe_url(url)}: {err}")
+
+
+def _tagged(r: Any, url: str) -> Any:
+    r.acm_url = url
+    return r
 
 
 def _checked(r: redis.Redis, url: str) -> redis.Redis:
     try:
-        r.ping()
+        redis.Redis.execute_command(r, "PING")
     except redis.AuthenticationError as e:
         r.close()
         raise ConfigError(f"store {safe_url(url)}: the store refused the login ({e})") from e
@@ -98,3 +201,67 @@ def _checked(r: redis.Redis, url: str) -> redis.Redis:
         r.close()
         raise StoreError(f"cannot connect to store {safe_url(url)}: {e}") from e
     return r
+
+
+class LazyRedis:
+    """A store URL's client for a long-lived component: opened on first use, so the component
+    starts while the store is down, and again after reset() (a failure closed it).
+
+    It stands for the client: every other attribute is the current client's.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 5.0, connect_timeout: float = 2.0) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._client: Client | None = None
+
+    def get(self) -> Client:
+        """Return the client, opening it if needed. Raises StoreError.
+
+        A refused login is a StoreError here too: a long-lived component retries it, as it did
+        any store failure, while the store's users are fixed.
+        """
+        if self._client is None:
+            try:
+                self._client = open_redis(self.url, timeout=self.timeout,
+                                          connect_timeout=self.connect_timeout)
+            except ConfigError as e:
+                raise StoreError(str(e)) from e
+        return self._client
+
+    def reset(self) -> None:
+        """Close the client (the next get() opens a new one, reading the cluster map again)."""
+        c, self._client = self._client, None
+        if c is not None:
+            c.close()
+
+    close = reset
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+
+# A cluster cannot block on streams of several slots in one command: how long to wait between
+# two non-blocking reads that found nothing.
+CLUSTER_POLL_S = 0.1
+
+
+def read_groups(r: Client, group: str, consumer: str, ids: dict[str, str], count: int,
+                block_ms: int | None = None, wait: Any = time.sleep) -> list:
+    """XREADGROUP over several streams; return redis-py's [[stream, [(id, fields)]], ...].
+
+    One command on one server (blocking up to block_ms). A cluster refuses one command over
+    streams of several slots (CROSSSLOT), and blocking commands pipelined to one master would
+    wait one after another: one XREADGROUP per stream without BLOCK, pipelined (one buffer per
+    master), and when nothing came, wait(CLUSTER_POLL_S) (at most block_ms) instead.
+    """
+    if not isinstance(r, RedisCluster):
+        return r.xreadgroup(group, consumer, ids, count=count, block=block_ms) or []
+    pipe = r.pipeline(transaction=False)
+    for s, i in ids.items():
+        pipe.xreadgroup(group, consumer, {s: i}, count=count)
+    out = [x for res in pipe.execute() for x in (res or [])]
+    if not out and block_ms:
+        wait(min(block_ms / 1000.0, CLUSTER_POLL_S))
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,12 @@ def _range(lo: float, hi: float) -> Validator:
             raise ValueError(f"must be between {lo:g} and {hi:g}")
 
     return check
+
+
+def _name(v: Any) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v):
+        raise ValueError("must be 1 to 64 characters of A-Z a-z 0-9 . _ -, starting with a "
+                         "letter or digit")
 
 
 def _endpoint(v: Any) -> None:
@@ -278,8 +285,14 @@ SETTINGS: tuple[Setting, ...] = (
             env=("ACM_MI_TOKEN",), cli="--mi-token", section="control"),
     Setting("state_dir", str, "/tmp/acm/state",
             "Local state directory. MI overrides no longer live here (they are the "
-            "deployment's, in the store); an old overrides.json is reported and ignored.",
+            "deployment's: in the repository with database_url, else in the store); an old "
+            "overrides.json is reported and ignored.",
             env=("ACM_STATE_DIR",), cli="--state-dir", section="control"),
+    Setting("deployment", str, "default",
+            "Name of the deployment this node belongs to: with database_url, its MI overrides "
+            "(the live config every node shares) are the repository row of this name; nodes "
+            "sharing a store must share it.",
+            env=("ACM_DEPLOYMENT",), cli="--deployment", validator=_name, section="control"),
     # --- persistence (writer) ---
     Setting("database_url", str, "", "YugabyteDB/PostgreSQL URL (alerts, whitelist, audit).",
             env=("DATABASE_URL",), cli="--database-url", section="writer"),

@@ -15,11 +15,9 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import select
 import signal
 import socket
 import stat
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -27,17 +25,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from acm_module.core.arbiter import Arbiter, Exited
 from acm_module.core.errors import BOOT_ERROR, ConfigError, StoreError
 from acm_module.core.logs import apply_log_level
 from acm_module.core.redaction import redact_url
 from acm_module.decide.access import prepare as prepare_access
-from acm_module.decide.proctitle import die_with_parent, set_name
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.decide.worker import worker_main
 
 log = logging.getLogger("acm.supervisor")
 
 HEARTBEAT_TIMEOUT = 10.0  # seconds without a beat before a worker is considered stuck
+ROLL_POLL_S = 0.25  # during a HUP roll: how often to look whether the new workers serve
 # A sidecar whose boot failure stops the service: MI refuses to run unauthenticated on an
 # exposed address, and running without the control plane the operator asked for is worse.
 CRITICAL_SIDECARS = frozenset({"control"})
@@ -162,18 +161,21 @@ class _InUse:
         self.array[i] = value
 
 
-class Supervisor:
+class Supervisor(Arbiter):
     """Run and watch the worker pool.
 
-    Signals (queued by the handlers, dispatched by the loop, as gunicorn's arbiter does):
+    Signals (queued by the handlers, dispatched by the loop: core/arbiter.py):
     TERM/INT drain and stop; TTIN/TTOU add/remove one worker within 1..max_workers; HUP reloads
     the settings (`reload` is handed in by the CLI) and rolls the workers: new ones start on
     the new settings, the old ones are retired once the new ones serve (or after
     graceful_timeout); an invalid new config is logged and the old one kept.
     """
 
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+
     def __init__(self, settings: Any, reload: Callable[[], Any] | None = None,
                  sidecars: SidecarPlan | None = None) -> None:
+        super().__init__(log)
         self.settings = settings
         self.reload = reload
         # Which processes run beside the workers for given settings and boot id (the MI control
@@ -184,27 +186,17 @@ class Supervisor:
         self.spawned_at: dict[int, float] = {}  # pid -> when it was forked
         self.started: dict[int, float] = {}  # index -> start time
         self.quick_deaths: dict[int, int] = {}
-        self.respawn_at: dict[int, float] = {}
-        self.retiring: dict[int, float] = {}  # pid -> SIGKILL deadline (stopped on purpose)
+        # restart_at keys: ("worker", index) and ("sidecar", name)
         self.old: set[int] = set()  # a HUP's previous workers, retired once the new ones serve
         self.roll_deadline = 0.0
         self.previous: tuple[Any, str] | None = None  # (settings, boot id) before a HUP
         self.boot_id = uuid.uuid4().hex
-        self.pid = os.getpid()
-        self._signals: list[int] = []
         self._halt: str | None = None
         self.embedded: Any = None
         self.respawns = 0
         # Processes beside the workers (the MI control plane...): name -> entry point.
         self.sidecars: dict[str, Callable[[Any], int]] = {}
         self.sidecar_pids: dict[int, str] = {}
-        self.sidecar_respawn: dict[str, float] = {}
-
-    # -- signals: handlers only queue, the loop dispatches -----------------------------------
-    def _queue_signal(self, signum: int, frame: Any) -> None:
-        self._signals.append(signum)
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b".")
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; return the exit code. Raises ConfigError before serving."""
@@ -220,13 +212,16 @@ class Supervisor:
                 self._start_embedded_store()
             return self._serve()
         finally:
-            self._stop_workers(graceful=True)
+            self.stop(self.settings.graceful_timeout + 1.0)
+            self.workers.clear()
+            self.sidecar_pids.clear()
             self.listener.close()
             if self.endpoint.startswith("ipc://"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.endpoint[len("ipc://"):])
             if self.embedded is not None:
                 self.embedded.stop()
+            self.close()
 
     def _serve(self) -> int:
         s = self.settings
@@ -236,11 +231,7 @@ class Supervisor:
         # Each worker's connection count, beside its heartbeat: workers spread connections by it.
         self.load = multiprocessing.RawArray("i", len(self.heartbeat))
         self.used = multiprocessing.RawValue("i", 0)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
-                    signal.SIGTTIN, signal.SIGTTOU):
-            signal.signal(sig, self._queue_signal)
+        self.open()
         log.info("acm serving on %s with %d workers (max %d), store %s", self.endpoint,
                  s.workers, s.max_workers, redact_url(s.store))
         for i in range(s.workers):
@@ -248,35 +239,34 @@ class Supervisor:
         self._register_sidecars()
         for name in self.sidecars:
             self._spawn_sidecar(name)
-        return self._loop()
+        return self.loop()
 
-    def _loop(self) -> int:
-        while True:
-            while self._signals:
-                sig = self._signals.pop(0)
-                if sig in (signal.SIGTERM, signal.SIGINT):
-                    log.info("stopping: draining workers")
-                    return 0
-                if sig == signal.SIGCHLD:
-                    self._reap()
-                elif sig == signal.SIGHUP:
-                    self._handle_hup()
-                elif sig == signal.SIGTTIN:
-                    self._resize(+1)
-                elif sig == signal.SIGTTOU:
-                    self._resize(-1)
-            if self._halt:
-                log.error("halting: %s", self._halt)
-                return BOOT_ERROR
-            self._reap()
-            self._respawn_due()
-            self._check_heartbeats()
-            self._advance_roll()
-            self._kill_overdue()
-            with contextlib.suppress(InterruptedError):
-                r, _, _ = select.select([self._wake_r], [], [], 0.25)
-                if r:
-                    os.read(self._wake_r, 4096)
+    def handle_signal(self, signum: int) -> int | None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            log.info("stopping: draining workers")
+            return 0
+        if signum == signal.SIGHUP:
+            self._handle_hup()
+        elif signum == signal.SIGTTIN:
+            self._resize(+1)
+        elif signum == signal.SIGTTOU:
+            self._resize(-1)
+        return None
+
+    def tick(self) -> int | None:
+        if self._halt:
+            log.error("halting: %s", self._halt)
+            return BOOT_ERROR
+        self._check_heartbeats()
+        self._advance_roll()
+        return None
+
+    def next_wake(self) -> float:
+        """Wake when the first worker could be stuck, or to watch a HUP roll."""
+        at = min((self.heartbeat[slot] for slot in self.slots.values()),
+                 default=time.monotonic()) + HEARTBEAT_TIMEOUT
+        wait = at - time.monotonic()
+        return min(wait, ROLL_POLL_S) if self.old else wait
 
     # -- workers -----------------------------------------------------------------------------
     def _spawn(self, index: int) -> None:
@@ -286,10 +276,10 @@ class Supervisor:
         self.heartbeat[slot] = now
         self.load[slot] = 0  # a new worker holds nothing: its siblings leave it the next ones
         self.used.value = max(self.used.value, slot + 1)
-        pid = self._fork(
-            f"worker {index}", f"acm-worker-{index}", lambda: worker_main(
+        pid = self.spawn(
+            f"worker {index}", lambda: worker_main(
                 self.settings, self.listener.fileno(), index, self.boot_id, self.heartbeat,
-                _InUse(self.load, self.used), slot))
+                _InUse(self.load, self.used), slot), f"acm-worker-{index}")
         self.workers[pid] = index
         self.slots[pid] = slot
         self.spawned_at[pid] = now
@@ -304,104 +294,64 @@ class Supervisor:
             self.listener.close()  # only the workers serve the endpoint
             return self.sidecars[name](self.settings)
 
-        self.sidecar_pids[self._fork(f"{name} process", f"acm-{name}", run)] = name
+        self.sidecar_pids[self.spawn(f"{name} process", run, f"acm-{name}")] = name
 
-    def _fork(self, what: str, title: str, run: Callable[[], int]) -> int:
-        """Fork a child that runs `run` and exits with its code; return the child's pid.
+    def child_exited(self, exited: Exited) -> None:
+        pid, code = exited.pid, exited.code
+        name = self.sidecar_pids.pop(pid, None)
+        if name is not None:
+            if exited.retired:  # stopped by a HUP: back at once on the new settings
+                self.restart_in(("sidecar", name), 0.0)
+            elif code == BOOT_ERROR and name in CRITICAL_SIDECARS:
+                self._halt = f"{name} process failed to boot"
+            elif code == BOOT_ERROR:
+                # Calls keep flowing without metrics; retry, slowly, until the port is free.
+                log.error("%s process failed to boot; retrying in 10s", name)
+                self.restart_in(("sidecar", name), 10.0)
+            else:
+                log.warning("%s process exited with %s; respawning", name, code)
+                self.restart_in(("sidecar", name), 0.5)
+            return
+        index = self.workers.pop(pid, None)
+        slot = self.slots.pop(pid, None)
+        self.spawned_at.pop(pid, None)
+        if slot is not None:  # gone: it holds no connections, its siblings must not wait
+            self.load[slot] = -1
+            self.heartbeat[slot] = 0.0
+            self.used.value = max(self.slots.values(), default=-1) + 1
+        if index is None:
+            return
+        if exited.retired or pid in self.old:
+            log.info("worker %d (pid %d) retired (exit %s)", index, pid, code)
+            if pid in self.old:
+                self.old.discard(pid)
+                if not self.old:
+                    log.info("SIGHUP: reload done, %d workers on the new config",
+                             len(self.workers))
+            return
+        if code == BOOT_ERROR and self.old:
+            self._abort_roll(f"new worker {index} failed to boot")
+            return
+        if code == BOOT_ERROR:
+            self._halt = f"worker {index} failed to boot (exit {code}); not respawning"
+            return
+        lived = time.monotonic() - self.started.get(index, 0.0)
+        self.quick_deaths[index] = self.quick_deaths.get(index, 0) + 1 if lived < 1.0 else 0
+        # Respawn at once; back off only when a worker keeps dying right after its start.
+        delay = 0.0 if self.quick_deaths[index] <= 1 else min(
+            0.1 * 2 ** self.quick_deaths[index], 5.0)
+        log.warning("worker %d (pid %d) exited with %s; respawning in %.1fs", index, pid,
+                    code, delay)
+        self.restart_in(("worker", index), delay)
 
-        The child takes back the default signal handlers, closes the wake pipe, shows `title`
-        in ps and dies with the supervisor; an exception is logged and exits 1.
-        """
-        pid = os.fork()
-        if pid:
-            return pid
-        code = 1
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
-                        signal.SIGTTIN, signal.SIGTTOU):
-                signal.signal(sig, signal.SIG_DFL)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            set_name(title)
-            die_with_parent(signal.SIGTERM, self.pid)
-            code = run()
-        except BaseException:
-            log.exception("%s crashed", what)
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-
-    def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            code = os.waitstatus_to_exitcode(status)
-            name = self.sidecar_pids.pop(pid, None)
-            if name is not None:
-                if pid in self.retiring:  # stopped by a HUP: back at once on the new settings
-                    del self.retiring[pid]
-                    self.sidecar_respawn[name] = time.monotonic()
-                elif code == BOOT_ERROR and name in CRITICAL_SIDECARS:
-                    self._halt = f"{name} process failed to boot"
-                elif code == BOOT_ERROR:
-                    # Calls keep flowing without metrics; retry, slowly, until the port is free.
-                    log.error("%s process failed to boot; retrying in 10s", name)
-                    self.sidecar_respawn[name] = time.monotonic() + 10.0
-                else:
-                    log.warning("%s process exited with %s; respawning", name, code)
-                    self.sidecar_respawn[name] = time.monotonic() + 0.5
-                continue
-            index = self.workers.pop(pid, None)
-            slot = self.slots.pop(pid, None)
-            self.spawned_at.pop(pid, None)
-            if slot is not None:  # gone: it holds no connections, its siblings must not wait
-                self.load[slot] = -1
-                self.heartbeat[slot] = 0.0
-                self.used.value = max(self.slots.values(), default=-1) + 1
-            if index is None:
-                continue
-            if pid in self.retiring or pid in self.old:
-                self.retiring.pop(pid, None)
-                log.info("worker %d (pid %d) retired (exit %s)", index, pid, code)
-                if pid in self.old:
-                    self.old.discard(pid)
-                    if not self.old:
-                        log.info("SIGHUP: reload done, %d workers on the new config",
-                                 len(self.workers))
-                continue
-            if code == BOOT_ERROR and self.old:
-                self._abort_roll(f"new worker {index} failed to boot")
-                continue
-            if code == BOOT_ERROR:
-                self._halt = f"worker {index} failed to boot (exit {code}); not respawning"
-                continue
-            lived = time.monotonic() - self.started.get(index, 0.0)
-            self.quick_deaths[index] = self.quick_deaths.get(index, 0) + 1 if lived < 1.0 else 0
-            # Respawn at once; back off only when a worker keeps dying right after its start.
-            delay = 0.0 if self.quick_deaths[index] <= 1 else min(
-                0.1 * 2 ** self.quick_deaths[index], 5.0)
-            log.warning("worker %d (pid %d) exited with %s; respawning in %.1fs", index, pid,
-                        code, delay)
-            self.respawn_at[index] = time.monotonic() + delay
-
-    def _respawn_due(self) -> None:
-        now = time.monotonic()
-        for name, at in list(self.sidecar_respawn.items()):
-            if at <= now:
-                del self.sidecar_respawn[name]
-                if name in self.sidecars:  # a reload may have turned it off
-                    self._spawn_sidecar(name)
-        for index, at in list(self.respawn_at.items()):
-            if at <= now:
-                del self.respawn_at[index]
-                if index < self.settings.workers:
-                    self.respawns += 1
-                    self._spawn(index)
+    def restart(self, key: Any) -> None:
+        kind, which = key
+        if kind == "sidecar":
+            if which in self.sidecars:  # a reload may have turned it off
+                self._spawn_sidecar(which)
+        elif which < self.settings.workers:
+            self.respawns += 1
+            self._spawn(which)
 
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
@@ -414,18 +364,7 @@ class Supervisor:
 
     def _retire(self, pid: int) -> None:
         """Stop a worker on purpose: SIGTERM now, SIGKILL after graceful_timeout."""
-        self.retiring[pid] = time.monotonic() + self.settings.graceful_timeout + 1.0
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-
-    def _kill_overdue(self) -> None:
-        now = time.monotonic()
-        for pid, deadline in list(self.retiring.items()):
-            if now > deadline:
-                log.warning("pid %d did not stop within graceful_timeout; killing it", pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                self.retiring[pid] = now + 5.0
+        self.retire(pid, self.settings.graceful_timeout + 1.0)
 
     def _resize(self, step: int) -> None:
         """Add (+1, SIGTTIN) or remove (-1, SIGTTOU) one worker, within 1..max_workers."""
@@ -445,7 +384,7 @@ class Supervisor:
         if n > old:
             self._spawn(old)
             return
-        self.respawn_at.pop(n, None)
+        self.restart_at.pop(("worker", n), None)
         for pid, index in list(self.workers.items()):
             if index >= n and pid not in self.retiring:
                 log.info("retiring worker %d (pid %d)", index, pid)
@@ -476,7 +415,8 @@ class Supervisor:
         # live config, as a restart would (MI overrides are part of them).
         self.boot_id = uuid.uuid4().hex
         self.old = set(self.workers)
-        self.respawn_at.clear()
+        for key in [k for k in self.restart_at if k[0] == "worker"]:  # type: ignore[index]
+            del self.restart_at[key]
         self.roll_deadline = time.monotonic() + new.graceful_timeout
         for i in range(new.workers):
             self._spawn(i)
@@ -545,29 +485,6 @@ class Supervisor:
         self.retiring = {p: d for p, d in self.retiring.items() if p not in self.old}
         self.old = set()
         self._restart_sidecars()
-
-    def _stop_workers(self, graceful: bool) -> None:
-        self.workers.update({pid: -1 for pid in self.sidecar_pids})
-        self.sidecar_pids.clear()
-        for pid in list(self.workers):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM if graceful else signal.SIGKILL)
-        deadline = time.monotonic() + self.settings.graceful_timeout + 1.0
-        while self.workers and time.monotonic() < deadline:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                time.sleep(0.01)  # never block: a child that ignores SIGTERM gets SIGKILL
-                continue
-            self.workers.pop(pid, None)
-        for pid in list(self.workers):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        self.workers.clear()
 
     # -- embedded store ----------------------------------------------------------------------
     def _start_embedded_store(self) -> None:

@@ -13,16 +13,15 @@ from typing import Any
 
 import zmq
 
-from acm_module.core import keys
+from acm_module.core import keys, registry
+from acm_module.core import liveconfig as store_config
+from acm_module.core import stats as stats_mod
 from acm_module.core.backoff import Backoff
 from acm_module.core.errors import BOOT_ERROR, StoreError
 from acm_module.core.logs import apply_log_level
-from acm_module.decide import stats as stats_mod
 from acm_module.decide.access import Access, apply_access
 from acm_module.decide.engine import IMPLEMENTATION, hotpath
-from acm_module.decide.gateway import registry
 from acm_module.decide.gateway.context import GatewayContext
-from acm_module.decide.store import config as store_config
 from acm_module.decide.store.cluster import StoreClient
 from acm_module.decide.store.conn import load_script, script_sha
 from acm_module.decide.zmtp import IN_HWM, Balance, ZmtpServer, split_envelope
@@ -32,6 +31,10 @@ log = logging.getLogger("acm.worker")
 LATENCY_STREAM = "{acm.lat}:s"
 DRAIN_WINDOW_S = 0.1  # after SIGTERM, keep answering stragglers this long
 BUDGET_STEP_S = 0.005  # a batch's store budget shrinks in these steps (see _store_budget)
+# The config poll: the live config's generation and values, and the registry's version, in one
+# pipelined round trip (parsed by liveconfig.parse_read and registry.parse_version).
+_POLL_COMMANDS = (hotpath.encode_command("HMGET", store_config.CONFIG_KEY, "gen", "values")
+                  + hotpath.encode_command("HGET", registry.REGISTRY_KEY, "ver"))
 
 
 class Worker:
@@ -371,7 +374,7 @@ class Worker:
                 return
         try:
             # One round trip for both: the live config and the registry's version.
-            r = self.store.round_trip(store_config.READ_COMMAND + registry.VERSION_COMMAND, 2)
+            r = self.store.round_trip(_POLL_COMMANDS, 2)
             self._failures_in_row = 0
             gen, values = store_config.parse_read(r[0])
             gw_ver = registry.parse_version(r[1])

@@ -1,7 +1,7 @@
 """Prometheus metrics of the pool, built from what the workers and the writer publish in the store.
 
 Workers never touch prometheus_client: each one writes a JSON snapshot a second into
-`{acm.stats}:w` (acm_module/decide/stats.py) and one collector, in one process, turns every
+`{acm.stats}:w` (acm_module/core/stats.py) and one collector, in one process, turns every
 fresh snapshot into labelled series at scrape time. That is multiprocess-safe by construction
 (no shared mmap files, nothing to clean up when a worker dies) and sees every pool sharing the
 store. Counters are labelled per worker (`host`, `worker` = index): a respawned worker restarts
@@ -40,13 +40,12 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from acm_module.core import keys
+from acm_module.core import liveconfig as store_config
+from acm_module.core import stats as stats_mod
 from acm_module.core.backoff import Backoff
 from acm_module.core.errors import BOOT_ERROR, StoreError
+from acm_module.core.redis import LazyRedis
 from acm_module.core.types import SEVERITIES
-from acm_module.decide import stats as stats_mod
-from acm_module.decide.engine import hotpath
-from acm_module.decide.store import config as store_config
-from acm_module.decide.store.cluster import StoreClient
 
 log = logging.getLogger("acm.metrics")
 
@@ -133,15 +132,16 @@ class AlertScanner:
         self._reachable = False  # the store answered once (prime)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._conn = StoreClient(store_url, timeout=2.0)
+        self._store = LazyRedis(store_url, timeout=2.0)
         self._thread = threading.Thread(target=self._run, name="alert-scanner", daemon=True)
         self._cfg_next = 0.0
 
     def prime(self) -> bool:
         """Say whether the store answers (the counters need no starting point to read)."""
         try:
-            self._conn.round_trip(hotpath.encode_command("PING"), 1, 2.0)
+            self._store.get().ping()
         except StoreError as e:
+            self._store.reset()
             log.warning("alert counter: store not reachable yet: %s", e)
             return False
         self._reachable = True
@@ -154,7 +154,7 @@ class AlertScanner:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5.0)
-        self._conn.close()
+        self._store.reset()
 
     def snapshot(self) -> dict[str, Any]:
         """Return a consistent copy of the counters."""
@@ -178,7 +178,7 @@ class AlertScanner:
                 self.healthy = False
                 delay = backoff.next()
                 log.debug("alert scanner: %s (retry in %.1fs)", e, delay)
-                self._conn.close()
+                self._store.reset()
                 self._stop.wait(delay)
             except Exception:  # a bug here must not kill the exporter; it is logged loudly
                 log.exception("alert scanner failed; reading again in 1 s")
@@ -186,23 +186,23 @@ class AlertScanner:
                 self._stop.wait(1.0)
 
     def scan_once(self) -> None:
-        """Read every partition's alert counters in one round trip. Raises StoreError.
+        """Read every partition's alert counters in one pipeline (one buffer per master in a
+        cluster). Raises StoreError.
 
         A handful of small hashes cost the same at any call rate; the streams' records are not
         read at all.
         """
-        payload = b"".join(hotpath.encode_command("HGETALL", keys.counters(p))
-                           for p in range(self.partitions))
-        replies = self._conn.round_trip(payload, self.partitions, 5.0)
+        pipe = self._store.get().pipeline(transaction=False)
+        for p in range(self.partitions):
+            pipe.hgetall(keys.counters(p))
+        replies = pipe.execute()
         opened = dict.fromkeys(SEVERITIES, 0)
         escalated = dict.fromkeys(SEVERITIES, 0)
         updates = 0
         fanout = dict.fromkeys(SEVERITIES, 0)
-        for p, r in enumerate(replies):
-            if isinstance(r, hotpath.RespError):
-                raise StoreError(f"HGETALL {keys.counters(p)}: {r.message}")
-            for i in range(0, len(r or ()) - 1, 2):
-                name, value = r[i].decode(errors="replace"), int(r[i + 1])
+        for r in replies:
+            for field, raw in r.items():
+                name, value = field.decode(errors="replace"), int(raw)
                 kind, _, sev = name.partition(":")
                 if kind == "open" and sev in opened:
                     opened[sev] += value
@@ -223,7 +223,7 @@ class AlertScanner:
         if now < self._cfg_next:
             return
         self._cfg_next = now + 1.0
-        _, values = store_config.read(self._conn)
+        _, values = store_config.read(self._store.get())
         level = (values or {}).get("log_level")
         if level and level != self.log_level:
             from acm_module.core.logs import apply_log_level
@@ -243,13 +243,13 @@ class PoolCollector(Collector):
         self.partitions = partitions
         self.scanner = scanner
         self.fresh_s = fresh_s
-        self._conn = StoreClient(store_url, timeout=2.0)
-        self._lock = threading.Lock()  # one scrape at a time on the one connection
+        self._store = LazyRedis(store_url, timeout=2.0)
+        self._lock = threading.Lock()  # one scrape at a time
         self._pids: dict[tuple[str, str], int] = {}
         self._restarts: dict[tuple[str, str], int] = {}
 
     def close(self) -> None:
-        self._conn.close()
+        self._store.reset()
 
     def describe(self) -> Iterable[Metric]:
         return []  # metric names depend on the store's content; skip registry-time collection
@@ -261,6 +261,7 @@ class PoolCollector(Collector):
                 raw = self._read_store()
             except StoreError as e:
                 log.warning("metrics: store unreachable: %s", e)
+                self._store.reset()
                 raw = None
         up = GaugeMetricFamily("acm_store_up",
                                "1 when the metrics process could read the store in this scrape.")
@@ -280,30 +281,34 @@ class PoolCollector(Collector):
 
     # -- reading -----------------------------------------------------------------------------
     def _read_store(self) -> dict[str, Any]:
-        """Read everything in one pipelined round trip. Raises StoreError."""
+        """Read everything in one pipeline (one buffer per master in a cluster). Raises
+        StoreError; an error reply (a stream not created yet) reads as no data."""
         streams = keys.streams(self.partitions)
-        cmds = [hotpath.encode_command("HGETALL", stats_mod.STATS_KEY),
-                hotpath.encode_command("HGETALL", WRITER_STATS_KEY),
-                hotpath.encode_command("HMGET", store_config.CONFIG_KEY, "gen", "values"),
-                hotpath.encode_command("XLEN", DLQ_KEY),
-                hotpath.encode_command("HGETALL", GROUPS_KEY),
-                hotpath.encode_command("HGETALL", TRIMMED_UNREAD_KEY)]
-        cmds += [hotpath.encode_command("XLEN", s) for s in streams]
-        cmds += [hotpath.encode_command("XINFO", "GROUPS", s) for s in streams]
-        r = self._conn.round_trip(b"".join(cmds), len(cmds), 2.0)
+        pipe = self._store.get().pipeline(transaction=False)
+        pipe.hgetall(stats_mod.STATS_KEY)
+        pipe.hgetall(WRITER_STATS_KEY)
+        pipe.hmget(store_config.CONFIG_KEY, ["gen", "values"])
+        pipe.xlen(DLQ_KEY)
+        pipe.hgetall(GROUPS_KEY)
+        pipe.hgetall(TRIMMED_UNREAD_KEY)
+        for s in streams:
+            pipe.xlen(s)
+        for s in streams:
+            pipe.xinfo_groups(s)
+        r = pipe.execute(raise_on_error=False)
         p = self.partitions
         return {"workers": r[0], "writers": r[1], "config": r[2], "dlq": r[3],
                 "group_state": r[4], "trimmed_unread": r[5],
                 "xlen": r[6:6 + p], "groups": r[6 + p:6 + 2 * p]}
 
     def _fresh_snapshots(self, raw: Any, fresh_s: float) -> list[dict[str, Any]]:
-        if not isinstance(raw, list):
+        if not isinstance(raw, dict):
             return []
         now = time.time()
         out = []
-        for i in range(1, len(raw), 2):
+        for value in raw.values():
             try:
-                snap = json.loads(raw[i])
+                snap = json.loads(value)
             except (TypeError, ValueError):
                 continue
             if isinstance(snap, dict) and now - _num(snap.get("updated")) <= fresh_s:
@@ -446,8 +451,7 @@ class PoolCollector(Collector):
         for g in groups:
             if not isinstance(g, list):
                 continue  # no such stream yet, or no groups
-            for info in g:
-                d = _pairs(info)
+            for d in g:
                 name = d.get("name")
                 if not isinstance(name, bytes) or not name.startswith(WRITER_GROUP_PREFIX.encode()):
                     continue
@@ -527,7 +531,7 @@ class PoolCollector(Collector):
             "Records trimmed from the streams before the (released) group acknowledged them.",
             labels=["group"])
         now = time.time()
-        for name, raw in sorted(_pairs(state if isinstance(state, list) else []).items()):
+        for name, raw in sorted(_pairs(state).items()):
             try:
                 d = json.loads(raw)
             except (TypeError, ValueError):
@@ -535,7 +539,7 @@ class PoolCollector(Collector):
             if isinstance(d, dict) and now - _num(d.get("updated")) <= GROUPS_FRESH_S:
                 idle.add_metric([name], _num(d.get("idle_s")))
                 released.add_metric([name], 1.0 if d.get("released") else 0.0)
-        for name, raw in sorted(_pairs(unread if isinstance(unread, list) else []).items()):
+        for name, raw in sorted(_pairs(unread).items()):
             lost.add_metric([name], _num(_int_or(raw)))
         yield from (idle, released, lost)
 
@@ -568,14 +572,12 @@ class PoolCollector(Collector):
         yield from (opened, esc, fanout, updates, read, healthy)
 
 
-def _pairs(flat: Any) -> dict[str, Any]:
-    if not isinstance(flat, list):
+def _pairs(h: Any) -> dict[str, Any]:
+    """Return a hash's fields as text (an error reply: no fields)."""
+    if not isinstance(h, dict):
         return {}
-    out = {}
-    for i in range(0, len(flat) - 1, 2):
-        k = flat[i]
-        out[k.decode(errors="replace") if isinstance(k, bytes) else str(k)] = flat[i + 1]
-    return out
+    return {k.decode(errors="replace") if isinstance(k, bytes) else str(k): v
+            for k, v in h.items()}
 
 
 def _int_or(v: Any) -> float:

@@ -30,10 +30,12 @@ from urllib.parse import urlparse, urlunparse
 import msgpack
 
 from acm_module.core import keys
-from acm_module.core.errors import AcmError, StoreError
+from acm_module.core import liveconfig as store_config
+from acm_module.core.errors import AcmError, ConfigError, StoreError
+from acm_module.core.redis import open_redis
+from acm_module.core.storeurl import safe_url
 from acm_module.core.types import SEVERITIES
 from acm_module.decide.engine import hotpath
-from acm_module.decide.store import config as store_config
 from acm_module.decide.store.cluster import StoreClient
 from acm_module.decide.store.conn import load_script, script_sha
 
@@ -148,14 +150,20 @@ class ScratchStore:
         base = int(u.path.strip("/") or 0)
         return urlunparse(u._replace(path=f"/{base + offset}"))
 
-    def prepare(self, conn: StoreClient) -> None:
-        """Empty the database, or refuse one that holds keys when flushing was not allowed."""
-        if not self.flush_allowed:
-            n = conn.call("DBSIZE")
-            if n:
-                raise ReplayError(f"{conn.safe_url()} holds {n} keys; replay needs a scratch "
-                                  "database (pass --flush to empty it)")
-        conn.call("FLUSHDB", timeout=30.0)
+    def prepare(self, db_offset: int = 0) -> None:
+        """Empty the database (every master's, on a cluster), or refuse one that holds keys
+        when flushing was not allowed. Raises ReplayError, StoreError."""
+        url = self.db_url(db_offset)
+        r = open_redis(url, timeout=30.0, connect_timeout=5.0)
+        try:
+            if not self.flush_allowed:
+                n = r.dbsize()
+                if n:
+                    raise ReplayError(f"{safe_url(url)} holds {n} keys; replay needs a scratch "
+                                      "database (pass --flush to empty it)")
+            r.flushdb()
+        finally:
+            r.close()
         # Later cells of a grid run on a database this replay emptied itself.
         self.flush_allowed = True
 
@@ -212,9 +220,10 @@ class Engine:
     def trim(self) -> None:
         """Empty the partition streams: nobody persists a replay's records."""
         self._since_trim = 0
-        cmds = [hotpath.encode_command("XTRIM", s, "MAXLEN", 0)
-                for s in keys.streams(self.det.partitions)]
-        self.conn.round_trip(b"".join(cmds), len(cmds), 10.0)
+        pipe = self.conn.pipeline(transaction=False)
+        for s in keys.streams(self.det.partitions):
+            pipe.execute_command("XTRIM", s, "MAXLEN", 0)
+        pipe.execute()
 
 
 # -- results -----------------------------------------------------------------------------------
@@ -428,11 +437,11 @@ def replay_file(calls: Sequence[Call], det: Detection, store: ScratchStore, *,
     conn = StoreClient(store.url, timeout=30.0, connect_timeout=5.0)
     bar = Progress(len(calls), "replay", enabled=progress)
     try:
+        store.prepare()
         conn.connect()
-        store.prepare(conn)
         return run_replay(calls, conn, det, realtime=realtime, speed=speed, progress=bar,
                           on_reply=on_reply)
-    except StoreError as e:
+    except (StoreError, ConfigError) as e:
         raise ReplayError(f"replay store failed: {e}") from e
     finally:
         bar.close()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
-from acm_module.core.errors import StoreError
+from acm_module.core.errors import ConfigError, StoreError
 from acm_module.decide.store.cluster import StoreClient
 from acm_module.ops.replay import (
     Call,
@@ -92,12 +92,12 @@ def _run_cells(calls: Sequence[Call], base: Detection, todo: list[tuple[int, int
     try:
         conn.connect()
         for index, t, w in todo:
-            store.prepare(conn)
+            store.prepare(db_offset)
             tick = _Ticker(report)
             s = run_replay(calls, conn, cell_detection(base, t, w), progress=tick)
             tick.flush()
             report(("cell", index, dataclasses.asdict(Cell.of(t, w, s))))
-    except (ReplayError, StoreError) as e:
+    except (ReplayError, StoreError, ConfigError) as e:
         report(("error", f"{type(e).__name__}: {e}"))
     finally:
         conn.close()

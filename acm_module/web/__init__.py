@@ -1,2 +1,3 @@
-"""The REST API (/api/v1, described at /openapi.json) and the fraud team's web console, served by
-`acm serve` as a process of the pool (`web_http`)."""
+"""The REST API (/api/v1, described at /openapi.json) for integrations, and the web process that
+serves it (`web_http`) in `acm serve`'s pool. Rooms above mount their pages on its app (cli.py
+hands in the console's); this room imports none of them."""

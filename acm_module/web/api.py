@@ -29,7 +29,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from acm_module.control import jsonrpc
@@ -37,6 +37,7 @@ from acm_module.control.audit import Caller, iso_ms
 from acm_module.control.audit import record as audit_record
 from acm_module.control.jsonrpc import MIError
 from acm_module.control.repository import AlertQuery
+from acm_module.core import numbers
 from acm_module.core.errors import StoreError
 from acm_module.web import models as m
 from acm_module.web.decide import CurvePoolClient, PoolBusy, PoolClient, PoolTimeout
@@ -86,8 +87,8 @@ _MI_STATUS = {jsonrpc.INVALID_PARAMS: (422, "bad_params"), jsonrpc.NOT_FOUND: (4
               jsonrpc.CONFLICT: (409, "conflict")}
 
 
-class SecurityHeaders:
-    """Add the security headers to every response (pure ASGI: no per-request task)."""
+class _HttpMiddleware:
+    """A pure ASGI middleware (no per-request task) acting on HTTP requests only."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -95,8 +96,18 @@ class SecurityHeaders:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
-            return
+        else:
+            await self.http(scope, receive, send)
 
+    async def http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Handle one HTTP request (passing it on to self.app)."""
+        raise NotImplementedError
+
+
+class SecurityHeaders(_HttpMiddleware):
+    """Add the security headers to every response."""
+
+    async def http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         async def send_with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
@@ -109,17 +120,11 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-class BodyLimit:
+class BodyLimit(_HttpMiddleware):
     """Answer 413 to a request body larger than MAX_BODY, before any of it is kept: no client
-    can take the process's memory (pure ASGI, counts chunked bodies as they arrive)."""
+    can take the process's memory (counts chunked bodies as they arrive)."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and (not value.isdigit() or int(value) > MAX_BODY):
                 await _too_large(send)
@@ -750,9 +755,8 @@ def _alerts_router() -> APIRouter:
         post = status is not None or carrier is not None or severity is not None
         number = None
         if b_number is not None:
-            from acm_module.decide.engine import hotpath
 
-            number = hotpath.normalise(b_number, svc.settings.default_country_code)
+            number = numbers.normalise(b_number, svc.settings.default_country_code)
             if number is None:
                 raise ApiError(422, "bad_request", f"b_number: {b_number!r} is not a number")
         q = AlertQuery(b_number=number, min_severity=severity, since_ms=_ts_ms(since),
@@ -853,12 +857,6 @@ def _lists_router() -> APIRouter:
 
 
 # -- carriers, gateways, routes -------------------------------------------------------------------
-def _registry_list(svc: Services, kind: str) -> dict[str, Any]:
-    with svc.control._lock:
-        entries = svc.control.repo.registry_get()[kind]
-    return {"count": len(entries), kind: entries}
-
-
 def _registry_router() -> APIRouter:
     r = APIRouter(prefix=API, tags=["registry"])
 
@@ -867,26 +865,10 @@ def _registry_router() -> APIRouter:
         """List carriers with the ids of their gateways and routes."""
         return svc.run(p, request, "acm_carrier_list")
 
-    @r.post("/carriers", response_model=m.Result, status_code=201)
-    def carrier_add(body: m.CarrierIn, p: Admin, request: Request, svc: Svc) -> Any:
-        """Add or replace a carrier."""
-        return svc.run(p, request, "acm_carrier_add", **body.model_dump())
-
-    @r.delete("/carriers/{id}", response_model=m.Result, responses=_NOT_FOUND)
-    def carrier_remove(id: Id, p: Admin, request: Request, svc: Svc,
-                       cascade: Cascade = False) -> Any:
-        """Remove a carrier (cascade: with its gateways and routes)."""
-        return svc.run(p, request, "acm_carrier_remove", id=id, cascade=cascade)
-
-    @r.get("/gateways", response_model=m.Result)
-    def gateways(p: Viewer, svc: Svc) -> Any:
-        """List gateways."""
-        return _registry_list(svc, "gateways")
-
-    @r.post("/gateways", response_model=m.Result, status_code=201)
-    def gateway_add(body: m.GatewayIn, p: Admin, request: Request, svc: Svc) -> Any:
-        """Add or replace a gateway."""
-        return svc.run(p, request, "acm_gateway_add", **body.model_dump())
+    _registry_add(r, "carrier", m.CarrierIn)
+    _registry_remove(r, "carrier", "Remove a carrier (cascade: with its gateways and routes).")
+    _registry_listing(r, "gateway")
+    _registry_add(r, "gateway", m.GatewayIn)
 
     @r.put("/gateways/{id}/limit", response_model=m.Result, responses=_NOT_FOUND)
     def gateway_limit(id: Id, body: m.GatewayLimit, p: Admin, request: Request,
@@ -894,28 +876,52 @@ def _registry_router() -> APIRouter:
         """Set a gateway's rate limit."""
         return svc.run(p, request, "acm_gateway_set_limit", id=id, **body.model_dump())
 
-    @r.delete("/gateways/{id}", response_model=m.Result, responses=_NOT_FOUND)
-    def gateway_remove(id: Id, p: Admin, request: Request, svc: Svc,
-                       cascade: Cascade = False) -> Any:
-        """Remove a gateway (cascade: with its routes)."""
-        return svc.run(p, request, "acm_gateway_remove", id=id, cascade=cascade)
-
-    @r.get("/routes", response_model=m.Result)
-    def routes(p: Viewer, svc: Svc) -> Any:
-        """List routes."""
-        return _registry_list(svc, "routes")
-
-    @r.post("/routes", response_model=m.Result, status_code=201)
-    def route_add(body: m.RouteIn, p: Admin, request: Request, svc: Svc) -> Any:
-        """Add or replace a route."""
-        return svc.run(p, request, "acm_route_add", **body.model_dump())
-
-    @r.delete("/routes/{id}", response_model=m.Result, responses=_NOT_FOUND)
-    def route_remove(id: Id, p: Admin, request: Request, svc: Svc) -> Any:
-        """Remove a route."""
-        return svc.run(p, request, "acm_route_remove", id=id)
-
+    _registry_remove(r, "gateway", "Remove a gateway (cascade: with its routes).")
+    _registry_listing(r, "route")
+    _registry_add(r, "route", m.RouteIn)
+    _registry_remove(r, "route", "Remove a route.", cascade=False)
     return r
+
+
+# The registry's entries are MI commands named acm_<kind>_<verb>; each route below serves one
+# for every kind, under the name (and so the operationId) a hand-written handler would have.
+def _registry_listing(r: APIRouter, kind: str) -> None:
+    """Serve GET /<kind>s: the registry's entries of that kind."""
+
+    def listing(p: Viewer, svc: Svc) -> Any:
+        with svc.control._lock:
+            entries = svc.control.repo.registry_get()[f"{kind}s"]
+        return {"count": len(entries), f"{kind}s": entries}
+
+    r.get(f"/{kind}s", response_model=m.Result, name=f"{kind}s",
+          description=f"List {kind}s.")(listing)
+
+
+def _registry_add(r: APIRouter, kind: str, body_model: type[BaseModel]) -> None:
+    """Serve POST /<kind>s as the MI command acm_<kind>_add."""
+
+    def add(body: Any, p: Admin, request: Request, svc: Svc) -> Any:
+        return svc.run(p, request, f"acm_{kind}_add", **body.model_dump())
+
+    add.__annotations__["body"] = body_model  # what FastAPI validates and documents
+    r.post(f"/{kind}s", response_model=m.Result, status_code=201, name=f"{kind}_add",
+           description=f"Add or replace a {kind}.")(add)
+
+
+def _registry_remove(r: APIRouter, kind: str, doc: str, cascade: bool = True) -> None:
+    """Serve DELETE /<kind>s/{id} as the MI command acm_<kind>_remove, with the query
+    parameter `cascade` when the kind has dependants."""
+    command = f"acm_{kind}_remove"
+
+    def remove(id: Id, p: Admin, request: Request, svc: Svc) -> Any:
+        return svc.run(p, request, command, id=id)
+
+    def remove_cascade(id: Id, p: Admin, request: Request, svc: Svc,
+                       cascade: Cascade = False) -> Any:
+        return svc.run(p, request, command, id=id, cascade=cascade)
+
+    r.delete(f"/{kind}s/{{id}}", response_model=m.Result, responses=_NOT_FOUND,
+             name=f"{kind}_remove", description=doc)(remove_cascade if cascade else remove)
 
 
 # -- config, stats, audit, reports ----------------------------------------------------------------

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -34,6 +35,9 @@ log = logging.getLogger("acm.web")
 READY_DEALER = _command(b"READY", b"\x0bSocket-Type" + (6).to_bytes(4, "big") + b"DEALER")
 MAX_REPLY = 1 << 20
 _DELIM = b""
+
+# Send one request (id, body); an awaitable when the socket's send must be awaited.
+_Send = Callable[[bytes, bytes], Awaitable[Any] | None]
 
 
 class PoolBusy(Exception):
@@ -119,9 +123,8 @@ class _Link(asyncio.Protocol):
             assert self.transport is not None
             self.transport.write(_command(b"PONG", body[1 + body[0] + 2:][:16]))
 
-    def send(self, rid: bytes, body: bytes, fut: asyncio.Future[bytes]) -> None:
+    def send(self, rid: bytes, body: bytes) -> None:
         assert self.transport is not None
-        self.pending[rid] = fut
         self.transport.write(encode_message([rid, _DELIM], body))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -135,18 +138,54 @@ class _Link(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-class PoolClient:
-    """Concurrent requests to the pool over `sockets` ZMTP connections."""
+class _Requests:
+    """What both clients share: request ids, the bound on requests in flight, the timeout."""
 
-    def __init__(self, endpoint: str, sockets: int = 4, max_inflight: int = 1024,
-                 timeout: float = 2.0) -> None:
+    def __init__(self, endpoint: str, sockets: int, max_inflight: int, timeout: float) -> None:
         self.endpoint = endpoint
         self.sockets = sockets
         self.timeout = timeout
         self._free = max_inflight
         self._ids = itertools.count(1)
-        self._links: list[_Link] = []
         self._rr = 0
+
+    def _channel(self) -> tuple[dict[bytes, asyncio.Future[bytes]], _Send]:
+        """Return where the next request's reply is awaited and how it is sent.
+
+        Raises PoolTimeout."""
+        raise NotImplementedError
+
+    async def request(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Send one request map, return the reply map. Raises PoolBusy, PoolTimeout."""
+        if self._free <= 0:
+            raise PoolBusy("too many events in flight to the pool")
+        pending, send = self._channel()
+        rid = next(self._ids).to_bytes(8, "big")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes] = loop.create_future()
+        timer = loop.call_later(self.timeout, _expire, fut, self.timeout)
+        pending[rid] = fut
+        self._free -= 1
+        try:
+            sent = send(rid, msgpack.packb(req))
+            if sent is not None:  # pyzmq's send is awaited; a ZMTP link writes at once
+                await sent
+            raw = await fut
+        finally:
+            timer.cancel()
+            pending.pop(rid, None)
+            self._free += 1
+        reply: dict[str, Any] = msgpack.unpackb(raw, raw=False)
+        return reply
+
+
+class PoolClient(_Requests):
+    """Concurrent requests to the pool over `sockets` ZMTP connections."""
+
+    def __init__(self, endpoint: str, sockets: int = 4, max_inflight: int = 1024,
+                 timeout: float = 2.0) -> None:
+        super().__init__(endpoint, sockets, max_inflight, timeout)
+        self._links: list[_Link] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -192,28 +231,12 @@ class PoolClient:
         with contextlib.suppress(ValueError):
             self._links.remove(link)
 
-    async def request(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Send one request map, return the reply map. Raises PoolBusy, PoolTimeout."""
-        if self._free <= 0:
-            raise PoolBusy("too many events in flight to the pool")
+    def _channel(self) -> tuple[dict[bytes, asyncio.Future[bytes]], _Send]:
         if not self._links:
             raise PoolTimeout(f"no connection to the pool at {self.endpoint}")
         self._rr = (self._rr + 1) % len(self._links)
         link = self._links[self._rr]
-        rid = next(self._ids).to_bytes(8, "big")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bytes] = loop.create_future()
-        timer = loop.call_later(self.timeout, _expire, fut, self.timeout)
-        self._free -= 1
-        try:
-            link.send(rid, msgpack.packb(req), fut)
-            raw = await fut
-        finally:
-            timer.cancel()
-            link.pending.pop(rid, None)
-            self._free += 1
-        reply: dict[str, Any] = msgpack.unpackb(raw, raw=False)
-        return reply
+        return link.pending, link.send
 
     async def close(self) -> None:
         """Close every connection and stop re-making them."""
@@ -228,20 +251,15 @@ class PoolClient:
                 await t
 
 
-class CurvePoolClient:
+class CurvePoolClient(_Requests):
     """The same requests over pyzmq DEALER sockets speaking CURVE (libzmq does the crypto)."""
 
     def __init__(self, endpoint: str, curve: Any, sockets: int = 4, max_inflight: int = 1024,
                  timeout: float = 2.0) -> None:
-        self.endpoint = endpoint
+        super().__init__(endpoint, sockets, max_inflight, timeout)
         self.curve = curve  # acm_module.decide.client.CurveKeys
-        self.sockets = sockets
-        self.timeout = timeout
-        self._free = max_inflight
-        self._ids = itertools.count(1)
         self._pending: dict[bytes, asyncio.Future[bytes]] = {}
         self._socks: list[Any] = []
-        self._rr = 0
         self._readers: list[asyncio.Task[None]] = []
         self._ctx: Any = None
 
@@ -266,26 +284,10 @@ class CurvePoolClient:
             if fut is not None and not fut.done():
                 fut.set_result(frames[-1])
 
-    async def request(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Send one request map, return the reply map. Raises PoolBusy, PoolTimeout."""
-        if self._free <= 0:
-            raise PoolBusy("too many events in flight to the pool")
+    def _channel(self) -> tuple[dict[bytes, asyncio.Future[bytes]], _Send]:
         self._rr = (self._rr + 1) % len(self._socks)
-        rid = next(self._ids).to_bytes(8, "big")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bytes] = loop.create_future()
-        timer = loop.call_later(self.timeout, _expire, fut, self.timeout)
-        self._pending[rid] = fut
-        self._free -= 1
-        try:
-            await self._socks[self._rr].send_multipart([rid, _DELIM, msgpack.packb(req)])
-            raw = await fut
-        finally:
-            timer.cancel()
-            self._pending.pop(rid, None)
-            self._free += 1
-        reply: dict[str, Any] = msgpack.unpackb(raw, raw=False)
-        return reply
+        sock = self._socks[self._rr]
+        return self._pending, lambda rid, body: sock.send_multipart([rid, _DELIM, body])
 
     async def close(self) -> None:
         """Stop the readers and close the sockets."""

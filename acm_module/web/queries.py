@@ -9,8 +9,7 @@ from fastapi import Request
 
 from acm_module.control.audit import iso_ms
 from acm_module.control.repository import AlertQuery
-from acm_module.core import keys, records
-from acm_module.decide.engine import hotpath
+from acm_module.core import keys, numbers, records
 from acm_module.web.security import ApiError, Principal
 from acm_module.write.base import SinkRejected, SinkUnavailable
 
@@ -78,14 +77,14 @@ def _stream_calls(svc: Any, alert: dict[str, Any], first: int, last: int
                   ) -> list[dict[str, Any]]:
     """Return the episode's calls still in the B-number's partition stream, newest first."""
     b_number, alert_id = alert["b_number"], alert["alert_id"]
-    part = hotpath.partition_of(b_number, svc.settings.partitions)
+    part = numbers.partition_of(b_number, svc.settings.partitions)
     with svc.control._lock:
-        raw = svc.control.conn.call("XREVRANGE", keys.stream(part), "+", "-", "COUNT",
-                                    _STREAM_SCAN)
+        raw = svc.control.conn.execute_command("XREVRANGE", keys.stream(part), "+", "-",
+                                               "COUNT", _STREAM_SCAN)
     calls = []
     stream = keys.stream(part)
-    for rid, flat in raw:
-        f = records.fields(flat)
+    for rid, entry in raw:
+        f = records.fields(entry)
         if f.get("k") != "d" or f.get("b") != b_number:
             continue
         try:

@@ -1,4 +1,5 @@
-"""The web process: uvicorn serving the API (and the console) on `web_http`.
+"""The web process: uvicorn serving the API (and what rooms above mount on it, the console) on
+`web_http`.
 
 The supervisor forks it after the workers (`web_main`), like the MI and metrics processes:
 it dies with its parent and is restarted when it exits. Everything here (the event loop, the
@@ -16,7 +17,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,10 @@ log = logging.getLogger("acm.web")
 BOOTSTRAP_USER = "admin"
 BOOTSTRAP_FILE = "web-bootstrap.json"
 MAX_CONCURRENCY = 2048
+
+# What a room above web/ adds to the API's app (its routes, static files), called with the app
+# and the settings once the API is built: cli.py hands in the console's `mount`.
+Mount = Callable[[Any, Any], None]
 
 
 def bootstrap_admin(users: UserRepository, state_dir: str | Path, out: Any = None
@@ -98,10 +103,12 @@ def listen(web_http: str) -> socket.socket:
     return s
 
 
-def build_app(settings: Any, extra_commands: Sequence[CommandFactory] = ()) -> Any:
+def build_app(settings: Any, extra_commands: Sequence[CommandFactory] = (),
+              mounts: Sequence[Mount] = ()) -> Any:
     """Return the ASGI app with its services (control plane, users, pool client).
 
-    extra_commands: added to its control plane (cli.py hands in the alert lifecycle's)."""
+    extra_commands: added to its control plane (cli.py hands in the alert lifecycle's);
+    mounts: called on the app once built (cli.py hands in the console's)."""
     from acm_module.control.commands import Control
     from acm_module.web.api import Services, create_app
     from acm_module.web.decide import pool_client
@@ -110,12 +117,16 @@ def build_app(settings: Any, extra_commands: Sequence[CommandFactory] = ()) -> A
     users = open_users(settings)
     pool = pool_client(settings)
     app = create_app(Services(settings, control, users, pool))
-    from acm_module.web.console import mount; mount(app, settings)  # noqa: E702, I001
+    for mount in mounts:
+        mount(app, settings)
     return app
 
 
-def web_main(settings: Any, extra_commands: Sequence[CommandFactory] = ()) -> int:
-    """Entry point of the forked web process; return its exit code (3 = boot failure)."""
+def web_main(settings: Any, extra_commands: Sequence[CommandFactory] = (),
+             mounts: Sequence[Mount] = ()) -> int:
+    """Entry point of the forked web process; return its exit code (3 = boot failure).
+
+    extra_commands and mounts: as build_app takes them."""
     import uvicorn
 
     from acm_module.web.api import EventsFastPath
@@ -130,7 +141,7 @@ def web_main(settings: Any, extra_commands: Sequence[CommandFactory] = ()) -> in
     except OSError as e:
         log.error("web: cannot listen on %s: %s", settings.web_http, e)
         return BOOT_ERROR
-    app = build_app(settings, extra_commands)
+    app = build_app(settings, extra_commands, mounts)
     svc = app.state.services
     stop = threading.Event()
     if not settings.api_token:  # with api_token the operator holds an admin credential already

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from acm_module.decide.store.cluster import StoreClient
+from acm_module.core.redis import LazyRedis
 
 T = TypeVar("T")
 
@@ -85,12 +85,12 @@ class StoreUserRepository:
     name = "store"
 
     def __init__(self, url: str) -> None:
-        self.conn = StoreClient(url, timeout=2.0, connect_timeout=2.0)
+        self.conn = LazyRedis(url, timeout=2.0, connect_timeout=2.0)
         self._lock = threading.Lock()
 
     def _call(self, *args: Any) -> Any:
         with self._lock:
-            return self.conn.call(*args)
+            return self.conn.execute_command(*args)
 
     def user_get(self, name: str) -> User | None:
         raw = self._call("HGET", USERS_KEY, name)
@@ -117,7 +117,7 @@ class StoreUserRepository:
 
     def user_list(self) -> list[User]:
         raw = self._call("HGETALL", USERS_KEY)
-        users = [_user(raw[i].decode(), raw[i + 1]) for i in range(0, len(raw), 2)]
+        users = [_user(name.decode(), v) for name, v in raw.items()]
         return sorted(users, key=lambda u: u.name)
 
     def token_put(self, rec: TokenRecord) -> None:

@@ -93,15 +93,24 @@ def build_sinks(v: dict[str, Any]) -> list[Any]:
     return sinks
 
 
-def cmd_writer(args: argparse.Namespace) -> int:
-    """Run the persistence writer until SIGTERM."""
+def _start(args: argparse.Namespace, required: str, missing: str) -> dict[str, Any]:
+    """Resolve the settings and set up logging; return the settings.
+
+    Raises ConfigError(missing) when the setting `required` is empty."""
     from acm_module.core.logs import setup_logging
-    from acm_module.write.writer import ProcessPerSink, Writer, WriterConfig
 
     v = resolve(args)
     setup_logging(v["log_level"], v["log_json"])
-    if not v["store"]:
-        raise ConfigError("the writer needs the store URL (DRAGONFLY_URL or --store)")
+    if not v[required]:
+        raise ConfigError(missing)
+    return v
+
+
+def cmd_writer(args: argparse.Namespace) -> int:
+    """Run the persistence writer until SIGTERM."""
+    from acm_module.write.writer import ProcessPerSink, Writer, WriterConfig
+
+    v = _start(args, "store", "the writer needs the store URL (DRAGONFLY_URL or --store)")
     cfg = WriterConfig(
         store_url=v["store"], partitions=v["partitions"],
         consumer=v["writer_consumer"] or socket.gethostname(), batch=v["writer_batch"],
@@ -130,13 +139,10 @@ def _one_sink(v: dict[str, Any], name: str) -> Any:
 
 def cmd_db_migrate(args: argparse.Namespace) -> int:
     """Apply pending database migrations."""
-    from acm_module.core.logs import setup_logging
     from acm_module.write.migrate import migrate
 
-    v = resolve(args)
-    setup_logging(v["log_level"], v["log_json"])
-    if not v["database_url"]:
-        raise ConfigError("acm db migrate needs database_url (DATABASE_URL or --database-url)")
+    v = _start(args, "database_url",
+               "acm db migrate needs database_url (DATABASE_URL or --database-url)")
     done = migrate(v["database_url"])
     print(f"applied {len(done)} migration(s): {', '.join(done) or 'none pending'}")
     return 0

@@ -29,6 +29,7 @@ import uuid
 from datetime import date
 from typing import Any, Protocol
 
+from acm_module.core.pg import close_quietly
 from acm_module.core.records import ALERT_TYPE_COLUMN, AlertChange, Decision, latest_versions
 from acm_module.write.base import Sink, SinkRejected, SinkUnavailable
 
@@ -305,12 +306,8 @@ class ClickHouseSink(Sink):
         return self._b.select(DAILY_CARRIER_STATS_SQL)
 
     def close(self) -> None:
-        if self._b is not None:
-            try:
-                self._b.close()
-            except Exception:  # closing must not raise
-                pass
-            self._b = None
+        close_quietly(self._b)
+        self._b = None
 
 
 def _short(e: BaseException) -> str:

@@ -21,8 +21,9 @@ from typing import Any
 
 from questdb import QuestDBError, QuestDBServerRejectionError, Sender, TimestampMicros
 
+from acm_module.core import stats as stats_mod
+from acm_module.core.pg import close_quietly
 from acm_module.core.records import FRAUD_REASONS, AlertChange, Decision
-from acm_module.decide import stats as stats_mod
 from acm_module.write.base import Sink, SinkRejected, SinkUnavailable
 from acm_module.write.store import StreamStore
 
@@ -310,17 +311,10 @@ class QuestDBSink(Sink):
             return
         self._metrics_next = now + self.metrics_interval_s
         try:
-            summary = stats_mod.summarize(self._worker_snapshots())
+            summary = stats_mod.summarize(stats_mod.read_all(self._store.client))
             self.write_metrics(summary, time.time())
         except Exception as e:  # metrics are best effort
             log.debug("detection metrics skipped: %s", e)
-
-    def _worker_snapshots(self) -> list[dict[str, Any]]:
-        """Return the workers' fresh stats snapshots (the control plane removes stale ones)."""
-        assert self._store is not None
-        now = time.time()
-        snaps = [json.loads(v) for v in self._store.call("HVALS", stats_mod.STATS_KEY) or []]
-        return [s for s in snaps if now - s["updated"] <= stats_mod.FRESH_S]
 
     def write_metrics(self, summary: dict[str, Any], at: float) -> None:
         """Write one sample of the worker pool's summary into detection_metrics."""
@@ -343,12 +337,8 @@ class QuestDBSink(Sink):
         sender.flush(buf)
 
     def close(self) -> None:
-        if self._sender is not None:
-            try:
-                self._sender.close()
-            except Exception:  # closing must not raise
-                pass
-            self._sender = None
+        close_quietly(self._sender)
+        self._sender = None
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -41,6 +41,7 @@ from typing import Any
 
 from acm_module.core import keys
 from acm_module.core import records as rec
+from acm_module.core.arbiter import Arbiter, Exited
 from acm_module.core.backoff import Backoff
 from acm_module.core.errors import StoreError, StoreReplyError
 from acm_module.write.base import Sink, SinkRejected, SinkUnavailable
@@ -844,99 +845,56 @@ class Writer:
                         json.dumps(self.snapshot(), separators=(",", ":")))
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM this child when its parent dies (no orphaned sink writers)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before the prctl
-            os.kill(os.getpid(), signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
-class ProcessPerSink:
+class ProcessPerSink(Arbiter):
     """Run each sink's writer in its own forked process, so sinks use separate cores.
 
-    The parent only forks, forwards SIGTERM/SIGINT and respawns a child that died (after a
-    jittered backoff); everything with a connection is created in the child, after fork().
+    The parent only forks, stops the children on SIGTERM/SIGINT and respawns a child that died
+    (after a jittered backoff); everything with a connection is created in the child, after
+    fork().
     """
+
+    signals = (signal.SIGTERM, signal.SIGINT)
+    crash_message = "%s failed"
 
     def __init__(self, cfg: WriterConfig, factories: dict[str, Callable[[], Sink]],
                  periodic: Callable[[], list[tuple[float, Callable[[], None]]]] | None = None
                  ) -> None:
         if not factories:
             raise ValueError("no sink enabled")
+        super().__init__(log)
         self.cfg = cfg
         self.factories = factories
         self.periodic = periodic  # built in the first sink's child only
-        self.children: dict[int, str] = {}
-        self.stopping = False
+        self.sink_of: dict[int, str] = {}  # pid -> sink name
         self._backoff = {n: Backoff(0.5, 30.0) for n in factories}
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.stopping = True
-        for pid in list(self.children):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
     def _spawn(self, name: str) -> None:
-        pid = os.fork()
-        if pid:
-            self.children[pid] = name
-            return
-        code = 1
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_DFL)
-            _die_with_parent()
+        def run() -> int:
             first = name == next(iter(self.factories))
             periodic = self.periodic() if (first and self.periodic) else []
-            code = Writer(self.cfg, [self.factories[name]()], periodic).run()
-        except BaseException:
-            log.exception("writer child for sink %s failed", name)
-        finally:
-            logging.shutdown()
-            os._exit(code)
+            return Writer(self.cfg, [self.factories[name]()], periodic).run()
+
+        self.sink_of[self.spawn(f"writer child for sink {name}", run)] = name
 
     def run(self) -> int:
         """Fork the children and keep them running until SIGTERM/SIGINT; return 0."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-        for name in self.factories:
-            self._spawn(name)
-        due: dict[str, float] = {}
-        while not self.stopping:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                pid, status = 0, 0
-            if pid and pid in self.children:
-                name = self.children.pop(pid)
-                delay = self._backoff[name].next()
-                log.error("writer child for sink %s (pid %d) exited with status %d; "
-                          "restarting in %.1fs", name, pid, status, delay)
-                due[name] = time.monotonic() + delay
-            for name, at in list(due.items()):
-                if time.monotonic() >= at and not self.stopping:
-                    del due[name]
-                    self._spawn(name)
-            time.sleep(0.1)
-        deadline = time.monotonic() + self.cfg.graceful_timeout_s + 10
-        while self.children and time.monotonic() < deadline:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid:
-                self.children.pop(pid, None)
-            else:
-                time.sleep(0.05)
-        for pid in self.children:
-            log.error("writer child %d did not stop in time; killing it", pid)
-            os.kill(pid, signal.SIGKILL)
-        return 0
+        self.open()
+        try:
+            for name in self.factories:
+                self._spawn(name)
+            self.loop()
+            for pid in self.stop(self.cfg.graceful_timeout_s + 10):
+                log.error("writer child %d did not stop in time; killing it", pid)
+            return 0
+        finally:
+            self.close()
+
+    def child_exited(self, exited: Exited) -> None:
+        name = self.sink_of.pop(exited.pid)
+        delay = self._backoff[name].next()
+        log.error("writer child for sink %s (pid %d) exited with status %d; restarting in %.1fs",
+                  name, exited.pid, exited.status, delay)
+        self.restart_in(name, delay)
+
+    def restart(self, key: Any) -> None:
+        self._spawn(key)

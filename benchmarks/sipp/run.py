@@ -254,7 +254,7 @@ def worker_requests(redis_port: int) -> dict[int, int]:
     """Requests served so far by each acm worker (index -> count), from the stats hash."""
     s = socket.create_connection(("127.0.0.1", redis_port), timeout=2)
     try:
-        key = b"{acm.stats}:w"   # acm_module/decide/stats.py STATS_KEY
+        key = b"{acm.stats}:w"   # acm_module/core/stats.py STATS_KEY
         s.sendall(b"*2\r\n$7\r\nHGETALL\r\n$%d\r\n%s\r\n" % (len(key), key))
         data = b""
         while True:
@@ -386,7 +386,7 @@ def make_cfg(dst: Path, modules: str, ports: dict, enabled: bool) -> Path:
 
 def publish_gateway(redis_port: int, cps: int) -> None:
     """Publish a registry with 127.0.0.1 as a rate-limited gateway (GATEWAY_CPS)."""
-    from acm_module.decide.gateway import registry
+    from acm_module.core import registry
     from acm_module.decide.store.conn import StoreConnection
 
     c = StoreConnection(f"redis://127.0.0.1:{redis_port}/0", timeout=2.0)

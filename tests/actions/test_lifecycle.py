@@ -19,9 +19,9 @@ from servers import REPO
 from acm_module.actions.mi import lifecycle_commands
 from acm_module.control.commands import Control
 from acm_module.control.jsonrpc import INVALID_PARAMS, NOT_FOUND
+from acm_module.core import liveconfig as store_config
 from acm_module.core import settings as settings_mod
 from acm_module.core.records import AlertChange
-from acm_module.decide.store import config as store_config
 from acm_module.write.pg import PostgresSink
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]

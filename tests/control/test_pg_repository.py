@@ -26,7 +26,7 @@ from acm_module.control import jsonrpc, whitelist_sync
 from acm_module.control.audit import AuditRecord
 from acm_module.control.pg_repository import PostgresControlRepository
 from acm_module.control.repository import AlertQuery, WhitelistEntry
-from acm_module.decide.store import config as store_config
+from acm_module.core import liveconfig as store_config
 from acm_module.decide.store.cluster import StoreClient
 from acm_module.decide.store.conn import StoreConnection
 

@@ -21,8 +21,8 @@ from test_mi import wait_for
 
 from acm_module.control import jsonrpc
 from acm_module.control.repository import REGISTRY_RECORD_KEY
-from acm_module.decide import stats as stats_mod
-from acm_module.decide.gateway import registry
+from acm_module.core import registry
+from acm_module.core import stats as stats_mod
 from acm_module.decide.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]

@@ -18,8 +18,8 @@ from test_registry_mi import BAD, call_error, populate
 
 from acm_module.control import jsonrpc
 from acm_module.control.pg_repository import PostgresControlRepository
+from acm_module.core import registry
 from acm_module.core.errors import StoreError
-from acm_module.decide.gateway import registry
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.write.migrate import MIGRATIONS_DIR
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from acm_module.core import registry
 from acm_module.core.errors import ConfigError
-from acm_module.decide.gateway import registry
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from acm_module.control import jsonrpc, overrides
 from acm_module.control.auth import Authorizer, check_boot, is_loopback, parse_bind
 from acm_module.control.cli import build_request
+from acm_module.control.commands import open_repository
+from acm_module.control.repository import StoreRepository
 from acm_module.core import settings as settings_mod
 from acm_module.core.errors import ConfigError
 
@@ -112,23 +115,35 @@ def test_overrides_round_trip_and_apply(tmp_path: Path, store_url: str, store) -
     env = {"ACM_STATE_DIR": str(tmp_path), "ACM_DETECTION_THRESHOLD": "9",
            "ACM_STORE_URL": store_url}
     s = settings_mod.load(None, env=env)
+    repo = StoreRepository(store, 16)
+
+    def apply() -> dict[str, Any]:
+        return overrides.apply_overrides(s, open_repository)
+
     # A host-local file of the old design is ignored: no silent inheritance between instances.
     (tmp_path / overrides.LEGACY_FILENAME).write_text('{"values": {"threshold": 3}}')
-    assert overrides.apply_overrides(s) == {}
-    overrides.write_overrides(store, {"threshold": 7, "mode": "monitor"}, "test")
-    applied = overrides.apply_overrides(s)
+    assert apply() == {}
+    assert repo.overrides_put("default", 0, {"threshold": 7, "mode": "monitor"}, "test") == 1
+    applied = apply()
     assert applied == {"threshold": 7, "mode": "monitor"}
     assert s.threshold == 7 and s.mode == "monitor"  # the override beats the environment
     assert s.source["threshold"].startswith("override:")
+    # Compare-and-set on the generation: a writer that read generation 0 (or 2) comes second.
+    assert repo.overrides_put("default", 0, {"threshold": 8}, "late") == -1
+    assert repo.overrides_put("default", 2, {"threshold": 8}, "late") == -1
+    assert repo.overrides_put("default", 1, {"threshold": 6}, "b") == 2
+    assert overrides.read_overrides(repo, "default") == overrides.Saved(2, {"threshold": 6})
+    # A document of the old design (no generation) is generation 0, and readable.
     store.call("SET", overrides.OVERRIDES_KEY, '{"values": {"threshold": 1}}')
+    assert overrides.read_overrides(repo, "default").generation == 0
     with pytest.raises(ConfigError, match="threshold"):
-        overrides.apply_overrides(s)
+        apply()
     store.call("SET", overrides.OVERRIDES_KEY, "{broken")
-    with pytest.raises(ConfigError, match="not valid JSON"):
-        overrides.apply_overrides(s)
+    with pytest.raises(ConfigError, match="in JSON"):
+        apply()
+    assert repo.overrides_put("default", 0, {}, "reset") == 1  # replaceable
     store.call("SET", overrides.OVERRIDES_KEY, '{"values": {"workers": 3}}')  # not runtime
-    assert overrides.apply_overrides(s) == {}
-    assert overrides.delete_overrides(store) and not overrides.delete_overrides(store)
+    assert apply() == {}
 
 
 def test_cli_builds_named_or_positional_params() -> None:

@@ -14,9 +14,9 @@ import pytest
 from servers import publish_registry as publish
 from test_contract import a_num, alert_records, cid, decisions, stream_entries
 
-from acm_module.decide import stats as stats_mod
+from acm_module.core import registry
+from acm_module.core import stats as stats_mod
 from acm_module.decide.client import Client
-from acm_module.decide.gateway import registry
 from acm_module.decide.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]

@@ -164,7 +164,7 @@ def test_store_outage_gets_fast_errors_then_recovers(zctx) -> None:
 def test_slow_store_gets_errors_within_the_timeout_and_counts_them(redis_server, zctx) -> None:
     from servers import DelayProxy, flush
 
-    from acm_module.decide import stats
+    from acm_module.core import stats
     from acm_module.decide.store.conn import StoreConnection
 
     flush(redis_server)
@@ -223,6 +223,30 @@ def test_workers_and_sidecars_exit_when_the_supervisor_is_killed(service_factory
             alive = [p for p in alive if _running(p)]
             time.sleep(0.05)
         assert alive == [], "orphaned workers kept running after the supervisor died"
+
+
+def test_an_idle_supervisor_sleeps_and_still_respawns_at_once(service_factory) -> None:
+    """Exits come through SIGCHLD and a self-pipe: no periodic poll wakes an idle supervisor."""
+    with service_factory(workers=2) as (svc, _client):
+        assert svc.proc is not None
+        time.sleep(0.5)
+        before = _wakeups(svc.proc.pid)
+        time.sleep(3.0)
+        # At most the heartbeat check (every ~10 s); a 250 ms poll woke it 12 times.
+        assert _wakeups(svc.proc.pid) - before <= 2
+        pid = svc.worker_pids()[0]
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3 and (pid in svc.worker_pids()
+                                             or len(svc.worker_pids()) < 2):
+            time.sleep(0.005)
+        assert pid not in svc.worker_pids() and len(svc.worker_pids()) == 2
+        assert time.monotonic() - t0 < 1.0
+
+
+def _wakeups(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt"))
 
 
 def _running(pid: int) -> bool:
@@ -305,7 +329,7 @@ def test_connections_made_all_at_once_at_start_spread_over_the_workers(store_url
     """
     from servers import free_port
 
-    from acm_module.decide import stats as stats_mod
+    from acm_module.core import stats as stats_mod
     from acm_module.decide.store.conn import StoreConnection
 
     workers, clients, run_s = 2, 8, 3.0

@@ -7,7 +7,7 @@ import redis
 from redis.cluster import RedisCluster as RedisPyCluster
 from servers import RedisCluster, RedisServer, free_port
 
-from acm_module.core.errors import ConfigError, StoreError
+from acm_module.core.errors import ConfigError, StoreError, StoreReplyError
 from acm_module.core.redis import open_redis
 
 pytestmark = pytest.mark.timeout(60)
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(60)
 def test_a_standalone_store_gets_a_plain_client(redis_server: str) -> None:
     r = open_redis(redis_server, timeout=2.0)
     try:
-        assert type(r) is redis.Redis
+        assert isinstance(r, redis.Redis) and not isinstance(r, RedisPyCluster)
         r.set("{acm.t}:x", b"1")
         assert r.get("{acm.t}:x") == b"1"
     finally:
@@ -67,3 +67,29 @@ def test_any_node_of_a_cluster_gives_a_cluster_client(cluster: RedisCluster) -> 
         for p in range(16):
             r.delete("{acm.%d}:probe" % p)
         r.close()
+
+
+def test_store_failures_are_store_errors_without_the_password() -> None:
+    """Callers keep one `except StoreError`: an error reply is a StoreReplyError (raised, or in
+    a pipeline's results), a store that went away a StoreError naming the URL without its
+    password; both are redis-py's errors too."""
+    srv = RedisServer(password="pw-secret-1").start()
+    try:
+        r = open_redis(srv.url, timeout=1.0, connect_timeout=0.5)
+        r.set("{acm.t}:s", "x")
+        with pytest.raises(StoreReplyError, match="WRONGTYPE") as reply:
+            r.hget("{acm.t}:s", "f")
+        assert isinstance(reply.value, redis.ResponseError)
+        pipe = r.pipeline(transaction=False)
+        pipe.get("{acm.t}:s")
+        pipe.hget("{acm.t}:s", "f")
+        ok, err = pipe.execute(raise_on_error=False)
+        assert ok == b"x" and isinstance(err, StoreReplyError)
+        srv.stop()
+        with pytest.raises(StoreError) as down:
+            r.get("{acm.t}:s")
+        assert isinstance(down.value, redis.ConnectionError)
+        assert "pw-secret-1" not in str(down.value) and f":{srv.port}" in str(down.value)
+        r.close()
+    finally:
+        srv.cleanup()

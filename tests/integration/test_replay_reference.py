@@ -8,8 +8,8 @@ import random
 import pytest
 from reference import Reference, mismatches
 
+from acm_module.core import liveconfig as store_config
 from acm_module.decide.client import Client
-from acm_module.decide.store import config as store_config
 from acm_module.decide.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]

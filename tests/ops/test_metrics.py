@@ -24,7 +24,7 @@ from servers import (
 )
 
 from acm_module.core import keys
-from acm_module.decide import stats as stats_mod
+from acm_module.core import stats as stats_mod
 from acm_module.decide.client import Client
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.ops import metrics

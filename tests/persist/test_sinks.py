@@ -20,8 +20,8 @@ from servers import REPO
 
 from acm_module.control import whitelist_sync
 from acm_module.core import keys
+from acm_module.core import liveconfig as store_config
 from acm_module.core.records import AlertChange
-from acm_module.decide.store import config as store_config
 from acm_module.decide.store.cluster import StoreClient
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.write.clickhouse import ClickHouseSink

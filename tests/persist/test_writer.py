@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import signal
+import subprocess
 import time
 import uuid
 from typing import Any
@@ -30,6 +32,7 @@ from pgqdb import (
     wait_drained,
     writer_env,
 )
+from servers import free_port
 from streamrec import dead_letters
 
 from acm_module.core import keys
@@ -427,3 +430,45 @@ def test_a_group_nobody_reads_is_reported_and_released_a_down_sink_keeps_its_bac
         assert {str(r[0]) for r in db.execute("SELECT alert_id FROM fraud_alerts")} == alerts
     assert series("acm_stream_group_trimmed_unread_records_total", stale) == \
         len(first) + len(second)
+
+
+def test_a_sink_process_killed_is_restarted_and_all_die_with_the_writer(
+        writer_factory: Any, chdb_path: str) -> None:
+    """One process per sink: kill -9 of a child restarts it after a backoff; kill -9 of the
+    writer leaves no child behind."""
+    w = writer_factory(env={"ACM_WRITER_SINKS": "clickhouse,questdb", "ACM_CHDB_PATH": chdb_path,
+                            # Nobody listens there: that child retries, alive, as when it is down.
+                            "QUESTDB_URL": f"http::addr=127.0.0.1:{free_port()};"})
+    assert w.proc is not None
+
+    def children() -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(w.proc.pid)], capture_output=True, text=True)
+        return sorted(int(x) for x in out.stdout.split())
+
+    deadline = time.monotonic() + 20
+    while len(children()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first = children()
+    assert len(first) == 2, w.read_log()
+    os.kill(first[0], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (first[0] in children() or len(children()) < 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    now = children()
+    assert first[0] not in now and first[1] in now and len(now) == 2, w.read_log()
+    assert re.search(rf"writer child for sink \w+ \(pid {first[0]}\) exited with status 9; "
+                     r"restarting in \d\.\ds", w.read_log())
+    w.proc.kill()  # the parent alone: its children must not live on as orphans
+    w.proc.wait(5)
+    deadline = time.monotonic() + 20  # each finishes its batch on the SIGTERM it gets
+    while any(_running(p) for p in now) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_running(p) for p in now), w.read_log()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -17,7 +17,6 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -80,19 +79,11 @@ def genuine_call_is_clean(svc: Service, curve: CurveKeys | None) -> None:
     assert (r["verdict"], r["reason"], r["distinct"]) == ("allow", "clean", 1), r
 
 
-@pytest.fixture
-def exposed() -> Iterator[list[Service]]:
-    started: list[Service] = []
-    yield started
-    for svc in started:
-        svc.cleanup()
-
-
-def start(exposed: list[Service], store_url: str, *args: str, curve: CurveKeys | None = None,
+def start(services: list[Service], store_url: str, *args: str, curve: CurveKeys | None = None,
           wait: bool = True, env: dict[str, str] | None = None) -> Service:
     svc = Service(store_url, workers=1, bind=f"tcp://0.0.0.0:{free_port()}", curve=curve,
                   args=list(args), extra_env=env)
-    exposed.append(svc)
+    services.append(svc)
     svc.start(wait=wait)
     if not wait:
         svc.wait_log("worker 0 up")
@@ -114,9 +105,9 @@ def test_an_exposed_endpoint_without_keys_or_allow_list_refuses_to_start(bind: s
         assert word in lines[0]
 
 
-def test_allow_insecure_tcp_serves_and_warns_at_start(exposed: list[Service],
+def test_allow_insecure_tcp_serves_and_warns_at_start(services: list[Service],
                                                       store_url: str) -> None:
-    svc = start(exposed, store_url, "--allow-insecure-tcp", "true")
+    svc = start(services, store_url, "--allow-insecure-tcp", "true")
     assert "WARNING" in svc.read_log() and "WITHOUT authentication" in svc.read_log()
     genuine_call_is_clean(svc, None)
 
@@ -137,10 +128,10 @@ def test_keys_are_generated_with_a_private_secret_file(tmp_path: Path) -> None:
     assert (tmp_path / "acm-server.key_secret").read_bytes() == before
 
 
-def test_curve_answers_only_clients_with_the_right_keys(exposed: list[Service], store_url: str,
+def test_curve_answers_only_clients_with_the_right_keys(services: list[Service], store_url: str,
                                                         keys: Path) -> None:
     right = CurveKeys.load(str(keys / "server.key"), str(keys / "client.key_secret"))
-    svc = start(exposed, store_url, "--curve-server-key", str(keys / "server.key_secret"),
+    svc = start(services, store_url, "--curve-server-key", str(keys / "server.key_secret"),
                 curve=right)
     assert "libzmq I/O" in svc.read_log()
     forged_calls_get_no_verdict(svc.endpoint, None)  # no CURVE at all
@@ -149,10 +140,10 @@ def test_curve_answers_only_clients_with_the_right_keys(exposed: list[Service], 
     genuine_call_is_clean(svc, right)
 
 
-def test_curve_client_keys_admit_only_the_authorised_clients(exposed: list[Service],
+def test_curve_client_keys_admit_only_the_authorised_clients(services: list[Service],
                                                              store_url: str, keys: Path) -> None:
     right = CurveKeys.load(str(keys / "server.key"), str(keys / "client.key_secret"))
-    svc = start(exposed, store_url, "--curve-server-key", str(keys / "server.key_secret"),
+    svc = start(services, store_url, "--curve-server-key", str(keys / "server.key_secret"),
                 "--curve-client-keys", str(keys / "clients"), curve=right)
     # The server's public key alone is not enough: a stranger's own key pair is refused.
     stranger = CurveKeys.load(str(keys / "server.key"), str(keys / "stranger.key_secret"))
@@ -162,22 +153,22 @@ def test_curve_client_keys_admit_only_the_authorised_clients(exposed: list[Servi
 
 
 @pytest.mark.parametrize("io", ["zmtp", "libzmq"])
-def test_allow_networks_refuses_other_addresses(exposed: list[Service], store_url: str,
+def test_allow_networks_refuses_other_addresses(services: list[Service], store_url: str,
                                                 io: str) -> None:
     env = {"ACM_WORKER_IO": io}
-    svc = start(exposed, store_url, "--allow-networks", "192.0.2.0/24, 10.0.0.0/8", wait=False,
+    svc = start(services, store_url, "--allow-networks", "192.0.2.0/24, 10.0.0.0/8", wait=False,
                 env=env)
     forged_calls_get_no_verdict(svc.endpoint, None)
     svc.wait_log("refused a connection from 127.0.0.1")
-    ok = start(exposed, store_url, "--allow-networks", "192.0.2.0/24,127.0.0.0/8", env=env)
+    ok = start(services, store_url, "--allow-networks", "192.0.2.0/24,127.0.0.0/8", env=env)
     genuine_call_is_clean(ok, None)
 
 
-def test_an_allow_list_does_not_let_a_client_without_keys_past_curve(exposed: list[Service],
+def test_an_allow_list_does_not_let_a_client_without_keys_past_curve(services: list[Service],
                                                                      store_url: str,
                                                                      keys: Path) -> None:
     right = CurveKeys.load(str(keys / "server.key"), str(keys / "client.key_secret"))
-    svc = start(exposed, store_url, "--curve-server-key", str(keys / "server.key_secret"),
+    svc = start(services, store_url, "--curve-server-key", str(keys / "server.key_secret"),
                 "--allow-networks", "127.0.0.1", curve=right)
     forged_calls_get_no_verdict(svc.endpoint, None)
     genuine_call_is_clean(svc, right)
@@ -193,7 +184,7 @@ def test_a_loopback_tcp_endpoint_needs_nothing(store_url: str) -> None:
         svc.cleanup()
 
 
-def test_the_opensips_client_speaks_curve_with_its_settings(exposed: list[Service],
+def test_the_opensips_client_speaks_curve_with_its_settings(services: list[Service],
                                                             store_url: str, keys: Path) -> None:
     """acm_opensips.py with curve_server_key/curve_client_key gets verdicts; without, none."""
     import importlib.util
@@ -205,7 +196,7 @@ def test_the_opensips_client_speaks_curve_with_its_settings(exposed: list[Servic
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     right = CurveKeys.load(str(keys / "server.key"), str(keys / "client.key_secret"))
-    svc = start(exposed, store_url, "--curve-server-key", str(keys / "server.key_secret"),
+    svc = start(services, store_url, "--curve-server-key", str(keys / "server.key_secret"),
                 "--curve-client-keys", str(keys / "clients"), curve=right)
     base = {"ACM_OPENSIPS_CONFIG": "", "ACM_ENDPOINT": svc.endpoint, "ACM_TIMEOUT_MS": "2000"}
     conf = keys / "acm_opensips.conf"

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from servers import RedisServer, Service, wait_port
 
-from acm_module.decide import stats
+from acm_module.core import stats
 from acm_module.decide.client import Client, ServiceTimeout
 from acm_module.decide.store.conn import StoreConnection
 

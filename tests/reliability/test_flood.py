@@ -26,7 +26,7 @@ import pytest
 import zmq
 from servers import Service
 
-from acm_module.decide import stats
+from acm_module.core import stats
 from acm_module.decide.client import Client, ServiceTimeout
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.decide.zmtp import GREETING, encode_message

@@ -23,7 +23,7 @@ import pytest
 import zmq
 from servers import Service, flush
 
-from acm_module.decide import stats
+from acm_module.core import stats
 from acm_module.decide.client import Client
 from acm_module.decide.engine import IMPLEMENTATION
 from acm_module.decide.engine import hotpath_py as ref

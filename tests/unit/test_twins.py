@@ -21,8 +21,9 @@ import msgpack
 import pytest
 
 from acm_module import _hotpath as cy
+from acm_module.core import numbers as numbers_py
 from acm_module.core import types
-from acm_module.decide.engine import decider_py, hotpath_py, numbers_py, request_py, resp_py
+from acm_module.decide.engine import decider_py, hotpath_py, request_py, resp_py
 from acm_module.decide.engine import hotpath_py as py
 
 pytestmark = pytest.mark.timeout(300)

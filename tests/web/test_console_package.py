@@ -9,7 +9,7 @@ import tomllib
 
 from servers import REPO
 
-CONSOLE = REPO / "acm_module" / "web" / "console"
+CONSOLE = REPO / "acm_module" / "console"
 
 
 def test_every_console_asset_is_package_data() -> None:
@@ -23,7 +23,7 @@ def test_every_console_asset_is_package_data() -> None:
 
 
 def test_the_icons_are_the_pngs_the_manifest_names() -> None:
-    from acm_module.web.console.assets import STATIC, Assets
+    from acm_module.console.assets import STATIC, Assets
 
     manifest = json.loads(Assets().manifest())
     for icon in manifest["icons"]:

@@ -9,8 +9,8 @@ returns one reply frame per request, in order. With a gateway context whose `res
 
 from __future__ import annotations
 
+from acm_module.core.numbers import normalise, partition_of
 from acm_module.core.types import Attribution, GatewayContext, Request, RequestError, RespError
-from acm_module.decide.engine.numbers_py import normalise, partition_of
 from acm_module.decide.engine.request_py import decode_request, encode_error, encode_reply
 from acm_module.decide.engine.resp_py import encode_command
 

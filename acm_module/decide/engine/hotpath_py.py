@@ -13,6 +13,7 @@ both and compares them on fuzzed input.
 
 from __future__ import annotations
 
+from acm_module.core.numbers import normalise, partition_of
 from acm_module.core.types import (
     FIELDS,
     MAX_DEPTH,
@@ -23,7 +24,6 @@ from acm_module.core.types import (
     severity_of,
 )
 from acm_module.decide.engine.decider_py import Decider
-from acm_module.decide.engine.numbers_py import normalise, partition_of
 from acm_module.decide.engine.request_py import decode_request, encode_error, encode_reply
 from acm_module.decide.engine.resp_py import encode_command, parse_reply
 

@@ -19,7 +19,7 @@ from typing import Any
 from acm_module.core.errors import StoreError, StoreReplyError
 from acm_module.core.storeurl import StoreAddress, parse_seeds, safe_url
 from acm_module.decide.engine import hotpath
-from acm_module.decide.store.conn import StoreConnection
+from acm_module.decide.store.conn import RedisInterface, StoreConnection
 
 log = logging.getLogger("acm.store")
 
@@ -73,7 +73,7 @@ def command_key(args: list) -> bytes | None:
     return args[1]
 
 
-class StoreClient:
+class StoreClient(RedisInterface):
     """A connection to the store a URL names, standalone or cluster (detected at connect()).
 
     The interface of StoreConnection: connect, close, connected, call, round_trip,
@@ -397,6 +397,10 @@ class StoreClient:
         assert isinstance(sha, bytes)
         self._scripts[sha.decode()] = source
         return sha.decode()
+
+    def scan_iter(self, match: str = "*", count: int = 1000) -> Iterable[bytes]:
+        """Yield every key matching a pattern, on every master (redis-py's name)."""
+        return self.scan_keys(match, count)
 
     def scan_keys(self, pattern: str, count: int = 1000,
                   timeout: float | None = None) -> Iterable[bytes]:

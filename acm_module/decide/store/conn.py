@@ -11,7 +11,11 @@ import hashlib
 import socket
 import struct
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import redis
 
 from acm_module.core.errors import ConfigError, StoreError, StoreReplyError
 from acm_module.core.storeurl import StoreAddress, login_refusal, parse_url, safe_url
@@ -43,7 +47,30 @@ def script_sha(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()
 
 
-class StoreConnection:
+class RedisInterface:
+    """redis-py's execute_command and pipeline over call() and round_trip(), so the schema
+    helpers the control plane shares with the worker take either client."""
+
+    def call(self, *args: bytes | str | int, timeout: float | None = None) -> object:
+        raise NotImplementedError
+
+    def round_trip(self, payload: bytes, n: int, timeout: float | None = None) -> list:
+        raise NotImplementedError
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        """Run one command; return its reply as redis-py's client would. Raises StoreError."""
+        return parsed_reply(args, self.call(*args), options)
+
+    def pipeline(self, transaction: bool = False) -> StorePipeline:
+        """Return a pipeline (redis-py's interface): one round_trip() on execute().
+
+        Never MULTI: in a cluster each command goes to its own slot's master.
+        """
+        del transaction
+        return StorePipeline(self)
+
+
+class StoreConnection(RedisInterface):
     """One connection to a Redis-protocol server (DragonflyDB, Redis, Valkey)."""
 
     def __init__(self, url: str, timeout: float = 0.02, connect_timeout: float = 1.0,
@@ -222,3 +249,57 @@ class StoreConnection:
         sha = self.call("SCRIPT", "LOAD", source)
         assert isinstance(sha, bytes)
         return sha.decode()
+
+
+class StorePipeline:
+    """Commands queued for one round trip, with redis-py's Pipeline interface."""
+
+    def __init__(self, client: RedisInterface) -> None:
+        self._client = client
+        self._cmds: list[tuple[tuple, dict[str, Any]]] = []
+
+    def __len__(self) -> int:
+        return len(self._cmds)
+
+    def execute_command(self, *args: Any, **options: Any) -> StorePipeline:
+        """Queue a command."""
+        self._cmds.append((args, options))
+        return self
+
+    def execute(self, raise_on_error: bool = True) -> list:
+        """Send the queued commands in one round trip; return their replies, parsed as redis-py's.
+
+        An error reply raises StoreReplyError (the first one), or with raise_on_error=False comes
+        back in the list as one; a failing store raises StoreError.
+        """
+        cmds, self._cmds = self._cmds, []
+        if not cmds:
+            return []
+        payload = b"".join(hotpath.encode_command(*args) for args, _ in cmds)
+        out: list = []
+        for (args, options), r in zip(cmds, self._client.round_trip(payload, len(cmds)),
+                                       strict=True):
+            if isinstance(r, hotpath.RespError):
+                if raise_on_error:
+                    raise StoreReplyError(r.message)
+                out.append(StoreReplyError(r.message))
+            else:
+                out.append(parsed_reply(args, r, options))
+        return out
+
+
+@functools.cache
+def _reply_parsers() -> Mapping[str, Any]:
+    # redis-py's own parsing per command (HGETALL -> dict, XRANGE -> [(id, fields)], ...), so a
+    # helper reads one shape from this client and from redis-py's. Building a client connects
+    # nothing. RESP2, as the worker speaks and open_redis asks for.
+    return redis.Redis(protocol=2).response_callbacks
+
+
+def parsed_reply(args: tuple, reply: Any, options: dict[str, Any]) -> Any:
+    """Return a reply as redis-py's client parses it for the command args name."""
+    name = args[0].decode() if isinstance(args[0], bytes) else str(args[0])
+    parse = _reply_parsers().get(name)
+    if parse is None:
+        return reply
+    return parse(reply, **{k: v for k, v in options.items() if k != "keys"})

@@ -5,7 +5,7 @@
 -- Written only by the control plane (MI acm_carrier_* / acm_gateway_* / acm_route_*), which
 -- validates the whole document first and replaces it in one transaction. The CHECKs repeat
 -- the rules a single row can check; the rest (an address on two gateways, a route's gateway of
--- another carrier) is acm_module.decide.gateway.registry.validate's.
+-- another carrier) is acm_module.core.registry.validate's.
 
 CREATE TABLE IF NOT EXISTS carriers (
     id VARCHAR(64) PRIMARY KEY,

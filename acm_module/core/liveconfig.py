@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Protocol
 
-from acm_module.core import keys
+from acm_module.core import keys, numbers
 from acm_module.core.errors import StoreReplyError
-from acm_module.decide.engine import hotpath
-from acm_module.decide.store.cluster import StoreClient
+from acm_module.core.types import RespError
+
+
+class Store(Protocol):
+    """The worker's StoreClient or redis-py's client (core.redis.open_redis): both have
+    execute_command and pipeline, parse replies alike and raise StoreError."""
+
+    def execute_command(self, *args: Any, **options: Any) -> Any: ...
+
+    def pipeline(self, transaction: bool = True) -> Any: ...
 
 CONFIG_KEY = "{acm.cfg}:detect"
 DECIDER_KEYS = ("threshold", "window", "mode", "dedup_ttl", "block_ttl")
@@ -99,33 +107,30 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def init_boot(conn: StoreClient, boot_id: str, values: dict[str, Any]) -> int:
+def init_boot(conn: Store, boot_id: str, values: dict[str, Any]) -> int:
     """Publish `values` as the live config unless this boot already did. Return the generation
     (0 when this boot had published)."""
-    r = conn.call("EVAL", _INIT_BOOT, 1, CONFIG_KEY, boot_id, json.dumps(values, sort_keys=True),
-                  _now_ms())
+    r = conn.execute_command("EVAL", _INIT_BOOT, 1, CONFIG_KEY, boot_id,
+                             json.dumps(values, sort_keys=True), _now_ms())
     return int(r)  # type: ignore[arg-type]
 
 
-def restore(conn: StoreClient, values: dict[str, Any], boot_id: str = "") -> int:
+def restore(conn: Store, values: dict[str, Any], boot_id: str = "") -> int:
     """Publish `values` if the store has no live config; return the generation, 0 if it had."""
-    r = conn.call("EVAL", _RESTORE, 1, CONFIG_KEY, boot_id, json.dumps(values, sort_keys=True),
-                  _now_ms())
+    r = conn.execute_command("EVAL", _RESTORE, 1, CONFIG_KEY, boot_id,
+                             json.dumps(values, sort_keys=True), _now_ms())
     return int(r)  # type: ignore[arg-type]
 
 
-READ_COMMAND = hotpath.encode_command("HMGET", CONFIG_KEY, "gen", "values")
-
-
-def read(conn: StoreClient) -> tuple[int, dict[str, Any] | None]:
+def read(conn: Store) -> tuple[int, dict[str, Any] | None]:
     """Return (generation, config values) of the live config; (0, None) if none is published."""
-    return parse_read(conn.call("HMGET", CONFIG_KEY, "gen", "values"))
+    return parse_read(conn.execute_command("HMGET", CONFIG_KEY, "gen", "values"))
 
 
-def read_origin(conn: StoreClient) -> tuple[int, dict[str, Any] | None, str, str]:
+def read_origin(conn: Store) -> tuple[int, dict[str, Any] | None, str, str]:
     """Return (generation, values, boot id, source) of the live config; the source is "boot"
     (a worker's start-up settings), "mi" (a change) or "restore" ("" when unknown)."""
-    r = conn.call("HMGET", CONFIG_KEY, "gen", "values", "boot", "src")
+    r = conn.execute_command("HMGET", CONFIG_KEY, "gen", "values", "boot", "src")
     assert isinstance(r, list)
     gen, values = parse_read(r[:2])
     boot, src = (b.decode() if isinstance(b, bytes) else "" for b in r[2:])
@@ -133,78 +138,77 @@ def read_origin(conn: StoreClient) -> tuple[int, dict[str, Any] | None, str, str
 
 
 def parse_read(r: Any) -> tuple[int, dict[str, Any] | None]:
-    """Parse the reply of READ_COMMAND (for callers that pipeline it with other reads)."""
-    if isinstance(r, hotpath.RespError):
+    """Parse the reply of `HMGET CONFIG_KEY gen values` (workers pipeline it with other reads)."""
+    if isinstance(r, RespError):
         raise StoreReplyError(r.message)
+    if isinstance(r, StoreReplyError):  # a pipeline's error reply (raise_on_error=False)
+        raise r
     assert isinstance(r, list)
     if r[0] is None or r[1] is None:
         return 0, None
     return int(r[0]), _coerce(json.loads(r[1]))
 
 
-def compare_and_set(conn: StoreClient, expected_gen: int, values: dict[str, Any]) -> int:
+def compare_and_set(conn: Store, expected_gen: int, values: dict[str, Any]) -> int:
     """Replace the live config if it is still at expected_gen; return the new gen, or -1."""
-    r = conn.call("EVAL", _SET_IF_GEN, 1, CONFIG_KEY, expected_gen,
-                  json.dumps(values, sort_keys=True), _now_ms())
+    r = conn.execute_command("EVAL", _SET_IF_GEN, 1, CONFIG_KEY, expected_gen,
+                             json.dumps(values, sort_keys=True), _now_ms())
     return int(r)  # type: ignore[arg-type]
 
 
-def write_blocks(conn: StoreClient, todo: list[tuple[str, int, str, str]],
+def write_blocks(conn: Store, todo: list[tuple[str, int, str, str]],
                  now_ms: int, partitions: int) -> None:
     """Block A-numbers: (a_number, expiry_ms, alert_id, severity), in every partition's copy.
 
     Blocks live in call time (the requests' ts), so entries expired before now_ms (the
     detecting call's ts) are purged here rather than by a wall-clock TTL. Blocks are rare: one
-    pipelined round trip writes all copies.
+    pipeline writes all copies (one buffer per master in a cluster).
     """
     if not todo:
         return
     args: list[str | int] = []
     for a, exp, alert_id, sev in todo:
         args += [a, exp, f"{alert_id}|{sev}"]
-    payload = b"".join(hotpath.encode_command("EVAL", _BLOCK, 1, keys.blocks(p), now_ms, *args)
-                       for p in range(partitions))
-    for r in conn.round_trip(payload, partitions):
-        if isinstance(r, hotpath.RespError):
-            raise StoreReplyError(r.message)
+    pipe = conn.pipeline(transaction=False)
+    for p in range(partitions):
+        pipe.execute_command("EVAL", _BLOCK, 1, keys.blocks(p), now_ms, *args)
+    pipe.execute()
 
 
-def list_blocks(conn: StoreClient, partitions: int) -> list[dict[str, Any]]:
+def list_blocks(conn: Store, partitions: int) -> list[dict[str, Any]]:
     """Return every block entry as {a_number, expires_ms, alert_id, severity}."""
     del partitions  # every partition holds the same list: read the first copy
-    r = conn.call("HGETALL", keys.blocks(0))
-    assert isinstance(r, list)
     out = []
-    for i in range(0, len(r), 2):
-        exp, alert_id, sev = r[i + 1].decode().split("|")
-        out.append({"a_number": r[i].decode(), "expires_ms": int(exp), "alert_id": alert_id,
+    for a, v in conn.execute_command("HGETALL", keys.blocks(0)).items():
+        exp, alert_id, sev = v.decode().split("|")
+        out.append({"a_number": a.decode(), "expires_ms": int(exp), "alert_id": alert_id,
                     "severity": sev})
     return sorted(out, key=lambda e: e["a_number"])
 
 
-def unblock(conn: StoreClient, a_number: str, partitions: int) -> bool:
+def unblock(conn: Store, a_number: str, partitions: int) -> bool:
     """Release one blocked A-number in every copy; return whether it was blocked."""
-    payload = b"".join(hotpath.encode_command("HDEL", keys.blocks(p), a_number)
-                       for p in range(partitions))
-    r = conn.round_trip(payload, partitions, 1.0)
-    return any(v == 1 for v in r)
+    pipe = conn.pipeline(transaction=False)
+    for p in range(partitions):
+        pipe.execute_command("HDEL", keys.blocks(p), a_number)
+    return any(v == 1 for v in pipe.execute())
 
 
 def whitelist_key(b_number: str, partitions: int) -> str:
     """Return the store key of a (normalised) B-number's whitelist marker."""
-    return keys.for_b(b_number, hotpath.partition_of(b_number, partitions))["whitelist"]
+    return keys.for_b(b_number, numbers.partition_of(b_number, partitions))["whitelist"]
 
 
-def whitelist_set(conn: StoreClient, b_number: str, partitions: int, reason: str,
+def whitelist_set(conn: Store, b_number: str, partitions: int, reason: str,
                   ttl_ms: int | None = None) -> None:
     """Whitelist a normalised B-number in the store (ttl_ms: until it expires)."""
     key = whitelist_key(b_number, partitions)
     if ttl_ms:
-        conn.call("SET", key, reason or "-", "PX", ttl_ms)
+        conn.execute_command("SET", key, reason or "-", "PX", ttl_ms)
     else:
-        conn.call("SET", key, reason or "-")
+        conn.execute_command("SET", key, reason or "-")
 
 
-def whitelist_del(conn: StoreClient, b_number: str, partitions: int) -> bool:
+def whitelist_del(conn: Store, b_number: str, partitions: int) -> bool:
     """Remove a B-number's whitelist marker; return whether it existed."""
-    return bool(conn.call("DEL", whitelist_key(b_number, partitions)))
+    return bool(conn.execute_command("DEL", whitelist_key(b_number, partitions)))

@@ -1,6 +1,9 @@
 """The fraud team's web console at `/` of the REST API's port: server-rendered pages (Jinja2),
 a live alert queue (Server-Sent Events), charts drawn as inline SVG, CSV exports, and an
 installable web app (manifest, service worker, icons) — every asset ships in this package.
+
+A room above web/: it uses the API's queries, models and security, and `mount` adds it to the
+API's app; cli.py hands `mount` to web/'s app builder, which never imports this room.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ from fastapi.staticfiles import StaticFiles
 
 def mount(app: FastAPI, settings: Any) -> None:
     """Add the console's routes, static files, manifest and service worker to the API app."""
+    from acm_module.console.assets import STATIC, Assets
+    from acm_module.console.live import Feed
+    from acm_module.console.views import build_router
     from acm_module.control.repository import AlertQuery
-    from acm_module.web.console.assets import STATIC, Assets
-    from acm_module.web.console.live import Feed
-    from acm_module.web.console.views import build_router
 
     assets = Assets(settings.report_timezone)
 

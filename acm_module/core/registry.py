@@ -13,8 +13,8 @@ import time
 from typing import Any
 
 from acm_module.core.errors import ConfigError, StoreReplyError
-from acm_module.decide.engine import hotpath
-from acm_module.decide.store.cluster import StoreClient
+from acm_module.core.liveconfig import Store
+from acm_module.core.types import RespError
 
 REGISTRY_KEY = "{acm.cfg}:gw"
 
@@ -30,33 +30,30 @@ return ver
 """
 
 
-def publish(conn: StoreClient, doc: dict[str, Any]) -> int:
+def publish(conn: Store, doc: dict[str, Any]) -> int:
     """Publish a (validated) registry document; return its new version."""
     body = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     now_ms = int(time.time() * 1000)
-    return int(conn.call("EVAL", _PUBLISH, 1, REGISTRY_KEY, body, now_ms))  # type: ignore[arg-type]
+    return int(conn.execute_command("EVAL", _PUBLISH, 1, REGISTRY_KEY, body, now_ms))  # type: ignore[arg-type]
 
 
-def read(conn: StoreClient) -> tuple[int, dict[str, Any]]:
+def read(conn: Store) -> tuple[int, dict[str, Any]]:
     """Return (version, document); (0, EMPTY) when nothing was ever published."""
-    r = conn.call("HMGET", REGISTRY_KEY, "ver", "doc")
+    r = conn.execute_command("HMGET", REGISTRY_KEY, "ver", "doc")
     assert isinstance(r, list)
     if r[0] is None or r[1] is None:
         return 0, {k: [] for k in EMPTY}
     return int(r[0]), json.loads(r[1])
 
 
-VERSION_COMMAND = hotpath.encode_command("HGET", REGISTRY_KEY, "ver")
-
-
-def version(conn: StoreClient) -> int:
+def version(conn: Store) -> int:
     """Return the published version (0 when none)."""
-    return parse_version(conn.call("HGET", REGISTRY_KEY, "ver"))
+    return parse_version(conn.execute_command("HGET", REGISTRY_KEY, "ver"))
 
 
 def parse_version(r: Any) -> int:
-    """Parse the reply of VERSION_COMMAND (pipelined by the workers with their config poll)."""
-    if isinstance(r, hotpath.RespError):
+    """Parse the reply of `HGET REGISTRY_KEY ver` (workers pipeline it with their config poll)."""
+    if isinstance(r, RespError):
         raise StoreReplyError(r.message)
     return 0 if r is None else int(r)  # type: ignore[arg-type]
 

@@ -34,8 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from acm_module.control.repository import LIFECYCLE_STREAM, _alert_view
 from acm_module.core import keys, records
 from acm_module.core.errors import StoreError
-from acm_module.decide.engine import hotpath
-from acm_module.decide.store.cluster import StoreClient
+from acm_module.core.redis import LazyRedis
 
 log = logging.getLogger("acm.web.console")
 
@@ -43,10 +42,6 @@ _SCAN = 2000  # stream records read back per partition and tick, newest first
 _QUEUE = 256  # events a slow browser may lag behind before it is dropped (it reconnects)
 _SENT_MAX = 10_000  # alert versions remembered (to send a repository alert once)
 KEEPALIVE_S = 15.0
-
-
-def _fields(flat: list[bytes]) -> dict[str, str]:
-    return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
 
 
 class Feed:
@@ -61,7 +56,7 @@ class Feed:
         self._sent: dict[str, int] = {}  # alert id -> the version last sent
         self._subs: set[asyncio.Queue[dict[str, Any]]] = set()
         self._task: asyncio.Task[None] | None = None
-        self._conn: StoreClient | None = None
+        self._conn = LazyRedis(store_url, timeout=2.0, connect_timeout=2.0)
         self._counters: list[bytes | None] = [None] * partitions
         self._last_id: list[str | None] = [None] * partitions
         self._life_last: str | None = None  # the lifecycle stream's last entry seen
@@ -122,20 +117,20 @@ class Feed:
     def poll(self) -> list[dict[str, Any]]:
         """Return the alert and lifecycle changes since the previous poll, oldest first
         (blocking)."""
-        if self._conn is None:
-            self._conn = StoreClient(self.store_url, timeout=2.0, connect_timeout=2.0)
-        payload = b"".join(hotpath.encode_command("HGETALL", keys.counters(p))
-                           for p in range(self.partitions))
-        # The lifecycle stream rides on the same round trip: only what is new since last tick.
+        pipe = self._conn.pipeline(transaction=False)
+        for p in range(self.partitions):
+            pipe.hgetall(keys.counters(p))
+        # The lifecycle stream rides on the same pipeline: only what is new since last tick.
         life = self._life_last
-        payload += hotpath.encode_command(
-            *(("XREVRANGE", LIFECYCLE_STREAM, "+", "-", "COUNT", "1") if life is None else
-              ("XRANGE", LIFECYCLE_STREAM, "(" + life, "+", "COUNT", str(_SCAN))))
-        replies = self._conn.round_trip(payload, self.partitions + 1, 2.0)
+        if life is None:
+            pipe.xrevrange(LIFECYCLE_STREAM, "+", "-", count=1)
+        else:
+            pipe.xrange(LIFECYCLE_STREAM, "(" + life, "+", count=_SCAN)
+        replies = pipe.execute()
         out: list[dict[str, Any]] = []
         trimmed = False
         for p, reply in enumerate(replies[:self.partitions]):
-            stamp = b"|".join(sorted(reply)) if isinstance(reply, list) else b""
+            stamp = b"|".join(sorted(k + b"=" + v for k, v in reply.items()))
             first = self._counters[p] is None
             if stamp == self._counters[p]:
                 continue
@@ -160,21 +155,19 @@ class Feed:
         self._life_last = reply[-1][0].decode() if not baseline else reply[0][0].decode()
         if baseline:
             return []
-        return [{**_fields(flat), "event": "lifecycle"} for _rid, flat in reply]
+        return [{**records.fields(entry), "event": "lifecycle"} for _rid, entry in reply]
 
     def _read(self, p: int, baseline: bool) -> list[dict[str, Any]]:
         last = self._last_id[p]
         # Only what was appended since the last look (an exclusive start), newest first.
         start = "-" if last is None else "(" + last
-        raw = self._conn.call("XREVRANGE", keys.stream(p), "+", start,  # type: ignore[union-attr]
-                              "COUNT", 1 if baseline else _SCAN)
-        assert isinstance(raw, list)
+        raw = self._conn.xrevrange(keys.stream(p), "+", start, count=1 if baseline else _SCAN)
         latest: dict[str, records.AlertChange] = {}
-        for rid, flat in raw:
+        for rid, entry in raw:
             sid = rid.decode()
             if last is not None and _id_le(sid, last):
                 break
-            f = _fields(flat)
+            f = records.fields(entry)
             if f.get("k") != "a" or f.get("al") in latest:
                 continue  # a decision, or an older record of an alert already seen
             try:  # the writer's parser: one reading of a record everywhere

@@ -1,6 +1,7 @@
-"""Phone numbers in pure Python: E.164 normalisation and the key partition (FNV-1a).
+"""Phone numbers: E.164 normalisation and the key partition (FNV-1a), for every room.
 
-The pure-Python twin of ext/numbers.pyx and its readable reference; the severity bands live in
+The pure-Python twin of ext/numbers.pyx (the decision path's compiled copy) and its readable
+reference; off the decision path every room uses this module; the severity bands live in
 core/types.py, shared by both twins.
 """
 

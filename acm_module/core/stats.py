@@ -118,25 +118,25 @@ class WorkerStats:
 
 def publish(conn: Any, field_name: str, stats: WorkerStats) -> None:
     """Write one worker's snapshot into the stats hash."""
-    conn.call("HSET", STATS_KEY, field_name, json.dumps(stats.snapshot(), separators=(",", ":")))
+    conn.execute_command("HSET", STATS_KEY, field_name,
+                         json.dumps(stats.snapshot(), separators=(",", ":")))
 
 
 def read_all(conn: Any, fresh_s: float = FRESH_S) -> list[dict[str, Any]]:
     """Return the fresh snapshots of every worker; stale ones are removed."""
-    raw = conn.call("HGETALL", STATS_KEY)
     out, stale = [], []
     now = time.time()
-    for i in range(0, len(raw), 2):
-        snap = json.loads(raw[i + 1])
+    for key, value in conn.execute_command("HGETALL", STATS_KEY).items():
+        snap = json.loads(value)
         # The field is host/boot/index: one node (an `acm serve`) is one host/boot.
-        field = raw[i].decode() if isinstance(raw[i], bytes) else raw[i]
+        field = key.decode() if isinstance(key, bytes) else key
         snap.setdefault("node", field.rpartition("/")[0])
         if now - snap["updated"] > fresh_s:
-            stale.append(raw[i])
+            stale.append(key)
         else:
             out.append(snap)
     if stale:
-        conn.call("HDEL", STATS_KEY, *stale)
+        conn.execute_command("HDEL", STATS_KEY, *stale)
     return sorted(out, key=lambda s: (s["host"], s["index"], s["pid"]))
 
 

@@ -31,13 +31,13 @@ from fastapi.responses import (
 )
 from fastapi.routing import APIRoute
 
+from acm_module.console import charts, live
+from acm_module.console.assets import Assets
+from acm_module.core import numbers
+from acm_module.core import registry as gw_registry
 from acm_module.core import settings as settings_mod
 from acm_module.core.alerts import TRANSITIONS, AlertStatus
-from acm_module.decide.engine import hotpath
-from acm_module.decide.gateway import registry as gw_registry
 from acm_module.web.api import API, CSRF_HEADER, SESSION_COOKIE, csrf_of
-from acm_module.web.console import charts, live
-from acm_module.web.console.assets import Assets
 from acm_module.web.security import same_secret
 
 LOGIN_CSRF_COOKIE = "acm_login_csrf"
@@ -374,7 +374,7 @@ def build_router(assets: Assets, feed: live.Feed, settings: Any) -> APIRouter:
 
         f = filters(request)
         if f["b_number"]:
-            f["b_number"] = hotpath.normalise(f["b_number"], settings.default_country_code) \
+            f["b_number"] = numbers.normalise(f["b_number"], settings.default_country_code) \
                 or f["b_number"]
         # Subscribed before the response starts: the browser's "open" means nothing is missed.
         q = await feed.subscribe()
@@ -467,7 +467,7 @@ def build_router(assets: Assets, feed: live.Feed, settings: Any) -> APIRouter:
         user = await api.me()
         ctx: dict[str, Any] = {"number": number.strip()[:64], "error": None}
         if ctx["number"]:
-            e164 = hotpath.normalise(ctx["number"], settings.default_country_code)
+            e164 = numbers.normalise(ctx["number"], settings.default_country_code)
             if e164 is None:
                 ctx["error"] = f"{ctx['number']!r} is not a phone number."
             else:
