@@ -210,10 +210,12 @@ class LazyRedis:
     It stands for the client: every other attribute is the current client's.
     """
 
-    def __init__(self, url: str, *, timeout: float = 5.0, connect_timeout: float = 2.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 5.0, connect_timeout: float = 2.0,
+                 **options: Any) -> None:
         self.url = url
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.options = options  # more of open_redis's keywords (decode_responses, ...)
         self._client: Client | None = None
 
     def get(self) -> Client:
@@ -225,7 +227,7 @@ class LazyRedis:
         if self._client is None:
             try:
                 self._client = open_redis(self.url, timeout=self.timeout,
-                                          connect_timeout=self.connect_timeout)
+                                          connect_timeout=self.connect_timeout, **self.options)
             except ConfigError as e:
                 raise StoreError(str(e)) from e
         return self._client

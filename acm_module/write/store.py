@@ -1,9 +1,9 @@
-"""The writer's store client: redis-py (replies parsed by hiredis) through core.redis.open_redis.
+"""The writer's store client: core.redis's LazyRedis (redis-py, replies parsed by hiredis).
 
-One client per thread, opened on first use and reopened after a failure, so a failover or a
-store restart is one retried step. redis-py's errors leave as acm's: StoreReplyError for an
-error reply, StoreError for everything else (a broken or slow link, a cluster in the middle of
-a failover), which the writer's backoff and logs already handle.
+One client per thread, opened on first use and reopened after a failure that may mean a stale
+cluster map, so a failover or a store restart is one retried step. Errors are acm's:
+StoreReplyError for an error reply, StoreError for everything else (a broken or slow link, a
+cluster in the middle of a failover), which the writer's backoff and logs already handle.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import redis
 from redis.cluster import RedisCluster
 from redis.exceptions import AskError, ClusterError, RedisClusterException, TryAgainError
 
-from acm_module.core.errors import ConfigError, StoreError, StoreReplyError
-from acm_module.core.redis import Client, open_redis
+from acm_module.core.errors import StoreError, StoreReplyError
+from acm_module.core.redis import Client, LazyRedis
 from acm_module.core.storeurl import safe_url
 
 # Error replies about where a slot lives or whether the cluster serves it: the client's map is
@@ -25,68 +25,50 @@ from acm_module.core.storeurl import safe_url
 _MAP_ERRORS = (ClusterError, AskError, TryAgainError)
 
 
-class StreamStore:
-    """A lazily (re)opened redis-py client whose errors are raised as StoreError."""
+class StreamStore(LazyRedis):
+    """The writer's lazily (re)opened client: str replies, raising StoreError."""
 
     def __init__(self, url: str, timeout: float = 5.0) -> None:
-        self.url = url
-        self.timeout = timeout
-        self._client: Client | None = None
-
-    def safe_url(self) -> str:
-        """Return the URL without its password, for logs."""
-        return safe_url(self.url)
+        # str replies (hiredis decodes in C); a record with invalid UTF-8 still reads, to be
+        # dead-lettered, instead of failing its whole batch for ever.
+        super().__init__(url, timeout=timeout, decode_responses=True, encoding_errors="replace")
 
     @property
     def client(self) -> Client:
         """Return the client, connecting first if needed. Raises StoreError."""
-        if self._client is None:
-            with self.errors():
-                # str replies (hiredis decodes in C); a record with invalid UTF-8 still reads,
-                # to be dead-lettered, instead of failing its whole batch for ever.
-                self._client = open_redis(self.url, timeout=self.timeout,
-                                          decode_responses=True, encoding_errors="replace")
-        return self._client
+        return self.get()
 
     @property
     def cluster(self) -> bool:
         """Say whether the store is a cluster (connects first)."""
-        return isinstance(self.client, RedisCluster)
-
-    def close(self) -> None:
-        """Drop the client (and its connections); the next use reconnects."""
-        c, self._client = self._client, None
-        if c is not None:
-            try:
-                c.close()
-            except Exception:  # closing must not raise
-                pass
+        return isinstance(self.get(), RedisCluster)
 
     @contextmanager
     def errors(self) -> Iterator[None]:
-        """Raise redis-py's errors inside the block as StoreReplyError / StoreError."""
+        """Raise every store failure inside the block as StoreReplyError / StoreError, and drop
+        the client after one that may mean a stale cluster map."""
         try:
             yield
-        except StoreError:
+        except StoreReplyError as e:
+            if isinstance(e.__cause__, _MAP_ERRORS):
+                self.reset()
             raise
-        except redis.ResponseError as e:
-            if isinstance(e, _MAP_ERRORS):
-                self.close()
-                raise StoreError(f"store {self.safe_url()}: {e}") from e
+        except StoreError:
+            self.reset()
+            raise
+        except redis.ResponseError as e:  # not through open_redis's client (none expected)
             raise StoreReplyError(str(e)) from e
         except (redis.RedisError, RedisClusterException) as e:
-            self.close()
-            raise StoreError(f"store {self.safe_url()}: {e}") from e
-        except ConfigError as e:  # refused credentials: retried with a backoff, as a link error
-            raise StoreError(str(e)) from e
+            self.reset()
+            raise StoreError(f"store {safe_url(self.url)}: {e}") from e
 
     def call(self, *args: Any, **options: Any) -> Any:
         """Run one command (redis-py's reply parsing). Raises StoreError/StoreReplyError."""
         with self.errors():
-            return self.client.execute_command(*args, **options)
+            return self.get().execute_command(*args, **options)
 
-    def pipeline(self, cmds: Sequence[tuple[Any, ...]], route: Sequence[str] | None = None
-                 ) -> list[Any]:
+    def pipeline(self, cmds: Sequence[tuple[Any, ...]],  # type: ignore[override]
+                 route: Sequence[str] | None = None) -> list[Any]:
         """Run commands pipelined without a transaction; return their replies, an error reply
         as its StoreReplyError. On a cluster the commands go in one buffer per master (route[i],
         when given, is the key of cmds[i], for commands redis-py cannot find the key of without
@@ -94,7 +76,7 @@ class StreamStore:
         if not cmds:
             return []
         with self.errors():
-            c = self.client
+            c = self.get()
             p = c.pipeline(transaction=False)
             if route is not None and isinstance(c, RedisCluster):
                 for args, key in zip(cmds, route, strict=True):
@@ -105,11 +87,13 @@ class StreamStore:
             replies = p.execute(raise_on_error=False)
         out = []
         for r in replies:
-            if isinstance(r, redis.ResponseError) and not isinstance(r, _MAP_ERRORS):
+            if isinstance(r, StoreReplyError) and not isinstance(r.__cause__, _MAP_ERRORS):
+                out.append(r)
+            elif isinstance(r, redis.ResponseError) and not isinstance(r, _MAP_ERRORS):
                 out.append(StoreReplyError(str(r)))
             elif isinstance(r, BaseException):
-                self.close()
-                raise StoreError(f"store {self.safe_url()}: {r}") from r
+                self.reset()
+                raise StoreError(f"store {safe_url(self.url)}: {r}") from r
             else:
                 out.append(r)
         return out
