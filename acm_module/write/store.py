@@ -31,7 +31,9 @@ class StreamStore(LazyRedis):
     def __init__(self, url: str, timeout: float = 5.0) -> None:
         # str replies (hiredis decodes in C); a record with invalid UTF-8 still reads, to be
         # dead-lettered, instead of failing its whole batch for ever.
-        super().__init__(url, timeout=timeout, decode_responses=True, encoding_errors="replace")
+        # Reads of 1 MiB: a batch's XREADGROUP reply is megabytes (redis-py reads 64 KiB).
+        super().__init__(url, timeout=timeout, decode_responses=True, encoding_errors="replace",
+                         socket_read_size=1 << 20)
 
     @property
     def client(self) -> Client:
