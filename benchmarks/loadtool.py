@@ -192,20 +192,24 @@ def _req_client_proc(endpoint: str, seconds: float, rate: float, b_pool: int, wa
                  time.perf_counter() - w0 if w0 else 0.0, codes))
 
 
-def drive(endpoint: str, clients: int, seconds: float, rate: float = 0.0, b_pool: int = 10**6,
-          warmup: int = 200, progress: Callable[[str], None] | None = None,
-          procs: int = 1, kind: str = "zmtp", server_pids: list[int] | None = None,
-          store_pids: list[int] | None = None, name: str = "",
-          curve: CurveKeys | None = None) -> Result:
+def drive(endpoint: str | list[str], clients: int, seconds: float, rate: float = 0.0,
+          b_pool: int = 10**6, warmup: int = 200,
+          progress: Callable[[str], None] | None = None, procs: int = 1, kind: str = "zmtp",
+          server_pids: list[int] | None = None, store_pids: list[int] | None = None,
+          name: str = "", curve: CurveKeys | None = None,
+          groups: dict[str, list[int]] | None = None) -> Result:
     """Run `clients` logical clients for `seconds` and return the phase's Result.
 
     kind "zmtp": `procs` load processes pipeline the clients (benchmarks/zmtp_client.py);
-    kind "req": one process per client with a pyzmq REQ socket. Server CPU is measured over
-    `server_pids` (the workers) and `store_pids` when given. With `curve` the clients are
-    REQ processes with those keys (the ZMTP clients speak the NULL mechanism only).
+    kind "req": one process per client with a pyzmq REQ socket. Several endpoints (several
+    `acm serve` nodes): the load processes (REQ clients) take them in turn, at least one each.
+    Server CPU is measured over `server_pids` (the workers) and `store_pids` when given, and
+    per reply of each process group in `groups` (in extra["cpu_us"]). With `curve` the clients
+    are REQ processes with those keys (the ZMTP clients speak the NULL mechanism only).
     """
     from benchmarks import zmtp_client
 
+    eps = [endpoint] if isinstance(endpoint, str) else list(endpoint)
     start = CTX.Event()
     out: Any = CTX.Queue()
     if curve is not None:
@@ -213,21 +217,23 @@ def drive(endpoint: str, clients: int, seconds: float, rate: float = 0.0, b_pool
     if kind == "req":
         per_rate = rate / clients if rate else 0.0
         workers = [CTX.Process(target=_req_client_proc,
-                               args=(endpoint, seconds, per_rate, b_pool, warmup, start, out,
-                                     curve))
-                   for _ in range(clients)]
+                               args=(eps[i % len(eps)], seconds, per_rate, b_pool, warmup,
+                                     start, out, curve))
+                   for i in range(clients)]
     else:
-        procs = max(1, min(procs, clients))
+        procs = max(1, len(eps), min(procs, clients))
         split = [clients // procs + (i < clients % procs) for i in range(procs)]
         workers = [CTX.Process(target=zmtp_client.client_proc,
-                               args=(endpoint, n, seconds, rate * n / clients, b_pool, warmup,
-                                     start, out))
-                   for n in split]
+                               args=(eps[i % len(eps)], n, seconds, rate * n / clients, b_pool,
+                                     warmup, start, out))
+                   for i, n in enumerate(split)]
     for p in workers:
         p.start()
     time.sleep(0.3 + (0.02 * clients if kind == "req" else 0.05 * len(workers)))
     pids, spids = server_pids or [], store_pids or []
+    groups = groups or {}
     srv0, st0 = cpu_ns(pids), cpu_ns(spids)
+    g0 = {g: cpu_ns(gp) for g, gp in groups.items()}
     start.set()
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
@@ -235,6 +241,7 @@ def drive(endpoint: str, clients: int, seconds: float, rate: float = 0.0, b_pool
             progress(f"{name}: {time.monotonic() - t0:4.1f}/{seconds:.0f}s")
         time.sleep(min(0.5, max(0.0, seconds - (time.monotonic() - t0))))
     srv_ns, st_ns = cpu_ns(pids) - srv0, cpu_ns(spids) - st0
+    g_ns = {g: cpu_ns(gp) - g0[g] for g, gp in groups.items()}
     lat = array("q")
     errors = unavailable = timeouts = 0
     codes: dict[str, int] = {}
@@ -260,7 +267,7 @@ def drive(endpoint: str, clients: int, seconds: float, rate: float = 0.0, b_pool
         p.join(10)
     if failure is not None:
         raise RuntimeError(f"{name}: a load process failed: {failure!r}") from failure
-    r = Result.of(name or endpoint, clients, seconds, lat, errors)
+    r = Result.of(name or ",".join(eps), clients, seconds, lat, errors)
     r.unavailable = unavailable
     r.extra["timeouts"] = timeouts
     r.extra["error_codes"] = codes
@@ -269,6 +276,7 @@ def drive(endpoint: str, clients: int, seconds: float, rate: float = 0.0, b_pool
         r.client_cpu_us = cpu_s * 1e6 / r.count
         r.server_cpu_us = (srv_ns + st_ns) / 1000.0 / r.count if pids else None
         r.store_cpu_us = st_ns / 1000.0 / r.count if spids else None
+        r.extra["cpu_us"] = {g: round(ns / 1000.0 / r.count, 2) for g, ns in g_ns.items()}
     # Busy share of the CPUs the load processes could use (one each, at most the machine's).
     usable = min(len(workers), os.cpu_count() or 1)
     r.client_util = cpu_s / (wall_s * usable) if wall_s else 0.0
@@ -319,17 +327,26 @@ def redis_server(url: str | None) -> Iterator[tuple[str, int | None]]:
 @contextlib.contextmanager
 def acm_service(store: str, workers: int, endpoint: str, env: dict[str, str] | None = None,
                 src: Path = REPO, new_session: bool = False,
-                curve: CurveKeys | None = None) -> Iterator[subprocess.Popen]:
-    """Run `acm serve` (from the checkout `src`; in its own session) until the block ends."""
+                curve: CurveKeys | None = None,
+                python: str = sys.executable) -> Iterator[subprocess.Popen]:
+    """Run `acm serve` (from the checkout `src` with its interpreter `python`; in its own
+    session) until the block ends; yield once every worker serves."""
     e = {**os.environ, "ACM_MI_HTTP": "", "ACM_MI_DATAGRAM": "", "ACM_METRICS_HTTP": "",
          "ACM_WEB_HTTP": "",
          "ACM_LOG_LEVEL": "WARNING", "ACM_STATE_DIR": tempfile.mkdtemp(prefix="acm-bench-st-"),
          **(env or {})}
-    p = subprocess.Popen([sys.executable, "-m", "acm_module.cli", "serve", "--workers",
+    if Path(src).resolve() != REPO:
+        e["PYTHONDONTWRITEBYTECODE"] = "1"  # leave another checkout as it was
+    p = subprocess.Popen([python, "-m", "acm_module.cli", "serve", "--workers",
                           str(workers), "--store", store, "--endpoint", endpoint], env=e,
                          cwd=src, start_new_session=new_session)
     try:
         _wait_ready(endpoint, curve=curve)
+        # One worker answering is not all of them: a worker not yet named acm-worker would be
+        # missing from worker_pids(), and its CPU from the CPU per decision.
+        deadline = time.monotonic() + 20.0
+        while len(worker_pids(p.pid)) < workers and time.monotonic() < deadline:
+            time.sleep(0.05)
         yield p
     finally:
         p.send_signal(signal.SIGTERM)
@@ -534,6 +551,16 @@ def store_footprint(store: str, samples: int = 200) -> dict[str, float]:
         c.close()
 
 
+def _revision(checkout: Path) -> str:
+    """Return a checkout's commit (with "+dirty" when its tracked files differ from it)."""
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", "-C", str(checkout), *a], capture_output=True, text=True)
+        return r.stdout.strip()
+
+    rev = git("rev-parse", "--short", "HEAD") or "unknown"
+    return rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def worker_pids(service_pid: int) -> list[int]:
     """Return the pids of a service's decision workers."""
     out = subprocess.run(["pgrep", "-P", str(service_pid)], capture_output=True, text=True)
@@ -586,8 +613,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curve", action="store_true",
                     help="also run the service with CurveZMQ (keys made for the run; its "
                          "workers use libzmq I/O) and its clients with the keys")
+    ap.add_argument("--serve-from", type=Path, default=REPO,
+                    help="run the service (acm phases) from this checkout, with its "
+                         ".venv/bin/python unless --serve-python is given; everything else, "
+                         "the load tool and its ceiling included, from this one (before/after "
+                         "comparisons: benchmarks/ab_bench.py)")
+    ap.add_argument("--serve-python", default="")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
+    serve_src = args.serve_from.resolve()
+    serve_py = args.serve_python or (sys.executable if serve_src == REPO
+                                     else str(serve_src / ".venv" / "bin" / "python"))
+
+    def service(store: str, endpoint: str, env: dict[str, str] | None = None,
+                curve: CurveKeys | None = None) -> contextlib.AbstractContextManager:
+        return acm_service(store, args.workers, endpoint, env, src=serve_src, curve=curve,
+                           python=serve_py)
 
     tmp = tempfile.mkdtemp(prefix="acm-bench-")
 
@@ -619,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         "paced": args.paced,
         "hot_path": (os.environ.get("ACM_PUREPYTHON", "") in ("", "0") and "cython") or "python",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": os.getloadavg(),
+        "served_from": _revision(serve_src), "served_by": serve_py,
     }
     try:
         with redis_server(args.store) as (store, store_pid):
@@ -649,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
                           pids=pids)
 
             acm_ep = ep("acm")
-            with acm_service(store, args.workers, acm_ep) as svc:
+            with service(store, acm_ep) as svc:
                 pids, spids = worker_pids(svc.pid), store_pids
                 if args.paced:
                     # First, on a store holding no earlier phase's keys: their expiry would be
@@ -677,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
                 # The same service with the other worker I/O, for the ratio of the two.
                 other = "libzmq" if os.environ.get("ACM_WORKER_IO", "zmtp") == "zmtp" else "zmtp"
                 io_ep = ep("acm-io")
-                with acm_service(store, args.workers, io_ep, {"ACM_WORKER_IO": other}) as svc:
+                with service(store, io_ep, {"ACM_WORKER_IO": other}) as svc:
                     pids = worker_pids(svc.pid)
                     phase("io_1", f"acm, worker_io={other}", io_ep, 1, pids=pids,
                           spids=store_pids)
@@ -689,8 +731,8 @@ def main(argv: list[str] | None = None) -> int:
                 public, secret = generate_keypair(Path(tmp) / "keys", "acm")
                 curve = CurveKeys.load(str(public))
                 cv_ep = ep("acm-curve")
-                with acm_service(store, args.workers, cv_ep,
-                                 {"ACM_CURVE_SERVER_KEY": str(secret)}, curve=curve) as svc:
+                with service(store, cv_ep, {"ACM_CURVE_SERVER_KEY": str(secret)},
+                             curve=curve) as svc:
                     pids = worker_pids(svc.pid)
                     for key, c in (("io_curve_1", 1), ("io_curve_n", n)):
                         phase(key, "acm, CURVE (libzmq I/O)", cv_ep, c, pids=pids,
@@ -814,7 +856,8 @@ def render(results: dict[str, Result], meta: dict[str, Any]) -> str:
              f"{meta['hot_path']}, {meta['workers']} workers, {meta['transport']}, "
              f"{meta['client_kind']} clients over {meta['load_procs']} load process(es), "
              f"{meta['seconds']:.0f} s per phase, {meta['date']}, load average "
-             f"{la0[0]:.2f} at start, {la1[0]:.2f} at end", ""]
+             f"{la0[0]:.2f} at start, {la1[0]:.2f} at end, service from "
+             f"{meta.get('served_from', '?')}", ""]
     e1, ev = results.get("reflect_1"), results.get("floor_evalsha_1")
     floor = None
     if e1 and ev:

@@ -16,21 +16,14 @@ alike; mi_datagram sends the same JSON back to the sender's address.
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
-import os
-import socket
-import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from acm_module.actions.errors import MIReplyError, MIUnavailable
 from acm_module.core import records
+from acm_module.core.errors import MIReplyError, MIUnavailable
+from acm_module.core.mi import MIClient
 from acm_module.core.records import AlertChange
 from acm_module.core.redis import Client
 
@@ -38,7 +31,6 @@ log = logging.getLogger("acm.actions.disconnect")
 
 END_COMMAND = "dlg_end_dlg"
 NOT_FOUND = 404
-_ids = itertools.count(1)
 
 
 def reason_header(alert_id: str, cause: int = 21) -> str:
@@ -46,100 +38,10 @@ def reason_header(alert_id: str, cause: int = 21) -> str:
     return f'Reason: Q.850;cause={int(cause)};text="acm masking alert {alert_id}"\r\n'
 
 
-class OpenSIPSMI:
-    """A JSON-RPC 2.0 client of OpenSIPS's MI: mi_http (`http://host:8888/mi`) or mi_datagram
-    (`udp:host:port`, `unix:/path`). One request at a time; not thread-safe."""
-
-    def __init__(self, url: str, timeout: float = 2.0) -> None:
-        self.url = url.strip()
-        self.timeout = timeout
-        parsed = urllib.parse.urlsplit(self.url)
-        self.kind = parsed.scheme.lower()
-        if self.kind in ("http", "https"):
-            self._target: Any = self.url
-        elif self.kind == "udp":
-            host, _, port = (parsed.netloc or parsed.path).rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"opensips_mi_url {url!r}: expected udp:host:port")
-            self._target = (host.strip("[]"), int(port))
-        elif self.kind == "unix":
-            self._target = parsed.path or self.url[len("unix:"):]
-        else:
-            raise ValueError(f"opensips_mi_url {url!r}: expected http(s)://, udp: or unix:")
-
-    def execute(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        """Run one MI command and return its `result`.
-
-        Raises MIUnavailable (no answer in time, unreachable) or MIReplyError (a JSON-RPC error).
-        """
-        rid = next(_ids)
-        body: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": rid}
-        if params:
-            body["params"] = params
-        raw = json.dumps(body).encode()
-        http = self.kind in ("http", "https")
-        reply = self._http(raw) if http else self._datagram(raw, rid)
-        if "error" in reply:
-            err = reply["error"] or {}
-            raise MIReplyError(int(err.get("code", 0)), str(err.get("message", "")),
-                               err.get("data"))
-        if "result" not in reply:
-            raise MIUnavailable(f"OpenSIPS MI reply without result or error: {reply!r:.200}")
-        return reply["result"]
-
-    def _http(self, raw: bytes) -> dict[str, Any]:
-        req = urllib.request.Request(self._target, raw, {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                data = r.read()
-        except urllib.error.HTTPError as e:  # 400/405/500 with no JSON body
-            raise MIUnavailable(f"OpenSIPS MI HTTP {e.code}") from e
-        except (OSError, ValueError) as e:
-            raise MIUnavailable(f"OpenSIPS MI {self._target}: {e}") from e
-        return _decode(data)
-
-    def _datagram(self, raw: bytes, rid: int) -> dict[str, Any]:
-        deadline = time.monotonic() + self.timeout
-        tmp: tempfile.TemporaryDirectory[str] | None = None
-        try:
-            if self.kind == "unix":
-                # mi_datagram replies to the sender's address: bind one of our own.
-                tmp = tempfile.TemporaryDirectory(prefix="acm-osmi-")
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                s.bind(os.path.join(tmp.name, "reply.sock"))
-            else:
-                fam = socket.AF_INET6 if ":" in self._target[0] else socket.AF_INET
-                s = socket.socket(fam, socket.SOCK_DGRAM)
-            with s:
-                s.sendto(raw, self._target)
-                while True:  # skip a late reply to an earlier, timed-out request
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise MIUnavailable(f"OpenSIPS MI {self.url}: no reply in "
-                                            f"{self.timeout:g}s")
-                    s.settimeout(left)
-                    reply = _decode(s.recv(65535))
-                    if reply.get("id") == rid:
-                        return reply
-        except MIUnavailable:
-            raise
-        except TimeoutError as e:
-            raise MIUnavailable(f"OpenSIPS MI {self.url}: no reply in {self.timeout:g}s") from e
-        except OSError as e:
-            raise MIUnavailable(f"OpenSIPS MI {self.url}: {e}") from e
-        finally:
-            if tmp is not None:
-                tmp.cleanup()
-
-
-def _decode(data: bytes) -> dict[str, Any]:
-    try:
-        reply = json.loads(data)
-    except ValueError as e:
-        raise MIUnavailable(f"OpenSIPS MI reply is not JSON: {data[:100]!r}") from e
-    if not isinstance(reply, dict):
-        raise MIUnavailable(f"OpenSIPS MI reply is not an object: {data[:100]!r}")
-    return reply
+def opensips_mi(url: str, timeout: float = 2.0) -> MIClient:
+    """Return the client of OpenSIPS's MI at url (opensips_mi_url: http(s)://, udp: or unix:).
+    Raises ValueError for another URL."""
+    return MIClient(url, timeout, name="OpenSIPS MI")
 
 
 # -- which calls ----------------------------------------------------------------------------
@@ -221,7 +123,7 @@ class DisconnectResult:
 class Disconnector:
     """Ends calls by Call-ID through `dlg_end_dlg`, retrying an unreachable endpoint."""
 
-    def __init__(self, mi: OpenSIPSMI, cause: int = 21, attempts: int = 3,
+    def __init__(self, mi: MIClient, cause: int = 21, attempts: int = 3,
                  retry_wait_s: float = 0.2) -> None:
         self.mi = mi
         self.cause = cause

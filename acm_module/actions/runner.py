@@ -36,9 +36,9 @@ import psycopg
 
 from acm_module.actions.disconnect import (
     Disconnector,
-    OpenSIPSMI,
     entry_ms,
     find_attack_calls,
+    opensips_mi,
 )
 from acm_module.actions.notify import Webhook, log_alert
 from acm_module.actions.trail import ActionAudit, Ledger, summary
@@ -125,8 +125,8 @@ class ActionRunner:
                                connect_timeout=2.0)
         self.audit = ActionAudit(self.store, cfg.partitions, cfg.database_url)
         self.ledger = Ledger(self.store)
-        self.disconnector = (Disconnector(OpenSIPSMI(cfg.opensips_mi_url,
-                                                     cfg.opensips_mi_timeout),
+        self.disconnector = (Disconnector(opensips_mi(cfg.opensips_mi_url,
+                                                      cfg.opensips_mi_timeout),
                                           cfg.disconnect_cause)
                              if cfg.opensips_mi_url else None)
         self.webhook = (Webhook(cfg.webhook_url, cfg.webhook_secret, cfg.webhook_timeout,

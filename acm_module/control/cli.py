@@ -2,7 +2,7 @@
 `acm gateway`, `acm route`: the carrier registry's MI commands as subcommands.
 
 Talks to the endpoint the settings name (mi_http first, else mi_datagram), or to --url /
---datagram. Needs nothing beyond the standard library.
+--datagram, through the MI client (python-opensips, core/mi.py).
 """
 
 from __future__ import annotations
@@ -10,14 +10,12 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
-import socket
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
 
 from acm_module.control.auth import parse_bind
+from acm_module.core.errors import MIReplyError, MIUnavailable
+from acm_module.core.mi import MIClient
 
 EXIT_MI_ERROR = 1
 EXIT_UNREACHABLE = 2
@@ -128,73 +126,32 @@ def cmd_registry(args: argparse.Namespace) -> int:
     return cmd_mi(mi_args)
 
 
-def build_request(method: str, params: list[str], actor: str | None = None) -> dict[str, Any]:
-    """Build the JSON-RPC request of a command line: name=value pairs become named params."""
+def build_params(params: list[str], actor: str | None = None
+                 ) -> dict[str, Any] | list[str] | None:
+    """Return the params of a command line: name=value pairs become named params (with the
+    actor), else positional values."""
     named = [p for p in params if "=" in p]
-    body: dict[str, Any] = {"jsonrpc": "2.0", "id": os.getpid(), "method": method}
     if named and len(named) == len(params):
-        body["params"] = dict(p.split("=", 1) for p in params)
-        if actor and "actor" not in body["params"]:
-            body["params"]["actor"] = actor
-    elif params:
-        body["params"] = list(params)
-    elif actor:
-        body["params"] = {"actor": actor}
-    return body
+        out: dict[str, Any] = dict(p.split("=", 1) for p in params)
+        if actor and "actor" not in out:
+            out["actor"] = actor
+        return out
+    if params:
+        return list(params)
+    return {"actor": actor} if actor else None
 
 
 def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("", "0.0.0.0", "*") else ("::1" if host == "::" else host)
 
 
-def call(body: dict[str, Any], *, url: str | None = None, datagram: str | None = None,
-         token: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
-    """Send one request; return the decoded response. Raises OSError when unreachable."""
-    raw = json.dumps(body).encode()
-    if datagram is not None:
-        b = parse_bind(datagram, "--datagram")
-        if token:
-            params = body.get("params")
-            if isinstance(params, dict):
-                params["token"] = token
-            else:
-                body["params"] = [*(params or []), f"token={token}"]
-            raw = json.dumps(body).encode()
-        if b.unix_path is not None:
-            import tempfile
-
-            with tempfile.TemporaryDirectory(prefix="acm-mi-") as d:
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                try:
-                    s.bind(os.path.join(d, "reply.sock"))
-                    s.settimeout(timeout)
-                    s.sendto(raw, b.unix_path)
-                    return json.loads(s.recv(65535))
-                finally:
-                    s.close()
-        host = _client_host(b.host)
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        s = socket.socket(fam, socket.SOCK_DGRAM)
-        try:
-            s.settimeout(timeout)
-            s.sendto(raw, (host, b.port))
-            return json.loads(s.recv(65535))
-        finally:
-            s.close()
-    assert url is not None
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, raw, headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        body_text = e.read()
-        try:
-            return json.loads(body_text)
-        except ValueError:
-            raise OSError(f"HTTP {e.code} from {url}") from e
+def _datagram_url(value: str) -> str:
+    """Return the MI client's URL of a --datagram/mi_datagram value. Raises ConfigError."""
+    b = parse_bind(value, "--datagram")
+    if b.unix_path is not None:
+        return f"unix:{b.unix_path}"
+    host = _client_host(b.host)
+    return f"udp:[{host}]:{b.port}" if ":" in host else f"udp:{host}:{b.port}"
 
 
 def cmd_mi(args: argparse.Namespace) -> int:
@@ -222,18 +179,21 @@ def cmd_mi(args: argparse.Namespace) -> int:
         actor = getpass.getuser()
     except (KeyError, OSError):
         actor = None
-    body = build_request(args.method, args.params, actor)
+    client: MIClient | None = None
     try:
-        resp = call(body, url=url, datagram=datagram, token=token, timeout=args.timeout)
-    except (OSError, ValueError) as e:
+        client = MIClient(url if url is not None else _datagram_url(datagram or ""),
+                          timeout=args.timeout, token=token, name="the MI endpoint")
+        result = client.execute(args.method, build_params(args.params, actor))
+    except MIReplyError as e:
+        if args.json and client is not None:
+            print(json.dumps(client.last_reply, indent=2))
+        print(f"acm mi: error {e.code}: {e.message}", file=sys.stderr)
+        return EXIT_MI_ERROR
+    except MIUnavailable as e:
+        print(f"acm mi: cannot reach {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except ValueError as e:  # a bad --url / --datagram
         print(f"acm mi: cannot reach the MI endpoint {url or datagram}: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    if args.json:
-        print(json.dumps(resp, indent=2))
-    if "error" in resp:
-        err = resp["error"]
-        print(f"acm mi: error {err.get('code')}: {err.get('message')}", file=sys.stderr)
-        return EXIT_MI_ERROR
-    if not args.json:
-        print(json.dumps(resp.get("result"), indent=2))
+    print(json.dumps(client.last_reply if args.json else result, indent=2))
     return 0

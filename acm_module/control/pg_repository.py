@@ -31,6 +31,7 @@ from acm_module.control.audit import AuditRecord, iso_ms
 from acm_module.control.repository import SEVERITIES, AlertQuery, WhitelistEntry
 from acm_module.core.errors import StoreError
 from acm_module.core.pg import close_quietly
+from acm_module.core.redaction import redact_url
 
 if TYPE_CHECKING:
     import psycopg
@@ -399,4 +400,5 @@ def _alert_view(row: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [""])[0][:300]
+    # psycopg quotes a bad conninfo whole: its password must not reach a reply or a log.
+    return redact_url((str(e).splitlines() or [""])[0])[:300]

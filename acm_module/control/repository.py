@@ -11,7 +11,7 @@ the carrier registry, the deployment's runtime overrides.
 - A PostgreSQL one (tables whitelist / audit_log / fraud_alerts, carriers / carrier_gateways /
   carrier_routes, config_overrides: one row per deployment), provided by the persistence writer as
   `acm_module.control.pg_repository.PostgresControlRepository(settings)`; the control plane
-  (`commands.open_repository`) uses it when `database_url` is set and that module imports.
+  (`commands.base.open_repository`) uses it when `database_url` is set and that module imports.
 
 The repository is the system of record only. The whitelist *markers* the decision script reads
 (`{acm.<p>}:wl:<b>`) and the published registry (`{acm.cfg}:gw`) are desired state that the

@@ -420,17 +420,17 @@ class ControlServer:
 
     def _boot_tasks(self) -> None:
         try:
-            self.control.check_deployment()
+            self.control.live.check_deployment()
         except Exception as e:
             log.warning("deployment name not checked: %s", e)
         try:
-            n = self.control.resync_whitelist()
+            n = self.control.lists.resync_whitelist()
             if n:
                 log.info("re-asserted %d whitelist markers", n)
         except Exception as e:
             log.warning("whitelist resync skipped: %s", e)
         try:
-            self.control.reconcile_overrides(self.stop_event)
+            self.control.live.reconcile_overrides(self.stop_event)
         except Exception as e:
             log.warning("override reconciliation skipped: %s", e)
 
@@ -440,8 +440,8 @@ class ControlServer:
         synced, failures = False, 0
         while not self.stop_event.is_set():
             try:
-                if not synced or self.control.registry_lost():
-                    self.control.sync_registry()
+                if not synced or self.control.registry.registry_lost():
+                    self.control.registry.sync_registry()
                     synced, failures = True, 0
             except Exception as e:
                 if not failures:
@@ -459,14 +459,14 @@ class ControlServer:
         failing = False
         while not self.stop_event.wait(CONFIG_WATCH_S):
             try:
-                self.control.restore_config()
+                self.control.live.restore_config()
                 failing = False
             except Exception as e:
                 if not failing:
                     log.warning("live config not checked: %s (retrying)", e)
                 failing = True
             try:
-                self.control.flush_pending()
+                self.control.live.flush_pending()
             except Exception as e:
                 if not failing:
                     log.warning("MI overrides not persisted yet: %s (retrying)", e)

@@ -24,3 +24,17 @@ class StoreReplyError(StoreError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class MIUnavailable(AcmError, ConnectionError):
+    """An MI endpoint (OpenSIPS's, acm's) is unreachable or did not answer in time (retryable)."""
+
+
+class MIReplyError(AcmError):
+    """An MI endpoint answered a command with a JSON-RPC error."""
+
+    def __init__(self, code: int, message: str, data: object = None) -> None:
+        super().__init__(f"{code} {message}" + (f" ({data})" if data else ""))
+        self.code = code
+        self.message = message
+        self.data = data

@@ -15,7 +15,7 @@ import json
 import time
 from typing import Any, Protocol
 
-from acm_module.core import keys, numbers
+from acm_module.core import keys, numbers, settings
 from acm_module.core.errors import StoreReplyError
 from acm_module.core.types import RespError
 
@@ -30,9 +30,7 @@ class Store(Protocol):
 
 CONFIG_KEY = "{acm.cfg}:detect"
 DECIDER_KEYS = ("threshold", "window", "mode", "dedup_ttl", "block_ttl")
-_TYPES = {"threshold": int, "window": float, "mode": str, "dedup_ttl": float,
-          "block_ttl": float, "store_timeout_ms": float, "log_level": str,
-          "cli_origin_rule": str, "fanout_threshold": int, "fanout_window": float}
+_TYPES = settings.RUNTIME_TYPES
 
 # A generation is at least the publisher's clock in ms (as the carrier registry's version), so a
 # store that lost its data (FLUSHALL, a restart without persistence, a new Dragonfly) never

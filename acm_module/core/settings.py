@@ -7,6 +7,7 @@ The docs table (`acm settings --markdown`) is generated from these declarations.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -125,7 +126,7 @@ class Setting:
                 text = raw.strip().lower()
                 value = int(text[2:] if text.startswith("0o") else text, 8)
             else:
-                value = _coerce(self.type, raw)
+                value = coerce(self.type, raw)
             if self.validator is not None:
                 self.validator(value)
         except (ValueError, TypeError, OverflowError) as e:  # Overflow: a 400-digit float
@@ -136,7 +137,12 @@ class Setting:
         return value
 
 
-def _coerce(typ: type, raw: Any) -> Any:
+def coerce(typ: type, raw: Any) -> Any:
+    """Convert raw (a string, or a TOML/JSON value) to typ: bool, int, float or str.
+
+    The one definition of these types: settings, the live config and MI's number parameters
+    use it. Raises ValueError saying what was expected (TypeError for another typ).
+    """
     if raw is None:
         return None
     if typ is bool:
@@ -148,19 +154,23 @@ def _coerce(typ: type, raw: Any) -> Any:
             return False
         raise ValueError("must be a boolean")
     if typ is int:
-        if isinstance(raw, bool):
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
             raise ValueError("must be an integer")
-        if isinstance(raw, float):
-            if not raw.is_integer():
-                raise ValueError("must be an integer")
+        if isinstance(raw, float) and not raw.is_integer():  # NaN and infinities are not
+            raise ValueError("must be an integer")
+        try:
             return int(raw)
-        return int(raw)
+        except (ValueError, OverflowError) as e:
+            raise ValueError("must be an integer") from e
     if typ is float:
-        if isinstance(raw, bool):
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
             raise ValueError("must be a number")
-        v = float(raw)
-        if v != v or v in (float("inf"), float("-inf")):
-            raise ValueError("must be finite")
+        try:
+            v = float(raw)
+        except (ValueError, OverflowError) as e:  # OverflowError: an int beyond any float
+            raise ValueError("must be a number") from e
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
         return v
     if typ is str:
         if not isinstance(raw, str):
@@ -417,6 +427,7 @@ SETTINGS: tuple[Setting, ...] = (
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 RUNTIME: frozenset[str] = frozenset(s.name for s in SETTINGS if s.runtime)
+RUNTIME_TYPES: dict[str, type] = {s.name: s.type for s in SETTINGS if s.runtime}
 
 
 @dataclass

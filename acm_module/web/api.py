@@ -1,7 +1,7 @@
 """The REST API under /api/v1 (FastAPI; the OpenAPI 3 document is served at /openapi.json).
 
 Every state change goes through the same code as MI (`Control.invoke`, the commands of
-acm_module/control/commands.py and acm_module/actions/mi.py): the same validation, the same
+acm_module/control/commands/ and acm_module/actions/mi.py): the same validation, the same
 audit trail, with the API user as the actor. Events go to the same worker pool over its ZeroMQ
 endpoint (web/decide.py).
 

@@ -19,15 +19,11 @@ import pytest
 from fakes import FakeOpenSIPS, WebhookReceiver
 from servers import REPO
 
-from acm_module.actions.disconnect import (
-    Disconnector,
-    OpenSIPSMI,
-    reason_header,
-)
-from acm_module.actions.errors import MIReplyError, MIUnavailable
+from acm_module.actions.disconnect import Disconnector, opensips_mi, reason_header
 from acm_module.actions.notify import verify
 from acm_module.control.audit import AuditRecord
 from acm_module.control.repository import StoreRepository
+from acm_module.core.errors import MIReplyError, MIUnavailable
 from acm_module.decide.store.conn import StoreConnection
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
@@ -240,7 +236,7 @@ def test_monitor_mode_does_not_disconnect(
 # -- the MI client against OpenSIPS's replies -------------------------------------------------
 def test_mi_client_maps_opensips_replies(opensips: FakeOpenSIPS) -> None:
     for url in (opensips.http_url, opensips.udp_url):
-        mi = OpenSIPSMI(url, timeout=2.0)
+        mi = opensips_mi(url, timeout=2.0)
         opensips.add_dialog("c-1")
         assert mi.execute("dlg_end_dlg", {"dialog_id": "c-1"}) == "OK"
         with pytest.raises(MIReplyError) as e:
@@ -254,7 +250,7 @@ def test_mi_client_maps_opensips_replies(opensips: FakeOpenSIPS) -> None:
         assert e.value.code == -32601
 
     opensips.fail_with = 500
-    res = Disconnector(OpenSIPSMI(opensips.http_url)).end_calls("al-1", ["x", "y"])
+    res = Disconnector(opensips_mi(opensips.http_url)).end_calls("al-1", ["x", "y"])
     assert res.outcome == "failed" and set(res.failed) == {"x", "y"}
     assert res.failed["x"] == "500 Operation failed"
 
@@ -265,7 +261,7 @@ def test_unreachable_opensips_is_retried_then_failed() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))  # bound, never answers
         port = s.getsockname()[1]
-        mi = OpenSIPSMI(f"udp:127.0.0.1:{port}", timeout=0.2)
+        mi = opensips_mi(f"udp:127.0.0.1:{port}", timeout=0.2)
         with pytest.raises(MIUnavailable):
             mi.execute("dlg_end_dlg", {"dialog_id": "x"})
         d = Disconnector(mi, attempts=2, retry_wait_s=0.01)

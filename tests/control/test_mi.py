@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -344,3 +345,55 @@ def _store_get(url: str, key: str) -> bytes | None:
         return c.call("GET", key)  # type: ignore[return-value]
     finally:
         c.close()
+
+
+def test_acm_mi_carries_the_token_over_both_transports(mi_factory) -> None:  # type: ignore[no-untyped-def]
+    # Exposed binds: an admin command needs the token, so only a token that arrives works.
+    with mi_factory(env={"ACM_MI_TOKEN": TOKEN}, http_host="0.0.0.0",
+                    dgram_host="0.0.0.0") as (mi, _):
+        env = {**os.environ, "ACM_MI_HTTP": f"0.0.0.0:{mi.http_port}",
+               "ACM_MI_DATAGRAM": f"0.0.0.0:{mi.dgram_port}", "ACM_MI_TOKEN": TOKEN}
+        dgram = ("--datagram", f"127.0.0.1:{mi.dgram_port}")
+
+        def acm_mi(*args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:
+            e = {k: v for k, v in env.items() if k != "ACM_MI_TOKEN" or token == TOKEN}
+            extra = ("--token", token) if token not in (None, TOKEN) else ()
+            return subprocess.run([sys.executable, "-m", "acm_module.cli", "mi", *extra, *args],
+                                  env=e, cwd=REPO, capture_output=True, text=True, timeout=30)
+
+        for via in ((), dgram):
+            for token in (None, "wrong-token-0123456789"):
+                r = acm_mi(*via, "acm_set", "threshold=9", token=token)
+                assert r.returncode == 1, (via, token, r.stdout, r.stderr)
+                assert f"error {jsonrpc.UNAUTHORIZED}" in r.stderr, (via, token, r.stderr)
+        assert mi.live()["threshold"] == 5
+        r = acm_mi("acm_set", "threshold=7")  # the token of the settings, as a bearer header
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["changed"]["threshold"] == {"old": 5, "new": 7}
+        r = acm_mi(*dgram, "--json", "acm_set", "threshold=6")  # as the token parameter
+        assert r.returncode == 0, r.stderr
+        whole = json.loads(r.stdout)
+        assert whole["jsonrpc"] == "2.0" and "id" in whole
+        assert whole["result"]["changed"]["threshold"] == {"old": 7, "new": 6}
+        r = acm_mi("--json", "acm_set", "threshold=0")
+        assert r.returncode == 1 and json.loads(r.stdout)["error"]["code"] == jsonrpc.INVALID_PARAMS
+        recs = mi.http().execute("acm_audit_list", {"token": TOKEN})["records"]
+        assert [rec["via"].split(":")[0] for rec in recs[:2]] == ["datagram", "http"]
+        assert TOKEN not in mi.svc.read_log()
+
+
+def test_acm_mi_says_when_the_endpoint_does_not_answer() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # bound, never answers
+        port = silent.getsockname()[1]
+        closed = free_port()
+        for args, why in ((("--datagram", f"127.0.0.1:{port}", "--timeout", "0.3"),
+                           "no reply in 0.3s"),
+                          (("--url", f"http://127.0.0.1:{closed}/mi"), "refused"),
+                          (("--datagram", "nowhere"), "expected host:port")):
+            r = subprocess.run([sys.executable, "-m", "acm_module.cli", "mi", *args,
+                                "acm_stats"], cwd=REPO, capture_output=True, text=True,
+                               timeout=30)
+            assert r.returncode == 2, (args, r.stderr)
+            assert "acm mi: cannot reach the MI endpoint" in r.stderr and why in r.stderr, (
+                args, r.stderr)

@@ -220,7 +220,7 @@ def test_two_control_planes_hammering_the_overrides_lose_no_update(
                 c.invoke(Caller(name, "test", "admin"), "acm_set", {name: first + i})
                 # What was acknowledged stays: the other plane's change of another setting,
                 # based on an older read, must not have put the old value back.
-                lost[name] += c.saved_overrides()[name] != first + i
+                lost[name] += c.live.saved_overrides()[name] != first + i
         except BaseException as e:
             errors.append(e)
     try:
@@ -235,7 +235,7 @@ def test_two_control_planes_hammering_the_overrides_lose_no_update(
         assert lost == {"threshold": 0, "block_ttl": 0}
         final = {"threshold": 10 + n - 1, "block_ttl": 100.0 + n - 1}
         for c in planes:
-            cfg = c.acm_get_config(Caller("t", "test"))
+            cfg = c.live.acm_get_config(Caller("t", "test"))
             assert cfg["overrides"] == final and cfg["overrides_generation"] == 2 * n
             assert {k: cfg["live"][k] for k in final} == final
         assert len(planes[0].repo.audit_list(limit=1000, action="acm_set")) == 2 * n

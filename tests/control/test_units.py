@@ -10,7 +10,7 @@ import pytest
 
 from acm_module.control import jsonrpc, overrides
 from acm_module.control.auth import Authorizer, check_boot, is_loopback, parse_bind
-from acm_module.control.cli import build_request
+from acm_module.control.cli import build_params
 from acm_module.control.commands import open_repository
 from acm_module.control.repository import StoreRepository
 from acm_module.core import settings as settings_mod
@@ -147,10 +147,11 @@ def test_overrides_round_trip_and_apply(tmp_path: Path, store_url: str, store) -
 
 
 def test_cli_builds_named_or_positional_params() -> None:
-    assert build_request("acm_set", ["threshold=7"])["params"] == {"threshold": "7"}
-    assert build_request("acm_unblock", ["+2348031234567"])["params"] == ["+2348031234567"]
-    assert "params" not in build_request("acm_stats", [])
-    assert build_request("acm_stats", [], actor="ops")["params"] == {"actor": "ops"}
+    assert build_params(["threshold=7"]) == {"threshold": "7"}
+    assert build_params(["+2348031234567"]) == ["+2348031234567"]
+    assert build_params([]) is None
+    assert build_params([], actor="ops") == {"actor": "ops"}
+    assert build_params(["threshold=7"], actor="ops") == {"threshold": "7", "actor": "ops"}
 
 
 def test_connection_slots_evict_the_oldest_unfinished_and_refuse_when_all_are_busy() -> None:

@@ -106,3 +106,47 @@ def test_the_hot_path_benchmark_suite_runs() -> None:
               "benchmarks/test_bench_hotpath.py", "--benchmark-disable"], 200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     assert " passed" in p.stdout and "failed" not in p.stdout
+
+
+def test_nodes_bench_drives_two_nodes_seeded_with_different_cluster_nodes(
+        tmp_path: Path) -> None:
+    out = tmp_path / "nodes.json"
+    p = _run([sys.executable, "benchmarks/nodes_bench.py", "--seconds", "0.5", "--rounds", "1",
+              "--stores", "cluster_3", "--layouts", "1x1,2x1", "--clients", "4", "--paced",
+              "200", "--json", str(out)], 200)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["store"], r["layout"]) for r in runs] == [
+        ("-", "reflector"), ("cluster_3", "1x1"), ("cluster_3", "2x1")]
+    assert runs[0]["closed"]["rate"] > 0  # the load tool's ceiling, in the same round
+    for r in runs[1:]:
+        for ph in ("closed", "paced"):
+            f = r[ph]
+            assert f["rate"] > 0 and 0 < f["p50"] <= f["p99"], (r["layout"], ph, f)
+            assert f["tool_ceiling"] == runs[0]["closed"]["rate"]
+            # Every figure with what it cost each process group.
+            assert all(f["cpu_us"][g] > 0 for g in ("workers", "store", "tool")), f
+    two = runs[2]
+    assert len(set(two["seeds"])) == 2  # each node was given a different seed node
+    w0, w1 = (two["closed"]["cpu_us"][f"node{i} workers"] for i in (0, 1))
+    assert 0.25 < w0 / w1 < 4, (w0, w1)  # both nodes answered a share of the load
+    assert "load tool ceiling" in p.stdout and "2x1 / 1x1" in p.stdout
+
+
+def test_ab_bench_measures_two_services_at_once_with_the_tool_ceiling(tmp_path: Path) -> None:
+    out = tmp_path / "ab.json"
+    # The same checkout on both sides: what is pinned is that each side is measured apart.
+    p = _run([sys.executable, "benchmarks/ab_bench.py", "--before", ".", "--after", ".",
+              "--before-python", sys.executable, "--after-python", sys.executable,
+              "--together", "--rounds", "2", "--seconds", "0.5", "--clients", "4",
+              "--json", str(out)], 200)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert len(data["rounds"]) == 2
+    for r in data["rounds"]:
+        assert r["tool_ceiling"] > r["rate"] > 0
+        for side in ("before", "after"):
+            # Each side decided and each side's CPU per decision was measured on its own.
+            assert r[side]["dec/s"] > 0 and r[side]["worker"] > 0 and r[side]["store"] > 0, r
+    assert all(len(v) == 2 for v in data["ratios"].values())
+    assert "load tool ceiling" in p.stdout and "median" in p.stdout

@@ -60,3 +60,28 @@ def test_markdown_table_lists_every_setting() -> None:
     table = settings.markdown_table()
     for s in settings.SETTINGS:
         assert f"`{s.name}`" in table
+
+
+@pytest.mark.parametrize(("name", "raw", "message"), [
+    ("workers", "lots", "workers: must be an integer (got 'lots')"),
+    ("workers", [4], "workers: must be an integer (got [4])"),
+    ("workers", 2.5, "workers: must be an integer"),
+    ("workers", True, "workers: must be an integer"),
+    ("window", "soon", "window: must be a number (got 'soon')"),
+    ("window", "inf", "window: must be a finite number"),
+    ("window", {"s": 5}, "window: must be a number"),
+])
+def test_numbers_are_refused_in_the_words_mi_uses(name: str, raw: object, message: str) -> None:
+    # A setting (file, env, CLI, acm_set) and an MI command's number parameter are parsed by
+    # the same settings.coerce, so a bad number reads the same wherever it is given.
+    with pytest.raises(ConfigError) as e:
+        settings.BY_NAME[name].parse(raw)
+    assert str(e.value).startswith(message)
+
+
+def test_the_live_config_takes_the_declared_types() -> None:
+    from acm_module.core import liveconfig
+
+    assert liveconfig.parse_read([b"1", b'{"threshold": "7", "window": 3, "mode": "monitor",'
+                                        b' "not_a_setting": 1}']) == (
+        1, {"threshold": 7, "window": 3.0, "mode": "monitor"})

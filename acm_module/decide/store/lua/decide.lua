@@ -49,9 +49,8 @@ elseif whitelisted then
 elseif bexp and tonumber(bexp) > ts then
   verdict, reason, alert_id, sev = 'drop', 'blocked', bal, bsv
 else
-  local old = redis.call('ZSCORE', KEYS[1], ARGV[2])
   local lo
-  distinct, lo = slide(KEYS[1], ARGV[2], old, ARGV[4], ts, window, ARGV[11])
+  distinct, lo = slide(KEYS[1], ARGV[2], ARGV[4], ts, window, ARGV[11])
   if distinct >= tonumber(ARGV[6]) then
     verdict, reason = 'drop', 'masking'
     local e = episode(KEYS[2], KEYS[3], KEYS[1], ts, window, lo, distinct, ARGV[9], ARGV[11],

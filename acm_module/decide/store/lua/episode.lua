@@ -5,12 +5,11 @@
 -- concatenated script per rule and EVALSHA names that text. Keys are passed in by the
 -- caller: every key touched is still one of the script's declared KEYS (Dragonfly).
 
--- Record `member` at ts_ms in the window ZSET `wkey`; return the distinct members within the
--- window and the window's lower bound (string). `old` is the member's score before the call.
-local function slide(wkey, member, old, ts_ms, ts, window, ttl_ms)
-  if (not old) or tonumber(old) < ts then
-    redis.call('ZADD', wkey, ts_ms, member)
-  end
+-- Record `member` at ts_ms in the window ZSET `wkey` (a member keeps its latest ts: GT leaves an
+-- older call's ts alone, and spares reading the score first); return the distinct members
+-- within the window and the window's lower bound (string).
+local function slide(wkey, member, ts_ms, ts, window, ttl_ms)
+  redis.call('ZADD', wkey, 'GT', ts_ms, member)
   -- An in-order call can never count entries older than its own window; keeping two windows
   -- tolerates calls that arrive up to one window out of order.
   redis.call('ZREMRANGEBYSCORE', wkey, '-inf', '(' .. string.format('%.0f', ts - 2 * window))
@@ -56,11 +55,18 @@ local function episode(ekey, mkey, wkey, ts, window, lo, distinct, new_id, ttl_m
   for i = 1, #members, 500 do
     redis.call('SADD', mkey, unpack(members, i, math.min(i + 499, #members)))
   end
+  local all
+  if op == 'open' then
+    -- The set was emptied above, so it holds this window's members: no need to read it back.
+    all = {}
+    for i = 1, #members do all[i] = members[i] end
+  else
+    all = redis.call('SMEMBERS', mkey)
+  end
   redis.call('HSET', ekey, 'id', id, 'first', string.format('%.0f', first),
     'last', string.format('%.0f', last), 'max', maxn, 'sev', sev, 'ver', ver)
   redis.call('PEXPIRE', ekey, ttl_ms)
   redis.call('PEXPIRE', mkey, ttl_ms)
-  local all = redis.call('SMEMBERS', mkey)
   table.sort(all)
   return {op = op, id = id, first = first, last = last, max = maxn, ver = ver, sev = sev,
           window_members = members, all = table.concat(all, ',')}

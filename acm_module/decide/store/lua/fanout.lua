@@ -18,7 +18,7 @@ if old and tonumber(old) == ts then
   -- The same call again (a retransmission): nothing changes.
   return {0, '', ''}
 end
-local distinct, lo = slide(KEYS[1], ARGV[3], old, ARGV[4], ts, window, ARGV[8])
+local distinct, lo = slide(KEYS[1], ARGV[3], ARGV[4], ts, window, ARGV[8])
 if distinct < tonumber(ARGV[6]) then return {distinct, '', ''} end
 
 local e = episode(KEYS[2], KEYS[3], KEYS[1], ts, window, lo, distinct, ARGV[7], ARGV[8],
