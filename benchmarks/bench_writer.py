@@ -99,7 +99,8 @@ def run(store_url: str, sinks: list, total: int, batch: int) -> float:
     t0 = time.perf_counter()
     for r in w.runners:
         r.start()
-    while not drained(store, groups):
+    # The runners create their groups first: until then there is nothing to call drained.
+    while not (_groups_exist(store, groups) and drained(store, groups)):
         time.sleep(0.02)
     elapsed = time.perf_counter() - t0
     w.stop_event.set()

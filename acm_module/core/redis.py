@@ -108,10 +108,12 @@ _NOT_CLUSTER = ("disabled", "not enabled", "cluster mode", "cluster support", "u
 
 
 def _options(a: StoreAddress, timeout: float, connect_timeout: float,
-             decode_responses: bool) -> dict[str, Any]:
+             decode_responses: bool, encoding_errors: str,
+             socket_read_size: int) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "username": a.username, "password": a.password, "socket_timeout": timeout,
         "socket_connect_timeout": connect_timeout, "decode_responses": decode_responses,
+        "encoding_errors": encoding_errors, "socket_read_size": socket_read_size,
         # No retry of a command on one server: a reconnect after the server closed an idle
         # connection is the pool's (it checks a connection before lending it), and a retry
         # would double the caller's timeout or run a write twice (the worker's client never
@@ -141,8 +143,13 @@ def _is_cluster(r: redis.Redis) -> bool:
 
 
 def open_redis(url: str, *, timeout: float = 5.0, connect_timeout: float = 2.0,
-               decode_responses: bool = False) -> Client:
+               decode_responses: bool = False, encoding_errors: str = "strict",
+               socket_read_size: int = 65536) -> Client:
     """Return a connected redis-py client for a store URL: RedisCluster for a cluster, else Redis.
+
+    encoding_errors applies to decoded replies ("replace": a record with invalid UTF-8 still
+    reads, for the writer to dead-letter it, instead of failing the whole reply).
+    socket_read_size: bytes per read from the socket (the writer's replies are megabytes).
 
     Seeds are tried in order until one answers. Raises ConfigError when the store refuses the
     URL's credentials or database (no retry can fix that), StoreError when no seed answers.
@@ -150,7 +157,8 @@ def open_redis(url: str, *, timeout: float = 5.0, connect_timeout: float = 2.0,
     """
     seeds = parse_seeds(url)
     first = seeds[0]
-    opts = _options(first, timeout, connect_timeout, decode_responses)
+    opts = _options(first, timeout, connect_timeout, decode_responses, encoding_errors,
+                    socket_read_size)
     if first.unix:
         return _checked(_tagged(StoreRedis(unix_socket_path=first.path, db=first.db, **opts),
                                 url), url)
@@ -206,10 +214,12 @@ class LazyRedis:
     It stands for the client: every other attribute is the current client's.
     """
 
-    def __init__(self, url: str, *, timeout: float = 5.0, connect_timeout: float = 2.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 5.0, connect_timeout: float = 2.0,
+                 **options: Any) -> None:
         self.url = url
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.options = options  # more of open_redis's keywords (decode_responses, ...)
         self._client: Client | None = None
 
     def get(self) -> Client:
@@ -221,7 +231,7 @@ class LazyRedis:
         if self._client is None:
             try:
                 self._client = open_redis(self.url, timeout=self.timeout,
-                                          connect_timeout=self.connect_timeout)
+                                          connect_timeout=self.connect_timeout, **self.options)
             except ConfigError as e:
                 raise StoreError(str(e)) from e
         return self._client

@@ -152,11 +152,11 @@ def cmd_writer_stats(args: argparse.Namespace) -> int:
     """Print per-sink backlog and state as JSON."""
     import json
 
-    from acm_module.decide.store.cluster import StoreClient
+    from acm_module.write.store import StreamStore
     from acm_module.write.writer import writer_stats
 
     v = resolve(args)
-    c = StoreClient(v["store"], timeout=5.0)
+    c = StreamStore(v["store"])
     try:
         json.dump(writer_stats(c, v["partitions"]), sys.stdout, indent=2)
     finally:

@@ -24,9 +24,8 @@ from questdb import QuestDBError, QuestDBServerRejectionError, Sender, Timestamp
 from acm_module.core import stats as stats_mod
 from acm_module.core.pg import close_quietly
 from acm_module.core.records import FRAUD_REASONS, AlertChange, Decision
-from acm_module.decide.store.cluster import StoreClient
 from acm_module.write.base import Sink, SinkRejected, SinkUnavailable
-from acm_module.write.streamconn import StreamConnection
+from acm_module.write.store import StreamStore
 
 log = logging.getLogger("acm.persist.questdb")
 
@@ -141,7 +140,7 @@ class LatencyIndex:
     their scripts (field `u`): decisions the store recorded that never reached their callers.
     """
 
-    def __init__(self, store: StreamConnection, keep_s: float = 30.0) -> None:
+    def __init__(self, store: StreamStore, keep_s: float = 30.0) -> None:
         self.store = store
         self.keep_ms = int(keep_s * 1000)
         self.by_rx: dict[int, int] = {}
@@ -151,21 +150,14 @@ class LatencyIndex:
 
     def _read(self, start: str, stop_ms: int | None = None) -> None:
         while True:
-            r = self.store.call("XRANGE", LATENCY_STREAM, start, "+", "COUNT", 2000, timeout=5.0)
-            assert isinstance(r, list)
+            r = self.store.call("XRANGE", LATENCY_STREAM, start, "+", "COUNT", 2000)
             for eid, fields in r:
-                self.last_id = eid.decode() if isinstance(eid, bytes) else eid
-                for i in range(0, len(fields) - 1, 2):
-                    name, value = fields[i], fields[i + 1]
-                    if name in ("v", b"v"):
-                        text = value.decode() if isinstance(value, bytes) else value
-                        for pair in text.split(","):
-                            rx, _, us = pair.partition(":")
-                            if us:
-                                self.by_rx[int(rx)] = int(us)
-                    elif name in ("u", b"u"):
-                        text = value.decode() if isinstance(value, bytes) else value
-                        self.unanswered.update(int(rx) for rx in text.split(",") if rx)
+                self.last_id = eid
+                for pair in fields.get("v", "").split(","):
+                    rx, _, us = pair.partition(":")
+                    if us:
+                        self.by_rx[int(rx)] = int(us)
+                self.unanswered.update(int(rx) for rx in fields.get("u", "").split(",") if rx)
             if len(r) < 2000:
                 return
             start = "(" + self.last_id
@@ -214,7 +206,7 @@ class QuestDBSink(Sink):
         self.latency_wait_s = latency_wait_ms / 1000.0
         self.metrics_interval_s = metrics_interval_s
         self._sender: Sender | None = None
-        self._store: StreamConnection | None = None
+        self._store: StreamStore | None = None
         self._latency: LatencyIndex | None = None
         self._metrics_next = 0.0
         self._no_wait_until = 0.0
@@ -232,7 +224,7 @@ class QuestDBSink(Sink):
             raise SinkUnavailable(f"questdb: {e}") from e
         self._sender = sender
         if self.store_url:
-            self._store = StoreClient(self.store_url, timeout=5.0, conn_class=StreamConnection)
+            self._store = StreamStore(self.store_url)
             self._latency = LatencyIndex(self._store)
 
     def _latencies(self, decisions: list[Decision]) -> tuple[dict[int, int], set[int]]:
@@ -319,7 +311,7 @@ class QuestDBSink(Sink):
             return
         self._metrics_next = now + self.metrics_interval_s
         try:
-            summary = stats_mod.summarize(stats_mod.read_all(self._store))
+            summary = stats_mod.summarize(stats_mod.read_all(self._store.client))
             self.write_metrics(summary, time.time())
         except Exception as e:  # metrics are best effort
             log.debug("detection metrics skipped: %s", e)

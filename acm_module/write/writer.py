@@ -44,13 +44,8 @@ from acm_module.core import records as rec
 from acm_module.core.arbiter import Arbiter, Exited
 from acm_module.core.backoff import Backoff
 from acm_module.core.errors import StoreError, StoreReplyError
-from acm_module.decide.engine import hotpath
-from acm_module.decide.store.cluster import StoreClient
-from acm_module.decide.store.conn import StoreConnection
 from acm_module.write.base import Sink, SinkRejected, SinkUnavailable
-from acm_module.write.streamconn import StreamConnection
-
-AnyConn = StoreClient | StoreConnection | StreamConnection
+from acm_module.write.store import StreamStore
 
 log = logging.getLogger("acm.writer")
 
@@ -62,6 +57,16 @@ GROUPS_KEY = "{acm.stats}:groups"  # group -> JSON {idle_s, released, updated}
 IDLE_KEY = "{acm.stats}:idle"
 TRIMMED_UNREAD_KEY = "{acm.stats}:trimmed_unread"  # group -> records trimmed it never acked
 LOSS_LOG_EVERY_S = 60.0
+# Set each clock (field, expected, new) only if it still holds what this writer read: a refresh
+# must not undo a release another writer made after this one loaded the clocks.
+_CAS_CLOCKS = """
+for i = 1, #ARGV, 3 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+  end
+end
+return 0
+"""
 GROUP_PREFIX = "acm."
 FRESH_S = 10.0
 
@@ -115,25 +120,29 @@ class SinkStats:
 Entry = tuple[str, str, "dict[str, str] | None"]  # (stream, entry id, fields or None if deleted)
 
 
-def _s(x: Any) -> Any:
-    return x.decode(errors="replace") if isinstance(x, bytes) else x
+def _entries(stream: str, entries: Iterable[tuple[str, dict[str, str]]]) -> list[Entry]:
+    # redis-py gives a deleted entry (trimmed while pending) no fields; XADD needs at least one.
+    return [(stream, eid, f or None) for eid, f in entries]
 
 
-def _decode_entries(stream: str, entries: Iterable[Any]) -> list[Entry]:
+def _read_reply(reply: Any) -> list[Entry]:
+    """Return the entries of a raw XREADGROUP reply (RESP2 list or RESP3 map of streams)."""
     out: list[Entry] = []
-    for eid, f in entries:
-        if f is None:
-            out.append((stream, _s(eid), None))
-        elif f and isinstance(f[0], str):
-            out.append((stream, eid, dict(zip(f[::2], f[1::2], strict=False))))
-        else:
-            out.append((stream, _s(eid), {_s(f[i]): _s(f[i + 1])
-                                          for i in range(0, len(f) - 1, 2)}))
+    for stream, entries in (reply.items() if isinstance(reply, dict) else reply or ()):
+        out += [(stream, eid, dict(zip(f[::2], f[1::2], strict=False)) if f else None)
+                for eid, f in entries]
     return out
 
 
-def _pairs(flat: list[Any]) -> dict[str, Any]:
-    return {_s(flat[i]): flat[i + 1] for i in range(0, len(flat) - 1, 2)}
+def _hash(store: StreamStore, key: str) -> dict[str, str]:
+    return store.call("HGETALL", key) or {}
+
+
+def _check(replies: list[Any], what: str, ok: str = "") -> None:
+    """Raise StoreError for the first error reply (but those starting with `ok`)."""
+    for r in replies:
+        if isinstance(r, StoreReplyError) and not (ok and r.message.startswith(ok)):
+            raise StoreError(f"{what}: {r.message}")
 
 
 def _next_id(eid: str) -> str:
@@ -157,7 +166,8 @@ class SinkRunner:
         self.streams = keys.streams(cfg.partitions)
         self.stats = SinkStats()
         self.backoff = Backoff(cfg.backoff_base_s, cfg.backoff_max_s)
-        self.store = StoreClient(cfg.store_url, timeout=5.0, conn_class=StreamConnection)
+        # A blocking read waits block_ms before its reply: the socket must wait longer.
+        self.store = StreamStore(cfg.store_url, timeout=cfg.block_ms / 1000.0 + 5.0)
         self.thread = threading.Thread(target=self.run, name=f"sink-{sink.name}", daemon=True)
         self._own_cursor: dict[str, str] | None = None  # own-pending scan; None when done
         self._claim_next = 0.0
@@ -253,11 +263,9 @@ class SinkRunner:
     # -- reading -----------------------------------------------------------------------------
     def _ensure_groups(self) -> None:
         """Create the sink's group on every stream (from the start of what is retained)."""
-        cmds = b"".join(hotpath.encode_command("XGROUP", "CREATE", s, self.group, "0",
-                                               "MKSTREAM") for s in self.streams)
-        for r in self.store.round_trip(cmds, len(self.streams), 5.0):
-            if isinstance(r, hotpath.RespError) and not r.message.startswith("BUSYGROUP"):
-                raise StoreError(f"XGROUP CREATE: {r.message}")
+        _check(self.store.pipeline([("XGROUP", "CREATE", s, self.group, "0", "MKSTREAM")
+                                    for s in self.streams], self.streams),
+               "XGROUP CREATE", ok="BUSYGROUP")
 
     def _count(self) -> int:
         return max(1, -(-self.cfg.batch // len(self.streams)))
@@ -274,18 +282,16 @@ class SinkRunner:
         return self._read_new()
 
     def _xreadgroup(self, ids: list[str], streams: list[str], block: bool) -> list[Entry]:
-        args: list[str | int] = ["XREADGROUP", "GROUP", self.group, self.cfg.consumer,
+        # "XREADGROUP GROUP" as the command name: redis-py sends it as two words and, knowing no
+        # reply callback by that name, hands back the raw reply, read here in one pass.
+        args: list[str | int] = ["XREADGROUP GROUP", self.group, self.cfg.consumer,
                                  "COUNT", self._count()]
         if block:
             args += ["BLOCK", self.cfg.block_ms]
         args += ["STREAMS", *streams, *ids]
         if self.store.cluster:
             return self._xreadgroup_cluster(args, ids, streams, block)
-        r = self.store.call(*args, timeout=self.cfg.block_ms / 1000.0 + 5.0)
-        out: list[Entry] = []
-        for stream, entries in r or []:  # type: ignore[union-attr]
-            out += _decode_entries(_s(stream), entries)
-        return out
+        return _read_reply(self.store.call(*args))
 
     def _xreadgroup_cluster(self, args: list[str | int], ids: list[str], streams: list[str],
                             block: bool) -> list[Entry]:
@@ -298,14 +304,13 @@ class SinkRunner:
         head = args[:args.index("STREAMS")]
         if block:
             head = head[:-2]  # drop BLOCK ms
-        cmds = b"".join(hotpath.encode_command(*head, "STREAMS", s, i)
-                        for s, i in zip(streams, ids, strict=True))
+        replies = self.store.pipeline([(*head, "STREAMS", s, i)
+                                       for s, i in zip(streams, ids, strict=True)], streams)
         out: list[Entry] = []
-        for r in self.store.round_trip(cmds, len(streams), 5.0):
-            if isinstance(r, hotpath.RespError):
-                raise StoreReplyError(r.message)
-            for stream, entries in r or []:
-                out += _decode_entries(_s(stream), entries)
+        for r in replies:
+            if isinstance(r, StoreReplyError):
+                raise r
+            out += _read_reply(r)
         if not out and block:
             self.stop.wait(min(self.cfg.block_ms, CLUSTER_POLL_MS) / 1000.0)
         return out
@@ -333,15 +338,15 @@ class SinkRunner:
     def _claim(self) -> list[Entry]:
         """Take over entries other (dead) consumers left pending longer than claim_idle_ms."""
         out: list[Entry] = []
-        for s in self.streams:
-            r = self.store.call("XAUTOCLAIM", s, self.group, self.cfg.consumer,
-                                self.cfg.claim_idle_ms, "0-0", "COUNT", self._count(),
-                                timeout=5.0)
-            assert isinstance(r, list)
-            out += _decode_entries(s, r[1])
+        replies = self.store.pipeline([("XAUTOCLAIM", s, self.group, self.cfg.consumer,
+                                         self.cfg.claim_idle_ms, "0-0", "COUNT", self._count())
+                                        for s in self.streams], self.streams)
+        for s, r in zip(self.streams, replies, strict=True):
+            if isinstance(r, StoreReplyError):
+                raise r
+            out += _entries(s, r[1])
             if len(r) > 2:  # Redis 7: ids whose entries were deleted; nothing to write
-                for eid in r[2] or []:
-                    out.append((s, _s(eid), None))
+                out += [(s, eid, None) for eid in r[2] or []]
         if out:
             self.stats.reclaimed += len(out)
             log.info("sink %s: claimed %d entries left pending by another writer",
@@ -445,48 +450,40 @@ class SinkRunner:
         cmds = []
         for (stream, eid, f), reason in bad:
             log.error("sink %s: dead-lettered %s %s: %s", self.sink.name, stream, eid, reason)
-            cmds.append(hotpath.encode_command(
-                "XADD", DLQ_KEY, "MAXLEN", "~", self.cfg.dlq_maxlen, "*", "stream", stream,
-                "id", eid, "sink", self.sink.name, "reason", reason,
-                "record", json.dumps(f or {}, separators=(",", ":"))))
-        for r in self.store.round_trip(b"".join(cmds), len(cmds), 5.0):
-            if isinstance(r, hotpath.RespError):
-                raise StoreError(f"dead-letter XADD: {r.message}")
+            cmds.append(("XADD", DLQ_KEY, "MAXLEN", "~", self.cfg.dlq_maxlen, "*",
+                         "stream", stream, "id", eid, "sink", self.sink.name, "reason", reason,
+                         "record", json.dumps(f or {}, separators=(",", ":"))))
+        _check(self.store.pipeline(cmds), "dead-letter XADD")
 
     def _ack(self, batch: list[Entry]) -> None:
         by_stream: dict[str, list[str]] = {}
         for stream, eid, _ in batch:
             by_stream.setdefault(stream, []).append(eid)
-        cmds = b"".join(hotpath.encode_command("XACK", s, self.group, *ids)
-                        for s, ids in by_stream.items())
-        for r in self.store.round_trip(cmds, len(by_stream), 5.0):
-            if isinstance(r, hotpath.RespError):
-                raise StoreError(f"XACK: {r.message}")
+        _check(self.store.pipeline([("XACK", s, self.group, *ids)
+                                    for s, ids in by_stream.items()], list(by_stream)), "XACK")
 
 
 # -- trimming and stats (shared by every writer; each call is safe to repeat) -----------------
-def group_positions(store: AnyConn, stream: str) -> dict[str, dict[str, Any]]:
+def group_positions(store: StreamStore, stream: str) -> dict[str, dict[str, Any]]:
     """Return {group: {pending, last_delivered, lag, min_pending}} of one stream."""
     try:
-        raw = store.call("XINFO", "GROUPS", stream, timeout=5.0)
-    except StoreError as e:
+        with store.errors():
+            raw = store.client.xinfo_groups(stream)
+    except StoreReplyError as e:
         if "no such key" in str(e).lower():
             return {}
         raise
     out: dict[str, dict[str, Any]] = {}
-    for g in raw or []:  # type: ignore[union-attr]
-        d = _pairs(g)
-        name = _s(d["name"])
+    for d in raw or []:
+        name = d["name"]
         pending = int(d.get("pending") or 0)
         lag = d.get("lag")
-        info: dict[str, Any] = {"pending": pending,
-                                "last_delivered": _s(d["last-delivered-id"]),
+        info: dict[str, Any] = {"pending": pending, "last_delivered": d["last-delivered-id"],
                                 "lag": None if lag is None else int(lag), "min_pending": None}
         if pending:
-            summary = store.call("XPENDING", stream, name, timeout=5.0)
-            assert isinstance(summary, list)
-            if summary[1] is not None:
-                info["min_pending"] = _s(summary[1])
+            with store.errors():
+                summary = store.client.xpending(stream, name)
+            info["min_pending"] = summary["min"]
         out[name] = info
     return out
 
@@ -516,7 +513,7 @@ def safe_trim_id(groups: dict[str, dict[str, Any]], required: Iterable[str],
     return best
 
 
-def trim_stream(store: AnyConn, stream: str, groups: dict[str, dict[str, Any]],
+def trim_stream(store: StreamStore, stream: str, groups: dict[str, dict[str, Any]],
                 required: Iterable[str], released: Iterable[str] = ()
                 ) -> tuple[int, dict[str, int]]:
     """Trim one stream below what every group not released acknowledged.
@@ -533,7 +530,7 @@ def trim_stream(store: AnyConn, stream: str, groups: dict[str, dict[str, Any]],
     cuts = sorted({k for k in keeps.values() if _id_key(k) < _id_key(minid)}, key=_id_key)
     removed, lost, prev = 0, {}, None
     for cut in [*cuts, minid]:
-        n = int(store.call("XTRIM", stream, "MINID", cut, timeout=5.0))  # type: ignore[arg-type]
+        n = int(store.call("XTRIM", stream, "MINID", cut))
         removed += n
         if prev is not None and n:
             for g, k in keeps.items():
@@ -543,22 +540,22 @@ def trim_stream(store: AnyConn, stream: str, groups: dict[str, dict[str, Any]],
     return removed, lost
 
 
-def trim_streams(store: AnyConn, partitions: int, required: Iterable[str]) -> int:
+def trim_streams(store: StreamStore, partitions: int, required: Iterable[str]) -> int:
     """Trim every partition stream below what all groups acknowledged; return entries removed."""
     required = list(required)
     return sum(trim_stream(store, s, group_positions(store, s), required)[0]
                for s in keys.streams(partitions))
 
 
-def _has_backlog(store: AnyConn, stream: str, info: dict[str, Any]) -> bool:
+def _has_backlog(store: StreamStore, stream: str, info: dict[str, Any]) -> bool:
     """Say whether a group has records to read or to acknowledge on a stream."""
     if info["pending"] or (info["lag"] or 0) > 0:
         return True
     if info["lag"] is not None:
         return False
     # The server does not know the lag (deleted entries): compare with the newest entry.
-    last = store.call("XREVRANGE", stream, "+", "-", "COUNT", 1, timeout=5.0)
-    return bool(last) and _id_key(_s(last[0][0])) > _id_key(info["last_delivered"])  # type: ignore[index]
+    last = store.call("XREVRANGE", stream, "+", "-", "COUNT", 1)
+    return bool(last) and _id_key(last[0][0]) > _id_key(info["last_delivered"])
 
 
 class GroupWatch:
@@ -576,15 +573,18 @@ class GroupWatch:
         self.max_idle_s = max_idle_s
         self._clock = clock
         self._shared: dict[str, list[Any]] = {}
+        self._raw: dict[str, str] = {}  # the clocks as loaded, for the compare-and-set
         self._writes: dict[str, list[Any]] = {}
+        self._refresh: dict[str, list[Any]] = {}  # clocks only restarted: compare-and-set
         self._seen: set[str] = set()
         self.newly_released: set[str] = set()  # groups this writer released in this pass
 
-    def load(self, store: AnyConn) -> None:
+    def load(self, store: StreamStore) -> None:
         """Read the shared clocks; call once per pass, before observe()."""
-        self._shared, self._writes, self._seen = {}, {}, set()
+        self._shared, self._writes, self._refresh, self._seen = {}, {}, {}, set()
         self.newly_released = set()
-        for k, v in _pairs(store.call("HGETALL", IDLE_KEY, timeout=5.0) or []).items():  # type: ignore[arg-type]
+        self._raw = _hash(store, IDLE_KEY)
+        for k, v in self._raw.items():
             try:
                 rec = json.loads(v)
             except (TypeError, ValueError):
@@ -592,7 +592,7 @@ class GroupWatch:
             if isinstance(rec, list) and len(rec) == 4:
                 self._shared[k] = rec
 
-    def observe(self, store: AnyConn, stream: str, groups: dict[str, dict[str, Any]],
+    def observe(self, store: StreamStore, stream: str, groups: dict[str, dict[str, Any]],
                 attended: set[str]) -> dict[str, tuple[float, bool]]:
         """Return {group: (seconds without progress on `stream`, released)}."""
         now = self._clock()
@@ -605,8 +605,14 @@ class GroupWatch:
             same = rec is not None and rec[0] == ld and rec[1] == pending
             if (not same or g in attended
                     or (not rec[3] and not _has_backlog(store, stream, info))):  # type: ignore[index]
-                if not same or rec[3] or now - rec[2] > 1.0:  # type: ignore[index]
+                if not same:  # progress: whatever was stored
                     self._writes[key] = [ld, pending, now, False]
+                elif rec[3] or now - rec[2] > 1.0:  # type: ignore[index]
+                    # A group being read, or one with nothing to read: restart the clock. The
+                    # latter unless another writer has meanwhile released the group (it saw
+                    # the backlog this writer now sees trimmed).
+                    (self._writes if g in attended else self._refresh)[key] = [
+                        ld, pending, now, False]
                 out[g] = (0.0, False)
                 continue
             assert rec is not None
@@ -619,23 +625,23 @@ class GroupWatch:
             out[g] = (idle, released)
         return out
 
-    def save(self, store: AnyConn) -> None:
+    def save(self, store: StreamStore) -> None:
         """Write the clocks that changed; forget those of groups and streams that are gone."""
-        cmds = []
+        cmds: list[tuple[Any, ...]] = []
         if self._writes:
-            cmds.append(hotpath.encode_command("HSET", IDLE_KEY, *[
-                x for k, rec in self._writes.items()
-                for x in (k, json.dumps(rec, separators=(",", ":")))]))
+            cmds.append(("HSET", IDLE_KEY, *[x for k, rec in self._writes.items()
+                                             for x in (k, json.dumps(rec, separators=(",", ":")))]))
+        if self._refresh:
+            cmds.append(("EVAL", _CAS_CLOCKS, 1, IDLE_KEY, *[
+                x for k, rec in self._refresh.items()
+                for x in (k, self._raw[k], json.dumps(rec, separators=(",", ":")))]))
         gone = [k for k in self._shared if k not in self._seen]
         if gone:
-            cmds.append(hotpath.encode_command("HDEL", IDLE_KEY, *gone))
-        if cmds:
-            for r in store.round_trip(b"".join(cmds), len(cmds), 5.0):
-                if isinstance(r, hotpath.RespError):
-                    raise StoreError(f"group clocks: {r.message}")
+            cmds.append(("HDEL", IDLE_KEY, *gone))
+        _check(store.pipeline(cmds), "group clocks")
 
 
-def writer_stats(store: AnyConn, partitions: int = 16) -> dict[str, Any]:
+def writer_stats(store: StreamStore, partitions: int = 16) -> dict[str, Any]:
     """Return backlog per sink (pending, lag, from the groups) and the writers' published state.
 
     `pending`: delivered to the sink but not yet committed; `lag`: not yet delivered (None when
@@ -653,21 +659,19 @@ def writer_stats(store: AnyConn, partitions: int = 16) -> dict[str, Any]:
             else:
                 agg["lag"] += info["lag"]
     writers = []
-    raw = store.call("HGETALL", STATS_KEY, timeout=5.0)
     now = time.time()
-    for i in range(0, len(raw or []), 2):  # type: ignore[arg-type]
-        snap = json.loads(raw[i + 1])  # type: ignore[index]
+    for v in _hash(store, STATS_KEY).values():
+        snap = json.loads(v)
         if now - snap.get("updated", 0) <= FRESH_S:
             writers.append(snap)
             for name, st in snap.get("sinks", {}).items():
                 sinks.setdefault(name, {"pending": 0, "lag": 0}).setdefault("writers", []).append(
                     {"writer": snap["writer"], **st})
-    dlq = store.call("XLEN", DLQ_KEY, timeout=5.0)
-    groups = {_s(k): json.loads(v) for k, v in _pairs(
-        store.call("HGETALL", GROUPS_KEY, timeout=5.0) or []).items()}  # type: ignore[arg-type]
-    for k, v in _pairs(store.call("HGETALL", TRIMMED_UNREAD_KEY, timeout=5.0) or []).items():  # type: ignore[arg-type]
+    dlq = store.call("XLEN", DLQ_KEY)
+    groups = {k: json.loads(v) for k, v in _hash(store, GROUPS_KEY).items()}
+    for k, v in _hash(store, TRIMMED_UNREAD_KEY).items():
         groups.setdefault(k, {})["trimmed_unread"] = int(v)
-    return {"sinks": sinks, "dead_letters": int(dlq or 0), "writers": len(writers),  # type: ignore[arg-type]
+    return {"sinks": sinks, "dead_letters": int(dlq or 0), "writers": len(writers),
             "groups": groups}
 
 
@@ -682,7 +686,7 @@ class Writer:
         self.cfg = cfg
         self.stop_event = threading.Event()
         self.runners = [SinkRunner(s, cfg, self.stop_event) for s in sinks]
-        self.store = StoreClient(cfg.store_url, timeout=5.0, conn_class=StreamConnection)
+        self.store = StreamStore(cfg.store_url, timeout=10.0)
         self.periodic = list(periodic or [])  # (interval_s, fn): e.g. whitelist sync
         self.field = f"{socket.gethostname()}/{os.getpid()}"
         self._signals: list[int] = []
@@ -755,11 +759,10 @@ class Writer:
     def ensure_groups(self) -> None:
         """Create every required group, so no record is trimmed before its sink first runs."""
         streams = keys.streams(self.cfg.partitions)
-        cmds = [hotpath.encode_command("XGROUP", "CREATE", s, g, "0", "MKSTREAM")
-                for g in self.required_groups() for s in streams]
-        for r in self.store.round_trip(b"".join(cmds), len(cmds), 10.0):
-            if isinstance(r, hotpath.RespError) and not r.message.startswith("BUSYGROUP"):
-                raise StoreError(f"XGROUP CREATE: {r.message}")
+        groups = self.required_groups()
+        _check(self.store.pipeline([("XGROUP", "CREATE", s, g, "0", "MKSTREAM")
+                                    for g in groups for s in streams], streams * len(groups)),
+               "XGROUP CREATE", ok="BUSYGROUP")
 
     def trim(self) -> None:
         """Trim the partition streams to what every group acknowledged, releasing the groups
@@ -791,9 +794,8 @@ class Writer:
     def _attended_groups(self) -> set[str]:
         """Return the groups of the sinks with a live writer (this one's, and fresh snapshots)."""
         sinks = {r.sink.name for r in self.runners}
-        raw = self.store.call("HGETALL", STATS_KEY, timeout=5.0)
         now = time.time()
-        for v in _pairs(raw or []).values():  # type: ignore[arg-type]
+        for v in _hash(self.store, STATS_KEY).values():
             try:
                 snap = json.loads(v)
             except (TypeError, ValueError):
@@ -815,8 +817,8 @@ class Writer:
             log.warning("group %s: read again (or removed); it holds back trimming again", g)
         self._released = released
         now = time.monotonic()
-        cmds = [hotpath.encode_command("HINCRBY", TRIMMED_UNREAD_KEY, g, n)
-                for g, n in sorted(lost.items())]
+        cmds: list[tuple[Any, ...]] = [("HINCRBY", TRIMMED_UNREAD_KEY, g, n)
+                                       for g, n in sorted(lost.items())]
         for g, n in lost.items():
             self._unlogged_loss[g] = self._unlogged_loss.get(g, 0) + n
         for g, n in list(self._unlogged_loss.items()):
@@ -830,11 +832,8 @@ class Writer:
             {"idle_s": round(secs, 3), "released": g in released, "updated": wall,
              "writer": self.field}, separators=(",", ":")))]
         if state:
-            cmds.append(hotpath.encode_command("HSET", GROUPS_KEY, *state))
-        if cmds:
-            for r in self.store.round_trip(b"".join(cmds), len(cmds), 5.0):
-                if isinstance(r, hotpath.RespError):
-                    raise StoreError(f"group report: {r.message}")
+            cmds.append(("HSET", GROUPS_KEY, *state))
+        _check(self.store.pipeline(cmds), "group report")
 
     def snapshot(self) -> dict[str, Any]:
         return {"writer": self.field, "consumer": self.cfg.consumer, "updated": time.time(),
@@ -843,7 +842,7 @@ class Writer:
     def publish_stats(self) -> None:
         """Write this writer's per-sink state into the stats hash."""
         self.store.call("HSET", STATS_KEY, self.field,
-                        json.dumps(self.snapshot(), separators=(",", ":")), timeout=5.0)
+                        json.dumps(self.snapshot(), separators=(",", ":")))
 
 
 class ProcessPerSink(Arbiter):

@@ -229,10 +229,10 @@ def test_chart_stacks_severities_per_hour() -> None:
 
 def _groups_ready(store_url: str) -> bool:
     from acm_module.core import keys
-    from acm_module.decide.store.conn import StoreConnection
+    from acm_module.write.store import StreamStore
     from acm_module.write.writer import group_positions
 
-    c = StoreConnection(store_url, timeout=2.0)
+    c = StreamStore(store_url, timeout=2.0)
     try:
         return all("acm.pg" in group_positions(c, s) for s in keys.streams(16))
     finally:

@@ -24,7 +24,8 @@ from acm_module.core import keys
 from acm_module.decide.engine import hotpath
 from acm_module.decide.store.cluster import StoreClient as StoreConnection
 from acm_module.write.questdb import QuestDB
-from acm_module.write.writer import GROUP_PREFIX, StreamConnection, group_positions
+from acm_module.write.store import StreamStore
+from acm_module.write.writer import GROUP_PREFIX, group_positions
 
 PG_BIN = Path(os.environ.get("ACM_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 ALL_SINKS = ["pg", "questdb", "clickhouse"]
@@ -226,15 +227,11 @@ def add_tap(store_url: str, partitions: int = 16) -> None:
 
 def stream_records(store_url: str, partitions: int = 16) -> list[tuple[str, str, dict[str, str]]]:
     """Return (stream, id, fields) of every record still in the partition streams."""
-    # hiredis: replies of thousands of entries
-    c = StoreConnection(store_url, timeout=10.0, conn_class=StreamConnection)
+    c = StreamStore(store_url, timeout=30.0)
     out = []
     try:
         for s in keys.streams(partitions):
-            for eid, f in c.call("XRANGE", s, "-", "+", timeout=30.0):  # type: ignore[union-attr]
-                f = [x.decode() if isinstance(x, bytes) else x for x in f]
-                out.append((s, eid.decode() if isinstance(eid, bytes) else eid,
-                            dict(zip(f[::2], f[1::2], strict=True))))
+            out += [(s, eid, f) for eid, f in c.call("XRANGE", s, "-", "+")]
     finally:
         c.close()
     return out
@@ -243,15 +240,15 @@ def stream_records(store_url: str, partitions: int = 16) -> list[tuple[str, str,
 def wait_drained(store_url: str, sinks: list[str], timeout: float = 60.0,
                  partitions: int = 16, writer: WriterProcess | None = None) -> None:
     """Wait until every sink's group has been delivered every record and acked it."""
-    c = StoreConnection(store_url, timeout=5.0)
+    c = StreamStore(store_url)
     deadline = time.monotonic() + timeout
     try:
         while True:
             done = True
             for s in keys.streams(partitions):
-                last = c.call("XINFO", "STREAM", s)
-                info = {last[i].decode(): last[i + 1] for i in range(0, len(last), 2)}  # type: ignore[index,arg-type]
-                last_id = info["last-generated-id"].decode()
+                with c.errors():
+                    info = c.client.xinfo_stream(s)
+                last_id = info["last-generated-id"]
                 groups = group_positions(c, s)
                 for sink in sinks:
                     g = groups.get(GROUP_PREFIX + sink)

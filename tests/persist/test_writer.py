@@ -40,6 +40,7 @@ from acm_module.core.records import FRAUD_REASONS
 from acm_module.decide.client import Client
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.write.questdb import QuestDB
+from acm_module.write.store import StreamStore
 from acm_module.write.writer import GROUP_PREFIX, group_positions, writer_stats
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
@@ -153,7 +154,7 @@ def test_rows_equal_decisions_and_alerts_one_for_one(
             names = {r[0] for r in q.rows("SELECT DISTINCT metric_name FROM detection_metrics")}
         assert want <= names
         # Backlog is visible and zero.
-        c = StoreConnection(store_url, timeout=5.0)
+        c = StreamStore(store_url)
         try:
             time.sleep(1.2)  # one stats interval
             st = writer_stats(c)
@@ -268,7 +269,7 @@ def test_sink_down_then_back_loses_nothing_and_others_go_on(
         drive(client, episodes=6, base_ts=1_800_400_000.0)
         # ClickHouse goes on while the other two are down; their backlog waits, visible.
         wait_drained(store_url, ["clickhouse"], writer=w)
-        c = StoreConnection(store_url, timeout=5.0)
+        c = StreamStore(store_url)
         try:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
@@ -303,6 +304,8 @@ def test_poisoned_records_are_dead_lettered_and_do_not_block(
                        "b", "+2348030000000", "sv", "HIGH", "n", "5", "an", "a,b", "t0", "1",
                        "t1", "1", "ver", "1", "wms", "5000", "blk", "0")
         bad_k = c.call("XADD", keys.stream(7), "*", "k", "zz", "junk", "1")
+        # Not UTF-8: read (bytes replaced) and dead-lettered, not a reply that fails each read.
+        bad_u = c.call("XADD", keys.stream(11), "*", "k", b"\xff", "junk", b"\xfe1")
         # Parses, but PostgreSQL refuses it (b_number is VARCHAR(20)): found by bisection.
         long_b = c.call("XADD", keys.stream(9), "*", "k", "a", "al", str(uuid.uuid4()),
                         "op", "open", "b", "+" + "9" * 30, "sv", "HIGH", "n", "5", "an", "x,y",
@@ -319,14 +322,16 @@ def test_poisoned_records_are_dead_lettered_and_do_not_block(
     a_key = (keys.stream(5), bad_a.decode())  # type: ignore[union-attr]
     k_key = (keys.stream(7), bad_k.decode())  # type: ignore[union-attr]
     r_key = (keys.stream(9), long_b.decode())  # type: ignore[union-attr]
+    u_key = (keys.stream(11), bad_u.decode())  # type: ignore[union-attr]
     by = {(d["stream"], d["id"], d["sink"]): d["reason"] for d in dlq}
     assert set(by) == {(*d_key, "questdb"), (*a_key, "pg"), (*a_key, "clickhouse"),
-                       *((*k_key, s) for s in ALL_SINKS), (*r_key, "pg")}
+                       *((*k_key, s) for s in ALL_SINKS), (*r_key, "pg"),
+                       *((*u_key, s) for s in ALL_SINKS)}
     assert "rejected by pg" in by[(*r_key, "pg")]
     assert "'ts'" in by[(*d_key, "questdb")]
     assert "UUID" in by[(*a_key, "pg")] and "UUID" in by[(*a_key, "clickhouse")]
     assert "unknown record kind" in by[(*k_key, "pg")]
-    assert {json.loads(d["record"])["k"] for d in dlq} == {"d", "a", "zz"}
+    assert {json.loads(d["record"])["k"] for d in dlq} == {"d", "a", "zz", "\ufffd"}
     with psycopg.connect(database_url) as db:
         assert db.execute("SELECT count(*) FROM fraud_alerts").fetchone()[0] == 8  # type: ignore[index]
     assert len(ch_query(chdb_path, "SELECT alert_id FROM acm.fraud_alerts_analytics FINAL")) == 9
@@ -337,7 +342,7 @@ def test_poisoned_records_are_dead_lettered_and_do_not_block(
 
 
 def _groups(store_url: str) -> set[str]:
-    c = StoreConnection(store_url, timeout=5.0)
+    c = StreamStore(store_url)
     try:
         return {g for s in keys.streams(16) for g in group_positions(c, s)}
     finally:
