@@ -8,6 +8,7 @@ as one made by the other. Imports nothing from acm_module, so any layer may use 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 __all__ = [
@@ -23,19 +24,16 @@ MAX_DEPTH = 32  # nesting a request frame may have before it is refused as bad_m
 FIELDS = (b"call_id", b"a", b"b", b"ts", b"src_ip", b"trunk")
 
 
+@dataclass(slots=True, eq=False)
 class Request:
     """A decoded, validated request."""
 
-    __slots__ = ("a", "b", "call_id", "src_ip", "trunk", "ts_ms")
-
-    def __init__(self, call_id: str, a: str | None, b: str | None, ts_ms: int,
-                 src_ip: str, trunk: str) -> None:
-        self.call_id = call_id
-        self.a = a
-        self.b = b
-        self.ts_ms = ts_ms
-        self.src_ip = src_ip
-        self.trunk = trunk
+    call_id: str
+    a: str | None
+    b: str | None
+    ts_ms: int
+    src_ip: str
+    trunk: str
 
 
 class RequestError(Exception):

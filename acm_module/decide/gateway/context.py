@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from acm_module.decide.engine import hotpath
@@ -22,27 +23,18 @@ _PRE_CLI = {"enforce": b"drop|" + CLI_REASON.encode(), "monitor": b"monitor|" + 
 _CACHE_MAX = 65536  # (src_ip, trunk) pairs remembered; cleared when full
 
 
+@dataclass(slots=True, eq=False)
 class Attribution:
     """Where one call came from, and what the registry says about that place."""
 
-    __slots__ = ("carrier", "cli_rule", "gateway", "intl", "rl_key", "rl_max", "rl_window_ms",
-                 "route")
-
-    def __init__(self, carrier: str, gateway: str, route: str, intl: bool, cli_rule: str,
-                 rl_key: bytes | None, rl_max: int, rl_window_ms: int) -> None:
-        self.carrier = carrier
-        self.gateway = gateway
-        self.route = route
-        self.intl = intl
-        self.cli_rule = cli_rule
-        self.rl_key = rl_key
-        self.rl_max = rl_max
-        self.rl_window_ms = rl_window_ms
-
-    def __repr__(self) -> str:
-        return (f"Attribution(carrier={self.carrier!r}, gateway={self.gateway!r}, "
-                f"route={self.route!r}, intl={self.intl}, cli_rule={self.cli_rule!r}, "
-                f"rl_max={self.rl_max}, rl_window_ms={self.rl_window_ms})")
+    carrier: str
+    gateway: str
+    route: str
+    intl: bool
+    cli_rule: str
+    rl_key: bytes | None = field(repr=False)
+    rl_max: int
+    rl_window_ms: int
 
 
 def rate_limit_key(gateway: str) -> str:
