@@ -38,15 +38,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "persist"),
-                str(ROOT / "opensips_scripts")]
-
-from pgqdb import PostgresServer, QuestDBServer  # noqa: E402
+sys.path[:0] = [str(ROOT), str(ROOT / "opensips_scripts")]
 
 from acm_module.core import stats as stats_mod  # noqa: E402
 from acm_module.decide.store.conn import StoreConnection  # noqa: E402
 from acm_module.write.migrate import migrate  # noqa: E402
 from benchmarks.loadtool import acm_service, cpu_ns, redis_server, worker_pids  # noqa: E402
+from tests.support.pgqdb import PostgresServer, QuestDBServer  # noqa: E402
 
 CTX = mp.get_context("fork")
 UNCHECKED_REASONS = ("service_unavailable", "service_error", "client_error")

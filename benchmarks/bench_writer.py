@@ -25,11 +25,9 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "persist")]
+sys.path.insert(0, str(ROOT))
 
 import psycopg  # noqa: E402
-from pgqdb import PostgresServer, QuestDBServer  # noqa: E402
-from servers import RedisServer, flush  # noqa: E402
 
 from acm_module.core import keys  # noqa: E402
 from acm_module.decide.engine import hotpath  # noqa: E402
@@ -39,6 +37,8 @@ from acm_module.write.migrate import migrate  # noqa: E402
 from acm_module.write.pg import PostgresSink  # noqa: E402
 from acm_module.write.questdb import QuestDB, QuestDBSink  # noqa: E402
 from acm_module.write.writer import GROUP_PREFIX, Writer, WriterConfig  # noqa: E402
+from tests.support.pgqdb import PostgresServer, QuestDBServer  # noqa: E402
+from tests.support.servers import RedisServer, flush  # noqa: E402
 
 PARTITIONS = 16
 

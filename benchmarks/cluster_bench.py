@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-from servers import RedisCluster, RedisServer  # noqa: E402
+sys.path.insert(0, str(REPO))  # run as a script: the checkout's acm_module and tests.support
 
 from acm_module.decide.store.cluster import StoreClient, key_slot  # noqa: E402
+from tests.support.servers import RedisCluster, RedisServer  # noqa: E402
 
 
 def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:

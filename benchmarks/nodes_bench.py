@@ -40,8 +40,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from servers import RedisCluster, RedisServer  # noqa: E402
-
 from acm_module.decide.store.cluster import StoreClient  # noqa: E402
 from benchmarks.loadtool import (  # noqa: E402
     Result,
@@ -50,6 +48,7 @@ from benchmarks.loadtool import (  # noqa: E402
     worker_pids,
     zmtp_pool,
 )
+from tests.support.servers import RedisCluster, RedisServer  # noqa: E402
 
 
 def children(pid: int) -> list[int]:

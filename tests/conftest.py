@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import zmq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from servers import (
+from acm_module.decide.client import Client
+from acm_module.decide.engine import IMPLEMENTATION
+from acm_module.decide.store.cluster import StoreClient
+from tests.support.servers import (
     RedisCluster,
     RedisServer,
     Service,
@@ -20,10 +19,8 @@ from servers import (
     redis_url_from_env,
 )
 
-from acm_module.decide.client import Client
-from acm_module.decide.engine import IMPLEMENTATION
-from acm_module.decide.store.cluster import StoreClient
-
+# PostgreSQL, QuestDB, chdb and `acm writer`, used by persist/, actions/, control/ and web/.
+pytest_plugins = ["tests.support.writer_fixtures"]
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"acm hot path: {IMPLEMENTATION} (ACM_PUREPYTHON={os.environ.get('ACM_PUREPYTHON', '')})"

@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import FakeOpenSIPS, WebhookReceiver
-from servers import REPO
 
 from acm_module.actions.disconnect import Disconnector, opensips_mi, reason_header
 from acm_module.actions.notify import verify
@@ -25,16 +23,15 @@ from acm_module.control.audit import AuditRecord
 from acm_module.control.repository import StoreRepository
 from acm_module.core.errors import MIReplyError, MIUnavailable
 from acm_module.decide.store.conn import StoreConnection
+from tests.support.fakes import FakeOpenSIPS, WebhookReceiver
+from tests.support.numbers import a_num
+from tests.support.servers import REPO
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
 SECRET = "s3cret-for-the-webhook-tests"
 B = "+2348039900001"
 B_OTHER = "+2348039900002"
-
-
-def a_num(i: int) -> str:
-    return f"+23480310{i:05d}"
 
 
 class ActionsProcess:

@@ -14,7 +14,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from servers import REPO
 
 from acm_module.actions.mi import lifecycle_commands
 from acm_module.control.commands import Control
@@ -23,6 +22,7 @@ from acm_module.core import liveconfig as store_config
 from acm_module.core import settings as settings_mod
 from acm_module.core.records import AlertChange
 from acm_module.write.pg import PostgresSink
+from tests.support.servers import REPO
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 

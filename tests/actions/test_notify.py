@@ -8,7 +8,6 @@ import random
 import time
 
 import pytest
-from fakes import WebhookReceiver
 
 from acm_module.actions.notify import (
     EVENT_HEADER,
@@ -18,6 +17,7 @@ from acm_module.actions.notify import (
     sign,
     verify,
 )
+from tests.support.fakes import WebhookReceiver
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -17,14 +17,15 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
-from pgqdb import stream_records, wait_drained
-from servers import REPO
-from test_disconnect import ActionsProcess, wait_for
 
 from acm_module.actions.lifecycle import Lifecycle
 from acm_module.compliance.ncc import incident_id, parse_incident_id
 from acm_module.compliance.report import chart_svg
 from acm_module.compliance.stats import _calls_dropped
+from tests.actions.test_disconnect import ActionsProcess, wait_for
+from tests.support.numbers import b_num
+from tests.support.pgqdb import stream_records, wait_drained
+from tests.support.servers import REPO
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(150)]
 
@@ -46,10 +47,6 @@ EPISODES = [
 
 def a_num(e: int, i: int) -> str:
     return f"+2348031{e:02d}{i:04d}"
-
-
-def b_num(e: int) -> str:
-    return f"+23480399{e:05d}"
 
 
 def drive(client: Any) -> None:
@@ -245,7 +242,6 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("ACM_")}
 
 
-
 def test_calls_answered_store_unavailable_are_not_counted_as_checked(
         zctx: Any, writer_factory: Any, store_url: str, database_url: str,
         questdb_url: str) -> None:
@@ -253,13 +249,12 @@ def test_calls_answered_store_unavailable_are_not_counted_as_checked(
     (the client applies its fail policy), but the store still runs the script it was sent and
     records a decision: call_events must say the caller never got it, and the report must not
     count the call as checked."""
-    from servers import DelayProxy, running_service
-
     from acm_module.compliance.report import summary_rows, to_html
     from acm_module.compliance.stats import compute
     from acm_module.core.errors import StoreReplyError
     from acm_module.decide.client import Client
     from acm_module.write.questdb import QuestDB
+    from tests.support.servers import DelayProxy, running_service
 
     port = int(store_url.rsplit(":", 1)[1].split("/")[0])
     proxy = DelayProxy(port)

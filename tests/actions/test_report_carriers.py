@@ -17,15 +17,15 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
-from pdfreport import assert_same_figures, pdf_text
-from pgqdb import add_tap, wait_drained
-from servers import REPO
-from streamrec import decision, fanout_alert, masking_alert, parsed, xadd
 
 from acm_module.compliance.report import carrier_columns, to_pdf
 from acm_module.compliance.stats import DROP_REASONS, DailyStats
 from acm_module.core import records as rec
 from acm_module.write.questdb import QuestDB
+from tests.support.pdfreport import assert_same_figures, pdf_text
+from tests.support.pgqdb import add_tap, wait_drained
+from tests.support.servers import REPO
+from tests.support.streamrec import decision, fanout_alert, masking_alert, parsed, xadd
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(150)]
 

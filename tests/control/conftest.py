@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import zmq
-from mi_helpers import MIService, free_udp_port, mi_error, wait_in_sync, wait_mi  # noqa: F401
-from servers import Service, free_port
 
 from acm_module.decide.client import Client
+from tests.support.mi_helpers import MIService, free_udp_port, mi_error, wait_in_sync, wait_mi  # noqa: F401
+from tests.support.servers import Service, free_port
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from servers import publish_registry
+
+from tests.support.servers import publish_registry
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import socket
@@ -12,26 +11,18 @@ import time
 from pathlib import Path
 
 import pytest
-from mi_helpers import free_udp_port, mi_error, wait_in_sync
 from opensips.mi import OpenSIPSMIException
-from servers import REPO, Service, free_port
 
 from acm_module.control import jsonrpc, overrides
 from acm_module.decide.store.cluster import StoreClient
+from tests.support.mi_helpers import free_udp_port, mi_error, wait_in_sync
+from tests.support.numbers import a_num, cid
+from tests.support.servers import REPO, Service, free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
 TOKEN = "test-admin-token-0123456789abcdef"
 B = "+2348039999999"
-_ids = itertools.count()
-
-
-def cid() -> str:
-    return f"mi{next(_ids)}-{time.monotonic_ns()}"
-
-
-def a_num(i: int) -> str:
-    return f"+23480310{i:05d}"
 
 
 def wait_for(pred, timeout: float = 3.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from servers import Service
 
 from acm_module.control import jsonrpc
+from tests.support.servers import Service
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 

@@ -14,9 +14,6 @@ from urllib.parse import urlsplit
 
 import pytest
 from opensips.mi import OpenSIPSMI
-from servers import DelayProxy, RedisServer, Service, flush, free_port
-from test_mi import wait_for
-from test_pg_repository import database_url, pg_server, rows  # noqa: F401 - fixtures
 
 from acm_module.control.audit import Caller
 from acm_module.control.commands import Control
@@ -26,6 +23,9 @@ from acm_module.control.repository import StoreRepository
 from acm_module.core import settings as settings_mod
 from acm_module.decide.store.cluster import StoreClient
 from acm_module.decide.store.conn import StoreConnection
+from tests.control.test_mi import wait_for
+from tests.control.test_pg_repository import rows
+from tests.support.servers import DelayProxy, RedisServer, Service, flush, free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]
 
@@ -61,7 +61,7 @@ def start(services: list[Service], svc: Service) -> Service:
 
 
 def test_the_deployment_shares_its_overrides_through_the_repository(
-        services: list[Service], store_url: str, database_url: str) -> None:  # noqa: F811
+        services: list[Service], store_url: str, database_url: str) -> None:
     a = start(services, node(store_url, database_url))
     b = start(services, node(store_url, database_url))
     r = mi(a, "acm_set", {"threshold": 3, "mode": "monitor", "actor": "alice"})
@@ -115,7 +115,7 @@ def test_the_deployment_shares_its_overrides_through_the_repository(
 
 
 def test_concurrent_changes_on_two_nodes_lose_no_update(
-        services: list[Service], store_url: str, database_url: str) -> None:  # noqa: F811
+        services: list[Service], store_url: str, database_url: str) -> None:
     a = start(services, node(store_url, database_url))
     b = start(services, node(store_url, database_url))
     rounds = [({"threshold": 10 + i}, {"block_ttl": 100 + i}) for i in range(4)]
@@ -146,7 +146,7 @@ def test_concurrent_changes_on_two_nodes_lose_no_update(
 
 
 def test_a_change_made_while_the_database_is_down_is_written_when_it_is_back(
-        services: list[Service], store_url: str, database_url: str) -> None:  # noqa: F811
+        services: list[Service], store_url: str, database_url: str) -> None:
     repo = PostgresControlRepository(SimpleNamespace(database_url=database_url))
     try:  # the deployment's overrides, set earlier
         assert repo.overrides_put(DEPLOYMENT, 0, {"mode": "monitor"}, "earlier") == 1
@@ -175,7 +175,7 @@ def test_a_change_made_while_the_database_is_down_is_written_when_it_is_back(
 
 
 def test_a_deployment_that_gets_a_database_keeps_its_overrides(
-        services: list[Service], store_url: str, database_url: str) -> None:  # noqa: F811
+        services: list[Service], store_url: str, database_url: str) -> None:
     conn = StoreClient(store_url, timeout=2.0)
     try:  # set through MI before the deployment had DATABASE_URL
         assert StoreRepository(conn, 16).overrides_put("", 0, {"threshold": 3}, "old") == 1
@@ -202,7 +202,7 @@ def _set_at_once(go: threading.Barrier, errors: list[BaseException], svc: Servic
 
 @pytest.mark.parametrize("where", ["postgres", "store"])
 def test_two_control_planes_hammering_the_overrides_lose_no_update(
-        where: str, store_url: str, database_url: str) -> None:  # noqa: F811
+        where: str, store_url: str, database_url: str) -> None:
     """The same race as above, 2 x 40 times: two nodes' control planes, each changing its own
     setting, at once; every change must survive in the overrides and the live config."""
     env = {"ACM_STORE_URL": store_url, "ACM_DEPLOYMENT": DEPLOYMENT,
@@ -244,7 +244,7 @@ def test_two_control_planes_hammering_the_overrides_lose_no_update(
             c.close()
 
 
-def test_repository_compare_and_set(database_url: str) -> None:  # noqa: F811
+def test_repository_compare_and_set(database_url: str) -> None:
     repo = PostgresControlRepository(SimpleNamespace(database_url=database_url))
     try:
         assert repo.overrides_get("x") == (0, {})

@@ -1,26 +1,21 @@
 """The MI control plane on PostgreSQL (DATABASE_URL set): whitelist rows, audit_log, fraud_alerts.
 
-Real servers throughout: a PostgreSQL started by the persist fixtures (imported, not copied),
+Real servers throughout: a PostgreSQL started by tests.support.writer_fixtures,
 `acm serve` driven by the `opensips` package's MI client, the writer's own whitelist reconcile and
 a real `acm writer`.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import itertools
 import json
-import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import psycopg
 import pytest
 from opensips.mi import OpenSIPSMIException
-from servers import free_port
 
 from acm_module.control import jsonrpc, whitelist_sync
 from acm_module.control.audit import AuditRecord
@@ -29,19 +24,8 @@ from acm_module.control.repository import AlertQuery, WhitelistEntry
 from acm_module.core import liveconfig as store_config
 from acm_module.decide.store.cluster import StoreClient
 from acm_module.decide.store.conn import StoreConnection
-
-_PERSIST = Path(__file__).resolve().parent.parent / "persist"
-if str(_PERSIST) not in sys.path:
-    sys.path.append(str(_PERSIST))  # pgqdb, as the persist conftest imports it
-_spec = importlib.util.spec_from_file_location("acm_persist_fixtures_control",
-                                               _PERSIST / "conftest.py")
-assert _spec is not None and _spec.loader is not None
-_persist = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_persist)
-
-pg_server = _persist.pg_server
-database_url = _persist.database_url
-writer_factory = _persist.writer_factory
+from tests.support.numbers import a_num, cid
+from tests.support.servers import free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 
@@ -52,15 +36,6 @@ B_STALE = "+2348037779999"
 # Reaches PostgreSQL only as bound parameters: must come back byte for byte.
 EVIL_REASON = "bank IVR'); DROP TABLE whitelist; -- \"x\" \\ ;"
 EVIL_BY = "noc' OR '1'='1"
-_ids = itertools.count()
-
-
-def cid() -> str:
-    return f"pg{next(_ids)}-{time.monotonic_ns()}"
-
-
-def a_num(i: int) -> str:
-    return f"+23480310{i:05d}"
 
 
 def rows(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -285,10 +260,9 @@ def test_repository_contract_and_reconnect(database_url: str, pg_server: Any) ->
 
 def test_both_repositories_list_fanout_and_masking_alerts_alike(
         service_factory: Any, writer_factory: Any, store_url: str, database_url: str) -> None:
-    from servers import publish_registry
-    from test_alert_list import IGW_IP, REGISTRY
-
     from acm_module.control.repository import StoreRepository
+    from tests.control.test_alert_list import IGW_IP, REGISTRY
+    from tests.support.servers import publish_registry
 
     with service_factory(env={"ACM_FANOUT_THRESHOLD": "4", "ACM_FANOUT_WINDOW": "60"}) as (
             _svc, client):

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import pytest
 import zmq
-from mi_helpers import wait_in_sync
 
 from acm_module.decide.client import Client, ServiceTimeout
+from tests.support.mi_helpers import wait_in_sync
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]
 

@@ -14,16 +14,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from mi_helpers import mi_error
 from opensips.mi import OpenSIPSMI, OpenSIPSMIException
-from servers import REPO
-from test_mi import wait_for
 
 from acm_module.control import jsonrpc
 from acm_module.control.repository import REGISTRY_RECORD_KEY
 from acm_module.core import registry
 from acm_module.core import stats as stats_mod
 from acm_module.decide.store.conn import StoreConnection
+from tests.control.test_mi import wait_for
+from tests.support.mi_helpers import mi_error
+from tests.support.servers import REPO
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 

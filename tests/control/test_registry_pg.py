@@ -11,10 +11,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from servers import flush, free_port
-from test_mi import wait_for
-from test_pg_repository import database_url, pg_server, rows  # noqa: F401 - fixtures
-from test_registry_mi import BAD, call_error, populate
 
 from acm_module.control import jsonrpc
 from acm_module.control.pg_repository import PostgresControlRepository
@@ -22,6 +18,10 @@ from acm_module.core import registry
 from acm_module.core.errors import StoreError
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.write.migrate import MIGRATIONS_DIR
+from tests.control.test_mi import wait_for
+from tests.control.test_pg_repository import rows
+from tests.control.test_registry_mi import BAD, call_error, populate
+from tests.support.servers import flush, free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 
@@ -42,7 +42,7 @@ def published(store_url: str) -> tuple[int, dict[str, Any]]:
         c.close()
 
 
-def test_commands_write_the_three_tables(mi_factory, database_url: str,  # type: ignore[no-untyped-def]  # noqa: F811
+def test_commands_write_the_three_tables(mi_factory, database_url: str,  # type: ignore[no-untyped-def]
                                          store_url: str) -> None:
     with mi_factory(workers=1, env={"DATABASE_URL": database_url}) as (mi, _):
         http = mi.http()
@@ -111,7 +111,7 @@ def test_commands_write_the_three_tables(mi_factory, database_url: str,  # type:
         assert audit[-1][4] is None and len(audit[-1][3]["routes"]) == 2
 
 
-def test_a_new_store_gets_the_registry_from_the_database(mi_factory, database_url: str,  # type: ignore[no-untyped-def]  # noqa: F811
+def test_a_new_store_gets_the_registry_from_the_database(mi_factory, database_url: str,  # type: ignore[no-untyped-def]
                                                          store_url: str) -> None:
     # Rows written by someone else (a restore, SQL): the start-up publishes them.
     with psycopg.connect(database_url, autocommit=True) as c:
@@ -131,7 +131,7 @@ def test_a_new_store_gets_the_registry_from_the_database(mi_factory, database_ur
         assert mi.http().execute("acm_registry_show")["in_sync"] is True
 
 
-def test_repository_replaces_the_document(database_url: str) -> None:  # noqa: F811
+def test_repository_replaces_the_document(database_url: str) -> None:
     repo = PostgresControlRepository(SimpleNamespace(database_url=database_url))
     try:
         assert repo.registry_get() == registry.EMPTY

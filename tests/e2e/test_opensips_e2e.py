@@ -3,27 +3,23 @@
 opensips_scripts/acm_opensips.py is loaded the way OpenSIPS's python module loads it: the file is
 imported and `mod_init()` runs in the parent *before* fork(); each forked OpenSIPS process calls
 `child_init(rank)` and then `acm_check(msg)` per INVITE, with a message object offering the same
-methods as the C one (tests/opensips/fake_msg.py). The service on the other side is a real
+methods as the C one (tests/support/fake_msg.py). The service on the other side is a real
 `acm serve` pool on a real Redis-protocol store.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "opensips"))
-from fake_msg import FakeMsg
+from tests.support.fake_msg import FakeMsg
+from tests.support.opensips_script import load_acm_opensips
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(60)]
 
-SCRIPT = Path(__file__).resolve().parents[2] / "opensips_scripts" / "acm_opensips.py"
 B = "08039999999"
 
 
@@ -33,12 +29,7 @@ def load_script(monkeypatch: pytest.MonkeyPatch, endpoint: str, **env: str) -> M
     monkeypatch.setenv("ACM_OPENSIPS_CONFIG", "/nonexistent/acm_opensips.conf")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    spec = importlib.util.spec_from_file_location("acm_opensips_e2e", SCRIPT)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, mod)  # as an import would (dataclasses need it)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_acm_opensips("acm_opensips_e2e", monkeypatch)
 
 
 def invite(call_id: str, a: str, b: str = B, si: str = "192.0.2.10") -> FakeMsg:
@@ -47,7 +38,7 @@ def invite(call_id: str, a: str, b: str = B, si: str = "192.0.2.10") -> FakeMsg:
 
 
 def test_seed_scenario_through_acm_opensips(service, monkeypatch) -> None:
-    from servers import flush
+    from tests.support.servers import flush
 
     flush(service.store_url)
     mod = load_script(monkeypatch, service.endpoint)
@@ -72,7 +63,7 @@ def test_seed_scenario_through_acm_opensips(service, monkeypatch) -> None:
 
 def test_seed_scenario_through_the_packed_call_of_opensips_cfg(service, monkeypatch) -> None:
     """What opensips.cfg calls: python_exec("acm_check_fields", FIELDS) and $var(acm)."""
-    from servers import flush
+    from tests.support.servers import flush
 
     flush(service.store_url)
     mod = load_script(monkeypatch, service.endpoint)
@@ -91,7 +82,7 @@ def test_seed_scenario_through_the_packed_call_of_opensips_cfg(service, monkeypa
 
 
 def test_forked_opensips_processes_each_get_their_own_socket(service, monkeypatch) -> None:
-    from servers import flush
+    from tests.support.servers import flush
 
     flush(service.store_url)
     mod = load_script(monkeypatch, service.endpoint)

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import zmq
-from reference import Reference, mismatches
-from servers import RedisCluster, Service
 
 from acm_module.decide.client import Client
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_replay_reference import make_events
+from tests.integration.test_replay_reference import make_events
+from tests.support.reference import Reference, mismatches
+from tests.support.servers import RedisCluster, Service
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 
@@ -258,9 +255,7 @@ def test_twins_fuzzed_against_each_other_on_a_cluster(empty_cluster: RedisCluste
     from acm_module.decide.engine import hotpath_py as py
     from acm_module.decide.store.cluster import StoreClient
     from acm_module.decide.store.conn import load_script
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
-    from test_twins import NOW, _frames, _good_frame
+    from tests.unit.test_twins import NOW, _frames, _good_frame
 
     rnd = random.Random(14)
     gen = _frames(rnd)
@@ -295,9 +290,8 @@ def test_tls_and_an_acl_user(tmp_path: Path, zctx: zmq.Context) -> None:
     import shutil
     import subprocess
 
-    from servers import free_port, unavailable, wait_port
-
     from acm_module.decide.store.cluster import StoreClient
+    from tests.support.servers import free_port, unavailable, wait_port
 
     if shutil.which("openssl") is None:
         unavailable("openssl is not installed (needed to make a test certificate)")

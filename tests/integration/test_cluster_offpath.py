@@ -8,7 +8,6 @@ import time
 import uuid
 
 import pytest
-from servers import RedisCluster
 
 from acm_module.actions.runner import GROUP, ActionRunner, Ledger, RunnerConfig
 from acm_module.control.repository import AlertQuery, StoreRepository
@@ -16,6 +15,7 @@ from acm_module.core import keys, stats
 from acm_module.core.redis import open_redis
 from acm_module.decide.store.cluster import StoreClient
 from acm_module.ops.metrics import AlertScanner, PoolCollector
+from tests.support.servers import RedisCluster
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(60)]
 

@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-import itertools
 import threading
-import time
 
 import msgpack
 import pytest
-from servers import flush
 
 from acm_module.core import keys
 from acm_module.core import liveconfig as store_config
 from acm_module.decide.client import Client
 from acm_module.decide.store.conn import StoreConnection
+from tests.support.numbers import a_num, cid
+from tests.support.servers import flush
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(60)]
 
 B = "+2348039999999"
-_ids = itertools.count()
-
-
-def cid() -> str:
-    return f"c{next(_ids)}-{time.monotonic_ns()}"
-
-
-def a_num(i: int) -> str:
-    return f"+23480310{i:05d}"
 
 
 def stream_entries(url: str, partitions: int = 16) -> list[dict[str, str]]:

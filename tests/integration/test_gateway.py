@@ -11,13 +11,14 @@ import time
 from typing import Any
 
 import pytest
-from servers import publish_registry as publish
-from test_contract import a_num, alert_records, cid, decisions, stream_entries
 
 from acm_module.core import registry
 from acm_module.core import stats as stats_mod
 from acm_module.decide.client import Client
 from acm_module.decide.store.conn import StoreConnection
+from tests.integration.test_contract import alert_records, decisions, stream_entries
+from tests.support.numbers import a_num, cid
+from tests.support.servers import publish_registry as publish
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
@@ -126,7 +127,7 @@ def test_the_rate_limit_is_shared_by_every_worker(service, zctx) -> None:
     The limit runs on the workers' receive clock, so this test runs in real time: 20 calls
     take milliseconds, far inside the 2 s window.
     """
-    from servers import flush
+    from tests.support.servers import flush
 
     flush(service.store_url)
     d = doc(cps=3)

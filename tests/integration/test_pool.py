@@ -9,9 +9,9 @@ import threading
 import time
 
 import pytest
-from servers import RedisServer, Service
 
 from acm_module.decide.client import Client, ServiceTimeout
+from tests.support.servers import RedisServer, Service
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
@@ -162,10 +162,9 @@ def test_store_outage_gets_fast_errors_then_recovers(zctx) -> None:
 
 
 def test_slow_store_gets_errors_within_the_timeout_and_counts_them(redis_server, zctx) -> None:
-    from servers import DelayProxy, flush
-
     from acm_module.core import stats
     from acm_module.decide.store.conn import StoreConnection
+    from tests.support.servers import DelayProxy, flush
 
     flush(redis_server)
     proxy = DelayProxy(int(redis_server.rsplit(":", 1)[1].split("/")[0]))
@@ -269,7 +268,8 @@ def test_every_new_connection_is_answered_when_many_connect_at_once(store_url, z
     """
     import msgpack
     import zmq
-    from servers import free_port
+
+    from tests.support.servers import free_port
 
     svc = Service(store_url, workers=2, extra_env={"ACM_WORKER_IO": worker_io})
     if transport == "tcp":
@@ -327,10 +327,9 @@ def test_connections_made_all_at_once_at_start_spread_over_the_workers(store_url
     without spreading it took every connection and served every request while its siblings
     idled (560/0 and 12,075/0 requests per worker through a real OpenSIPS).
     """
-    from servers import free_port
-
     from acm_module.core import stats as stats_mod
     from acm_module.decide.store.conn import StoreConnection
+    from tests.support.servers import free_port
 
     workers, clients, run_s = 2, 8, 3.0
     svc = Service(store_url, workers=workers)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import redis
 from redis.cluster import RedisCluster as RedisPyCluster
-from servers import RedisCluster, RedisServer, free_port
 
 from acm_module.core.errors import ConfigError, StoreError, StoreReplyError
 from acm_module.core.redis import open_redis
+from tests.support.servers import RedisCluster, RedisServer, free_port
 
 pytestmark = pytest.mark.timeout(60)
 

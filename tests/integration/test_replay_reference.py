@@ -1,16 +1,16 @@
 """A few thousand mixed events through the real pool, checked reply by reply against the
-straightforward reference model (tests/reference.py)."""
+straightforward reference model (tests/support/reference.py)."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
-from reference import Reference, mismatches
 
 from acm_module.core import liveconfig as store_config
 from acm_module.decide.client import Client
 from acm_module.decide.store.conn import StoreConnection
+from tests.support.reference import Reference, mismatches
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]
 

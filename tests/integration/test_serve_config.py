@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from servers import REPO, RedisServer, Service, free_port, wait_port
 
 from acm_module.decide.client import Client
+from tests.support.servers import REPO, RedisServer, Service, free_port, wait_port
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(60)]
 

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import Service
 
 from acm_module.decide.client import Client, ServiceTimeout
+from tests.support.servers import Service
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 

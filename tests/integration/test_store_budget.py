@@ -8,9 +8,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from servers import DelayProxy, Service, flush
 
 from acm_module.decide.client import Client
+from tests.support.servers import DelayProxy, Service, flush
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(60)]
 

@@ -10,9 +10,7 @@ against libzmq itself. The real service: test_zmtp_client.py and the e2e suite.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -25,10 +23,8 @@ import msgpack
 import pytest
 import zmq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fake_msg import FakeMsg
-
-SCRIPT = Path(__file__).resolve().parents[2] / "opensips_scripts" / "acm_opensips.py"
+from tests.support.fake_msg import FakeMsg
+from tests.support.opensips_script import load_acm_opensips
 
 ALLOW = {"verdict": "allow", "reason": "ok", "distinct": 1}
 DROP = {"verdict": "drop", "reason": "masking", "distinct": 7, "alert_id": "al-42",
@@ -44,12 +40,7 @@ Handler = Callable[[dict[str, Any]], Any]
 
 def load_script() -> ModuleType:
     """Import acm_opensips.py by base name from its directory, as python_mod.c does."""
-    spec = importlib.util.spec_from_file_location("acm_opensips", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["acm_opensips"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_acm_opensips("acm_opensips")
 
 
 @pytest.fixture(scope="module")

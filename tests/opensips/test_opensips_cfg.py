@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.opensips_script import load_acm_opensips
+
 CFG = Path(__file__).resolve().parents[2] / "opensips_scripts" / "opensips.cfg"
 SCRIPT = CFG.with_name("acm_opensips.py")
 
@@ -39,7 +41,7 @@ def _opensips() -> str | None:
 def _real_cfg(tmp_path: Path, binary: str) -> tuple[Path, int]:
     """Copy the cfg for a test run: modules of that install, this checkout's script, free
     loopback ports, logs on stderr. Return (cfg path, SIP UDP port)."""
-    from servers import free_port
+    from tests.support.servers import free_port
 
     root = Path(binary).resolve().parents[1]
     modules = next((p for p in (root / "lib64/opensips/modules", root / "lib/opensips/modules")
@@ -144,14 +146,7 @@ def test_a_real_opensips_logs_an_outage_once_per_interval_not_per_call(tmp_path:
 def test_the_cfg_passes_the_scripts_field_format_verbatim(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """route[acm_check] and acm_opensips.FIELDS_FORMAT must stay in step."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("acm_opensips_fmt", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, mod)  # as an import would (dataclasses need it)
-    spec.loader.exec_module(mod)
+    mod = load_acm_opensips("acm_opensips_fmt", monkeypatch)
     assert f'python_exec("acm_check_fields", "{mod.FIELDS_FORMAT}");' in CFG.read_text()
 
 

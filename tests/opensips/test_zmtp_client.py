@@ -12,26 +12,20 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-import test_acm_opensips as stub_tests
-from fake_msg import FakeMsg
-from servers import Service, free_port
-from test_zmtp import EchoServer
-
 from acm_module.decide import zmtp
 from acm_module.decide.zmtp import ZmtpServer, encode_message
+from tests.opensips import test_acm_opensips as stub_tests
+from tests.support.fake_msg import FakeMsg
+from tests.support.servers import Service, free_port
+from tests.unit.test_zmtp import EchoServer
 
 ALLOW = msgpack.packb({"verdict": "allow", "reason": "ok", "distinct": 1})
 

@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import REPO, unavailable
 
 from acm_module.core import liveconfig as store_config
 from acm_module.core import settings
 from acm_module.core import stats as stats_mod
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.ops import metrics
+from tests.support.servers import REPO, unavailable
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -14,9 +14,9 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
-from servers import Service, free_port, unavailable, wait_port
 
 from acm_module.core import logs
+from tests.support.servers import Service, free_port, unavailable, wait_port
 
 pytestmark = pytest.mark.timeout(60)
 

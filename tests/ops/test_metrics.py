@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import time
 import urllib.request
@@ -13,7 +12,14 @@ from collections.abc import Iterator
 import msgpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import (
+
+from acm_module.core import keys
+from acm_module.core import stats as stats_mod
+from acm_module.decide.client import Client
+from acm_module.decide.store.conn import StoreConnection
+from acm_module.ops import metrics
+from tests.support.numbers import cid
+from tests.support.servers import (
     DelayProxy,
     RedisServer,
     Service,
@@ -23,21 +29,10 @@ from servers import (
     wait_port,
 )
 
-from acm_module.core import keys
-from acm_module.core import stats as stats_mod
-from acm_module.decide.client import Client
-from acm_module.decide.store.conn import StoreConnection
-from acm_module.ops import metrics
-
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
 B = "+2348039999999"
-_ids = itertools.count()
 Samples = dict[str, list[tuple[dict[str, str], float]]]
-
-
-def cid() -> str:
-    return f"m{next(_ids)}-{time.monotonic_ns()}"
 
 
 def scrape(port: int) -> Samples:

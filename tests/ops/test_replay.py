@@ -15,10 +15,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from servers import REPO
 
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.ops import replay, whatif
+from tests.support.servers import REPO
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]
 

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from servers import REPO
 
 from acm_module.cli import flag_commands
 from acm_module.core import settings
+from tests.support.servers import REPO
 
 pytestmark = pytest.mark.timeout(30)
 

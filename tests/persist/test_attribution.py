@@ -15,22 +15,22 @@ from typing import Any
 
 import psycopg
 import pytest
-from pgqdb import (
-    ALL_SINKS,
-    a_num,
-    add_tap,
-    b_num,
-    ch_query,
-    wait_drained,
-    writer_env,
-)
-from streamrec import dead_letters, decision, fanout_alert, masking_alert, parsed, xadd
 
 from acm_module.core import records as rec
 from acm_module.write.base import SinkUnavailable
 from acm_module.write.migrate import MIGRATIONS_DIR, migrate
 from acm_module.write.pg import PostgresSink
 from acm_module.write.questdb import QuestDB
+from tests.support.numbers import a_num, b_num
+from tests.support.pgqdb import ALL_SINKS, add_tap, ch_query, wait_drained, writer_env
+from tests.support.streamrec import (
+    dead_letters,
+    decision,
+    fanout_alert,
+    masking_alert,
+    parsed,
+    xadd,
+)
 
 T0 = 1_800_500_000_000
 C1, G1, G1B = "glo-ig", "glo-lag-1", "glo-lag-2"

@@ -17,11 +17,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from pgqdb import a_num, b_num, ch_query
-from servers import REPO
-from streamrec import Record, fanout_alert, masking_alert
 
 from acm_module.core import records as rec
+from tests.support.numbers import a_num, b_num
+from tests.support.pgqdb import ch_query
+from tests.support.servers import REPO
+from tests.support.streamrec import Record, fanout_alert, masking_alert
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 

@@ -15,8 +15,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from pgqdb import ALL_SINKS, add_tap, ch_query, qdb_count, synthetic, writer_env
-from servers import REPO
 
 from acm_module.control import whitelist_sync
 from acm_module.core import keys
@@ -28,6 +26,8 @@ from acm_module.write.clickhouse import ClickHouseSink
 from acm_module.write.migrate import migrations
 from acm_module.write.pg import PostgresSink
 from acm_module.write.writer import GROUP_PREFIX
+from tests.support.pgqdb import ALL_SINKS, add_tap, ch_query, qdb_count, synthetic, writer_env
+from tests.support.servers import REPO
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
@@ -80,10 +80,8 @@ def test_pg_version_guard_keeps_the_newest_change(database_url: str) -> None:
 def test_clickhouse_replays_and_escalations_count_once(tmp_path: Any) -> None:
     path = str(tmp_path / "chdb")
     code = f"""
-import sys
-sys.path.insert(0, {str(REPO)!r})
 from acm_module.write.clickhouse import ClickHouseSink
-from test_sinks import change
+from tests.persist.test_sinks import change
 a, b = "{uuid.uuid4()}", "{uuid.uuid4()}"
 s = ClickHouseSink(chdb_path={path!r})
 s.open()
@@ -101,7 +99,7 @@ print(rows, daily)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, cwd=str(REPO / "tests" / "persist"),
-                         env={"PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "PATH": "/usr/bin"})
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == ("[('CRITICAL', 3), ('HIGH', 2)] "
                                   "[('CRITICAL', 1, 7), ('HIGH', 1, 6)]")

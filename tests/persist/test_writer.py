@@ -19,21 +19,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from pgqdb import (
-    ALL_SINKS,
-    TAP_GROUP,
-    a_num,
-    add_tap,
-    b_num,
-    ch_query,
-    qdb_count,
-    stream_records,
-    synthetic,
-    wait_drained,
-    writer_env,
-)
-from servers import free_port
-from streamrec import dead_letters
 
 from acm_module.core import keys
 from acm_module.core.records import FRAUD_REASONS
@@ -42,6 +27,20 @@ from acm_module.decide.store.conn import StoreConnection
 from acm_module.write.questdb import QuestDB
 from acm_module.write.store import StreamStore
 from acm_module.write.writer import GROUP_PREFIX, group_positions, writer_stats
+from tests.support.numbers import a_num, b_num
+from tests.support.pgqdb import (
+    ALL_SINKS,
+    TAP_GROUP,
+    add_tap,
+    ch_query,
+    qdb_count,
+    stream_records,
+    synthetic,
+    wait_drained,
+    writer_env,
+)
+from tests.support.servers import free_port
+from tests.support.streamrec import dead_letters
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 

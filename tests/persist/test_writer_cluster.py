@@ -9,7 +9,13 @@ import time
 from typing import Any
 
 import pytest
-from pgqdb import (
+
+from acm_module.core import keys
+from acm_module.decide.client import Client
+from acm_module.write.store import StreamStore
+from acm_module.write.writer import GROUP_PREFIX
+from tests.persist.test_writer import check_all, drive
+from tests.support.pgqdb import (
     ALL_SINKS,
     TAP_GROUP,
     WriterProcess,
@@ -20,13 +26,7 @@ from pgqdb import (
     wait_drained,
     writer_env,
 )
-from servers import RedisCluster, Service
-from test_writer import check_all, drive
-
-from acm_module.core import keys
-from acm_module.decide.client import Client
-from acm_module.write.store import StreamStore
-from acm_module.write.writer import GROUP_PREFIX
+from tests.support.servers import RedisCluster, Service
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]
 

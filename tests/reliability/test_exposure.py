@@ -22,9 +22,10 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
-from servers import REPO, Service, free_port
 
 from acm_module.decide.client import Client, CurveKeys
+from tests.support.opensips_script import load_acm_opensips
+from tests.support.servers import REPO, Service, free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
@@ -187,14 +188,7 @@ def test_a_loopback_tcp_endpoint_needs_nothing(store_url: str) -> None:
 def test_the_opensips_client_speaks_curve_with_its_settings(services: list[Service],
                                                             store_url: str, keys: Path) -> None:
     """acm_opensips.py with curve_server_key/curve_client_key gets verdicts; without, none."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "acm_opensips_curve", REPO / "opensips_scripts" / "acm_opensips.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
+    mod = load_acm_opensips("acm_opensips_curve")
     right = CurveKeys.load(str(keys / "server.key"), str(keys / "client.key_secret"))
     svc = start(services, store_url, "--curve-server-key", str(keys / "server.key_secret"),
                 "--curve-client-keys", str(keys / "clients"), curve=right)

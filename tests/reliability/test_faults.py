@@ -9,32 +9,28 @@ service's verdict or the client's policy verdict within its timeout. Every figur
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import multiprocessing
 import os
 import random
 import re
 import signal
 import statistics
-import sys
 import threading
 import time
 from collections import Counter
 from datetime import datetime
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
-from servers import RedisServer, Service, wait_port
 
 from acm_module.core import stats
 from acm_module.decide.client import Client, ServiceTimeout
 from acm_module.decide.store.conn import StoreConnection
+from tests.support.opensips_script import load_acm_opensips
+from tests.support.servers import RedisServer, Service, wait_port
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 
-SCRIPT = Path(__file__).resolve().parents[2] / "opensips_scripts" / "acm_opensips.py"
 TIMEOUT_MS = 250.0  # the client's budget per call (production default: 50 ms)
 # A call's wall time may exceed its budget by scheduling alone on a loaded 2-core machine
 # (other engineers' suites run beside this one); calls over budget + 50 ms are counted and
@@ -46,17 +42,7 @@ MIN_AGE_S = 1.2
 KILL_EVERY_S = 0.3
 
 
-def _load_acm_opensips() -> ModuleType:
-    """Import acm_opensips.py by file, as OpenSIPS's python module does."""
-    spec = importlib.util.spec_from_file_location("acm_opensips_rel", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-acm = _load_acm_opensips()
+acm = load_acm_opensips("acm_opensips_rel")
 
 
 # -- helpers -------------------------------------------------------------------------------

@@ -24,12 +24,12 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from servers import Service
 
 from acm_module.core import stats
 from acm_module.decide.client import Client, ServiceTimeout
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.decide.zmtp import GREETING, encode_message
+from tests.support.servers import Service
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 

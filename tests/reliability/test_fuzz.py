@@ -21,13 +21,13 @@ import time
 import msgpack
 import pytest
 import zmq
-from servers import Service, flush
 
 from acm_module.core import stats
 from acm_module.decide.client import Client
 from acm_module.decide.engine import IMPLEMENTATION
 from acm_module.decide.engine import hotpath_py as ref
 from acm_module.decide.store.conn import StoreConnection
+from tests.support.servers import Service, flush
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]
 

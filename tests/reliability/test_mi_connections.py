@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from servers import Service, proc_usage
+
+from tests.support.servers import Service, proc_usage
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 
@@ -207,7 +208,7 @@ def test_when_every_slot_is_answering_a_new_connection_gets_503_at_once(redis_se
                                                                         ) -> None:
     """Slots busy answering (a black-holed store holds each command ~1 s) are not evicted;
     the connection over the limit is told so at once instead of waiting."""
-    from servers import DelayProxy, wait_port
+    from tests.support.servers import DelayProxy, wait_port
 
     port = int(redis_server.rsplit(":", 1)[1].split("/")[0])
     proxy = DelayProxy(port)

@@ -31,10 +31,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from servers import Service, proc_usage
 
 from acm_module.control import jsonrpc
 from acm_module.core import settings as settings_mod
+from tests.support.servers import Service, proc_usage
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(240)]
 

@@ -30,11 +30,11 @@ from typing import Any
 
 import msgpack
 import pytest
-from servers import RedisServer, Service, free_port
 
 from acm_module.control import jsonrpc
 from acm_module.decide.client import Client
 from acm_module.decide.store.conn import StoreConnection
+from tests.support.servers import RedisServer, Service, free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 

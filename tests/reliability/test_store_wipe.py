@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from servers import RedisServer, Service, wait_port
 
 from acm_module.decide.client import Client
 from acm_module.decide.store.conn import StoreConnection
+from tests.support.servers import RedisServer, Service, wait_port
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import BOOT_TOKEN, PASSWORD, ROLES, Web, running_web
-from servers import REPO, RedisServer, flush, free_port
 
 from acm_module.core import keys
 from acm_module.decide.engine import hotpath
 from acm_module.decide.store.conn import StoreConnection
+from tests.support.servers import REPO, RedisServer, flush, free_port
+from tests.support.web import BOOT_TOKEN, PASSWORD, ROLES, Web, running_web
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 

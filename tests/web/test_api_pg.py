@@ -11,9 +11,10 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
-from conftest import PASSWORD, Web, running_web
-from pdfreport import assert_same_figures
-from test_api import burst, fresh_b
+
+from tests.support.pdfreport import assert_same_figures
+from tests.support.web import PASSWORD, Web, running_web
+from tests.web.test_api import burst, fresh_b
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 

@@ -4,8 +4,8 @@ in the queue without reloading, work the alert through its lifecycle, whitelist 
 and see the next burst allowed; the phone-sized layout and the installable app; and, over
 plain HTTP, what protects the pages (login, CSRF, headers, CSV exports).
 
-Real servers: redis-server, PostgreSQL, `acm writer` and `acm serve` (tests/servers.py). Under
-CI=true a missing chromium or Playwright is a failure, not a skip.
+Real servers: redis-server, PostgreSQL, `acm writer` and `acm serve` (tests/support/servers.py).
+Under CI=true a missing chromium or Playwright is a failure, not a skip.
 
 Set ACM_CONSOLE_SHOTS=<dir> to save the screenshots docs/CONSOLE.md shows.
 """
@@ -27,13 +27,13 @@ from zoneinfo import ZoneInfo
 import httpx
 import psycopg
 import pytest
-from conftest import PASSWORD, Web, running_web
-from pdfreport import assert_same_figures
-from servers import unavailable
-from test_api import fresh_b
-from test_api_pg import wait_row
 
 from acm_module.decide.client import Client
+from tests.support.pdfreport import assert_same_figures
+from tests.support.servers import unavailable
+from tests.support.web import PASSWORD, Web, running_web
+from tests.web.test_api import fresh_b
+from tests.web.test_api_pg import wait_row
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 

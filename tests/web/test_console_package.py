@@ -7,7 +7,7 @@ import fnmatch
 import json
 import tomllib
 
-from servers import REPO
+from tests.support.servers import REPO
 
 CONSOLE = REPO / "acm_module" / "console"
 

@@ -13,9 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
-from test_api import fresh_b
-from test_api_pg import wait_row
-from test_console import browser, live_queue, pg_console, zmq_burst
+
+from tests.web.test_api import fresh_b
+from tests.web.test_api_pg import wait_row
+from tests.web.test_console import browser, live_queue, pg_console, zmq_burst
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 __all__ = ["browser", "pg_console"]  # fixtures, used by name

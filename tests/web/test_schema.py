@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from conftest import BOOT_TOKEN, running_web
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+from tests.support.web import BOOT_TOKEN, running_web
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(240)]
 

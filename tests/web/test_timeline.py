@@ -3,7 +3,7 @@ call_events (GET /api/v1/alerts/{id} and the console's episode page), merged wit
 stream still holds; a QuestDB that is down or silent degrades the page to the stream, said so,
 within its timeout.
 
-Real servers: redis-server, PostgreSQL, QuestDB (the persist fixtures), `acm writer` and
+Real servers: redis-server, PostgreSQL, QuestDB (tests/support/writer_fixtures.py), `acm writer` and
 `acm serve`; the episode page in headless Chromium (test_console's fixture).
 """
 
@@ -16,10 +16,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import _persist, running_web
-from test_api import fresh_b
-from test_api_pg import wait_row
-from test_console import DESKTOP, browser, log_in, zmq_burst
 
 from acm_module.core import keys
 from acm_module.core.settings import BY_NAME
@@ -27,12 +23,14 @@ from acm_module.decide.engine import hotpath
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.write.base import SinkRejected
 from acm_module.write.questdb import QuestDB, literal
+from tests.support.web import running_web
+from tests.web.test_api import fresh_b
+from tests.web.test_api_pg import wait_row
+from tests.web.test_console import DESKTOP, browser, log_in, zmq_burst
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 
-questdb_server = _persist.questdb_server
-questdb_url = _persist.questdb_url
-__all__ = ["browser", "questdb_server", "questdb_url"]  # fixtures, used by name
+__all__ = ["browser"]  # a fixture, used by name
 
 
 def stream_calls(store_url: str, b: str) -> list[str]:

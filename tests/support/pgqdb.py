@@ -1,4 +1,4 @@
-"""PostgreSQL and QuestDB for the persist tests: reuse one given by URL, or start a temporary one
+"""PostgreSQL and QuestDB for the writer tests: reuse one given by URL, or start a temporary one
 that a test may stop and restart (data kept) to play a sink outage.
 """
 
@@ -18,14 +18,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from servers import REPO, free_port, unavailable, wait_port
-
 from acm_module.core import keys
 from acm_module.decide.engine import hotpath
 from acm_module.decide.store.cluster import StoreClient as StoreConnection
 from acm_module.write.questdb import QuestDB
 from acm_module.write.store import StreamStore
 from acm_module.write.writer import GROUP_PREFIX, group_positions
+from tests.support.numbers import a_num, b_num
+from tests.support.servers import REPO, free_port, unavailable, wait_port
 
 PG_BIN = Path(os.environ.get("ACM_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 ALL_SINKS = ["pg", "questdb", "clickhouse"]
@@ -282,14 +282,6 @@ def ch_query(chdb_path: str, sql: str) -> list[dict[str, Any]]:
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
-
-
-def a_num(i: int) -> str:
-    return f"+23480310{i:05d}"
-
-
-def b_num(i: int) -> str:
-    return f"+23480399{i:05d}"
 
 
 def writer_env(database_url: str, questdb_url: str, chdb_path: str, **extra: str

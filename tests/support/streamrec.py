@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from pgqdb import stream_records
-
 from acm_module.core import keys
 from acm_module.core import records as rec
 from acm_module.decide.engine import hotpath
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.write.writer import DLQ_KEY
+from tests.support.pgqdb import stream_records
 
 PARTITIONS = 16
 Record = tuple[str, dict[str, str]]  # (stream key, fields)

@@ -1,6 +1,7 @@
-"""Fixtures of the persist tests: PostgreSQL and QuestDB (one each per session, reused by URL if
-given), a fresh database / empty tables / chdb directory per test, and `acm writer` run as a
-real subprocess that tests may SIGTERM or SIGKILL.
+"""Fixtures of the writer's databases, for every directory (a plugin tests/conftest.py loads):
+PostgreSQL and QuestDB (one each per session, reused by URL if given), a fresh database / empty
+tables / chdb directory per test, and `acm writer` run as a real subprocess that tests may SIGTERM
+or SIGKILL.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from pgqdb import PostgresServer, QuestDBServer, WriterProcess
 
 from acm_module.write.migrate import migrate
 from acm_module.write.questdb import QuestDB
+from tests.support.pgqdb import PostgresServer, QuestDBServer, WriterProcess
 
 _dbs = itertools.count()
 

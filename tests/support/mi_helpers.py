@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from opensips.mi import OpenSIPSMI, OpenSIPSMIException
-from servers import Service
+
+from tests.support.servers import Service
 
 
 def free_udp_port() -> int:

@@ -23,7 +23,7 @@ from acm_module.decide.client import CurveKeys
 from acm_module.decide.store.conn import StoreConnection
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def unavailable(what: str) -> None:

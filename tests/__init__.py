@@ -1,0 +1,1 @@
+"""acm's test suite: one directory per room, shared helpers and fixtures in tests.support."""
