@@ -21,7 +21,7 @@ def load_acm_opensips(name: str = "acm_opensips",
     before it runs, as an import would (dataclasses look their module up there), through
     `monkeypatch` when given so that it is gone after the test.
     """
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
+    spec = importlib.util.spec_from_file_location(name, SCRIPT)  # noqa: TID251 - run by path
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     if monkeypatch is not None:
