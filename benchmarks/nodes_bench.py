@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # run as a script: the checkout's acm_module and tests.support
 
 from acm_module.decide.store.cluster import StoreClient  # noqa: E402
 from benchmarks.loadtool import (  # noqa: E402
