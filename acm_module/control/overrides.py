@@ -31,7 +31,7 @@ from typing import Any
 from acm_module.control.repository import OVERRIDES_KEY, ControlRepository, StoreRepository
 from acm_module.core import settings as settings_mod
 from acm_module.core.errors import ConfigError, StoreError
-from acm_module.decide.store.cluster import StoreClient
+from acm_module.core.redis import LazyRedis
 
 log = logging.getLogger("acm.control")
 
@@ -87,10 +87,10 @@ def read_overrides(repo: ControlRepository, deployment: str) -> Saved:
     return Saved(gen, out)
 
 
-def store_overrides(repo: ControlRepository, conn: StoreClient) -> dict[str, Any]:
+def store_overrides(repo: ControlRepository, conn: Any) -> dict[str, Any]:
     """Return the overrides the store holds when repo is another repository: those of a
     deployment from before it had a database, which its repository starts from ({} when none or
-    unreadable). Raises StoreError."""
+    unreadable). conn: a redis-py client or LazyRedis. Raises StoreError."""
     if repo.name == "store":
         return {}
     legacy = read_overrides(StoreRepository(conn, 1), "")
@@ -101,7 +101,7 @@ def store_overrides(repo: ControlRepository, conn: StoreClient) -> dict[str, Any
 
 
 def apply_overrides(settings: Any,
-                    open_repository: Callable[[Any, StoreClient], ControlRepository]
+                    open_repository: Callable[[Any, LazyRedis], ControlRepository]
                     ) -> dict[str, Any]:
     """Put the deployment's MI overrides into resolved settings; return what was applied.
 
@@ -114,7 +114,8 @@ def apply_overrides(settings: Any,
     if legacy.exists():
         log.warning("%s: ignored; MI overrides now live with the deployment (%s)", legacy,
                     "the repository" if settings.database_url else OVERRIDES_KEY)
-    conn = StoreClient(settings.store, timeout=2.0, connect_timeout=2.0)
+    # Opened on first use: a store that is down is one more StoreError below.
+    conn = LazyRedis(settings.store, timeout=2.0, connect_timeout=2.0)
     repo = open_repository(settings, conn)
     where = location(repo, settings.deployment)
     try:

@@ -253,7 +253,7 @@ class StoreRepository:
 
     # -- runtime overrides -----------------------------------------------------------------
     def overrides_get(self, deployment: str) -> tuple[int, Any]:
-        raw = self.conn.call("GET", OVERRIDES_KEY)
+        raw = self.conn.execute_command("GET", OVERRIDES_KEY)
         if raw is None:
             return 0, {}
         assert isinstance(raw, bytes)
@@ -269,8 +269,8 @@ class StoreRepository:
         gen = expected + 1
         doc = {"version": 1, "generation": gen, "updated_at": iso_ms(time.time() * 1000),
                "updated_by": updated_by, "values": dict(sorted(values.items()))}
-        r = self.conn.call("EVAL", _OVERRIDES_CAS, 1, OVERRIDES_KEY, expected,
-                           json.dumps(doc, sort_keys=True))
+        r = self.conn.execute_command("EVAL", _OVERRIDES_CAS, 1, OVERRIDES_KEY, expected,
+                                      json.dumps(doc, sort_keys=True))
         return gen if r == 1 else -1
 
     def close(self) -> None:

@@ -163,6 +163,25 @@ def test_one_live_config_for_the_deployment(empty_cluster: RedisCluster) -> None
             svc.cleanup()
 
 
+def test_the_mi_changes_the_live_config_while_a_seed_is_down(
+        empty_cluster: RedisCluster) -> None:
+    """The first seed of the store URL is down: the node starts, and its MI changes and reads
+    the deployment's live config through the seeds that answer."""
+    cl = empty_cluster
+    down = next(p for p in cl.ports if p not in cl.master_ports())  # a replica: no failover
+    seeds = [down, *(p for p in cl.ports if p != down)]
+    cl.stop_node(down)
+    a = Service("redis://" + ",".join(f"127.0.0.1:{p}" for p in seeds) + "/0")
+    try:
+        a.start()
+        r = _mi(a, "acm_set", {"threshold": 3})
+        assert r["changed"] and r["persisted"]
+        got = _mi(a, "acm_get_config")
+        assert got["live"]["threshold"] == 3 and got["overrides"] == {"threshold": 3}
+    finally:
+        a.cleanup()
+
+
 def _slot_owner(cl: RedisCluster, slot: int) -> int:
     from acm_module.decide.store.cluster import StoreClient
 

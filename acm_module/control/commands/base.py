@@ -19,7 +19,7 @@ from acm_module.control.jsonrpc import bad_params, param_str
 from acm_module.control.repository import SEVERITIES, ControlRepository, StoreRepository
 from acm_module.core import numbers, registry
 from acm_module.core import settings as settings_mod
-from acm_module.decide.store.cluster import StoreClient
+from acm_module.core.redis import LazyRedis
 
 log = logging.getLogger("acm.control")
 
@@ -136,8 +136,9 @@ CommandFactory = Callable[["Plane"], Iterable[Command]]
 
 
 # -- the state the commands share ----------------------------------------------------------
-def open_repository(settings: Any, conn: StoreClient) -> ControlRepository:
-    """Return the PostgreSQL repository when configured and installed, else the store one."""
+def open_repository(settings: Any, conn: Any) -> ControlRepository:
+    """Return the PostgreSQL repository when configured and installed, else the store one
+    (on conn: a redis-py client, or LazyRedis)."""
     if getattr(settings, "database_url", ""):
         try:
             from acm_module.control.pg_repository import (  # type: ignore[import-not-found]
@@ -157,10 +158,11 @@ class Plane:
 
     def __init__(self, settings: Any, repo: ControlRepository | None = None) -> None:
         self.settings = settings
-        self.conn = StoreClient(settings.store, timeout=1.0, connect_timeout=1.0)
+        # Opened on first use: the control plane starts while the store is down.
+        self.conn = LazyRedis(settings.store, timeout=1.0, connect_timeout=1.0)
         self.repo = repo if repo is not None else open_repository(settings, self.conn)
-        # Commands are rare; one lock serialises store access (StoreClient is not
-        # thread-safe) and makes each read-modify-write atomic within this process.
+        # Commands are rare; one lock serialises store access (LazyRedis opens its client
+        # once) and makes each read-modify-write atomic within this process.
         self._lock = threading.RLock()
 
 

@@ -27,7 +27,6 @@ from acm_module.core import settings as settings_mod
 from acm_module.core import stats as stats_mod
 from acm_module.core.errors import ConfigError, StoreError
 from acm_module.core.logs import apply_log_level
-from acm_module.decide.store.cluster import StoreClient
 
 log = logging.getLogger("acm.control")
 
@@ -350,8 +349,8 @@ class LiveConfig(Domain):
         the name the store holds (logged as an error when it is not ours: two deployments on
         one store share one live config but not their overrides). Raises StoreError."""
         with self.plane._lock:
-            self.plane.conn.call("SET", DEPLOYMENT_KEY, self.deployment, "NX")
-            raw = self.plane.conn.call("GET", DEPLOYMENT_KEY)
+            self.plane.conn.execute_command("SET", DEPLOYMENT_KEY, self.deployment, "NX")
+            raw = self.plane.conn.execute_command("GET", DEPLOYMENT_KEY)
         owner = raw.decode(errors="replace") if isinstance(raw, bytes) else self.deployment
         if owner != self.deployment:
             log.error("this store belongs to deployment %r (%s), this node to %r: nodes that "
@@ -479,7 +478,7 @@ def _backoff(attempt: int) -> None:
     time.sleep(random.uniform(0.001, 0.005 * (attempt + 1)))
 
 
-def _sibling_booted(conn: StoreClient) -> bool:
+def _sibling_booted(conn: store_config.Store) -> bool:
     """Say whether a worker of our own supervisor (same parent pid) has published stats."""
     ppid = os.getppid()
     for snap in stats_mod.read_all(conn):
