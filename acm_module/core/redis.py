@@ -19,6 +19,7 @@ from typing import Any, TypeAlias
 import redis
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from acm_module.core.errors import ConfigError, StoreError, StoreReplyError
@@ -39,7 +40,12 @@ class StoreDownError(StoreError, redis.ConnectionError):
     """A store unreachable or failing, as StoreError and as redis-py's ConnectionError."""
 
 
-def store_error(e: redis.RedisError, url: str) -> StoreError:
+# redis-py's errors, and the one its cluster client raises when no node answers (a plain
+# Exception, not a RedisError).
+ERRORS = (redis.RedisError, RedisClusterException)
+
+
+def store_error(e: Exception, url: str) -> StoreError:
     """Return redis-py's error as the project's (the URL in the message without password)."""
     if isinstance(e, StoreError):
         return e
@@ -73,9 +79,9 @@ class _Pipeline:
         """Run the queued commands; error replies come back as StoreReplyError when not raised."""
         try:
             out = self._pipe.execute(raise_on_error=raise_on_error)
-        except redis.RedisError as e:
+        except ERRORS as e:
             raise store_error(e, self._url) from e
-        return [store_error(r, self._url) if isinstance(r, redis.RedisError) else r for r in out]
+        return [store_error(r, self._url) if isinstance(r, ERRORS) else r for r in out]
 
 
 class _StoreErrors:
@@ -87,7 +93,7 @@ class _StoreErrors:
         """Run one command (every redis-py method goes through here). Raises StoreError."""
         try:
             return super().execute_command(*args, **options)  # type: ignore[misc]
-        except redis.RedisError as e:
+        except ERRORS as e:
             raise store_error(e, self.acm_url) from e
 
     def pipeline(self, *args: Any, **kwargs: Any) -> Any:
@@ -185,8 +191,11 @@ def open_redis(url: str, *, timeout: float = 5.0, connect_timeout: float = 2.0,
         r.close()
         # Across nodes a retry is what follows a failover: the map is read again in between.
         opts["retry"] = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), 3)
-        return _tagged(StoreRedisCluster(
-            startup_nodes=[ClusterNode(s.host, s.port) for s in seeds], **opts), url)
+        try:
+            return _tagged(StoreRedisCluster(
+                startup_nodes=[ClusterNode(s.host, s.port) for s in seeds], **opts), url)
+        except ERRORS as e:  # the nodes went down after the seed answered
+            raise StoreError(f"cannot connect to store {safe_url(url)}: {e}") from e
     raise StoreError(f"cannot connect to store {safe_url(url)}: {err}")
 
 

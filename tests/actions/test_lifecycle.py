@@ -187,7 +187,8 @@ def test_false_positive_whitelists_the_b_number_in_the_same_step(
     assert wl_audit[0]["new"]["reason"] == "bank IVR callback"
     assert aid in wl_audit[0]["details"]
     # The marker the decision script reads, and the control plane's listing.
-    assert control.conn.get(store_config.whitelist_key(b, 16)) == b"bank IVR callback"
+    marker = control.conn.execute_command("GET", store_config.whitelist_key(b, 16))
+    assert marker == b"bank IVR callback"
     listed = mi(control, "acm_whitelist_list", number=b)["result"]
     assert listed["count"] == 1
 

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from opensips.mi import OpenSIPSMIException
+from opensips.mi import OpenSIPSMI, OpenSIPSMIException
 
 from acm_module.control import jsonrpc, overrides
 from acm_module.decide.store.cluster import StoreClient
 from tests.support.mi_helpers import free_udp_port, mi_error, wait_in_sync
 from tests.support.numbers import a_num, cid
-from tests.support.servers import REPO, Service, free_port
+from tests.support.servers import REPO, RedisServer, Service, free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
@@ -240,6 +240,45 @@ def test_opensips_event_reload_over_datagram(mi_factory, tmp_path: Path) -> None
             mi.http().execute("acm_reload")
         assert mi_error(e.value)[0] == jsonrpc.CONFIG_INVALID
         assert mi.live()["threshold"] == 9
+
+
+def test_the_mi_starts_before_the_store_and_answers_store_unavailable(tmp_path: Path) -> None:
+    """The store is down when acm serve starts: the MI answers store_unavailable (-32000) at
+    once, and the same control plane changes the live config once the store is up."""
+    store = RedisServer()  # not started yet
+    svc = Service(store.url, workers=1, extra_env={"ACM_STATE_DIR": str(tmp_path / "state")})
+    try:
+        svc.start(wait=False)
+        http = OpenSIPSMI(conn="http", url=f"http://{svc.mi_http}/mi")
+        deadline = time.monotonic() + 15
+        while True:  # until the MI answers (with a JSON-RPC error)
+            t0 = time.monotonic()
+            with pytest.raises(OpenSIPSMIException) as e:
+                http.execute("acm_set", {"threshold": 7})
+            if hasattr(e.value.__cause__, "code"):
+                break
+            assert time.monotonic() < deadline, f"the MI did not start: {e.value}"
+            time.sleep(0.1)
+        code, msg = mi_error(e.value)
+        assert code == jsonrpc.STORE_UNAVAILABLE and "detection store unavailable" in msg
+        assert time.monotonic() - t0 < 3.0  # refused at once; the store timeout is 1 s
+        store.start()
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                assert http.execute("acm_set", {"threshold": 7})["persisted"]
+                break
+            except OpenSIPSMIException:
+                assert time.monotonic() < deadline, "the MI did not reach the store"
+                time.sleep(0.2)
+        # The supervisor publishes its boot config once it reaches the store too; the saved
+        # change is then published again (reconcile_overrides): live within seconds.
+        while http.execute("acm_get_config")["live"]["threshold"] != 7:
+            assert time.monotonic() < deadline, "the MI change did not become live"
+            time.sleep(0.2)
+    finally:
+        svc.cleanup()
+        store.cleanup()
 
 
 def test_non_loopback_bind_requires_a_token(store_url: str, tmp_path: Path) -> None:

@@ -182,6 +182,47 @@ def test_the_mi_changes_the_live_config_while_a_seed_is_down(
         a.cleanup()
 
 
+def test_the_mi_answers_store_unavailable_while_the_cluster_is_down(
+        empty_cluster: RedisCluster) -> None:
+    """Every node down: the MI answers store_unavailable (-32000) within its store timeout,
+    not an internal error; once the nodes are back, the next change is live."""
+    from opensips.mi import OpenSIPSMIException
+
+    from acm_module.control import jsonrpc
+
+    cl = empty_cluster
+    a = Service(cl.seeds_url)
+    try:
+        a.start()
+        assert _mi(a, "acm_set", {"threshold": 3})["changed"]
+        for p in cl.ports:
+            cl.stop_node(p)
+        t0 = time.monotonic()
+        with pytest.raises(OpenSIPSMIException) as e:
+            _mi(a, "acm_set", {"threshold": 4})
+        took = time.monotonic() - t0
+        cause = e.value.__cause__
+        assert getattr(cause, "code", None) == jsonrpc.STORE_UNAVAILABLE, e.value
+        assert "detection store unavailable" in str(getattr(cause, "message", "")), e.value
+        assert took < 5.0, took  # the control plane's store timeout is 1 s, a few tries
+        cl.restore()
+        _wait(lambda: _ok(lambda: _mi(a, "acm_set", {"threshold": 5})),
+              "the MI did not reach the cluster again", timeout=20.0)
+        assert _mi(a, "acm_get_config")["live"]["threshold"] == 5
+    finally:
+        a.cleanup()
+
+
+def _ok(f: Callable[[], object]) -> bool:
+    from opensips.mi import OpenSIPSMIException
+
+    try:
+        f()
+    except OpenSIPSMIException:
+        return False
+    return True
+
+
 def _slot_owner(cl: RedisCluster, slot: int) -> int:
     from acm_module.decide.store.cluster import StoreClient
 
