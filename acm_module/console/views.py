@@ -37,6 +37,7 @@ from acm_module.core import numbers
 from acm_module.core import registry as gw_registry
 from acm_module.core import settings as settings_mod
 from acm_module.core.alerts import TRANSITIONS, AlertStatus
+from acm_module.core.types import SEVERITIES
 from acm_module.web.api import API, CSRF_HEADER, SESSION_COOKIE, csrf_of
 from acm_module.web.security import same_secret
 
@@ -58,7 +59,6 @@ MOVE_CLASS = {"INVESTIGATING": "warn", "CONFIRMED": "danger", "FALSE_POSITIVE": 
 THRESHOLDS = ("threshold", "window", "mode", "block_ttl", "fanout_threshold", "fanout_window",
               "cli_origin_rule", "dedup_ttl")
 CHOICES = {"mode": ("block", "monitor"), "cli_origin_rule": gw_registry.CLI_RULES}
-SEVERITIES = ("LOW", "HIGH", "CRITICAL")
 _PAGE = 50
 _CSV_MAX = 10_000
 

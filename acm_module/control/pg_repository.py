@@ -28,10 +28,11 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from acm_module.control.audit import AuditRecord, iso_ms
-from acm_module.control.repository import SEVERITIES, AlertQuery, WhitelistEntry
+from acm_module.control.repository import AlertQuery, WhitelistEntry
 from acm_module.core.errors import StoreError
 from acm_module.core.pg import close_quietly
 from acm_module.core.redaction import redact_url
+from acm_module.core.types import SEVERITIES
 
 if TYPE_CHECKING:
     import psycopg

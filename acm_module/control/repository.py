@@ -29,6 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 from acm_module.control.audit import AuditRecord, iso_ms
 from acm_module.core import keys, numbers, records
 from acm_module.core.liveconfig import Store
+from acm_module.core.types import SEVERITIES
 
 WHITELIST_KEY = "{acm.ctl}:whitelist"
 AUDIT_STREAM = "{acm.ctl}:audit"
@@ -41,7 +42,6 @@ AUDIT_MAXLEN = 100_000
 LIFECYCLE_STREAM = "{acm.ctl}:lifecycle"
 LIFECYCLE_MAXLEN = 1000
 LIFECYCLE_FIELDS = ("alert_id", "b_number", "severity", "status", "assigned_to")
-SEVERITIES = ("LOW", "HIGH", "CRITICAL")
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,11 @@ from typing import Any
 
 from acm_module.control import jsonrpc
 from acm_module.control.jsonrpc import bad_params, param_str
-from acm_module.control.repository import SEVERITIES, ControlRepository, StoreRepository
+from acm_module.control.repository import ControlRepository, StoreRepository
 from acm_module.core import numbers, registry
 from acm_module.core import settings as settings_mod
 from acm_module.core.redis import LazyRedis
+from acm_module.core.types import SEVERITIES
 
 log = logging.getLogger("acm.control")
 
