@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from acm_module.control.mi_client import MIClient
 from acm_module.core import records
 from acm_module.core.errors import MIReplyError, MIUnavailable
-from acm_module.core.mi import MIClient
 from acm_module.core.records import AlertChange
 from acm_module.core.redis import Client
 

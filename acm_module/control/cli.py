@@ -2,7 +2,7 @@
 `acm gateway`, `acm route`: the carrier registry's MI commands as subcommands.
 
 Talks to the endpoint the settings name (mi_http first, else mi_datagram), or to --url /
---datagram, through the MI client (python-opensips, core/mi.py).
+--datagram, through the MI client (python-opensips, control/mi_client.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import sys
 from typing import Any
 
 from acm_module.control.auth import parse_bind
+from acm_module.control.mi_client import MIClient
 from acm_module.core.errors import MIReplyError, MIUnavailable
-from acm_module.core.mi import MIClient
 
 EXIT_MI_ERROR = 1
 EXIT_UNREACHABLE = 2
