@@ -1,6 +1,6 @@
 """The compiled hot path (acm_module._hotpath) and its pure-Python twin agree byte for byte.
 
-The pure twin is one module per concept (engine/numbers_py, request_py, resp_py, decider_py),
+The pure twin is one module per concept (core/numbers.py, engine/request_py, resp_py, decider_py),
 gathered by engine/hotpath_py; the compiled one is one module built from ext/<concept>.pyx.
 Every public function of every concept module is fuzzed here against its compiled twin (see
 FUZZED). Both modules are imported directly, whatever ACM_PUREPYTHON says. A missing compiled

@@ -1,7 +1,7 @@
 """The decision hot path in pure Python: the readable reference and test oracle of ext/.
 
 One module per concept, as in the compiled twin (ext/_hotpath.pyx includes ext/<concept>.pyx):
-numbers_py (E.164, partitions), request_py (msgpack request decoder, reply encoders), resp_py
+core/numbers.py (E.164, partitions, shared with every room), request_py (msgpack request decoder, reply encoders), resp_py
 (the Redis protocol), decider_py (a batch: decode, one store round trip, replies). The types
 both twins share (Request, RequestError, RespError, severities, the gateway context's
 interface) are defined once in core/types.py. This module gathers the twin's public API, the
