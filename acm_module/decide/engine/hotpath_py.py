@@ -1,8 +1,8 @@
 """The decision hot path in pure Python: the readable reference and test oracle of ext/.
 
 One module per concept, as in the compiled twin (ext/_hotpath.pyx includes ext/<concept>.pyx):
-core/numbers.py (E.164, partitions, shared with every room), request_py (msgpack request decoder, reply encoders), resp_py
-(the Redis protocol), decider_py (a batch: decode, one store round trip, replies). The types
+core/numbers.py (E.164, partitions, shared with every room), request_py (msgpack request
+decoder, reply encoders), resp_py (the Redis protocol), decider_py (a batch: decode, one store round trip, replies). The types
 both twins share (Request, RequestError, RespError, severities, the gateway context's
 interface) are defined once in core/types.py. This module gathers the twin's public API, the
 same names acm_module._hotpath exports.
