@@ -2,10 +2,10 @@
 
 One module per concept, as in the compiled twin (ext/_hotpath.pyx includes ext/<concept>.pyx):
 core/numbers.py (E.164, partitions, shared with every room), request_py (msgpack request
-decoder, reply encoders), resp_py (the Redis protocol), decider_py (a batch: decode, one store round trip, replies). The types
-both twins share (Request, RequestError, RespError, severities, the gateway context's
-interface) are defined once in core/types.py. This module gathers the twin's public API, the
-same names acm_module._hotpath exports.
+decoder, reply encoders), resp_py (the Redis protocol), decider_py (a batch: decode, one store
+round trip, replies). The types both twins share (Request, RequestError, RespError,
+severities, the gateway context's interface) are defined once in core/types.py. This module
+gathers the twin's public API, the same names acm_module._hotpath exports.
 
 Both implementations must stay byte-for-byte identical in what they return; the suite runs on
 both and compares them on fuzzed input.
