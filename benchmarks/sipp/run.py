@@ -35,6 +35,10 @@ Environment:
                     opensips.cfg and the *.py of DIR instead of opensips_scripts/, e.g. another
                     commit's (`git archive main opensips_scripts | tar -x -C DIR`, then
                     DIR/opensips_scripts); "acm_X" is compared with "off_X" when there is one;
+                    "acm_echo": the check on, answered by an echo pool (the service's ZMTP
+                    workers without the decision and the store: benchmarks/loadtool.py) instead
+                    of acm serve: what any synchronous round trip costs OpenSIPS; its CPU is
+                    reported in the acm column
                     "acm_noio": the check on with the script's round trip replaced by a canned
                     allow (what the shim and the cfg cost without the I/O)
   RAMP              rates of the ramp, ascending (default: none), RAMP_SECONDS per step (10)
@@ -44,6 +48,12 @@ Environment:
   ACM_BIN           default: `acm` next to this Python, else on PATH
   SIPP, REDIS_SERVER  binaries (default sipp, redis-server)
   OPENSIPS_MEM      "-m 1024 -M 64" by default
+  OPENSIPS_WORKERS  udp_workers of every OpenSIPS (default: the cfg's 4); each process opens
+                    its own connection to acm serve
+  ACM_WORKERS       acm serve --workers (default 2)
+  ACM_LISTEN        ipc (default) or tcp: acm serve's endpoint, ipc://<tmp>/acm.sock or
+                    tcp://127.0.0.1:<free port>
+  STORE_UNIX=1      acm serve reaches redis over a unix socket (unix://) instead of loopback TCP
   ONE_B=1           every call to one B-number (a distinct A each): past acm's threshold
                     of distinct A-numbers the calls are dropped (603 with X-ACM-Reason)
   GATEWAY_CPS=N     register SIPp's address as a carrier gateway limited to N calls/s
@@ -381,7 +391,7 @@ def mod_init():
 
 
 def make_cfg(dst: Path, modules: str, ports: dict, enabled: bool,
-             src: Path | None = None) -> Path:
+             src: Path | None = None, workers: int = 0) -> Path:
     """The repo cfg (or the one in `src`, with its *.py) with only paths/ports/logging
     substituted, plus the switch."""
     if src is None:
@@ -407,6 +417,8 @@ def make_cfg(dst: Path, modules: str, ports: dict, enabled: bool,
     ]
     if not enabled:
         subs.append((r"\$var\(acm_enabled\) = 1;", "$var(acm_enabled) = 0;"))
+    if workers:
+        subs.append((r"(?m)^udp_workers=\d+", f"udp_workers={workers}"))
     for pat, rep in subs:
         text, n = re.subn(pat, lambda _m, r=rep: r, text)
         if n != 1:
@@ -460,8 +472,8 @@ def pct(vals: list[float], q: float) -> float:
 
 
 def start_opensips(bin_: str, modules: str, mem: list[str], mode: str, endpoint: str,
-                   extra_env: dict[str, str],
-                   src: Path | None = None) -> tuple[subprocess.Popen, dict]:
+                   extra_env: dict[str, str], src: Path | None = None,
+                   workers: int = 0) -> tuple[subprocess.Popen, dict]:
     """Start one OpenSIPS with the repo cfg, or the one in `src` (check on or off); return it
     and its ports."""
     assert tmp is not None
@@ -469,7 +481,7 @@ def start_opensips(bin_: str, modules: str, mem: list[str], mode: str, endpoint:
     run.mkdir()
     ports = {"sip": free_port(udp_too=True), "http": free_port(),
              "mi": free_port(udp_too=True), "ev": free_port(udp_too=True)}
-    cfg = make_cfg(run, modules, ports, mode.startswith("acm"), src)
+    cfg = make_cfg(run, modules, ports, mode.startswith("acm"), src, workers)
     oenv = dict(os.environ, **extra_env, ACM_ENDPOINT=endpoint, ACM_OPENSIPS_CONFIG="")
     # e.g. acm-libzmq: the check on, with that client transport
     if mode.startswith("acm-") and src is None:
@@ -527,6 +539,13 @@ def main() -> int:
     one_b = os.environ.get("ONE_B") == "1"
     perf = os.environ.get("PERF") == "1"
     wire = os.environ.get("WIRE", "1") == "1"
+    osips_workers = int(os.environ.get("OPENSIPS_WORKERS", "0"))
+    acm_workers = int(os.environ.get("ACM_WORKERS", "2"))
+    listen = os.environ.get("ACM_LISTEN", "ipc")
+    store_unix = os.environ.get("STORE_UNIX") == "1"
+    if listen not in ("ipc", "tcp"):
+        print("ACM_LISTEN: ipc or tcp", file=sys.stderr)
+        return 2
     client_env = {k: v for k, v in os.environ.items()
                   if k.startswith("ACM_") and k not in ("ACM_ENDPOINT", "ACM_OPENSIPS_CONFIG")}
 
@@ -540,6 +559,8 @@ def main() -> int:
                "cpu": next((ln.split(":", 1)[1].strip() for ln in
                             Path("/proc/cpuinfo").read_text().splitlines()
                             if ln.startswith("model name")), "?")}
+    machine.update(opensips_workers=osips_workers or "cfg", acm_workers=acm_workers,
+                   acm_listen=listen, store="unix" if store_unix else "tcp")
     log(f"{version}; modules {modules}; {machine['cpu']} x{machine['nproc']}; "
         f"loadavg {machine['loadavg_start']}")
 
@@ -549,13 +570,28 @@ def main() -> int:
 
     # redis + acm serve
     rport = free_port()
+    rsock = tmp / "redis.sock"
     redis = start([redis_bin, "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                   "--appendonly", "no", "--dir", str(tmp)], "redis")
+                   "--appendonly", "no", "--dir", str(tmp), "--unixsocket", str(rsock),
+                   "--unixsocketperm", "700"], "redis")
     wait_for(lambda: redis_up(rport), "redis")
+    store = f"unix://{rsock}" if store_unix else f"redis://127.0.0.1:{rport}/0"
     sock = tmp / "acm.sock"
-    acm = start([acm_bin, "serve", "--workers", "2", "--store", f"redis://127.0.0.1:{rport}/0",
-                 "--endpoint", f"ipc://{sock}"], "acm", env=env)
-    wait_for(lambda: sock.exists() or acm.poll() is not None, "acm serve socket", 30)
+    if listen == "tcp":
+        aport = free_port()
+        endpoint = f"tcp://127.0.0.1:{aport}"
+
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", aport)) == 0
+    else:
+        endpoint = f"ipc://{sock}"
+
+        def listening() -> bool:
+            return sock.exists()
+    acm = start([acm_bin, "serve", "--workers", str(acm_workers), "--store", store,
+                 "--endpoint", endpoint], "acm", env=env)
+    wait_for(lambda: listening() or acm.poll() is not None, "acm serve endpoint", 30)
     if acm.poll() is not None:
         raise RuntimeError(f"acm serve exited; see {tmp}/acm.log")
     time.sleep(1.0)
@@ -571,8 +607,15 @@ def main() -> int:
 
     # One OpenSIPS per mode for the whole run, both up at once, so that the modes alternate
     # run by run under the same background load of this shared machine.
-    instances = {m: start_opensips(bin_, modules, mem, m, f"ipc://{sock}", client_env,
-                                   srcs.get(m))
+    echo, echo_ep = None, endpoint
+    if "acm_echo" in modes:
+        echo_ep = f"ipc://{tmp / 'echo.sock'}"
+        echo = start([sys.executable, str(Path(__file__).resolve()), "--echo-pool", echo_ep,
+                      str(acm_workers)], "echo", cwd=REPO)
+        wait_for(lambda: (tmp / "echo.sock").exists() or echo.poll() is not None, "echo pool")
+    instances = {m: start_opensips(bin_, modules, mem, m,
+                                   echo_ep if m == "acm_echo" else endpoint, client_env,
+                                   srcs.get(m), osips_workers)
                  for m in modes}
     time.sleep(1.0)
     offset = 0
@@ -605,6 +648,8 @@ def main() -> int:
     idle_s = float(os.environ.get("IDLE_SECONDS", "5"))
     roots = {"opensips_" + m: instances[m][0].pid for m in modes}
     roots.update(acm=acm.pid, redis=redis.pid, sipp_uas=uas.pid)
+    if echo is not None:
+        roots["echo"] = echo.pid
     i0 = snapshot(roots)
     time.sleep(idle_s)
     i1 = snapshot(roots)
@@ -700,10 +745,12 @@ def main() -> int:
                                 "p99": round(pct(final, .99), 3),
                                 "max": round(max(final), 3) if final else None},
             "opensips": breakdown[name],
-            "acm": breakdown["acm"], "redis": breakdown["redis"],
+            "acm": breakdown["echo" if mode == "acm_echo" else "acm"],
+            "redis": breakdown["redis"],
             "sipp_uas": breakdown["sipp_uas"], "load_tool_uac_and_driver": mine,
             "all_us_per_call": round(breakdown[name]["cpu_us_per_call"]
-                                     + breakdown["acm"]["cpu_us_per_call"]
+                                     + breakdown["echo" if mode == "acm_echo" else "acm"]
+                                     ["cpu_us_per_call"]
                                      + breakdown["redis"]["cpu_us_per_call"], 1),
             "worker_requests": {str(k): w1.get(k, 0) - w0.get(k, 0) for k in sorted(w1)},
             "redis_keys_added": dbsize1 - dbsize0,
@@ -839,6 +886,20 @@ def print_tables(results: list[dict], summary: dict, machine: dict, idle: dict) 
     print(f"\n{machine}")
 
 
+def echo_pool(endpoint: str, workers: int) -> int:
+    """Serve an echo pool on endpoint until SIGTERM (mode acm_echo)."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.loadtool import zmtp_pool
+
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    with zmtp_pool(endpoint, workers, "echo"):
+        stopped.wait()
+    return 0
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--echo-pool"]:
+    sys.exit(echo_pool(sys.argv[2], int(sys.argv[3])))
 if __name__ == "__main__":
     try:
         rc = main()
