@@ -125,8 +125,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not tool.exists():
         print("acm bench: needs a source checkout (benchmarks/loadtool.py)", file=sys.stderr)
         return 2
-    # Run the file as a script, not as a module of a package on sys.path: the tool lives beside
-    # acm_module, not in it, and needs nothing from benchmarks/ (its processes fork).
+    # Run the file as a script: the tool lives beside acm_module, not in it. It imports its
+    # ZMTP client as benchmarks.zmtp_client, so the checkout must be importable even when the
+    # installed `acm` runs from another directory (a console script's sys.path has no cwd).
+    root = str(tool.parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
     return runpy.run_path(str(tool), run_name="acm_bench")["main"](args.bench_args)
 
 

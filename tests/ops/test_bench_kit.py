@@ -21,9 +21,9 @@ pytestmark = [pytest.mark.server, pytest.mark.timeout(240)]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run cmd in its own session; on a timeout kill the session, the load processes too."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -69,6 +69,17 @@ def test_acm_bench_reports_every_phase(tmp_path: Path) -> None:
                  "tool ceiling", "x echo-pool rate", "targets (issue #15",
                  "x acm (no CURVE) rate"):
         assert line in p.stdout, p.stdout
+
+
+def test_the_installed_acm_command_runs_the_bench_from_any_directory(tmp_path: Path) -> None:
+    """`acm bench` as installed (the console script), started outside the checkout, runs."""
+    acm = Path(sys.executable).parent / "acm"
+    assert acm.exists(), f"no console script beside {sys.executable}"
+    out = tmp_path / "bench.json"
+    p = _run([str(acm), "bench", "--seconds", "0.3", "--clients", "1", "--workers", "1",
+              "--skip-baseline", "--paced", "0", "--json", str(out)], 150, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(out.read_text())["results"]["acm_1"]["rate"] > 0
 
 
 def test_a_phase_the_load_tool_limited_is_not_reported_as_a_service_figure() -> None:
