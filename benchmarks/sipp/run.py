@@ -54,6 +54,8 @@ Environment:
   ACM_LISTEN        ipc (default) or tcp: acm serve's endpoint, ipc://<tmp>/acm.sock or
                     tcp://127.0.0.1:<free port>
   STORE_UNIX=1      acm serve reaches redis over a unix socket (unix://) instead of loopback TCP
+  ACM_CPUS, REDIS_CPUS, OPENSIPS_CPUS  CPU lists (taskset -c) for acm serve, redis-server and
+                    every OpenSIPS (default: no pinning)
   ONE_B=1           every call to one B-number (a distinct A each): past acm's threshold
                     of distinct A-numbers the calls are dropped (603 with X-ACM-Reason)
   GATEWAY_CPS=N     register SIPp's address as a carrier gateway limited to N calls/s
@@ -114,6 +116,12 @@ def free_port(udp_too: bool = False) -> int:
         finally:
             t.close()
     raise RuntimeError("no free port")
+
+
+def pinned(name: str) -> list[str]:
+    """`taskset -c <cpus>` when <name>_CPUS is set, else nothing."""
+    cpus = os.environ.get(f"{name}_CPUS", "")
+    return ["taskset", "-c", cpus] if cpus else []
 
 
 def start(cmd: list[str], name: str, **kw) -> subprocess.Popen:
@@ -490,7 +498,8 @@ def start_opensips(bin_: str, modules: str, mem: list[str], mode: str, endpoint:
                          env=oenv)
     if "config file ok" not in chk.stdout + chk.stderr:
         raise RuntimeError(f"cfg check failed:\n{chk.stderr[-2000:]}")
-    osips = start([bin_, "-f", str(cfg), *mem, "-F"], f"opensips_{mode}", env=oenv, cwd=run)
+    osips = start([*pinned("OPENSIPS"), bin_, "-f", str(cfg), *mem, "-F"], f"opensips_{mode}",
+                  env=oenv, cwd=run)
     wait_for(lambda: udp_listening(ports["sip"]) or osips.poll() is not None, "opensips")
     if osips.poll() is not None:
         raise RuntimeError(f"opensips exited; see {tmp}/opensips_{mode}.log")
@@ -560,7 +569,8 @@ def main() -> int:
                             Path("/proc/cpuinfo").read_text().splitlines()
                             if ln.startswith("model name")), "?")}
     machine.update(opensips_workers=osips_workers or "cfg", acm_workers=acm_workers,
-                   acm_listen=listen, store="unix" if store_unix else "tcp")
+                   acm_listen=listen, store="unix" if store_unix else "tcp",
+                   cpus={n: os.environ.get(f"{n}_CPUS", "") for n in ("ACM", "REDIS", "OPENSIPS")})
     log(f"{version}; modules {modules}; {machine['cpu']} x{machine['nproc']}; "
         f"loadavg {machine['loadavg_start']}")
 
@@ -571,9 +581,9 @@ def main() -> int:
     # redis + acm serve
     rport = free_port()
     rsock = tmp / "redis.sock"
-    redis = start([redis_bin, "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                   "--appendonly", "no", "--dir", str(tmp), "--unixsocket", str(rsock),
-                   "--unixsocketperm", "700"], "redis")
+    redis = start([*pinned("REDIS"), redis_bin, "--port", str(rport), "--bind", "127.0.0.1",
+                   "--save", "", "--appendonly", "no", "--dir", str(tmp),
+                   "--unixsocket", str(rsock), "--unixsocketperm", "700"], "redis")
     wait_for(lambda: redis_up(rport), "redis")
     store = f"unix://{rsock}" if store_unix else f"redis://127.0.0.1:{rport}/0"
     sock = tmp / "acm.sock"
@@ -589,7 +599,7 @@ def main() -> int:
 
         def listening() -> bool:
             return sock.exists()
-    acm = start([acm_bin, "serve", "--workers", str(acm_workers), "--store", store,
+    acm = start([*pinned("ACM"), acm_bin, "serve", "--workers", str(acm_workers), "--store", store,
                  "--endpoint", endpoint], "acm", env=env)
     wait_for(lambda: listening() or acm.poll() is not None, "acm serve endpoint", 30)
     if acm.poll() is not None:
