@@ -14,6 +14,7 @@ StoreReplyError, as the worker's client does, so every caller keeps one `except 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import redis
@@ -258,25 +259,49 @@ class LazyRedis:
 
 
 # A cluster cannot block on streams of several slots in one command: how long to wait between
-# two non-blocking reads that found nothing.
-CLUSTER_POLL_S = 0.1
+# two non-blocking reads that found nothing. 50 ms, the writer's since it moved to redis-py: an
+# idle reader costs the cluster one pipelined XREADGROUP per stream 20 times a second, and a
+# record waits at most 50 ms longer than on a standalone store (the actions runner waited
+# 100 ms; nothing measured needs it to poll less often).
+CLUSTER_POLL_MS = 50
 
 
 def read_groups(r: Client, group: str, consumer: str, ids: dict[str, str], count: int,
-                block_ms: int | None = None, wait: Any = time.sleep) -> list:
-    """XREADGROUP over several streams; return redis-py's [[stream, [(id, fields)]], ...].
+                block_ms: int | None = None, wait: Callable[[float], object] = time.sleep,
+                raw: bool = False) -> list:
+    """XREADGROUP of `count` entries per stream; return [[stream, entries], ...].
 
-    One command on one server (blocking up to block_ms). A cluster refuses one command over
+    Entries are redis-py's [(id, {field: value} or None)], or with raw the server's
+    [[id, [field, value, ...] or None]], for a caller that parses megabytes in one pass.
+
+    One command on one server (BLOCK block_ms when given). A cluster refuses one command over
     streams of several slots (CROSSSLOT), and blocking commands pipelined to one master would
     wait one after another: one XREADGROUP per stream without BLOCK, pipelined (one buffer per
-    master), and when nothing came, wait(CLUSTER_POLL_S) (at most block_ms) instead.
+    master), and when nothing came, wait(CLUSTER_POLL_MS) (at most block_ms) instead: pass an
+    interruptible wait (threading.Event.wait) to stop sooner.
+    Raises StoreError, StoreReplyError for an error reply.
     """
+    # "XREADGROUP GROUP" as one command name: redis-py sends it as two words and, knowing no
+    # reply callback by that name, hands back the raw reply.
+    head = ("XREADGROUP GROUP",) if raw else ("XREADGROUP", "GROUP")
+    head += (group, consumer, "COUNT", count)
     if not isinstance(r, RedisCluster):
-        return r.xreadgroup(group, consumer, ids, count=count, block=block_ms) or []
+        block = ("BLOCK", block_ms) if block_ms is not None else ()
+        return _streams(r.execute_command(*head, *block, "STREAMS", *ids, *ids.values()))
     pipe = r.pipeline(transaction=False)
-    for s, i in ids.items():
-        pipe.xreadgroup(group, consumer, {s: i}, count=count)
-    out = [x for res in pipe.execute() for x in (res or [])]
+    try:
+        for s, i in ids.items():
+            # The node by key: XREADGROUP's keys move, and redis-py would ask a server for
+            # them (COMMAND GETKEYS), one more round trip per stream.
+            pipe.execute_command(*head, "STREAMS", s, i, target_nodes=r.get_node_from_key(s))
+    except ERRORS as e:  # a slot the client's map has no node for
+        raise store_error(e, getattr(r, "acm_url", "")) from e
+    out = [x for reply in pipe.execute() for x in _streams(reply)]
     if not out and block_ms:
-        wait(min(block_ms / 1000.0, CLUSTER_POLL_S))
+        wait(min(block_ms, CLUSTER_POLL_MS) / 1000.0)
     return out
+
+
+def _streams(reply: Any) -> list:
+    # RESP3 answers a map of streams, RESP2 a list of pairs, or nothing.
+    return list(reply.items()) if isinstance(reply, dict) else reply or []

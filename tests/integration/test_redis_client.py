@@ -7,7 +7,7 @@ import redis
 from redis.cluster import RedisCluster as RedisPyCluster
 
 from acm_module.core.errors import ConfigError, StoreError, StoreReplyError
-from acm_module.core.redis import open_redis
+from acm_module.core.redis import CLUSTER_POLL_MS, open_redis, read_groups
 from tests.support.servers import RedisCluster, RedisServer, free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -93,3 +93,39 @@ def test_store_failures_are_store_errors_without_the_password() -> None:
         r.close()
     finally:
         srv.cleanup()
+
+
+@pytest.mark.parametrize("kind", ["standalone", "cluster"])
+def test_read_groups_reads_every_partition_parsed_or_raw(kind: str,
+                                                         request: pytest.FixtureRequest) -> None:
+    """The writer (raw replies) and the actions runner (redis-py's) read a group over the 16
+    partition streams through read_groups: the same entries either way, an error reply as
+    StoreReplyError, and on a cluster an empty read waits one poll through the given wait."""
+    if kind == "cluster":
+        url = request.getfixturevalue("empty_cluster").seeds_url
+    else:
+        url = request.getfixturevalue("store_url")
+    r = open_redis(url, timeout=2.0)
+    streams = [f"{{acm.{p}}}:s" for p in range(16)]
+    try:
+        ids = {}
+        for s in streams:
+            r.xgroup_create(s, "g", "0", mkstream=True)
+            ids[s] = r.xadd(s, {"k": "d", "p": s}).decode()
+        waits: list[float] = []
+        parsed = read_groups(r, "g", "c", {s: ">" for s in streams}, 10, 1000, waits.append)
+        assert sorted((s.decode(), [(i.decode(), f) for i, f in e]) for s, e in parsed) == \
+            [(s, [(ids[s], {b"k": b"d", b"p": s.encode()})]) for s in sorted(streams)]
+        raw = read_groups(r, "g", "c", {s: "0" for s in streams}, 10, raw=True)
+        assert sorted((s.decode(), [(i.decode(), f) for i, f in e]) for s, e in raw) == \
+            [(s, [(ids[s], [b"k", b"d", b"p", s.encode()])]) for s in sorted(streams)]
+        assert waits == []
+        # Nothing new: one server blocks 100 ms, a cluster waits one poll instead.
+        assert read_groups(r, "g", "c", {s: ">" for s in streams}, 10, 100, waits.append,
+                           raw=True) == []
+        assert waits == ([CLUSTER_POLL_MS / 1000.0] if kind == "cluster" else [])
+        for raw_reply in (False, True):
+            with pytest.raises(StoreReplyError, match="NOGROUP"):
+                read_groups(r, "nobody", "c", {s: ">" for s in streams}, 10, raw=raw_reply)
+    finally:
+        r.close()  # the fixture empties the store
