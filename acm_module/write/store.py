@@ -40,11 +40,6 @@ class StreamStore(LazyRedis):
         """Return the client, connecting first if needed. Raises StoreError."""
         return self.get()
 
-    @property
-    def cluster(self) -> bool:
-        """Say whether the store is a cluster (connects first)."""
-        return isinstance(self.get(), RedisCluster)
-
     @contextmanager
     def errors(self) -> Iterator[None]:
         """Raise every store failure inside the block as StoreReplyError / StoreError, and drop

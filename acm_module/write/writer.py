@@ -44,13 +44,13 @@ from acm_module.core import records as rec
 from acm_module.core.arbiter import Arbiter, Exited
 from acm_module.core.backoff import Backoff
 from acm_module.core.errors import StoreError, StoreReplyError
+from acm_module.core.redis import read_groups
 from acm_module.write.base import Sink, SinkRejected, SinkUnavailable
 from acm_module.write.store import StreamStore
 
 log = logging.getLogger("acm.writer")
 
 DLQ_KEY = "{acm.dlq}:s"
-CLUSTER_POLL_MS = 50  # on a cluster, the wait between empty reads (no BLOCK there)
 STATS_KEY = "{acm.stats}:writer"
 GROUPS_KEY = "{acm.stats}:groups"  # group -> JSON {idle_s, released, updated}
 # "<stream>|<group>" -> JSON [last delivered id, pending, since (unix s), released]
@@ -125,10 +125,10 @@ def _entries(stream: str, entries: Iterable[tuple[str, dict[str, str]]]) -> list
     return [(stream, eid, f or None) for eid, f in entries]
 
 
-def _read_reply(reply: Any) -> list[Entry]:
-    """Return the entries of a raw XREADGROUP reply (RESP2 list or RESP3 map of streams)."""
+def _read_reply(reply: list[Any]) -> list[Entry]:
+    """Return the entries of read_groups' raw reply ([[stream, [[id, [f, v, ...]]]], ...])."""
     out: list[Entry] = []
-    for stream, entries in (reply.items() if isinstance(reply, dict) else reply or ()):
+    for stream, entries in reply:
         out += [(stream, eid, dict(zip(f[::2], f[1::2], strict=False)) if f else None)
                 for eid, f in entries]
     return out
@@ -282,38 +282,11 @@ class SinkRunner:
         return self._read_new()
 
     def _xreadgroup(self, ids: list[str], streams: list[str], block: bool) -> list[Entry]:
-        # "XREADGROUP GROUP" as the command name: redis-py sends it as two words and, knowing no
-        # reply callback by that name, hands back the raw reply, read here in one pass.
-        args: list[str | int] = ["XREADGROUP GROUP", self.group, self.cfg.consumer,
-                                 "COUNT", self._count()]
-        if block:
-            args += ["BLOCK", self.cfg.block_ms]
-        args += ["STREAMS", *streams, *ids]
-        if self.store.cluster:
-            return self._xreadgroup_cluster(args, ids, streams, block)
-        return _read_reply(self.store.call(*args))
-
-    def _xreadgroup_cluster(self, args: list[str | int], ids: list[str], streams: list[str],
-                            block: bool) -> list[Entry]:
-        """Read every stream with its own XREADGROUP, all pipelined (one buffer per master).
-
-        A cluster refuses one command over streams of several slots (CROSSSLOT), and blocking
-        commands pipelined to one master would wait one after another: read without BLOCK
-        and, when nothing came, wait a short poll interval instead.
-        """
-        head = args[:args.index("STREAMS")]
-        if block:
-            head = head[:-2]  # drop BLOCK ms
-        replies = self.store.pipeline([(*head, "STREAMS", s, i)
-                                       for s, i in zip(streams, ids, strict=True)], streams)
-        out: list[Entry] = []
-        for r in replies:
-            if isinstance(r, StoreReplyError):
-                raise r
-            out += _read_reply(r)
-        if not out and block:
-            self.stop.wait(min(self.cfg.block_ms, CLUSTER_POLL_MS) / 1000.0)
-        return out
+        with self.store.errors():
+            reply = read_groups(self.store.get(), self.group, self.cfg.consumer,
+                                dict(zip(streams, ids, strict=True)), self._count(),
+                                self.cfg.block_ms if block else None, self.stop.wait, raw=True)
+        return _read_reply(reply)
 
     def _read_own_pending(self) -> list[Entry]:
         """Re-read what this consumer was delivered but never acknowledged (a restart)."""
