@@ -59,13 +59,18 @@ TRIMMED_UNREAD_KEY = "{acm.stats}:trimmed_unread"  # group -> records trimmed it
 LOSS_LOG_EVERY_S = 60.0
 # Set each clock (field, expected, new) only if it still holds what this writer read: a refresh
 # must not undo a release another writer made after this one loaded the clocks.
+# Restart clocks only where nobody changed them since they were read; return the fields that
+# another writer changed meanwhile.
 _CAS_CLOCKS = """
+local changed = {}
 for i = 1, #ARGV, 3 do
   if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+  else
+    changed[#changed + 1] = ARGV[i]
   end
 end
-return 0
+return changed
 """
 GROUP_PREFIX = "acm."
 FRESH_S = 10.0
@@ -551,11 +556,14 @@ class GroupWatch:
         self._refresh: dict[str, list[Any]] = {}  # clocks only restarted: compare-and-set
         self._seen: set[str] = set()
         self.newly_released: set[str] = set()  # groups this writer released in this pass
+        # Groups whose clock another writer changed after this pass read it (it released the
+        # group and trimmed what it held, say): this pass's view of them is out of date.
+        self.stale: set[str] = set()
 
     def load(self, store: StreamStore) -> None:
         """Read the shared clocks; call once per pass, before observe()."""
         self._shared, self._writes, self._refresh, self._seen = {}, {}, {}, set()
-        self.newly_released = set()
+        self.newly_released, self.stale = set(), set()
         self._raw = _hash(store, IDLE_KEY)
         for k, v in self._raw.items():
             try:
@@ -611,7 +619,11 @@ class GroupWatch:
         gone = [k for k in self._shared if k not in self._seen]
         if gone:
             cmds.append(("HDEL", IDLE_KEY, *gone))
-        _check(store.pipeline(cmds), "group clocks")
+        replies = store.pipeline(cmds)
+        _check(replies, "group clocks")
+        if self._refresh:
+            changed = replies[1 if self._writes else 0]
+            self.stale = {k.split("|", 1)[1] for k in changed or ()}
 
 
 def writer_stats(store: StreamStore, partitions: int = 16) -> dict[str, Any]:
@@ -760,6 +772,11 @@ class Writer:
             for g, k in lost_here.items():
                 lost[g] = lost.get(g, 0) + k
         self.watch.save(self.store)
+        for g in self.watch.stale:
+            # Publish nothing for it this pass: the writer that changed its clock did.
+            idle_of.pop(g, None)
+            if g in self._released:
+                released_any.add(g)
         if removed:
             log.debug("trimmed %d acknowledged entries", removed)
         self._report(idle_of, released_any, lost)

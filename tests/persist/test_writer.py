@@ -26,7 +26,7 @@ from acm_module.decide.client import Client
 from acm_module.decide.store.conn import StoreConnection
 from acm_module.write.questdb import QuestDB
 from acm_module.write.store import StreamStore
-from acm_module.write.writer import GROUP_PREFIX, group_positions, writer_stats
+from acm_module.write.writer import GROUP_PREFIX, GroupWatch, group_positions, writer_stats
 from tests.support.numbers import a_num, b_num
 from tests.support.pgqdb import (
     ALL_SINKS,
@@ -429,6 +429,41 @@ def test_a_group_nobody_reads_is_reported_and_released_a_down_sink_keeps_its_bac
         assert {str(r[0]) for r in db.execute("SELECT alert_id FROM fraud_alerts")} == alerts
     assert series("acm_stream_group_trimmed_unread_records_total", stale) == \
         len(first) + len(second)
+
+
+def test_a_writer_that_saw_a_release_late_does_not_publish_the_group_as_held(
+        store_url: str) -> None:
+    """Each sink process trims. One whose pass read the clocks before another released a group
+    and trimmed what it held must not publish that group as holding back trimming again: the
+    released gauge would drop to 0 until its next pass (seen as a flaky release test)."""
+    store = StreamStore(store_url, timeout=5.0)
+    stream, group = keys.streams(16)[0], GROUP_PREFIX + "left-" + uuid.uuid4().hex[:8]
+    try:
+        store.call("XGROUP", "CREATE", stream, group, "0", "MKSTREAM")
+        store.call("XADD", stream, "*", "k", "c")
+        now = [1000.0]
+        first, late = GroupWatch(2.0, clock=lambda: now[0]), GroupWatch(2.0, clock=lambda: now[0])
+        first.load(store)
+        first.observe(store, stream, group_positions(store, stream), set())
+        first.save(store)  # the group's clock starts
+        now[0] = 1003.0
+        first.load(store)
+        late.load(store)  # before `first` saves the release below
+        assert first.observe(store, stream, group_positions(store, stream), set())[group] == \
+            (3.0, True)
+        first.save(store)
+        store.call("XTRIM", stream, "MAXLEN", "0")  # `first` trims what the group held
+        late.observe(store, stream, group_positions(store, stream), set())
+        late.save(store)
+        assert late.stale == {group}
+        # Its next pass sees the release like everyone else.
+        late.load(store)
+        assert late.observe(store, stream, group_positions(store, stream), set())[group][1]
+        late.save(store)
+        assert late.stale == set()
+    finally:
+        store.call("XGROUP", "DESTROY", stream, group)
+        store.close()
 
 
 def test_a_sink_process_killed_is_restarted_and_all_die_with_the_writer(
