@@ -18,14 +18,28 @@ pipelines without reading blocks in its own send(); each readable connection get
 poll; queued requests are taken round-robin, one per connection per turn; a connection whose
 unread replies pass MAX_PENDING_OUT is closed; and the requests of a peer that hung up are
 dropped undecided.
+
+Equal connection counts do not make equal work: OpenSIPS's processes are very unequal (the
+kernel hands most INVITEs to its first UDP workers). So a worker that serves clearly more than
+its share hands one of its connections to the least-loaded live sibling (Handoff): the file
+descriptor travels with SCM_RIGHTS over the siblings' AF_UNIX datagram inboxes, taken at a
+quiescent point of the connection (handshake done, nothing buffered either way), so what the
+peer sends meanwhile waits in the kernel for the new owner. Only these ZMTP workers do this;
+libzmq owns its connections (worker_io = libzmq).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
+import math
+import os
 import select
 import socket
+import struct
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +65,16 @@ IN_HWM = 1000  # requests of one connection waiting for a decision (libzmq's def
 IN_BYTES = 1 << 20  # bytes of those requests
 RECV_BYTES = 64 * 1024  # one recv() per readable connection per poll
 BALANCE_POLL_S = 0.02  # while leaving new connections to less-loaded siblings, look this often
+# Moving connections between workers (Handoff). Rates are requests/s, decayed with RATE_TAU_S.
+RATE_TICK_S = 0.5  # the per-connection and per-worker rates are updated this often
+RATE_TAU_S = 1.0
+REBALANCE_MARGIN = 1.25  # a worker above this times the live workers' mean rate gives one away
+REBALANCE_MIN_RATE = 50.0  # below this a worker never gives: an idle pool never shuffles
+REBALANCE_EVERY_S = 1.0  # a worker considers a move at most this often
+MOVE_HOLD_S = 1.0  # after giving or receiving a connection, give none for this long
+STAY_S = 10.0  # a connection that moved stays where it went this long (no ping-pong)
+
+log = logging.getLogger("acm.worker")
 
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
@@ -78,8 +102,9 @@ def encode_message(env: list[bytes], body: bytes) -> bytes:
 class Conn:
     """One accepted peer."""
 
-    __slots__ = ("buf", "fd", "frames", "in_bytes", "inbox", "mask", "msg_bytes", "out",
-                 "out_bytes", "queued", "reading", "sock", "state", "want_out")
+    __slots__ = ("buf", "count", "fd", "frames", "in_bytes", "inbox", "mask", "msg_bytes", "out",
+                 "out_bytes", "queued", "rate", "reading", "sock", "state", "stay_until",
+                 "want_out")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -96,42 +121,130 @@ class Conn:
         self.want_out = False  # send() would block: wait for EPOLLOUT
         self.reading = True  # under its limits: EPOLLIN registered
         self.mask = _IN | select.EPOLLRDHUP
+        self.count = 0  # requests received since the last rate tick
+        self.rate = 0.0  # decayed requests/s
+        self.stay_until = 0.0  # moved here: not moved again before this monotonic time
 
 
 class Balance:
-    """Connection counts of the pool's workers in shared memory, to spread connections.
+    """Connection counts and request rates of the pool's workers in shared memory.
 
     counts[i] is worker i's number of connections (-1: not accepting); heartbeat[i] the
-    monotonic time of its last beat. A worker accepts only while no live sibling holds fewer
-    connections, so connections made all at once (every OpenSIPS process at start-up, while one
-    worker is awake) and connections made later both spread evenly.
+    monotonic time of its last beat; rates[i] (when given) its decayed requests/s. A worker
+    accepts only while no live sibling holds fewer connections, so connections made all at once
+    (every OpenSIPS process at start-up, while one worker is awake) and connections made later
+    both spread evenly; the rates say where a busy worker's connection should go (Handoff).
     """
 
     LIVE_S = 2.0  # a sibling silent this long is stuck or gone: it does not hold the others
 
-    def __init__(self, counts: Any, heartbeat: Any, index: int) -> None:
+    def __init__(self, counts: Any, heartbeat: Any, index: int, rates: Any = None) -> None:
         self.counts = counts
         self.heartbeat = heartbeat
         self.index = index
+        self.rates = rates
 
     def publish(self, n: int) -> None:
         self.counts[self.index] = n
 
+    def publish_rate(self, rate: float) -> None:
+        if self.rates is not None:
+            self.rates[self.index] = rate
+
+    def _live(self) -> list[int]:
+        """Return the live siblings that accept connections."""
+        stale = time.monotonic() - self.LIVE_S
+        return [j for j in range(min(len(self.counts), len(self.heartbeat)))
+                if j != self.index and self.counts[j] >= 0 and self.heartbeat[j] > stale]
+
     def may_accept(self) -> bool:
         """Return True unless a live sibling holds fewer connections than this worker."""
         mine = self.counts[self.index]
-        stale = time.monotonic() - self.LIVE_S
-        for j in range(min(len(self.counts), len(self.heartbeat))):
-            if j != self.index and 0 <= self.counts[j] < mine and self.heartbeat[j] > stale:
-                return False
+        return not any(self.counts[j] < mine for j in self._live())
+
+    def least_loaded(self, mine: float) -> tuple[int, float, float] | None:
+        """Return (slot, rate) of the live accepting sibling serving the fewest requests/s, and
+        the mean rate of those siblings and this worker (whose rate is `mine`); None if alone."""
+        if self.rates is None:
+            return None
+        live = self._live()
+        if not live:
+            return None
+        rates = {j: self.rates[j] for j in live}
+        slot = min(live, key=lambda j: (rates[j], self.counts[j]))
+        return slot, rates[slot], (mine + sum(rates.values())) / (1 + len(live))
+
+
+class Handoff:
+    """Each worker's inbox for connections its siblings hand over (SCM_RIGHTS).
+
+    One AF_UNIX datagram socket per worker slot, bound at `<directory>/<slot>` in a directory
+    the supervisor created (mode 0700: only this user can hand anything in; made again should
+    a /tmp cleaner have removed it), and one unbound socket to send from. A worker restarted in
+    the same slot binds the path again; a dead worker's path refuses, and the sender keeps its
+    connection. Sends never block: a full inbox refuses too. Raises OSError when the inbox
+    cannot be bound.
+    """
+
+    _MAGIC = b"acm-handoff1"
+    _FORMAT = struct.Struct("!d")  # the connection's decayed requests/s
+
+    def __init__(self, directory: str, slot: int) -> None:
+        self.directory = directory
+        self.path = self.path_of(slot)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # left by this slot's previous worker
+        self.inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.inbox.bind(self.path)
+        self.inbox.setblocking(False)
+        self.outbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.outbox.setblocking(False)
+
+    def path_of(self, slot: int) -> str:
+        return os.path.join(self.directory, str(slot))
+
+    def send(self, slot: int, fd: int, rate: float) -> bool:
+        """Hand the descriptor to the worker in `slot`; return False if it cannot take it."""
+        try:
+            # sendmsg, not socket.send_fds: that one drops its flags and address arguments.
+            self.outbox.sendmsg([self._MAGIC + self._FORMAT.pack(rate)],
+                                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [fd]))], 0,
+                                self.path_of(slot))
+        except OSError:  # gone (refused, no such path), or its inbox is full (EAGAIN)
+            return False
         return True
+
+    def receive(self) -> list[tuple[int, float]]:
+        """Return the (descriptor, rate) of every connection waiting in the inbox."""
+        out: list[tuple[int, float]] = []
+        n = len(self._MAGIC) + self._FORMAT.size
+        while True:
+            try:
+                data, fds, flags, _ = socket.recv_fds(self.inbox, 64, 4)
+            except (BlockingIOError, InterruptedError):
+                return out
+            if flags & socket.MSG_CTRUNC:  # out of descriptors: the kernel closed the rest
+                log.warning("a connection handed over was lost: out of descriptors")
+            if len(data) == n and data.startswith(self._MAGIC) and len(fds) == 1:
+                out.append((fds[0], self._FORMAT.unpack_from(data, len(self._MAGIC))[0]))
+                continue
+            for fd in fds:  # not ours: nothing to serve
+                os.close(fd)
+
+    def close(self) -> None:
+        self.inbox.close()
+        self.outbox.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
 
 
 class ZmtpServer:
     """Accept and serve ZMTP peers on a (shared, non-blocking) listening socket."""
 
     def __init__(self, listen_fd: int, max_frame: int, balance: Balance | None = None,
-                 admit: Callable[[Any], bool] | None = None) -> None:
+                 admit: Callable[[Any], bool] | None = None,
+                 handoff: Handoff | None = None) -> None:
         self.listen = socket.socket(fileno=listen_fd)
         self.admit = admit  # given the peer address, says whether to serve it (allow_networks)
         self.listen.setblocking(False)
@@ -150,6 +263,20 @@ class ZmtpServer:
         self.dropped = 0  # connections closed for a protocol error or an oversize frame
         self.accept_pauses = 0  # times accepting paused for lack of descriptors
         self.read_pauses = 0  # times a connection was read no further (over its limits)
+        # Moving busy connections to idler siblings (needs the balance's rates).
+        if handoff is not None and balance is None:
+            raise ValueError("a hand-off inbox needs the pool's balance")
+        self.handoff = handoff
+        self.handoffs_sent = 0
+        self.handoffs_received = 0
+        self.rate = 0.0  # this worker's decayed requests/s (the sum of its connections')
+        now = time.monotonic()
+        self._rate_at = now  # the last rate tick
+        self._move_at = now + MOVE_HOLD_S  # no move before this
+        self._inbox_fd = -1
+        if self.handoff is not None:
+            self._inbox_fd = self.handoff.inbox.fileno()
+            self.ep.register(self._inbox_fd, _IN)
         self._publish()
         self._listen()
 
@@ -190,6 +317,8 @@ class ZmtpServer:
             if conn is None:
                 if self.accepting and fd == self.listen.fileno():
                     self._accept()
+                elif fd == self._inbox_fd:
+                    self._adopt()
                 continue
             if ev & _HUP:
                 # Gone (or half-closed, which no ZMTP peer does): what it still had queued
@@ -347,6 +476,7 @@ class ZmtpServer:
         finally:
             conn.msg_bytes = msg_bytes
             if added:
+                conn.count += added  # per read, not per request: the rate tick needs no more
                 conn.in_bytes = IN_BYTES - in_room
                 self.queued += added
                 if not conn.queued:
@@ -433,6 +563,97 @@ class ZmtpServer:
         elif not conn.reading:
             self._maybe_resume(conn)
 
+    # -- moving connections between workers --------------------------------------------------
+    def housekeep(self) -> None:
+        """Between batches: update the rates and maybe hand a connection to a sibling."""
+        if self.handoff is None:
+            return
+        now = time.monotonic()
+        dt = now - self._rate_at
+        if dt < RATE_TICK_S:
+            return
+        self._rate_at = now
+        decay = 1.0 - math.exp(-dt / RATE_TAU_S)
+        total = 0.0
+        for conn in self.conns.values():
+            conn.rate += decay * (conn.count / dt - conn.rate)
+            conn.count = 0
+            total += conn.rate
+        self.rate = total
+        assert self.balance is not None
+        self.balance.publish_rate(total)
+        if now >= self._move_at and not self.draining and not self.resume_at:
+            self._move_at = now + REBALANCE_EVERY_S
+            self._rebalance(now)
+
+    def _rebalance(self, now: float) -> None:
+        """Hand one connection to the least-loaded sibling when this worker serves clearly more
+        than its share and the move lowers the higher of the two rates."""
+        assert self.balance is not None and self.handoff is not None
+        mine = self.rate
+        if mine < REBALANCE_MIN_RATE or len(self.conns) < 2:
+            return
+        found = self.balance.least_loaded(mine)
+        if found is None:
+            return
+        slot, theirs, mean = found
+        gap = mine - theirs
+        if mine <= REBALANCE_MARGIN * mean or gap <= 0:
+            return
+        # Moving rate c leaves max(mine - c, theirs + c): best at c = gap / 2; c must be under
+        # the gap (else the sibling becomes the new maximum) and worth a move.
+        best: Conn | None = None
+        for conn in self.conns.values():
+            c = conn.rate
+            if (gap / 10 <= c < gap and now >= conn.stay_until and _quiescent(conn)
+                    and (best is None or abs(c - gap / 2) < abs(best.rate - gap / 2))):
+                best = conn
+        if best is not None and self.hand_off(best, slot):
+            self._move_at = now + MOVE_HOLD_S
+        # else nothing movable now, or the sibling cannot take it: try again later
+
+    def hand_off(self, conn: Conn, slot: int) -> bool:
+        """Hand a quiescent connection to the worker in `slot`; return False (and keep serving
+        it) if it is not quiescent or that worker cannot take it.
+
+        Call it between batches only: a request taken from the connection and not yet answered
+        would have nobody to answer it.
+        """
+        assert self.handoff is not None and self.balance is not None
+        if conn.fd < 0 or not _quiescent(conn) or not self.handoff.send(slot, conn.fd, conn.rate):
+            return False
+        self.handoffs_sent += 1
+        self.rate -= conn.rate
+        self.balance.publish_rate(self.rate)
+        # The descriptor travels in the datagram: close ours only, without shutdown().
+        # (close_conn unregisters it first: epoll watches the open file, which lives on.)
+        self.close_conn(conn)
+        return True
+
+    def _adopt(self) -> None:
+        """Serve the connections siblings handed to this worker."""
+        assert self.handoff is not None and self.balance is not None
+        now = time.monotonic()
+        for fd, rate in self.handoff.receive():
+            try:
+                sock = socket.socket(fileno=fd)
+                sock.setblocking(False)
+            except OSError:
+                os.close(fd)
+                continue
+            conn = Conn(sock)
+            conn.state = _OPEN  # past its handshake with the sibling: no greeting
+            conn.rate = rate
+            conn.stay_until = now + STAY_S
+            self.conns[conn.fd] = conn
+            # Level-triggered: what the peer sent during the move is read at the next poll.
+            self.ep.register(conn.fd, conn.mask)
+            self.handoffs_received += 1
+            self.rate += rate
+            self._move_at = max(self._move_at, now + MOVE_HOLD_S)
+        self.balance.publish_rate(self.rate)
+        self._publish()
+
     # -- lifecycle ---------------------------------------------------------------------------
     def take(self, n: int) -> list[tuple[Conn, list[bytes]]]:
         """Remove and return up to n queued messages: one per connection per turn, in order."""
@@ -495,6 +716,15 @@ class ZmtpServer:
         self.stop_accepting()
         self.ep.close()
         self.listen.close()  # this process's copy of the shared descriptor
+        if self.handoff is not None:
+            self.handoff.close()
+
+
+def _quiescent(conn: Conn) -> bool:
+    """Return True when a connection can change worker: past its handshake, with no request
+    or partial frame buffered, no reply unsent, and read normally."""
+    return (conn.state == _OPEN and not conn.inbox and not conn.buf and not conn.frames
+            and not conn.out and not conn.queued and conn.reading and not conn.want_out)
 
 
 def _properties(data: bytes) -> dict[bytes, bytes]:

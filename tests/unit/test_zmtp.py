@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -13,12 +14,15 @@ from typing import Any
 import pytest
 import zmq
 
+from acm_module.decide import zmtp
 from acm_module.decide.supervisor import listen_socket
 from acm_module.decide.zmtp import (
     GREETING,
     IN_HWM,
     MAX_PENDING_OUT,
+    READY,
     Balance,
+    Handoff,
     ZmtpServer,
     encode_message,
     split_envelope,
@@ -410,3 +414,259 @@ def test_a_worker_accepts_only_while_no_live_sibling_holds_fewer_connections() -
     counts[1] = -1  # worker 1 drains (or is out of descriptors): it takes no new ones
     assert Balance(counts, beats, 0).may_accept()
     assert not Balance(counts, beats, 2).may_accept()
+
+
+# -- a busy worker hands a connection to an idler sibling (SCM_RIGHTS) -----------------------
+class _Pool:
+    """Two ZmtpServers as two workers of one pool: shared counts, beats and rates, each with its
+    hand-off inbox. Worker 0 serves the endpoint; worker 1 listens elsewhere (accepts nothing)."""
+
+    def __init__(self, tmp_path, transport: str) -> None:
+        now = time.monotonic()
+        self.counts, self.beats, self.rates = [0, 0], [now, now], [0.0, 0.0]
+        ep = f"ipc://{tmp_path}/p.sock" if transport == "ipc" else "tcp://127.0.0.1:0"
+        self.lsocks = [listen_socket(ep), listen_socket(f"ipc://{tmp_path}/idle.sock")]
+        self.addr = (str(tmp_path / "p.sock") if transport == "ipc"
+                     else ("127.0.0.1", self.lsocks[0].getsockname()[1]))
+        self.family = socket.AF_UNIX if transport == "ipc" else socket.AF_INET
+        hdir = tmp_path / "handoff"
+        hdir.mkdir(mode=0o700)
+        self.srv = [ZmtpServer(os.dup(ls.fileno()), 1024,
+                               Balance(self.counts, self.beats, i, self.rates),
+                               handoff=Handoff(str(hdir), i))
+                    for i, ls in enumerate(self.lsocks)]
+
+    def peer(self) -> socket.socket:
+        """A DEALER peer of worker 0, past its handshake (the server's greeting and READY
+        read)."""
+        a = self.srv[0]
+        n = len(a.conns)
+        # Worker 1 holds no connection and would leave this one to it: it does not count now.
+        self.counts[1], held = -1, self.counts[1]
+        s = socket.socket(self.family, socket.SOCK_STREAM)
+        s.connect(self.addr)
+        s.sendall(_HELLO)
+        want = len(GREETING) + len(READY)
+        got = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (
+                len(got) == want and len(a.conns) == n + 1
+                and all(c.state == zmtp._OPEN for c in a.conns.values())):
+            a.poll(0.01)
+            with contextlib.suppress(TimeoutError, BlockingIOError):
+                s.settimeout(0.01)
+                got += s.recv(want - len(got))
+        self.counts[1] = held
+        s.settimeout(5.0)
+        assert got == GREETING + READY and len(a.conns) == n + 1
+        return s
+
+    def close(self) -> None:
+        for srv in self.srv:
+            srv.close()
+        for ls in self.lsocks:
+            ls.close()
+
+
+@pytest.fixture(params=["ipc", "tcp"])
+def pool(request, tmp_path) -> Iterator[_Pool]:
+    p = _Pool(tmp_path, request.param)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def _answer(srv: ZmtpServer, n: int) -> list[bytes]:
+    """Wait for n requests on srv, answer each with b"re:" + body; return the bodies."""
+    got: list[bytes] = []
+    deadline = time.monotonic() + 5
+    while len(got) < n and time.monotonic() < deadline:
+        srv.poll(0.01)
+        for conn, frames in srv.take(64):
+            env, body = split_envelope(frames)
+            assert body is not None
+            got.append(body)
+            srv.reply(conn, env, b"re:" + body)
+        srv.flush()
+    assert len(got) == n, got
+    return got
+
+
+def _replies(peer: socket.socket, n: int) -> list[bytes]:
+    """Read n single-frame replies (after the greeting and READY the first time)."""
+    out: list[bytes] = []
+    buf = b""
+    while len(out) < n:
+        buf += peer.recv(65536)
+        while len(buf) >= 2 and len(buf) >= 2 + buf[1]:  # short frames: 1-byte sizes
+            out.append(buf[2:2 + buf[1]])
+            buf = buf[2 + buf[1]:]
+    return out
+
+
+def test_a_connection_handed_over_mid_stream_is_answered_by_its_new_worker(pool) -> None:
+    a, b = pool.srv
+    peer = pool.peer()
+    try:
+        peer.sendall(encode_message([], b"one"))
+        assert _answer(a, 1) == [b"one"]
+        assert _replies(peer, 1) == [b"re:one"]
+        (conn,) = a.conns.values()
+        assert a.hand_off(conn, 1)
+        # Sent while the descriptor is in flight: it waits in the kernel for the new owner.
+        peer.sendall(b"".join(encode_message([], b"q%d" % i) for i in range(5)))
+        assert _answer(b, 5) == [b"q%d" % i for i in range(5)]
+        assert _replies(peer, 5) == [b"re:q%d" % i for i in range(5)]
+        assert (a.handoffs_sent, b.handoffs_received) == (1, 1)
+        assert not a.conns and len(b.conns) == 1
+        assert pool.counts == [0, 1]  # published for the accept balance
+        peer.sendall(encode_message([], b"still"))  # and it stays there
+        assert _answer(b, 1) == [b"still"]
+    finally:
+        peer.close()
+
+
+def test_a_connection_is_not_handed_over_unless_quiescent_nor_to_a_gone_worker(pool) -> None:
+    a, b = pool.srv
+    peer = pool.peer()
+    try:
+        peer.sendall(encode_message([], b"held"))
+        _pump(a, lambda: a.queued == 1)
+        (conn,) = a.conns.values()
+        assert not a.hand_off(conn, 1)  # a request waits for a decision
+        assert _answer(a, 1) == [b"held"]
+        peer.sendall(encode_message([], b"pa")[:3])  # half a frame buffered
+        _pump(a, lambda: bool(conn.buf))
+        assert not a.hand_off(conn, 1)
+        b.close()  # the sibling is gone: its inbox refuses
+        pool.srv.pop()
+        peer.sendall(encode_message([], b"pa")[3:])
+        assert _answer(a, 1) == [b"pa"]
+        assert not a.hand_off(conn, 1)
+        peer.sendall(encode_message([], b"after"))
+        assert _answer(a, 1) == [b"after"]  # kept and served
+        assert _replies(peer, 3) == [b"re:held", b"re:pa", b"re:after"]
+        assert a.handoffs_sent == 0
+    finally:
+        peer.close()
+
+
+def test_the_busiest_worker_moves_the_connection_that_best_evens_the_rates(pool) -> None:
+    a, b = pool.srv
+    peers = [pool.peer() for _ in range(3)]
+    try:
+        conns = sorted(a.conns.values(), key=lambda c: c.fd)
+        for conn, rate in zip(conns, (300.0, 120.0, 20.0), strict=True):
+            conn.rate = rate
+        a.rate = 440.0
+        pool.rates[1] = 100.0  # mean 270: worker 0 is 1.6x it
+        pool.beats[:] = [time.monotonic()] * 2  # both alive
+        a._rebalance(time.monotonic())
+        _pump(b, lambda: len(b.conns) == 1)
+        # The gap is 340: moving 120 leaves 320 / 220 (300 would make worker 1 the new max at
+        # 400; 20 is hardly worth a move).
+        assert [c.rate for c in b.conns.values()] == [120.0]
+        assert [c.rate for c in a.conns.values()] == [300.0, 20.0]
+        assert a.rate == 320.0
+        (moved,) = b.conns.values()
+        b.rate = pool.rates[1] = 220.0
+        b._rebalance(time.monotonic())  # it has 1 connection only, and it just arrived
+        a._rebalance(time.monotonic())  # 320 is under 1.25x the mean of 270
+        assert len(b.conns) == 1 and len(a.conns) == 2
+        assert moved.stay_until > time.monotonic() + 5
+    finally:
+        for p in peers:
+            p.close()
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_no_request_is_lost_while_connections_keep_moving_between_workers(
+        tmp_path, ctx: zmq.Context, transport: str) -> None:
+    """Two workers on one listener hand every quiescent connection to each other every few ms
+    while REQ peers and a pipelining DEALER keep sending: each request is answered, in order."""
+    ep = f"ipc://{tmp_path}/m.sock" if transport == "ipc" else "tcp://127.0.0.1:0"
+    lsock = listen_socket(ep)
+    if transport == "tcp":
+        ep = "tcp://127.0.0.1:%d" % lsock.getsockname()[1]
+    hdir = tmp_path / "handoff"
+    hdir.mkdir(mode=0o700)
+    now = time.monotonic()
+    counts, beats, rates = [0, 0], [now, now], [0.0, 0.0]
+    servers = [ZmtpServer(os.dup(lsock.fileno()), 1024, Balance(counts, beats, i, rates),
+                          handoff=Handoff(str(hdir), i)) for i in range(2)]
+    stop = threading.Event()
+    moves = [0, 0]
+
+    def worker(i: int) -> None:
+        srv, next_move = servers[i], 0.0
+        while not stop.is_set():
+            if srv.poll(0.002):
+                for conn, frames in srv.take(64):
+                    env, body = split_envelope(frames)
+                    srv.reply(conn, env, b"re:" + (body or b""))
+                srv.flush()
+            if time.monotonic() >= next_move:  # between batches, as the worker's housekeeping
+                next_move = time.monotonic() + 0.003
+                for conn in list(srv.conns.values()):
+                    moves[i] += srv.hand_off(conn, 1 - i)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(2)]
+    for t in threads:
+        t.start()
+    problems: list[str] = []
+    n = 400
+
+    def req_peer(k: int) -> None:
+        s = _connect(ctx, zmq.REQ, ep)
+        try:
+            for i in range(n):
+                s.send(b"r%d-%d" % (k, i))
+                if not s.poll(5000):
+                    problems.append(f"REQ {k}: request {i} unanswered")
+                    return
+                if s.recv() != b"re:r%d-%d" % (k, i):
+                    problems.append(f"REQ {k}: wrong reply to {i}")
+                    return
+        finally:
+            s.close(linger=0)
+
+    def dealer_peer(depth: int = 16) -> None:
+        s = _connect(ctx, zmq.DEALER, ep)
+        sent = got = 0
+        try:
+            while got < n:
+                while sent < n and sent - got < depth:
+                    s.send_multipart([b"", b"d%d" % sent])
+                    sent += 1
+                if not s.poll(5000):
+                    problems.append(f"DEALER: {sent - got} requests unanswered")
+                    return
+                if s.recv_multipart() != [b"", b"re:d%d" % got]:
+                    problems.append(f"DEALER: reply {got} out of order")
+                    return
+                got += 1
+        finally:
+            s.close(linger=0)
+
+    peers = [threading.Thread(target=req_peer, args=(k,)) for k in range(4)]
+    peers.append(threading.Thread(target=dealer_peer))
+    try:
+        for t in peers:
+            t.start()
+        for t in peers:
+            t.join(25)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+        for srv in servers:
+            srv.poll(0.05)  # adopt what was still on its way
+        received = [srv.handoffs_received for srv in servers]
+        for srv in servers:
+            srv.close()
+        lsock.close()
+    print(f"\n{transport}: {sum(moves)} hand-offs sent {moves}, received {received}")
+    assert not problems, problems
+    assert sum(moves) >= 20, moves
+    assert received == moves[::-1]
