@@ -71,6 +71,7 @@ RATE_TAU_S = 1.0
 REBALANCE_MARGIN = 1.25  # a worker above this times the live workers' mean rate gives one away
 REBALANCE_MIN_RATE = 50.0  # below this a worker never gives: an idle pool never shuffles
 REBALANCE_EVERY_S = 1.0  # a worker considers a move at most this often
+REBALANCE_CHECKS = 2  # over the margin at this many checks in a row: not a blip of the machine
 MOVE_HOLD_S = 1.0  # after giving or receiving a connection, give none for this long
 STAY_S = 10.0  # a connection that moved stays where it went this long (no ping-pong)
 
@@ -273,6 +274,7 @@ class ZmtpServer:
         now = time.monotonic()
         self._rate_at = now  # the last rate tick
         self._move_at = now + MOVE_HOLD_S  # no move before this
+        self._over = 0  # checks in a row that found this worker over the margin
         self._inbox_fd = -1
         if self.handoff is not None:
             self._inbox_fd = self.handoff.inbox.fileno()
@@ -587,19 +589,21 @@ class ZmtpServer:
             self._rebalance(now)
 
     def _rebalance(self, now: float) -> None:
-        """Hand one connection to the least-loaded sibling when this worker serves clearly more
-        than its share and the move lowers the higher of the two rates."""
+        """Hand one connection to the least-loaded sibling when this worker has served clearly
+        more than its share at REBALANCE_CHECKS checks in a row and the move lowers the higher
+        of the two rates."""
         assert self.balance is not None and self.handoff is not None
         mine = self.rate
-        if mine < REBALANCE_MIN_RATE or len(self.conns) < 2:
+        found = (self.balance.least_loaded(mine)
+                 if mine >= REBALANCE_MIN_RATE and len(self.conns) >= 2 else None)
+        if found is None or mine <= REBALANCE_MARGIN * found[2] or found[1] >= mine:
+            self._over = 0
             return
-        found = self.balance.least_loaded(mine)
-        if found is None:
+        self._over += 1
+        if self._over < REBALANCE_CHECKS:
             return
-        slot, theirs, mean = found
+        slot, theirs, _ = found
         gap = mine - theirs
-        if mine <= REBALANCE_MARGIN * mean or gap <= 0:
-            return
         # Moving rate c leaves max(mine - c, theirs + c): best at c = gap / 2; c must be under
         # the gap (else the sibling becomes the new maximum) and worth a move.
         best: Conn | None = None
@@ -610,6 +614,7 @@ class ZmtpServer:
                 best = conn
         if best is not None and self.hand_off(best, slot):
             self._move_at = now + MOVE_HOLD_S
+            self._over = 0
         # else nothing movable now, or the sibling cannot take it: try again later
 
     def hand_off(self, conn: Conn, slot: int) -> bool:
