@@ -244,6 +244,10 @@ SETTINGS: tuple[Setting, ...] = (
             "libzmq I/O thread hops) or libzmq (a ROUTER socket).",
             env=("ACM_WORKER_IO",), cli="--worker-io", validator=_one_of("zmtp", "libzmq"),
             section="service"),
+    Setting("rebalance", bool, True,
+            "A ZMTP worker serving over 1.25x the pool's mean request rate hands one of its "
+            "connections to the least-loaded worker (worker_io = zmtp only).",
+            env=("ACM_REBALANCE",), cli="--rebalance", section="service"),
     Setting("max_request_bytes", int, 4096, "Largest request frame accepted.",
             env=("ACM_MAX_REQUEST_BYTES",), cli="--max-request-bytes",
             validator=_range(64, 1 << 20)),

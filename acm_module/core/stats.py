@@ -91,6 +91,10 @@ class WorkerStats:
     registry_version: int = 0  # carrier registry in use (docs/GATEWAY.md)
     store_up: bool = False
     connections: int = 0  # peers connected to this worker (worker_io = zmtp)
+    # Connections this worker handed to a less-loaded sibling / took from a busier one
+    # (worker_io = zmtp, rebalance on).
+    handoffs_sent: int = 0
+    handoffs_received: int = 0
     decisions: dict[str, int] = field(default_factory=dict)  # "verdict:reason"/"dup"/errors
     # Per request, the span of its batch. service: the requests are in memory -> their replies
     # are handed to send(), the store round trip excluded (the worker's own work); total: poll()
@@ -110,6 +114,7 @@ class WorkerStats:
             "store_failures": self.store_failures, "internal_errors": self.internal_errors,
             "store_up": self.store_up,
             "config_generation": self.config_generation, "connections": self.connections,
+            "handoffs_sent": self.handoffs_sent, "handoffs_received": self.handoffs_received,
             "registry_version": self.registry_version, "decisions": dict(self.decisions),
             "service_us": self.service_us.to_sparse(), "total_us": self.total_us.to_sparse(),
             "service_cpu_us": self.service_cpu_us.to_sparse(),

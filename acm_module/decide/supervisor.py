@@ -4,9 +4,12 @@ SIGTERM.
 The listening socket is a plain OS socket created before fork(); each worker accepts on it and
 speaks ZMTP itself (decide/zmtp.py; or hands it to a libzmq ROUTER with ZMQ_USE_FD when
 worker_io = libzmq), so a request goes straight from the OpenSIPS process to a worker with no
-proxy hop. Each worker's connection count sits in shared memory beside its heartbeat; a ZMTP
-worker accepts only while no live sibling holds fewer, which spreads connections evenly. No
-ZeroMQ context and no store connection exist in this process.
+proxy hop. Each worker's connection count and request rate sit in shared memory beside its
+heartbeat; a ZMTP worker accepts only while no live sibling holds fewer connections, which
+spreads connections evenly, and one serving clearly more requests than its share hands a
+connection to the least-loaded sibling through its hand-off inbox (a unix datagram socket in a
+private directory this process creates; decide/zmtp.py Handoff). No ZeroMQ context and no
+store connection exist in this process.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import stat
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -154,10 +159,10 @@ class _InUse:
     def __len__(self) -> int:
         return self.used.value
 
-    def __getitem__(self, i: int) -> int:
+    def __getitem__(self, i: int) -> Any:
         return self.array[i]
 
-    def __setitem__(self, i: int, value: int) -> None:
+    def __setitem__(self, i: int, value: Any) -> None:
         self.array[i] = value
 
 
@@ -197,6 +202,7 @@ class Supervisor(Arbiter):
         # Processes beside the workers (the MI control plane...): name -> entry point.
         self.sidecars: dict[str, Callable[[Any], int]] = {}
         self.sidecar_pids: dict[int, str] = {}
+        self.handoff_dir = ""
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; return the exit code. Raises ConfigError before serving."""
@@ -216,6 +222,8 @@ class Supervisor(Arbiter):
             self.workers.clear()
             self.sidecar_pids.clear()
             self.listener.close()
+            if self.handoff_dir:
+                shutil.rmtree(self.handoff_dir, ignore_errors=True)
             if self.endpoint.startswith("ipc://"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.endpoint[len("ipc://"):])
@@ -230,7 +238,12 @@ class Supervisor(Arbiter):
         self.heartbeat = multiprocessing.RawArray("d", 2 * s.max_workers)
         # Each worker's connection count, beside its heartbeat: workers spread connections by it.
         self.load = multiprocessing.RawArray("i", len(self.heartbeat))
+        # And its decayed requests/s: a busy worker hands a connection to the least-loaded one.
+        self.rates = multiprocessing.RawArray("d", len(self.heartbeat))
         self.used = multiprocessing.RawValue("i", 0)
+        # The workers' hand-off inboxes (one socket per slot, bound by its worker): a directory
+        # only this user may enter, so no other local user can hand a worker a connection.
+        self.handoff_dir = tempfile.mkdtemp(prefix="acm-handoff-")
         self.open()
         log.info("acm serving on %s with %d workers (max %d), store %s", self.endpoint,
                  s.workers, s.max_workers, redact_url(s.store))
@@ -275,11 +288,13 @@ class Supervisor(Arbiter):
         now = time.monotonic()
         self.heartbeat[slot] = now
         self.load[slot] = 0  # a new worker holds nothing: its siblings leave it the next ones
+        self.rates[slot] = 0.0
         self.used.value = max(self.used.value, slot + 1)
         pid = self.spawn(
             f"worker {index}", lambda: worker_main(
                 self.settings, self.listener.fileno(), index, self.boot_id, self.heartbeat,
-                _InUse(self.load, self.used), slot), f"acm-worker-{index}")
+                _InUse(self.load, self.used), slot, _InUse(self.rates, self.used),
+                self.handoff_dir), f"acm-worker-{index}")
         self.workers[pid] = index
         self.slots[pid] = slot
         self.spawned_at[pid] = now
@@ -317,6 +332,7 @@ class Supervisor(Arbiter):
         self.spawned_at.pop(pid, None)
         if slot is not None:  # gone: it holds no connections, its siblings must not wait
             self.load[slot] = -1
+            self.rates[slot] = 0.0
             self.heartbeat[slot] = 0.0
             self.used.value = max(self.slots.values(), default=-1) + 1
         if index is None:

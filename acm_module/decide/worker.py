@@ -24,7 +24,7 @@ from acm_module.decide.engine import IMPLEMENTATION, hotpath
 from acm_module.decide.gateway.context import GatewayContext
 from acm_module.decide.store.cluster import StoreClient
 from acm_module.decide.store.conn import load_script, script_sha
-from acm_module.decide.zmtp import IN_HWM, Balance, ZmtpServer, split_envelope
+from acm_module.decide.zmtp import IN_HWM, Balance, Handoff, ZmtpServer, split_envelope
 
 log = logging.getLogger("acm.worker")
 
@@ -41,7 +41,8 @@ class Worker:
     """One decision worker bound to a shared listening socket."""
 
     def __init__(self, settings: Any, listen_fd: int, index: int, boot_id: str,
-                 heartbeat: Any = None, load: Any = None, slot: int | None = None) -> None:
+                 heartbeat: Any = None, load: Any = None, slot: int | None = None,
+                 rates: Any = None, handoff_dir: str | None = None) -> None:
         self.settings = settings
         self.listen_fd = listen_fd
         self.index = index
@@ -51,6 +52,8 @@ class Worker:
         self.boot_id = boot_id
         self.heartbeat = heartbeat
         self.load = load  # the pool's connection counts (shared memory), to spread connections
+        self.rates = rates  # the pool's request rates (shared memory), to move busy connections
+        self.handoff_dir = handoff_dir  # where the workers' hand-off inboxes are bound
         self.stopping = False
         self.stats = stats_mod.WorkerStats(index=index, pid=os.getpid())
         self._stats_field = f"{stats_mod.socket.gethostname()}/{boot_id[:8]}/{index}"
@@ -87,11 +90,17 @@ class Worker:
         if s.worker_io == "libzmq":
             self.io: Any = _LibzmqIO(s.endpoint, self.listen_fd, max_frame, access)
         else:
-            balance = None
+            balance = handoff = None
             if self.load is not None and self.heartbeat is not None:
-                balance = Balance(self.load, self.heartbeat, self.slot)
+                balance = Balance(self.load, self.heartbeat, self.slot, self.rates)
+                if s.rebalance and self.rates is not None and self.handoff_dir:
+                    try:
+                        handoff = Handoff(self.handoff_dir, self.slot)
+                    except OSError as e:  # serving matters more than balance: serve without
+                        log.warning("worker %d: no connection hand-offs (%s)", self.index, e)
             self.io = ZmtpServer(self.listen_fd, max_frame, balance,
-                                 admit=access.admit_peer if access.networks else None)
+                                 admit=access.admit_peer if access.networks else None,
+                                 handoff=handoff)
         # A reconnect must not hold the worker for long either: a black-holed store costs at
         # most 100 ms per attempt (attempts back off up to 1 s), a healthy one connects in <1 ms.
         self.store = StoreClient(s.store, timeout=s.store_timeout_ms / 1000.0,
@@ -130,9 +139,11 @@ class Worker:
         self._publish_stats(force=True)
 
     def _housekeeping(self) -> None:
-        """Between batches: pick up config changes and publish stats, each on its own clock."""
+        """Between batches: pick up config changes, publish stats, update the request rates
+        (and maybe move a connection), each on its own clock."""
         self._maybe_reload_config()
         self._publish_stats()
+        self.io.housekeep()
 
     def _publish_stats(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -143,6 +154,8 @@ class Worker:
         st.decisions = self.decider.counts
         st.store_up = self.store.connected
         st.connections = len(getattr(self.io, "conns", ()))
+        st.handoffs_sent = getattr(self.io, "handoffs_sent", 0)
+        st.handoffs_received = getattr(self.io, "handoffs_received", 0)
         if not self.store.connected:
             return
         try:
@@ -517,6 +530,9 @@ class _LibzmqIO:
     def flush(self) -> None:
         pass
 
+    def housekeep(self) -> None:
+        pass  # libzmq owns its connections: they never move to another worker
+
     def stop_accepting(self) -> None:
         # Unbinding would drop connections accepted through the socket, and with them
         # requests already on their way: the socket stays bound until close().
@@ -530,9 +546,10 @@ class _LibzmqIO:
 
 
 def worker_main(settings: Any, listen_fd: int, index: int, boot_id: str,
-                heartbeat: Any = None, load: Any = None, slot: int | None = None) -> int:
+                heartbeat: Any = None, load: Any = None, slot: int | None = None,
+                rates: Any = None, handoff_dir: str | None = None) -> int:
     """Entry point of a forked worker; return its exit code."""
-    w = Worker(settings, listen_fd, index, boot_id, heartbeat, load, slot)
+    w = Worker(settings, listen_fd, index, boot_id, heartbeat, load, slot, rates, handoff_dir)
     try:
         w.boot()
     except Exception:

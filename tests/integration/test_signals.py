@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -140,4 +141,97 @@ def test_sighup_with_an_invalid_config_keeps_the_running_one(store_url: str, tmp
         with Client(svc.endpoint, timeout=5) as c:
             assert three_callers_dropped(c, "kept")  # still threshold 3
     finally:
+        svc.cleanup()
+
+
+def test_busy_connections_still_move_after_a_respawn_and_a_sighup_roll(store_url: str,
+                                                                      tmp_path: Path) -> None:
+    """A worker respawned in its slot, and a reload's new workers, take connections handed over.
+
+    A second worker is added (SIGTTIN), killed and respawned (binding its slot's inbox again),
+    then frozen (SIGSTOP) while two busy OpenSIPS-like clients connect, so both land on the
+    first worker; thawed, it takes one busy connection from its sibling. A SIGHUP then rolls
+    the pool: the clients reconnect to the one new worker, SIGTTIN adds another, and again one
+    busy connection moves to it.
+    """
+    from acm_module.core import stats as stats_mod
+    from acm_module.decide.store.conn import StoreConnection
+
+    cfg = tmp_path / "acm.toml"
+    cfg.write_text("[service]\nworkers = 1\nmax_workers = 4\n")
+    svc = Service(store_url, workers=0)
+    svc.pre_args = ["--config", str(cfg)]
+    stop = threading.Event()
+    answered, lost = [0, 0], [0, 0]
+
+    def busy(k: int, rate: float = 150.0) -> None:
+        with Client(svc.endpoint, timeout=2.0) as c:
+            i, t0 = 0, time.monotonic()
+            while not stop.is_set():
+                try:
+                    c.decide(f"move-{k}-{i}", f"+23480320000{k}", f"+2348037{i:06d}")
+                    answered[k] += 1
+                except ServiceTimeout:
+                    lost[k] += 1
+                i += 1
+                time.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+
+    def snapshot(pid: int) -> dict | None:
+        conn = StoreConnection(store_url, timeout=2.0)
+        try:
+            return {s["pid"]: s for s in stats_mod.read_all(conn)}.get(pid)
+        finally:
+            conn.close()
+
+    def received_by(pid: int) -> int:
+        return (snapshot(pid) or {}).get("handoffs_received", 0)
+
+    def grow() -> int:
+        before = set(svc.worker_pids())
+        signal_service(svc, signal.SIGTTIN)
+        svc.wait_for(lambda: len(svc.worker_pids()) == 2, what="a second worker")
+        (grown,) = set(svc.worker_pids()) - before
+        return grown
+
+    threads = [threading.Thread(target=busy, args=(k,), daemon=True) for k in range(2)]
+    try:
+        svc.start()
+        (first,) = svc.worker_pids()
+        grown = grow()
+        os.kill(grown, signal.SIGKILL)
+        svc.wait_for(lambda: len(svc.worker_pids()) == 2 and grown not in svc.worker_pids(),
+                     what="the respawn")
+        (respawned,) = set(svc.worker_pids()) - {first}
+        svc.wait_for(lambda: snapshot(respawned) is not None, what="the respawned worker up")
+        os.kill(respawned, signal.SIGSTOP)
+        try:
+            time.sleep(2.5)  # its heartbeat is stale: its sibling takes every new connection
+            for t in threads:
+                t.start()
+            svc.wait_for(lambda: min(answered) > 20, what="both clients served")
+        finally:
+            os.kill(respawned, signal.SIGCONT)
+        svc.wait_for(lambda: received_by(respawned) >= 1, timeout=10,
+                     what="a connection handed to the respawned worker")
+        cfg.write_text("[service]\nworkers = 1\nmax_workers = 4\n[detection]\nthreshold = 6\n")
+        signal_service(svc, signal.SIGHUP)
+        svc.wait_log("reload done")
+        svc.wait_for(lambda: len(svc.worker_pids()) == 1, what="the roll")
+        mark = list(answered)
+        svc.wait_for(lambda: all(a > m + 20 for a, m in zip(answered, mark, strict=True)),
+                     what="both clients served by the new worker")
+        grown = grow()
+        svc.wait_for(lambda: received_by(grown) >= 1, timeout=10,
+                     what="a connection handed to the reload's new worker")
+        mark = list(answered)
+        time.sleep(1.0)
+        assert all(a > m + 50 for a, m in zip(answered, mark, strict=True)), (answered, mark)
+        # Only the roll may cost a request (the one in flight when its retired worker closed
+        # the connection); a hand-off costs none.
+        assert sum(lost) <= 2, lost
+    finally:
+        stop.set()
+        for t in threads:
+            if t.ident is not None:
+                t.join(5)
         svc.cleanup()
