@@ -364,6 +364,13 @@ class PoolCollector(Collector):
                                       "1 when the worker holds a store connection.", labels=lw)
         gen = GaugeMetricFamily("acm_worker_config_generation",
                                 "Config generation the worker applies.", labels=lw)
+        conns = GaugeMetricFamily("acm_worker_connections",
+                                  "Client connections the worker serves (worker_io = zmtp).",
+                                  labels=lw)
+        handoffs = CounterMetricFamily(
+            "acm_connection_handoffs", "Connections a busy worker handed to a less-loaded one "
+            "(direction sent) or took from a busier one (received); rebalance, worker_io = zmtp.",
+            labels=[*lw, "direction"])
         total_h = HistogramMetricFamily(
             "acm_decision_latency_seconds",
             "Receive to reply per request, store round trip included (sum estimated).",
@@ -381,6 +388,9 @@ class PoolCollector(Collector):
             failures.add_metric(lv, _num(snap.get("store_failures")))
             connected.add_metric(lv, 1.0 if snap.get("store_up") else 0.0)
             gen.add_metric(lv, _num(snap.get("config_generation")))
+            conns.add_metric(lv, _num(snap.get("connections")))
+            handoffs.add_metric([*lv, "sent"], _num(snap.get("handoffs_sent")))
+            handoffs.add_metric([*lv, "received"], _num(snap.get("handoffs_received")))
             d = snap.get("decisions") if isinstance(snap.get("decisions"), dict) else {}
             kinds = {"bad_request": _num(d.get("error")),
                      "bad_frame": _num(snap.get("bad_frames")),
@@ -409,7 +419,8 @@ class PoolCollector(Collector):
                 buckets, est_sum, _ = prometheus_buckets(sparse)
                 fam.add_metric(lv, buckets, est_sum)
         yield from (workers, started, restarts, requests, batches, decisions, per_carrier, dups,
-                    errors, unchecked, failures, connected, gen, total_h, service_h)
+                    errors, unchecked, failures, connected, gen, conns, handoffs, total_h,
+                    service_h)
 
     def _config_metrics(self, raw: Any) -> Iterator[Metric]:
         gen = GaugeMetricFamily("acm_config_generation",

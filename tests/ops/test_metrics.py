@@ -172,6 +172,10 @@ def test_live_pool_metrics_equal_what_was_sent(service_factory) -> None:
     live = total(after, "acm_config_generation")
     assert live >= 1
     assert [v for _, v in after["acm_worker_config_generation"]] == [live, live]
+    assert total(after, "acm_worker_connections") == 1  # the client's one connection
+    # Connection hand-offs between workers (none here: one client), both directions exported.
+    assert sorted((lab["direction"], v) for lab, v in after["acm_connection_handoffs_total"]) == [
+        ("received", 0), ("received", 0), ("sent", 0), ("sent", 0)]
     assert total(after, "acm_detection_threshold") == 5
     assert total(after, "acm_detection_mode", mode="block") == 1
 

@@ -36,6 +36,8 @@ class Stats(Domain):
                 "updated": iso_ms(snap["updated"] * 1000),
                 "config_generation": snap["config_generation"],
                 "store_up": snap["store_up"], "connections": snap.get("connections", 0),
+                "handoffs_sent": snap.get("handoffs_sent", 0),
+                "handoffs_received": snap.get("handoffs_received", 0),
                 **{k: one[k] for k in ("requests", "batches", "store_failures", "bad_frames",
                                        "decisions", "service_us", "total_us")},
             })
