@@ -615,6 +615,9 @@ class ZmtpServer:
         if best is not None and self.hand_off(best, slot):
             self._move_at = now + MOVE_HOLD_S
             self._over = 0
+            log.debug("handed a connection of %.0f requests/s to slot %d: %.0f -> %.0f/s here, "
+                      "%.0f -> %.0f/s there (mean %.0f/s)", best.rate, slot, mine,
+                      mine - best.rate, theirs, theirs + best.rate, found[2])
         # else nothing movable now, or the sibling cannot take it: try again later
 
     def hand_off(self, conn: Conn, slot: int) -> bool:

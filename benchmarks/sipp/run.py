@@ -18,7 +18,8 @@ for SECONDS seconds. Per run:
   * per process tree (OpenSIPS, acm serve, redis, SIPp UAS): CPU (utime+stime) per call,
     wake-ups (voluntary context switches, all threads) per call, the busiest processes;
   * the load tool's own CPU (SIPp UAC + this driver) per call and its share of one core;
-  * requests served by each acm worker (its stats hash in redis);
+  * requests served by each acm worker (its stats hash in redis), and the connections moved
+    between them (rebalance);
   * calls let through unchecked ("ACM: no verdict" cfg lines), errors in the OpenSIPS log.
 RAMP steps every mode up through the given rates until it fails calls: the highest rate with
 0 failed calls per mode and their ratio. PERF=1 adds one run per mode under `perf record -g`
@@ -276,8 +277,9 @@ def snapshot_delta(a: dict, b: dict, calls: int) -> dict:
     return out
 
 
-def worker_requests(redis_port: int) -> dict[int, int]:
-    """Requests served so far by each acm worker (index -> count), from the stats hash."""
+def worker_requests(redis_port: int, field: str = "requests") -> dict[int, int]:
+    """A counter of each acm worker so far (index -> count; requests served by default, or
+    e.g. handoffs_received), from the stats hash."""
     s = socket.create_connection(("127.0.0.1", redis_port), timeout=2)
     try:
         key = b"{acm.stats}:w"   # acm_module/core/stats.py STATS_KEY
@@ -293,7 +295,8 @@ def worker_requests(redis_port: int) -> dict[int, int]:
     finally:
         s.close()
     out: dict[int, int] = {}
-    for m in re.finditer(rb'\{"index":(\d+),"pid":\d+,[^\r]*?"requests":(\d+)', data):
+    pattern = rb'\{"index":(\d+),"pid":\d+,[^\r]*?"%s":(\d+)' % field.encode()
+    for m in re.finditer(pattern, data):
         out[int(m.group(1))] = out.get(int(m.group(1)), 0) + int(m.group(2))
     return out
 
@@ -691,6 +694,7 @@ def main() -> int:
                 log("no packet capture (AF_PACKET needs root): INVITE->final from SIPp only")
         dbsize0 = int(redis_cmd(rport, "DBSIZE").lstrip(":"))
         w0 = worker_requests(rport)
+        h0 = worker_requests(rport, "handoffs_received")
         load0 = os.getloadavg()
         perf_procs: list[subprocess.Popen] = []
         if with_perf:
@@ -718,6 +722,7 @@ def main() -> int:
         rtts_wire = timer.stop() if timer else []
         time.sleep(1.2)   # the workers publish their counters once a second
         w1 = worker_requests(rport)
+        h1 = worker_requests(rport, "handoffs_received")
         dbsize1 = int(redis_cmd(rport, "DBSIZE").lstrip(":"))
         with open(olog_path, "rb") as f:
             f.seek(log_at)
@@ -763,6 +768,8 @@ def main() -> int:
                                      ["cpu_us_per_call"]
                                      + breakdown["redis"]["cpu_us_per_call"], 1),
             "worker_requests": {str(k): w1.get(k, 0) - w0.get(k, 0) for k in sorted(w1)},
+            # connections moved between acm workers during the run (rebalance)
+            "worker_handoffs": sum(h1.values()) - sum(h0.values()),
             "redis_keys_added": dbsize1 - dbsize0,
             # calls SIPp aborted because the UAS's 180 arrived after its 200 (two OpenSIPS
             # workers relayed them), with or without the check (RESULTS.md §6b)
@@ -890,7 +897,8 @@ def print_tables(results: list[dict], summary: dict, machine: dict, idle: dict) 
               f"{r['redis']['wakeups_per_call']:.1f} | "
               f"{r['load_tool_uac_and_driver']['cpu_us_per_call']:,.0f} / "
               f"{r['sipp_uas']['cpu_us_per_call']:,.0f} | "
-              f"{'/'.join(map(str, r['worker_requests'].values()))} | {r['loadavg'][0]} |")
+              f"{'/'.join(map(str, r['worker_requests'].values()))} "
+              f"({r['worker_handoffs']} moved) | {r['loadavg'][0]} |")
     print(f"\nidle CPU ms/s: {idle}")
     print(f"summary: {json.dumps(summary)}")
     print(f"\n{machine}")
