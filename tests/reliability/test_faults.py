@@ -375,7 +375,10 @@ def test_store_stopped_and_restarted_under_load() -> None:
               f"{summary['store_failures']}, store_unavailable replies "
               f"{summary['decisions'].get('store_unavailable', 0)}; outage began "
               f"{down_wall:.3f}")
-        assert recovery_s < 2.0
+        # Counted from the restart, so it holds redis-server's own start; a worker that retried
+        # just before the port opened waits one more backoff (at most 1 s, jittered): on a
+        # loaded box that can pass 2 s (2.21 s seen in a full CI run), never 3 s.
+        assert recovery_s < 3.0
         assert summary["store_failures"] >= 2  # each worker noticed
         assert summary["decisions"].get("store_unavailable", 0) > 0
         assert total["stats"]["breaker_opened"] == 0
