@@ -246,7 +246,8 @@ SETTINGS: tuple[Setting, ...] = (
             section="service"),
     Setting("rebalance", bool, True,
             "A ZMTP worker serving over 1.25x the pool's mean request rate hands one of its "
-            "connections to the least-loaded worker (worker_io = zmtp only).",
+            "connections to the least-loaded worker, and a retiring worker (SIGHUP roll, "
+            "SIGTTOU) hands all of its connections to the others (worker_io = zmtp only).",
             env=("ACM_REBALANCE",), cli="--rebalance", section="service"),
     Setting("max_request_bytes", int, 4096, "Largest request frame accepted.",
             env=("ACM_MAX_REQUEST_BYTES",), cli="--max-request-bytes",

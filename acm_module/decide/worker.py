@@ -177,12 +177,20 @@ class Worker:
         """
         io = self.io
         io.stop_accepting()
+        # ZMTP workers hand their connections to the siblings that stay (a SIGHUP roll, a
+        # SIGTTOU): each as soon as it is quiescent, so its peer loses nothing. Left alone (the
+        # whole pool stops), they are served through the window and closed.
+        hand_off = getattr(io, "hand_off_idle", None)
         deadline = time.monotonic() + min(DRAIN_WINDOW_S, self.settings.graceful_timeout)
         while True:
+            if hand_off is not None:
+                hand_off()
+                if not io.conns:
+                    break
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            if io.poll(left):
+            if io.poll(min(left, 0.005) if hand_off is not None else left):
                 self._serve_batch()
         while io.poll(0.0):  # whatever is still queued at the end of the window
             self._serve_batch()

@@ -163,6 +163,16 @@ class Balance:
         mine = self.counts[self.index]
         return not any(self.counts[j] < mine for j in self._live())
 
+    def fewest_connections(self, given: dict[int, int]) -> int | None:
+        """Return the live accepting sibling holding the fewest connections, counting those
+        `given` to it that it may not have published yet (None if there is none)."""
+        live = self._live()
+        if not live:
+            return None
+        rates = self.rates
+        return min(live, key=lambda j: (self.counts[j] + given.get(j, 0),
+                                        rates[j] if rates is not None else 0.0))
+
     def least_loaded(self, mine: float) -> tuple[int, float, float] | None:
         """Return (slot, rate) of the live accepting sibling serving the fewest requests/s, and
         the mean rate of those siblings and this worker (whose rate is `mine`); None if alone."""
@@ -188,7 +198,9 @@ class Handoff:
     """
 
     _MAGIC = b"acm-handoff1"
-    _FORMAT = struct.Struct("!d")  # the connection's decayed requests/s
+    # The connection's decayed requests/s, and whether it moved for balance (it then stays
+    # where it went for STAY_S) or because its worker retired (it may move again at once).
+    _FORMAT = struct.Struct("!d?")
 
     def __init__(self, directory: str, slot: int) -> None:
         self.directory = directory
@@ -205,20 +217,20 @@ class Handoff:
     def path_of(self, slot: int) -> str:
         return os.path.join(self.directory, str(slot))
 
-    def send(self, slot: int, fd: int, rate: float) -> bool:
+    def send(self, slot: int, fd: int, rate: float, stay: bool = True) -> bool:
         """Hand the descriptor to the worker in `slot`; return False if it cannot take it."""
         try:
             # sendmsg, not socket.send_fds: that one drops its flags and address arguments.
-            self.outbox.sendmsg([self._MAGIC + self._FORMAT.pack(rate)],
+            self.outbox.sendmsg([self._MAGIC + self._FORMAT.pack(rate, stay)],
                                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [fd]))], 0,
                                 self.path_of(slot))
         except OSError:  # gone (refused, no such path), or its inbox is full (EAGAIN)
             return False
         return True
 
-    def receive(self) -> list[tuple[int, float]]:
+    def receive(self) -> list[tuple[int, float, bool]]:
         """Return the (descriptor, rate) of every connection waiting in the inbox."""
-        out: list[tuple[int, float]] = []
+        out: list[tuple[int, float, bool]] = []
         n = len(self._MAGIC) + self._FORMAT.size
         while True:
             try:
@@ -228,7 +240,7 @@ class Handoff:
             if flags & socket.MSG_CTRUNC:  # out of descriptors: the kernel closed the rest
                 log.warning("a connection handed over was lost: out of descriptors")
             if len(data) == n and data.startswith(self._MAGIC) and len(fds) == 1:
-                out.append((fds[0], self._FORMAT.unpack_from(data, len(self._MAGIC))[0]))
+                out.append((fds[0], *self._FORMAT.unpack_from(data, len(self._MAGIC))))
                 continue
             for fd in fds:  # not ours: nothing to serve
                 os.close(fd)
@@ -275,6 +287,7 @@ class ZmtpServer:
         self._rate_at = now  # the last rate tick
         self._move_at = now + MOVE_HOLD_S  # no move before this
         self._over = 0  # checks in a row that found this worker over the margin
+        self._given: dict[int, int] = {}  # connections handed to each slot while retiring
         self._inbox_fd = -1
         if self.handoff is not None:
             self._inbox_fd = self.handoff.inbox.fileno()
@@ -620,7 +633,7 @@ class ZmtpServer:
                       mine - best.rate, theirs, theirs + best.rate, found[2])
         # else nothing movable now, or the sibling cannot take it: try again later
 
-    def hand_off(self, conn: Conn, slot: int) -> bool:
+    def hand_off(self, conn: Conn, slot: int, stay: bool = True) -> bool:
         """Hand a quiescent connection to the worker in `slot`; return False (and keep serving
         it) if it is not quiescent or that worker cannot take it.
 
@@ -628,7 +641,8 @@ class ZmtpServer:
         would have nobody to answer it.
         """
         assert self.handoff is not None and self.balance is not None
-        if conn.fd < 0 or not _quiescent(conn) or not self.handoff.send(slot, conn.fd, conn.rate):
+        if (conn.fd < 0 or not _quiescent(conn)
+                or not self.handoff.send(slot, conn.fd, conn.rate, stay)):
             return False
         self.handoffs_sent += 1
         self.rate -= conn.rate
@@ -638,11 +652,28 @@ class ZmtpServer:
         self.close_conn(conn)
         return True
 
+    def hand_off_idle(self) -> int:
+        """Hand every quiescent connection to the live siblings, fewest connections first;
+        return how many went. A retiring worker calls it so that its peers keep their
+        connections (a closed one would lose the request its peer sends next)."""
+        if self.handoff is None or self.balance is None:
+            return 0
+        given = self._given
+        moved = 0
+        for conn in list(self.conns.values()):
+            slot = self.balance.fewest_connections(given)
+            if slot is None:
+                break
+            if _quiescent(conn) and self.hand_off(conn, slot, stay=False):
+                given[slot] = given.get(slot, 0) + 1
+                moved += 1
+        return moved
+
     def _adopt(self) -> None:
         """Serve the connections siblings handed to this worker."""
         assert self.handoff is not None and self.balance is not None
         now = time.monotonic()
-        for fd, rate in self.handoff.receive():
+        for fd, rate, stay in self.handoff.receive():
             try:
                 sock = socket.socket(fileno=fd)
                 sock.setblocking(False)
@@ -652,7 +683,7 @@ class ZmtpServer:
             conn = Conn(sock)
             conn.state = _OPEN  # past its handshake with the sibling: no greeting
             conn.rate = rate
-            conn.stay_until = now + STAY_S
+            conn.stay_until = now + STAY_S if stay else 0.0
             self.conns[conn.fd] = conn
             # Level-triggered: what the peer sent during the move is read at the next poll.
             self.ep.register(conn.fd, conn.mask)

@@ -110,9 +110,11 @@ def test_sighup_reloads_the_file_and_rolls_every_worker_while_serving(store_url:
         assert len(new) == 2 and not set(new) & set(old), log
         assert "respawning" not in log
         assert before_end > 0
-        # At most the one request in flight when its retired worker closed the connection
-        # (ZeroMQ has no "go away": the client times out and applies its fail policy).
-        assert lost[0] <= 1, f"{lost[0]} requests lost during the roll"
+        # The retired worker handed its connection to a new one once it was quiescent, so the
+        # client's next request waited in the kernel for the new owner: nothing lost. (Closed
+        # instead, the request sent next was lost: ZeroMQ has no "go away", and the client
+        # timed out and applied its fail policy.)
+        assert lost[0] == 0, f"{lost[0]} requests lost during the roll"
         with Client(svc.endpoint, timeout=5) as c:
             assert three_callers_dropped(c, "after")  # the file's new threshold is live
     finally:
@@ -226,9 +228,8 @@ def test_busy_connections_still_move_after_a_respawn_and_a_sighup_roll(store_url
         mark = list(answered)
         time.sleep(1.0)
         assert all(a > m + 50 for a, m in zip(answered, mark, strict=True)), (answered, mark)
-        # Only the roll may cost a request (the one in flight when its retired worker closed
-        # the connection); a hand-off costs none.
-        assert sum(lost) <= 2, lost
+        # A hand-off costs no request, for balance or from the roll's retired worker.
+        assert sum(lost) == 0, lost
     finally:
         stop.set()
         for t in threads:
