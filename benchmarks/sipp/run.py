@@ -34,8 +34,8 @@ Environment:
   MODES             default "acm off"; e.g. "acm off acm-libzmq"; "acm_main=DIR" (a label
                     starting with "acm" or "off", "=", a directory): the check on (off) with
                     opensips.cfg and the *.py of DIR instead of opensips_scripts/, e.g. another
-                    commit's (`git archive main opensips_scripts | tar -x -C DIR`, then
-                    DIR/opensips_scripts); "acm_X" is compared with "off_X" when there is one;
+                    commit's copy of this repo's opensips_scripts/ (`git show REV:PATH` per
+                    file); "acm_X" is compared with "off_X" when there is one;
                     "acm_echo": the check on, answered by an echo pool (the service's ZMTP
                     workers without the decision and the store: benchmarks/loadtool.py) instead
                     of acm serve: what any synchronous round trip costs OpenSIPS; its CPU is
