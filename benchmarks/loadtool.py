@@ -372,28 +372,61 @@ def _wait_ready(endpoint: str, timeout: float = 20.0, curve: CurveKeys | None = 
         ctx.term()
 
 
-def _zmtp_pool_worker(listen_fd: int, mode: str, ready: Any) -> None:
+# The floor of any check that consults the store once per call: a script that touches nothing and
+# answers in decide.lua's reply shape.
+FLOOR_SCRIPT = "return {'allow', 'clean', 0, '', '', 0, {}}"
+
+
+def _zmtp_pool_worker(listen_fd: int, mode: str, store: str | None, ready: Any) -> None:
     """Serve the shared listening socket as a worker does: reflect frames, or echo with msgpack.
 
     mode "reflect": each request frame goes back as it came (the load tool's ceiling).
     mode "echo": each request is decoded and a reply of a decision's shape encoded (the
     service's transport ceiling: everything a worker does but the decision and the store).
+    mode "store": echo, and each batch is one pipelined round trip to `store` of one EVALSHA per
+    request, of FLOOR_SCRIPT with decide.lua's 8 keys and 17 arguments, through the worker's
+    own store client (the floor of any check that asks the store once per call).
     """
     _die_with_parent()
+    from acm_module.decide.engine import hotpath
+    from acm_module.decide.store.cluster import StoreClient
     from acm_module.decide.zmtp import ZmtpServer, split_envelope
 
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     srv = ZmtpServer(listen_fd, 1 << 16)
+    sc, sha = None, ""
+    if mode == "store":
+        assert store is not None
+        sc = StoreClient(store, timeout=2.0)
+        sc.connect()
+        sha = sc.script_load(FLOOR_SCRIPT)
     ready.set()
     unpackb, packb = msgpack.unpackb, msgpack.packb
-    echo = mode == "echo"
+    echo = mode != "reflect"
+    n = 0
     while True:
         if not srv.poll(1.0):
             continue
+        out = []
         for conn, frames in srv.take(256):
             env, body = split_envelope(frames)
             if body is None:
                 continue
+            out.append((conn, env, body))
+        if sc is not None and out:
+            cmds = []
+            for _, _, body in out:
+                req = unpackb(body)
+                b, t = str(req.get("b", "")), "{acm.%d}:" % (n % 16)
+                n += 1
+                cmds.append(hotpath.encode_command(
+                    "EVALSHA", sha, 8, t + "w:" + b, t + "e:" + b, t + "ea:" + b, t + "wl:" + b,
+                    t + "c:" + str(req.get("call_id", "")), t + "s", t + "n", t + "k",
+                    str(req.get("call_id", "")), str(req.get("a", "")), b,
+                    time.time_ns() // 1000000, 5000, 5, "block", "",
+                    "00000000-0000-4000-8000-000000000000", 32000, 11000, "", "", 0, 0, "", ""))
+            sc.round_trip(b"".join(cmds), len(cmds))
+        for conn, env, body in out:
             if echo:
                 req = unpackb(body)
                 body = packb({"verdict": "allow", "reason": "clean", "distinct": len(req)})
@@ -402,13 +435,15 @@ def _zmtp_pool_worker(listen_fd: int, mode: str, ready: Any) -> None:
 
 
 @contextlib.contextmanager
-def zmtp_pool(endpoint: str, workers: int, mode: str) -> Iterator[list[int]]:
-    """Run `workers` reflect/echo workers on one shared listening socket; yield their pids."""
+def zmtp_pool(endpoint: str, workers: int, mode: str,
+              store: str | None = None) -> Iterator[list[int]]:
+    """Run `workers` reflect/echo/store-floor workers on one shared listening socket; yield
+    their pids."""
     from acm_module.decide.supervisor import listen_socket
 
     lsock = listen_socket(endpoint)
     try:
-        with processes([(_zmtp_pool_worker, (lsock.fileno(), mode))
+        with processes([(_zmtp_pool_worker, (lsock.fileno(), mode, store))
                         for _ in range(workers)]) as pids:
             yield pids
     finally:
@@ -610,6 +645,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure the other client kind's ceiling against the reflector")
     ap.add_argument("--compare-proxy-echo", action="store_true",
                     help="also measure an echo pool behind zmq.proxy (REP workers, msgpack)")
+    ap.add_argument("--compare-store-floor", action="store_true",
+                    help="also measure the store floor: the echo pool plus one EVALSHA per "
+                         "request of a script that touches nothing (any check that asks the "
+                         "store once per call costs at least this)")
     ap.add_argument("--curve", action="store_true",
                     help="also run the service with CurveZMQ (keys made for the run; its "
                          "workers use libzmq I/O) and its clients with the keys")
@@ -683,6 +722,16 @@ def main(argv: list[str] | None = None) -> int:
                 if args.paced:
                     phase("echo_paced", f"echo pool, paced {args.paced:.0f}/s",
                           echo, n, rate=args.paced, pids=pids)
+            if args.compare_store_floor:
+                fl = ep("store-floor")
+                with zmtp_pool(fl, args.workers, "store", store) as pids:
+                    phase("storefl_1", "store floor pool", fl, 1, pids=pids,
+                          spids=store_pids)
+                    phase("storefl_n", "store floor pool", fl, n, pids=pids,
+                          spids=store_pids)
+                    if args.paced:
+                        phase("storefl_paced", f"store floor pool, paced {args.paced:.0f}/s",
+                              fl, n, rate=args.paced, pids=pids, spids=store_pids)
             if args.compare_proxy_echo:
                 front, back = ep("pe-front"), ep("pe-back")
                 with processes([(_proxy_proc, (front, back))] + [
@@ -842,6 +891,16 @@ def targets(results: dict[str, Result]) -> list[dict[str, Any]]:
         ("acm_n", "proxy_echo_n"),
         lambda: (r("acm_n").server_cpu_us or 0) / (r("proxy_echo_n").server_cpu_us
                                                    or float("inf")), 1.3, True)
+    # Not the issue's targets: how far acm is from any check that asks the store once per call.
+    for key, label in (("1", "1 client"), ("n", "N clients"), ("paced", "paced")):
+        if key != "paced":
+            add(f"reference, {label}: acm decisions/s / store floor pool's",
+                (f"acm_{key}", f"storefl_{key}"),
+                lambda k=key: r(f"acm_{k}").rate / r(f"storefl_{k}").rate, 0.0, False)
+        add(f"reference, {label}: server CPU per decision / store floor pool's",
+            (f"acm_{key}", f"storefl_{key}"),
+            lambda k=key: (r(f"acm_{k}").server_cpu_us or 0) / (
+                r(f"storefl_{k}").server_cpu_us or float("inf")), float("inf"), True)
     add("1 client: acm p50 / floor p50", ("acm_1", "reflect_1", "floor_evalsha_1"),
         lambda: r("acm_1").p50 / (r("reflect_1").p50 + r("floor_evalsha_1").p50), 1.25, True)
     add("1 client: acm p99 / floor p99", ("acm_1", "reflect_1", "floor_evalsha_1"),
@@ -916,6 +975,10 @@ def render(results: dict[str, Result], meta: dict[str, Any]) -> str:
         for t in tg:
             state = ("met" if t["met"] else "NOT met") if t["valid"] else \
                 "not judged: a phase was client-bound"
+            if t["target"].startswith("reference"):
+                lines.append(f"  {t['target']}: {t['value']:g}"
+                             + ("" if t["valid"] else f" — {state}"))
+                continue
             lines.append(f"  {t['target']}: {t['value']:g} (limit {t['limit']:g}) — {state}")
     iw = meta.get("in_worker")
     if iw:

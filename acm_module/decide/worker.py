@@ -31,6 +31,10 @@ log = logging.getLogger("acm.worker")
 LATENCY_STREAM = "{acm.lat}:s"
 DRAIN_WINDOW_S = 0.1  # after SIGTERM, keep answering stragglers this long
 BUDGET_STEP_S = 0.005  # a batch's store budget shrinks in these steps (see _store_budget)
+# Latencies ride on a decision round trip at most this often (or once LATENCY_BATCH are held): one
+# XADD per batch cost the store and the worker a command per call at low concurrency.
+LATENCY_FLUSH_NS = 100_000_000
+LATENCY_BATCH = 256
 # The config poll: the live config's generation and values, and the registry's version, in one
 # pipelined round trip (parsed by liveconfig.parse_read and registry.parse_version).
 _POLL_COMMANDS = (hotpath.encode_command("HMGET", store_config.CONFIG_KEY, "gen", "values")
@@ -60,6 +64,7 @@ class Worker:
         self._stats_next = 0.0
         self._store_time_ns = 0
         self._latencies: list[tuple[int, int]] = []  # (rx_us of a batch, its latency in us)
+        self._latency_due_ns = 0  # perf_counter_ns after which held latencies are sent
         # rx_us of batches answered store_unavailable after their scripts were sent: the store
         # may still run them and record decisions nobody was told about (see decide()).
         self._unanswered: list[int] = []
@@ -160,7 +165,7 @@ class Worker:
             return
         try:
             marked = len(self._unanswered)
-            lat = self._latency_record()
+            lat = self._latency_record(force=True)
             if lat:
                 self.store.round_trip(lat, 1)
                 del self._unanswered[:marked]
@@ -308,8 +313,12 @@ class Worker:
         late = int((now_ns - self._rx_ns) / 1e9 / BUDGET_STEP_S) * BUDGET_STEP_S
         return max(BUDGET_STEP_S, self.store.timeout - late)
 
-    def _latency_record(self) -> bytes:
-        """Return the XADD of the latencies measured since the last round trip (or b'').
+    def _latency_record(self, force: bool = False) -> bytes:
+        """Return the XADD of the latencies held (or b'').
+
+        Unless `force` (the stats tick) or a mark of `u` is pending, latencies are held until
+        LATENCY_FLUSH_NS after the last record or LATENCY_BATCH of them: the QuestDB sink waits
+        for them (latency_wait_ms), and the tick sends what an idle worker holds.
 
         A reply's latency is known only after it is sent, so it rides on the next round trip:
         {acm.lat}:s gets one entry per batch, keyed by the batch's `rx` that its decisions carry.
@@ -320,6 +329,10 @@ class Worker:
         """
         if not self._latencies and not self._unanswered:
             return b""
+        if not (force or self._unanswered or self._rx_ns >= self._latency_due_ns
+                or len(self._latencies) >= LATENCY_BATCH):
+            return b""
+        self._latency_due_ns = self._rx_ns + LATENCY_FLUSH_NS
         pairs = ",".join(f"{rx}:{us}" for rx, us in self._latencies)
         self._latencies.clear()
         fields: list[str] = ["k", "l", "v", pairs]

@@ -40,6 +40,10 @@ Environment:
                     workers without the decision and the store: benchmarks/loadtool.py) instead
                     of acm serve: what any synchronous round trip costs OpenSIPS; its CPU is
                     reported in the acm column
+                    "acm_storefloor": as acm_echo, and each of the pool's batches is one
+                    round trip to acm's redis-server of one EVALSHA per request of a script
+                    that touches nothing (decide.lua's 8 keys and 17 arguments): the floor of
+                    any check that asks the store once per call
                     "acm_noio": the check on with the script's round trip replaced by a canned
                     allow (what the shim and the cfg cost without the I/O)
   RAMP              rates of the ramp, ascending (default: none), RAMP_SECONDS per step (10)
@@ -620,15 +624,19 @@ def main() -> int:
 
     # One OpenSIPS per mode for the whole run, both up at once, so that the modes alternate
     # run by run under the same background load of this shared machine.
-    echo, echo_ep = None, endpoint
-    if "acm_echo" in modes:
-        echo_ep = f"ipc://{tmp / 'echo.sock'}"
-        echo = start([sys.executable, str(Path(__file__).resolve()), "--echo-pool", echo_ep,
-                      str(acm_workers)], "echo", cwd=REPO)
-        wait_for(lambda: (tmp / "echo.sock").exists() or echo.poll() is not None, "echo pool")
-    instances = {m: start_opensips(bin_, modules, mem, m,
-                                   echo_ep if m == "acm_echo" else endpoint, client_env,
-                                   srcs.get(m), osips_workers)
+    pools: dict[str, subprocess.Popen] = {}   # mode -> its stand-in pool
+    pool_eps: dict[str, str] = {}
+    for m, kind in (("acm_echo", "echo"), ("acm_storefloor", "store")):
+        if m not in modes:
+            continue
+        sock_path = tmp / f"{kind}.sock"
+        pool_eps[m] = f"ipc://{sock_path}"
+        pools[m] = start([sys.executable, str(Path(__file__).resolve()), "--echo-pool",
+                          pool_eps[m], str(acm_workers), kind, store], kind, cwd=REPO)
+        pool = pools[m]
+        wait_for(lambda p=sock_path, q=pool: p.exists() or q.poll() is not None, f"{kind} pool")
+    instances = {m: start_opensips(bin_, modules, mem, m, pool_eps.get(m, endpoint),
+                                   client_env, srcs.get(m), osips_workers)
                  for m in modes}
     time.sleep(1.0)
     offset = 0
@@ -661,8 +669,8 @@ def main() -> int:
     idle_s = float(os.environ.get("IDLE_SECONDS", "5"))
     roots = {"opensips_" + m: instances[m][0].pid for m in modes}
     roots.update(acm=acm.pid, redis=redis.pid, sipp_uas=uas.pid)
-    if echo is not None:
-        roots["echo"] = echo.pid
+    for m, pool in pools.items():
+        roots[m] = pool.pid
     i0 = snapshot(roots)
     time.sleep(idle_s)
     i1 = snapshot(roots)
@@ -760,11 +768,11 @@ def main() -> int:
                                 "p99": round(pct(final, .99), 3),
                                 "max": round(max(final), 3) if final else None},
             "opensips": breakdown[name],
-            "acm": breakdown["echo" if mode == "acm_echo" else "acm"],
+            "acm": breakdown[mode if mode in pools else "acm"],
             "redis": breakdown["redis"],
             "sipp_uas": breakdown["sipp_uas"], "load_tool_uac_and_driver": mine,
             "all_us_per_call": round(breakdown[name]["cpu_us_per_call"]
-                                     + breakdown["echo" if mode == "acm_echo" else "acm"]
+                                     + breakdown[mode if mode in pools else "acm"]
                                      ["cpu_us_per_call"]
                                      + breakdown["redis"]["cpu_us_per_call"], 1),
             "worker_requests": {str(k): w1.get(k, 0) - w0.get(k, 0) for k in sorted(w1)},
@@ -904,20 +912,20 @@ def print_tables(results: list[dict], summary: dict, machine: dict, idle: dict) 
     print(f"\n{machine}")
 
 
-def echo_pool(endpoint: str, workers: int) -> int:
-    """Serve an echo pool on endpoint until SIGTERM (mode acm_echo)."""
+def echo_pool(endpoint: str, workers: int, kind: str = "echo", store: str = "") -> int:
+    """Serve an echo or store-floor pool on endpoint until SIGTERM (acm_echo, acm_storefloor)."""
     sys.path.insert(0, str(REPO))
     from benchmarks.loadtool import zmtp_pool
 
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    with zmtp_pool(endpoint, workers, "echo"):
+    with zmtp_pool(endpoint, workers, kind, store or None):
         stopped.wait()
     return 0
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--echo-pool"]:
-    sys.exit(echo_pool(sys.argv[2], int(sys.argv[3])))
+    sys.exit(echo_pool(sys.argv[2], int(sys.argv[3]), *sys.argv[4:6]))
 if __name__ == "__main__":
     try:
         rc = main()

@@ -38,13 +38,14 @@ def test_acm_bench_reports_every_phase(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     p = _run([sys.executable, "-m", "acm_module.cli", "bench", "--seconds", "0.5", "--clients",
               "2", "--workers", "1", "--compare-io", "--compare-proxy-echo", "--curve",
-              "--json", str(out)], 200)
+              "--compare-store-floor", "--json", str(out)], 220)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     data = json.loads(out.read_text())
     phases = data["results"]
     assert set(phases) == {"reflect_1", "reflect_n", "echo_n", "echo_paced", "proxy_echo_n",
                            "floor_evalsha_1", "acm_paced", "acm_1", "acm_n", "io_1", "io_n",
-                           "io_curve_1", "io_curve_n", "sf_1", "sf_n"}
+                           "io_curve_1", "io_curve_n", "sf_1", "sf_n", "storefl_1",
+                           "storefl_n", "storefl_paced"}
     for name, r in phases.items():
         # A store round trip past its budget on a loaded machine is the service's answer, not a
         # broken kit; any other error is.
@@ -56,7 +57,8 @@ def test_acm_bench_reports_every_phase(tmp_path: Path) -> None:
         if name != "floor_evalsha_1":
             # Every figure comes with what it cost the server and the load tool.
             assert r["server_cpu_us"] > 0 and r["client_cpu_us"] > 0, (name, r)
-    for name in ("acm_1", "acm_n", "acm_paced", "sf_n"):
+    # The store floor asks the store once per request, as acm does.
+    for name in ("acm_1", "acm_n", "acm_paced", "sf_n", "storefl_1", "storefl_n"):
         assert 0 < phases[name]["store_cpu_us"] < phases[name]["server_cpu_us"], name
     assert phases["acm_paced"]["extra"]["paced"] == 1000
     meta = data["meta"]
@@ -67,7 +69,7 @@ def test_acm_bench_reports_every_phase(tmp_path: Path) -> None:
     assert {t["phases"][0] for t in data["targets"]} == {"acm_n", "acm_paced", "acm_1"}
     for line in ("floor (1 client)", "x floor", "x straightforward rate", "in-worker, acm phase",
                  "tool ceiling", "x echo-pool rate", "targets (issue #15",
-                 "x acm (no CURVE) rate"):
+                 "x acm (no CURVE) rate", "server CPU per decision / store floor pool's"):
         assert line in p.stdout, p.stdout
 
 
