@@ -810,7 +810,7 @@ def main() -> int:
         for mode in list(alive):
             r = one_run("ramp", rate, mode, ramp_seconds, 0)
             results.append(r)
-            if _failed(r) or r["cps_achieved"] < 0.97 * rate:
+            if not _sustained(r):
                 alive.remove(mode)
         if not alive:
             break
@@ -832,6 +832,11 @@ def _failed(r: dict) -> int:
     return r["failed"] - r["failed_late_180"]
 
 
+def _sustained(r: dict) -> bool:
+    """Whether a run held its rate: no failed call and at least 97 % of the calls per second."""
+    return not _failed(r) and r["cps_achieved"] >= 0.97 * r["rate"]
+
+
 def summarize(results: list[dict], modes: list[str]) -> dict:
     """Ratios on/off per rate (medians over the repeats) and the highest 0-failure rates."""
     out: dict = {"highest_rate_0_failed": {}}
@@ -839,7 +844,7 @@ def summarize(results: list[dict], modes: list[str]) -> dict:
         ok = 0
         for r in sorted((r for r in results if r["mode"] == mode and r["kind"] != "perf"),
                         key=lambda r: r["rate"]):
-            if _failed(r):
+            if not _sustained(r):
                 break
             ok = r["rate"]
         out["highest_rate_0_failed"][mode] = ok
