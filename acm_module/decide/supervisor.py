@@ -45,6 +45,7 @@ ROLL_POLL_S = 0.25  # during a HUP roll: how often to look whether the new worke
 # A sidecar whose boot failure stops the service: MI refuses to run unauthenticated on an
 # exposed address, and running without the control plane the operator asked for is worse.
 CRITICAL_SIDECARS = frozenset({"control"})
+HANDOFF_PREFIX = "acm-handoff-"  # + the supervisor's pid + "-" + mkdtemp's suffix
 # settings, boot id -> {sidecar name: entry point taking the settings, returning an exit code}
 SidecarPlan = Callable[[Any, str], dict[str, Callable[[Any], int]]]
 
@@ -119,6 +120,48 @@ def open_listener(endpoint: str, ipc_mode: int = 0o660) -> socket.socket:
         if e.filename:
             why = f"{why}: {e.filename}"
         raise ConfigError(f"endpoint {endpoint}: cannot listen ({why})") from e
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_stale_handoff_dirs(base: str | None = None) -> list[str]:
+    """Remove the hand-off directories of supervisors that are gone; return their paths.
+
+    A supervisor removes its own on the way out, but a SIGKILL (or an OOM kill) runs no
+    cleanup. Only this user's directories are touched, and only when the pid in the name is
+    dead; a directory of the old unnamed form is left alone.
+    """
+    base = base or tempfile.gettempdir()
+    removed = []
+    uid = os.getuid()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(HANDOFF_PREFIX):
+            continue
+        pid_s, sep, _ = name[len(HANDOFF_PREFIX):].partition("-")
+        if not sep or not pid_s.isdigit():
+            continue
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or _pid_alive(int(pid_s)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def check_store(url: str) -> None:
@@ -243,7 +286,9 @@ class Supervisor(Arbiter):
         self.used = multiprocessing.RawValue("i", 0)
         # The workers' hand-off inboxes (one socket per slot, bound by its worker): a directory
         # only this user may enter, so no other local user can hand a worker a connection.
-        self.handoff_dir = tempfile.mkdtemp(prefix="acm-handoff-")
+        for path in sweep_stale_handoff_dirs():
+            log.info("removed %s, left by a supervisor that was killed", path)
+        self.handoff_dir = tempfile.mkdtemp(prefix=f"{HANDOFF_PREFIX}{os.getpid()}-")
         self.open()
         log.info("acm serving on %s with %d workers (max %d), store %s", self.endpoint,
                  s.workers, s.max_workers, redact_url(s.store))

@@ -236,3 +236,29 @@ def test_busy_connections_still_move_after_a_respawn_and_a_sighup_roll(store_url
             if t.ident is not None:
                 t.join(5)
         svc.cleanup()
+
+
+def test_the_hand_off_directory_of_a_killed_supervisor_is_removed_by_the_next_one(
+        store_url: str, tmp_path: Path) -> None:
+    """A SIGKILL runs no cleanup: the next `acm serve` on the host removes what it left."""
+    env = {"TMPDIR": str(tmp_path)}
+    killed = Service(store_url, workers=1, extra_env=env)
+    nxt = Service(store_url, workers=1, extra_env=env)
+    try:
+        killed.start()
+        (left,) = tmp_path.glob("acm-handoff-*")
+        killed.stop(signal.SIGKILL)
+        assert left.is_dir()  # nothing ran on the way out
+        # A directory of a supervisor that is alive (this test's pid) stays.
+        alive = tmp_path / f"acm-handoff-{os.getpid()}-x"
+        alive.mkdir()
+        nxt.start()
+        assert not left.exists()
+        assert alive.is_dir()
+        (own,) = (p for p in tmp_path.glob("acm-handoff-*") if p != alive)
+        assert own.name.startswith(f"acm-handoff-{nxt.proc.pid}-")
+        nxt.stop()
+        assert not own.exists()  # and its own goes with a clean stop
+    finally:
+        killed.cleanup()
+        nxt.cleanup()
