@@ -132,12 +132,30 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _serves_an_inbox(path: str) -> bool:
+    """Whether a worker still has one of the directory's inbox sockets bound."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    for name in names:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect(os.path.join(path, name))
+            except OSError:
+                continue
+            return True
+    return False
+
+
 def sweep_stale_handoff_dirs(base: str | None = None) -> list[str]:
     """Remove the hand-off directories of supervisors that are gone; return their paths.
 
     A supervisor removes its own on the way out, but a SIGKILL (or an OOM kill) runs no
     cleanup. Only this user's directories are touched, and only when the pid in the name is
-    dead; a directory of the old unnamed form is left alone.
+    dead and no worker answers on an inbox in it (a supervisor in another pid namespace that
+    shares this directory has a pid that looks dead from here); a directory of the old unnamed
+    form is left alone.
     """
     base = base or tempfile.gettempdir()
     removed = []
@@ -157,7 +175,8 @@ def sweep_stale_handoff_dirs(base: str | None = None) -> list[str]:
             st = os.lstat(path)
         except OSError:
             continue
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or _pid_alive(int(pid_s)):
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or _pid_alive(int(pid_s)) \
+                or _serves_an_inbox(path):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)

@@ -320,8 +320,9 @@ class Worker:
         LATENCY_FLUSH_NS after the last record or LATENCY_BATCH of them: the QuestDB sink waits
         for them (latency_wait_ms), and the tick sends what an idle worker holds.
 
-        A reply's latency is known only after it is sent, so it rides on the next round trip:
-        {acm.lat}:s gets one entry per batch, keyed by the batch's `rx` that its decisions carry.
+        A reply's latency is known only after it is sent, so it rides on a later round trip:
+        each {acm.lat}:s entry lists `rx:latency` pairs, one per batch, keyed by the batch's `rx`
+        that its decisions carry.
         The stream is capped; latencies are best effort, decisions are not. Field `u` lists the
         `rx` of batches answered store_unavailable after their scripts were sent: a decision
         the store recorded for one of them never reached its caller (the QuestDB sink marks its

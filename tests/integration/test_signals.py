@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -244,21 +245,30 @@ def test_the_hand_off_directory_of_a_killed_supervisor_is_removed_by_the_next_on
     env = {"TMPDIR": str(tmp_path)}
     killed = Service(store_url, workers=1, extra_env=env)
     nxt = Service(store_url, workers=1, extra_env=env)
+    inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         killed.start()
+        assert killed.proc is not None
+        dead_pid = killed.proc.pid
         (left,) = tmp_path.glob("acm-handoff-*")
         killed.stop(signal.SIGKILL)
         assert left.is_dir()  # nothing ran on the way out
-        # A directory of a supervisor that is alive (this test's pid) stays.
+        # A directory of a supervisor that is alive (this test's pid) stays, and so does one
+        # whose pid looks dead but where a worker still has its inbox bound (a supervisor in
+        # another pid namespace sharing the directory).
         alive = tmp_path / f"acm-handoff-{os.getpid()}-x"
         alive.mkdir()
+        elsewhere = tmp_path / f"acm-handoff-{dead_pid}-ns"
+        elsewhere.mkdir()
+        inbox.bind(str(elsewhere / "acm-worker-0"))
         nxt.start()
         assert not left.exists()
-        assert alive.is_dir()
-        (own,) = (p for p in tmp_path.glob("acm-handoff-*") if p != alive)
+        assert alive.is_dir() and elsewhere.is_dir()
+        (own,) = (p for p in tmp_path.glob("acm-handoff-*") if p not in (alive, elsewhere))
         assert own.name.startswith(f"acm-handoff-{nxt.proc.pid}-")
         nxt.stop()
         assert not own.exists()  # and its own goes with a clean stop
     finally:
+        inbox.close()
         killed.cleanup()
         nxt.cleanup()
