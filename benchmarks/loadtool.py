@@ -407,16 +407,15 @@ def _zmtp_pool_worker(listen_fd: int, mode: str, store: str | None, ready: Any) 
     while True:
         if not srv.poll(1.0):
             continue
-        out = []
+        out = []  # (connection, envelope, request or None, body)
         for conn, frames in srv.take(256):
             env, body = split_envelope(frames)
             if body is None:
                 continue
-            out.append((conn, env, body))
+            out.append((conn, env, unpackb(body) if echo else None, body))
         if sc is not None and out:
             cmds = []
-            for _, _, body in out:
-                req = unpackb(body)
+            for _, _, req, _ in out:
                 b, t = str(req.get("b", "")), "{acm.%d}:" % (n % 16)
                 n += 1
                 cmds.append(hotpath.encode_command(
@@ -426,9 +425,8 @@ def _zmtp_pool_worker(listen_fd: int, mode: str, store: str | None, ready: Any) 
                     time.time_ns() // 1000000, 5000, 5, "block", "",
                     "00000000-0000-4000-8000-000000000000", 32000, 11000, "", "", 0, 0, "", ""))
             sc.round_trip(b"".join(cmds), len(cmds))
-        for conn, env, body in out:
+        for conn, env, req, body in out:
             if echo:
-                req = unpackb(body)
                 body = packb({"verdict": "allow", "reason": "clean", "distinct": len(req)})
             srv.reply(conn, env, body)
         srv.flush()
